@@ -1,0 +1,114 @@
+"""The contract every all-reduce backend implements.
+
+A backend is built once per process group (``Backend.create``), sized for the largest message it
+will see, and then answers the same few questions as every other backend:
+
+- ``available(ctx) -> str | None``  (class method) why it cannot run here, or None;
+- ``search_space(nbytes, ctx)``     (class method) its tunable parameters for Optuna, name ->
+                                    list of choices ({} for a backend with none);
+- ``supports(x, params) -> bool``   whether it takes this tensor (dtype, size, alignment);
+- ``all_reduce(x, params) -> Tensor`` the sum over the group, out of place: never mutates ``x``,
+                                    same bits on every rank, no allocation when ``out`` is given;
+- ``capture()``                     context manager entered around CUDA-graph capture;
+- ``close()``                       frees what it holds; safe to call twice.
+
+A backend that cannot run says why through ``available`` and is skipped; it never raises in the
+hot path for an input it said it supports, and never hangs (waits are bounded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+__all__ = ["Backend", "GroupContext", "Params", "BackendUnavailable"]
+
+Params = Mapping[str, Any]
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by ``Backend.create`` when a backend cannot be built on this group."""
+
+
+@dataclass
+class GroupContext:
+    """What a backend needs to know about the group it reduces over.
+
+    ``group`` is a torch.distributed group on the device (NCCL on GPUs, gloo on CPUs);
+    ``cpu_group`` a gloo group over the same ranks for host-side agreement.
+    ``ranks_per_node`` groups the ranks into (possibly virtual) nodes for hierarchical backends.
+    """
+
+    group: dist.ProcessGroup
+    cpu_group: dist.ProcessGroup
+    rank: int
+    world_size: int
+    device: torch.device
+    ranks_per_node: int
+    max_bytes: int
+    group_name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.ranks_per_node
+
+
+class Backend(ABC):
+    """Base class of all backends; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    #: True when the backend runs on GPUs only (skipped for ``--device cpu``).
+    needs_cuda: ClassVar[bool] = True
+
+    def __init__(self, ctx: GroupContext) -> None:
+        self.ctx = ctx
+        self.closed = False
+
+    @classmethod
+    @abstractmethod
+    def available(cls, ctx: GroupContext) -> str | None:
+        """None when the backend can run on ``ctx``, else a one-line reason it cannot."""
+
+    @classmethod
+    def search_space(cls, nbytes: int, ctx: GroupContext) -> dict[str, list[Any]]:
+        """Tunable parameters at message size ``nbytes``: name -> choices. Empty: none."""
+        return {}
+
+    @classmethod
+    def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
+        """Parameters used when the profile gives none (good without tuning)."""
+        return {k: v[0] for k, v in cls.search_space(nbytes, ctx).items()}
+
+    @classmethod
+    def create(cls, ctx: GroupContext) -> Backend:
+        """Build the backend on ``ctx``; raises ``BackendUnavailable`` with the reason."""
+        reason = cls.available(ctx)
+        if reason is not None:
+            raise BackendUnavailable(f"{cls.name}: {reason}")
+        return cls(ctx)
+
+    def supports(self, x: torch.Tensor, params: Params | None = None) -> bool:
+        return x.is_contiguous() and x.numel() * x.element_size() <= self.ctx.max_bytes
+
+    @abstractmethod
+    def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        """Sum of ``x`` over the group, as a new tensor of x's shape and dtype."""
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Entered around CUDA-graph capture of calls to ``all_reduce``."""
+        yield
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} rank={self.ctx.rank}/{self.ctx.world_size}>"

@@ -1,0 +1,63 @@
+"""Every environment variable artune reads, in one place.
+
+Only the launcher (``artune launch`` / ``artune tune``) writes to ``os.environ``; everything else
+reads through the accessors below, so a reader can find every knob here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ENV", "get", "NO_MULTICAST_ENV"]
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+# name -> (default, parser, what it does)
+ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
+    "ARTUNE_PROFILE": (None, str, "Profile JSON the SGLang plugin and the custom op load."),
+    "ARTUNE_STRICT": (
+        True,
+        _bool,
+        "1: a profile that does not match the live topology is an error; 0: a warning, and SGLang "
+        "keeps its own all-reduce selection.",
+    ),
+    "ARTUNE_TIMEOUT_S": (
+        5.0,
+        float,
+        "Bound on every wait inside artune's device kernels (NVRAR); a peer that does not answer "
+        "within it raises an error naming the rank, the peer and the step.",
+    ),
+    "ARTUNE_COLLECTIVE_TIMEOUT_S": (
+        120.0,
+        float,
+        "Bound on the autotuner's host-side collectives; a dead rank makes the others fail "
+        "within it, naming the rank.",
+    ),
+    "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
+    "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
+}
+
+# NVLink multicast (NVLS) must stay off on the machines artune is developed on (DESIGN.md):
+# every process artune starts gets these.
+NO_MULTICAST_ENV: dict[str, str] = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def get(name: str) -> Any:
+    """The parsed value of ``name`` (one of ``ENV``), or its default when unset or empty."""
+    default, parse, _ = ENV[name]
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not valid: {exc}") from exc

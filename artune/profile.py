@@ -1,0 +1,283 @@
+"""The dispatch table ("profile"): versioned JSON, load / validate / save, and ``select()``.
+
+A profile is made by ``artune tune`` on one machine and says, per dtype and per mode
+(``graph``: inside CUDA-graph capture/replay, ``eager``: otherwise), which backend is fastest for
+each range of message sizes, with the evidence. Layout (schema_version 1)::
+
+    {
+      "schema_version": 1,
+      "artune_version": "0.1.0",
+      "created": "2026-11-26T04:10:00Z",
+      "command": "artune tune --nproc-per-node 4",
+      "dry_run": false,                       # true for `artune tune --device cpu`
+      "fingerprint": {...},                   # artune.topology.fingerprint()
+      "fingerprint_id": "9f2c...",            # short hash of the fingerprint's topology part
+      "tables": {"bfloat16": {"graph": [      # sorted, non-overlapping, inclusive byte ranges
+          {"min_bytes": 1, "max_bytes": 6144, "backend": "nvrar", "params": {...},
+           "points": [{"nbytes": 4096, "latency_us": 4.1, "nccl_us": 14.8}], ...}]}},
+      "measurements": [...],                  # every timed (backend, params, dtype, mode, size)
+      "skipped": [...],                       # every candidate excluded, with the reason
+      "validation": [...]                     # the routed all-reduce re-timed against all
+    }
+
+``select`` is pure and needs no CUDA: ``select(profile, nbytes, dtype, mode) -> Choice``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from artune.backends import DEFAULT_BACKEND, KNOWN_BACKENDS
+from artune.log import log_once
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "MODES",
+    "DTYPES",
+    "Choice",
+    "Profile",
+    "ProfileError",
+    "dtype_name",
+    "load",
+    "save",
+    "select",
+]
+
+SCHEMA_VERSION = 1
+MODES = ("graph", "eager")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file, the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What ``select`` returns: the backend to call and its parameters.
+
+    ``covered`` is False when the profile had nothing for this call and the default backend was
+    chosen as a fallback (the SGLang plugin then hands the call to SGLang's own selection).
+    """
+
+    backend: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    covered: bool = True
+
+
+@dataclass
+class Profile:
+    """A loaded, validated profile. ``data`` is the JSON document; ``path`` where it came from."""
+
+    data: dict[str, Any]
+    path: Path | None = None
+    _index: dict[tuple[str, str], tuple[list[int], list[int], list[Choice]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self._build_index()
+
+    def _build_index(self) -> None:
+        self._index.clear()
+        for dtype, modes in self.data.get("tables", {}).items():
+            for mode, ranges in modes.items():
+                los = [r["min_bytes"] for r in ranges]
+                his = [r["max_bytes"] for r in ranges]
+                choices = [Choice(r["backend"], dict(r.get("params") or {})) for r in ranges]
+                self._index[(dtype, mode)] = (los, his, choices)
+
+    # Convenience accessors used by the CLI, the plugin and the tests.
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self.data.get("fingerprint") or {})
+
+    @property
+    def fingerprint_id(self) -> str:
+        return str(self.data.get("fingerprint_id", ""))
+
+    @property
+    def dry_run(self) -> bool:
+        return bool(self.data.get("dry_run", False))
+
+    @property
+    def tables(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        return self.data.get("tables", {})  # type: ignore[no-any-return]
+
+    def backends_used(self) -> list[str]:
+        """Backends any range of the profile routes to, in first-use order."""
+        seen: dict[str, None] = {}
+        for modes in self.tables.values():
+            for ranges in modes.values():
+                for r in ranges:
+                    seen.setdefault(r["backend"], None)
+        return list(seen)
+
+    def max_bytes(self) -> int:
+        """Largest message size any range covers (buffers are sized from it)."""
+        return max(
+            (r["max_bytes"] for m in self.tables.values() for rs in m.values() for r in rs),
+            default=0,
+        )
+
+    def fallback(self) -> str:
+        return "gloo" if self.dry_run else DEFAULT_BACKEND
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """'bfloat16' for torch.bfloat16 or 'torch.bfloat16' or 'bfloat16' (cached: hot path)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):
+        name = str(dtype).removeprefix("torch.")
+        try:
+            _DTYPE_NAMES[dtype] = name
+        except TypeError:
+            pass
+        return name
+
+
+def select(profile: Profile, nbytes: int, dtype: Any, mode: str) -> Choice:
+    """The backend the profile chose for an all-reduce of ``nbytes`` bytes of ``dtype``.
+
+    ``mode`` is "graph" (inside CUDA-graph capture) or "eager". Sizes outside the table, or a
+    dtype/mode the profile lacks, go to the profile's fallback (NCCL; gloo for dry runs) with a
+    one-time log line and ``covered=False``. Pure: same inputs, same answer, on every rank.
+    """
+    name = dtype_name(dtype)
+    entry = profile._index.get((name, mode))
+    if entry is not None:
+        los, his, choices = entry
+        i = bisect_right(los, nbytes) - 1
+        if i >= 0 and nbytes <= his[i]:
+            return choices[i]
+        log_once(
+            f"select:size:{name}:{mode}",
+            f"profile has no range for {nbytes} B of {name} ({mode}); using "
+            f"{profile.fallback()} for sizes outside {los[0] if los else 0}..{his[-1] if his else 0} B",
+        )
+    else:
+        log_once(
+            f"select:missing:{name}:{mode}",
+            f"profile has no {name}/{mode} table; using {profile.fallback()} for it",
+        )
+    return Choice(profile.fallback(), {}, covered=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(path: Path | str | None, msg: str) -> ProfileError:
+    where = f"profile {path}" if path else "profile"
+    return ProfileError(f"{where}: {msg}")
+
+
+def validate(data: Any, path: Path | str | None = None) -> dict[str, Any]:
+    """Check a decoded profile document; returns it, or raises ProfileError naming the problem."""
+    if not isinstance(data, dict):
+        raise _fail(path, f"top level must be a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise _fail(
+            path,
+            f"schema_version {version!r} is not supported by this artune (it reads "
+            f"{SCHEMA_VERSION}); re-run `artune tune` to make a new profile",
+        )
+    for key in ("fingerprint", "tables"):
+        if not isinstance(data.get(key), dict):
+            raise _fail(path, f"missing or invalid field {key!r}")
+    for dtype, modes in data["tables"].items():
+        if not isinstance(modes, dict):
+            raise _fail(path, f"tables.{dtype} must map modes to ranges")
+        for mode, ranges in modes.items():
+            where = f"tables.{dtype}.{mode}"
+            if mode not in MODES:
+                raise _fail(path, f"{where}: unknown mode {mode!r} (expected one of {MODES})")
+            if not isinstance(ranges, list):
+                raise _fail(path, f"{where} must be a list of ranges")
+            prev_hi = 0
+            for i, r in enumerate(ranges):
+                if not isinstance(r, dict):
+                    raise _fail(path, f"{where}[{i}] must be an object")
+                lo, hi, backend = r.get("min_bytes"), r.get("max_bytes"), r.get("backend")
+                if not isinstance(lo, int) or not isinstance(hi, int) or lo < 0 or hi < lo:
+                    raise _fail(path, f"{where}[{i}]: bad byte range {lo!r}..{hi!r}")
+                if lo <= prev_hi and i > 0:
+                    raise _fail(
+                        path,
+                        f"{where}[{i}]: range {lo}..{hi} overlaps or is out of order with the "
+                        f"previous one (ending at {prev_hi}); ranges must be sorted and disjoint",
+                    )
+                if backend not in KNOWN_BACKENDS:
+                    raise _fail(
+                        path,
+                        f"{where}[{i}]: unknown backend {backend!r}; known: "
+                        f"{', '.join(sorted(KNOWN_BACKENDS))}",
+                    )
+                if not isinstance(r.get("params", {}), dict):
+                    raise _fail(path, f"{where}[{i}]: params must be an object")
+                prev_hi = hi
+    return data
+
+
+def load(path: str | os.PathLike[str]) -> Profile:
+    """Read and validate a profile; ProfileError (with the path and the reason) otherwise."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise _fail(p, "file not found; make one with `artune tune --out PATH`") from None
+    except OSError as exc:
+        raise _fail(p, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (the file looks truncated)" if exc.pos >= len(text.rstrip()) - 1 else ""
+        raise _fail(p, f"is not valid JSON{hint}: {exc.msg} at line {exc.lineno}") from None
+    return Profile(validate(data, p), p)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def save(data: Mapping[str, Any] | Profile, path: str | os.PathLike[str]) -> Path:
+    """Write a profile atomically (temp file in the same folder, fsync, rename): a reader sees
+    the old file or the new one, never half of one."""
+    doc = data.data if isinstance(data, Profile) else dict(data)
+    validate(doc, path)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_finite(doc), f, indent=1, sort_keys=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return p

@@ -1,0 +1,139 @@
+"""The machine fingerprint a profile is keyed by.
+
+Two parts: ``topology`` (what decides which backend is fastest: GPU model and SM version, GPUs
+per node, nodes, world size, the link matrix between a node's GPUs) and ``versions`` (driver,
+CUDA, torch, NCCL, NVSHMEM, Triton, artune). A profile is only valid where the topology part
+matches; version differences are reported as warnings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from typing import Any
+
+__all__ = ["fingerprint", "fingerprint_id", "compare", "gpu_count"]
+
+TOPOLOGY_KEYS = ("device", "gpu", "sm", "gpus_per_node", "nodes", "world_size", "links")
+
+
+def gpu_count() -> int:
+    """CUDA devices visible to this process (0 without CUDA)."""
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install counts as "no GPU"
+        return 0
+
+
+def _pkg_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _nvidia_smi(*args: str) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=15, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout
+
+
+def link_matrix(n: int) -> list[list[str]]:
+    """Links between the first ``n`` GPUs as ``nvidia-smi topo -m`` names them ("NV18",
+    "PIX", "SYS", "X" on the diagonal); from CUDA peer access ("P2P"/"none") where
+    nvidia-smi is missing."""
+    text = _nvidia_smi("topo", "-m")
+    if text:
+        rows = [line.split() for line in text.splitlines() if line.startswith("GPU")]
+        matrix = [r[1 : n + 1] for r in rows[:n] if len(r) > n]
+        if len(matrix) == n and all(len(r) == n for r in matrix):
+            return matrix
+    import torch
+
+    return [
+        [
+            "X" if i == j else ("P2P" if torch.cuda.can_device_access_peer(i, j) else "none")
+            for j in range(n)
+        ]
+        for i in range(n)
+    ]
+
+
+def fingerprint(
+    world_size: int, gpus_per_node: int, device: str = "cuda", local_gpu: int = 0
+) -> dict[str, Any]:
+    """The fingerprint of this machine for a group of ``world_size`` ranks, ``gpus_per_node`` on
+    each node. ``device="cpu"`` describes a gloo dry run."""
+    import torch
+
+    topo: dict[str, Any] = {
+        "device": device,
+        "gpus_per_node": gpus_per_node,
+        "nodes": max(1, world_size // max(1, gpus_per_node)),
+        "world_size": world_size,
+    }
+    versions: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "artune": _pkg_version("artune"),
+        "optuna": _pkg_version("optuna"),
+    }
+    if device == "cpu":
+        topo.update(gpu=None, sm=None, links=None)
+        versions["cpu"] = platform.processor() or platform.machine()
+    else:
+        props = torch.cuda.get_device_properties(local_gpu)
+        topo.update(
+            gpu=props.name,
+            sm=f"{props.major}.{props.minor}",
+            links=link_matrix(min(gpus_per_node, torch.cuda.device_count())),
+        )
+        driver = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader")
+        nccl = torch.cuda.nccl.version() if hasattr(torch.cuda, "nccl") else None
+        versions.update(
+            driver=driver.splitlines()[0].strip() if driver else None,
+            cuda=torch.version.cuda,
+            nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
+            nvshmem=_pkg_version("nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12"),
+            nvshmem4py=_pkg_version("nvshmem4py-cu13", "nvshmem4py-cu12"),
+            triton=_pkg_version("triton"),
+            sglang=_pkg_version("sglang"),
+        )
+    return {"topology": topo, "versions": versions}
+
+
+def fingerprint_id(fp: dict[str, Any]) -> str:
+    """A short stable hash of the topology part (versions excluded)."""
+    topo = {k: fp.get("topology", {}).get(k) for k in TOPOLOGY_KEYS}
+    blob = json.dumps(topo, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def compare(expected: dict[str, Any], live: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(errors, warnings): topology fields that differ, then version fields that differ, each as
+    'field: profile has X, this machine has Y'."""
+    errors, warnings = [], []
+    et, lt = expected.get("topology", {}), live.get("topology", {})
+    for key in TOPOLOGY_KEYS:
+        if et.get(key) != lt.get(key):
+            errors.append(f"{key}: profile has {et.get(key)!r}, this machine has {lt.get(key)!r}")
+    ev, lv = expected.get("versions", {}), live.get("versions", {})
+    for key in sorted(set(ev) | set(lv)):
+        if key in ("artune", "python", "optuna"):
+            continue
+        if ev.get(key) != lv.get(key):
+            warnings.append(f"{key}: profile has {ev.get(key)!r}, this machine has {lv.get(key)!r}")
+    return errors, warnings
