@@ -91,6 +91,8 @@ class Profile:
         self._index.clear()
         for dtype, modes in self.data.get("tables", {}).items():
             for mode, ranges in modes.items():
+                if not ranges:
+                    continue
                 los = [r["min_bytes"] for r in ranges]
                 his = [r["max_bytes"] for r in ranges]
                 choices = [Choice(r["backend"], dict(r.get("params") or {})) for r in ranges]
@@ -166,7 +168,7 @@ def select(profile: Profile, nbytes: int, dtype: Any, mode: str) -> Choice:
         log_once(
             f"select:size:{name}:{mode}",
             f"profile has no range for {nbytes} B of {name} ({mode}); using "
-            f"{profile.fallback()} for sizes outside {los[0] if los else 0}..{his[-1] if his else 0} B",
+            f"{profile.fallback()} for sizes outside {los[0]}..{his[-1]} B",
         )
     else:
         log_once(
@@ -245,7 +247,8 @@ def load(path: str | os.PathLike[str]) -> Profile:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = " (the file looks truncated)" if exc.pos >= len(text.rstrip()) - 1 else ""
+        truncated = exc.pos >= len(text.rstrip()) - 1 or exc.msg.startswith("Unterminated")
+        hint = " (the file looks truncated)" if truncated else ""
         raise _fail(p, f"is not valid JSON{hint}: {exc.msg} at line {exc.lineno}") from None
     return Profile(validate(data, p), p)
 

@@ -1,0 +1,171 @@
+"""From measurements to the dispatch table: the winner per size, noise-proof, merged into ranges.
+
+Input: the harness's measurement records, one per (backend, params, dtype, mode, nbytes)::
+
+    {"backend": "nvrar", "params": {...}, "dtype": "bfloat16", "mode": "graph", "nbytes": 4096,
+     "rank_medians_us": [...], "latency_us": 4.1, "spread_us": 0.1, "reps": 50}
+
+Rules (issue #2): per size the fastest backend (its best parameter set) wins; where several are
+within the measured noise of the fastest (the larger of their spreads, and never less than
+``rel_tol`` of the fastest), the one chosen for the next smaller size is kept, else the one that
+wins the next larger size, else the fallback (NCCL), else the fastest. Each measured size owns
+the byte range up to the geometric midpoint to the next measured size; the first range starts at 1 byte, the last ends at the largest
+measured size (beyond it: the fallback). Adjacent ranges with the same backend and parameters
+are merged.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from artune import __version__
+from artune.backends import DEFAULT_BACKEND
+from artune.profile import SCHEMA_VERSION, validate
+from artune.topology import fingerprint_id
+
+__all__ = ["best_per_backend", "pick_winners", "build_tables", "build_profile"]
+
+Record = Mapping[str, Any]
+
+
+def best_per_backend(
+    measurements: Iterable[Record],
+) -> dict[tuple[str, str], dict[int, dict[str, Record]]]:
+    """(dtype, mode) -> nbytes -> backend -> that backend's fastest measurement there."""
+    out: dict[tuple[str, str], dict[int, dict[str, Record]]] = defaultdict(dict)
+    for m in measurements:
+        lat = m.get("latency_us")
+        if lat is None or not math.isfinite(lat):
+            continue
+        per_size = out[(m["dtype"], m["mode"])].setdefault(int(m["nbytes"]), {})
+        cur = per_size.get(m["backend"])
+        if cur is None or lat < cur["latency_us"]:
+            per_size[m["backend"]] = m
+    return dict(out)
+
+
+def _tied(cands: Mapping[str, Record], rel_tol: float) -> tuple[str, set[str]]:
+    """The fastest backend and every backend within noise of it (itself included)."""
+    best = min(cands, key=lambda b: (cands[b]["latency_us"], b))
+    lb = cands[best]["latency_us"]
+    sb = cands[best].get("spread_us") or 0.0
+    tied = set()
+    for b, rec in cands.items():
+        margin = max(sb, rec.get("spread_us") or 0.0, rel_tol * lb)
+        if rec["latency_us"] <= lb + margin:
+            tied.add(b)
+    return best, tied
+
+
+def pick_winners(
+    per_size: Mapping[int, Mapping[str, Record]], rel_tol: float = 0.03, fallback: str = "nccl"
+) -> dict[int, Record]:
+    """nbytes -> the chosen measurement, by the rules in the module docstring.
+
+    Sizes are walked in ascending order; among backends tied with the fastest, the one chosen
+    for the previous size is kept (so alternating noise cannot split a range), else the one
+    that wins the next size outright, else the fallback, else the fastest.
+    """
+    sizes = [s for s in sorted(per_size) if per_size[s]]
+    raw = {s: _tied(per_size[s], rel_tol) for s in sizes}
+    winners: dict[int, Record] = {}
+    prev: str | None = None
+    for i, s in enumerate(sizes):
+        best, tied = raw[s]
+        choice = best
+        if len(tied) > 1:
+            nxt = raw[sizes[i + 1]][0] if i + 1 < len(sizes) else None
+            if prev in tied:
+                choice = prev
+            elif nxt in tied:
+                choice = nxt
+            elif fallback in tied:
+                choice = fallback
+        winners[s] = per_size[s][choice]
+        prev = choice
+    return winners
+
+
+def _point(rec: Record, nccl: Record | None) -> dict[str, Any]:
+    nccl_us = nccl["latency_us"] if nccl is not None else None
+    return {
+        "nbytes": int(rec["nbytes"]),
+        "latency_us": rec["latency_us"],
+        "spread_us": rec.get("spread_us"),
+        "nccl_us": nccl_us,
+        "speedup": (nccl_us / rec["latency_us"]) if nccl_us and rec["latency_us"] > 0 else None,
+    }
+
+
+def _ranges(
+    per_size: Mapping[int, Mapping[str, Record]], winners: Mapping[int, Record], fallback: str
+) -> list[dict[str, Any]]:
+    sizes = sorted(winners)
+    ranges: list[dict[str, Any]] = []
+    for i, s in enumerate(sizes):
+        lo = 1 if i == 0 else ranges[-1]["max_bytes"] + 1
+        hi = s if i == len(sizes) - 1 else max(s, math.isqrt(s * sizes[i + 1]))
+        rec = winners[s]
+        point = _point(rec, per_size[s].get(fallback))
+        params = dict(rec.get("params") or {})
+        last = ranges[-1] if ranges else None
+        if last is not None and last["backend"] == rec["backend"] and last["params"] == params:
+            last["max_bytes"] = hi
+            last["points"].append(point)
+        else:
+            ranges.append(
+                {
+                    "min_bytes": lo,
+                    "max_bytes": hi,
+                    "backend": rec["backend"],
+                    "params": params,
+                    "points": [point],
+                }
+            )
+    return ranges
+
+
+def build_tables(
+    measurements: Iterable[Record], rel_tol: float = 0.03, fallback: str = DEFAULT_BACKEND
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """dtype -> mode -> sorted, disjoint, merged ranges (the profile's "tables")."""
+    tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (dtype, mode), per_size in sorted(best_per_backend(measurements).items()):
+        winners = pick_winners(per_size, rel_tol, fallback)
+        if winners:
+            tables.setdefault(dtype, {})[mode] = _ranges(per_size, winners, fallback)
+    return tables
+
+
+def build_profile(
+    measurements: Iterable[Record],
+    skipped: Iterable[Record],
+    *,
+    fingerprint: dict[str, Any],
+    command: str,
+    dry_run: bool,
+    validation: list[dict[str, Any]] | None = None,
+    rel_tol: float = 0.03,
+) -> dict[str, Any]:
+    """A complete, validated profile document (save it with ``artune.profile.save``)."""
+    measurements = [dict(m) for m in measurements]
+    fallback = "gloo" if dry_run else DEFAULT_BACKEND
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "artune_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "dry_run": dry_run,
+        "fingerprint": fingerprint,
+        "fingerprint_id": fingerprint_id(fingerprint),
+        "rel_tol": rel_tol,
+        "tables": build_tables(measurements, rel_tol, fallback),
+        "measurements": measurements,
+        "skipped": [dict(s) for s in skipped],
+        "validation": list(validation or []),
+    }
+    return validate(doc)

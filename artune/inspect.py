@@ -1,0 +1,168 @@
+"""``artune show PROFILE [--plot FILE.png] [--json]``: the dispatch table, on any machine.
+
+Prints, per dtype and mode, each byte range with its backend, parameters, measured latency, NCCL's
+latency at the same sizes and the speedup; then what was skipped and the validation pass. With
+``--plot`` draws latency against size (log-log), one line per backend, the chosen backend marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+from artune.autotune.table import best_per_backend
+from artune.profile import Profile, ProfileError, load
+
+__all__ = ["main", "render", "plot", "human_bytes"]
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5K', 4096 -> '4K', 1 -> '1B' (binary units, as message sizes are)."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.3g}{unit}"
+    return f"{n}B"
+
+
+def _span(values: list[float | None], fmt: str) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return fmt.format(lo) if abs(hi - lo) < 1e-9 else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def _size_range(lo: int, hi: int) -> str:
+    """Inclusive byte range as a reader wants it: 'n ≤ 128K', '128K < n ≤ 11.3M'."""
+    if lo <= 1:
+        return f"n ≤ {human_bytes(hi)}"
+    return f"{human_bytes(lo - 1)} < n ≤ {human_bytes(hi)}"
+
+
+def _params(p: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(p.items())) or "-"
+
+
+def render(profile: Profile, console: Any = None) -> None:
+    """Print the profile with rich (tables per dtype/mode, skipped, validation)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    # Piped output (files, READMEs, tests) must not truncate backend names to a terminal width.
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    d = profile.data
+    topo = profile.fingerprint.get("topology", {})
+    title = (
+        f"{topo.get('gpu') or 'CPU (gloo)'} x{topo.get('world_size')} "
+        f"({topo.get('nodes')} node(s) x {topo.get('gpus_per_node')})"
+    )
+    console.print(f"[bold]artune profile[/bold] {profile.path or ''}")
+    console.print(f"  machine: {title}   fingerprint: {profile.fingerprint_id}", soft_wrap=True)
+    console.print(f"  created: {d.get('created')}", soft_wrap=True)
+    console.print(f"  command: {d.get('command')}", soft_wrap=True)
+    if profile.dry_run:
+        console.print("  [yellow]DRY RUN on CPU processes (gloo): not a GPU measurement[/yellow]")
+    for dtype, modes in profile.tables.items():
+        for mode, ranges in modes.items():
+            t = Table(title=f"{dtype} / {mode}", title_justify="left")
+            for col, just in (
+                ("size range", "left"),
+                ("backend", "left"),
+                ("params", "left"),
+                ("latency µs", "right"),
+                ("NCCL µs", "right"),
+                ("speedup", "right"),
+            ):
+                t.add_column(col, justify=just)  # type: ignore[arg-type]
+            for r in ranges:
+                pts = r.get("points", [])
+                t.add_row(
+                    _size_range(r["min_bytes"], r["max_bytes"]),
+                    r["backend"],
+                    _params(r.get("params", {})),
+                    _span([p.get("latency_us") for p in pts], "{:.1f}"),
+                    _span([p.get("nccl_us") for p in pts], "{:.1f}"),
+                    _span([p.get("speedup") for p in pts], "{:.2f}x"),
+                )
+            console.print(t)
+    skipped = d.get("skipped") or []
+    if skipped:
+        reasons = Counter((s.get("backend"), s.get("reason")) for s in skipped)
+        console.print(f"[bold]skipped or failed candidates[/bold] ({len(skipped)}):")
+        for (backend, reason), n in reasons.most_common():
+            console.print(f"  {backend}: {reason}" + (f"  (x{n})" if n > 1 else ""))
+    validation = d.get("validation") or []
+    if validation:
+        ok = sum(1 for v in validation if v.get("within"))
+        console.print(
+            f"[bold]validation[/bold]: routed all-reduce within tolerance of the fastest "
+            f"candidate at {ok}/{len(validation)} points"
+        )
+        for v in validation:
+            if not v.get("within"):
+                console.print(
+                    f"  [red]{v['dtype']}/{v['mode']} {human_bytes(v['nbytes'])}: routed "
+                    f"{v['routed_backend']} {v['routed_us']:.1f} µs vs {v['best_backend']} "
+                    f"{v['best_us']:.1f} µs[/red]"
+                )
+
+
+def plot(profile: Profile, path: str) -> str:
+    """Latency vs size (log-log) per backend, per dtype/mode panel; chosen backend marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted(best_per_backend(profile.data.get("measurements") or []).items())
+    if not panels:
+        raise ProfileError(f"profile {profile.path}: no measurements to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    colors: dict[str, Any] = {}
+    for ax, ((dtype, mode), per_size) in zip(axes[0], panels, strict=True):
+        backends = sorted({b for recs in per_size.values() for b in recs})
+        for b in backends:
+            colors.setdefault(b, f"C{len(colors) % 10}")
+            pts = sorted((s, recs[b]["latency_us"]) for s, recs in per_size.items() if b in recs)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colors[b], label=b, lw=1.2)
+        for r in profile.tables.get(dtype, {}).get(mode, []):
+            xs = [p["nbytes"] for p in r.get("points", [])]
+            ys = [p["latency_us"] for p in r.get("points", [])]
+            ax.plot(xs, ys, "o", color=colors.get(r["backend"], "k"), ms=6, mec="k", mew=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel("latency (µs, slowest rank's median)")
+        ax.set_title(f"{dtype} / {mode}  (dots: chosen)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    topo = profile.fingerprint.get("topology", {})
+    fig.suptitle(
+        f"artune: {topo.get('gpu') or 'CPU dry run'} x{topo.get('world_size')} "
+        f"— {profile.data.get('created')}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry of ``artune show``: exit 0, or 2 with a one-line error for a bad profile."""
+    try:
+        profile = load(args.profile)
+    except ProfileError as exc:
+        print(f"artune show: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        json.dump(profile.data, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        render(profile)
+    if getattr(args, "plot", None):
+        print(f"plot written to {plot(profile, args.plot)}")
+    return 0

@@ -1,0 +1,144 @@
+"""The profile format: load/validate/save and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from _profiles import profile_doc
+
+from artune.profile import SCHEMA_VERSION, ProfileError, load, save, select
+
+
+def _write(tmp_path: Path, doc: object, name: str = "p.json") -> Path:
+    p = tmp_path / name
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def test_roundtrip(tmp_path: Path) -> None:
+    doc = profile_doc()
+    p = save(doc, tmp_path / "sub" / "p.json")
+    prof = load(p)
+    assert prof.data["schema_version"] == SCHEMA_VERSION
+    assert prof.tables == doc["tables"]
+    assert prof.fingerprint_id == doc["fingerprint_id"] and len(prof.fingerprint_id) == 16
+    assert select(prof, 4096, "bfloat16", "graph").backend == "symm_one_shot"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="file not found.*artune tune"):
+        load(tmp_path / "nope.json")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path: Path) -> None:
+    p = save(profile_doc(), tmp_path / "p.json")
+    p.chmod(0)
+    with pytest.raises(ProfileError, match="cannot be read"):
+        load(p)
+
+
+def test_directory_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="cannot be read"):
+        load(tmp_path)
+
+
+def test_truncated_and_non_json(tmp_path: Path) -> None:
+    full = json.dumps(profile_doc())
+    p = tmp_path / "t.json"
+    p.write_text(full[: len(full) // 2])
+    with pytest.raises(ProfileError, match="not valid JSON.*truncated"):
+        load(p)
+    p.write_text("hello: yaml")
+    with pytest.raises(ProfileError, match="not valid JSON"):
+        load(p)
+    p.write_text("[1, 2]")
+    with pytest.raises(ProfileError, match="JSON object"):
+        load(p)
+
+
+def test_wrong_schema_version(tmp_path: Path) -> None:
+    doc = profile_doc()
+    doc["schema_version"] = 99
+    with pytest.raises(ProfileError, match="schema_version 99 is not supported.*re-run"):
+        load(_write(tmp_path, doc))
+
+
+def _ranges(doc: dict) -> list[dict]:
+    return doc["tables"]["bfloat16"]["graph"]
+
+
+def test_unsorted_ranges(tmp_path: Path) -> None:
+    doc = profile_doc()
+    rs = _ranges(doc)
+    assert len(rs) >= 2
+    rs[0], rs[1] = rs[1], rs[0]
+    with pytest.raises(ProfileError, match=r"tables.bfloat16.graph\[1\].*sorted and disjoint"):
+        load(_write(tmp_path, doc))
+
+
+def test_overlapping_ranges(tmp_path: Path) -> None:
+    doc = profile_doc()
+    rs = _ranges(doc)
+    rs[1]["min_bytes"] = rs[0]["max_bytes"]  # shares one byte with the previous range
+    with pytest.raises(ProfileError, match="overlaps"):
+        load(_write(tmp_path, doc))
+
+
+def test_bad_range_bounds(tmp_path: Path) -> None:
+    doc = profile_doc()
+    _ranges(doc)[0]["max_bytes"] = -5
+    with pytest.raises(ProfileError, match="bad byte range"):
+        load(_write(tmp_path, doc))
+
+
+def test_unknown_backend(tmp_path: Path) -> None:
+    doc = profile_doc()
+    _ranges(doc)[0]["backend"] = "warp_drive"
+    with pytest.raises(ProfileError, match="unknown backend 'warp_drive'.*known: .*nccl"):
+        load(_write(tmp_path, doc))
+
+
+def test_unknown_mode_and_missing_tables(tmp_path: Path) -> None:
+    doc = profile_doc()
+    doc["tables"]["bfloat16"]["replay"] = doc["tables"]["bfloat16"].pop("graph")
+    with pytest.raises(ProfileError, match="unknown mode 'replay'"):
+        load(_write(tmp_path, doc))
+    del doc["tables"]
+    with pytest.raises(ProfileError, match="'tables'"):
+        load(_write(tmp_path, doc))
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch) -> None:
+    p = save(profile_doc(), tmp_path / "p.json")
+    before = p.read_text()
+
+    # A crash in the middle of writing must leave the old file intact and no temp file behind.
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", boom)
+    doc = profile_doc()
+    doc["command"] = "changed"
+    with pytest.raises(KeyboardInterrupt):
+        save(doc, p)
+    assert p.read_text() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_save_refuses_invalid(tmp_path: Path) -> None:
+    doc = profile_doc()
+    _ranges(doc)[0]["backend"] = "nope"
+    with pytest.raises(ProfileError):
+        save(doc, tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_nan_written_as_null(tmp_path: Path) -> None:
+    doc = profile_doc()
+    doc["measurements"][0]["spread_us"] = float("nan")
+    p = save(doc, tmp_path / "p.json")
+    assert json.loads(p.read_text())["measurements"][0]["spread_us"] is None

@@ -1,0 +1,55 @@
+"""`artune show`: table, JSON and plot on a CPU machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+
+from _profiles import profile_doc
+
+from artune.inspect import human_bytes, main
+from artune.profile import save
+
+
+def _args(profile: Path, **kw: object) -> argparse.Namespace:
+    return argparse.Namespace(profile=str(profile), plot=kw.get("plot"), json=kw.get("json", False))
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (1, 1023, 1024, 1536, 4 << 20, 3 << 30)] == [
+        "1B", "1023B", "1K", "1.5K", "4M", "3G"]
+
+
+def test_show_table(tmp_path: Path, capsys) -> None:
+    p = save(profile_doc(), tmp_path / "p.json")
+    assert main(_args(p)) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 / graph" in out and "bfloat16 / eager" in out
+    assert "symm_one_shot" in out and "symm_two_shot" in out
+    assert "2.08x" in out  # 14.8 / 7.1 at 4 KiB
+    assert "nvshmem4py is not installed" in out
+
+
+def test_show_json(tmp_path: Path, capsys) -> None:
+    p = save(profile_doc(), tmp_path / "p.json")
+    assert main(_args(p, json=True)) == 0
+    assert json.loads(capsys.readouterr().out)["tables"] == profile_doc()["tables"]
+
+
+def test_show_plot_writes_png(tmp_path: Path) -> None:
+    p = save(profile_doc(), tmp_path / "p.json")
+    png = tmp_path / "lat.png"
+    assert main(_args(p, plot=str(png))) == 0
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width > 600 and height > 300
+
+
+def test_show_bad_profile_exits_2(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(_args(bad)) == 2
+    assert "not valid JSON" in capsys.readouterr().err

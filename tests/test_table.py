@@ -1,0 +1,79 @@
+"""Building the dispatch table: winners, noise hysteresis, merging."""
+
+from __future__ import annotations
+
+from _profiles import FP, rec
+
+from artune.autotune.table import build_profile, build_tables, pick_winners
+from artune.profile import validate
+
+
+def _backends(table: list[dict]) -> list[tuple[int, int, str]]:
+    return [(r["min_bytes"], r["max_bytes"], r["backend"]) for r in table]
+
+
+def test_clear_winner_per_size_and_merge() -> None:
+    ms = [rec("nccl", s, 15.0) for s in (1024, 2048, 4096, 8192)]
+    ms += [rec("symm_one_shot", s, 7.0) for s in (1024, 2048, 4096)]
+    ms += [rec("symm_one_shot", 8192, 30.0)]
+    t = build_tables(ms)["bfloat16"]["graph"]
+    assert _backends(t) == [(1, 5792, "symm_one_shot"), (5793, 8192, "nccl")]
+    assert [p["nbytes"] for p in t[0]["points"]] == [1024, 2048, 4096]
+    assert abs(t[0]["points"][0]["speedup"] - 15.0 / 7.0) < 1e-9
+
+
+def test_noise_does_not_flip_flop() -> None:
+    # a and b alternate by 1% at every size: within noise, so one backend must hold the whole range.
+    sizes = [1 << k for k in range(10, 18)]
+    ms = []
+    for i, s in enumerate(sizes):
+        ms.append(rec("symm_one_shot", s, 10.0 if i % 2 else 10.1))
+        ms.append(rec("symm_two_shot", s, 10.1 if i % 2 else 10.0))
+        ms.append(rec("nccl", s, 20.0))
+    t = build_tables(ms)["bfloat16"]["graph"]
+    assert len(t) == 1, _backends(t)
+
+
+def test_tie_prefers_neighbour_winner_then_nccl() -> None:
+    per_size = {
+        1024: {"nccl": rec("nccl", 1024, 10.0), "x": rec("symm_one_shot", 1024, 5.0)},
+        2048: {"nccl": rec("nccl", 2048, 10.0), "x": rec("symm_one_shot", 2048, 10.1)},
+        4096: {"nccl": rec("nccl", 4096, 10.0), "x": rec("symm_one_shot", 4096, 30.0)},
+    }
+    w = pick_winners(per_size)
+    # at 2048 both are tied: the backend chosen for the smaller neighbour is kept
+    assert w[1024]["backend"] == "symm_one_shot" and w[4096]["backend"] == "nccl"
+    assert w[2048]["backend"] == "symm_one_shot"
+    # no smaller neighbour: the winner of the next size is kept
+    first = {k: v for k, v in per_size.items() if k > 1024}
+    assert pick_winners(first)[2048]["backend"] == "nccl"
+    # isolated tie, no neighbour won by either tied backend -> NCCL
+    lone = {4096: {"nccl": rec("nccl", 4096, 10.0), "x": rec("symm_two_shot", 4096, 9.9)}}
+    assert pick_winners(lone)[4096]["backend"] == "nccl"
+
+
+def test_large_spread_counts_as_tie() -> None:
+    lone = {4096: {"nccl": rec("nccl", 4096, 10.0, spread=2.0),
+                   "x": rec("symm_two_shot", 4096, 8.5, spread=0.1)}}
+    assert pick_winners(lone)[4096]["backend"] == "nccl"
+    clear = {4096: {"nccl": rec("nccl", 4096, 10.0, spread=0.1),
+                    "x": rec("symm_two_shot", 4096, 8.5, spread=0.1)}}
+    assert pick_winners(clear)[4096]["backend"] == "symm_two_shot"
+
+
+def test_best_params_kept_and_params_split_ranges() -> None:
+    ms = [rec("nccl", s, 20.0) for s in (1024, 2048, 4096)]
+    ms += [rec("nvrar", 1024, 5.0, params={"ctas": 1}), rec("nvrar", 1024, 9.0, params={"ctas": 4})]
+    ms += [rec("nvrar", 2048, 6.0, params={"ctas": 1})]
+    ms += [rec("nvrar", 4096, 6.0, params={"ctas": 4}), rec("nvrar", 4096, 8.0, params={"ctas": 1})]
+    t = build_tables(ms)["bfloat16"]["graph"]
+    assert [(r["backend"], r["params"]) for r in t] == [
+        ("nvrar", {"ctas": 1}), ("nvrar", {"ctas": 4})]
+
+
+def test_failed_measurements_ignored_and_profile_valid() -> None:
+    ms = [rec("nccl", 4096, 10.0), rec("symm_one_shot", 4096, float("nan"))]
+    doc = build_profile(ms, [], fingerprint=FP, command="t", dry_run=False)
+    validate(doc)
+    assert _backends(doc["tables"]["bfloat16"]["graph"]) == [(1, 4096, "nccl")]
+    assert doc["fingerprint_id"] and doc["created"].endswith("Z")
