@@ -1,0 +1,203 @@
+"""PyTorch symmetric-memory all-reduce: ``symm_one_shot`` and ``symm_two_shot``.
+
+Both stage ``x`` in one symmetric buffer per backend (``torch.distributed._symmetric_memory.empty``
++ ``rendezvous`` on the device group, sized ``ctx.max_bytes`` at construction) and call PyTorch's
+CUDA kernels over NVLink peer pointers; no multicast (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` is
+required, DESIGN.md):
+
+- one-shot: every rank loads every peer's copy and adds them
+  (``symm_mem::one_shot_all_reduce_copy_out``: the copy into the buffer is fused into the kernel;
+  ``one_shot_all_reduce_out`` after a ``copy_`` where the fused form does not apply);
+- two-shot: reduce-scatter then all-gather through the buffers
+  (``symm_mem::two_shot_all_reduce_out``).
+
+Constraints, from torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemoryOps.cu (checked against
+torch 2.11 and 2.13 on the GPU machine by tests/gpu/test_backends_gpu.py):
+
+- dtypes bfloat16 and float32 only (``AT_DISPATCH_FLOAT_AND_BFLOAT16``; float16 is refused);
+- the byte size must be a multiple of ``max(4, element_size)`` (``get_and_verify_alignment``),
+  so a bfloat16 message needs an even element count;
+- two-shot's out-of-place kernel is built for world sizes 2, 4 and 8 only
+  (``DISPATCH_WORLD_SIZES_NO_DEFAULT``); one-shot takes any world size;
+- ranks must share one node (NVLink/P2P loads and stores).
+
+Numerics: the sum is taken in the tensor's dtype (bf16 adds round after each add), in rank order
+0, 1, ..., n-1 on every rank (``load_and_reduce``), and two-shot's reduced chunk is computed once
+and copied to all: every rank gets identical bits. Both kernels end with a cross-rank barrier, so
+the staging buffer may be reused by the next call (eager or graph replay) without a hazard.
+
+    ctx = GroupContext(group=tp_group, cpu_group=gloo_group, rank=r, world_size=4,
+                       device=torch.device("cuda", r), ranks_per_node=4, max_bytes=64 << 20)
+    be = SymmTwoShotBackend.create(ctx)          # collective (rendezvous)
+    y = be.all_reduce(x)                         # x: contiguous bf16/fp32 CUDA tensor
+    be.close()
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, ClassVar
+
+from artune.backends.base import Backend, BackendUnavailable, GroupContext, Params
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SymmOneShotBackend", "SymmTwoShotBackend"]
+
+_ALIGN = 16  # staging buffer size granularity (the ops' widest vector access)
+
+
+def _alignment(nbytes: int) -> int:
+    """Largest power of two <= 16 dividing ``nbytes`` (16 for 0), as PyTorch's get_alignment."""
+    for a in (16, 8, 4, 2):
+        if nbytes % a == 0:
+            return a
+    return 1
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    import torch
+
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"symm_mem::{op}", "CUDA"))
+    except RuntimeError:  # the op is not even declared in this build
+        return False
+
+
+class _SymmBackend(Backend):
+    """Shared plumbing: the staging buffer, availability and ``supports``."""
+
+    #: Every rank gets the same bits (fixed rank-order sum; see the module docstring).
+    identical_bits: ClassVar[bool] = True
+    #: ``symm_mem::`` ops this backend calls; all must have CUDA kernels in this torch build.
+    _required_ops: ClassVar[tuple[str, ...]] = ()
+    _world_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
+
+    @classmethod
+    def _dtypes(cls) -> tuple[torch.dtype, ...]:
+        import torch
+
+        return (torch.bfloat16, torch.float32)
+
+    @classmethod
+    def available(cls, ctx: GroupContext) -> str | None:
+        import torch
+        import torch.distributed as dist
+
+        if not torch.cuda.is_available() or ctx.device.type != "cuda":
+            return "needs CUDA (the group's device is not a GPU)"
+        if not dist.is_available() or not dist.is_initialized():
+            return "torch.distributed is not initialised"
+        if ctx.world_size < 2:
+            return f"needs at least 2 ranks (group has {ctx.world_size})"
+        if cls._world_sizes is not None and ctx.world_size not in cls._world_sizes:
+            sizes = ", ".join(map(str, cls._world_sizes))
+            return f"PyTorch's kernel is built for world sizes {sizes} only, not {ctx.world_size}"
+        if ctx.nodes != 1:
+            return f"needs all ranks on one node (group spans {ctx.nodes} nodes)"
+        if os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST") != "1":
+            return (
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST is not 1; NVLink multicast must stay off: start "
+                "the process with TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (artune launch/tune set it)"
+            )
+        missing = [op for op in cls._required_ops if not _has_cuda_kernel(op)]
+        if missing:
+            return f"torch {torch.__version__} has no CUDA kernel for symm_mem::{missing[0]}"
+        return None
+
+    def __init__(self, ctx: GroupContext) -> None:
+        super().__init__(ctx)
+        import torch
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name: str = ctx.group.group_name
+        self.capacity = max(_ALIGN, -(-ctx.max_bytes // _ALIGN) * _ALIGN)
+        self._dtype_set = frozenset(self._dtypes())
+        try:
+            self.buf: torch.Tensor | None = symm_mem.empty(
+                self.capacity, dtype=torch.uint8, device=ctx.device
+            )
+            self.handle = symm_mem.rendezvous(self.buf, ctx.group)
+        except RuntimeError as exc:
+            raise BackendUnavailable(
+                f"{self.name}: symmetric-memory allocation/rendezvous of {self.capacity} B on "
+                f"group {self.group_name!r} failed: {exc}"
+            ) from exc
+
+    def supports(self, x: torch.Tensor, params: Params | None = None) -> bool:
+        nbytes = x.numel() * x.element_size()
+        return (
+            not self.closed
+            and x.is_cuda
+            and x.device == self.buf.device  # type: ignore[union-attr]
+            and x.dtype in self._dtype_set
+            and x.is_contiguous()
+            and nbytes <= self.capacity
+            and nbytes % max(4, x.element_size()) == 0
+        )
+
+    def _staged(self, x: torch.Tensor) -> torch.Tensor:
+        """The first ``x.nbytes`` of the staging buffer, as ``x``'s dtype and shape."""
+        nbytes = x.numel() * x.element_size()
+        assert self.buf is not None, f"{self.name}: all_reduce after close()"
+        return self.buf[:nbytes].view(x.dtype).view(x.shape)
+
+    def close(self) -> None:
+        if self.buf is not None:
+            import torch
+
+            torch.cuda.synchronize(self.buf.device)
+        self.buf = None
+        self.handle = None
+        super().close()
+
+
+class SymmOneShotBackend(_SymmBackend):
+    """One-shot all-reduce over PyTorch symmetric memory (each rank reads all peers)."""
+
+    name = "symm_one_shot"
+    _required_ops = ("one_shot_all_reduce_out",)
+
+    def __init__(self, ctx: GroupContext) -> None:
+        super().__init__(ctx)
+        self._fused = _has_cuda_kernel("one_shot_all_reduce_copy_out")
+
+    def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        import torch
+
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if x.numel() == 0:
+            return out
+        staged = self._staged(x)
+        nbytes = x.numel() * x.element_size()
+        # The fused op requires x's offset alignment to equal the buffer's (min of size and 16).
+        size_align = _alignment(nbytes)
+        if (
+            self._fused
+            and _alignment(x.storage_offset() * x.element_size()) >= size_align
+            and x.data_ptr() % size_align == 0
+        ):
+            return torch.ops.symm_mem.one_shot_all_reduce_copy_out(
+                staged, x, "sum", self.group_name, out
+            )
+        staged.copy_(x)
+        return torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
+
+
+class SymmTwoShotBackend(_SymmBackend):
+    """Two-shot all-reduce over PyTorch symmetric memory (reduce-scatter, then all-gather)."""
+
+    name = "symm_two_shot"
+    _required_ops = ("two_shot_all_reduce_out",)
+    _world_sizes = (2, 4, 8)
+
+    def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        import torch
+
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if x.numel() == 0:
+            return out
+        staged = self._staged(x)
+        staged.copy_(x)
+        return torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, out)
