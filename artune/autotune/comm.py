@@ -1,0 +1,164 @@
+"""Host-side agreement between the tune's ranks, over the gloo ``cpu_group``.
+
+Every call is a collective (all ranks call it in the same order) bounded by the group's timeout
+(``ARTUNE_COLLECTIVE_TIMEOUT_S``). A failure -- a peer that died, or one that stopped answering --
+becomes a ``HostCollectiveError`` naming this rank, the step, and which peers look dead (ranks
+write a heartbeat into the rendezvous store, see ``Heartbeat``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+__all__ = ["Comm", "HostCollectiveError", "Heartbeat"]
+
+#: Seconds between heartbeats; a rank silent for HEARTBEAT_STALE_S is reported as dead.
+HEARTBEAT_S = 1.0
+HEARTBEAT_STALE_S = 5.0
+
+
+class HostCollectiveError(RuntimeError):
+    """A host collective of the tune failed (a rank died or hung)."""
+
+
+class Heartbeat:
+    """A daemon thread that writes ``artune/hb/<rank>`` = time into the rendezvous store every
+    ``HEARTBEAT_S``, so a surviving rank can name the ones that died."""
+
+    def __init__(self, store: Any, rank: int, world_size: int) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="artune-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        with contextlib.suppress(Exception):
+            self.store.set(f"artune/hb/{self.rank}", repr(time.time()))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._beat()
+
+    def stale_ranks(self) -> list[int] | None:
+        """Ranks whose last heartbeat is older than HEARTBEAT_STALE_S; None when the store
+        itself is unreachable (it lives with rank 0 or the launcher)."""
+        now = time.time()
+        stale = []
+        try:
+            for r in range(self.world_size):
+                if r == self.rank:
+                    continue
+                # The store's own timeout bounds this; a missing key raises too.
+                last = float(self.store.get(f"artune/hb/{r}").decode())
+                if now - last > HEARTBEAT_STALE_S:
+                    stale.append(r)
+        except Exception:  # noqa: BLE001 - an unreachable store is an answer too
+            return None
+        return stale
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Comm:
+    """Collectives on ``group`` (gloo), each wrapped so a failure says what happened."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        heartbeat: Heartbeat | None = None,
+    ) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.heartbeat = heartbeat
+
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except HostCollectiveError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistBackendError
+            raise HostCollectiveError(self._explain(what, exc)) from exc
+
+    def _explain(self, what: str, exc: BaseException) -> str:
+        if self.heartbeat is not None:
+            time.sleep(min(HEARTBEAT_STALE_S + HEARTBEAT_S, self.timeout_s))
+            stale = self.heartbeat.stale_ranks()
+        else:
+            stale = []
+        if stale is None:
+            who = "the rendezvous store is unreachable: rank 0 (or the launcher) died"
+        elif stale:
+            who = f"rank(s) {', '.join(map(str, stale))} stopped (no heartbeat)"
+        else:
+            who = "a peer rank died or did not answer"
+        return (
+            f"rank {self.rank}: host collective {what!r} failed: {who} "
+            f"(bound: ARTUNE_COLLECTIVE_TIMEOUT_S={self.timeout_s:g}s). Cause: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Measurements so far are kept: rerun with --resume."
+        )
+
+    def broadcast(self, obj: Any, what: str) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        import torch.distributed as dist
+
+        box = [obj if self.rank == 0 else None]
+        with self._step(what):
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather_floats(self, values: list[float], what: str) -> list[list[float]]:
+        """Every rank's ``values`` (same length on all ranks), indexed by rank."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        with self._step(what):
+            dist.all_gather(out, t, group=self.group)
+        return [o.tolist() for o in out]
+
+    def gather_errors(self, error: str | None, what: str) -> list[str | None]:
+        """Every rank's error text (None where it had none); costs one small collective when
+        no rank has an error."""
+        import torch.distributed as dist
+
+        flags = self.gather_floats([0.0 if error is None else 1.0], what)
+        if not any(f[0] for f in flags):
+            return [None] * self.world_size
+        box: list[Any] = [None] * self.world_size
+        with self._step(what):
+            dist.all_gather_object(box, error, group=self.group)
+        return box
+
+    def max(self, value: float, what: str) -> float:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        with self._step(what):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t.item())
+
+    def barrier(self, what: str) -> None:
+        self.max(0.0, what)
