@@ -32,8 +32,12 @@ class Heartbeat:
     """A daemon thread that writes ``artune/hb/<rank>`` = time into the rendezvous store every
     ``HEARTBEAT_S``, so a surviving rank can name the ones that died."""
 
-    def __init__(self, store: Any, rank: int, world_size: int) -> None:
+    def __init__(
+        self, store: Any, rank: int, world_size: int, check_store: Any | None = None
+    ) -> None:
         self.store = store
+        # A second client for reads from the main thread (one client per thread).
+        self.check_store = check_store if check_store is not None else store
         self.rank = rank
         self.world_size = world_size
         self._stop = threading.Event()
@@ -62,7 +66,7 @@ class Heartbeat:
                 if r == self.rank:
                     continue
                 # The store's own timeout bounds this; a missing key raises too.
-                last = float(self.store.get(f"artune/hb/{r}").decode())
+                last = float(self.check_store.get(f"artune/hb/{r}").decode())
                 if now - last > HEARTBEAT_STALE_S:
                     stale.append(r)
         except Exception:  # noqa: BLE001 - an unreachable store is an answer too

@@ -1,0 +1,305 @@
+"""What every rank of a tune executes: rank 0 sends a command, all ranks run it together.
+
+Commands (dicts broadcast over the gloo ``cpu_group``):
+
+- ``setup``: load, check and build the candidate backends (agreed on by all ranks);
+- ``trial``: correctness gate (optional) then timing of one (backend, params, dtype, mode, size);
+- ``router``: build the routed all-reduce (``artune.router.Router``) from the new tables;
+- ``validate``: time the routed all-reduce and each candidate's best at one size;
+- ``stop``: leave the loop with an exit code.
+
+Only rank 0 gets the gathered results back; the others return None. Each step that can fail on
+one rank (a backend raising, an unsupported size) is agreed on before the next collective, so
+ranks never diverge in the collectives they issue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from artune import backends as _backends
+from artune.autotune import gate
+from artune.autotune.comm import Comm
+from artune.autotune.timing import Timer, calls_for, estimate_us, summarize
+from artune.backends.base import Backend, GroupContext
+from artune.profile import Profile
+
+if TYPE_CHECKING:
+    import torch
+
+    from artune.autotune.config import TuneConfig
+    from artune.router import Router
+
+__all__ = ["Crew", "element_size", "actual_nbytes"]
+
+_ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def element_size(dtype: str) -> int:
+    try:
+        return _ELEMENT_SIZE[dtype]
+    except KeyError:
+        raise ValueError(
+            f"unsupported dtype {dtype!r}; use one of {', '.join(_ELEMENT_SIZE)}"
+        ) from None
+
+
+def actual_nbytes(nbytes: int, dtype: str) -> int:
+    """The message size measured for a requested ``nbytes`` (whole elements, at least one)."""
+    es = element_size(dtype)
+    return max(1, nbytes // es) * es
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class Crew:
+    """One rank's executor; see the module docstring."""
+
+    def __init__(self, cfg: TuneConfig, ctx: GroupContext, comm: Comm) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.comm = comm
+        self.built: dict[str, Backend] = {}
+        self.router: Router | None = None
+        self._inputs: dict[str, torch.Tensor] = {}
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Ranks other than 0: run rank 0's commands until ``stop``; its exit code."""
+        while True:
+            cmd = self.comm.broadcast(None, "waiting for rank 0's next command")
+            if cmd["op"] == "stop":
+                return int(cmd.get("code", 0))
+            self.execute(cmd)
+
+    def send(self, cmd: dict[str, Any], decide: Callable[[float], bool] | None = None) -> Any:
+        """Rank 0: broadcast ``cmd``, run it here too, return the gathered result."""
+        self.comm.broadcast(cmd, f"sending {cmd['op']}")
+        return self.execute(cmd, decide)
+
+    def stop(self, code: int = 0) -> None:
+        self.comm.broadcast({"op": "stop", "code": code}, "sending stop")
+
+    def execute(self, cmd: dict[str, Any], decide: Callable[[float], bool] | None = None) -> Any:
+        op = cmd["op"]
+        if op == "setup":
+            return self._setup(cmd["names"])
+        if op == "trial":
+            return self._trial(cmd, decide)
+        if op == "router":
+            return self._router(cmd)
+        if op == "validate":
+            return self._validate(cmd)
+        raise ValueError(f"unknown tune command {op!r}")
+
+    def close(self) -> None:
+        if self.router is not None:
+            self.router.backends = {}
+        for b in self.built.values():
+            try:
+                b.close()
+            except Exception:  # noqa: BLE001, S110 - closing must not mask the real error
+                pass
+        self.built.clear()
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def input(self, dtype: str, nbytes: int) -> torch.Tensor:
+        """This rank's random input of ``nbytes`` bytes of ``dtype`` (a view of one buffer per
+        dtype, allocated once at the largest size; never zeros, different on every rank)."""
+        import torch
+
+        buf = self._inputs.get(dtype)
+        if buf is None:
+            numel = actual_nbytes(self.ctx.max_bytes, dtype) // element_size(dtype)
+            seed = 1_000_003 * (self.cfg.seed + 1) + self.ctx.rank
+            buf = gate.random_input(numel, getattr(torch, dtype), self.ctx.device, seed)
+            self._inputs[dtype] = buf
+        return buf[: actual_nbytes(nbytes, dtype) // element_size(dtype)]
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _why_not(self, name: str) -> str | None:
+        try:
+            cls = _backends.load(name)
+        except Exception as exc:  # noqa: BLE001 - e.g. a backend not written or not installed
+            target = _backends.BACKENDS.get(name, name)
+            return f"cannot import {target}: {_exc_text(exc)}"
+        try:
+            return cls.available(self.ctx)
+        except Exception as exc:  # noqa: BLE001
+            return f"available() raised {_exc_text(exc)}"
+
+    def _setup(self, names: list[str]) -> list[dict[str, Any]] | None:
+        """Build every candidate that all ranks can build; rank 0 gets the skip records."""
+        skipped: list[dict[str, Any]] = []
+
+        def skip(name: str, reason: str) -> None:
+            skipped.append(
+                {"backend": name, "params": {}, "dtype": None, "mode": None, "nbytes": None,
+                 "reason": reason}
+            )
+
+        for name in names:
+            errors = self.comm.gather_errors(self._why_not(name), f"setup {name}: available")
+            bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+            if bad:
+                r, e = bad[0]
+                skip(name, e if len(bad) == self.comm.world_size else f"rank {r}: {e}")
+                continue
+            error = None
+            try:
+                self.built[name] = _backends.load(name).create(self.ctx)
+            except Exception as exc:  # noqa: BLE001 - includes BackendUnavailable
+                error = f"create() failed: {_exc_text(exc)}"
+            errors = self.comm.gather_errors(error, f"setup {name}: create")
+            bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+            if bad:
+                b = self.built.pop(name, None)
+                if b is not None:
+                    b.close()
+                skip(name, f"rank {bad[0][0]}: {bad[0][1]}")
+        return skipped if self.ctx.rank == 0 else None
+
+    # -- one trial -----------------------------------------------------------------------
+
+    def _trial(self, cmd: dict[str, Any], decide: Callable[[float], bool] | None) -> Any:
+        backend = self.built[cmd["backend"]]
+        params = dict(cmd["params"])
+        x = self.input(cmd["dtype"], cmd["nbytes"])
+        try:
+            ok = bool(backend.supports(x, params))
+            error = None if ok else "supports() is False"
+        except Exception as exc:  # noqa: BLE001
+            error = f"supports() raised {_exc_text(exc)}"
+        errors = self.comm.gather_errors(error, "trial: supports")
+        first = _first(errors)
+        if first is not None:
+            return {"skip": f"unsupported: {first}"}
+        if cmd.get("gate"):
+            verdict = gate.check(backend, params, x, self.comm, self.ctx.group)
+            if verdict is not None:
+                return {"skip": verdict, "gate": True}
+        return self._measure(
+            lambda: backend.all_reduce(x, params),
+            backend.capture,
+            cmd,
+            decide,
+        )
+
+    def _measure(
+        self,
+        fn: Callable[[], Any],
+        capture: Callable[[], Any],
+        cmd: dict[str, Any],
+        decide: Callable[[float], bool] | None = None,
+    ) -> dict[str, Any]:
+        """Time ``fn`` on all ranks; rank 0 gets {"samples": per-rank lists, "calls": n} or
+        {"skip": reason} or {"pruned": slowest median}."""
+        mode, nbytes = cmd["mode"], cmd["nbytes"]
+        reps, warmup, prune_after = cmd["reps"], cmd["warmup"], cmd.get("prune_after", 0)
+        device = self.ctx.device
+        error: str | None = None
+        est = math.nan
+        try:
+            est = estimate_us(fn, device)
+        except Exception as exc:  # noqa: BLE001
+            error = f"all_reduce raised {_exc_text(exc)}"
+        first = _first(self.comm.gather_errors(error, "timing: estimate"))
+        if first is not None:
+            return {"skip": first}
+        calls = calls_for(self.comm.max(est, "timing: calls per repetition"), nbytes, mode)
+        timer = Timer(fn, mode=mode, device=device, calls=calls, capture=capture)
+        samples: list[float] = []
+        try:
+            phases = [prune_after, reps - prune_after] if 0 < prune_after < reps else [reps]
+            for i, n in enumerate(phases):
+                try:
+                    if i == 0:
+                        timer.prepare(warmup)
+                    samples += timer.sample(n)
+                except Exception as exc:  # noqa: BLE001
+                    error = f"{mode} timing raised {_exc_text(exc)}"
+                padded = (samples + [math.nan] * reps)[:reps]
+                first = _first(self.comm.gather_errors(error, f"timing: {mode}"))
+                if first is not None:
+                    return {"skip": first}
+                if i == 0 and len(phases) > 1:
+                    rows = self.comm.gather_floats([summarize(samples)[0]], "timing: prune?")
+                    slowest = max(r[0] for r in rows)
+                    flag = 1.0 if (decide is not None and decide(slowest)) else 0.0
+                    if self.comm.max(flag, "timing: prune decision"):
+                        return {"pruned": slowest, "reps": n}
+            rows = self.comm.gather_floats(padded, "timing: samples")
+        finally:
+            timer.close()
+        return {"samples": rows, "calls": calls}
+
+    # -- validation ----------------------------------------------------------------------
+
+    def _router(self, cmd: dict[str, Any]) -> None:
+        from artune.router import Router
+
+        profile = Profile({"tables": cmd["tables"], "dry_run": cmd["dry_run"]})
+        fallback = profile.fallback()
+        error = None
+        if fallback not in self.built:
+            try:
+                self.built[fallback] = _backends.load(fallback).create(self.ctx)
+            except Exception as exc:  # noqa: BLE001
+                error = f"the fallback {fallback!r} cannot be built: {_exc_text(exc)}"
+        first = _first(self.comm.gather_errors(error, "router: fallback"))
+        if first is not None:
+            raise RuntimeError(f"artune tune: validation pass: {first}")
+        self.router = Router(profile, self.ctx, dict(self.built))
+
+    def _validate(self, cmd: dict[str, Any]) -> list[dict[str, Any]] | None:
+        assert self.router is not None, "send the 'router' command first"
+        router = self.router
+        x = self.input(cmd["dtype"], cmd["nbytes"])
+        mode = cmd["mode"]
+        results = []
+        for entry in cmd["entries"]:
+            if entry["backend"] is None:
+                res = self._measure(lambda: router.all_reduce(x, mode), router.capture, cmd)
+            else:
+                b, p = self.built[entry["backend"]], dict(entry["params"])
+                res = self._measure(lambda b=b, p=p: b.all_reduce(x, p), b.capture, cmd)
+            results.append(res)
+        return results if self.ctx.rank == 0 else None
+
+
+def _first(errors: list[str | None]) -> str | None:
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not bad:
+        return None
+    r, e = bad[0]
+    return e if len(bad) == len(errors) else f"rank {r}: {e}"
+
+
+def record_from(
+    res: dict[str, Any], *, backend: str, params: dict[str, Any], dtype: str, mode: str,
+    nbytes: int, reps: int,
+) -> dict[str, Any]:
+    """The measurement record (issue #2's interface) from ``_measure``'s gathered samples."""
+    stats = [summarize([v for v in row if not math.isnan(v)]) for row in res["samples"]]
+    medians = [s[0] for s in stats]
+    slow = max(range(len(medians)), key=lambda r: medians[r])
+    return {
+        "backend": backend,
+        "params": params,
+        "dtype": dtype,
+        "mode": mode,
+        "nbytes": nbytes,
+        "rank_medians_us": medians,
+        "latency_us": medians[slow],
+        "spread_us": stats[slow][1],
+        "reps": reps,
+        "calls_per_rep": res["calls"],
+    }

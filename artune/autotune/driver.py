@@ -1,0 +1,301 @@
+"""Rank 0's side of a tune: the plan, the Optuna studies, the profile, the validation pass."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from artune.autotune import ui
+from artune.autotune.config import TuneConfig
+from artune.autotune.crew import Crew, actual_nbytes, record_from
+from artune.autotune.runner import RankEnv, candidates, out_and_storage
+from artune.autotune.search import (
+    PRUNE_MARGIN,
+    Resumed,
+    Search,
+    Store,
+    StoreExists,
+    StoreMismatch,
+    combinations,
+    params_key,
+    study_name,
+)
+
+__all__ = ["Driver"]
+
+
+def _skip(backend: str, params: dict[str, Any], dtype: str, mode: str | None, nbytes: int,
+          reason: str) -> dict[str, Any]:
+    return {"backend": backend, "params": params, "dtype": dtype, "mode": mode,
+            "nbytes": nbytes, "reason": reason}
+
+
+class Driver:
+    """Runs the tune from rank 0 (the other ranks are in ``Crew.serve``)."""
+
+    def __init__(self, cfg: TuneConfig, crew: Crew, env: RankEnv) -> None:
+        self.cfg = cfg
+        self.crew = crew
+        self.env = env
+        self.con = ui.console()
+        self.measurements: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self._skip_keys: set[tuple[Any, ...]] = set()
+        #: (backend, params key, dtype, nbytes) -> None (passed) or the gate failure
+        self.gates: dict[tuple[str, str, str, int], str | None] = {}
+
+    # -- entry ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        t0 = time.perf_counter()
+        try:
+            return self._run(t0)
+        except BaseException:
+            # Release the other ranks before failing (they would wait for the next command).
+            try:
+                self.crew.stop(1)
+            except Exception:  # noqa: BLE001, S110 - they may be gone already
+                pass
+            raise
+
+    def _run(self, t0: float) -> int:
+        from artune.topology import fingerprint, fingerprint_id
+
+        cfg, ctx = self.cfg, self.crew.ctx
+        fp = fingerprint(ctx.world_size, ctx.ranks_per_node, cfg.device, self.env.local_rank)
+        if cfg.ranks_per_node and cfg.ranks_per_node != self.env.local_world_size:
+            fp["topology"]["emulated_nodes"] = True
+        fid = fingerprint_id(fp)
+        out, url = out_and_storage(cfg, fid)
+        try:
+            store = Store(
+                url,
+                resume=cfg.resume,
+                meta={"fingerprint_id": fid, "dry_run": cfg.dry_run},
+                seed=cfg.seed,
+            )
+        except (StoreExists, StoreMismatch) as exc:
+            print(f"artune tune: {exc}", file=sys.stderr, flush=True)
+            self.crew.stop(2)
+            return 2
+        resumed = store.load() if cfg.resume else Resumed()
+        if cfg.resume:
+            self.con.print(
+                f"resuming from {url}: {len(resumed.measurements)} measurements and "
+                f"{len(resumed.skipped)} exclusions kept"
+            )
+        self.measurements += resumed.measurements
+        for s in resumed.skipped:
+            self._add_skip(s)
+        for key, reason in resumed.gate_failures.items():
+            self.gates[key] = reason
+
+        self.con.print(
+            f"artune tune: {ctx.world_size} ranks on {cfg.device}"
+            f"{' (DRY RUN with gloo)' if cfg.dry_run else ''}, {len(cfg.sizes)} sizes "
+            f"{cfg.sizes[0]}..{cfg.sizes[-1]} B, dtypes {','.join(cfg.dtypes)}, modes "
+            f"{','.join(cfg.modes)}; storage {url}"
+        )
+        for s in self.crew.send({"op": "setup", "names": candidates(cfg)}):
+            self._add_skip(s)
+            self.con.print(f"  skipping {s['backend']}: {s['reason']}")
+        names = list(self.crew.built)
+        if not names:
+            self.con.print("[red]no backend can run here; nothing to tune[/red]")
+            self.crew.stop(1)
+            return 1
+
+        plan = self._plan(names)
+        progress = ui.Progress(sum(n for *_, n in plan), self.con)
+        with progress.running():
+            for dtype, nbytes, name, mode, budget in plan:
+                progress.describe(f"{name} {dtype} {mode} {nbytes} B")
+                self._study(store, resumed, name, dtype, mode, nbytes, progress, budget)
+
+        from artune.autotune.table import build_profile
+        from artune.profile import save
+
+        doc = build_profile(
+            self.measurements,
+            self.skipped,
+            fingerprint=fp,
+            command=cfg.command,
+            dry_run=cfg.dry_run,
+            rel_tol=cfg.rel_tol,
+        )
+        save(doc, out)
+        if cfg.validate and doc["tables"]:
+            doc["validation"] = self._validate(doc)
+            save(doc, out)
+            ui.print_validation(doc["validation"], cfg.rel_tol, self.con)
+        self.crew.stop(0)
+        ui.print_summary(doc, str(out), time.perf_counter() - t0, self.con)
+        return 0
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def _plan(self, names: list[str]) -> list[tuple[str, int, str, str, int]]:
+        """(dtype, nbytes, backend, mode, trial budget) in measuring order."""
+        cfg, ctx = self.cfg, self.crew.ctx
+        plan = []
+        for dtype in cfg.dtypes:
+            for nbytes in sorted({actual_nbytes(s, dtype) for s in cfg.sizes}):
+                for name in names:
+                    space = type(self.crew.built[name]).search_space(nbytes, ctx)
+                    budget = min(len(combinations(space)), cfg.n_trials) if space else 1
+                    for mode in cfg.modes:
+                        plan.append((dtype, nbytes, name, mode, budget))
+        return plan
+
+    def _add_skip(self, skip: dict[str, Any]) -> None:
+        key = (skip["backend"], params_key(skip.get("params") or {}), skip.get("dtype"),
+               skip.get("mode"), skip.get("nbytes"), skip["reason"])
+        if key not in self._skip_keys:
+            self._skip_keys.add(key)
+            self.skipped.append(skip)
+
+    # -- one study -------------------------------------------------------------------------
+
+    def _cmd(self, name: str, params: dict[str, Any], dtype: str, mode: str, nbytes: int,
+             prune: bool) -> dict[str, Any]:
+        gate = self.gates.get((name, params_key(params), dtype, nbytes), "todo") == "todo"
+        return {
+            "op": "trial", "backend": name, "params": params, "dtype": dtype, "mode": mode,
+            "nbytes": nbytes, "gate": gate, "reps": self.cfg.n_reps,
+            "warmup": self.cfg.n_warmup, "prune_after": self.cfg.prune_after if prune else 0,
+        }
+
+    def _run_trial(
+        self, name: str, params: dict[str, Any], dtype: str, mode: str, nbytes: int,
+        search: Search | None,
+    ) -> tuple[str, dict[str, Any]]:
+        """("measured", record) | ("gate", skip) | ("skip", skip) | ("pruned", skip)."""
+        gkey = (name, params_key(params), dtype, nbytes)
+        cached = self.gates.get(gkey, "todo")
+        if cached not in ("todo", None):
+            return "gate", _skip(name, params, dtype, None, nbytes, str(cached))
+        prune = search is not None and bool(search.done)
+        decide = None
+        if prune and search is not None:
+            step = self.cfg.prune_after
+
+            def decide(value: float) -> bool:
+                return search.report(value, step)
+
+        res = self.crew.send(self._cmd(name, params, dtype, mode, nbytes, prune), decide)
+        if "skip" in res:
+            if res.get("gate"):
+                self.gates[gkey] = res["skip"]
+                return "gate", _skip(name, params, dtype, None, nbytes, res["skip"])
+            return "skip", _skip(name, params, dtype, mode, nbytes, res["skip"])
+        self.gates[gkey] = None
+        if "pruned" in res:
+            skip = _skip(
+                name, params, dtype, mode, nbytes,
+                f"pruned by Optuna after {res['reps']} repetitions: slowest-rank median more "
+                f"than {PRUNE_MARGIN:.0%} above the best parameter set so far",
+            )
+            skip["median_us"] = res["pruned"]
+            return "pruned", skip
+        rec = record_from(res, backend=name, params=params, dtype=dtype, mode=mode,
+                          nbytes=nbytes, reps=self.cfg.n_reps)
+        return "measured", rec
+
+    def _study(self, store: Store, resumed: Resumed, name: str, dtype: str, mode: str,
+               nbytes: int, progress: ui.Progress, budget: int) -> None:
+        ctx = self.crew.ctx
+        cls = type(self.crew.built[name])
+        sname = study_name(name, dtype, mode, nbytes)
+        done = resumed.done.get(sname, set())
+        space = cls.search_space(nbytes, ctx)
+        if not space:
+            if params_key({}) in done:
+                progress.advance()
+                return
+            kind, rec = self._run_trial(name, {}, dtype, mode, nbytes, None)
+            if kind == "measured":
+                store.add_measurement(sname, rec)
+                self.measurements.append(rec)
+            else:
+                store.add_skip(sname, rec, gate=kind == "gate")
+                self._add_skip(rec)
+            progress.advance()
+            return
+        default = cls.default_params(nbytes, ctx)
+        search = Search(store, sname, space, default, budget, done)
+        progress.advance(min(budget, len(search.done)))
+        while (params := search.next()) is not None:
+            kind, rec = self._run_trial(name, params, dtype, mode, nbytes, search)
+            if kind == "measured":
+                search.finish(rec)
+                self.measurements.append(rec)
+            else:
+                search.fail(rec, gate=kind == "gate", pruned=kind == "pruned")
+                self._add_skip(rec)
+            progress.advance()
+
+    # -- validation ----------------------------------------------------------------------
+
+    def _validate(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """Re-time the routed all-reduce and every backend's best at each measured point."""
+        from artune.autotune.table import best_per_backend
+
+        self.crew.send({"op": "router", "tables": doc["tables"], "dry_run": doc["dry_run"]})
+        router = self.crew.router
+        assert router is not None
+        rel_tol = self.cfg.rel_tol
+        entries: list[dict[str, Any]] = []
+        best = best_per_backend(doc["measurements"])
+        points = [(k, n, per) for k, per_size in sorted(best.items())
+                  for n, per in sorted(per_size.items())]
+        progress = ui.Progress(len(points), self.con)
+        with progress.running():
+            for (dtype, mode), nbytes, per_backend in points:
+                progress.describe(f"validate {dtype} {mode} {nbytes} B")
+                cands = [(b, dict(r.get("params") or {})) for b, r in sorted(per_backend.items())
+                         if b in self.crew.built]
+                cmd = {
+                    "op": "validate", "dtype": dtype, "mode": mode, "nbytes": nbytes,
+                    "reps": self.cfg.n_reps, "warmup": self.cfg.n_warmup,
+                    "entries": [{"backend": None}]
+                    + [{"backend": b, "params": p} for b, p in cands],
+                }
+                results = self.crew.send(cmd)
+                choice = router.choose(self.crew.input(dtype, nbytes), mode)
+                entries.append(self._entry(dtype, mode, nbytes, choice, cands, results, rel_tol))
+                progress.advance()
+        return entries
+
+    def _entry(self, dtype: str, mode: str, nbytes: int, choice: Any,
+               cands: list[tuple[str, dict[str, Any]]], results: list[dict[str, Any]],
+               rel_tol: float) -> dict[str, Any]:
+        def stat(res: dict[str, Any], b: str, p: dict[str, Any]) -> dict[str, Any] | None:
+            if "samples" not in res:
+                return None
+            return record_from(res, backend=b, params=p, dtype=dtype, mode=mode,
+                               nbytes=nbytes, reps=self.cfg.n_reps)
+
+        routed = stat(results[0], choice.backend, dict(choice.params))
+        timed = [stat(res, b, p) for (b, p), res in zip(cands, results[1:], strict=True)]
+        ok = [m for m in timed if m is not None]
+        fastest = min(ok, key=lambda m: m["latency_us"]) if ok else None
+        entry: dict[str, Any] = {
+            "dtype": dtype, "mode": mode, "nbytes": nbytes,
+            "routed_backend": choice.backend, "routed_params": dict(choice.params),
+            "routed_us": routed["latency_us"] if routed else None,
+            "routed_spread_us": routed["spread_us"] if routed else None,
+            "best_backend": fastest["backend"] if fastest else None,
+            "best_params": fastest["params"] if fastest else None,
+            "best_us": fastest["latency_us"] if fastest else None,
+            "best_spread_us": fastest["spread_us"] if fastest else None,
+            "candidates": {m["backend"]: m["latency_us"] for m in ok},
+        }
+        if routed is None or fastest is None:
+            entry["within"] = False
+            entry["error"] = results[0].get("skip") if routed is None else "no candidate timed"
+            return entry
+        r_us, b_us = routed["latency_us"], fastest["latency_us"]
+        noise = max(routed["spread_us"] or 0.0, fastest["spread_us"] or 0.0)
+        entry["within"] = bool(r_us <= b_us * (1 + rel_tol) or r_us - b_us <= noise)
+        return entry

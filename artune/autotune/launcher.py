@@ -1,0 +1,150 @@
+"""Start the ranks of a tune from a shell: one process per GPU (or per CPU rank for dry runs).
+
+``artune tune`` without RANK in its environment calls ``launch``: it starts ``nproc``
+copies of ``python -m artune.cli tune ...`` with the variables torchrun would set (RANK,
+LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and NVLink multicast off
+(``artune.envs.NO_MULTICAST_ENV``), then watches them. When one dies, the others are stopped
+at once (SIGTERM, then SIGKILL after ``GRACE_S``) and the error names the rank that died, so
+nothing hangs. Each child also dies with the launcher (PR_SET_PDEATHSIG on Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from artune import envs
+
+__all__ = ["launch", "free_port", "GRACE_S"]
+
+#: Seconds the surviving ranks get between SIGTERM and SIGKILL.
+GRACE_S = 10.0
+_POLL_S = 0.1
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for MASTER_PORT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the launcher dies (Linux only)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(envs.NO_MULTICAST_ENV)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        GROUP_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    # Ranks share the host's cores: keep each rank's intra-op threads from oversubscribing them.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def _how(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            p.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                p.kill()
+            p.wait()
+
+
+def launch(
+    argv: Sequence[str],
+    nproc: int,
+    *,
+    grace_s: float = GRACE_S,
+    python: str = sys.executable,
+) -> int:
+    """Run ``python -m artune.cli *argv`` as ranks 0..nproc-1 of one job; the job's exit code.
+
+    0 when every rank exits 0. When a rank fails, the others are stopped and the rank's code is
+    returned (2 for a usage error rank 0 already explained; 1 otherwise), after an error line
+    naming it.
+    """
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def _on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        for rank in range(nproc):
+            procs.append(
+                subprocess.Popen(
+                    [python, "-m", "artune.cli", *argv],
+                    env=_rank_env(rank, nproc, port),
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                )
+            )
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                # Prefer a rank killed by a signal (the cause) over ranks that reacted to it.
+                rank, rc = min(failed, key=lambda f: (f[1] >= 0, f[0]))
+                others = sum(1 for c in codes if c is None)
+                _stop(procs, grace_s)
+                if rc == 2 and rank == 0:
+                    return 2
+                print(
+                    f"artune tune: rank {rank} (pid {procs[rank].pid}) {_how(rc)}; stopped the "
+                    f"other {others} running rank(s). Measurements finished so far are kept in "
+                    "the tune's storage: rerun the same command with --resume to continue.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(_POLL_S)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        _stop(procs, grace_s)
+        print(
+            "artune tune: interrupted; stopped all ranks. Rerun the same command with --resume "
+            "to continue where it stopped.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
+    finally:
+        signal.signal(signal.SIGTERM, old)

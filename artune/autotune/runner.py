@@ -1,0 +1,155 @@
+"""One rank of ``artune tune``: join the group, then drive (rank 0) or follow (the others).
+
+Started once per GPU by ``artune tune`` itself, by torchrun, or by srun -- anything that sets
+RANK, WORLD_SIZE, LOCAL_RANK (and LOCAL_WORLD_SIZE), MASTER_ADDR and MASTER_PORT::
+
+    torchrun --nproc-per-node 4 -m artune.cli tune --quick
+
+Rank 0 owns the Optuna storage and the plan: for each dtype, size, backend and mode it picks the
+parameter set to try, all ranks gate and time it together (``crew.Crew``), and rank 0 stores the
+result as the trial's ``user_attrs``. Then it builds the dispatch table (``table.build_profile``),
+saves it, re-times the routed all-reduce against every candidate (the validation pass), saves
+again and prints the summary.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from artune import envs
+from artune.autotune.comm import Comm, Heartbeat, HostCollectiveError
+from artune.autotune.config import TuneConfig, storage_url
+from artune.autotune.crew import Crew, actual_nbytes
+from artune.backends import BACKENDS
+from artune.backends.base import GroupContext
+
+__all__ = ["RankEnv", "rank_env", "run_rank", "candidates", "register_extra_backends"]
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def rank_env() -> RankEnv | None:
+    """This process's place in the job from the launcher's variables; None outside a job."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", rank)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE",
+                                                                         world)))
+    return RankEnv(rank, world, local_rank, local_world)
+
+
+def register_extra_backends(extra: dict[str, str]) -> None:
+    """Add ``--extra-backend NAME=MODULE:CLASS`` entries to the backend registry (this process)."""
+    for name, target in extra.items():
+        BACKENDS[name] = target
+
+
+def candidates(cfg: TuneConfig) -> list[str]:
+    """The backends a tune measures: ``--backends``, else every registered one for the device
+    (gloo only on CPU, everything but gloo on GPUs) plus any ``--extra-backend``."""
+    if cfg.backends:
+        return list(dict.fromkeys(cfg.backends))
+    if cfg.device == "cpu":
+        return ["gloo", *cfg.extra_backends]
+    return [n for n in BACKENDS if n != "gloo"]
+
+
+def run_rank(cfg: TuneConfig) -> int:
+    """Run this process's rank of the tune; the exit code (0, 1 on failure, 2 on bad usage)."""
+    import torch
+    import torch.distributed as dist
+
+    env = rank_env()
+    if env is None:
+        raise RuntimeError(
+            "run_rank: RANK/WORLD_SIZE are not set; start ranks with `artune tune`, torchrun or "
+            "srun"
+        )
+    register_extra_backends(cfg.extra_backends)
+    timeout_s = float(envs.get("ARTUNE_COLLECTIVE_TIMEOUT_S"))
+    timeout = _dt.timedelta(seconds=timeout_s)
+    if cfg.device == "cuda":
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+    heartbeat = _start_heartbeat(env, timeout_s)
+    comm = Comm(cpu_group, env.rank, env.world_size, timeout_s, heartbeat)
+    world = dist.group.WORLD
+    assert world is not None
+    ctx = GroupContext(
+        group=world,
+        cpu_group=cpu_group,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=device,
+        ranks_per_node=cfg.ranks_per_node or env.local_world_size,
+        max_bytes=max(actual_nbytes(s, d) for s in cfg.sizes for d in cfg.dtypes),
+        group_name=world.group_name,
+    )
+    crew = Crew(cfg, ctx, comm)
+    code = 1
+    try:
+        if env.rank == 0:
+            from artune.autotune.driver import Driver
+
+            code = Driver(cfg, crew, env).run()
+        else:
+            code = crew.serve()
+    except HostCollectiveError as exc:
+        print(f"artune tune: {exc}", file=sys.stderr, flush=True)
+    finally:
+        crew.close()
+        if heartbeat is not None:
+            heartbeat.stop()
+    if code == 0:
+        dist.destroy_process_group()
+        return 0
+    # A peer may be dead: tearing NCCL down could wait on it. Leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _start_heartbeat(env: RankEnv, timeout_s: float) -> Heartbeat | None:
+    """A heartbeat in the rendezvous store (None where it cannot be reached)."""
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    try:
+        stores = [
+            dist.TCPStore(
+                addr, int(port), is_master=False,
+                timeout=_dt.timedelta(seconds=min(timeout_s, 10.0)),
+            )
+            for _ in range(2)
+        ]
+        return Heartbeat(stores[0], env.rank, env.world_size, check_store=stores[1]).start()
+    except Exception:  # noqa: BLE001 - naming dead ranks is a nicety, not a requirement
+        return None
+
+
+def default_out(fingerprint_id: str, dry_run: bool) -> Path:
+    return Path("profiles") / f"{'dryrun-' if dry_run else ''}{fingerprint_id}.json"
+
+
+def out_and_storage(cfg: TuneConfig, fingerprint_id: str) -> tuple[Path, str]:
+    out = cfg.out or default_out(fingerprint_id, cfg.dry_run)
+    return out, storage_url(out, cfg.storage)
+

@@ -1,0 +1,121 @@
+"""What rank 0 of a tune prints: a progress bar with ETA, the validation table, the summary."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["Progress", "console", "print_validation", "print_summary"]
+
+
+def console() -> Console:
+    from rich.console import Console
+
+    # Piped output (logs, tests) keeps full lines instead of a guessed terminal width.
+    return Console(width=None if sys.stdout.isatty() else 140)
+
+
+class Progress:
+    """A rich progress bar (description, bar, done/total, elapsed, ETA) on rank 0."""
+
+    def __init__(self, total: int, con: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as _Progress
+
+        self._p = _Progress(
+            TextColumn("[bold]{task.description:<34}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=con,
+            # Without a terminal, redraw rarely: the log gets a few lines, not thousands.
+            refresh_per_second=10 if con.is_terminal else 0.2,
+        )
+        self._task = self._p.add_task("tune", total=total)
+
+    @contextmanager
+    def running(self) -> Iterator[Progress]:
+        with self._p:
+            yield self
+
+    def describe(self, text: str) -> None:
+        self._p.update(self._task, description=text)
+
+    def advance(self, n: int = 1) -> None:
+        self._p.advance(self._task, n)
+
+    def add_total(self, n: int) -> None:
+        task = self._p.tasks[0]
+        self._p.update(self._task, total=(task.total or 0) + n)
+
+
+def _h(n: int) -> str:
+    from artune.inspect import human_bytes
+
+    return human_bytes(n)
+
+
+def _us(v: Any) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console) -> None:
+    """One row per (dtype, mode, size): the routed backend and its time next to the fastest."""
+    from rich.table import Table
+
+    if not entries:
+        return
+    t = Table(
+        title=f"validation: routed all-reduce vs the fastest candidate (tolerance {rel_tol:.0%} "
+        "or the measured spread)",
+        title_justify="left",
+    )
+    for col, just in (
+        ("dtype/mode", "left"),
+        ("size", "right"),
+        ("routed", "left"),
+        ("routed µs", "right"),
+        ("fastest", "left"),
+        ("fastest µs", "right"),
+        ("ok", "center"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for e in entries:
+        t.add_row(
+            f"{e['dtype']}/{e['mode']}",
+            _h(e["nbytes"]),
+            str(e.get("routed_backend")),
+            _us(e.get("routed_us")),
+            str(e.get("best_backend")),
+            _us(e.get("best_us")),
+            "[green]yes[/green]" if e.get("within") else "[red]NO[/red]",
+        )
+    con.print(t)
+    ok = sum(1 for e in entries if e.get("within"))
+    con.print(f"validation: routed within tolerance at {ok}/{len(entries)} points")
+
+
+def print_summary(doc: dict[str, Any], path: str, seconds: float, con: Console) -> None:
+    """The dispatch table (as ``artune show`` prints it) and where the profile is."""
+    from artune.inspect import render
+    from artune.profile import Profile
+
+    render(Profile(doc, None), con)
+    n_meas = len(doc.get("measurements") or [])
+    n_skip = len(doc.get("skipped") or [])
+    label = " (DRY RUN on CPU: not a GPU measurement)" if doc.get("dry_run") else ""
+    con.print(f"{n_meas} measurements, {n_skip} skipped, {seconds:.1f} s{label}")
+    con.print(f"[bold]profile written to {path}[/bold]")

@@ -1,0 +1,237 @@
+"""``artune``: tune | show | launch.
+
+    artune tune [--nproc-per-node N] [--sizes 1K:256M] [--dtypes bfloat16] [--modes graph,eager]
+                [--backends nccl,...] [--quick] [--resume] [--out PATH] [--device cpu]
+    artune show PROFILE [--plot FILE.png] [--json] [--force]
+    artune launch [--profile PATH] [--force] -- <sglang.launch_server arguments>
+
+``artune tune`` from a shell starts one rank per GPU itself; under torchrun or srun (RANK set) it
+runs as one rank. The subcommands' modules are imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from artune.autotune.config import TuneConfig
+
+__all__ = ["main", "build_parser", "tune_config"]
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32"}
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="artune",
+        description="Measure every all-reduce backend, keep the fastest per size, route to it.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{tune,show,launch}")
+
+    t = sub.add_parser(
+        "tune",
+        help="measure the backends on this machine and write a profile",
+        description="Measure every all-reduce backend per size, dtype and mode; write a profile. "
+        "From a shell it starts one rank per GPU; under torchrun/srun it runs as one rank.",
+    )
+    t.add_argument("--nproc-per-node", type=int, default=None,
+                   help="ranks to start (default: every visible GPU; 2 with --device cpu)")
+    t.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a dry run of the whole pipeline with gloo on CPU processes")
+    t.add_argument("--sizes", default=None,
+                   help="LO:HI (powers of two with midpoints), LO:HI:FACTOR, or a list 4K,64K,1M "
+                   "(default 1K:256M; 1K:256M:4 with --quick; 1K:1M on --device cpu)")
+    t.add_argument("--dtypes", default="bfloat16", help="comma list (bfloat16,float16,float32)")
+    t.add_argument("--modes", default="graph,eager", help="comma list of graph,eager")
+    t.add_argument("--backends", default=None,
+                   help="comma list (default: every registered backend for the device)")
+    t.add_argument("--quick", action="store_true", help="fewer sizes, repetitions and trials")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the tune whose storage is next to --out")
+    t.add_argument("--out", type=Path, default=None,
+                   help="profile to write (default profiles/<fingerprint>.json)")
+    t.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default sqlite:///<out>.optuna.db)")
+    t.add_argument("--ranks-per-node", type=int, default=None,
+                   help="group the ranks into nodes of this many (emulates several nodes)")
+    t.add_argument("--trials", type=int, default=None,
+                   help="parameter sets tried per backend, size, dtype and mode (default 8; 3 "
+                   "with --quick)")
+    t.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions per measurement (default 9; 5 with --quick)")
+    t.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
+    t.add_argument("--rel-tol", type=float, default=0.03,
+                   help="backends closer than this (or the measured spread) count as tied")
+    t.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip re-timing the routed all-reduce after the table is built")
+    t.add_argument("--seed", type=int, default=0, help="seed of the inputs and the sampler")
+    t.add_argument("--extra-backend", action="append", default=[], metavar="NAME=MODULE:CLASS",
+                   help="add a backend to the registry for this tune (plugins, tests)")
+
+    s = sub.add_parser("show", help="print a profile's dispatch table (any machine)")
+    s.add_argument("profile", help="profile JSON")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="draw latency vs size")
+    s.add_argument("--json", action="store_true", help="print the profile as JSON")
+    s.add_argument("--force", action="store_true",
+                   help="accept a profile made on another topology")
+
+    la = sub.add_parser("launch", help="run sglang.launch_server with the profile active",
+                        description="Everything after `--` goes to sglang.launch_server.")
+    la.add_argument("--profile", default=None, help="profile JSON (default: ARTUNE_PROFILE)")
+    la.add_argument("--force", action="store_true",
+                    help="accept a profile made on another topology")
+    return p
+
+
+def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
+    """A ``TuneConfig`` from parsed ``tune`` arguments; ValueError naming a bad one."""
+    from artune.autotune.config import TuneConfig, parse_extra_backend, parse_sizes
+    from artune.backends import BACKENDS
+    from artune.profile import DTYPES, MODES
+
+    dtypes = [_DTYPE_ALIASES.get(d.lower(), d.lower()) for d in _csv(args.dtypes)]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise ValueError(f"--dtypes: unknown {bad or 'empty'}; use some of {', '.join(DTYPES)}")
+    modes = _csv(args.modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"--modes {args.modes!r}: use some of {', '.join(MODES)}")
+    extra = dict(parse_extra_backend(e) for e in args.extra_backend)
+    backends = _csv(args.backends) if args.backends else None
+    known = set(BACKENDS) | set(extra)
+    if backends is not None:
+        unknown = [b for b in backends if b not in known]
+        if unknown or not backends:
+            raise ValueError(
+                f"--backends: unknown {', '.join(unknown) or 'empty list'}; known backends: "
+                f"{', '.join(sorted(known))}"
+            )
+    for name, value in (("--ranks-per-node", args.ranks_per_node), ("--trials", args.trials),
+                        ("--reps", args.reps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, not {args.warmup}")
+    cfg = TuneConfig(
+        device=args.device,
+        dtypes=dtypes,
+        modes=modes,
+        backends=backends,
+        quick=args.quick,
+        resume=args.resume,
+        out=args.out,
+        storage=args.storage,
+        ranks_per_node=args.ranks_per_node,
+        trials=args.trials,
+        reps=args.reps,
+        warmup=args.warmup,
+        validate=args.validate,
+        rel_tol=args.rel_tol,
+        seed=args.seed,
+        extra_backends=extra,
+        command=command,
+    )
+    if args.sizes:
+        cfg.sizes = parse_sizes(args.sizes)
+    return cfg
+
+
+def _no_gpu_message() -> str:
+    return (
+        "artune tune: no CUDA GPU is visible here (torch.cuda.is_available() is False). Run it "
+        "on a GPU node, or try the whole workflow on CPU processes with "
+        "`artune tune --device cpu` (a dry run with gloo, labelled as such in the profile)."
+    )
+
+
+def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
+    from artune.autotune.config import sqlite_path, storage_url
+    from artune.autotune.runner import rank_env
+
+    command = "artune " + shlex.join(["tune", *tune_argv])
+    try:
+        cfg = tune_config(args, command)
+    except ValueError as exc:
+        print(f"artune tune: {exc}", file=sys.stderr)
+        return 2
+    if rank_env() is not None:
+        from artune.autotune.runner import run_rank
+
+        return run_rank(cfg)
+
+    # From a shell: check what can be checked before starting any rank.
+    if cfg.device == "cuda":
+        from artune.topology import gpu_count
+
+        n = gpu_count()
+        if n == 0:
+            print(_no_gpu_message(), file=sys.stderr)
+            return 2
+        nproc = args.nproc_per_node or n
+        if nproc > n:
+            print(
+                f"artune tune: --nproc-per-node {nproc} but only {n} GPU(s) are visible "
+                "(see CUDA_VISIBLE_DEVICES); pass --nproc-per-node "
+                f"{n} or fewer",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        nproc = args.nproc_per_node or 2
+    if nproc < 2:
+        print(f"artune tune: an all-reduce needs at least 2 ranks, not {nproc}", file=sys.stderr)
+        return 2
+    if cfg.ranks_per_node is not None and nproc % cfg.ranks_per_node:
+        print(
+            f"artune tune: --ranks-per-node {cfg.ranks_per_node} does not divide the "
+            f"{nproc} ranks",
+            file=sys.stderr,
+        )
+        return 2
+    if cfg.out is not None and not cfg.resume:
+        path = sqlite_path(storage_url(cfg.out, cfg.storage))
+        if path is not None and path.exists():
+            print(
+                f"artune tune: the tune storage {path} already exists: pass --resume to continue "
+                "that tune, or delete the file to start over",
+                file=sys.stderr,
+            )
+            return 2
+    from artune.autotune.launcher import launch
+
+    return launch(["tune", *tune_argv], nproc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    forwarded: list[str] = []
+    if argv[:1] == ["launch"] and "--" in argv:
+        i = argv.index("--")
+        argv, forwarded = argv[:i], argv[i + 1 :]
+    args = build_parser().parse_args(argv)
+    if args.command == "tune":
+        return _tune(args, argv[1:])
+    if args.command == "show":
+        from artune import inspect
+
+        return int(inspect.main(args))
+    if args.command == "launch":
+        from artune.integration import launch as _launch
+
+        args.server_args = forwarded
+        return int(_launch.main(args))
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
