@@ -1,0 +1,205 @@
+"""Every all-reduce backend side by side, in one run on one machine (CUDA-graph replay, bf16).
+
+    torchrun --nproc-per-node 4 benchmarks/allreduce.py --sizes 4K:64M \
+        --out benchmarks/results/allreduce_4gpu.md [--profile profiles/X.json] \
+        [--backends nccl,symm_one_shot,...] [--ranks-per-node 2] [--modes graph,eager]
+
+Times NCCL, PyTorch symmetric-memory one-shot/two-shot, nvshmem4py's reduce, SGLang's own
+custom all-reduce (its GroupCoordinator.all_reduce inside its graph_capture, when sglang is
+importable), NVRAR, and with ``--profile`` the routed dispatch (select() + the chosen backend,
+as the integration calls it). Every (backend, size) is checked against an fp32 reference before
+it is timed; a wrong result is reported, never timed. Latency: each rank's median over
+repetitions of a graph replay of many calls; the slowest rank counts. ``--ranks-per-node``
+groups the GPUs into virtual nodes (emulation of the inter-node path; labelled as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from artune import backends as registry  # noqa: E402
+from artune.autotune.config import parse_sizes  # noqa: E402
+from artune.autotune.gate import random_input  # noqa: E402
+from artune.autotune.timing import Timer, calls_for, estimate_us, summarize  # noqa: E402
+from artune.backends.base import Backend, BackendUnavailable, GroupContext  # noqa: E402
+from artune.envs import NO_MULTICAST_ENV  # noqa: E402
+
+DEFAULT_BACKENDS = "nccl,symm_one_shot,symm_two_shot,nvshmem_reduce,sglang,nvrar"
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def _h(n: int) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n}B"
+
+
+def _check(b: Any, x: torch.Tensor, ref: torch.Tensor, cpu_group: Any) -> str | None:
+    """None when ``b`` (a callable) reduces ``x`` right and identically on every rank."""
+    try:
+        out = b(x)
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - reported, never timed
+        err: str | None = f"raised {type(exc).__name__}: {exc}"[:200]
+    else:
+        scale = ref.abs().max().item() or 1.0
+        diff = (out.float() - ref).abs().max().item() / scale
+        digest = int(out.view(torch.uint8).to(torch.int64).sum().item()) if out.numel() else 0
+        digests: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest, group=cpu_group)
+        if not diff <= TOL[x.dtype]:
+            err = f"max rel error {diff:.3g} > {TOL[x.dtype]}"
+        elif len(set(digests)) != 1:
+            err = "ranks disagree bitwise"
+        else:
+            err = None
+    errs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err, group=cpu_group)
+    bad = [f"rank {r}: {e}" for r, e in enumerate(errs) if e]
+    return bad[0] if bad else None
+
+
+def _time(fn: Any, capture: Any, x: torch.Tensor, mode: str, reps: int, cpu_group: Any) -> float:
+    est = torch.tensor([estimate_us(fn, x.device)], dtype=torch.float64)
+    dist.all_reduce(est, op=dist.ReduceOp.MAX, group=cpu_group)  # same call count everywhere
+    calls = calls_for(float(est.item()), x.numel() * x.element_size(), mode)
+    with Timer(fn, mode=mode, device=x.device, calls=calls, capture=capture) as t:
+        t.prepare(warmup=2)
+        med, _ = summarize(t.sample(reps))
+    meds: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(meds, med, group=cpu_group)
+    return max(meds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default=",".join(f"{1 << k}" for k in range(12, 27)),
+                    help="a list (4K,64K,1M) or LO:HI[:FACTOR]; default 4K..64M, powers of two")
+    ap.add_argument("--backends", default=DEFAULT_BACKENDS)
+    ap.add_argument("--modes", default="graph")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--profile", default=None, help="also time the routed dispatch")
+    ap.add_argument("--ranks-per-node", type=int, default=0, help="virtual nodes (emulation)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    for k, v in NO_MULTICAST_ENV.items():
+        if os.environ.get(k) != v:
+            raise SystemExit(f"set {k}={v} before running (NVLink multicast must stay off)")
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cpu_group = dist.new_group(backend="gloo")
+    sizes = parse_sizes(args.sizes)
+    rpn = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    ctx = GroupContext(
+        group=dist.group.WORLD, cpu_group=cpu_group, rank=rank, world_size=world,
+        device=torch.device("cuda", local), ranks_per_node=rpn, max_bytes=max(sizes),
+        group_name=dist.group.WORLD.group_name,
+    )
+    dtype = getattr(torch, args.dtype)
+    modes = args.modes.split(",")
+    x_size = torch.empty((), dtype=dtype).element_size()
+
+    built: dict[str, Backend] = {}
+    notes: list[str] = []
+    for name in args.backends.split(","):
+        try:
+            built[name] = registry.load(name).create(ctx)
+        except (BackendUnavailable, ImportError, RuntimeError) as exc:
+            notes.append(f"{name}: not run ({str(exc).splitlines()[0][:160]})")
+    columns = list(built)
+    router = None
+    if args.profile:
+        from artune.profile import load
+        from artune.router import Router
+
+        router = Router(load(args.profile), ctx, dict(built))
+        columns.append("routed")
+
+    results: dict[tuple[str, str, int], float | str] = {}
+    for mode in modes:
+        for nbytes in sizes:
+            numel = max(1, nbytes // x_size)
+            x = random_input(numel, dtype, ctx.device, seed=nbytes + rank)
+            ref = x.float().clone()
+            dist.all_reduce(ref)
+            for col in columns:
+                if col == "routed":
+                    assert router is not None
+                    fn_x = router.all_reduce
+                    capture = router.capture
+                else:
+                    b = built[col]
+                    if not b.supports(x):
+                        results[(mode, col, nbytes)] = "n/a"
+                        continue
+                    fn_x = b.all_reduce
+                    capture = b.capture
+                err = _check(fn_x, x, ref, cpu_group)
+                if err:
+                    results[(mode, col, nbytes)] = "WRONG"
+                    notes.append(f"{col} {mode} {_h(nbytes)}: {err}")
+                    continue
+                results[(mode, col, nbytes)] = _time(
+                    lambda f=fn_x, x=x: f(x), capture, x, mode, args.reps, cpu_group
+                )
+            if rank == 0:
+                print(f"  {mode} {_h(nbytes)} done", flush=True)
+
+    if rank == 0:
+        card = torch.cuda.get_device_name(local)
+        label = (f", GPUs grouped as {world // rpn} virtual nodes x {rpn} (EMULATION)"
+                 if rpn != world else "")
+        lines = [
+            f"# All-reduce latency, {world}x {card}{label}",
+            "",
+            f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+            f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {args.dtype}; µs per call, "
+            "slowest rank's median over graph replays (eager: over timed batches).",
+            "",
+        ]
+        for mode in modes:
+            hdr = ["size", *columns, "best", "best vs NCCL"]
+            lines += [f"## {mode}", "", "| " + " | ".join(hdr) + " |",
+                      "|" + "---|" * len(hdr)]
+            for nbytes in sizes:
+                row = [_h(nbytes)]
+                vals = {c: results.get((mode, c, nbytes), "n/a") for c in columns}
+                for c in columns:
+                    v = vals[c]
+                    row.append(f"{v:.1f}" if isinstance(v, float) else str(v))
+                nums = {c: v for c, v in vals.items() if isinstance(v, float) and c != "routed"}
+                best = min(nums, key=lambda c: nums[c]) if nums else "-"
+                nccl = nums.get("nccl")
+                row.append(best)
+                row.append(f"{nccl / nums[best]:.2f}x" if nccl and best in nums else "-")
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+        if notes:
+            lines += ["Notes:", *[f"- {n}" for n in notes], ""]
+        text = "\n".join(lines)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+    for b in built.values():
+        b.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
