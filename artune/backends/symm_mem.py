@@ -11,8 +11,8 @@ required, DESIGN.md):
 - two-shot: reduce-scatter then all-gather through the buffers
   (``symm_mem::two_shot_all_reduce_out``).
 
-Constraints, from torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemoryOps.cu (checked against
-torch 2.11 and 2.13 on the GPU machine by tests/gpu/test_backends_gpu.py):
+Constraints, read from torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemoryOps.cu (PyTorch
+main) and exercised with torch 2.11 on 2 and 4 H200s by tests/gpu/test_backends_gpu.py:
 
 - dtypes bfloat16 and float32 only (``AT_DISPATCH_FLOAT_AND_BFLOAT16``; float16 is refused);
 - the byte size must be a multiple of ``max(4, element_size)`` (``get_and_verify_alignment``),

@@ -171,12 +171,13 @@ def _case(be: Any, ctx: Any, dtype: torch.dtype, nbytes: int, mode: str, gen: An
             with be.capture(), torch.cuda.graph(graph):
                 ys = [be.all_reduce(x) for x in xs]
             rounds = []
-            for _ in range(2):
+            for _ in range(2):  # the static inputs get new data each round: keep snapshots
                 for x in xs:
                     x.copy_(_rand(numel, dtype, gen))
-                clones = [x.clone() for x in xs]
+                before = [x.clone() for x in xs]
                 graph.replay()
-                rounds.append((xs, clones, [y.clone() for y in ys]))
+                after = [x.clone() for x in xs]
+                rounds.append((after, before, [y.clone() for y in ys]))
         torch.cuda.synchronize()
         ok = True
     except Exception as exc:  # noqa: BLE001 - recorded and reported by the test
@@ -243,13 +244,15 @@ def _run_all(ctx: Any, names: tuple[str, ...]) -> dict[str, Any]:
                     info["records"].append(_case(be, ctx, dtype, nbytes, mode, gen))
         info["lifecycle"] = _lifecycle(be, ctx)
         torch.cuda.empty_cache()
+        if hasattr(be, "_fused"):
+            info["note"] = f"fused copy: {be._fused}"
     if ctx.rank == 0:
         _print_table(out, ctx.world_size)
     return out
 
 
 def _print_table(out: dict[str, Any], ws: int) -> None:
-    print(f"\n== {ws} x {out['gpu']} ==", flush=True)
+    print(f"\n== {ws} x {out['gpu']}, torch {torch.__version__} ==", flush=True)
     print(
         f"{'backend':16} {'mode':6} {'dtype':9} {'ok/run':>7} {'unsup':>5} {'same bits':>9} "
         f"{'max err/bound':>13}"
@@ -258,6 +261,8 @@ def _print_table(out: dict[str, Any], ws: int) -> None:
         if info["reason"] is not None:
             print(f"{name:16} unavailable: {info['reason']}")
             continue
+        if info.get("note"):
+            print(f"{name:16} {info['note']}")
         for mode in MODES:
             for dt in DTYPES:
                 recs = [r for r in info["records"] if r["mode"] == mode and r["dtype"] == dt]
