@@ -170,7 +170,11 @@ class Store:
                 continue
             trials = self.storage.get_all_trials(summary._study_id, deepcopy=False)
             for t in trials:
-                if t.state == TrialState.RUNNING or t.state == TrialState.WAITING:
+                if t.state == TrialState.RUNNING:
+                    # Left by a tune that was killed mid-trial: close it, it is measured again.
+                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                    continue
+                if t.state == TrialState.WAITING:
                     continue
                 attrs = t.user_attrs
                 key = params_key(dict(attrs.get("params", t.params)))

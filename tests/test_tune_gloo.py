@@ -1,0 +1,61 @@
+"""A real tune: `artune tune --device cpu` with 2 gloo ranks, a real Optuna study, a profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import run_artune
+
+from artune.profile import load, select
+
+pytestmark = pytest.mark.slow
+
+
+def test_cpu_dry_run_tune_end_to_end(tmp_path: Path, cpu_env: dict[str, str]) -> None:
+    out = tmp_path / "dry.json"
+    args = ("tune", "--device", "cpu", "--quick", "--sizes", "4K,64K", "--out", str(out))
+    r = run_artune(*args, env=cpu_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"profile written to {out}" in r.stdout.replace("\n", "")
+    assert "validation: routed within tolerance at" in r.stdout
+
+    prof = load(out)
+    topo = prof.fingerprint["topology"]
+    assert prof.dry_run and topo["device"] == "cpu" and topo["world_size"] == 2
+    assert prof.data["command"].startswith("artune tune --device cpu --quick")
+    assert set(prof.tables["bfloat16"]) == {"graph", "eager"}
+    assert select(prof, 4096, "bfloat16", "eager").backend == "gloo"
+    assert not select(prof, 1 << 30, "bfloat16", "eager").covered  # beyond the table
+
+    ms = prof.data["measurements"]
+    points = {(m["mode"], m["nbytes"]) for m in ms}
+    assert points == {(mo, n) for mo in ("graph", "eager") for n in (4096, 65536)}
+    for m in ms:
+        assert m["backend"] == "gloo" and len(m["rank_medians_us"]) == 2
+        assert m["latency_us"] == max(m["rank_medians_us"]) > 0 and m["spread_us"] >= 0
+    # Every (mode, size) tried all 3 chunk settings: measured, or pruned with the reason.
+    pruned = [s for s in prof.data["skipped"] if s["reason"].startswith("pruned")]
+    assert len(ms) + len(pruned) == 2 * 2 * 3
+    val = prof.data["validation"]
+    assert len(val) == 4 and all(v["routed_backend"] == "gloo" for v in val)
+    assert all(v["routed_us"] > 0 and v["best_us"] > 0 for v in val)
+
+    # The Optuna storage next to the profile is the measurement store.
+    storage = f"sqlite:///{out}.optuna.db"
+    names = [n for n in optuna.get_all_study_names(storage) if n != "artune-meta"]
+    assert sorted(names) == sorted(f"gloo|bfloat16|{mo}|{n}" for mo in ("graph", "eager")
+                                   for n in (4096, 65536))
+    trials = [t for n in names for t in optuna.load_study(study_name=n, storage=storage).trials]
+    assert len(trials) == 12
+    assert sum("measurement" in t.user_attrs for t in trials) == len(ms)
+
+    # Same command again: the storage exists, so it asks for --resume (and starts no rank).
+    again = run_artune(*args, env=cpu_env)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    shown = run_artune("show", str(out), env=cpu_env)
+    assert shown.returncode == 0 and "DRY RUN" in shown.stdout
+    assert json.loads(run_artune("show", str(out), "--json", env=cpu_env).stdout)["dry_run"]

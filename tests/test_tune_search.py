@@ -1,0 +1,103 @@
+"""The Optuna side of a tune: storage, parameter search, pruning, resume (CPU, one process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from artune.autotune.search import (
+    ClearlySlowerPruner,
+    Search,
+    Store,
+    StoreExists,
+    StoreMismatch,
+    combinations,
+    params_key,
+    study_name,
+)
+
+
+def _rec(params: dict[str, Any], lat: float, nbytes: int = 4096) -> dict[str, Any]:
+    return {"backend": "gloo", "params": params, "dtype": "bfloat16", "mode": "eager",
+            "nbytes": nbytes, "rank_medians_us": [lat, lat], "latency_us": lat,
+            "spread_us": 0.1, "reps": 5}
+
+
+def _store(tmp_path: Path, resume: bool = False, **meta: Any) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'p.json.optuna.db'}", resume=resume,
+                 meta={"fingerprint_id": "abc", **meta})
+
+
+def test_combinations() -> None:
+    assert combinations({}) == [{}]
+    assert combinations({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+
+
+def test_existing_storage_needs_resume(tmp_path: Path) -> None:
+    _store(tmp_path).add_measurement("nccl|bfloat16|eager|4096", _rec({}, 10.0))
+    with pytest.raises(StoreExists, match="--resume"):
+        _store(tmp_path)
+    res = _store(tmp_path, resume=True).load()
+    assert res.measurements == [_rec({}, 10.0)] and res.trials == 1
+
+
+def test_resume_refuses_another_machine(tmp_path: Path) -> None:
+    _store(tmp_path)
+    with pytest.raises(StoreMismatch, match="fingerprint_id"):
+        Store(f"sqlite:///{tmp_path / 'p.json.optuna.db'}", resume=True,
+              meta={"fingerprint_id": "other"})
+
+
+def test_exhaustive_search_default_first_and_resume(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    name = study_name("gloo", "bfloat16", "eager", 4096)
+    space = {"chunks": [1, 2, 4]}
+    search = Search(store, name, space, {"chunks": 2}, budget=3)
+    first = search.next()
+    assert first == {"chunks": 2}
+    search.finish(_rec(first, 10.0))
+    second = search.next()
+    assert second is not None
+    search.fail({"backend": "gloo", "params": second, "dtype": "bfloat16", "mode": None,
+                 "nbytes": 4096, "reason": "max abs error 1 > tol 0.1 at rank 1"}, gate=True)
+    # Interrupted here: the third set was never measured.
+    res = _store(tmp_path, resume=True).load()
+    assert res.done[name] == {params_key(first), params_key(second)}
+    assert [m["params"] for m in res.measurements] == [first]
+    assert list(res.gate_failures.values()) == ["max abs error 1 > tol 0.1 at rank 1"]
+    resumed = Search(_store(tmp_path, resume=True), name, space, {"chunks": 2}, 3,
+                     res.done[name])
+    third = resumed.next()
+    assert third is not None and params_key(third) not in res.done[name]
+    resumed.finish(_rec(third, 12.0))
+    assert resumed.next() is None  # budget spent: 3 parameter sets, each measured once
+    study = optuna.load_study(study_name=name, storage=store.storage)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+def test_sampled_search_respects_budget(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    space = {"a": list(range(6)), "b": list(range(6))}  # 36 sets, budget 5: TPE samples
+    search = Search(store, "x|bfloat16|graph|4096", space, {"a": 0, "b": 0}, budget=5)
+    seen = []
+    while (p := search.next()) is not None:
+        seen.append(params_key(p))
+        search.finish(_rec(p, 10.0 + p["a"] + p["b"]))
+    assert seen[0] == params_key({"a": 0, "b": 0})
+    assert len(seen) == 5 and len(set(seen)) == 5
+
+
+def test_pruner_prunes_clearly_slower_only(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="minimize", pruner=ClearlySlowerPruner(0.5))
+    t = study.ask()
+    t.report(10.0, 1)
+    assert not t.should_prune()  # nothing completed yet
+    study.tell(t, 10.0)
+    slow, close = study.ask(), study.ask()
+    slow.report(16.0, 1)
+    close.report(14.0, 1)
+    assert slow.should_prune() and not close.should_prune()
