@@ -1,0 +1,126 @@
+"""`artune` CLI: argument errors, the no-GPU and too-many-ranks messages, delegation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import requires_gpus, run_artune
+
+from artune import cli
+
+
+@pytest.fixture
+def shell_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if started from a shell: no launcher variables."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def _no_launch(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], int]]:
+    calls: list[tuple[list[str], int]] = []
+    import artune.autotune.launcher as launcher
+
+    monkeypatch.setattr(launcher, "launch", lambda argv, n: calls.append((list(argv), n)) or 0)
+    return calls
+
+
+def test_no_gpu_says_how_to_proceed(
+    shell_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import artune.topology
+
+    monkeypatch.setattr(artune.topology, "gpu_count", lambda: 0)
+    calls = _no_launch(monkeypatch)
+    assert cli.main(["tune"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "artune tune --device cpu" in err
+    assert calls == []
+
+
+def test_nproc_larger_than_gpus(
+    shell_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import artune.topology
+
+    monkeypatch.setattr(artune.topology, "gpu_count", lambda: 2)
+    calls = _no_launch(monkeypatch)
+    assert cli.main(["tune", "--nproc-per-node", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--nproc-per-node 4 but only 2 GPU(s)" in err and "2 or fewer" in err
+    assert calls == []
+    # Within the GPUs present, and by default one rank per GPU, it launches.
+    assert cli.main(["tune", "--quick"]) == 0
+    assert calls == [(["tune", "--quick"], 2)]
+
+
+def test_bad_arguments_exit_2(shell_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["tune", "--device", "cpu", "--nproc-per-node", "1"]) == 2
+    assert "at least 2 ranks" in capsys.readouterr().err
+    assert cli.main(["tune", "--device", "cpu", "--backends", "nccl,bogus"]) == 2
+    assert "unknown bogus" in capsys.readouterr().err
+    assert cli.main(["tune", "--device", "cpu", "--nproc-per-node", "3",
+                     "--ranks-per-node", "2"]) == 2
+    assert "does not divide" in capsys.readouterr().err
+
+
+def test_existing_storage_without_resume(
+    shell_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = _no_launch(monkeypatch)
+    out = tmp_path / "p.json"
+    Path(f"{out}.optuna.db").write_bytes(b"")
+    assert cli.main(["tune", "--device", "cpu", "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err and calls == []
+    assert cli.main(["tune", "--device", "cpu", "--out", str(out), "--resume"]) == 0
+    assert calls == [(["tune", "--device", "cpu", "--out", str(out), "--resume"], 2)]
+
+
+def test_show_delegates_and_reports_bad_profiles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from _profiles import profile_doc
+
+    from artune.profile import save
+
+    p = save(profile_doc(), tmp_path / "p.json")
+    assert cli.main(["show", str(p)]) == 0
+    assert "symm_two_shot" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1, "tables": ')
+    assert cli.main(["show", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_launch_forwards_everything_after_dashdash(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[argparse.Namespace] = []
+    fake = types.ModuleType("artune.integration.launch")
+    fake.main = lambda args: seen.append(args) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "artune.integration.launch", fake)
+    import artune.integration
+
+    monkeypatch.setattr(artune.integration, "launch", fake, raising=False)
+    argv = ["launch", "--profile", "p.json", "--force", "--", "--model-path", "m", "--tp", "4"]
+    assert cli.main(argv) == 0
+    assert seen[0].profile == "p.json" and seen[0].force
+    assert seen[0].server_args == ["--model-path", "m", "--tp", "4"]
+
+
+def test_console_script_help_runs_without_gpu() -> None:
+    r = run_artune("--help")
+    assert r.returncode == 0 and "tune" in r.stdout and "show" in r.stdout
+    r = run_artune("tune", "--help")
+    assert r.returncode == 0 and "--nproc-per-node" in r.stdout and "--resume" in r.stdout
+
+
+@requires_gpus(1)
+def test_nproc_larger_than_real_gpus() -> None:
+    import torch
+
+    n = torch.cuda.device_count()
+    r = run_artune("tune", "--nproc-per-node", str(n + 1))
+    assert r.returncode == 2 and f"only {n} GPU(s)" in r.stderr

@@ -1,0 +1,182 @@
+"""Faults during a tune: a backend that raises or is wrong, a rank killed mid-tune, resume.
+
+The fake backends below are injected into the real CLI with ``--extra-backend
+NAME=test_tune_faults:Class`` (tests/ is on the ranks' PYTHONPATH). They are correct where they
+run but slow (a sleep per call), so they never win a range: a profile may only route to the
+backends artune knows.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from conftest import run_artune, run_gloo
+
+from artune.backends.gloo import GlooBackend
+from artune.profile import load
+
+pytestmark = pytest.mark.slow
+
+BIG = 65536
+KILL_MARKER_ENV = "ARTUNE_TEST_KILL_MARKER"
+
+
+class _Slow(GlooBackend):
+    @classmethod
+    def search_space(cls, nbytes: int, ctx: Any) -> dict[str, list[Any]]:
+        return {}
+
+    def all_reduce(self, x: torch.Tensor, params: Any = None) -> torch.Tensor:
+        time.sleep(0.003)
+        return super().all_reduce(x, params)
+
+
+class RaisesWhenTimed(_Slow):
+    """Passes the gate (its first call at a size), then raises while being timed at BIG."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.calls: dict[int, int] = {}
+
+    def all_reduce(self, x: torch.Tensor, params: Any = None) -> torch.Tensor:
+        n = x.numel() * x.element_size()
+        self.calls[n] = self.calls.get(n, 0) + 1
+        if n >= BIG and self.calls[n] > 1:
+            raise RuntimeError("illegal memory access (injected)")
+        return super().all_reduce(x, params)
+
+
+class WrongAtBig(_Slow):
+    """Right below BIG, off by one at BIG and above."""
+
+    def all_reduce(self, x: torch.Tensor, params: Any = None) -> torch.Tensor:
+        y = super().all_reduce(x, params)
+        return y + 1 if x.numel() * x.element_size() >= BIG else y
+
+
+class KillsRank1(_Slow):
+    """Rank 1 kills itself (SIGKILL) at BIG, once: while the marker file does not exist."""
+
+    def all_reduce(self, x: torch.Tensor, params: Any = None) -> torch.Tensor:
+        marker = os.environ.get(KILL_MARKER_ENV)
+        if marker and self.ctx.rank == 1 and x.numel() * x.element_size() >= BIG:
+            if not os.path.exists(marker):
+                Path(marker).write_text("killed")
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().all_reduce(x, params)
+
+
+def _extra(*pairs: str) -> list[str]:
+    out = []
+    for p in pairs:
+        out += ["--extra-backend", p]
+    return out
+
+
+def test_raising_and_wrong_backends_are_excluded_with_reason(
+    tmp_path: Path, cpu_env: dict[str, str]
+) -> None:
+    out = tmp_path / "faults.json"
+    r = run_artune(
+        "tune", "--device", "cpu", "--quick", "--sizes", f"4K,{BIG}", "--modes", "eager",
+        "--backends", "gloo,raiser,wrong", "--out", str(out), "--no-validate",
+        *_extra("raiser=test_tune_faults:RaisesWhenTimed", "wrong=test_tune_faults:WrongAtBig"),
+        env=cpu_env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    prof = load(out)
+    skipped = {(s["backend"], s["nbytes"]): s for s in prof.data["skipped"]}
+    raised = skipped[("raiser", BIG)]
+    assert "illegal memory access (injected)" in raised["reason"] and raised["mode"] == "eager"
+    wrong = skipped[("wrong", BIG)]
+    assert "max abs error" in wrong["reason"] and wrong["mode"] is None  # the gate
+    measured = {(m["backend"], m["nbytes"]) for m in prof.data["measurements"]}
+    # Both ran fine at 4K, and the tune went on to measure everything else at BIG.
+    assert {("raiser", 4096), ("wrong", 4096), ("gloo", 4096), ("gloo", BIG)} <= measured
+    assert ("raiser", BIG) not in measured and ("wrong", BIG) not in measured
+    assert prof.backends_used() == ["gloo"]
+
+
+def _finished(storage: str) -> dict[tuple[str, int], tuple[str, Any]]:
+    """(study, trial number) -> (state, start time) of every finished trial."""
+    out = {}
+    for name in optuna.get_all_study_names(storage):
+        if name == "artune-meta":
+            continue
+        for t in optuna.load_study(study_name=name, storage=storage).trials:
+            if t.state.name != "RUNNING" and ("measurement" in t.user_attrs
+                                              or "skip" in t.user_attrs):
+                out[(name, t.number)] = (t.state.name, t.datetime_start)
+    return out
+
+
+def test_killed_rank_stops_the_tune_and_resume_keeps_measurements(
+    tmp_path: Path, cpu_env: dict[str, str]
+) -> None:
+    out = tmp_path / "killed.json"
+    storage = f"sqlite:///{out}.optuna.db"
+    args = ("tune", "--device", "cpu", "--quick", "--sizes", f"4K,16K,{BIG}", "--out", str(out),
+            "--backends", "gloo,killer", *_extra("killer=test_tune_faults:KillsRank1"))
+    env = dict(cpu_env, **{KILL_MARKER_ENV: str(tmp_path / "killed-once")})
+    t0 = time.monotonic()
+    r = run_artune(*args, env=env, timeout_s=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "rank 1" in r.stderr and "SIGKILL" in r.stderr and "--resume" in r.stderr
+    assert elapsed < 60, f"the surviving rank took {elapsed:.0f}s to be stopped"
+    assert not out.exists()
+    before = _finished(storage)
+    assert len(before) >= 4 * 2, "the sizes before the kill were measured and stored"
+
+    r2 = run_artune(*args, "--resume", env=env, timeout_s=180)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert "resuming from" in r2.stdout
+    after = _finished(storage)
+    # Nothing measured before the kill was measured again: same trials, same start times.
+    assert all(after[k] == v for k, v in before.items())
+    # And each study ends with exactly its budget: gloo 3 chunk settings, killer 1.
+    per_study: dict[str, int] = {}
+    for name, _ in after:
+        per_study[name] = per_study.get(name, 0) + 1
+    assert len(per_study) == 2 * 3 * 2  # backends x sizes x modes
+    assert all(n == (3 if s.startswith("gloo|") else 1) for s, n in per_study.items())
+    prof = load(out)
+    assert {m["nbytes"] for m in prof.data["measurements"]} == {4096, 16384, BIG}
+
+
+def _dies_and_survives(rank: int, world: int) -> dict[str, Any]:
+    import datetime
+
+    import torch.distributed as dist
+
+    from artune.autotune.comm import Comm, HostCollectiveError
+    from artune.autotune.runner import RankEnv, _start_heartbeat
+
+    cpu = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=20))
+    hb = _start_heartbeat(RankEnv(rank, world, rank, world), 20.0)
+    comm = Comm(cpu, rank, world, 20.0, hb)
+    comm.barrier("start")
+    if rank == 1:
+        os._exit(9)  # dies without a word, like a segfault or the OOM killer
+    t0 = time.monotonic()
+    try:
+        comm.broadcast({"op": "trial"}, "sending trial")
+        comm.barrier("after")
+    except HostCollectiveError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - t0}
+    return {"error": None, "seconds": time.monotonic() - t0}
+
+
+def test_survivor_names_the_dead_rank_within_bound() -> None:
+    """Under torchrun/srun (no artune launcher), a survivor's error names the dead rank."""
+    r0, _ = run_gloo(_dies_and_survives, 2, may_die=frozenset({1}), timeout_s=90)
+    assert r0["error"] is not None
+    assert "rank(s) 1 stopped" in r0["error"] and "--resume" in r0["error"]
+    assert r0["seconds"] < 40
