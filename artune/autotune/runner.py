@@ -76,6 +76,7 @@ def run_rank(cfg: TuneConfig) -> int:
             "run_rank: RANK/WORLD_SIZE are not set; start ranks with `artune tune`, torchrun or "
             "srun"
         )
+    _no_multicast()
     register_extra_backends(cfg.extra_backends)
     timeout_s = float(envs.get("ARTUNE_COLLECTIVE_TIMEOUT_S"))
     timeout = _dt.timedelta(seconds=timeout_s)
@@ -123,6 +124,21 @@ def run_rank(cfg: TuneConfig) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _no_multicast() -> None:
+    """NVLink multicast stays off in every rank, also under torchrun/srun (DESIGN.md): set before
+    CUDA, NCCL or NVSHMEM start in this process. This is the rank's launch step, the one place
+    besides the launcher that writes these variables."""
+    for key, value in envs.NO_MULTICAST_ENV.items():
+        old = os.environ.get(key)
+        if old is not None and old != value:
+            print(
+                f"artune tune: {key}={old} overridden to {value}: NVLink multicast must stay off "
+                "on these machines (DESIGN.md)",
+                file=sys.stderr,
+            )
+        os.environ[key] = value
 
 
 def _start_heartbeat(env: RankEnv, timeout_s: float) -> Heartbeat | None:

@@ -1,0 +1,96 @@
+"""How long `artune tune` takes: a full tune and a --quick one, wall clock, with the card named.
+
+Targets (issue #2) on 4 GPUs: full (bf16, graph and eager, 1 KB..256 MB in powers of two with
+midpoints, every available backend) <= 180 s; --quick <= 45 s. Run on the GPU node:
+
+    python benchmarks/tune_time.py --nproc-per-node 4 --results benchmarks/results/tune_time.json
+
+Each run writes a fresh profile and storage into a temporary folder (nothing is resumed). The
+results file holds the command, wall seconds, exit code, the profile's measurement count, the
+card, the versions and the date. ``--device cpu`` times the gloo dry run instead (not a target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGETS_S = {"full": 180.0, "quick": 45.0}
+
+
+def _card() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15, check=True).stdout
+        names = [n.strip() for n in out.splitlines() if n.strip()]
+        return f"{len(names)}x {names[0]}" if names else "no GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "no GPU (nvidia-smi missing)"
+
+
+def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
+    out = folder / f"{kind}.json"
+    cmd = [sys.executable, "-m", "artune.cli", "tune", "--out", str(out), *extra]
+    if kind == "quick":
+        cmd.append("--quick")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    res: dict[str, Any] = {
+        "kind": kind, "command": " ".join(["artune", *cmd[3:]]), "wall_s": round(wall, 1),
+        "returncode": proc.returncode, "target_s": TARGETS_S[kind],
+    }
+    if proc.returncode == 0 and out.exists():
+        doc = json.loads(out.read_text())
+        res.update(
+            measurements=len(doc["measurements"]),
+            skipped=len(doc["skipped"]),
+            validation_within=sum(1 for v in doc["validation"] if v.get("within")),
+            validation_points=len(doc["validation"]),
+            backends=sorted({m["backend"] for m in doc["measurements"]}),
+            fingerprint=doc["fingerprint"],
+        )
+    else:
+        res["stderr_tail"] = proc.stderr[-3000:]
+    res["meets_target"] = proc.returncode == 0 and wall <= TARGETS_S[kind]
+    print(f"{kind}: {wall:.1f} s (target {TARGETS_S[kind]:.0f} s), rc {proc.returncode}",
+          flush=True)
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nproc-per-node", type=int, default=None)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--only", choices=("full", "quick"), default=None)
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/tune_time.json"))
+    args = p.parse_args()
+    extra = ["--device", args.device]
+    if args.nproc_per_node:
+        extra += ["--nproc-per-node", str(args.nproc_per_node)]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="artune-tune-time-") as tmp:
+        for kind in ("quick", "full"):
+            if args.only in (None, kind):
+                runs.append(_run(kind, extra, Path(tmp)))
+    doc = {
+        "benchmark": "tune_time",
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "card": _card() if args.device == "cuda" else "CPU (gloo dry run)",
+        "runs": runs,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"results written to {args.results}")
+    return 0 if all(r["returncode"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
