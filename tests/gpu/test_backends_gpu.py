@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import requires_gpus
 
-from ._dist import gpu_count, run_on_gpus
+from ._dist import run_on_gpus
 
 BACKENDS = ("symm_one_shot", "symm_two_shot", "nvshmem_reduce")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -47,18 +48,9 @@ SIZES = (
 )
 _TIMEOUT_S = 120.0  # per world size; one spawn checks all backends
 
-_GPUS = gpu_count()
-
 
 def _world_size_params() -> list[Any]:
-    return [
-        pytest.param(
-            n,
-            marks=pytest.mark.skipif(_GPUS < n, reason=f"needs {n} CUDA GPUs, {_GPUS} visible"),
-            id=f"ws{n}",
-        )
-        for n in WORLD_SIZES
-    ]
+    return [pytest.param(n, marks=requires_gpus(n), id=f"ws{n}") for n in WORLD_SIZES]
 
 
 def expected_support(backend: str, dtype: torch.dtype, nbytes: int) -> bool:
