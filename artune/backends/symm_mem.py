@@ -7,7 +7,8 @@ required, DESIGN.md):
 
 - one-shot: every rank loads every peer's copy and adds them
   (``symm_mem::one_shot_all_reduce_copy_out``: the copy into the buffer is fused into the kernel;
-  ``one_shot_all_reduce_out`` after a ``copy_`` where the fused form does not apply);
+  ``one_shot_all_reduce_out`` after a ``copy_`` where the fused form is missing (it is present
+  in torch 2.11) or x's offset alignment differs from the buffer's);
 - two-shot: reduce-scatter then all-gather through the buffers
   (``symm_mem::two_shot_all_reduce_out``).
 
