@@ -67,6 +67,9 @@ class Backend(ABC):
     name: ClassVar[str]
     #: True when the backend runs on GPUs only (skipped for ``--device cpu``).
     needs_cuda: ClassVar[bool] = True
+    #: True when every rank gets the same bits by construction (fixed reduction order). The
+    #: autotune gate checks it either way: a backend whose ranks disagree is excluded.
+    identical_bits: ClassVar[bool] = True
 
     def __init__(self, ctx: GroupContext) -> None:
         self.ctx = ctx
