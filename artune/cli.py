@@ -226,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(inspect.main(args))
     if args.command == "launch":
-        from artune.integration import launch as _launch
+        import importlib
+
+        _launch = importlib.import_module("artune.integration.launch")
 
         args.server_args = forwarded
         return int(_launch.main(args))

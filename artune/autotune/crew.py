@@ -269,10 +269,17 @@ class Crew:
             if entry["backend"] is None:
                 res = self._measure(lambda: router.all_reduce(x, mode), router.capture, cmd)
             else:
-                b, p = self.built[entry["backend"]], dict(entry["params"])
-                res = self._measure(lambda b=b, p=p: b.all_reduce(x, p), b.capture, cmd)
+                res = self._measure(
+                    _bind(self.built[entry["backend"]], x, dict(entry["params"])),
+                    self.built[entry["backend"]].capture,
+                    cmd,
+                )
             results.append(res)
         return results if self.ctx.rank == 0 else None
+
+
+def _bind(backend: Backend, x: torch.Tensor, params: dict[str, Any]) -> Callable[[], Any]:
+    return lambda: backend.all_reduce(x, params)
 
 
 def _first(errors: list[str | None]) -> str | None:

@@ -256,7 +256,9 @@ class Search:
         self.space = space
         self.done = set(done)
         self.budget = budget
-        self.dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()}
+        self.dists: dict[str, optuna.distributions.BaseDistribution] = {
+            k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()
+        }
         combos = combinations(space)
         self.exhaustive = len(combos) <= budget
         ordered = [default] + [c for c in combos if c != default]
