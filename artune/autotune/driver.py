@@ -99,7 +99,7 @@ class Driver:
         )
         for s in self.crew.send({"op": "setup", "names": candidates(cfg)}):
             self._add_skip(s)
-            self.con.print(f"  skipping {s['backend']}: {s['reason']}")
+            self.con.print(f"  skipping {s['backend']}: {s['reason']}", markup=False)
         names = list(self.crew.built)
         if not names:
             self.con.print("[red]no backend can run here; nothing to tune[/red]")

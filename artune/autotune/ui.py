@@ -118,4 +118,4 @@ def print_summary(doc: dict[str, Any], path: str, seconds: float, con: Console) 
     n_skip = len(doc.get("skipped") or [])
     label = " (DRY RUN on CPU: not a GPU measurement)" if doc.get("dry_run") else ""
     con.print(f"{n_meas} measurements, {n_skip} skipped, {seconds:.1f} s{label}")
-    con.print(f"[bold]profile written to {path}[/bold]")
+    con.print(f"profile written to {path}", style="bold", markup=False)
