@@ -1,0 +1,206 @@
+"""``artune launch -- ARGS``: ``python -m sglang.launch_server ARGS`` with the profile active.
+
+    artune launch --profile profiles/9f2c.json -- --model-path meta-llama/Llama-3.1-8B --tp 4
+
+Before anything starts it checks that the profile exists, is readable and was made for this
+machine and this TP size (``--force`` accepts a mismatch: the plugin then warns and leaves
+SGLang's own all-reduce in place), that SGLang has the hook points the plugin needs, and that no
+argument turns NVLink multicast on. Then it replaces itself with the server (``exec``), with
+ARTUNE_PROFILE and the no-multicast environment set: the server's exit code and the signals sent
+to it are the launcher's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from artune import envs
+
+__all__ = ["main", "MULTICAST_FLAGS", "check_args", "server_env", "tp_layout"]
+
+#: SGLang options that turn NVLink multicast (NVLS) on, and why each is refused.
+MULTICAST_FLAGS: dict[str, str] = {
+    "--enable-symm-mem": "SGLang then sets NCCL_NVLS_ENABLE=1 and NCCL's symmetric kernels use "
+    "NVLink multicast",
+    "--enable-nccl-nvls": "it turns on NCCL's NVLS (NVLink multicast) algorithms",
+    "--enable-torch-symm-mem": "SGLang's torch symmetric-memory all-reduce is a multimem "
+    "(NVLink multicast) kernel",
+    "--enable-mscclpp": "MSCCL++ picks NVLS (NVLink multicast) all-reduce algorithms on NVSwitch "
+    "machines",
+}
+#: SGLang options whose listed values turn multicast on.
+MULTICAST_VALUES: dict[str, dict[str, str]] = {
+    "--flashinfer-allreduce-fusion-backend": {
+        "mnnvl": "FlashInfer's MNNVL all-reduce uses NVLink multicast memory",
+    },
+}
+#: Environment switches of SGLang that turn multicast on.
+MULTICAST_ENV: dict[str, str] = {
+    "SGLANG_ENABLE_CUSTOM_ALL_REDUCE_V2_MULTINODE": "SGLang's multi-node custom all-reduce uses "
+    "NVLink multicast (MNNVL)",
+}
+_WHY = ("NVLink multicast must stay off on these machines (it can take the host's GPUs out of "
+        "service); artune keeps NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and "
+        "NVSHMEM_DISABLE_NVLS=1 set for the server")
+
+_TP_FLAGS = ("--tp-size", "--tensor-parallel-size")
+
+
+def _names(arg: str, flag: str) -> bool:
+    """Whether ``arg`` names ``flag``: exactly, as ``--flag=V``, or abbreviated the way
+    argparse (which SGLang's parser uses with abbreviations allowed) would accept it."""
+    name = arg.split("=", 1)[0]
+    return name.startswith("--") and len(name) > 3 and flag.startswith(name)
+
+
+def _flag_values(args: Sequence[str], flag: str) -> list[str]:
+    """Values given to ``flag`` as ``--flag V`` or ``--flag=V`` (or an abbreviation of it)."""
+    out = []
+    for i, a in enumerate(args):
+        if not _names(a, flag):
+            continue
+        if "=" in a:
+            out.append(a.split("=", 1)[1])
+        elif i + 1 < len(args):
+            out.append(args[i + 1])
+    return out
+
+
+def check_args(args: Sequence[str], environ: dict[str, str] | None = None) -> list[str]:
+    """Why these server arguments (and environment) cannot be used: [] when they can."""
+    environ = dict(os.environ if environ is None else environ)
+    problems = []
+    for a in args:
+        for flag, why in MULTICAST_FLAGS.items():
+            if _names(a, flag):
+                shown = a.split("=", 1)[0]
+                alias = "" if shown == flag else f" (read by SGLang as {flag})"
+                problems.append(f"{shown}{alias} is refused: {why}. {_WHY}")
+    for flag, values in MULTICAST_VALUES.items():
+        for v in _flag_values(args, flag):
+            if v in values:
+                problems.append(f"{flag} {v} is refused: {values[v]}. {_WHY}")
+    for name, why in MULTICAST_ENV.items():
+        if envs._bool(environ.get(name, "")):
+            problems.append(f"{name}={environ[name]} is refused: {why}. {_WHY}")
+    return problems
+
+
+def tp_layout(args: Sequence[str]) -> tuple[int, int]:
+    """(TP size, ranks per node) the server will run with, from its arguments."""
+    tp = 1
+    for flag in _TP_FLAGS:
+        for v in _flag_values(args, flag):
+            tp = int(v)
+    nnodes = 1
+    for v in _flag_values(args, "--nnodes"):
+        nnodes = int(v)
+    if tp < 1 or nnodes < 1:
+        raise ValueError(f"TP size {tp} and node count {nnodes} must be positive")
+    return tp, max(1, tp // max(1, nnodes))
+
+
+def server_env(profile: Path, force: bool, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: the caller's, plus the profile and the no-multicast settings."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(envs.NO_MULTICAST_ENV)
+    env["ARTUNE_PROFILE"] = str(profile)
+    env.pop("ARTUNE_DISABLE", None)
+    if force:
+        env["ARTUNE_STRICT"] = "0"
+    allowed = env.get("SGLANG_PLUGINS", "")
+    if allowed.strip() and "artune" not in {p.strip() for p in allowed.split(",")}:
+        env["SGLANG_PLUGINS"] = f"{allowed},artune"
+    return env
+
+
+def _find_profile(tp: int, per_node: int) -> Path | None:
+    """profiles/<fingerprint id>.json of this machine (working directory, then package data)."""
+    from artune import topology
+
+    device = "cuda" if topology.gpu_count() else "cpu"
+    fid = topology.fingerprint_id(topology.fingerprint(tp, per_node, device=device))
+    for folder in (Path.cwd() / "profiles", Path(__file__).resolve().parents[1] / "profiles"):
+        candidate = folder / f"{fid}.json"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"artune launch: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> int:
+    """Check, then exec the server. ``args``: ``profile`` (path or None), ``force``, and the
+    server arguments as ``sglang_args`` (or ``server_args``). ``server`` replaces the command
+    ``python -m sglang.launch_server`` (tests); returns only on an error (its exit code)."""
+    from artune import profile as profile_mod
+    from artune import topology
+
+    sargs = list(getattr(args, "sglang_args", None) or getattr(args, "server_args", None) or [])
+    if sargs[:1] == ["--"]:
+        sargs = sargs[1:]
+    force = bool(getattr(args, "force", False))
+
+    problems = check_args(sargs)
+    if problems:
+        return _fail("\n  ".join(["refusing to start SGLang:", *problems]))
+    try:
+        tp, per_node = tp_layout(sargs)
+    except ValueError as exc:
+        return _fail(f"cannot read the TP size from the server arguments: {exc}")
+
+    given = getattr(args, "profile", None) or envs.get("ARTUNE_PROFILE")
+    path = Path(given) if given else _find_profile(tp, per_node)
+    if path is None:
+        return _fail(f"no profile for this machine at TP={tp}: pass --profile PATH (or set "
+                     f"ARTUNE_PROFILE), or make one with `artune tune --nproc-per-node {tp}`")
+    try:
+        prof = profile_mod.load(path)
+    except profile_mod.ProfileError as exc:
+        return _fail(str(exc))
+
+    device = "cuda" if topology.gpu_count() else "cpu"
+    try:
+        live = topology.fingerprint(tp, per_node, device=device)
+    except Exception as exc:  # noqa: BLE001 - a broken driver is a reason not to start
+        return _fail(f"cannot fingerprint this machine: {type(exc).__name__}: {exc}")
+    errors, warnings = topology.compare(prof.fingerprint, live)
+    for w in warnings:
+        print(f"artune launch: note: version differs from the profile: {w}", file=sys.stderr)
+    if errors:
+        msg = f"profile {path} was made for another machine or TP size: " + "; ".join(errors)
+        if not force:
+            return _fail(msg + ". Tune this machine (`artune tune`), or pass --force to start "
+                         "anyway (SGLang then keeps its own all-reduce)")
+        print(f"artune launch: --force: {msg}; SGLang keeps its own all-reduce", file=sys.stderr)
+
+    if server is None:
+        from artune.integration.sglang import missing_hook_points
+
+        try:
+            import sglang  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return _fail(f"sglang is not importable ({type(exc).__name__}: {exc}); install it "
+                         f"with `pip install 'artune[sglang]'`")
+        missing = missing_hook_points()
+        if missing:
+            return _fail("this SGLang lacks the hook points artune needs: " + "; ".join(missing)
+                         + ". Supported: SGLang 0.5.17 to 0.5.23 (docs/sglang.md)")
+        server = [sys.executable, "-m", "sglang.launch_server"]
+
+    env = server_env(path.resolve(), force)
+    cmd = [*server, *sargs]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as exc:
+        return _fail(f"cannot start {cmd[0]}: {exc.strerror or exc}", 127)
+    return 0  # not reached: exec replaced this process

@@ -1,0 +1,473 @@
+"""The SGLang plugin: every tensor-parallel all-reduce of a served model goes to the backend the
+profile chose for its size, dtype and mode (eager, CUDA graph, torch.compile).
+
+Run it the way users do (``artune launch`` sets ARTUNE_PROFILE and the no-multicast env)::
+
+    artune launch --profile profiles/9f2c.json -- --model-path meta-llama/Llama-3.1-8B --tp 4
+
+SGLang finds ``register`` through the entry point ``artune`` in the group
+``sglang.srt.plugins`` and calls it first thing in every process (one scheduler per TP rank).
+Without ARTUNE_PROFILE it logs one line and does nothing. With a profile it registers, through
+SGLang's ``HookRegistry``:
+
+- AFTER ``initialize_model_parallel``: for the TP group (and the attention-TP group when it is a
+  different group of the profile's size) check the profile against the live topology, prove over
+  the group's CPU group that every rank holds the same profile, builds the same backends and
+  reached the same decision, then build the backends (buffers sized from the profile, before any
+  graph capture). A failure on any rank is an error on every rank, never a hang.
+- AROUND ``GroupCoordinator._resolve_outplace_all_reduce_method``: sizes the profile gives to an
+  artune backend resolve to the method ``"artune"``; everything else (the profile chose
+  ``"sglang"``, or does not cover the size) is SGLang's own resolution, untouched.
+- AROUND ``_all_reduce_out_place``: the method ``"artune"`` (and ``"auto"``, which is how
+  torch.compile'd graphs arrive) runs the chosen backend.
+- AROUND ``_all_reduce_in_place``: routed sizes run the chosen backend and copy back.
+- AROUND ``graph_capture``: the backends' ``capture()`` contexts join SGLang's.
+
+The decision is ``select(profile, nbytes, dtype, mode)`` with mode "graph" while the current CUDA
+stream is capturing: the same inputs on every rank give the same answer on every rank.
+See docs/sglang.md for the versions this supports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from artune import envs
+from artune.log import log_once, logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from artune.backends.base import Backend
+    from artune.profile import Profile
+    from artune.router import Router
+
+__all__ = [
+    "ARTUNE_METHOD",
+    "HOOK_POINTS",
+    "PluginError",
+    "SglangIncompatible",
+    "register",
+    "missing_hook_points",
+    "setup_group",
+    "routes",
+    "close_all",
+]
+
+#: A routed call: the backend and its parameters.
+Hit = tuple["Backend", Mapping[str, Any]]
+
+#: The out-of-place method name the plugin resolves routed sizes to.
+ARTUNE_METHOD = "artune"
+
+PS = "sglang.srt.distributed.parallel_state"
+GC = f"{PS}.GroupCoordinator"
+
+#: (dotted target, what breaks without it). All must exist for the plugin to route.
+HOOK_POINTS: tuple[tuple[str, str], ...] = (
+    (f"{PS}.initialize_model_parallel", "building the backends on the TP group"),
+    (f"{GC}._resolve_outplace_all_reduce_method", "routing eager all-reduces"),
+    (f"{GC}._all_reduce_out_place", "running routed and torch.compile'd all-reduces"),
+    (f"{GC}._all_reduce_in_place", "routing in-place all-reduces"),
+    (f"{GC}.graph_capture", "CUDA-graph capture of the backends"),
+)
+
+
+class PluginError(RuntimeError):
+    """The plugin cannot serve with this profile here; the message says why and what to do."""
+
+
+class SglangIncompatible(SystemExit):
+    """This SGLang release lacks a hook point the plugin needs.
+
+    A SystemExit on purpose: SGLang's ``load_plugins()`` catches every ``Exception`` a plugin
+    raises and serves on without it, which would silently drop the profile the user asked for.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+def missing_hook_points() -> list[str]:
+    """The hook points this SGLang lacks, each as 'target (needed for ...)'. [] when complete."""
+    import pkgutil
+
+    missing = []
+    for target, purpose in HOOK_POINTS:
+        owner, _, attr = target.rpartition(".")
+        try:
+            obj = pkgutil.resolve_name(owner)
+        except (ImportError, AttributeError, ValueError):
+            missing.append(f"{target} (needed for {purpose})")
+            continue
+        if not callable(getattr(obj, attr, None)):
+            missing.append(f"{target} (needed for {purpose})")
+    return missing
+
+
+def _sglang_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def register() -> None:
+    """Entry point (``sglang.srt.plugins``): register the hooks when a profile is given."""
+    if envs.get("ARTUNE_DISABLE"):
+        logger.info("artune SGLang plugin: disabled by ARTUNE_DISABLE=1; SGLang keeps its own "
+                    "all-reduce")
+        return
+    path = envs.get("ARTUNE_PROFILE")
+    if not path:
+        logger.info("artune SGLang plugin: no profile (set ARTUNE_PROFILE or use `artune "
+                    "launch`); SGLang keeps its own all-reduce")
+        return
+    missing = missing_hook_points()
+    if missing:
+        msg = (
+            f"artune: SGLang {_sglang_version()} lacks the hook points the plugin needs: "
+            f"{'; '.join(missing)}. artune supports SGLang 0.5.17 to 0.5.23 (docs/sglang.md); "
+            f"install one of those, or unset ARTUNE_PROFILE to serve without artune"
+        )
+        if envs.get("ARTUNE_STRICT"):
+            logger.error("%s", msg)
+            raise SglangIncompatible(msg)
+        logger.warning("%s; ARTUNE_STRICT=0: SGLang keeps its own all-reduce", msg)
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(f"{PS}.initialize_model_parallel", _after_init, HookType.AFTER)
+    HookRegistry.register(
+        f"{GC}._resolve_outplace_all_reduce_method", _around_resolve, HookType.AROUND
+    )
+    HookRegistry.register(f"{GC}._all_reduce_out_place", _around_out_place, HookType.AROUND)
+    HookRegistry.register(f"{GC}._all_reduce_in_place", _around_in_place, HookType.AROUND)
+    HookRegistry.register(f"{GC}.graph_capture", _around_graph_capture, HookType.AROUND)
+    with contextlib.suppress(ImportError, AttributeError):
+        from sglang.srt.distributed import parallel_state
+
+        if callable(getattr(parallel_state, "destroy_model_parallel", None)):
+            HookRegistry.register(f"{PS}.destroy_model_parallel", _before_destroy, HookType.BEFORE)
+    logger.info("artune SGLang plugin: hooks registered (SGLang %s, profile %s)",
+                _sglang_version(), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing (the hot path)
+
+
+@dataclass
+class Route:
+    """One group's routing: the profile in force there and the backends built on the group."""
+
+    group_name: str
+    profile: Profile
+    router: Router
+    _cache: dict[tuple[int, Any, str], Hit | None] = field(
+        default_factory=dict, repr=False
+    )
+
+    def pick(self, x: torch.Tensor) -> Hit | None:
+        """(backend, params) when an artune backend takes ``x``; None for SGLang's own."""
+        from artune.router import current_mode
+
+        mode = current_mode()
+        key = (x.numel() * x.element_size(), x.dtype, mode)
+        try:
+            hit = self._cache[key]
+        except KeyError:
+            hit = self._cache[key] = self._decide(*key)
+        if hit is None or not hit[0].supports(x, hit[1]):
+            return None
+        return hit
+
+    def _decide(self, nbytes: int, dtype: Any, mode: str) -> Hit | None:
+        from artune.profile import select
+
+        choice = select(self.profile, nbytes, dtype, mode)
+        if not choice.covered:
+            log_once(f"sglang:uncovered:{self.group_name}:{dtype}:{mode}",
+                     f"{self.group_name}: the profile does not cover {nbytes} B of {dtype} "
+                     f"({mode}); those sizes keep SGLang's own all-reduce")
+            return None
+        if choice.backend == "sglang":
+            return None
+        backend = self.router.backends.get(choice.backend)
+        if backend is None:
+            log_once(f"sglang:unbuilt:{self.group_name}:{choice.backend}",
+                     f"{self.group_name}: {choice.backend} is not built here; its sizes keep "
+                     f"SGLang's own all-reduce", logging.WARNING)
+            return None
+        return backend, choice.params
+
+
+_ROUTES: dict[str, Route] = {}
+
+
+def routes() -> dict[str, Route]:
+    """The groups this process routes, by SGLang's group name (e.g. 'tp:0')."""
+    return dict(_ROUTES)
+
+
+def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str) -> Any:
+    return kwargs[name] if name in kwargs else args[i]
+
+
+def _around_resolve(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+    route = _ROUTES.get(self.unique_name)
+    if route is not None and route.pick(_arg(args, kwargs, 0, "input_")) is not None:
+        return ARTUNE_METHOD
+    return original(self, *args, **kwargs)
+
+
+def _around_out_place(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+    method = _arg(args, kwargs, 1, "outplace_all_reduce_method")
+    if method in (ARTUNE_METHOD, "auto"):
+        route = _ROUTES.get(self.unique_name)
+        x = _arg(args, kwargs, 0, "input_")
+        hit = route.pick(x) if route is not None else None
+        if hit is not None:
+            return hit[0].all_reduce(x, hit[1])
+        if method == ARTUNE_METHOD:  # resolved to us, but the decision changed: SGLang's own
+            return original(self, x, "auto")
+    return original(self, *args, **kwargs)
+
+
+def _around_in_place(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+    route = _ROUTES.get(self.unique_name)
+    if route is not None:
+        x = _arg(args, kwargs, 0, "input_")
+        hit = route.pick(x)
+        if hit is not None:
+            x.copy_(hit[0].all_reduce(x, hit[1]))
+            return None
+    return original(self, *args, **kwargs)
+
+
+def _around_graph_capture(
+    original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any
+) -> Any:
+    cm = original(self, *args, **kwargs)
+    route = _ROUTES.get(self.unique_name)
+    return cm if route is None else _joined(cm, route.router)
+
+
+@contextlib.contextmanager
+def _joined(cm: Any, router: Router) -> Iterator[Any]:
+    with cm as context, router.capture():
+        yield context
+
+
+def _before_destroy(*args: Any, **kwargs: Any) -> None:
+    close_all()
+
+
+def close_all() -> None:
+    """Close every route's backends (SGLang tears its groups down next); safe to call twice."""
+    while _ROUTES:
+        _, route = _ROUTES.popitem()
+        route.router.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup after initialize_model_parallel
+
+
+def _after_init(result: Any, *args: Any, **kwargs: Any) -> None:
+    from sglang.srt.distributed import parallel_state as ps
+
+    tp = ps.get_tp_group()
+    setup_group(tp, role="TP")
+    try:
+        attn = ps.get_attn_tp_group()
+    except (AssertionError, AttributeError, RuntimeError, ValueError):
+        attn = None
+    if attn is not None and attn is not tp and attn.world_size > 1:
+        setup_group(attn, role="attention-TP", optional=True)
+    return None
+
+
+def _profile_hash(profile: Profile) -> str:
+    blob = json.dumps(profile.data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _gather(group: Any, obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _sglang_fast_path(gc: Any) -> bool:
+    """Whether SGLang's own fast all-reduce (what `artune tune` measured as "sglang") is live."""
+    ca = getattr(gc, "ca_comm", None)
+    return ca is not None and not getattr(ca, "disabled", True)
+
+
+def _without(profile: Profile, excluded: Mapping[str, str]) -> Profile:
+    """The profile re-derived from its own measurements without the ``excluded`` backends, so
+    their sizes go to the next-fastest measured backend (the profile itself when it carries no
+    measurements: those sizes then keep SGLang's own all-reduce)."""
+    from artune.profile import Profile, validate
+
+    measurements = [m for m in profile.data.get("measurements") or []
+                    if m.get("backend") not in excluded]
+    if not excluded or not measurements:
+        return profile
+    from artune.autotune.table import build_tables
+
+    data = dict(profile.data)
+    rel_tol = float(profile.data.get("rel_tol") or 0.03)
+    data["tables"] = build_tables(measurements, rel_tol, profile.fallback())
+    data["derived_without"] = dict(excluded)
+    return Profile(validate(data, profile.path), profile.path)
+
+
+def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | None:
+    """Check the profile on SGLang's group ``gc`` and build its route (collective over
+    ``gc.cpu_group``: call it on every rank of the group). None when the group keeps SGLang's
+    own all-reduce (size not in the profile for an ``optional`` group, or ARTUNE_STRICT=0 and
+    a topology mismatch). Raises PluginError, on every rank alike, when it cannot serve."""
+    from artune import profile as profile_mod
+    from artune import topology
+    from artune.backends import load as load_backend
+    from artune.backends.base import GroupContext
+    from artune.router import Router
+
+    name = f"{gc.unique_name} ({role}, {gc.world_size} ranks)"
+    strict = bool(envs.get("ARTUNE_STRICT"))
+    path = envs.get("ARTUNE_PROFILE")
+
+    # 1. Every rank loads its profile; all compare hashes and hosts.
+    prof: Profile | None = None
+    error = None
+    try:
+        prof = profile_mod.load(path)
+    except profile_mod.ProfileError as exc:
+        error = str(exc)
+    mine = {"host": socket.gethostname(), "hash": _profile_hash(prof) if prof else None,
+            "path": str(path), "error": error}
+    peers = _gather(gc.cpu_group, mine)
+    failed = {r: p["error"] for r, p in enumerate(peers) if p["error"]}
+    if failed:
+        raise PluginError(f"artune {name}: cannot load the profile: " + "; ".join(
+            f"rank {r}: {e}" for r, e in sorted(failed.items())))
+    hashes = {p["hash"] for p in peers}
+    if len(hashes) > 1:
+        held = ", ".join(f"rank {r}: {p['hash']} ({p['path']})" for r, p in enumerate(peers))
+        raise PluginError(
+            f"artune {name}: ranks hold different profiles ({held}); give every rank the same "
+            f"file (ARTUNE_PROFILE) and restart")
+    assert prof is not None
+    hosts = [p["host"] for p in peers]
+    per_node = {h: hosts.count(h) for h in hosts}
+    ranks_per_node = hosts.count(mine["host"])
+    if len(set(per_node.values())) != 1:
+        raise PluginError(f"artune {name}: ranks are spread unevenly over nodes {per_node}; "
+                          f"artune profiles assume the same number of ranks on every node")
+
+    # 2. The profile must describe this topology and group size (same verdict on every rank).
+    device = gc.device
+    problems: list[str] = []
+    warnings: list[str] = []
+    try:
+        live = topology.fingerprint(gc.world_size, ranks_per_node, device=device.type,
+                                    local_gpu=device.index or 0)
+        problems, warnings = topology.compare(prof.fingerprint, live)
+    except Exception as exc:  # noqa: BLE001 - reported on every rank below
+        problems = [f"cannot fingerprint this machine: {type(exc).__name__}: {exc}"]
+    verdicts = _gather(gc.cpu_group, problems)
+    problems = sorted({p for v in verdicts for p in v})
+    if problems:
+        msg = (f"artune {name}: profile {path} was made for another topology: "
+               + "; ".join(problems))
+        if optional:
+            logger.info("%s; this group keeps SGLang's own all-reduce", msg)
+            return None
+        if strict:
+            raise PluginError(msg + ". Tune this machine (`artune tune`), or set ARTUNE_STRICT=0 "
+                              "to serve with SGLang's own all-reduce")
+        logger.warning("%s; ARTUNE_STRICT=0: SGLang keeps its own all-reduce here", msg)
+        return None
+    for w in warnings:
+        log_once(f"sglang:version:{w}", f"artune {name}: version differs from the profile: {w}")
+
+    # 3. Which of the profile's backends can run here (must agree on every rank).
+    ctx = GroupContext(
+        group=gc.device_group, cpu_group=gc.cpu_group, rank=gc.rank_in_group,
+        world_size=gc.world_size, device=device, ranks_per_node=ranks_per_node,
+        max_bytes=prof.max_bytes(), group_name=gc.unique_name, extra={"sglang_group": gc},
+    )
+    excluded: dict[str, str] = {}
+    for backend in prof.backends_used():
+        if backend == "sglang":
+            if not _sglang_fast_path(gc):
+                excluded[backend] = ("SGLang's custom all-reduce is off in this server (e.g. "
+                                     "--disable-custom-all-reduce), so its measured times do "
+                                     "not apply")
+            continue
+        try:
+            reason = load_backend(backend).available(ctx)
+        except Exception as exc:  # noqa: BLE001 - an unloadable backend is an unavailable one
+            reason = f"cannot be loaded: {type(exc).__name__}: {exc}"
+        if reason:
+            excluded[backend] = reason
+    views = _gather(gc.cpu_group, sorted(excluded))
+    if any(v != views[0] for v in views):
+        raise PluginError(f"artune {name}: ranks disagree on which backends can run: " + "; ".join(
+            f"rank {r} cannot run {v or 'nothing missing'}" for r, v in enumerate(views)))
+    for backend, reason in excluded.items():
+        logger.warning("artune %s: %s excluded: %s; its sizes go to the next-fastest measured "
+                       "backend", name, backend, reason)
+    try:
+        served = _without(prof, excluded)
+    except Exception as exc:  # noqa: BLE001 - deterministic, same on every rank
+        raise PluginError(f"artune {name}: cannot re-derive the profile without "
+                          f"{sorted(excluded)}: {exc}") from exc
+
+    # 4. Build the backends (before any graph capture); every rank must build the same set.
+    router: Router | None = None
+    error = None
+    try:
+        router = Router.build(served, ctx)
+    except Exception as exc:  # noqa: BLE001 - BackendUnavailable and worse: told to every rank
+        error = f"{type(exc).__name__}: {exc}"
+    built = sorted(router.backends) if router is not None else None
+    results = _gather(gc.cpu_group, (built, error))
+    if any(e for _, e in results) or any(b != results[0][0] for b, _ in results):
+        if router is not None:
+            router.close()
+        raise PluginError(f"artune {name}: building the backends failed or differed: " + "; ".join(
+            f"rank {r}: {e or 'built ' + ', '.join(b or [])}" for r, (b, e) in enumerate(results)))
+    assert router is not None
+    route = Route(gc.unique_name, served, router)
+    old = _ROUTES.pop(gc.unique_name, None)
+    if old is not None:
+        old.router.close()
+    _ROUTES[gc.unique_name] = route
+    if gc.rank_in_group == 0:
+        logger.info("artune %s: routing with %s (fingerprint %s): %s", name, path,
+                    prof.fingerprint_id or "?", _summary(served))
+    return route
+
+
+def _summary(profile: Profile) -> str:
+    parts = []
+    for dtype, modes in sorted(profile.tables.items()):
+        for mode, ranges in sorted(modes.items()):
+            cells = ", ".join(f"{r['min_bytes']}-{r['max_bytes']} B {r['backend']}" for r in ranges)
+            parts.append(f"{dtype}/{mode}: {cells}")
+    return "; ".join(parts) or "empty tables"

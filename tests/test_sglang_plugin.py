@@ -1,0 +1,446 @@
+"""The SGLang plugin against the REAL sglang package (0.5.23 and 0.5.17), on CPU gloo ranks.
+
+Each test starts one worker process per TP rank. A worker loads the plugin the way SGLang does
+(its real ``load_plugins()`` finds artune's entry point, declared in pyproject.toml), builds
+SGLang's real process groups with ``init_distributed_environment`` + ``initialize_model_parallel``
+over gloo (the plugin's AFTER hook runs there), then calls the hooked ``GroupCoordinator`` methods
+as SGLang's all-reduce ops do. sglang comes from the folders ``.ci/install-sglang`` fills; only the
+workers put them on their path.
+
+Two modules are stood in for, both outside what is tested (see .ci/install-sglang):
+``torchvision`` (0.5.17 imports it at import time; no CPU build exists for this torch) and
+``sglang.srt.layers.sampler``, which ``initialize_model_parallel`` imports for one constant and
+which drags in every model config. On CPU, SGLang's public ``all_reduce`` short-circuits to gloo
+before any hook point, so the workers call the hook points the way the custom ops
+``sglang::outplace_all_reduce`` / ``inplace_all_reduce`` do (those ops exist for CUDA only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, TESTS, free_port
+
+from artune import profile as profile_mod
+from artune import topology
+from artune.autotune.table import build_profile
+from artune.integration import sglang as plugin
+
+SGLANG_HOME = Path(os.environ.get("ARTUNE_SGLANG_HOME", Path.home() / ".cache/artune/sglang"))
+VERSIONS = ("0.5.23", "0.5.17")
+WORLD = 2
+KB = 1024
+
+
+def _site(version: str) -> Path:
+    site = SGLANG_HOME / version
+    if not (site / ".artune-complete").is_file() or not (SGLANG_HOME / "deps").is_dir():
+        msg = f"real sglang {version} is not installed under {SGLANG_HOME}: run .ci/install-sglang"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return site
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles (CPU dry-run profiles: the gloo backend is the only one that runs here)
+
+
+def _rec(backend: str, nbytes: int, lat: float, dtype: str = "float32", mode: str = "eager",
+         params: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"backend": backend, "params": params or {}, "dtype": dtype, "mode": mode,
+            "nbytes": nbytes, "rank_medians_us": [lat] * WORLD, "latency_us": lat,
+            "spread_us": 0.1, "reps": 10}
+
+
+def _measurements(extra: str | None = None) -> list[dict[str, Any]]:
+    """gloo measured at 1-64 KiB of float32 (eager and graph); ``extra`` measured faster at 4 KiB
+    and above, slower below."""
+    ms = []
+    for mode in ("eager", "graph"):
+        for n in (1 * KB, 4 * KB, 16 * KB, 64 * KB):
+            ms.append(_rec("gloo", n, 50.0, mode=mode, params={"chunks": 1}))
+            if extra:
+                ms.append(_rec(extra, n, 5.0 if n >= 4 * KB else 500.0, mode=mode))
+    return ms
+
+
+def _write_profile(path: Path, world: int = WORLD, extra: str | None = None,
+                   command: str = "artune tune --device cpu (test)") -> Path:
+    fp = topology.fingerprint(world, world, device="cpu")
+    doc = build_profile(_measurements(extra), [], fingerprint=fp, command=command, dry_run=True)
+    profile_mod.save(doc, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (runs in the subprocesses)
+
+
+def _stand_ins(tmp: Path) -> None:
+    """The two import-only stand-ins named in the module docstring, when the real ones fail."""
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:  # noqa: BLE001 - absent, or a CUDA build that cannot load
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        tv = types.ModuleType("torchvision")
+        tv.__path__ = []  # type: ignore[attr-defined]
+        io = types.ModuleType("torchvision.io")
+
+        def decode_jpeg(*a: Any, **k: Any) -> Any:
+            raise RuntimeError("torchvision stand-in (CPU test): decode_jpeg is not available")
+
+        io.decode_jpeg = decode_jpeg  # type: ignore[attr-defined]
+        tv.io = io  # type: ignore[attr-defined]
+        sys.modules.update({"torchvision": tv, "torchvision.io": io})
+    sampler = types.ModuleType("sglang.srt.layers.sampler")
+    sampler.SYNC_TOKEN_IDS_ACROSS_TP = False  # type: ignore[attr-defined]
+    sys.modules["sglang.srt.layers.sampler"] = sampler
+
+
+def _dist_info(tmp: Path) -> None:
+    """artune's installed-package metadata with the entry points pyproject.toml declares, so
+    SGLang's loader (importlib.metadata) finds the plugin as it would after `pip install`."""
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    groups = meta["project"]["entry-points"]
+    info = tmp / "artune-0.0.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: artune\nVersion: 0.0.0\n")
+    lines = []
+    for group, eps in groups.items():
+        lines.append(f"[{group}]")
+        lines += [f"{k} = {v}" for k, v in eps.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(tmp))
+
+
+def _count_calls(route: plugin.Route) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, backend in route.router.backends.items():
+        inner = backend.all_reduce
+
+        def counted(x: Any, params: Any = None, _inner: Any = inner, _name: str = name) -> Any:
+            counts[_name] = counts.get(_name, 0) + 1
+            return _inner(x, params)
+
+        backend.all_reduce = counted  # type: ignore[method-assign]
+    return counts
+
+
+def _scenario_serve(tp: Any, rank: int, out: dict[str, Any]) -> None:
+    """Routed sizes go to artune's backend, others to SGLang's own; results are exact sums."""
+    import torch
+
+    from artune.backends.sglang_native import _parallel_state
+
+    route = plugin.routes().get(tp.unique_name)
+    out["routes"] = sorted(plugin.routes())
+    if route is None:
+        return
+    out["served_backends"] = route.profile.backends_used()
+    counts = _count_calls(route)
+
+    def data(n: int, dtype: torch.dtype) -> torch.Tensor:
+        g = torch.Generator().manual_seed(rank)
+        return (torch.randn(n, generator=g) * 10).round().to(dtype)  # exact sums in any order
+
+    def expect(n: int, dtype: torch.dtype) -> torch.Tensor:
+        total = torch.zeros(n, dtype=torch.float64)
+        for r in range(tp.world_size):
+            g = torch.Generator().manual_seed(r)
+            total += (torch.randn(n, generator=g) * 10).round().to(dtype).double()
+        return total
+
+    checks: dict[str, Any] = {}
+    for label, n, dtype in (("covered_f32_8k", 2048, torch.float32),
+                            ("uncovered_f32_1m", 1 << 18, torch.float32),
+                            ("lacking_f16_8k", 4096, torch.float16)):
+        x = data(n, dtype)
+        keep = x.clone()
+        before = dict(counts)
+        method = tp._resolve_outplace_all_reduce_method(x)
+        row: dict[str, Any] = {"resolve": method}
+        if method == plugin.ARTUNE_METHOD:
+            y = tp._all_reduce_out_place(x, method)
+            row["outplace_ok"] = bool(torch.equal(y.double(), expect(n, dtype)))
+            row["input_kept"] = bool(torch.equal(x, keep))
+            y = tp._all_reduce_out_place(x, "auto")  # how torch.compile'd graphs arrive
+            row["auto_ok"] = bool(torch.equal(y.double(), expect(n, dtype)))
+        z = x.clone()
+        tp._all_reduce_in_place(z)
+        row["inplace_ok"] = bool(torch.equal(z.double(), expect(n, dtype)))
+        row["artune_calls"] = sum(counts.values()) - sum(before.values())
+        checks[label] = row
+    out["checks"] = checks
+
+    entered = []
+    inner_capture = route.router.capture
+
+    def capture() -> Any:
+        entered.append(True)
+        return inner_capture()
+
+    route.router.capture = capture  # type: ignore[method-assign]
+    stream = types.SimpleNamespace(wait_stream=lambda s: None)
+    try:
+        with tp.graph_capture(_parallel_state().GraphCaptureContext(stream)):
+            pass
+        out["capture_entered"] = bool(entered)
+    except Exception as exc:  # noqa: BLE001 - SGLang's own capture may need a GPU
+        out["capture_entered"] = bool(entered)
+        out["capture_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: str) -> None:
+    """One TP rank: load the plugin as SGLang does, build SGLang's groups, run ``scenario``."""
+    import logging
+
+    from artune.backends.sglang_native import _init_model_parallel
+
+    out: dict[str, Any] = {"rank": rank, "version": None}
+    tmpdir = Path(tmp) / f"rank{rank}"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    _stand_ins(tmpdir)
+    _dist_info(tmpdir)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        from importlib import metadata
+
+        out["version"] = metadata.version("sglang")
+        from sglang.srt.distributed import parallel_state as ps
+        from sglang.srt.plugins import load_plugins
+
+        if scenario == "missing_hook":
+            del ps.GroupCoordinator._all_reduce_in_place  # as in a release without it
+        load_plugins()
+        out["hooked"] = hasattr(ps.GroupCoordinator._resolve_outplace_all_reduce_method,
+                                "__wrapped__")
+        if scenario == "missing_hook":
+            return
+        t0 = time.monotonic()
+        ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
+                                        distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                        backend="gloo")
+        _init_model_parallel(ps, world, rank)
+        out["init_s"] = round(time.monotonic() - t0, 2)
+        tp = ps.get_tp_group()
+        out["tp"] = tp.unique_name
+        _scenario_serve(tp, rank, out)
+        try:
+            ps.destroy_model_parallel()  # the plugin's BEFORE hook closes its routes first
+        except ModuleNotFoundError as exc:  # 0.5.23 imports model configs (transformers) here
+            out["destroy_note"] = str(exc)
+        out["routes_after_destroy"] = sorted(plugin.routes())
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["error_type"] = type(exc).__name__
+        import traceback
+
+        out["traceback"] = traceback.format_exc()[-3000:]
+    finally:
+        print("RESULT " + json.dumps(out), flush=True)
+        os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Test side
+
+
+def _run(version: str, tmp: Path, scenario: str = "serve", world: int = WORLD,
+         env: dict[str, str] | None = None, per_rank_env: dict[int, dict[str, str]] | None = None,
+         timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Run ``world`` workers; their results in rank order. Fails if any worker outlives
+    ``timeout_s`` (nothing may hang)."""
+    site = _site(version)
+    port = free_port()
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("ARTUNE_", "SGLANG_")) and k not in ("RANK", "WORLD_SIZE")}
+    base["PYTHONPATH"] = os.pathsep.join(map(str, [site, SGLANG_HOME / "deps", ROOT, TESTS]))
+    base["CUDA_VISIBLE_DEVICES"] = ""
+    base.update(env or {})
+    procs = []
+    for rank in range(world):
+        code = (f"from test_sglang_plugin import worker; "
+                f"worker({rank}, {world}, {port}, {version!r}, {str(tmp)!r}, {scenario!r})")
+        penv = dict(base, **(per_rank_env or {}).get(rank, {}))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=penv, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    deadline = time.monotonic() + timeout_s
+    results = []
+    try:
+        for rank, p in enumerate(procs):
+            try:
+                stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} still running after {timeout_s}s (scenario {scenario})")
+            lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            assert lines, f"rank {rank} printed no result:\n{stdout}\n{stderr[-4000:]}"
+            res = json.loads(lines[-1][len("RESULT "):])
+            res["stderr"] = stderr
+            results.append(res)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r in results:
+        assert r["version"] == version, r
+    return results
+
+
+@pytest.fixture(params=VERSIONS)
+def version(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_without_profile_the_plugin_only_logs(version: str, tmp_path: Path) -> None:
+    res = _run(version, tmp_path)
+    for r in res:
+        assert "error" not in r, r["error"] + r["stderr"][-3000:]
+        assert r["hooked"] is False
+        assert r["routes"] == []
+        assert "no profile" in r["stderr"]
+
+
+def test_routes_profile_sizes_to_artune_and_the_rest_to_sglang(version: str,
+                                                               tmp_path: Path) -> None:
+    prof = _write_profile(tmp_path / "p.json")
+    res = _run(version, tmp_path, env={"ARTUNE_PROFILE": str(prof)})
+    for r in res:
+        assert "error" not in r, r["error"] + r["stderr"][-3000:]
+        assert r["hooked"] is True
+        assert r["routes"] == [r["tp"]]
+        c = r["checks"]
+        covered = c["covered_f32_8k"]
+        assert covered == {"resolve": "artune", "outplace_ok": True, "input_kept": True,
+                           "auto_ok": True, "inplace_ok": True, "artune_calls": 3}, covered
+        # Beyond the profile's sizes, and a dtype it lacks: SGLang's own choice, exact too.
+        for label in ("uncovered_f32_1m", "lacking_f16_8k"):
+            assert c[label]["resolve"] is None, c[label]
+            assert c[label]["inplace_ok"] is True and c[label]["artune_calls"] == 0, c[label]
+        assert "does not cover" in r["stderr"]
+        assert r["capture_entered"] is True, r.get("capture_error")
+        assert r["routes_after_destroy"] == []
+
+
+def test_profile_for_another_tp_size_is_an_error_on_every_rank(version: str,
+                                                               tmp_path: Path) -> None:
+    prof = _write_profile(tmp_path / "p4.json", world=4)
+    res = _run(version, tmp_path, env={"ARTUNE_PROFILE": str(prof)})
+    for r in res:
+        assert r.get("error_type") == "PluginError", r.get("error")
+        assert "world_size: profile has 4, this machine has 2" in r["error"]
+        assert "ARTUNE_STRICT=0" in r["error"]
+
+
+def test_strict_off_turns_a_mismatch_into_sglangs_own_selection(version: str,
+                                                               tmp_path: Path) -> None:
+    prof = _write_profile(tmp_path / "p4.json", world=4)
+    res = _run(version, tmp_path, env={"ARTUNE_PROFILE": str(prof), "ARTUNE_STRICT": "0"})
+    for r in res:
+        assert "error" not in r, r["error"]
+        assert r["routes"] == []
+        assert "world_size" in r["stderr"] and "keeps its own" in r["stderr"]
+
+
+def test_ranks_holding_different_profiles_fail_together(version: str, tmp_path: Path) -> None:
+    a = _write_profile(tmp_path / "a.json")
+    b = _write_profile(tmp_path / "b.json", command="another tune")
+    res = _run(version, tmp_path, per_rank_env={0: {"ARTUNE_PROFILE": str(a)},
+                                                1: {"ARTUNE_PROFILE": str(b)}}, timeout_s=90)
+    for r in res:
+        assert r.get("error_type") == "PluginError", r.get("error")
+        assert "ranks hold different profiles" in r["error"]
+        assert str(a) in r["error"] and str(b) in r["error"]
+
+
+def test_one_rank_without_a_readable_profile_fails_every_rank(version: str,
+                                                             tmp_path: Path) -> None:
+    good = _write_profile(tmp_path / "good.json")
+    res = _run(version, tmp_path, per_rank_env={
+        0: {"ARTUNE_PROFILE": str(good)},
+        1: {"ARTUNE_PROFILE": str(tmp_path / "missing.json")},
+    }, timeout_s=90)
+    for r in res:
+        assert r.get("error_type") == "PluginError", r.get("error")
+        assert "rank 1:" in r["error"] and "file not found" in r["error"]
+
+
+def test_unavailable_backend_is_excluded_and_the_rest_served(version: str,
+                                                            tmp_path: Path) -> None:
+    # The profile prefers nvshmem_reduce from 4 KiB up; it cannot run here (no CUDA/NVSHMEM).
+    prof = _write_profile(tmp_path / "nv.json", extra="nvshmem_reduce")
+    assert "nvshmem_reduce" in profile_mod.load(prof).backends_used()
+    res = _run(version, tmp_path, env={"ARTUNE_PROFILE": str(prof)})
+    for r in res:
+        assert "error" not in r, r["error"] + r["stderr"][-3000:]
+        assert "nvshmem_reduce excluded" in r["stderr"]
+        assert r["served_backends"] == ["gloo"]
+        assert r["checks"]["covered_f32_8k"]["resolve"] == "artune"
+        assert r["checks"]["covered_f32_8k"]["outplace_ok"] is True
+
+
+def test_sglang_candidate_without_sglangs_fast_path_is_rederived(version: str,
+                                                                tmp_path: Path) -> None:
+    # "sglang" measured fastest from 4 KiB, but here (CPU) SGLang has no custom all-reduce,
+    # so those numbers do not apply: the next-fastest measured backend takes the sizes.
+    prof = _write_profile(tmp_path / "sg.json", extra="sglang")
+    res = _run(version, tmp_path, env={"ARTUNE_PROFILE": str(prof)})
+    for r in res:
+        assert "error" not in r, r["error"] + r["stderr"][-3000:]
+        assert "sglang excluded" in r["stderr"]
+        assert r["served_backends"] == ["gloo"]
+
+
+def test_release_without_the_hook_points_fails_clearly(version: str, tmp_path: Path) -> None:
+    prof = _write_profile(tmp_path / "p.json")
+    res = _run(version, tmp_path, scenario="missing_hook", env={"ARTUNE_PROFILE": str(prof)})
+    for r in res:
+        assert r.get("error_type") == "SglangIncompatible", r
+        assert "GroupCoordinator._all_reduce_in_place" in r["error"]
+        assert "0.5.17 to 0.5.23" in r["error"]
+    res = _run(version, tmp_path, scenario="missing_hook",
+               env={"ARTUNE_PROFILE": str(prof), "ARTUNE_STRICT": "0"})
+    for r in res:
+        assert "error" not in r and r["hooked"] is False, r
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure routing decisions (no sglang needed)
+
+
+class _FakeBackend:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def supports(self, x: Any, params: Any = None) -> bool:
+        return bool(x.is_contiguous())
+
+
+def test_route_hands_sglang_and_uncovered_sizes_back() -> None:
+    import torch
+
+    doc = build_profile(
+        [_rec("sglang", 4 * KB, 5.0), _rec("gloo", 4 * KB, 9.0),
+         _rec("gloo", 64 * KB, 9.0), _rec("sglang", 64 * KB, 50.0)],
+        [], fingerprint=topology.fingerprint(2, 2, device="cpu"), command="t", dry_run=True)
+    prof = profile_mod.Profile(doc)
+    gloo = _FakeBackend("gloo")
+    router = types.SimpleNamespace(backends={"gloo": gloo})
+    route = plugin.Route("tp:0", prof, router)  # type: ignore[arg-type]
+    assert route.pick(torch.zeros(1024)) is None  # 4 KiB: SGLang's own measured fastest
+    hit = route.pick(torch.zeros(16 * KB))  # 64 KiB: gloo
+    assert hit is not None and hit[0] is gloo
+    assert route.pick(torch.zeros(1 << 20)) is None  # beyond the table
+    assert route.pick(torch.zeros(1024, dtype=torch.float16)) is None  # dtype not in the table
+    assert route.pick(torch.zeros(32 * KB)[::2]) is None  # the backend does not take it
