@@ -1,0 +1,185 @@
+"""``artune launch``: checks before anything starts, then exec of the server (exit code and
+signals pass through, the profile and the no-multicast environment reach it).
+
+The server here is a small stand-in script (``server=`` of ``launch.main``) that reports what it
+received; the real ``sglang.launch_server`` needs GPUs. Runs on CPU, so profiles are CPU dry-run
+profiles whose fingerprint matches this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import artune_env, run_artune
+
+from artune import profile as profile_mod
+from artune import topology
+from artune.autotune.table import build_profile
+from artune.integration import launch
+
+FAKE_SERVER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    report = {"pid": os.getpid(), "argv": sys.argv[1:],
+              "env": {k: os.environ.get(k) for k in (
+                  "ARTUNE_PROFILE", "ARTUNE_STRICT", "NCCL_NVLS_ENABLE",
+                  "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "SGLANG_PLUGINS")}}
+    with open(os.environ["FAKE_SERVER_REPORT"], "w") as f:
+        json.dump(report, f)
+    if "--sleep" in sys.argv:
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))
+        time.sleep(60)
+    sys.exit(int(os.environ.get("FAKE_SERVER_EXIT", "0")))
+""")
+
+
+def _profile(path: Path, world: int = 2) -> Path:
+    rec = {"backend": "gloo", "params": {}, "dtype": "float32", "mode": "eager",
+           "nbytes": 4096, "rank_medians_us": [9.0] * world, "latency_us": 9.0,
+           "spread_us": 0.1, "reps": 10}
+    doc = build_profile([rec], [], fingerprint=topology.fingerprint(world, world, device="cpu"),
+                        command="artune tune --device cpu (test)", dry_run=True)
+    profile_mod.save(doc, path)
+    return path
+
+
+def _run(tmp: Path, profile: Path | None, server_args: list[str], **kw: object
+         ) -> tuple[int, str, dict[str, object] | None]:
+    server = tmp / "fake_server.py"
+    server.write_text(FAKE_SERVER)
+    report = tmp / "report.json"
+    report.unlink(missing_ok=True)
+    code = textwrap.dedent(f"""
+        import argparse, sys
+        from artune.integration import launch
+        args = argparse.Namespace(profile={str(profile) if profile else None!r},
+                                  force={bool(kw.get("force"))!r}, sglang_args={server_args!r})
+        sys.exit(launch.main(args, server=[sys.executable, {str(server)!r}]))
+    """)
+    env = artune_env({"FAKE_SERVER_REPORT": str(report), "CUDA_VISIBLE_DEVICES": ""})
+    for k in [k for k in env if k.startswith(("ARTUNE_", "SGLANG_"))]:
+        env.pop(k)
+    env.update(kw.get("env") or {})  # type: ignore[arg-type]
+    r = subprocess.run([sys.executable, "-c", code], env=env, text=True, capture_output=True,
+                       timeout=120, cwd=tmp)
+    started = json.loads(report.read_text()) if report.exists() else None
+    return r.returncode, r.stderr, started
+
+
+def test_starts_the_server_with_the_profile_and_no_multicast(tmp_path: Path) -> None:
+    prof = _profile(tmp_path / "p.json")
+    code, err, started = _run(tmp_path, prof, ["--model-path", "m", "--tp-size", "2"],
+                              env={"FAKE_SERVER_EXIT": "7", "NCCL_NVLS_ENABLE": "1",
+                                   "SGLANG_PLUGINS": "other"})
+    assert started is not None, err
+    assert code == 7  # the server's exit code is the launcher's
+    assert started["argv"] == ["--model-path", "m", "--tp-size", "2"]
+    env = started["env"]
+    assert env["ARTUNE_PROFILE"] == str(prof.resolve())
+    assert env["NCCL_NVLS_ENABLE"] == "0"  # overrides the caller's 1
+    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert env["SGLANG_PLUGINS"] == "other,artune"  # a whitelist must not drop the plugin
+    assert env["ARTUNE_STRICT"] is None
+
+
+def test_signals_reach_the_server(tmp_path: Path) -> None:
+    prof = _profile(tmp_path / "p.json")
+    server = tmp_path / "fake_server.py"
+    server.write_text(FAKE_SERVER)
+    report = tmp_path / "report.json"
+    code = textwrap.dedent(f"""
+        import argparse, sys
+        from artune.integration import launch
+        args = argparse.Namespace(profile={str(prof)!r}, force=False,
+                                  sglang_args=["--tp-size", "2", "--sleep"])
+        sys.exit(launch.main(args, server=[sys.executable, {str(server)!r}]))
+    """)
+    env = artune_env({"FAKE_SERVER_REPORT": str(report), "CUDA_VISIBLE_DEVICES": ""})
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not report.exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert report.exists(), p.communicate(timeout=5)
+        time.sleep(0.2)  # the report is written before the handler is installed
+        assert json.loads(report.read_text())["pid"] == p.pid  # exec: the same process
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 42  # the server's handler ran and chose the exit code
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_missing_profile_fails_before_start(tmp_path: Path) -> None:
+    code, err, started = _run(tmp_path, tmp_path / "nope.json", ["--tp-size", "2"])
+    assert code == 2 and started is None
+    assert "nope.json" in err and "file not found" in err and "artune tune" in err
+
+
+def test_no_profile_at_all_names_the_remedy(tmp_path: Path) -> None:
+    code, err, started = _run(tmp_path, None, ["--tp-size", "2"])
+    assert code == 2 and started is None
+    assert "--profile" in err and "artune tune --nproc-per-node 2" in err
+
+
+def test_unreadable_profile_fails_before_start(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1, "tables": ')
+    code, err, started = _run(tmp_path, bad, ["--tp-size", "2"])
+    assert code == 2 and started is None
+    assert "not valid JSON" in err
+
+
+def test_profile_for_another_tp_size_is_refused_unless_forced(tmp_path: Path) -> None:
+    prof = _profile(tmp_path / "p.json", world=2)
+    code, err, started = _run(tmp_path, prof, ["--tp-size", "4"])
+    assert code == 2 and started is None
+    assert "world_size: profile has 2, this machine has 4" in err and "--force" in err
+    code, err, started = _run(tmp_path, prof, ["--tp-size", "4"], force=True)
+    assert code == 0 and started is not None, err
+    assert started["env"]["ARTUNE_STRICT"] == "0"  # the plugin warns, SGLang keeps its own
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--enable-symm-mem"], "--enable-symm-mem is refused"),
+    (["--enable-nccl-nvls"], "--enable-nccl-nvls is refused"),
+    (["--enable-torch-symm-mem"], "--enable-torch-symm-mem is refused"),
+    (["--enable-symm"], "--enable-symm (read by SGLang as --enable-symm-mem) is refused"),
+    (["--flashinfer-allreduce-fusion-backend=mnnvl"], "mnnvl is refused"),
+    (["--flashinfer-allreduce-fusion-backend", "mnnvl"], "mnnvl is refused"),
+])
+def test_multicast_flags_are_refused_with_the_reason(tmp_path: Path, args: list[str],
+                                                     named: str) -> None:
+    prof = _profile(tmp_path / "p.json")
+    code, err, started = _run(tmp_path, prof, ["--tp-size", "2", *args])
+    assert code == 2 and started is None
+    assert named in err and "NVLink multicast" in err and "NCCL_NVLS_ENABLE=0" in err
+
+
+def test_multicast_env_switch_is_refused(tmp_path: Path) -> None:
+    prof = _profile(tmp_path / "p.json")
+    code, err, started = _run(tmp_path, prof, ["--tp-size", "2"],
+                              env={"SGLANG_ENABLE_CUSTOM_ALL_REDUCE_V2_MULTINODE": "1"})
+    assert code == 2 and started is None
+    assert "SGLANG_ENABLE_CUSTOM_ALL_REDUCE_V2_MULTINODE=1 is refused" in err
+
+
+def test_ordinary_flags_are_not_mistaken_for_multicast_ones() -> None:
+    assert launch.check_args(["--enable-torch-compile", "--disable-custom-all-reduce",
+                              "--flashinfer-allreduce-fusion-backend", "trtllm"], {}) == []
+    assert launch.tp_layout(["--tensor-parallel-size=8", "--nnodes", "2"]) == (8, 4)
+    assert launch.tp_layout(["--tp", "4"]) == (4, 4)
+
+
+def test_cli_launch_checks_the_profile_first(tmp_path: Path) -> None:
+    r = run_artune("launch", "--profile", str(tmp_path / "nope.json"), "--", "--tp-size", "2",
+                   env=artune_env({"CUDA_VISIBLE_DEVICES": ""}))
+    assert r.returncode == 2
+    assert "file not found" in r.stderr
