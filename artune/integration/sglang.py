@@ -409,7 +409,8 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
     ctx = GroupContext(
         group=gc.device_group, cpu_group=gc.cpu_group, rank=gc.rank_in_group,
         world_size=gc.world_size, device=device, ranks_per_node=ranks_per_node,
-        max_bytes=prof.max_bytes(), group_name=gc.unique_name, extra={"sglang_group": gc},
+        max_bytes=prof.max_bytes(), group_name=getattr(gc.device_group, "group_name", ""),
+        extra={"sglang_group": gc, "sglang_group_name": gc.unique_name},
     )
     excluded: dict[str, str] = {}
     for backend in prof.backends_used():
