@@ -40,6 +40,12 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
+    "ARTUNE_SGLANG_HOME": (
+        None,
+        str,
+        "Tests only: where .ci/install-sglang puts the real sglang releases the plugin's CPU "
+        "tests import (default ~/.cache/artune/sglang).",
+    ),
 }
 
 # NVLink multicast (NVLS) must stay off on the machines artune is developed on (DESIGN.md):

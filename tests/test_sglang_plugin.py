@@ -29,12 +29,12 @@ from typing import Any
 import pytest
 from conftest import ROOT, TESTS, free_port
 
+from artune import envs, topology
 from artune import profile as profile_mod
-from artune import topology
 from artune.autotune.table import build_profile
 from artune.integration import sglang as plugin
 
-SGLANG_HOME = Path(os.environ.get("ARTUNE_SGLANG_HOME", Path.home() / ".cache/artune/sglang"))
+SGLANG_HOME = Path(envs.get("ARTUNE_SGLANG_HOME") or Path.home() / ".cache/artune/sglang")
 VERSIONS = ("0.5.23", "0.5.17")
 WORLD = 2
 KB = 1024
