@@ -25,7 +25,10 @@ sum in different orders: the size of honest bf16 differences).
 
 Writes ``--out`` (JSON: card, date, versions, environment, raw reps and the summary; configs
 already in an existing file are kept, so a run may be split over several calls) and prints a
-table. The NVLink multicast switches stay off in every engine process.
+table. The NVLink multicast switches stay off in every engine process. Each config costs an
+engine start plus a few seconds per batch size: to fit a time limit, run the configs in several
+calls with the same ``--out`` (e.g. ``--configs default,nccl,artune`` then
+``--configs artune_nccl,artune_compile``).
 """
 
 from __future__ import annotations
