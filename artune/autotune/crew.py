@@ -193,6 +193,16 @@ class Crew:
             decide,
         )
 
+    def _agree(
+        self, error: str | None, values: list[float], what: str
+    ) -> tuple[str | None, list[list[float]]]:
+        """One collective in the common case: every rank's ``values`` (same length everywhere),
+        or the first rank's error (then a second collective fetches the texts)."""
+        rows = self.comm.gather_floats([0.0 if error is None else 1.0, *values], what)
+        if any(r[0] for r in rows):
+            return _first(self.comm.gather_errors(error, what)), []
+        return None, [r[1:] for r in rows]
+
     def _measure(
         self,
         fn: Callable[[], Any],
@@ -201,7 +211,11 @@ class Crew:
         decide: Callable[[float], bool] | None = None,
     ) -> dict[str, Any]:
         """Time ``fn`` on all ranks; rank 0 gets {"samples": per-rank lists, "calls": n} or
-        {"skip": reason} or {"pruned": slowest median}."""
+        {"skip": reason} or {"pruned": slowest median, "reps": n}.
+
+        Calls per repetition come from a synchronised eager estimate, then are checked on one
+        real repetition (a graph replay runs much faster than synchronised eager calls) and
+        raised once, by recapturing, when that repetition was too short."""
         mode, nbytes = cmd["mode"], cmd["nbytes"]
         reps, warmup, prune_after = cmd["reps"], cmd["warmup"], cmd.get("prune_after", 0)
         device = self.ctx.device
@@ -211,32 +225,47 @@ class Crew:
             est = estimate_us(fn, device)
         except Exception as exc:  # noqa: BLE001
             error = f"all_reduce raised {_exc_text(exc)}"
-        first = _first(self.comm.gather_errors(error, "timing: estimate"))
+        first, rows = self._agree(error, [est], "timing: estimate")
         if first is not None:
             return {"skip": first}
-        calls = calls_for(self.comm.max(est, "timing: calls per repetition"), nbytes, mode)
+        calls = calls_for(max(r[0] for r in rows), nbytes, mode)
         timer = Timer(fn, mode=mode, device=device, calls=calls, capture=capture)
-        samples: list[float] = []
         try:
+            for attempt in range(2):
+                error, probe = None, math.nan
+                try:
+                    timer.prepare(warmup)
+                    probe = timer.sample(1)[0]
+                except Exception as exc:  # noqa: BLE001
+                    error = f"{mode} timing raised {_exc_text(exc)}"
+                first, rows = self._agree(error, [probe], f"timing: {mode} warm-up")
+                if first is not None:
+                    return {"skip": first}
+                better = calls_for(max(r[0] for r in rows), nbytes, mode)
+                if attempt == 1 or better < 2 * calls:
+                    break
+                timer.close()
+                calls = better
+                timer = Timer(fn, mode=mode, device=device, calls=calls, capture=capture)
+            samples: list[float] = []
             phases = [prune_after, reps - prune_after] if 0 < prune_after < reps else [reps]
             for i, n in enumerate(phases):
+                error = None
                 try:
-                    if i == 0:
-                        timer.prepare(warmup)
                     samples += timer.sample(n)
                 except Exception as exc:  # noqa: BLE001
                     error = f"{mode} timing raised {_exc_text(exc)}"
-                padded = (samples + [math.nan] * reps)[:reps]
-                first = _first(self.comm.gather_errors(error, f"timing: {mode}"))
+                last = i == len(phases) - 1
+                values = (samples + [math.nan] * reps)[:reps] if last else [
+                    summarize(samples)[0] if samples else math.nan]
+                first, rows = self._agree(error, values, f"timing: {mode}")
                 if first is not None:
                     return {"skip": first}
-                if i == 0 and len(phases) > 1:
-                    rows = self.comm.gather_floats([summarize(samples)[0]], "timing: prune?")
+                if not last:
                     slowest = max(r[0] for r in rows)
                     flag = 1.0 if (decide is not None and decide(slowest)) else 0.0
                     if self.comm.max(flag, "timing: prune decision"):
                         return {"pruned": slowest, "reps": n}
-            rows = self.comm.gather_floats(padded, "timing: samples")
         finally:
             timer.close()
         return {"samples": rows, "calls": calls}
