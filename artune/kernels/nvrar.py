@@ -1,0 +1,270 @@
+"""NVRAR's host side: one rank's buffers, peer addresses, launches and timeout checks.
+
+``NvrarComm`` is built over memory someone else provides (the NVRAR backend: an NVSHMEM
+symmetric buffer and ``nvshmem_ptr`` addresses; the CPU tests: shared-memory files under the
+Triton interpreter), so the same launch code runs in both.
+
+    comm = NvrarComm(rank, Nodes(nodes, local), layout, buf, bases, device, timeout_s=5.0)
+    y = comm.all_reduce(x, Plan("oneshot", "ll", block=1024, ctas=8, warps=4))
+    comm.check()          # raises NvrarTimeoutError if any earlier call timed out
+
+``x``: any contiguous bf16/fp16/fp32 tensor of up to ``layout.max_bytes`` on ``device``; the
+result is a new tensor (or ``out``) with identical bits on every rank. Every rank must make the
+same calls with the same plans in the same order (the epoch counters must stay in step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from artune.kernels.nvrar_layout import (
+    BLOCKS,
+    MAX_CTAS,
+    SHARD_ALIGN,
+    Layout,
+    Nodes,
+    cdiv,
+    round_up,
+    step_name,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Plan", "NvrarComm", "NvrarTimeoutError", "ALGOS", "PROTOS", "INTERS", "decode_error"]
+
+ALGOS = ("oneshot", "twoshot")
+PROTOS = ("ll", "signal")
+INTERS = ("nvshmem", "p2p")
+_MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
+
+
+class NvrarTimeoutError(RuntimeError):
+    """A wait inside an NVRAR kernel ran out: a peer did not make the same call in time."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one all-reduce runs (the tunable parameters of backend ``nvrar``).
+
+    ``algo``: "oneshot" (one node: push to all, sum all) or "twoshot" (reduce-scatter, then
+    recursive doubling between nodes when there are several, then all-gather);
+    ``proto``: "ll" (flag in every 8-byte word) or "signal" (data, fence, 64-bit signal; one-shot
+    is always LL); ``block``: elements per CTA chunk; ``ctas``: at most this many CTAs;
+    ``warps``: warps per CTA; ``inter``: inter-node transport, "nvshmem" (put / put-with-signal)
+    or "p2p" (stores through peer addresses; every rank must be NVLink-reachable).
+    """
+
+    algo: str = "twoshot"
+    proto: str = "ll"
+    block: int = 1024
+    ctas: int = 16
+    warps: int = 4
+    inter: str = "nvshmem"
+
+    def problem(self) -> str | None:
+        """Why these values are not valid, or None."""
+        if self.algo not in ALGOS:
+            return f"algo={self.algo!r} is not one of {ALGOS}"
+        if self.proto not in PROTOS:
+            return f"proto={self.proto!r} is not one of {PROTOS}"
+        if self.block not in BLOCKS:
+            return f"block={self.block} is not one of {BLOCKS}"
+        if not 1 <= self.ctas <= MAX_CTAS:
+            return f"ctas={self.ctas} is not in 1..{MAX_CTAS}"
+        if self.warps not in (1, 2, 4, 8, 16, 32):
+            return f"warps={self.warps} is not a power of two in 1..32"
+        if self.inter not in INTERS:
+            return f"inter={self.inter!r} is not one of {INTERS}"
+        return None
+
+
+def decode_error(code: int, rank: int, nodes: Nodes, timeout_s: float) -> str:
+    """The message for an error word written by ``record_error``."""
+    step = (code >> 32) & 0xFFFF
+    peer = (code >> 16) & 0xFFFF
+    cta = code & 0xFFFF
+    return (
+        f"artune nvrar all_reduce: rank {rank} waited {timeout_s:g} s for rank {peer} in the "
+        f"{step_name(step, nodes)} (step code {step}, CTA {cta}) and gave up. Rank {peer} did "
+        f"not make the same all-reduce call (it crashed, hung, skipped it, or was given different "
+        f"parameters). This NVRAR instance is now out of step with its peers: close() it and "
+        f"build a new one on every rank (raise ARTUNE_TIMEOUT_S if the peer was only slow)"
+    )
+
+
+class NvrarComm:
+    """One rank's NVRAR state: buffer, peer addresses, epoch counters, error words."""
+
+    def __init__(
+        self,
+        rank: int,
+        nodes: Nodes,
+        layout: Layout,
+        buf: torch.Tensor,
+        bases: list[int],
+        device: torch.device,
+        timeout_s: float,
+        interpret: bool = False,
+    ) -> None:
+        import torch
+
+        if len(bases) != nodes.world:
+            raise ValueError(f"NvrarComm: {len(bases)} peer bases for {nodes.world} ranks")
+        if nodes.local > _MAX_PEERS:
+            raise ValueError(
+                f"NvrarComm: {nodes.local} ranks per node; NVRAR supports at most {_MAX_PEERS}"
+            )
+        if buf.numel() * buf.element_size() < layout.total_bytes:
+            raise ValueError(
+                f"NvrarComm: buffer of {buf.numel() * buf.element_size()} B is smaller than the "
+                f"layout's {layout.total_bytes} B"
+            )
+        self.rank = rank
+        self.nodes = nodes
+        self.layout = layout
+        self.offsets = layout.offsets()
+        self.buf = buf
+        self.bases = list(bases)
+        self.device = device
+        self.timeout_s = float(timeout_s)
+        self.limit_ns = max(1, int(self.timeout_s * 1e9))
+        self.interpret = interpret
+        g = rank // nodes.local
+        local = [self.bases[g * nodes.local + j] for j in range(nodes.local)]
+        if any(b == 0 for b in local):
+            raise ValueError(
+                f"NvrarComm: a rank of node {g} is not load/store reachable from rank {rank}; "
+                f"ranks_per_node must group NVLink-connected GPUs"
+            )
+        self.node_bases = local + [local[0]] * (_MAX_PEERS - nodes.local)
+        if nodes.world <= _MAX_PEERS:
+            world = self.bases + [self.bases[rank]] * (_MAX_PEERS - nodes.world)
+            self.world_bases: list[int] | None = world
+        else:
+            self.world_bases = None
+        self.p2p_everywhere = all(b != 0 for b in self.bases)
+        self.ctr = torch.zeros(MAX_CTAS, dtype=torch.int32, device=device)
+        self.err_dev = torch.zeros(1, dtype=torch.int64, device=device)
+        pin = device.type == "cuda"
+        self.err_host = torch.zeros(1, dtype=torch.int64, pin_memory=pin)
+        self._err_view = self.err_host.numpy()
+        self.rd_tab = torch.tensor(self.bases, dtype=torch.int64, device=device)
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self.max_grid = min(MAX_CTAS, sms)
+        else:
+            self.max_grid = MAX_CTAS
+        self._sigset: int | None = None
+
+    # ---- errors -------------------------------------------------------------------------
+    def error_code(self) -> int:
+        """The host-mapped error word (0: no wait ran out); no device sync."""
+        return int(self._err_view[0])
+
+    def check(self) -> None:
+        """Raise NvrarTimeoutError if any earlier call on this rank timed out."""
+        code = self.error_code()
+        if code:
+            raise NvrarTimeoutError(decode_error(code, self.rank, self.nodes, self.timeout_s))
+
+    # ---- launch -------------------------------------------------------------------------
+    def reason(self, nbytes: int, plan: Plan) -> str | None:
+        """Why ``plan`` cannot run a message of ``nbytes`` here, or None."""
+        bad = plan.problem() or self.layout.check_message(nbytes, plan.algo, plan.proto)
+        if bad:
+            return bad
+        if self.nodes.nodes > 1 and plan.inter == "p2p" and not self.p2p_everywhere:
+            return "inter='p2p' needs every rank load/store reachable; use inter='nvshmem'"
+        return None
+
+    def all_reduce(self, x: torch.Tensor, plan: Plan, out: torch.Tensor | None = None) -> Any:
+        """Sum of ``x`` over the group into a new tensor (or ``out``); see the module docstring."""
+        import torch
+
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"artune nvrar all_reduce: dtype {x.dtype} is not bf16/fp16/fp32")
+        if not x.is_contiguous():
+            raise ValueError("artune nvrar all_reduce: x must be contiguous (call .contiguous())")
+        n = x.numel()
+        nbytes = n * x.element_size()
+        bad = self.reason(nbytes, plan)
+        if bad is not None:
+            capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+            fix = (
+                "; NVRAR's buffers are sized when the backend is built and cannot grow during "
+                "CUDA-graph capture: build it with GroupContext.max_bytes >= the largest message"
+                if capturing or nbytes > self.layout.max_bytes
+                else ""
+            )
+            raise ValueError(f"artune nvrar all_reduce({nbytes} B, {plan}): {bad}{fix}")
+        y = torch.empty_like(x) if out is None else out
+        if n == 0:
+            return y
+        pack = 1 if x.element_size() == 4 else 2
+        if plan.algo == "oneshot":
+            self._oneshot(x, y, n, pack, plan)
+        else:
+            self._twoshot(x, y, n, pack, plan)
+        return y
+
+    def _common(self) -> tuple[Any, ...]:
+        return (self.ctr, self.err_dev, self.err_host.data_ptr(), self.limit_ns, self.rank)
+
+    def _oneshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> None:
+        from artune.kernels.nvrar_oneshot import oneshot_ll_kernel
+
+        assert self.world_bases is not None
+        grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
+        oneshot_ll_kernel[(grid,)](
+            x, y, n, *self.world_bases, self.offsets["oneshot"], self.layout.oneshot_slot,
+            *self._common(),
+            W=self.nodes.world, PACK=pack, BLOCK=plan.block, MAXC=MAX_CTAS,
+            INTERPRET=self.interpret, num_warps=plan.warps,
+        )
+
+    def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> None:
+        nodes, off = self.nodes, self.offsets
+        ll = plan.proto == "ll"
+        shard = round_up(cdiv(n, nodes.local), SHARD_ALIGN)
+        grid = min(plan.ctas, cdiv(shard, plan.block), self.max_grid)
+        use_shmem = nodes.nodes > 1 and plan.inter == "nvshmem"
+        kernel = _nvshmem_kernel() if use_shmem else _p2p_kernel()
+        sigset = self._signal_set() if use_shmem else 0
+        kernel[(grid,)](
+            x, y, n, shard, *self.node_bases, self.rd_tab,
+            off["rs_ll" if ll else "rs_sig"], off["ag_ll" if ll else "ag_sig"],
+            off["rd_ll" if ll else "rd_sig"], off["stage"], off["signals"],
+            self.layout.ll_slot if ll else self.layout.sig_slot, self.layout.max_chunks,
+            *self._common(),
+            N=nodes.nodes, L=nodes.local, LOG2P=nodes.log2p, EXTRA=nodes.extra,
+            STEPS=nodes.steps, PACK=pack, BLOCK=plan.block, LL=ll, SIGSET=sigset,
+            MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps,
+        )
+
+    def _signal_set(self) -> int:
+        if self._sigset is None:
+            from artune.kernels.nvrar_shmem import signal_set_op
+
+            self._sigset = signal_set_op()
+        return self._sigset
+
+
+def _p2p_kernel() -> Any:
+    from artune.kernels.nvrar_hier import hier_kernel
+
+    return hier_kernel
+
+
+_SHMEM_KERNEL: list[Any] = []
+
+
+def _nvshmem_kernel() -> Any:
+    """The NVSHMEM-linked variant, wrapped once per process."""
+    if not _SHMEM_KERNEL:
+        from artune.kernels.nvrar_hier import hier_kernel_nvshmem
+        from artune.kernels.nvrar_shmem import with_nvshmem
+
+        _SHMEM_KERNEL.append(with_nvshmem(hier_kernel_nvshmem))
+    return _SHMEM_KERNEL[0]

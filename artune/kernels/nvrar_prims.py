@@ -1,0 +1,194 @@
+"""Device helpers shared by the NVRAR kernels (Triton).
+
+Memory-model notes (PTX ISA, "Memory Consistency Model"):
+
+- LL words are 8 bytes, 4 bytes of payload and 4 bytes of epoch flag, written with one aligned
+  store each. An aligned 8-byte store is never torn, so a reader that sees the flag sees the
+  payload; no fence and no separate signal is needed (the flag travels with the data).
+- Signal protocol: data stores, ``bar.sync`` (``tl.debug_barrier``), ``fence.acq_rel.sys``, then
+  the signal store; the reader polls with ``ld.acquire.sys`` and reads the data afterwards
+  bypassing L1 (``.cg``).
+- Every wait is bounded by ``limit_ns`` of ``%globaltimer``; a wait that runs out reports
+  failure and the caller records (step, peer, CTA) in the error words and stops waiting.
+
+Under ``TRITON_INTERPRET=1`` (CPU emulation of several ranks, tests/test_nvrar_cpu.py) inline PTX
+is unavailable: ``INTERPRET`` swaps the clock for a spin count and the PTX loads/fences for plain
+volatile loads.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "now_ns",
+    "fence_sys",
+    "ld_acquire",
+    "wait_ll",
+    "wait_signal",
+    "record_error",
+    "load_chunk",
+    "store_chunk",
+    "ptr_as",
+    "to_words",
+    "from_words",
+    "pick",
+    "ERR_MARK",
+]
+
+#: Bit set in an error word that holds a timeout record (never 0 then).
+ERR_MARK = tl.constexpr(1 << 62)
+#: Emulated nanoseconds per spin of a wait loop under the interpreter.
+_INTERP_SPIN_NS = tl.constexpr(1_000_000)
+
+
+@triton.jit
+def now_ns(INTERPRET: tl.constexpr):
+    """%globaltimer in ns (int64 scalar); 0 under the interpreter."""
+    if INTERPRET:
+        return tl.full([], 0, tl.int64)
+    else:
+        return tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+
+
+@triton.jit
+def fence_sys(INTERPRET: tl.constexpr):
+    """``fence.acq_rel.sys``; returns an int64 zero to make later stores depend on it."""
+    if INTERPRET:
+        return tl.full([], 0, tl.int64)
+    else:
+        return tl.inline_asm_elementwise(
+            "fence.acq_rel.sys;\n\tmov.u64 $0, 0;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+
+
+@triton.jit
+def ld_acquire(addr, INTERPRET: tl.constexpr):
+    """``ld.acquire.sys`` of the int64 at address ``addr`` (an int64 scalar or tensor)."""
+    if INTERPRET:
+        return tl.load(addr.to(tl.pointer_type(tl.int64)), volatile=True)
+    else:
+        return tl.inline_asm_elementwise(
+            "ld.acquire.sys.global.b64 $0, [$1];",
+            "=l,l",
+            [addr],
+            dtype=tl.int64,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit
+def wait_ll(ptrs, epoch, limit_ns, INTERPRET: tl.constexpr):
+    """Poll the LL words at ``ptrs`` (uint64 pointers) until every flag equals ``epoch`` (uint32)
+    or ``limit_ns`` passes. Returns (words, number of words still stale)."""
+    v = tl.load(ptrs, volatile=True)
+    ok = (v >> 32).to(tl.uint32) == epoch
+    pending = tl.sum((ok == 0).to(tl.int32), axis=0)
+    t0 = now_ns(INTERPRET)
+    elapsed = t0 - t0
+    while (pending > 0) & (elapsed < limit_ns):
+        fresh = tl.load(ptrs, mask=ok == 0, other=0, volatile=True)
+        v = tl.where(ok, v, fresh)
+        ok = (v >> 32).to(tl.uint32) == epoch
+        pending = tl.sum((ok == 0).to(tl.int32), axis=0)
+        if INTERPRET:
+            elapsed = elapsed + _INTERP_SPIN_NS
+        else:
+            elapsed = now_ns(INTERPRET) - t0
+    return v, pending
+
+
+@triton.jit
+def wait_signal(addr, expect, limit_ns, INTERPRET: tl.constexpr):
+    """Wait until the int64 signal at ``addr`` equals ``expect`` (acquire), at most
+    ``limit_ns``. Returns True when it did."""
+    s = ld_acquire(addr, INTERPRET)
+    t0 = now_ns(INTERPRET)
+    elapsed = t0 - t0
+    while (s != expect) & (elapsed < limit_ns):
+        s = ld_acquire(addr, INTERPRET)
+        if INTERPRET:
+            elapsed = elapsed + _INTERP_SPIN_NS
+        else:
+            elapsed = now_ns(INTERPRET) - t0
+    return s == expect
+
+
+@triton.jit
+def record_error(err_dev, err_host, step, peer, pid):
+    """Write the timeout record (step, peer, CTA) to the device error word (which poisons later
+    calls) and to the host-mapped one (read by the host without a sync)."""
+    code = (
+        ERR_MARK
+        | (tl.cast(step, tl.int64) << 32)
+        | (tl.cast(peer, tl.int64) << 16)
+        | tl.cast(pid, tl.int64)
+    )
+    tl.store(err_dev, code)
+    tl.store(err_host.to(tl.pointer_type(tl.int64)), code)
+
+
+@triton.jit
+def load_chunk(x_ptr, start, n, BLOCK: tl.constexpr):
+    """Elements ``[start, start + BLOCK)`` of ``x`` (zeros past ``n``); unmasked when full."""
+    e = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        v = tl.load(x_ptr + e)
+    else:
+        v = tl.load(x_ptr + e, mask=e < n, other=0)
+    return v
+
+
+@triton.jit
+def store_chunk(y_ptr, start, n, v, BLOCK: tl.constexpr):
+    """Store ``v`` to elements ``[start, start + BLOCK)`` of ``y`` that are below ``n``."""
+    e = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        tl.store(y_ptr + e, v)
+    else:
+        tl.store(y_ptr + e, v, mask=e < n)
+
+
+@triton.jit
+def ptr_as(addr, DT: tl.constexpr):
+    """A 16-byte aligned int64 address as a pointer to ``DT`` (the hint lets Triton vectorize)."""
+    return tl.multiple_of(addr.to(tl.pointer_type(DT)), 16)
+
+
+@triton.jit
+def to_words(v, PACK: tl.constexpr, BLOCK: tl.constexpr):
+    """``BLOCK`` elements (fp32, or PACK=2 16-bit ones) as ``BLOCK // PACK`` uint32 words."""
+    if PACK == 1:
+        return v.to(tl.uint32, bitcast=True)
+    else:
+        b = v.to(tl.uint16, bitcast=True).to(tl.uint32)
+        lo, hi = tl.split(tl.reshape(b, (BLOCK // 2, 2)))
+        return lo | (hi << 16)
+
+
+@triton.jit
+def from_words(w, DT: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
+    """Inverse of ``to_words``: uint32 words back to ``BLOCK`` elements of dtype ``DT``."""
+    if PACK == 1:
+        return w.to(DT, bitcast=True)
+    else:
+        lo = (w & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        hi = (w >> 16).to(tl.uint16).to(DT, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (BLOCK,))
+
+
+@triton.jit
+def pick(i, b0, b1, b2, b3, b4, b5, b6, b7):
+    """``(b0, ..., b7)[i]`` for a runtime ``i`` (scalar selects, keeps divisibility hints)."""
+    r = tl.where(i == 0, b0, b1)
+    r = tl.where(i == 2, b2, r)
+    r = tl.where(i == 3, b3, r)
+    r = tl.where(i == 4, b4, r)
+    r = tl.where(i == 5, b5, r)
+    r = tl.where(i == 6, b6, r)
+    r = tl.where(i == 7, b7, r)
+    return r
