@@ -180,3 +180,47 @@ def test_survivor_names_the_dead_rank_within_bound() -> None:
     assert r0["error"] is not None
     assert "rank(s) 1 stopped" in r0["error"] and "--resume" in r0["error"]
     assert r0["seconds"] < 40
+
+
+def test_interrupted_run_stops_all_ranks_and_resumes(
+    tmp_path: Path, cpu_env: dict[str, str]
+) -> None:
+    """SIGTERM to `artune tune` (the launcher) stops every rank; --resume finishes the job."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    out = tmp_path / "interrupted.json"
+    db = Path(f"{out}.optuna.db")
+    args = ["tune", "--device", "cpu", "--sizes", "1K:1M", "--modes", "eager", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "artune.cli", *args], env=cpu_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finished() -> int:
+        if not db.exists():
+            return 0
+        try:
+            with sqlite3.connect(db) as con:
+                row = con.execute("SELECT COUNT(*) FROM trials WHERE state != 'RUNNING'").fetchone()
+            return int(row[0])
+        except sqlite3.Error:
+            return 0
+
+    deadline = time.monotonic() + 120
+    while finished() < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the tune ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30
+    assert "interrupted" in err and "--resume" in err
+    kept = finished()
+    assert kept >= 5 and not out.exists()
+
+    r = run_artune(*args, "--resume", env=cpu_env, timeout_s=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert finished() >= kept
+    from artune.autotune.config import parse_sizes
+
+    assert {m["nbytes"] for m in load(out).data["measurements"]} == set(parse_sizes("1K:1M"))
