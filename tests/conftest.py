@@ -1,13 +1,14 @@
 """Shared test helpers: GPU skips, multi-process gloo jobs, running the ``artune`` CLI.
 
-- ``requires_gpus(n)``: a skip marker with the reason (CUDA missing, or fewer than n GPUs).
+- ``requires_gpus(n)``: a skip marker with the reason (CUDA missing, or fewer than n GPUs);
+  ``requires_nvshmem(n)`` also needs nvshmem4py (``import nvshmem.core``) installed.
 - ``run_gloo(fn, world_size, *args, timeout_s=...)``: run module-level ``fn(rank, world_size,
   *args)`` in ``world_size`` spawned processes joined in a gloo default group; the return values
   in rank order (a rank that raises fails the call with its traceback; a hang is killed).
 - ``run_artune(*args, env=..., timeout_s=...)``: ``python -m artune.cli ARGS`` in a subprocess
   (the way a user runs it), with this checkout and tests/ importable; a CompletedProcess.
-- fixture ``cpu_env``: the environment for CPU runs of ``run_artune`` (short collective
-  timeout, GPUs hidden).
+- fixtures ``cpu_env`` (the environment for CPU runs of ``run_artune``: GPUs hidden) and
+  ``gloo_job`` (``run_gloo`` itself, for tests that prefer a fixture).
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-__all__ = ["requires_gpus", "run_gloo", "run_artune", "free_port", "ROOT", "TESTS"]
+__all__ = [
+    "requires_gpus",
+    "requires_nvshmem",
+    "run_gloo",
+    "run_artune",
+    "artune_env",
+    "free_port",
+    "ROOT",
+    "TESTS",
+]
 
 
 def _gpus() -> int:
@@ -46,6 +56,22 @@ def requires_gpus(n: int) -> pytest.MarkDecorator:
         reason=f"needs {n} CUDA GPU(s), {have} visible"
         + ("" if have else " (torch.cuda.is_available() is False)"),
     )
+
+
+def requires_nvshmem(n: int = 2) -> pytest.MarkDecorator:
+    """Skip unless ``n`` GPUs are visible and nvshmem4py is installed (the reason says which)."""
+    import importlib.util
+
+    have = _gpus()
+    try:
+        nvshmem = importlib.util.find_spec("nvshmem.core") is not None
+    except ModuleNotFoundError:
+        nvshmem = False
+    reason = (
+        f"needs {n} CUDA GPU(s), {have} visible" if have < n
+        else "needs nvshmem4py (pip install 'artune[nvshmem]')"
+    )
+    return pytest.mark.skipif(have < n or not nvshmem, reason=reason)
 
 
 def free_port() -> int:
@@ -168,3 +194,9 @@ def run_artune(
 def cpu_env() -> dict[str, str]:
     """``artune_env`` with GPUs hidden, for ``--device cpu`` runs."""
     return artune_env({"CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.fixture
+def gloo_job() -> Callable[..., list[Any]]:
+    """``run_gloo`` as a fixture: ``gloo_job(fn, 2, *args)``."""
+    return run_gloo
