@@ -249,8 +249,23 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
 
         out["traceback"] = traceback.format_exc()[-3000:]
     finally:
+        _leave_together()
         print("RESULT " + json.dumps(out), flush=True)
         os._exit(0)
+
+
+def _leave_together() -> None:
+    """Wait for every rank before exiting: rank 0 hosts the rendezvous store, and leaving while a
+    peer still talks to it resets that peer's connection."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+            pass
 
 
 # ---------------------------------------------------------------------------------------------
