@@ -110,10 +110,12 @@ def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console
 
 def print_summary(doc: dict[str, Any], path: str, seconds: float, con: Console) -> None:
     """The dispatch table (as ``artune show`` prints it) and where the profile is."""
+    from pathlib import Path
+
     from artune.inspect import render
     from artune.profile import Profile
 
-    render(Profile(doc, None), con)
+    render(Profile(doc, Path(path)), con)
     n_meas = len(doc.get("measurements") or [])
     n_skip = len(doc.get("skipped") or [])
     label = " (DRY RUN on CPU: not a GPU measurement)" if doc.get("dry_run") else ""
