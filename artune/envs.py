@@ -38,6 +38,18 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "Bound on the autotuner's host-side collectives; a dead rank makes the others fail "
         "within it, naming the rank.",
     ),
+    "ARTUNE_NVRAR_ONESHOT_MAX_BYTES": (
+        1 << 20,
+        int,
+        "Largest message NVRAR's one-shot LL algorithm takes; sizes its receive slots "
+        "(4 x world size x this many bytes of NVSHMEM heap per rank).",
+    ),
+    "ARTUNE_NVRAR_LL_MAX_BYTES": (
+        4 << 20,
+        int,
+        "Largest message NVRAR's two-shot/hierarchical LL protocol takes (LL slots are twice "
+        "the payload); larger messages use the signal protocol.",
+    ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_HOME": (

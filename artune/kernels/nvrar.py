@@ -220,7 +220,8 @@ class NvrarComm:
         oneshot_ll_kernel[(grid,)](
             x, y, n, *self.world_bases, self.offsets["oneshot"], self.layout.oneshot_slot,
             *self._common(),
-            W=self.nodes.world, PACK=pack, BLOCK=plan.block, MAXC=MAX_CTAS,
+            W=self.nodes.world, PACK=pack, BLOCK=plan.block,
+            WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
             INTERPRET=self.interpret, num_warps=plan.warps,
         )
 

@@ -60,8 +60,8 @@ def _get(base, sig, c, epoch, limit, DT: tl.constexpr, LL: tl.constexpr, PACK: t
     if LL:
         BW: tl.constexpr = BLOCK // PACK
         words, pending = wait_ll(
-            ptr_as(base, tl.uint64) + c * BW + tl.arange(0, BW), epoch.to(tl.uint32), limit,
-            INTERPRET,
+            ptr_as(base, tl.uint64) + c * BW + tl.arange(0, BW), tl.full([BW], 1, tl.int1),
+            epoch.to(tl.uint32), limit, INTERPRET,
         )
         v = from_words((words & 0xFFFFFFFF).to(tl.uint32), DT, PACK, BLOCK)
         ok = pending == 0

@@ -2,8 +2,10 @@
 
 One hop over NVLink, no separate signal: each 8-byte LL word carries 4 payload bytes and the
 call's 32-bit epoch, stored straight into the peer's receive slot ``[parity][my rank]`` through
-its ``nvshmem_ptr`` address. Each rank then sums the W inputs in rank order in fp32 (its own from
-``x``), so every rank produces identical bits. For small messages on one node.
+its ``nvshmem_ptr`` address. Each rank waits for all W-1 slots of a chunk in one poll loop,
+then sums the W inputs in fp32 (its own from ``x``) with the same reduction tree on every rank
+(same compiled kernel; the rank is a runtime value), so every rank produces identical bits.
+For small messages on one node.
 
 Grid: ``min(ctas, cdiv(n, BLOCK))`` CTAs; CTA ``p`` handles chunks ``p, p + G, ...`` of BLOCK
 elements. Launched by ``artune.kernels.nvrar.NvrarComm``.
@@ -15,7 +17,6 @@ import triton
 import triton.language as tl
 
 from artune.kernels.nvrar_prims import (
-    from_words,
     load_chunk,
     pick,
     ptr_as,
@@ -26,6 +27,28 @@ from artune.kernels.nvrar_prims import (
 )
 
 __all__ = ["oneshot_ll_kernel"]
+
+
+@triton.jit
+def _decode_rows(words, DT: tl.constexpr, PACK: tl.constexpr, WP: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """[WP, BLOCK // PACK] uint64 LL words -> [WP, BLOCK] elements of dtype DT."""
+    w = (words & 0xFFFFFFFF).to(tl.uint32)
+    if PACK == 1:
+        return w.to(DT, bitcast=True)
+    else:
+        lo = (w & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        hi = (w >> 16).to(tl.uint16).to(DT, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (WP, BLOCK))
+
+
+@triton.jit
+def _report(words, live, epoch, err_dev, err_host, pid):
+    """Record the first rank whose words are still stale."""
+    stale = live & ((words >> 32).to(tl.uint32) != epoch.to(tl.uint32))
+    rows = tl.arange(0, words.shape[0])[:, None] + tl.zeros(words.shape, tl.int32)
+    peer = tl.min(tl.where(stale, rows, words.shape[0]), axis=None)
+    record_error(err_dev, err_host, 0, peer, pid)
 
 
 @triton.jit
@@ -44,6 +67,7 @@ def oneshot_ll_kernel(
     W: tl.constexpr,
     PACK: tl.constexpr,  # elements per 4-byte word (2 for 16-bit dtypes, 1 for fp32)
     BLOCK: tl.constexpr,  # elements per chunk
+    WP: tl.constexpr,  # W rounded up to a power of two
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -67,27 +91,24 @@ def oneshot_ll_kernel(
             slot += (par * W + rank) * slot_bytes
             tl.store(ptr_as(slot, tl.uint64) + c * BW + wo, ll)
 
-    # sum the W inputs in rank order
-    mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region
+    # wait for all W-1 peers' chunks at once ([WP, BW] words), then sum the W inputs
+    rows = tl.arange(0, WP)[:, None]
+    live = (rows < W) & (rows != rank)
+    mine = ptr_as(pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes,
+                  tl.uint64)
     for c in range(pid, nchunks, G):
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for src in tl.static_range(W):
-            if src == rank:
-                v = load_chunk(x_ptr, c * BLOCK, n, BLOCK)
-            else:
-                slot = mine + (par * W + src) * slot_bytes
-                words, pending = wait_ll(
-                    ptr_as(slot, tl.uint64) + c * BW + wo,
-                    epoch.to(tl.uint32),
-                    limit,
-                    INTERPRET,
-                )
-                if pending > 0:
-                    record_error(err_dev, err_host, 0, src, pid)
-                    limit = limit * 0
-                v = from_words((words & 0xFFFFFFFF).to(tl.uint32), DT, PACK, BLOCK)
-            acc += v.to(tl.float32)
-        store_chunk(y_ptr, c * BLOCK, n, acc.to(DT), BLOCK)
+        words, pending = wait_ll(
+            mine + rows * (slot_bytes // 8) + c * BW + wo[None, :], live, epoch.to(tl.uint32),
+            limit, INTERPRET,
+        )
+        if pending > 0:
+            _report(words, live, epoch, err_dev, err_host, pid)
+            limit = limit * 0
+        theirs = _decode_rows(words, DT, PACK, WP, BLOCK).to(tl.float32)
+        own = load_chunk(x_ptr, c * BLOCK, n, BLOCK).to(tl.float32)
+        v = tl.where(rows == rank, own[None, :], theirs)
+        v = tl.where(rows < W, v, 0.0)
+        store_chunk(y_ptr, c * BLOCK, n, tl.sum(v, axis=0).to(DT), BLOCK)
 
     # advance this CTA's share of the counters (after every thread read the old value)
     tl.debug_barrier()

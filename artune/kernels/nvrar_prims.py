@@ -82,19 +82,19 @@ def ld_acquire(addr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def wait_ll(ptrs, epoch, limit_ns, INTERPRET: tl.constexpr):
-    """Poll the LL words at ``ptrs`` (uint64 pointers) until every flag equals ``epoch`` (uint32)
-    or ``limit_ns`` passes. Returns (words, number of words still stale)."""
-    v = tl.load(ptrs, volatile=True)
-    ok = (v >> 32).to(tl.uint32) == epoch
-    pending = tl.sum((ok == 0).to(tl.int32), axis=0)
+def wait_ll(ptrs, live, epoch, limit_ns, INTERPRET: tl.constexpr):
+    """Poll the LL words at ``ptrs`` (uint64 pointers, any shape) where ``live`` until every flag
+    equals ``epoch`` (uint32) or ``limit_ns`` passes. Returns (words, number still stale)."""
+    v = tl.load(ptrs, mask=live, other=0, volatile=True)
+    ok = ((v >> 32).to(tl.uint32) == epoch) | (live == 0)
+    pending = tl.sum((ok == 0).to(tl.int32), axis=None)
     t0 = now_ns(INTERPRET)
     elapsed = t0 - t0
     while (pending > 0) & (elapsed < limit_ns):
         fresh = tl.load(ptrs, mask=ok == 0, other=0, volatile=True)
         v = tl.where(ok, v, fresh)
-        ok = (v >> 32).to(tl.uint32) == epoch
-        pending = tl.sum((ok == 0).to(tl.int32), axis=0)
+        ok = ((v >> 32).to(tl.uint32) == epoch) | (live == 0)
+        pending = tl.sum((ok == 0).to(tl.int32), axis=None)
         if INTERPRET:
             elapsed = elapsed + _INTERP_SPIN_NS
         else:

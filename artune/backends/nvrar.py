@@ -1,0 +1,227 @@
+"""``nvrar``: artune's own all-reduce, Triton kernels over NVSHMEM symmetric memory.
+
+Node-aware (``ctx.ranks_per_node`` groups ranks into nodes, virtual ones included): on one node
+a one-shot LL push for small messages or a two-shot (reduce-scatter + all-gather); across nodes
+reduce-scatter in the node, recursive doubling between nodes (NVSHMEM put-with-signal, or LL
+words), all-gather in the node. Any element count, bf16/fp16/fp32 (fp32 accumulation), any world
+size (non-powers of two of nodes fold in and out), identical bits on every rank, capturable in
+CUDA graphs, every wait bounded by ARTUNE_TIMEOUT_S. See docs/nvrar.md and
+``artune.kernels.nvrar``.
+
+    be = NvrarBackend.create(ctx)                 # collective: NVSHMEM buffer, peer addresses
+    y = be.all_reduce(x)                          # default parameters for x's size
+    y = be.all_reduce(x, {"algo": "twoshot", "proto": "signal", "block": 4096, "ctas": 32})
+    be.check()                                    # raise if an earlier call timed out
+    be.close()                                    # collective
+
+A wait that runs out writes (step, peer, CTA) to a host-mapped word; the next ``all_reduce`` or
+``check()`` on that rank raises ``NvrarTimeoutError`` naming them. The buffers are sized for
+``ctx.max_bytes`` when the backend is built (nothing is allocated per call but the output).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from artune import envs
+from artune.backends import _nvshmem
+from artune.backends.base import Backend, BackendUnavailable, GroupContext, Params
+from artune.log import logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from artune.kernels.nvrar import NvrarComm, Plan
+
+__all__ = ["NvrarBackend", "default_plan"]
+
+_MAX_LOCAL = 8
+_CTAS = (1, 2, 4, 8, 16, 32, 64, 128)
+_WARPS = (2, 4, 8, 16)
+
+
+def _caps(ctx: GroupContext) -> tuple[int, int]:
+    """(one-shot capacity, LL capacity) in bytes for ``ctx``."""
+    one = min(ctx.max_bytes, int(envs.get("ARTUNE_NVRAR_ONESHOT_MAX_BYTES")))
+    ll = min(ctx.max_bytes, int(envs.get("ARTUNE_NVRAR_LL_MAX_BYTES")))
+    return (one if ctx.nodes == 1 else 0), ll
+
+
+def _ctas_for(chunks: int, cap: int) -> int:
+    """The smallest CTA count of the search space covering ``chunks`` chunks, at most ``cap``."""
+    return next((c for c in _CTAS if c >= min(chunks, cap)), _CTAS[-1])
+
+
+def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]:
+    """NVRAR's untuned parameters for a message of ``nbytes``.
+
+    Size thresholds: initial choices from the algorithms' hop counts and traffic (one-shot LL:
+    one hop, 2(W-1)x bytes out; two-shot LL: two hops, 4(W-1)/W x; signal: two hops plus a fence
+    per chunk, 2(W-1)/W x), to be replaced by the measured optimum of benchmarks/nvrar_dev.py.
+    """
+    elems = max(1, nbytes // 2)
+    if nodes == 1 and nbytes <= 64 << 10:
+        block = 512 if nbytes <= 8 << 10 else 1024
+        return {"algo": "oneshot", "proto": "ll", "block": block,
+                "ctas": _ctas_for(-(-elems // block), 32), "warps": 4, "inter": "nvshmem"}
+    if nbytes <= 1 << 20:
+        block = 1024
+        shard = -(-elems // ranks_per_node)
+        return {"algo": "twoshot", "proto": "ll", "block": block,
+                "ctas": _ctas_for(-(-shard // block), 64), "warps": 4, "inter": "nvshmem"}
+    block = 4096
+    shard = -(-elems // ranks_per_node)
+    return {"algo": "twoshot", "proto": "signal", "block": block,
+            "ctas": _ctas_for(-(-shard // block), 64), "warps": 8, "inter": "nvshmem"}
+
+
+class NvrarBackend(Backend):
+    """NVRAR over the group's NVSHMEM world (see the module docstring)."""
+
+    name = "nvrar"
+    identical_bits: ClassVar[bool] = True
+
+    @classmethod
+    def available(cls, ctx: GroupContext) -> str | None:
+        import torch
+        import torch.distributed as dist
+
+        if ctx.device.type != "cuda" or not torch.cuda.is_available():
+            return "needs CUDA GPUs (the group's device is not a GPU)"
+        if not dist.is_available() or not dist.is_initialized():
+            return "torch.distributed is not initialised"
+        if ctx.world_size < 2:
+            return f"needs at least 2 ranks (group has {ctx.world_size})"
+        if ctx.ranks_per_node < 1 or ctx.world_size % ctx.ranks_per_node:
+            return (
+                f"world size {ctx.world_size} is not a multiple of ranks_per_node "
+                f"{ctx.ranks_per_node}"
+            )
+        if ctx.ranks_per_node > _MAX_LOCAL:
+            return f"at most {_MAX_LOCAL} ranks per node (got {ctx.ranks_per_node})"
+        if torch.cuda.get_device_capability(ctx.device) < (7, 0):
+            return "needs compute capability 7.0 or newer (acquire/release PTX)"
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"Triton is not importable ({exc}); pip install triton"
+        return _nvshmem.group_reason(ctx)
+
+    @classmethod
+    def search_space(cls, nbytes: int, ctx: GroupContext) -> dict[str, list[Any]]:
+        from artune.kernels.nvrar_layout import BLOCKS
+
+        one, ll = _caps(ctx)
+        elems = max(1, nbytes // 2)  # bf16/fp16 have the most elements per byte
+        algos = ["oneshot", "twoshot"] if 0 < nbytes <= one else ["twoshot"]
+        space: dict[str, list[Any]] = {
+            "algo": algos,
+            "proto": ["ll", "signal"] if nbytes <= ll else ["signal"],
+            "block": [b for b in BLOCKS if b <= max(BLOCKS[0], elems)],
+            "ctas": [c for c in _CTAS if c <= max(1, -(-elems // BLOCKS[0]))],
+            "warps": list(_WARPS),
+        }
+        if ctx.nodes > 1:
+            space["inter"] = ["nvshmem", "p2p"]
+        return space
+
+    @classmethod
+    def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
+        params = default_plan(nbytes, ctx.nodes, ctx.ranks_per_node)
+        one, ll = _caps(ctx)
+        if params["algo"] == "oneshot" and nbytes > one:
+            params["algo"] = "twoshot"
+        if params["proto"] == "ll" and nbytes > ll:
+            params["proto"] = "signal"
+        if ctx.nodes == 1:
+            params.pop("inter")
+        return params
+
+    def __init__(self, ctx: GroupContext) -> None:
+        super().__init__(ctx)
+        import torch
+        import torch.distributed as dist
+        from nvshmem import bindings
+
+        from artune.kernels.nvrar import NvrarComm
+        from artune.kernels.nvrar_layout import Layout, Nodes
+
+        _nvshmem.ensure_initialized(ctx)
+        one, ll = _caps(ctx)
+        self.nodes = Nodes(ctx.nodes, ctx.ranks_per_node)
+        self.layout = Layout(self.nodes, ctx.max_bytes, one, ll)
+        self.buf: torch.Tensor | None = _nvshmem.alloc((self.layout.total_bytes,), torch.uint8)
+        self.buf.zero_()  # flags and signals start at 0, never a valid epoch
+        torch.cuda.synchronize(ctx.device)
+        dist.barrier(group=ctx.cpu_group)  # nobody writes into a peer's buffer before it is zeroed
+        bases = [int(bindings.ptr(self.buf.data_ptr(), pe)) for pe in range(ctx.world_size)]
+        try:
+            self.comm: NvrarComm | None = NvrarComm(
+                ctx.rank, self.nodes, self.layout, self.buf, bases, ctx.device,
+                timeout_s=float(envs.get("ARTUNE_TIMEOUT_S")),
+            )
+        except ValueError as exc:
+            _nvshmem.free(self.buf)
+            raise BackendUnavailable(f"{self.name}: {exc}") from exc
+        self._plans: dict[tuple[int, tuple[tuple[str, Any], ...]], Plan] = {}
+
+    def plan(self, nbytes: int, params: Params | None = None) -> Plan:
+        """The full plan for a message of ``nbytes``: the defaults, overridden by ``params``."""
+        key = (nbytes, tuple(sorted(params.items())) if params else ())
+        plan = self._plans.get(key)
+        if plan is None:
+            from artune.kernels.nvrar import Plan
+
+            merged = {**self.default_params(nbytes, self.ctx), **(params or {})}
+            unknown = set(merged) - set(Plan.__dataclass_fields__)
+            if unknown:
+                raise ValueError(
+                    f"{self.name}: unknown parameters {sorted(unknown)}; known: "
+                    f"{sorted(Plan.__dataclass_fields__)}"
+                )
+            plan = Plan(**merged)
+            if len(self._plans) < 4096:
+                self._plans[key] = plan
+        return plan
+
+    def supports(self, x: torch.Tensor, params: Params | None = None) -> bool:
+        import torch
+
+        if self.comm is None or not x.is_cuda or x.device != self.ctx.device:
+            return False
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not x.is_contiguous():
+            return False
+        nbytes = x.numel() * x.element_size()
+        try:
+            plan = self.plan(nbytes, params)
+        except (TypeError, ValueError):
+            return False
+        return self.comm.reason(nbytes, plan) is None
+
+    def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        comm = self.comm
+        if comm is None:
+            raise RuntimeError(f"{self.name}: all_reduce after close(); build a new backend")
+        comm.check()
+        return comm.all_reduce(x, self.plan(x.numel() * x.element_size(), params))  # type: ignore[no-any-return]
+
+    def check(self) -> None:
+        """Raise ``NvrarTimeoutError`` if an earlier call on this rank timed out (no sync)."""
+        if self.comm is not None:
+            self.comm.check()
+
+    def close(self) -> None:
+        """Collective: frees the symmetric buffer. After a timeout the buffer is left to
+        ``_nvshmem.finalize`` (a collective free could wait on the peer that never answered)."""
+        comm, buf = self.comm, self.buf
+        self.comm = None
+        self.buf = None
+        if buf is not None:
+            if comm is not None and comm.error_code():
+                logger.warning(
+                    "%s: rank %d timed out earlier; not freeing its NVSHMEM buffer collectively",
+                    self.name, self.ctx.rank,
+                )
+            else:
+                _nvshmem.free(buf)
+        super().close()

@@ -1,0 +1,57 @@
+"""``torch.ops.artune.nvrar_all_reduce``: NVRAR alone as a torch custom op.
+
+For callers that want NVRAR without a profile (tests, benchmarks, a model that always uses it).
+Out of place, with a fake implementation, so it works eagerly, inside CUDA-graph capture and
+under ``torch.compile(fullgraph=True)``; the backend crosses the torch boundary by name.
+
+    be = NvrarBackend.create(ctx)
+    register_nvrar("tp", be)
+    y = torch.ops.artune.nvrar_all_reduce(x, "tp")     # x: contiguous bf16/fp16/fp32 CUDA tensor
+
+The registry holds weak references: the caller owns the backend and closes it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from artune.backends.nvrar import NvrarBackend
+
+__all__ = ["register_nvrar", "unregister_nvrar", "get_nvrar", "nvrar_all_reduce"]
+
+_BACKENDS: weakref.WeakValueDictionary[str, NvrarBackend] = weakref.WeakValueDictionary()
+
+
+def register_nvrar(group_name: str, backend: NvrarBackend) -> None:
+    """Make ``backend`` reachable from the op as ``group_name`` (replaces an earlier one)."""
+    _BACKENDS[group_name] = backend
+
+
+def unregister_nvrar(group_name: str) -> None:
+    _BACKENDS.pop(group_name, None)
+
+
+def get_nvrar(group_name: str) -> NvrarBackend:
+    backend = _BACKENDS.get(group_name)
+    if backend is None:
+        raise RuntimeError(
+            f"artune::nvrar_all_reduce: no NVRAR backend registered for group {group_name!r}; "
+            f"call artune.integration.nvrar_op.register_nvrar({group_name!r}, backend) first "
+            f"(registered: {sorted(_BACKENDS) or 'none'})"
+        )
+    return backend
+
+
+@torch.library.custom_op("artune::nvrar_all_reduce", mutates_args=())
+def nvrar_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Sum of ``x`` over the group registered as ``group_name`` (NVRAR, default parameters)."""
+    return get_nvrar(group_name).all_reduce(x)
+
+
+@nvrar_all_reduce.register_fake
+def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x)
