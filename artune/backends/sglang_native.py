@@ -110,8 +110,8 @@ class SglangBackend(Backend):
             method = self.group._resolve_outplace_all_reduce_method(x)
             outplace = self._outplace[key] = method is not None
         if outplace:
-            return self.group.all_reduce(x)  # type: ignore[no-any-return]
-        return self.group.all_reduce(x.clone())  # type: ignore[no-any-return]
+            return self.group.all_reduce(x)
+        return self.group.all_reduce(x.clone())
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
