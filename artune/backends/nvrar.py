@@ -52,6 +52,13 @@ def _ctas_for(chunks: int, cap: int) -> int:
     return next((c for c in _CTAS if c >= min(chunks, cap)), _CTAS[-1])
 
 
+def _fit(block: int, elems: int) -> int:
+    """``block`` halved down to the message (not below the smallest block)."""
+    while block > max(256, elems):
+        block //= 2
+    return block
+
+
 def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]:
     """NVRAR's untuned parameters for a message of ``nbytes``.
 
@@ -61,15 +68,15 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
     """
     elems = max(1, nbytes // 2)
     if nodes == 1 and nbytes <= 64 << 10:
-        block = 512 if nbytes <= 8 << 10 else 1024
+        block = _fit(512 if nbytes <= 8 << 10 else 1024, elems)
         return {"algo": "oneshot", "proto": "ll", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 32), "warps": 4, "inter": "nvshmem"}
     if nbytes <= 1 << 20:
-        block = 1024
+        block = _fit(1024, elems)
         shard = -(-elems // ranks_per_node)
         return {"algo": "twoshot", "proto": "ll", "block": block,
                 "ctas": _ctas_for(-(-shard // block), 64), "warps": 4, "inter": "nvshmem"}
-    block = 4096
+    block = _fit(4096, elems)
     shard = -(-elems // ranks_per_node)
     return {"algo": "twoshot", "proto": "signal", "block": block,
             "ctas": _ctas_for(-(-shard // block), 64), "warps": 8, "inter": "nvshmem"}

@@ -1,0 +1,325 @@
+"""CPU tests of NVRAR: layout, schedule, parameters, and the kernels under Triton's interpreter.
+
+    python -m pytest -q tests/test_nvrar_cpu.py
+
+The emulation tests run the real kernels and launch code (``NvrarComm``) with
+``TRITON_INTERPRET=1``, one process per rank; the "symmetric buffers" are shared-memory files
+mapped into every process, so a rank's stores land in its peers' receive slots as they would over
+NVLink and the spin-waits really wait for the other processes. They need Triton installed (they
+skip without it) and check sums against an fp32 reference, identical bits on every rank, tails,
+dtypes, world sizes 2/3/4 on one node, virtual nodes (2x2, 3x1 and 3x2 with fold-in/out), the
+parity reuse of slots across many calls, and a forced timeout. The interpreter rounds fp32 to
+bf16 by truncation (the GPU rounds to nearest), so bf16 is compared within one ulp.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from artune.backends.base import GroupContext
+from artune.backends.nvrar import NvrarBackend, default_plan
+from artune.kernels.nvrar import NvrarComm, NvrarTimeoutError, Plan, decode_error
+from artune.kernels.nvrar_layout import (
+    BLOCKS,
+    STEP_RD0,
+    STEP_RS,
+    Layout,
+    Nodes,
+    step_name,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (interpreter)")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure Python: schedule, layout, parameters
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3, 4, 5, 6, 8])
+def test_exchanges_are_symmetric_and_cover_every_node(nodes: int) -> None:
+    nd = Nodes(nodes, 2)
+    sends: set[tuple[int, int, str]] = set()
+    recvs: set[tuple[int, int, str]] = set()
+    for rank in range(nd.world):
+        for what, peer in nd.partners(rank):
+            assert peer % nd.local == rank % nd.local  # same local rank on another node
+            assert peer != rank
+            if what.startswith("step"):
+                sends.add((rank, peer, what))
+                recvs.add((peer, rank, what))
+            elif what.endswith("send"):
+                sends.add((rank, peer, what.split()[0]))
+            else:
+                recvs.add((peer, rank, what.split()[0]))
+    assert sends == recvs
+    # after fold-in and doubling, node 0's value depends on every node: simulate with sets
+    have = [{g} for g in range(nodes)]
+    for g in range(nd.p2, nodes):
+        have[g - nd.p2] |= have[g]
+    for k in range(nd.log2p):
+        have = [have[g] | have[g ^ (1 << k)] if g < nd.p2 else have[g] for g in range(nodes)]
+    for g in range(nd.p2, nodes):
+        have[g] = have[g - nd.p2]
+    assert all(h == set(range(nodes)) for h in have)
+
+
+def test_layout_regions_are_disjoint_aligned_and_sized() -> None:
+    for nodes, local in [(1, 2), (1, 4), (1, 8), (2, 2), (3, 2), (4, 1)]:
+        lay = Layout(Nodes(nodes, local), 64 << 20, (1 << 20) if nodes == 1 else 0, 4 << 20)
+        off = lay.offsets()
+        starts = sorted((v, k) for k, v in off.items())
+        assert all(v % 256 == 0 for v, _ in starts)
+        assert off["total"] == max(off.values())
+        assert lay.sig_slot * local >= 64 << 20  # every shard of the largest message fits
+        assert lay.ll_slot >= 2 * ((4 << 20) // local)
+        if nodes == 1:
+            assert off["rd_ll"] == off["rd_sig"] or lay.nodes.steps == 0
+        assert lay.total_bytes < 10 * (64 << 20)
+    lay = Layout(Nodes(1, 4), 1 << 20, 1 << 16, 1 << 18)
+    assert lay.check_message(1 << 16, "oneshot", "ll") is None
+    assert "one-shot capacity" in (lay.check_message((1 << 16) + 2, "oneshot", "ll") or "")
+    assert "LL capacity" in (lay.check_message((1 << 18) + 2, "twoshot", "ll") or "")
+    assert lay.check_message((1 << 18) + 2, "twoshot", "signal") is None
+    assert "exceeds" in (lay.check_message((1 << 20) + 2, "twoshot", "signal") or "")
+    hier = Layout(Nodes(2, 2), 1 << 20, 0, 1 << 18)
+    assert "one node only" in (hier.check_message(64, "oneshot", "ll") or "")
+
+
+def test_plan_validation_and_error_messages() -> None:
+    assert Plan().problem() is None
+    assert "algo" in (Plan(algo="ring").problem() or "")
+    assert "block" in (Plan(block=300).problem() or "")
+    assert "ctas" in (Plan(ctas=0).problem() or "")
+    code = (1 << 62) | (STEP_RS << 32) | (3 << 16) | 5
+    msg = decode_error(code, 1, Nodes(1, 4), 2.0)
+    assert "rank 1 waited 2 s for rank 3" in msg and "reduce-scatter" in msg and "CTA 5" in msg
+    assert "close()" in msg and "ARTUNE_TIMEOUT_S" in msg
+    nd = Nodes(3, 2)
+    assert "step 0" in step_name(STEP_RD0, nd)
+    assert "fold-in" in step_name(STEP_RD0 + nd.step_fold_in, nd)
+    assert "fold-out" in step_name(STEP_RD0 + nd.step_fold_out, nd)
+
+
+def _ctx(world: int, per_node: int, max_bytes: int = 64 << 20) -> GroupContext:
+    return GroupContext(
+        group=None,  # type: ignore[arg-type]
+        cpu_group=None,  # type: ignore[arg-type]
+        rank=0,
+        world_size=world,
+        device=torch.device("cpu"),
+        ranks_per_node=per_node,
+        max_bytes=max_bytes,
+    )
+
+
+@pytest.mark.parametrize("world,per_node", [(2, 2), (4, 4), (3, 3), (4, 2), (6, 2)])
+def test_defaults_are_valid_plans_inside_the_search_space(world: int, per_node: int) -> None:
+    ctx = _ctx(world, per_node)
+    for nbytes in [2, 4096, 65536, 262144, 1 << 20, 2 << 20, 16 << 20, 64 << 20]:
+        space = NvrarBackend.search_space(nbytes, ctx)
+        params = NvrarBackend.default_params(nbytes, ctx)
+        plan = Plan(**params)
+        assert plan.problem() is None, (nbytes, params)
+        for name, value in params.items():
+            assert value in space[name], (nbytes, name, value, space[name])
+        if world != per_node:
+            assert "inter" in space and params["algo"] == "twoshot"
+        lay = Layout(Nodes(world // per_node, per_node), ctx.max_bytes,
+                     (1 << 20) if world == per_node else 0, 4 << 20)
+        assert lay.check_message(nbytes, plan.algo, plan.proto) is None
+    assert default_plan(4096, 1, 4)["algo"] == "oneshot"
+    assert set(NvrarBackend.search_space(4096, ctx)["block"]) <= set(BLOCKS)
+
+
+def test_backend_refuses_cpu_groups_with_a_reason() -> None:
+    assert "CUDA" in (NvrarBackend.available(_ctx(2, 2)) or "")
+
+
+def test_op_is_registered_with_a_fake_and_names_the_fix() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from artune.integration import nvrar_op
+
+    with FakeTensorMode():
+        x = torch.empty(7, dtype=torch.bfloat16)
+        y = torch.ops.artune.nvrar_all_reduce(x, "nobody")
+        assert y.shape == x.shape and y.dtype == x.dtype
+    with pytest.raises(RuntimeError, match="register_nvrar"):
+        nvrar_op.nvrar_all_reduce(torch.zeros(3), "nobody")
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels under the Triton interpreter, one process per rank
+# --------------------------------------------------------------------------------------------
+
+Case = tuple[int, str, dict[str, Any]]  # (numel, dtype name, plan fields)
+
+
+def _input(rank: int, numel: int, dtype: str, call: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7919 * rank + 31 * numel + call)
+    return torch.randn(numel, generator=g).to(getattr(torch, dtype))
+
+
+def _rank_main(
+    rank: int, nodes: int, local: int, max_bytes: int, folder: str, cases: list[Case],
+    skip: int, timeout_s: float, q: Any,
+) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        nd = Nodes(nodes, local)
+        lay = Layout(nd, max_bytes, max_bytes if nodes == 1 else 0, max_bytes)
+        bufs = [
+            torch.from_file(str(Path(folder) / f"rank{r}"), shared=True,
+                            size=lay.total_bytes, dtype=torch.uint8)
+            for r in range(nd.world)
+        ]
+        comm = NvrarComm(rank, nd, lay, bufs[rank], [b.data_ptr() for b in bufs],
+                         torch.device("cpu"), timeout_s=timeout_s, interpret=True)
+        out: list[Any] = []
+        for call, (numel, dtype, fields) in enumerate(cases):
+            if rank == skip:
+                out.append(None)
+                continue
+            x = _input(rank, numel, dtype, call)
+            x0 = x.clone()
+            y = comm.all_reduce(x, Plan(**fields))
+            assert torch.equal(x, x0), "x was modified"
+            try:
+                comm.check()
+                raised = None
+            except NvrarTimeoutError as exc:
+                raised = str(exc)
+            out.append((y.view(torch.int16 if y.element_size() == 2 else torch.int32).numpy(),
+                        comm.error_code(), raised))
+        q.put((rank, out, None))
+    except Exception as exc:  # noqa: BLE001 - report to the parent
+        import traceback
+
+        q.put((rank, None, "".join(traceback.format_exception(exc))))
+
+
+def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16,
+             skip: int = -1, timeout_s: float = 60.0) -> list[list[Any]]:
+    world = nodes * local
+    lay = Layout(Nodes(nodes, local), max_bytes, max_bytes if nodes == 1 else 0, max_bytes)
+    with tempfile.TemporaryDirectory(prefix="artune-nvrar-emu-") as folder:
+        for r in range(world):
+            (Path(folder) / f"rank{r}").write_bytes(bytes(lay.total_bytes))
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [
+            ctx.Process(target=_rank_main,
+                        args=(r, nodes, local, max_bytes, folder, cases, skip, timeout_s, q))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        got = {}
+        try:
+            for _ in range(world):
+                rank, out, err = q.get(timeout=600)
+                assert err is None, f"rank {rank} failed:\n{err}"
+                got[rank] = out
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    return [got[r] for r in range(world)]
+
+
+def _check(results: list[list[Any]], cases: list[Case], skip: int = -1) -> None:
+    world = len(results)
+    for call, (numel, dtype, fields) in enumerate(cases):
+        outs = [results[r][call] for r in range(world) if r != skip]
+        for _, err, raised in outs:
+            assert err == 0 and raised is None, f"call {call} {fields}: error {err:#x} {raised}"
+        first = outs[0][0]
+        for bits, _, _ in outs[1:]:
+            assert (bits == first).all(), f"call {call} {fields}: ranks disagree"
+        dt = getattr(torch, dtype)
+        y = torch.from_numpy(first.copy()).view(dt).float()
+        xs = [_input(r, numel, dtype, call).float() for r in range(world)]
+        ref = torch.stack(xs).sum(0)
+        scale = torch.stack(xs).abs().sum(0)
+        # each rounding of a partial sum to the dtype costs at most one ulp of |partial| <= scale
+        eps = {"float32": 2.0**-22, "bfloat16": 2.0**-7, "float16": 2.0**-10}[dtype]
+        tol = 4 * eps * scale + 1e-30
+        bad = ((y - ref).abs() > tol).sum().item()
+        assert bad == 0, f"call {call} n={numel} {dtype} {fields}: {bad} elements off"
+
+
+ONE_NODE_CASES: list[Case] = [
+    (1, "bfloat16", {"algo": "oneshot", "block": 256, "ctas": 2}),
+    (999, "float16", {"algo": "oneshot", "block": 256, "ctas": 2}),
+    (1537, "float32", {"algo": "oneshot", "block": 512, "ctas": 4}),
+    (3, "float16", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 4}),
+    (3001, "bfloat16", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 3}),
+    (2049, "float32", {"algo": "twoshot", "proto": "signal", "block": 256, "ctas": 2}),
+    (777, "bfloat16", {"algo": "twoshot", "proto": "signal", "block": 512, "ctas": 8}),
+    (999, "float16", {"algo": "oneshot", "block": 256, "ctas": 1}),  # parity 0 again
+]
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_one_node_emulated(world: int) -> None:
+    _check(_emulate(1, world, ONE_NODE_CASES), ONE_NODE_CASES)
+
+
+HIER_CASES: list[Case] = [
+    (5, "bfloat16", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 4, "inter": "p2p"}),
+    (3001, "float32", {"algo": "twoshot", "proto": "signal", "block": 256, "ctas": 3,
+                       "inter": "p2p"}),
+    (1000, "float16", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 2, "inter": "p2p"}),
+    (777, "bfloat16", {"algo": "twoshot", "proto": "signal", "block": 512, "ctas": 8,
+                       "inter": "p2p"}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes,local", [(2, 2), (3, 1), (3, 2)], ids=["2x2", "3x1", "3x2"])
+def test_virtual_nodes_emulated(nodes: int, local: int) -> None:
+    _check(_emulate(nodes, local, HIER_CASES), HIER_CASES)
+
+
+@needs_triton
+@pytest.mark.slow
+def test_slots_are_reused_safely_over_many_calls() -> None:
+    cases: list[Case] = [
+        (300 + 7 * i, "bfloat16",
+         {"algo": ("oneshot", "twoshot")[i % 2], "proto": ("ll", "signal")[(i // 2) % 2],
+          "block": 256, "ctas": 2})
+        for i in range(12)
+    ]
+    _check(_emulate(1, 3, cases), cases)
+
+
+@needs_triton
+@pytest.mark.slow
+def test_a_skipped_call_times_out_with_the_named_error() -> None:
+    cases: list[Case] = [(600, "float32", {"algo": "oneshot", "block": 256, "ctas": 1})]
+    results = _emulate(1, 3, cases, skip=2, timeout_s=0.05)
+    assert results[2][0] is None
+    for rank in (0, 1):
+        _, code, raised = results[rank][0]
+        assert code != 0 and raised is not None
+        assert f"rank {rank} waited 0.05 s for rank 2 in the one-shot exchange" in raised
+
+
+def test_replace_keeps_plans_frozen() -> None:
+    p = replace(Plan(), proto="signal")
+    assert p.proto == "signal" and Plan().proto == "ll"
