@@ -74,7 +74,7 @@ def render(profile: Profile, console: Any = None) -> None:
                 ("backend", "left"),
                 ("params", "left"),
                 ("latency µs", "right"),
-                ("NCCL µs", "right"),
+                (f"{profile.fallback().upper() if profile.dry_run else 'NCCL'} µs", "right"),
                 ("speedup", "right"),
             ):
                 t.add_column(col, justify=just)  # type: ignore[arg-type]

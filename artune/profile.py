@@ -167,13 +167,14 @@ def select(profile: Profile, nbytes: int, dtype: Any, mode: str) -> Choice:
             return choices[i]
         log_once(
             f"select:size:{name}:{mode}",
-            f"profile has no range for {nbytes} B of {name} ({mode}); using "
-            f"{profile.fallback()} for sizes outside {los[0]}..{his[-1]} B",
+            f"profile has no range for {nbytes} B of {name} ({mode}); sizes outside "
+            f"{los[0]}..{his[-1]} B fall back ({profile.fallback()}, or the caller's own choice)",
         )
     else:
         log_once(
             f"select:missing:{name}:{mode}",
-            f"profile has no {name}/{mode} table; using {profile.fallback()} for it",
+            f"profile has no {name}/{mode} table; it falls back ({profile.fallback()}, or the "
+            "caller's own choice)",
         )
     return Choice(profile.fallback(), {}, covered=False)
 
