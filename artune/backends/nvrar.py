@@ -70,16 +70,16 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
     if nodes == 1 and nbytes <= 64 << 10:
         block = _fit(512 if nbytes <= 8 << 10 else 1024, elems)
         return {"algo": "oneshot", "proto": "ll", "block": block,
-                "ctas": _ctas_for(-(-elems // block), 32), "warps": 4, "inter": "nvshmem"}
+                "ctas": _ctas_for(-(-elems // block), 32), "warps": 4, "inter": "auto"}
     if nbytes <= 1 << 20:
         block = _fit(1024, elems)
         shard = -(-elems // ranks_per_node)
         return {"algo": "twoshot", "proto": "ll", "block": block,
-                "ctas": _ctas_for(-(-shard // block), 64), "warps": 4, "inter": "nvshmem"}
+                "ctas": _ctas_for(-(-shard // block), 64), "warps": 4, "inter": "auto"}
     block = _fit(4096, elems)
     shard = -(-elems // ranks_per_node)
     return {"algo": "twoshot", "proto": "signal", "block": block,
-            "ctas": _ctas_for(-(-shard // block), 64), "warps": 8, "inter": "nvshmem"}
+            "ctas": _ctas_for(-(-shard // block), 64), "warps": 8, "inter": "auto"}
 
 
 class NvrarBackend(Backend):
@@ -129,7 +129,7 @@ class NvrarBackend(Backend):
             "warps": list(_WARPS),
         }
         if ctx.nodes > 1:
-            space["inter"] = ["nvshmem", "p2p"]
+            space["inter"] = ["auto", "nvshmem", "p2p"]
         return space
 
     @classmethod
@@ -166,6 +166,7 @@ class NvrarBackend(Backend):
             self.comm: NvrarComm | None = NvrarComm(
                 ctx.rank, self.nodes, self.layout, self.buf, bases, ctx.device,
                 timeout_s=float(envs.get("ARTUNE_TIMEOUT_S")),
+                barrier=lambda: dist.barrier(group=ctx.cpu_group),
             )
         except ValueError as exc:
             _nvshmem.free(self.buf)

@@ -15,6 +15,7 @@ same calls with the same plans in the same order (the epoch counters must stay i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ __all__ = ["Plan", "NvrarComm", "NvrarTimeoutError", "ALGOS", "PROTOS", "INTERS"
 
 ALGOS = ("oneshot", "twoshot")
 PROTOS = ("ll", "signal")
-INTERS = ("nvshmem", "p2p")
+INTERS = ("auto", "nvshmem", "p2p")
 _MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
 
 
@@ -52,8 +53,9 @@ class Plan:
     recursive doubling between nodes when there are several, then all-gather);
     ``proto``: "ll" (flag in every 8-byte word) or "signal" (data, fence, 64-bit signal; one-shot
     is always LL); ``block``: elements per CTA chunk; ``ctas``: at most this many CTAs;
-    ``warps``: warps per CTA; ``inter``: inter-node transport, "nvshmem" (put / put-with-signal)
-    or "p2p" (stores through peer addresses; every rank must be NVLink-reachable).
+    ``warps``: warps per CTA; ``inter``: inter-node transport, "nvshmem" (put / put-with-signal),
+    "p2p" (stores through peer addresses; every rank must be NVLink-reachable) or "auto" (p2p
+    where every rank is reachable, else nvshmem).
     """
 
     algo: str = "twoshot"
@@ -61,7 +63,7 @@ class Plan:
     block: int = 1024
     ctas: int = 16
     warps: int = 4
-    inter: str = "nvshmem"
+    inter: str = "auto"
 
     def problem(self) -> str | None:
         """Why these values are not valid, or None."""
@@ -107,6 +109,7 @@ class NvrarComm:
         device: torch.device,
         timeout_s: float,
         interpret: bool = False,
+        barrier: Callable[[], None] | None = None,
     ) -> None:
         import torch
 
@@ -157,6 +160,8 @@ class NvrarComm:
         else:
             self.max_grid = MAX_CTAS
         self._sigset: int | None = None
+        self._barrier = barrier
+        self._ready: set[tuple[Any, ...]] = set()
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -212,37 +217,65 @@ class NvrarComm:
     def _common(self) -> tuple[Any, ...]:
         return (self.ctr, self.err_dev, self.err_host.data_ptr(), self.limit_ns, self.rank)
 
+    def _launch(self, kernel: Any, key: tuple[Any, ...], grid: int, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> None:
+        """Launch, compiling first on the first use of ``key`` in this process.
+
+        The first use compiles on every rank, then meets the others at ``barrier`` before any
+        rank launches: a rank still compiling must not make its peers' bounded waits run out.
+        """
+        if key not in self._ready and not self.interpret:
+            import torch
+
+            if torch.cuda.is_current_stream_capturing() and key[0] == "nvshmem":
+                raise RuntimeError(
+                    f"artune nvrar: first use of {key} inside CUDA-graph capture; loading an "
+                    f"NVSHMEM-linked kernel is not capturable: call all_reduce once eagerly with "
+                    f"this dtype and parameters before capturing"
+                )
+            jit = getattr(kernel, "jit_func", kernel)  # torch's requires_nvshmem wrapper
+            extra = {"extern_libs": kernel.extern_libs} if jit is not kernel else {}
+            jit.warmup(*args, grid=(grid,), **kwargs, **extra)
+            if self._barrier is not None:
+                self._barrier()
+            self._ready.add(key)
+        kernel[(grid,)](*args, **kwargs)
+
     def _oneshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> None:
         from artune.kernels.nvrar_oneshot import oneshot_ll_kernel
 
         assert self.world_bases is not None
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
-        oneshot_ll_kernel[(grid,)](
-            x, y, n, *self.world_bases, self.offsets["oneshot"], self.layout.oneshot_slot,
-            *self._common(),
-            W=self.nodes.world, PACK=pack, BLOCK=plan.block,
-            WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
-            INTERPRET=self.interpret, num_warps=plan.warps,
-        )
+        args = (x, y, n, *self.world_bases, self.offsets["oneshot"], self.layout.oneshot_slot,
+                *self._common())
+        kwargs = dict(W=self.nodes.world, PACK=pack, BLOCK=plan.block,
+                      WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
+                      INTERPRET=self.interpret, num_warps=plan.warps)
+        key = ("oneshot", x.dtype, plan.block, plan.warps)
+        self._launch(oneshot_ll_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> None:
         nodes, off = self.nodes, self.offsets
         ll = plan.proto == "ll"
         shard = round_up(cdiv(n, nodes.local), SHARD_ALIGN)
         grid = min(plan.ctas, cdiv(shard, plan.block), self.max_grid)
-        use_shmem = nodes.nodes > 1 and plan.inter == "nvshmem"
+        use_shmem = nodes.nodes > 1 and (
+            plan.inter == "nvshmem" or (plan.inter == "auto" and not self.p2p_everywhere)
+        )
         kernel = _nvshmem_kernel() if use_shmem else _p2p_kernel()
         sigset = self._signal_set() if use_shmem else 0
-        kernel[(grid,)](
+        args = (
             x, y, n, shard, *self.node_bases, self.rd_tab,
             off["rs_ll" if ll else "rs_sig"], off["ag_ll" if ll else "ag_sig"],
             off["rd_ll" if ll else "rd_sig"], off["stage"], off["signals"],
             self.layout.ll_slot if ll else self.layout.sig_slot, self.layout.max_chunks,
             *self._common(),
-            N=nodes.nodes, L=nodes.local, LOG2P=nodes.log2p, EXTRA=nodes.extra,
-            STEPS=nodes.steps, PACK=pack, BLOCK=plan.block, LL=ll, SIGSET=sigset,
-            MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps,
         )
+        kwargs = dict(N=nodes.nodes, L=nodes.local, LOG2P=nodes.log2p, EXTRA=nodes.extra,
+                      STEPS=nodes.steps, PACK=pack, BLOCK=plan.block, LL=ll, SIGSET=sigset,
+                      MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps)
+        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll)
+        self._launch(kernel, key, grid, args, kwargs)
 
     def _signal_set(self) -> int:
         if self._sigset is None:

@@ -256,7 +256,7 @@ def _store_part(y_ptr, start, c, shard, n, v, BLOCK: tl.constexpr):
         tl.store(y_ptr + start + t, v, mask=(t < shard) & (start + t < n))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "shard", "maxch", "limit_ns", "rank"])
 def hier_kernel(
     x_ptr, y_ptr, n, shard,
     b0, b1, b2, b3, b4, b5, b6, b7,
@@ -272,7 +272,7 @@ def hier_kernel(
                rank, N, L, LOG2P, EXTRA, STEPS, PACK, BLOCK, LL, False, SIGSET, MAXC, INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "shard", "maxch", "limit_ns", "rank"])
 def hier_kernel_nvshmem(
     x_ptr, y_ptr, n, shard,
     b0, b1, b2, b3, b4, b5, b6, b7,

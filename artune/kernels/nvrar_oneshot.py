@@ -51,7 +51,7 @@ def _report(words, live, epoch, err_dev, err_host, pid):
     record_error(err_dev, err_host, 0, peer, pid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "limit_ns", "rank"])
 def oneshot_ll_kernel(
     x_ptr,  # *DT [n] input (any contiguous tensor)
     y_ptr,  # *DT [n] output

@@ -1,0 +1,250 @@
+"""NVRAR development benchmark: every NVRAR variant against NCCL, per size, on this machine.
+
+    torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --out OUT.json [--ranks-per-node 2]
+        [--sizes 4K,64K,...] [--quick]
+
+CUDA-graph replay, bf16. For each size: NCCL (``dist.all_reduce`` in place on a static buffer)
+and a grid of NVRAR plans (algorithm, protocol, block, warps; CTAs cover the chunks, at most
+128), plus NVRAR's defaults. Every plan is first checked against NCCL's fp32 sum with identical
+bits on every rank; a wrong plan is reported, never timed. Latency per call: each rank's median
+over replays of a graph of ``calls`` calls; the slowest rank counts. With ``--ranks-per-node``
+smaller than the world size the GPUs form virtual nodes: the inter-node path runs on one host
+(emulation, labelled so). Writes a JSON of every measurement (card, date, versions) and prints
+a table: NCCL, NVRAR's defaults, the best plan, speedups over NCCL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from artune.envs import NO_MULTICAST_ENV  # noqa: E402
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+DEFAULT_SIZES = "4K,16K,64K,256K,512K,1M,2M,4M,8M,16M,64M"
+
+
+def _bytes(s: str) -> int:
+    s = s.strip().upper().removesuffix("B")
+    return int(float(s[:-1]) * _UNITS[s[-1]]) if s[-1] in _UNITS else int(s)
+
+
+def _h(n: int) -> str:
+    for unit in ("M", "K"):
+        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+def plans_for(nbytes: int, nodes: int, quick: bool) -> list[dict[str, Any]]:
+    """The NVRAR plans timed at ``nbytes`` (bf16)."""
+    elems = nbytes // 2
+    out: list[dict[str, Any]] = []
+    if nodes > 1:  # virtual nodes: both inter-node transports, one block size
+        for proto in ("ll", "signal") if nbytes <= 4 << 20 else ("signal",):
+            for inter in ("nvshmem", "p2p"):
+                out.append({"algo": "twoshot", "proto": proto, "block": 1024, "warps": 4,
+                            "inter": inter})
+        for p in out:
+            p["ctas"] = min(128, max(1, -(-elems // p["block"])))
+        return out
+    inters = ["auto"]
+    if nodes == 1 and nbytes <= 1 << 20:
+        for block in (256, 512, 1024, 2048):
+            if block <= max(256, elems):
+                out.append({"algo": "oneshot", "proto": "ll", "block": block, "warps": 4})
+    if nbytes <= 4 << 20:
+        for block in (512, 1024, 2048):
+            for inter in inters:
+                out.append({"algo": "twoshot", "proto": "ll", "block": block, "warps": 4,
+                            "inter": inter})
+    if nbytes >= 64 << 10:
+        for block in (1024, 2048, 4096) if nbytes <= 4 << 20 else (2048, 4096, 8192):
+            for warps in (4, 8) if nbytes <= 4 << 20 else (8, 16):
+                for inter in inters:
+                    out.append({"algo": "twoshot", "proto": "signal", "block": block,
+                                "warps": warps, "inter": inter})
+    if quick:
+        out = out[::3]
+    for p in out:
+        p["ctas"] = min(128, max(1, -(-elems // p["block"])))  # the kernel caps it per shard
+    return out
+
+
+def _run_local(fn: Any, be: Any) -> tuple[Any, str | None]:
+    """(result, None) or (None, the error) of one synchronised call."""
+    try:
+        y = fn()
+        torch.cuda.synchronize()
+        be.check()
+        return y, None
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return None, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _time_graph(fn: Any, calls: int, reps: int) -> float:
+    """Median µs per call of ``calls`` back-to-back calls captured in one graph."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+# Small result collectives run on the default (NCCL) group, outside any capture.
+def _slowest(us: float, group: Any) -> float:
+    t = torch.tensor([us], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def _agree(ok: bool, group: Any) -> bool:
+    t = torch.tensor([0 if ok else 1], device="cuda")
+    dist.all_reduce(t, group=group)
+    return t.item() == 0
+
+
+def _correct(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, group: Any) -> bool:
+    close = bool(((y.float() - ref).abs() <= 2 ** -6 * scale + 1e-6).all().item())
+    bits = y.view(torch.int16).clone()
+    first = bits.clone()
+    dist.broadcast(first, src=0, group=group)
+    return _agree(close and torch.equal(bits, first), group)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sizes", default=DEFAULT_SIZES)
+    ap.add_argument("--ranks-per-node", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+    for k, v in NO_MULTICAST_ENV.items():
+        if os.environ.get(k) != v:
+            raise SystemExit(f"nvrar_dev: set {k}={v} (NVLink multicast must stay off)")
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    dist.init_process_group("nccl", device_id=device)
+    cpu = dist.new_group(backend="gloo")
+    per_node = args.ranks_per_node or world
+    os.environ.setdefault("ARTUNE_TIMEOUT_S", "60")  # first-use compiles stay well inside it
+
+    from artune.backends.base import GroupContext
+    from artune.backends.nvrar import NvrarBackend
+
+    sizes = [_bytes(s) for s in args.sizes.split(",")]
+    ctx = GroupContext(group=dist.group.WORLD, cpu_group=cpu, rank=rank, world_size=world,
+                       device=device, ranks_per_node=per_node, max_bytes=max(sizes),
+                       group_name="nvrar-dev")
+    be = NvrarBackend.create(ctx)
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device=device).manual_seed(99 + rank)
+    for nbytes in sizes:
+        n = nbytes // 2
+        x = torch.randn(n, generator=gen, device=device).to(torch.bfloat16)
+        ref = x.float()
+        dist.all_reduce(ref)
+        scale = x.float().abs()
+        dist.all_reduce(scale)
+        calls = 20 if nbytes <= 4 << 20 else 5
+        buf = x.clone()
+        nccl = _slowest(_time_graph(lambda buf=buf: dist.all_reduce(buf), calls, args.reps), None)
+        row: dict[str, Any] = {"bytes": nbytes, "nccl_us": nccl, "plans": []}
+        plans = plans_for(nbytes, ctx.nodes, args.quick) + [{"default": True}]
+        for p in plans:
+            params = None if p.get("default") else dict(p)
+            label = "default" if params is None else json.dumps(params, sort_keys=True)
+            entry: dict[str, Any] = {"plan": be.plan(nbytes, params).__dict__, "label": label}
+            row["plans"].append(entry)
+            if not be.supports(x, params):  # the same answer on every rank
+                entry["skip"] = "supports() is False"
+                continue
+            # every rank runs the same collectives whatever happens locally
+            failure = _run_local(lambda params=params, x=x: be.all_reduce(x, params), be)
+            if not _agree(failure[1] is None, None):
+                entry["error"] = failure[1] or "failed on another rank"
+                continue
+            if not _correct(failure[0], ref, scale, None):
+                entry["error"] = "wrong result or bits differ across ranks"
+                continue
+            try:
+                us = _time_graph(lambda params=params, x=x: be.all_reduce(x, params), calls,
+                                 args.reps)
+            except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+                entry["error"] = f"timing: {type(exc).__name__}: {exc}"[:300]
+                us = float("nan")
+            entry["us"] = _slowest(us, None)
+            if entry["us"] != entry["us"]:  # NaN: some rank failed
+                entry.pop("us")
+                entry.setdefault("error", "timing failed on another rank")
+        rows.append(row)
+        if rank == 0:
+            ok = [e for e in row["plans"] if "us" in e]
+            best = min(ok, key=lambda e: e["us"]) if ok else None
+            print(f"[{_h(nbytes)}] nccl {nccl:.1f} us; best nvrar "
+                  f"{best['us'] if best else float('nan'):.1f} us {best['label'] if best else ''}",
+                  flush=True)
+    be.check()
+    be.close()
+
+    if rank == 0:
+        card = torch.cuda.get_device_name(device)
+        result = {
+            "card": card, "gpus": world, "ranks_per_node": per_node,
+            "emulated_nodes": per_node < world,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "dtype": "bfloat16", "mode": "graph", "rows": rows,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        tag = f"{world}x {card}" + (f", {world // per_node} virtual nodes x {per_node} "
+                                    "(emulation)" if per_node < world else "")
+        print(f"\nNVRAR vs NCCL, bf16, CUDA graph, µs per call (slowest rank), {tag}")
+        print(f"{'size':>6} {'NCCL':>8} {'default':>8} {'best':>8} {'x NCCL':>7}  best plan")
+        for row in rows:
+            ok = [e for e in row["plans"] if "us" in e]
+            d = next((e["us"] for e in ok if e["label"] == "default"), float("nan"))
+            best = min(ok, key=lambda e: e["us"]) if ok else None
+            bad = sum(1 for e in row["plans"] if "error" in e)
+            b = best["us"] if best else float("nan")
+            print(f"{_h(row['bytes']):>6} {row['nccl_us']:8.1f} {d:8.1f} {b:8.1f} "
+                  f"{row['nccl_us'] / b:7.2f}  {best['label'] if best else '-'}"
+                  + (f"  [{bad} plans failed]" if bad else ""))
+    dist.barrier(cpu)
+    from artune.backends import _nvshmem
+
+    _nvshmem.finalize()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""GPU tests of the NVRAR backend (artune/backends/nvrar.py, artune/kernels/nvrar*.py).
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        python -m pytest -q -s tests/gpu/test_nvrar_gpu.py
+
+One spawned process per GPU (tests/gpu/_dist.py). Checked against ``dist.all_reduce`` of the
+inputs in fp32 (NCCL), with identical bits on every rank:
+
+- one node, 2/3/4 ranks: 1 element to 64 MB (odd counts included), bf16/fp16/fp32, every
+  algorithm/protocol that takes the size plus the defaults, eagerly and under CUDA-graph replay
+  (several sizes and dtypes captured in one graph, replayed with new inputs);
+- virtual nodes on one host (emulation of the inter-node path): 4 GPUs as 2 nodes x 2 and 3 GPUs
+  as 3 nodes x 1 (non-power-of-two fold), inter-node steps through NVSHMEM puts and through
+  peer stores;
+- torch.compile(fullgraph=True) of a function calling ``torch.ops.artune.nvrar_all_reduce``,
+  eagerly and captured in a CUDA graph;
+- a soak of 100,000 consecutive all-reduces in graph replays;
+- a forced timeout: one rank skips the call, the others raise NvrarTimeoutError naming the rank,
+  the peer and the step within the configured bound, and every process still shuts down.
+Without the GPUs (or nvshmem4py) every test skips with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+from conftest import requires_nvshmem
+
+from ._dist import run_on_gpus
+
+MAX_BYTES = 64 << 20
+DTYPES = ("bfloat16", "float16", "float32")
+_EPS = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
+# (bytes, odd element offset) -> numel = max(1, bytes // element size - offset)
+SIZES = (
+    (2, 0), (4, 0), (6, 0), (34, 0), (510, 0), (2_000, 0), (4_096, 1), (8_194, 0),
+    (65_536, 3), (131_074, 0), (262_144, 5), (1 << 20, 3), (2 << 20, 0), (8 << 20, 7),
+    (MAX_BYTES - 64, 3), (MAX_BYTES, 0),
+)
+_TIMEOUT_S = 280.0
+
+
+def _numel(nbytes: int, off: int, dtype: torch.dtype) -> int:
+    return max(1, nbytes // torch.empty(0, dtype=dtype).element_size() - off)
+
+
+def _make(ctx: Any, per_node: int, timeout_s: float = 60.0) -> Any:
+    """The NVRAR backend on ``ctx`` grouped in nodes of ``per_node`` ranks."""
+    os.environ["ARTUNE_TIMEOUT_S"] = str(timeout_s)  # the compile barrier keeps ranks close
+    from artune.backends.nvrar import NvrarBackend
+
+    return NvrarBackend.create(replace(ctx, ranks_per_node=per_node, max_bytes=MAX_BYTES))
+
+
+def _plans(be: Any, nbytes: int, dtype: torch.dtype) -> list[dict[str, Any] | None]:
+    """The defaults (None) plus every algorithm/protocol that takes ``nbytes`` on ``be``.
+    Virtual nodes: inter-node stores (p2p) for every dtype, NVSHMEM puts for bf16 (each
+    NVSHMEM-linked variant takes seconds to compile)."""
+    out: list[dict[str, Any] | None] = [None]
+    if be.ctx.nodes == 1:
+        cands: list[dict[str, Any]] = [
+            {"algo": "oneshot", "proto": "ll", "block": 1024, "ctas": 32, "warps": 4},
+            {"algo": "twoshot", "proto": "ll", "block": 1024, "ctas": 32, "warps": 4},
+            {"algo": "twoshot", "proto": "signal", "block": 2048, "ctas": 32, "warps": 8},
+        ]
+    else:
+        inters = ("nvshmem", "p2p") if dtype == torch.bfloat16 else ("p2p",)
+        cands = [
+            {"algo": "twoshot", "proto": p, "block": 1024, "ctas": 16, "warps": 4, "inter": i}
+            for p in ("ll", "signal") for i in inters
+        ]
+    for c in cands:
+        if be.layout.check_message(nbytes, c["algo"], c["proto"]) is None:
+            out.append(c)
+    return out
+
+
+def _check_one(be: Any, x: torch.Tensor, y: torch.Tensor, what: str,
+               plus: float = 0.0) -> str | None:
+    """None when ``y`` is the sum of every rank's ``x`` (fp32 reference) ``+ plus`` with
+    identical bits on every rank; else what is wrong (the same verdict on every rank)."""
+    import torch.distributed as dist
+
+    ref = x.float()
+    dist.all_reduce(ref, group=be.ctx.group)
+    ref += plus
+    scale = x.float().abs()
+    dist.all_reduce(scale, group=be.ctx.group)
+    eps = _EPS[str(x.dtype).removeprefix("torch.")]
+    # one rounding per partial sum that crosses the wire (2 + inter-node steps), 1 ulp each
+    rounds = 2 + be.nodes.steps
+    err = (y.float() - ref).abs()
+    bad = int((err > 2 * rounds * eps * (scale + abs(plus)) + 1e-30).sum().item())
+    bits = y.view(torch.int16 if y.element_size() == 2 else torch.int32).clone()
+    first = bits.clone()
+    dist.broadcast(first, src=dist.get_global_rank(be.ctx.group, 0), group=be.ctx.group)
+    differ = int((bits != first).sum().item())
+    flags = torch.tensor([bad, differ], device=x.device)
+    dist.all_reduce(flags, group=be.ctx.group)
+    if flags.sum().item() == 0:
+        return None
+    return (f"{what}: {flags[0].item()} elements off the fp32 sum (max err "
+            f"{err.max().item():.3g}), {flags[1].item()} elements differ from rank 0's bits")
+
+
+def _sweep(ctx: Any, per_node: int, dtypes: tuple[str, ...], sizes: tuple[tuple[int, int], ...],
+           graph: bool) -> list[str]:
+    """Eager (and graph) checks of every plan at every size; the list of failures."""
+    be = _make(ctx, per_node)
+    failures: list[str] = []
+    gen = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.rank)
+    try:
+        for dname in dtypes:
+            dtype = getattr(torch, dname)
+            for nbytes, off in sizes:
+                n = _numel(nbytes, off, dtype)
+                for params in _plans(be, n * torch.empty(0, dtype=dtype).element_size(), dtype):
+                    x = torch.randn(n, generator=gen, device=ctx.device).to(dtype)
+                    x0 = x.clone()
+                    y = be.all_reduce(x, params)
+                    what = f"eager n={n} {dname} {params or 'defaults'}"
+                    if not torch.equal(x, x0):
+                        failures.append(f"{what}: x was modified")
+                    bad = _check_one(be, x, y, what)
+                    if bad:
+                        failures.append(bad)
+            be.check()
+        if graph:
+            failures += _graph_check(be, dtypes)
+        be.check()
+    finally:
+        be.close()
+    return failures
+
+
+def _graph_check(be: Any, dtypes: tuple[str, ...]) -> list[str]:
+    """Several sizes/dtypes captured in one graph (defaults), replayed 3x with new inputs."""
+    failures: list[str] = []
+    dev = be.ctx.device
+    shapes = [(n, getattr(torch, d)) for d in dtypes for n in (1, 2049, 65537, 1 << 20)]
+    xs = [torch.randn(n, device=dev).to(dt) for n, dt in shapes]
+    for x in xs:  # warm up (compile) every plan eagerly, as real callers do
+        be.all_reduce(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with be.capture(), torch.cuda.graph(graph):
+        ys = [be.all_reduce(x) for x in xs]
+    for rep in range(3):
+        for x in xs:
+            x.copy_(torch.randn(x.numel(), device=dev).to(x.dtype))
+        graph.replay()
+        for x, y in zip(xs, ys, strict=True):
+            bad = _check_one(be, x, y, f"graph replay {rep} n={x.numel()} {x.dtype}")
+            if bad:
+                failures.append(bad)
+    return failures
+
+
+def _one_node(ctx: Any) -> list[str]:
+    failures = _sweep(ctx, ctx.world_size, DTYPES, SIZES, graph=True)
+    if ctx.world_size == 3:  # three virtual nodes of one GPU: the fold-in/out path
+        failures += [f"3x1: {f}" for f in _sweep(ctx, 1, DTYPES, SIZES[::3], graph=False)]
+    return failures
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "world", [pytest.param(n, marks=requires_nvshmem(n), id=f"ws{n}") for n in (2, 3, 4)]
+)
+def test_one_node_sweep(world: int) -> None:
+    failures = run_on_gpus(world, _one_node, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
+    assert failures[0] == [], "\n".join(failures[0][:20])
+
+
+def _virtual_nodes(ctx: Any) -> list[str]:
+    return _sweep(ctx, 2, DTYPES, SIZES[::2] + (SIZES[-1],), graph=True)
+
+
+@requires_nvshmem(4)
+@pytest.mark.gpu
+def test_virtual_nodes_2x2() -> None:
+    """Emulation: 4 GPUs of one host as 2 nodes x 2 (the inter-node path, NVSHMEM and p2p)."""
+    failures = run_on_gpus(4, _virtual_nodes, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
+    assert failures[0] == [], "\n".join(failures[0][:20])
+
+
+def _compile_and_soak(ctx: Any, calls: int) -> dict[str, Any]:
+    from artune.integration.nvrar_op import register_nvrar
+
+    be = _make(ctx, ctx.world_size)
+    register_nvrar("nvrar-test", be)
+    out: dict[str, Any] = {"failures": []}
+    dev = ctx.device
+    try:
+        # torch.compile(fullgraph=True), eagerly and inside a captured graph
+        @torch.compile(fullgraph=True)
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.artune.nvrar_all_reduce(x * 2, "nvrar-test") + 1
+
+        x = torch.randn(3000, device=dev)
+        for _ in range(2):
+            y = f(x)
+        bad = _check_one(be, x * 2, y, "torch.compile eager", plus=1.0)
+        if bad:
+            out["failures"].append(bad)
+        g = torch.cuda.CUDAGraph()
+        with be.capture(), torch.cuda.graph(g):
+            yg = f(x)
+        x.copy_(torch.randn(3000, device=dev))
+        g.replay()
+        bad = _check_one(be, x * 2, yg, "torch.compile in a CUDA graph", plus=1.0)
+        if bad:
+            out["failures"].append(bad)
+
+        # soak: `calls` all-reduces in graph replays (100 per graph), mixed sizes and algorithms
+        xs = [torch.randn(n, device=dev).to(torch.bfloat16) for n in (2048, 32768, 524288, 1000)]
+        for xi in xs:
+            be.all_reduce(xi)
+        torch.cuda.synchronize()
+        g2 = torch.cuda.CUDAGraph()
+        with be.capture(), torch.cuda.graph(g2):
+            ys = [be.all_reduce(xs[i % len(xs)]) for i in range(100)]
+        t0 = time.perf_counter()
+        for _ in range(calls // 100):
+            g2.replay()
+        torch.cuda.synchronize()
+        out["soak_s"] = time.perf_counter() - t0
+        out["soak_calls"] = calls // 100 * 100
+        be.check()
+        for i in range(len(xs)):
+            bad = _check_one(be, xs[i], ys[i], f"soak n={xs[i].numel()}")
+            if bad:
+                out["failures"].append(bad)
+        same = all(torch.equal(ys[i], ys[i + len(xs)]) for i in range(len(xs)))
+        if not same:
+            out["failures"].append("soak: repeated calls on the same input differ")
+    finally:
+        be.close()
+    return out
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+def test_compile_and_soak() -> None:
+    world = min(4, torch.cuda.device_count())
+    res = run_on_gpus(world, _compile_and_soak, 100_000, max_bytes=MAX_BYTES,
+                      timeout_s=_TIMEOUT_S)
+    assert res[0]["failures"] == [], "\n".join(res[0]["failures"])
+    assert res[0]["soak_calls"] >= 100_000
+    print(f"\nsoak: {res[0]['soak_calls']} all-reduces on {world} GPUs in "
+          f"{res[0]['soak_s']:.2f} s")
+
+
+def _timeout(ctx: Any, bound_s: float) -> dict[str, Any]:
+    from artune.kernels.nvrar import NvrarTimeoutError
+
+    be = _make(ctx, ctx.world_size, timeout_s=bound_s)
+    x = torch.randn(4096, device=ctx.device)
+    be.all_reduce(x)  # one good call first (compiles; all ranks in step)
+    torch.cuda.synchronize()
+    out: dict[str, Any] = {}
+    if ctx.rank != ctx.world_size - 1:  # the last rank skips the next call
+        t0 = time.perf_counter()
+        be.all_reduce(x)
+        torch.cuda.synchronize()
+        out["elapsed_s"] = time.perf_counter() - t0
+        try:
+            be.check()
+            out["error"] = None
+        except NvrarTimeoutError as exc:
+            out["error"] = str(exc)
+        try:
+            be.all_reduce(x)
+            out["second"] = None
+        except NvrarTimeoutError as exc:
+            out["second"] = str(exc)
+    be.close()
+    return out
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+def test_skipped_call_times_out_with_a_named_error() -> None:
+    bound = 1.0
+    world = min(3, torch.cuda.device_count())
+    res = run_on_gpus(world, _timeout, bound, max_bytes=MAX_BYTES, timeout_s=120)
+    last = world - 1
+    for rank in range(last):
+        r = res[rank]
+        assert r["error"] is not None, f"rank {rank}: no error after the peer skipped the call"
+        assert f"rank {rank} waited {bound:g} s for rank {last}" in r["error"], r["error"]
+        assert "one-shot exchange" in r["error"]
+        assert r["elapsed_s"] < bound + 2.0, r["elapsed_s"]
+        assert r["second"] is not None  # poisoned: every later call raises too
