@@ -171,6 +171,9 @@ def _dies_and_survives(rank: int, world: int) -> dict[str, Any]:
         comm.barrier("after")
     except HostCollectiveError as exc:
         return {"error": str(exc), "seconds": time.monotonic() - t0}
+    finally:
+        if hb is not None:
+            hb.stop()
     return {"error": None, "seconds": time.monotonic() - t0}
 
 

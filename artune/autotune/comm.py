@@ -74,7 +74,11 @@ class Heartbeat:
         return stale
 
     def stop(self) -> None:
+        """Stop and join the thread. Joining matters: a daemon thread still inside a store call
+        when the interpreter exits is torn down mid-C++ and aborts the process."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=HEARTBEAT_S + 15.0)
 
 
 class Comm:
