@@ -94,7 +94,8 @@ def render(profile: Profile, console: Any = None) -> None:
         reasons = Counter((s.get("backend"), s.get("reason")) for s in skipped)
         console.print(f"[bold]skipped or failed candidates[/bold] ({len(skipped)}):")
         for (backend, reason), n in reasons.most_common():
-            console.print(f"  {backend}: {reason}" + (f"  (x{n})" if n > 1 else ""))
+            line = f"  {backend}: {reason}" + (f"  (x{n})" if n > 1 else "")
+            console.print(line, markup=False, highlight=False)
     validation = d.get("validation") or []
     if validation:
         ok = sum(1 for v in validation if v.get("within"))

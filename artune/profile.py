@@ -113,7 +113,8 @@ class Profile:
 
     @property
     def tables(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
-        return self.data.get("tables", {})  # type: ignore[no-any-return]
+        tables: dict[str, dict[str, list[dict[str, Any]]]] = self.data.get("tables", {})
+        return tables
 
     def backends_used(self) -> list[str]:
         """Backends any range of the profile routes to, in first-use order."""
@@ -269,8 +270,8 @@ def save(data: Mapping[str, Any] | Profile, path: str | os.PathLike[str]) -> Pat
     """Write a profile atomically (temp file in the same folder, fsync, rename): a reader sees
     the old file or the new one, never half of one."""
     doc = data.data if isinstance(data, Profile) else dict(data)
-    validate(doc, path)
     p = Path(path)
+    validate(doc, p)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:

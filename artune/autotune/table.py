@@ -9,9 +9,9 @@ Rules (issue #2): per size the fastest backend (its best parameter set) wins; wh
 within the measured noise of the fastest (the larger of their spreads, and never less than
 ``rel_tol`` of the fastest), the one chosen for the next smaller size is kept, else the one that
 wins the next larger size, else the fallback (NCCL), else the fastest. Each measured size owns
-the byte range up to the geometric midpoint to the next measured size; the first range starts at 1 byte, the last ends at the largest
-measured size (beyond it: the fallback). Adjacent ranges with the same backend and parameters
-are merged.
+the byte range up to the geometric midpoint to the next measured size; the first range starts at
+1 byte, the last ends at the largest measured size (beyond it: the fallback). Adjacent ranges
+with the same backend and parameters are merged.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""How artune reaches its callers: a torch custom op (``ops``) and the SGLang plugin (``sglang``)."""
+"""How artune reaches its callers: a torch custom op (``ops``) and the SGLang plugin."""
