@@ -40,4 +40,4 @@ def load(name: str) -> type[Backend]:
             f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}"
         ) from None
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return,unused-ignore]
