@@ -43,6 +43,7 @@ def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    (folder / f"{kind}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     res: dict[str, Any] = {
         "kind": kind, "command": " ".join(["artune", *cmd[3:]]), "wall_s": round(wall, 1),
         "returncode": proc.returncode, "target_s": TARGETS_S[kind],
@@ -71,15 +72,20 @@ def main() -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--only", choices=("full", "quick"), default=None)
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/tune_time.json"))
+    p.add_argument("--keep", type=Path, default=None,
+                   help="write the profiles and tune logs here instead of a temporary folder")
     args = p.parse_args()
     extra = ["--device", args.device]
     if args.nproc_per_node:
         extra += ["--nproc-per-node", str(args.nproc_per_node)]
     runs = []
     with tempfile.TemporaryDirectory(prefix="artune-tune-time-") as tmp:
-        for kind in ("quick", "full"):
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        # full first: it starts cold (no Triton cache from an earlier run), as on a new machine
+        for kind in ("full", "quick"):
             if args.only in (None, kind):
-                runs.append(_run(kind, extra, Path(tmp)))
+                runs.append(_run(kind, extra, folder))
     doc = {
         "benchmark": "tune_time",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
