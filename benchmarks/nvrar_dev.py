@@ -32,7 +32,7 @@ import torch.distributed as dist  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-DEFAULT_SIZES = "4K,16K,64K,256K,512K,1M,2M,4M,8M,16M,64M"
+DEFAULT_SIZES = "4K,16K,64K,256K,512K,1M,2M,4M,16M,64M"
 
 
 def _bytes(s: str) -> int:
@@ -54,27 +54,24 @@ def plans_for(nbytes: int, nodes: int, quick: bool) -> list[dict[str, Any]]:
     if nodes > 1:  # virtual nodes: both inter-node transports, one block size
         for proto in ("ll", "signal") if nbytes <= 4 << 20 else ("signal",):
             for inter in ("nvshmem", "p2p"):
-                out.append({"algo": "twoshot", "proto": proto, "block": 1024, "warps": 4,
+                out.append({"algo": "twoshot", "proto": proto, "block": 512, "warps": 4,
                             "inter": inter})
         for p in out:
             p["ctas"] = min(128, max(1, -(-elems // p["block"])))
         return out
-    inters = ["auto"]
-    if nodes == 1 and nbytes <= 1 << 20:
-        for block in (256, 512, 1024, 2048):
+    if nbytes <= 1 << 20:  # one-shot LL (one node)
+        for block, warps in ((256, 1), (256, 2), (256, 4), (512, 2), (512, 4), (1024, 4),
+                             (2048, 4)):
             if block <= max(256, elems):
-                out.append({"algo": "oneshot", "proto": "ll", "block": block, "warps": 4})
-    if nbytes <= 4 << 20:
-        for block in (512, 1024, 2048):
-            for inter in inters:
-                out.append({"algo": "twoshot", "proto": "ll", "block": block, "warps": 4,
-                            "inter": inter})
-    if nbytes >= 64 << 10:
-        for block in (1024, 2048, 4096) if nbytes <= 4 << 20 else (2048, 4096, 8192):
-            for warps in (4, 8) if nbytes <= 4 << 20 else (8, 16):
-                for inter in inters:
-                    out.append({"algo": "twoshot", "proto": "signal", "block": block,
-                                "warps": warps, "inter": inter})
+                out.append({"algo": "oneshot", "proto": "ll", "block": block, "warps": warps})
+    if 64 << 10 <= nbytes <= 4 << 20:  # two-shot LL
+        for block, warps in ((512, 2), (512, 4), (1024, 4), (2048, 4)):
+            out.append({"algo": "twoshot", "proto": "ll", "block": block, "warps": warps})
+    if nbytes >= 256 << 10:  # two-shot signal
+        grid = ((1024, 4), (2048, 4), (4096, 4), (2048, 8)) if nbytes <= 4 << 20 else (
+            (4096, 8), (8192, 8), (8192, 16), (4096, 16))
+        for block, warps in grid:
+            out.append({"algo": "twoshot", "proto": "signal", "block": block, "warps": warps})
     if quick:
         out = out[::3]
     for p in out:
@@ -134,6 +131,21 @@ def _correct(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, group: Any
     first = bits.clone()
     dist.broadcast(first, src=0, group=group)
     return _agree(close and torch.equal(bits, first), group)
+
+
+def _save(out: str, rows: list[dict[str, Any]], world: int, per_node: int,
+          device: torch.device) -> str:
+    card = torch.cuda.get_device_name(device)
+    result = {
+        "card": card, "gpus": world, "ranks_per_node": per_node,
+        "emulated_nodes": per_node < world,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        "dtype": "bfloat16", "mode": "graph", "rows": rows,
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    return card
 
 
 def main() -> None:
@@ -206,6 +218,8 @@ def main() -> None:
                 entry.pop("us")
                 entry.setdefault("error", "timing failed on another rank")
         rows.append(row)
+        if rank == 0:  # after every size: a cut-short run still leaves its measurements
+            _save(args.out, rows, world, per_node, device)
         if rank == 0:
             ok = [e for e in row["plans"] if "us" in e]
             best = min(ok, key=lambda e: e["us"]) if ok else None
@@ -216,16 +230,7 @@ def main() -> None:
     be.close()
 
     if rank == 0:
-        card = torch.cuda.get_device_name(device)
-        result = {
-            "card": card, "gpus": world, "ranks_per_node": per_node,
-            "emulated_nodes": per_node < world,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-            "dtype": "bfloat16", "mode": "graph", "rows": rows,
-        }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        card = _save(args.out, rows, world, per_node, device)
         tag = f"{world}x {card}" + (f", {world // per_node} virtual nodes x {per_node} "
                                     "(emulation)" if per_node < world else "")
         print(f"\nNVRAR vs NCCL, bf16, CUDA graph, µs per call (slowest rank), {tag}")

@@ -37,7 +37,7 @@ __all__ = ["NvrarBackend", "default_plan"]
 
 _MAX_LOCAL = 8
 _CTAS = (1, 2, 4, 8, 16, 32, 64, 128)
-_WARPS = (2, 4, 8, 16)
+_WARPS = (1, 2, 4, 8, 16)
 
 
 def _caps(ctx: GroupContext) -> tuple[int, int]:
@@ -60,26 +60,29 @@ def _fit(block: int, elems: int) -> int:
 
 
 def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]:
-    """NVRAR's untuned parameters for a message of ``nbytes``.
+    """NVRAR's untuned parameters for a message of ``nbytes`` (bf16 element counts).
 
-    Size thresholds: initial choices from the algorithms' hop counts and traffic (one-shot LL:
-    one hop, 2(W-1)x bytes out; two-shot LL: two hops, 4(W-1)/W x; signal: two hops plus a fence
-    per chunk, 2(W-1)/W x), to be replaced by the measured optimum of benchmarks/nvrar_dev.py.
+    From benchmarks/nvrar_dev.py on 4x and 2x H200 (2026-11-26, docs/nvrar.md): one-shot LL is
+    fastest up to 64 KiB on 4 GPUs and up to 256 KiB on 2 (small blocks, many CTAs; one or two
+    warps avoid cross-warp syncs at the smallest sizes); two-shot LL up to 512 KiB; the signal
+    protocol above (blocks growing with the message).
     """
     elems = max(1, nbytes // 2)
-    if nodes == 1 and nbytes <= 64 << 10:
-        block = _fit(512 if nbytes <= 8 << 10 else 1024, elems)
+    oneshot_max = (256 << 10) if ranks_per_node * nodes <= 2 else (64 << 10)
+    if nodes == 1 and nbytes <= oneshot_max:
+        block = _fit(256 if ranks_per_node > 2 else 512, elems)
+        warps = 1 if nbytes <= 16 << 10 else 2
         return {"algo": "oneshot", "proto": "ll", "block": block,
-                "ctas": _ctas_for(-(-elems // block), 32), "warps": 4, "inter": "auto"}
-    if nbytes <= 1 << 20:
-        block = _fit(1024, elems)
-        shard = -(-elems // ranks_per_node)
-        return {"algo": "twoshot", "proto": "ll", "block": block,
-                "ctas": _ctas_for(-(-shard // block), 64), "warps": 4, "inter": "auto"}
-    block = _fit(4096, elems)
+                "ctas": _ctas_for(-(-elems // block), 128), "warps": warps, "inter": "auto"}
     shard = -(-elems // ranks_per_node)
+    if nbytes <= 512 << 10:
+        block = _fit(512, elems)
+        return {"algo": "twoshot", "proto": "ll", "block": block,
+                "ctas": _ctas_for(-(-shard // block), 128), "warps": 4, "inter": "auto"}
+    block = _fit(2048 if nbytes <= 2 << 20 else 4096 if nbytes <= 4 << 20 else 8192, elems)
     return {"algo": "twoshot", "proto": "signal", "block": block,
-            "ctas": _ctas_for(-(-shard // block), 64), "warps": 8, "inter": "auto"}
+            "ctas": _ctas_for(-(-shard // block), 128), "warps": 4 if nbytes <= 4 << 20 else 8,
+            "inter": "auto"}
 
 
 class NvrarBackend(Backend):

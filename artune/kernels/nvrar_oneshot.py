@@ -1,11 +1,12 @@
 """NVRAR one-shot LL kernel: every rank pushes its input to every peer, each sums all W.
 
-One hop over NVLink, no separate signal: each 8-byte LL word carries 4 payload bytes and the
-call's 32-bit epoch, stored straight into the peer's receive slot ``[parity][my rank]`` through
-its ``nvshmem_ptr`` address. Each rank waits for all W-1 slots of a chunk in one poll loop,
-then sums the W inputs in fp32 (its own from ``x``) with the same reduction tree on every rank
-(same compiled kernel; the rank is a runtime value), so every rank produces identical bits.
-For small messages on one node.
+One hop over NVLink, no separate signal: each 8-byte LL word carries 4 payload bytes (two
+16-bit elements i and i + BLOCK/2 of a chunk, or one fp32) and the call's 32-bit epoch, stored
+straight into the peer's receive slot ``[parity][my rank]`` through its ``nvshmem_ptr``
+address. Each rank waits for all W-1 slots of a chunk in one poll loop, then sums the W inputs
+in fp32 (its own from ``x``) with the same reduction tree on every rank (same compiled kernel;
+the rank is a runtime value), so every rank produces identical bits. For small messages on
+one node.
 
 Grid: ``min(ctas, cdiv(n, BLOCK))`` CTAs; CTA ``p`` handles chunks ``p, p + G, ...`` of BLOCK
 elements. Launched by ``artune.kernels.nvrar.NvrarComm``.
@@ -17,12 +18,13 @@ import triton
 import triton.language as tl
 
 from artune.kernels.nvrar_prims import (
-    load_chunk,
+    decode_ll,
+    load_pair,
     pick,
     ptr_as,
+    put_ll,
     record_error,
-    store_chunk,
-    to_words,
+    store_pair,
     wait_ll,
 )
 
@@ -30,24 +32,12 @@ __all__ = ["oneshot_ll_kernel"]
 
 
 @triton.jit
-def _decode_rows(words, DT: tl.constexpr, PACK: tl.constexpr, WP: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """[WP, BLOCK // PACK] uint64 LL words -> [WP, BLOCK] elements of dtype DT."""
-    w = (words & 0xFFFFFFFF).to(tl.uint32)
-    if PACK == 1:
-        return w.to(DT, bitcast=True)
-    else:
-        lo = (w & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
-        hi = (w >> 16).to(tl.uint16).to(DT, bitcast=True)
-        return tl.reshape(tl.join(lo, hi), (WP, BLOCK))
-
-
-@triton.jit
-def _report(words, live, epoch, err_dev, err_host, pid):
+def _report(wa, wb, live, epoch, err_dev, err_host, pid):
     """Record the first rank whose words are still stale."""
-    stale = live & ((words >> 32).to(tl.uint32) != epoch.to(tl.uint32))
-    rows = tl.arange(0, words.shape[0])[:, None] + tl.zeros(words.shape, tl.int32)
-    peer = tl.min(tl.where(stale, rows, words.shape[0]), axis=None)
+    e = epoch.to(tl.uint32)
+    stale = live & (((wa >> 32).to(tl.uint32) != e) | ((wb >> 32).to(tl.uint32) != e))
+    rows = tl.arange(0, wa.shape[0])[:, None] + tl.zeros(wa.shape, tl.int32)
+    peer = tl.min(tl.where(stale, rows, wa.shape[0]), axis=None)
     record_error(err_dev, err_host, 0, peer, pid)
 
 
@@ -72,7 +62,8 @@ def oneshot_ll_kernel(
     INTERPRET: tl.constexpr,
 ):
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    BW: tl.constexpr = BLOCK // PACK
+    H: tl.constexpr = BLOCK // 2  # a chunk travels as two halves (nvrar_prims.load_pair)
+    BW: tl.constexpr = BLOCK // PACK  # LL words per chunk
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     epoch = tl.load(ctr_ptr + pid) + 1
@@ -80,35 +71,35 @@ def oneshot_ll_kernel(
     par = (epoch & 1).to(tl.int64)
     flag = epoch.to(tl.uint32).to(tl.uint64) << 32
     nchunks = tl.cdiv(n, BLOCK)
-    wo = tl.arange(0, BW)
 
     # push this rank's chunks into every peer's slot [par][rank]
     for c in range(pid, nchunks, G):
-        ll = to_words(load_chunk(x_ptr, c * BLOCK, n, BLOCK), PACK, BLOCK).to(tl.uint64) | flag
+        a, b = load_pair(x_ptr, c * BLOCK, n, H)
         for i in tl.static_range(1, W):
             dst = (rank + i) % W
             slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
             slot += (par * W + rank) * slot_bytes
-            tl.store(ptr_as(slot, tl.uint64) + c * BW + wo, ll)
+            put_ll(a, b, ptr_as(slot, tl.uint64) + c * BW, flag, PACK, H)
 
-    # wait for all W-1 peers' chunks at once ([WP, BW] words), then sum the W inputs
+    # wait for all W-1 peers' chunks at once ([WP, H] words per half), then sum the W inputs
     rows = tl.arange(0, WP)[:, None]
     live = (rows < W) & (rows != rank)
     mine = ptr_as(pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes,
                   tl.uint64)
     for c in range(pid, nchunks, G):
-        words, pending = wait_ll(
-            mine + rows * (slot_bytes // 8) + c * BW + wo[None, :], live, epoch.to(tl.uint32),
-            limit, INTERPRET,
-        )
+        pa = mine + rows * (slot_bytes // 8) + c * BW + tl.arange(0, H)[None, :]
+        wa, wb, pending = wait_ll(pa, pa + H, live, epoch.to(tl.uint32), limit, PACK == 1,
+                                  INTERPRET)
         if pending > 0:
-            _report(words, live, epoch, err_dev, err_host, pid)
+            _report(wa, wb, live, epoch, err_dev, err_host, pid)
             limit = limit * 0
-        theirs = _decode_rows(words, DT, PACK, WP, BLOCK).to(tl.float32)
-        own = load_chunk(x_ptr, c * BLOCK, n, BLOCK).to(tl.float32)
-        v = tl.where(rows == rank, own[None, :], theirs)
-        v = tl.where(rows < W, v, 0.0)
-        store_chunk(y_ptr, c * BLOCK, n, tl.sum(v, axis=0).to(DT), BLOCK)
+        ta, tb = decode_ll(wa, wb, DT, PACK)
+        a, b = load_pair(x_ptr, c * BLOCK, n, H)
+        va = tl.where(rows == rank, a.to(tl.float32)[None, :], ta.to(tl.float32))
+        vb = tl.where(rows == rank, b.to(tl.float32)[None, :], tb.to(tl.float32))
+        sa = tl.sum(tl.where(rows < W, va, 0.0), axis=0)
+        sb = tl.sum(tl.where(rows < W, vb, 0.0), axis=0)
+        store_pair(y_ptr, c * BLOCK, n, sa.to(DT), sb.to(DT), H)
 
     # advance this CTA's share of the counters (after every thread read the old value)
     tl.debug_barrier()

@@ -30,9 +30,11 @@ __all__ = [
     "record_error",
     "load_chunk",
     "store_chunk",
+    "load_pair",
+    "store_pair",
+    "put_ll",
+    "decode_ll",
     "ptr_as",
-    "to_words",
-    "from_words",
     "pick",
     "ERR_MARK",
 ]
@@ -82,24 +84,38 @@ def ld_acquire(addr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def wait_ll(ptrs, live, epoch, limit_ns, INTERPRET: tl.constexpr):
-    """Poll the LL words at ``ptrs`` (uint64 pointers, any shape) where ``live`` until every flag
-    equals ``epoch`` (uint32) or ``limit_ns`` passes. Returns (words, number still stale)."""
-    v = tl.load(ptrs, mask=live, other=0, volatile=True)
-    ok = ((v >> 32).to(tl.uint32) == epoch) | (live == 0)
-    pending = tl.sum((ok == 0).to(tl.int32), axis=None)
+def wait_ll(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr):
+    """Poll the LL words at ``pa`` (and ``pb`` when TWO; uint64 pointers of one shape) where
+    ``live`` until every flag equals ``epoch`` (uint32) or ``limit_ns`` passes.
+    Returns (words at pa, words at pb or pa, number of words still stale)."""
+    va = tl.load(pa, mask=live, other=0, volatile=True)
+    oka = ((va >> 32).to(tl.uint32) == epoch) | (live == 0)
+    pending = tl.sum((oka == 0).to(tl.int32), axis=None)
+    if TWO:
+        vb = tl.load(pb, mask=live, other=0, volatile=True)
+        okb = ((vb >> 32).to(tl.uint32) == epoch) | (live == 0)
+        pending += tl.sum((okb == 0).to(tl.int32), axis=None)
+    else:
+        vb = va
+        okb = oka
     t0 = now_ns(INTERPRET)
     elapsed = t0 - t0
     while (pending > 0) & (elapsed < limit_ns):
-        fresh = tl.load(ptrs, mask=ok == 0, other=0, volatile=True)
-        v = tl.where(ok, v, fresh)
-        ok = ((v >> 32).to(tl.uint32) == epoch) | (live == 0)
-        pending = tl.sum((ok == 0).to(tl.int32), axis=None)
+        va = tl.where(oka, va, tl.load(pa, mask=oka == 0, other=0, volatile=True))
+        oka = ((va >> 32).to(tl.uint32) == epoch) | (live == 0)
+        pending = tl.sum((oka == 0).to(tl.int32), axis=None)
+        if TWO:
+            vb = tl.where(okb, vb, tl.load(pb, mask=okb == 0, other=0, volatile=True))
+            okb = ((vb >> 32).to(tl.uint32) == epoch) | (live == 0)
+            pending += tl.sum((okb == 0).to(tl.int32), axis=None)
+        else:
+            vb = va
+            okb = oka
         if INTERPRET:
             elapsed = elapsed + _INTERP_SPIN_NS
         else:
             elapsed = now_ns(INTERPRET) - t0
-    return v, pending
+    return va, vb, pending
 
 
 @triton.jit
@@ -160,25 +176,46 @@ def ptr_as(addr, DT: tl.constexpr):
 
 
 @triton.jit
-def to_words(v, PACK: tl.constexpr, BLOCK: tl.constexpr):
-    """``BLOCK`` elements (fp32, or PACK=2 16-bit ones) as ``BLOCK // PACK`` uint32 words."""
-    if PACK == 1:
-        return v.to(tl.uint32, bitcast=True)
-    else:
-        b = v.to(tl.uint16, bitcast=True).to(tl.uint32)
-        lo, hi = tl.split(tl.reshape(b, (BLOCK // 2, 2)))
-        return lo | (hi << 16)
+def load_pair(x_ptr, start, n, H: tl.constexpr):
+    """A chunk of 2H elements of ``x`` as its two halves (a, b), each [H] (zeros past ``n``).
+
+    Chunks travel as halves so that packing two 16-bit elements into one LL word pairs element
+    i with element i + H, which the same thread holds: no layout conversion in the kernels.
+    """
+    return load_chunk(x_ptr, start, n, H), load_chunk(x_ptr, start + H, n, H)
 
 
 @triton.jit
-def from_words(w, DT: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
-    """Inverse of ``to_words``: uint32 words back to ``BLOCK`` elements of dtype ``DT``."""
-    if PACK == 1:
-        return w.to(DT, bitcast=True)
+def store_pair(y_ptr, start, n, a, b, H: tl.constexpr):
+    """Inverse of ``load_pair``: elements below ``n`` only."""
+    store_chunk(y_ptr, start, n, a, H)
+    store_chunk(y_ptr, start + H, n, b, H)
+
+
+@triton.jit
+def put_ll(a, b, dst, flag, PACK: tl.constexpr, H: tl.constexpr):
+    """Store the halves (a, b) as LL words at ``dst`` (uint64 pointer to the chunk's first word):
+    H words a|b<<16 for 16-bit dtypes (PACK=2), else 2H words (a's, then b's)."""
+    if PACK == 2:
+        w = a.to(tl.uint16, bitcast=True).to(tl.uint32) | (
+            b.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        )
+        tl.store(dst + tl.arange(0, H), w.to(tl.uint64) | flag)
     else:
-        lo = (w & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
-        hi = (w >> 16).to(tl.uint16).to(DT, bitcast=True)
-        return tl.reshape(tl.join(lo, hi), (BLOCK,))
+        tl.store(dst + tl.arange(0, H), a.to(tl.uint32, bitcast=True).to(tl.uint64) | flag)
+        tl.store(dst + H + tl.arange(0, H), b.to(tl.uint32, bitcast=True).to(tl.uint64) | flag)
+
+
+@triton.jit
+def decode_ll(wa, wb, DT: tl.constexpr, PACK: tl.constexpr):
+    """LL words from ``wait_ll`` back to the halves (a, b) in dtype ``DT``."""
+    if PACK == 2:
+        a = (wa & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        b = ((wa >> 16) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+    else:
+        a = (wa & 0xFFFFFFFF).to(tl.uint32).to(DT, bitcast=True)
+        b = (wb & 0xFFFFFFFF).to(tl.uint32).to(DT, bitcast=True)
+    return a, b
 
 
 @triton.jit
