@@ -114,6 +114,18 @@ def is_initialized() -> bool:
     return _state.initialized
 
 
+def _size_heap(max_bytes: int) -> None:
+    """Size NVSHMEM's symmetric heap for the backends sharing it, unless the user set it.
+
+    NVSHMEM reads NVSHMEM_SYMMETRIC_SIZE once, at init, from this process's environment, so it
+    is set here, just before init (the one exception to "only the launcher writes os.environ").
+    nvshmem_reduce takes 2 x max_bytes and NVRAR about 2.2 x max_bytes on one node (twice that
+    with virtual nodes); NVSHMEM's default, 1 GiB, is too small from max_bytes = 256 MiB on.
+    """
+    need = 6 * max_bytes + (512 << 20)
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(max(need, 1 << 30)))
+
+
 def ensure_initialized(ctx: GroupContext) -> None:
     """Bootstrap NVSHMEM over ``ctx.cpu_group`` once per process (collective on the first call).
 
@@ -164,6 +176,7 @@ def ensure_initialized(ctx: GroupContext) -> None:
             dist.broadcast(blob, src=ranks[0], group=ctx.cpu_group)
             if rank != 0:
                 raw[:] = blob.numpy()
+            _size_heap(ctx.max_bytes)
             nvshmem.init(device=device, uid=uid, rank=rank, nranks=nranks, initializer_method="uid")
             owner = True
 
