@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One GPU-machine call that produces the committed GPU results (4 GPUs, then 2 of them).
+#
+#   device run, carry [".devwhl"]:  bash benchmarks/gpu_session.sh
+#
+# .devwhl holds the wheels the machine lacks: the SGLang 0.5.17 test set of
+# ../shared/device-sglang, optuna (+ alembic, sqlalchemy, colorlog, mako), nvshmem4py-cu13 0.4.1,
+# cuda-python 13.3.1. Every step has its own time limit so that a slow or failing step leaves the
+# others' results; logs and results land in $OUT.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
+OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W
+W=/tmp/artune-gpu-session
+rm -rf "$W"; mkdir -p "$OUT" "$W"
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .devwhl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
+
+step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, note the result
+    local name=$1 limit=$2; shift 2
+    local t=$(date +%s)
+    timeout -k 10 "$limit" "$@" >"$W/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $(( $(date +%s) - t ))s (at $(( $(date +%s) - T0 ))s)" | tee -a "$W/steps.txt"
+    # Keep $OUT current after every step: a call cut short still returns what was done.
+    cat "$W/card.txt" "$W/steps.txt" > "$OUT/steps.txt"
+    cp "$W"/tune_time_*.json "$OUT"/ 2>/dev/null
+    tar czf "$OUT/logs.tgz" -C "$W" . 2>/dev/null
+}
+
+A=benchmarks/allreduce.py
+# 4 GPUs: the full tune (timed, cold), then every backend side by side with the routed dispatch.
+step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
+    --results "$W/tune_time_4gpu.json" --keep "$W/t4"
+P4=$W/t4/full.json
+[ -f "$P4" ] && PROF4=(--profile "$P4") || PROF4=()
+step bench4 120 torchrun --nproc-per-node 4 $A "${PROF4[@]}" --out "$OUT/allreduce_4gpu.md"
+step quick4 60 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
+    --results "$W/tune_time_4gpu_quick.json" --keep "$W/q4"
+# 2 virtual nodes x 2 GPUs: NVRAR's inter-node path beside NCCL (emulation).
+step emu2x2 45 torchrun --nproc-per-node 4 $A --backends nccl,nvrar --ranks-per-node 2 \
+    --sizes 4K,64K,256K,1M,2M,16M --out "$OUT/allreduce_2x2_emulated.md"
+# 2 GPUs (two of the four, NV18 between them): a quick tune, then the benchmark.
+export CUDA_VISIBLE_DEVICES=0,1
+step tune2 75 python3 -m artune.cli tune --nproc-per-node 2 --quick --out "$W/t2/quick.json"
+P2=$W/t2/quick.json
+[ -f "$P2" ] && PROF2=(--profile "$P2") || PROF2=()
+step bench2 60 torchrun --nproc-per-node 2 $A "${PROF2[@]}" --sizes 4K,16K,64K,256K,1M,4M,16M \
+    --out "$OUT/allreduce_2gpu.md"
+unset CUDA_VISIBLE_DEVICES
+
+cat "$OUT/steps.txt"
+for f in "$OUT"/allreduce_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
+for f in "$OUT"/tune_time_*.json; do
+    [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['kind'], r['wall_s'], 's rc', r['returncode'], r.get('measurements'), r.get('validation_within'), '/', r.get('validation_points')) for r in d['runs']]" "$f"
+done
+ls "$OUT"   # profiles and logs are in logs.tgz
