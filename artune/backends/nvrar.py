@@ -62,24 +62,25 @@ def _fit(block: int, elems: int) -> int:
 def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]:
     """NVRAR's untuned parameters for a message of ``nbytes`` (bf16 element counts).
 
-    From benchmarks/nvrar_dev.py on 4x and 2x H200 (2026-11-26, docs/nvrar.md): one-shot LL is
-    fastest up to 64 KiB on 4 GPUs and up to 256 KiB on 2 (small blocks, many CTAs; one or two
-    warps avoid cross-warp syncs at the smallest sizes); two-shot LL up to 512 KiB; the signal
-    protocol above (blocks growing with the message).
+    The fastest plans of benchmarks/nvrar_dev.py, CUDA graph, bf16, on 4x and 2x H200
+    (2026-11-26, benchmarks/results/nvrar_dev_*gpu_h200.json, docs/nvrar.md): one-shot LL up to
+    64 KiB on 4 GPUs (4.1 us at 4 KiB) and up to 256 KiB on 2; two-shot LL up to 512 KiB; the
+    signal protocol above, with blocks growing with the message. Four warps beat one or two at
+    every small size measured. Sizes between the measured ones take the nearer rule.
     """
     elems = max(1, nbytes // 2)
-    oneshot_max = (256 << 10) if ranks_per_node * nodes <= 2 else (64 << 10)
+    world = ranks_per_node * nodes
+    oneshot_max = (256 << 10) if world <= 2 else (64 << 10)
     if nodes == 1 and nbytes <= oneshot_max:
-        block = _fit(256 if ranks_per_node > 2 else 512, elems)
-        warps = 1 if nbytes <= 16 << 10 else 2
+        block = _fit(512 if (nbytes <= 8 << 10 and world > 2) or nbytes > 64 << 10 else 256, elems)
         return {"algo": "oneshot", "proto": "ll", "block": block,
-                "ctas": _ctas_for(-(-elems // block), 128), "warps": warps, "inter": "auto"}
+                "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
     shard = -(-elems // ranks_per_node)
     if nbytes <= 512 << 10:
         block = _fit(512, elems)
         return {"algo": "twoshot", "proto": "ll", "block": block,
                 "ctas": _ctas_for(-(-shard // block), 128), "warps": 4, "inter": "auto"}
-    block = _fit(2048 if nbytes <= 2 << 20 else 4096 if nbytes <= 4 << 20 else 8192, elems)
+    block = _fit(2048 if nbytes <= 1 << 20 else 4096 if nbytes <= 4 << 20 else 8192, elems)
     return {"algo": "twoshot", "proto": "signal", "block": block,
             "ctas": _ctas_for(-(-shard // block), 128), "warps": 4 if nbytes <= 4 << 20 else 8,
             "inter": "auto"}

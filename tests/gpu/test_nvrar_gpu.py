@@ -23,6 +23,7 @@ Without the GPUs (or nvshmem4py) every test skips with the reason.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -112,6 +113,31 @@ def _check_one(be: Any, x: torch.Tensor, y: torch.Tensor, what: str,
             f"{err.max().item():.3g}), {flags[1].item()} elements differ from rank 0's bits")
 
 
+def _call(be: Any, x: torch.Tensor, params: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """One synchronised call on every rank: (y, None), or (None, what went wrong on which ranks)
+    -- the same verdict on every rank, so the collectives of the checks stay in step."""
+    import torch.distributed as dist
+
+    try:
+        y = be.all_reduce(x, params)
+        torch.cuda.synchronize()
+        be.check()
+        err = None
+    except Exception as exc:  # noqa: BLE001 - reported as a failure of this case
+        y, err = None, f"{type(exc).__name__}: {exc}"[:400]
+    errs: list[Any] = [None] * be.ctx.world_size
+    dist.all_gather_object(errs, err, group=be.ctx.cpu_group)
+    bad = [f"rank {r}: {e}" for r, e in enumerate(errs) if e is not None]
+    return (y, None) if not bad else (None, "; ".join(bad))
+
+
+def _note(be: Any, failures: list[str], msg: str) -> None:
+    """Record a failure; rank 0 prints it at once (a GPU session cut short keeps the details)."""
+    failures.append(msg)
+    if be.ctx.rank == 0:
+        print(f"\n[nvrar GPU test] FAILURE: {msg}", file=sys.stderr, flush=True)
+
+
 def _sweep(ctx: Any, per_node: int, dtypes: tuple[str, ...], sizes: tuple[tuple[int, int], ...],
            graph: bool) -> list[str]:
     """Eager (and graph) checks of every plan at every size; the list of failures."""
@@ -126,17 +152,21 @@ def _sweep(ctx: Any, per_node: int, dtypes: tuple[str, ...], sizes: tuple[tuple[
                 for params in _plans(be, n * torch.empty(0, dtype=dtype).element_size(), dtype):
                     x = torch.randn(n, generator=gen, device=ctx.device).to(dtype)
                     x0 = x.clone()
-                    y = be.all_reduce(x, params)
                     what = f"eager n={n} {dname} {params or 'defaults'}"
+                    y, err = _call(be, x, params)
+                    if err is not None:
+                        _note(be, failures, f"{what}: {err}")
+                        if "NvrarTimeoutError" in err:
+                            return failures  # poisoned: every later call would fail too
+                        continue
                     if not torch.equal(x, x0):
-                        failures.append(f"{what}: x was modified")
+                        _note(be, failures, f"{what}: x was modified")
                     bad = _check_one(be, x, y, what)
                     if bad:
-                        failures.append(bad)
-            be.check()
+                        _note(be, failures, bad)
         if graph:
-            failures += _graph_check(be, dtypes)
-        be.check()
+            for bad in _graph_check(be, dtypes):
+                _note(be, failures, bad)
     finally:
         be.close()
     return failures
