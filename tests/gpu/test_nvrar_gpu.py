@@ -98,7 +98,8 @@ def _check_one(be: Any, x: torch.Tensor, y: torch.Tensor, what: str,
     # one rounding per partial sum that crosses the wire (2 + inter-node steps), 1 ulp each
     rounds = 2 + be.nodes.steps
     err = (y.float() - ref).abs()
-    bad = int((err > 2 * rounds * eps * (scale + abs(plus)) + 1e-30).sum().item())
+    # written as "not within" so that NaN counts as off
+    bad = int((~(err <= 2 * rounds * eps * (scale + abs(plus)) + 1e-30)).sum().item())
     # NCCL has no int16: widen the 16-bit patterns (a one-to-one map, so bit equality holds)
     bits = y.view(torch.int16).to(torch.int32) if y.element_size() == 2 else y.view(torch.int32)
     bits = bits.clone()
