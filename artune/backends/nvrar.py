@@ -215,7 +215,7 @@ class NvrarBackend(Backend):
         if comm is None:
             raise RuntimeError(f"{self.name}: all_reduce after close(); build a new backend")
         comm.check()
-        return comm.all_reduce(x, self.plan(x.numel() * x.element_size(), params))  # type: ignore[no-any-return]
+        return comm.all_reduce(x, self.plan(x.numel() * x.element_size(), params))
 
     def check(self) -> None:
         """Raise ``NvrarTimeoutError`` if an earlier call on this rank timed out (no sync)."""

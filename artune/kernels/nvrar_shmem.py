@@ -27,7 +27,7 @@ __all__ = ["putmem_block", "putmem_signal_block", "signal_set_op", "with_nvshmem
 
 
 @core.extern
-def putmem_block(dest, source, nbytes, pe, _semantic=None):  # type: ignore[no-untyped-def]
+def putmem_block(dest, source, nbytes, pe, _semantic=None):
     return core.extern_elementwise(
         "",
         "",
@@ -44,7 +44,7 @@ def putmem_block(dest, source, nbytes, pe, _semantic=None):  # type: ignore[no-u
 
 
 @core.extern
-def putmem_signal_block(  # type: ignore[no-untyped-def]
+def putmem_signal_block(
     dest, source, nbytes, sig_addr, signal, sig_op, pe, _semantic=None
 ):
     return core.extern_elementwise(
