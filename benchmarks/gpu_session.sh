@@ -50,7 +50,10 @@ P2=$W/t2/quick.json
 [ -f "$P2" ] && PROF2=(--profile "$P2") || PROF2=()
 step bench2 60 torchrun --nproc-per-node 2 $A "${PROF2[@]}" --sizes 4K,16K,64K,256K,1M,4M,16M \
     --out "$OUT/allreduce_2gpu.md"
+step test_tune_gpu 60 python3 -m pytest -q -x tests/test_tune_gpu.py
 unset CUDA_VISIBLE_DEVICES
+# NVRAR's randomized sweep on 4 ranks (stops at the first failure and prints it).
+step test_nvrar_sweep4 60 python3 -m pytest -q -x -s tests/gpu/test_nvrar_gpu.py -k sweep_4
 
 cat "$OUT/steps.txt"
 for f in "$OUT"/allreduce_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
