@@ -101,3 +101,12 @@ def test_pruner_prunes_clearly_slower_only(tmp_path: Path) -> None:
     slow.report(16.0, 1)
     close.report(14.0, 1)
     assert slow.should_prune() and not close.should_prune()
+
+
+def test_default_outside_the_space_is_measured_first(tmp_path) -> None:
+    """A backend whose default (ctas=32) is not among the listed choices must not crash Optuna."""
+    from artune.autotune.search import Search, Store
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}", meta={"k": "v"}, resume=False)
+    search = Search(store, "nvrar|bfloat16|graph|4096", {"ctas": [1, 2, 4]}, {"ctas": 32}, 3)
+    assert search.next() == {"ctas": 32}

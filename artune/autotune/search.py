@@ -253,6 +253,12 @@ class Search:
     ) -> None:
         self.store = store
         self.name = name
+        # A backend's default may lie outside the choices it lists for this size (a plan tuned
+        # by hand); it is always measured first, so it must be a legal value of the space.
+        space = {k: list(v) for k, v in space.items()}
+        for k, v in default.items():
+            if v not in space.setdefault(k, []):
+                space[k].insert(0, v)
         self.space = space
         self.done = set(done)
         self.budget = budget
