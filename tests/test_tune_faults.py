@@ -73,6 +73,22 @@ class KillsRank1(_Slow):
         return super().all_reduce(x, params)
 
 
+class Scribbler(_Slow):
+    """Passes the gate, then, while being timed, overwrites its input with NaN (as a kernel
+    writing out of bounds into a neighbouring allocation would)."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.calls = 0
+
+    def all_reduce(self, x: torch.Tensor, params: Any = None) -> torch.Tensor:
+        self.calls += 1
+        y = super().all_reduce(x, params)
+        if self.calls > 1:
+            x.fill_(float("nan"))
+        return y
+
+
 def _extra(*pairs: str) -> list[str]:
     out = []
     for p in pairs:
@@ -227,3 +243,19 @@ def test_interrupted_run_stops_all_ranks_and_resumes(
     from artune.autotune.config import parse_sizes
 
     assert {m["nbytes"] for m in load(out).data["measurements"]} == set(parse_sizes("1K:1M"))
+
+
+def test_a_backend_scribbling_on_the_input_cannot_fail_the_others(
+    tmp_path: Path, cpu_env: dict[str, str]
+) -> None:
+    out = tmp_path / "scribble.json"
+    r = run_artune(
+        "tune", "--device", "cpu", "--quick", "--sizes", f"4K,{BIG}", "--modes", "eager",
+        "--backends", "scribbler,gloo", "--out", str(out), "--no-validate",
+        *_extra("scribbler=test_tune_faults:Scribbler"), env=cpu_env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    prof = load(out)
+    measured = {(m["backend"], m["nbytes"]) for m in prof.data["measurements"]}
+    assert {("gloo", 4096), ("gloo", BIG)} <= measured, prof.data["skipped"]
+    assert "input buffer was modified" in r.stderr + r.stdout

@@ -24,6 +24,7 @@ from artune.autotune import gate
 from artune.autotune.comm import Comm
 from artune.autotune.timing import Timer, calls_for, estimate_us, summarize
 from artune.backends.base import Backend, GroupContext
+from artune.log import logger
 from artune.profile import Profile
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class Crew:
         self.built: dict[str, Backend] = {}
         self.router: Router | None = None
         self._inputs: dict[str, torch.Tensor] = {}
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._last_trial = "none yet"
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -121,7 +124,21 @@ class Crew:
             seed = 1_000_003 * (self.cfg.seed + 1) + self.ctx.rank
             buf = gate.random_input(numel, getattr(torch, dtype), self.ctx.device, seed)
             self._inputs[dtype] = buf
+            self._pristine[dtype] = buf.clone()
         return buf[: actual_nbytes(nbytes, dtype) // element_size(dtype)]
+
+    def _restore_input(self, dtype: str, x: torch.Tensor) -> None:
+        """Undo writes into the shared input buffer by an earlier trial (a faulty backend writing
+        out of bounds), so that one bad candidate cannot fail every later one."""
+        import torch
+
+        ref = self._pristine[dtype][: x.numel()]
+        if not torch.equal(x, ref):
+            logger.warning(
+                "rank %d: the tune's %s input buffer was modified after trial %s; restored it "
+                "(a backend wrote outside its own buffers)", self.ctx.rank, dtype, self._last_trial
+            )
+            self._inputs[dtype].copy_(self._pristine[dtype])
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -173,6 +190,10 @@ class Crew:
         backend = self.built[cmd["backend"]]
         params = dict(cmd["params"])
         x = self.input(cmd["dtype"], cmd["nbytes"])
+        self._restore_input(cmd["dtype"], x)
+        self._last_trial = (
+            f"{cmd['backend']} {params} {cmd['dtype']} {cmd['mode']} {cmd['nbytes']} B"
+        )
         try:
             ok = bool(backend.supports(x, params))
             error = None if ok else "supports() is False"
@@ -292,6 +313,7 @@ class Crew:
         assert self.router is not None, "send the 'router' command first"
         router = self.router
         x = self.input(cmd["dtype"], cmd["nbytes"])
+        self._restore_input(cmd["dtype"], x)
         mode = cmd["mode"]
         results = []
         for entry in cmd["entries"]:
