@@ -37,7 +37,7 @@ the staging buffer may be reused by the next call (eager or graph replay) withou
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from artune.backends.base import Backend, BackendUnavailable, GroupContext, Params
 
@@ -119,7 +119,7 @@ class _SymmBackend(Backend):
             self.buf: torch.Tensor | None = symm_mem.empty(
                 self.capacity, dtype=torch.uint8, device=ctx.device
             )
-            self.handle = symm_mem.rendezvous(self.buf, ctx.group)
+            self.handle: Any = symm_mem.rendezvous(self.buf, ctx.group)
         except RuntimeError as exc:
             raise BackendUnavailable(
                 f"{self.name}: symmetric-memory allocation/rendezvous of {self.capacity} B on "
@@ -176,7 +176,7 @@ class SymmOneShotBackend(_SymmBackend):
         size_align = _alignment(nbytes)
         if (
             self._fused
-            and _alignment(x.storage_offset() * x.element_size()) >= size_align
+            and _alignment(int(x.storage_offset()) * x.element_size()) >= size_align
             and x.data_ptr() % size_align == 0
         ):
             return torch.ops.symm_mem.one_shot_all_reduce_copy_out(
