@@ -34,6 +34,8 @@ from artune.kernels.nvrar_layout import (
     STEP_RS,
     Layout,
     Nodes,
+    cdiv,
+    round_up,
     step_name,
 )
 
@@ -140,6 +142,31 @@ def test_defaults_are_valid_plans_inside_the_search_space(world: int, per_node: 
         assert lay.check_message(nbytes, plan.algo, plan.proto) is None
     assert default_plan(4096, 1, 4)["algo"] == "oneshot"
     assert set(NvrarBackend.search_space(4096, ctx)["block"]) <= set(BLOCKS)
+
+
+@pytest.mark.parametrize("world,per_node,limit", [(4, 4, 19), (2, 2, 19), (8, 8, 19), (4, 2, 28)])
+def test_search_space_compiles_few_kernels_over_a_full_tune(world: int, per_node: int,
+                                                             limit: int) -> None:
+    """Each distinct (algorithm, protocol, block, warps[, transport]) is a Triton compile on
+    every rank: the union over the 37 sizes of a full tune stays small (documented counts)."""
+    from artune.autotune.config import parse_sizes
+    from artune.autotune.search import combinations
+
+    ctx = _ctx(world, per_node, 256 << 20)
+    kernels: set[tuple[Any, ...]] = set()
+    for nbytes in parse_sizes("1K:256M"):
+        combos = combinations(NvrarBackend.search_space(nbytes, ctx))
+        assert 1 <= len(combos) <= 36, (nbytes, len(combos))
+        assert NvrarBackend.default_params(nbytes, ctx) in [
+            {k: v for k, v in c.items() if k in NvrarBackend.default_params(nbytes, ctx)}
+            for c in combos
+        ]
+        for c in combos:
+            if c["algo"] == "oneshot":
+                kernels.add(("oneshot", c["block"], c["warps"]))
+            else:
+                kernels.add((c["proto"], c["block"], c["warps"], c.get("inter", "auto")))
+    assert len(kernels) <= limit, sorted(kernels)
 
 
 def test_backend_refuses_cpu_groups_with_a_reason() -> None:
@@ -318,6 +345,140 @@ def test_a_skipped_call_times_out_with_the_named_error() -> None:
         _, code, raised = results[rank][0]
         assert code != 0 and raised is not None
         assert f"rank {rank} waited 0.05 s for rank 2 in the one-shot exchange" in raised
+
+
+# --------------------------------------------------------------------------------------------
+# Out-of-bounds writes: every byte a call changes must lie in a slot the layout gives it
+# --------------------------------------------------------------------------------------------
+
+_PATTERN = 0x5A  # neither a valid LL flag (epochs here are small) nor a valid signal
+_GUARD = 4096  # bytes of pattern around every buffer and output
+
+
+def _written_ranges(lay: Layout, lr: int, cases: list[Case]) -> list[tuple[int, int]]:
+    """Byte ranges of rank ``lr``'s buffer (one node) that ``cases`` may write: slots of the
+    sources j != lr, up to the last chunk each call covers, and their signals."""
+    nd, off = lay.nodes, lay.offsets()
+    out: list[tuple[int, int]] = []
+    for call, (numel, dtype, f) in enumerate(cases):
+        plan = Plan(**f)
+        esize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        pack = 2 if esize == 2 else 1
+        epoch = call + 1
+        if plan.algo == "oneshot":
+            nbytes = cdiv(numel, plan.block) * (plan.block // pack) * 8
+            for j in range(nd.world):
+                if j != lr:
+                    at = off["oneshot"] + ((epoch & 1) * nd.world + j) * lay.oneshot_slot
+                    out.append((at, at + nbytes))
+            continue
+        ll = plan.proto == "ll"
+        shard = round_up(cdiv(numel, nd.local), 16)
+        chunks = cdiv(shard, plan.block)
+        chunk_bytes = (plan.block // pack) * 8 if ll else plan.block * esize
+        slot = lay.ll_slot if ll else lay.sig_slot
+        for region in ("rs", "ag"):
+            for j in range(nd.local):
+                if j != lr:
+                    at = off[f"{region}_{'ll' if ll else 'sig'}"] + j * slot
+                    out.append((at, at + chunks * chunk_bytes))
+        if not ll:
+            for phase in (0, 1):
+                for j in range(nd.local):
+                    first = (((epoch & 1) * lay.phases + phase) * nd.local + j) * lay.max_chunks
+                    out.append((off["signals"] + 8 * first, off["signals"] + 8 * (first + chunks)))
+    return out
+
+
+def _rank_guarded(rank: int, world: int, folder: str, lay_args: tuple[int, int, int],
+                  cases: list[Case], q: Any) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        lay = Layout(Nodes(1, world), *lay_args)
+        size = lay.total_bytes + 2 * _GUARD
+        raw = [torch.from_file(str(Path(folder) / f"rank{r}"), shared=True, size=size,
+                               dtype=torch.uint8) for r in range(world)]
+        bufs = [b[_GUARD:_GUARD + lay.total_bytes] for b in raw]
+        comm = NvrarComm(rank, Nodes(1, world), lay, bufs[rank], [b.data_ptr() for b in bufs],
+                         torch.device("cpu"), timeout_s=60.0, interpret=True)
+        out: list[Any] = []
+        for call, (numel, dtype, fields) in enumerate(cases):
+            dt = getattr(torch, dtype)
+            pad = _GUARD // torch.empty(0, dtype=dt).element_size()
+            x = _input(rank, numel, dtype, call)
+            big = torch.full((numel + 2 * pad,), 3.0, dtype=dt)
+            y = comm.all_reduce(x, Plan(**fields), out=big[pad:pad + numel])
+            guard_ok = bool((big[:pad] == 3.0).all() and (big[pad + numel:] == 3.0).all())
+            out.append((y.view(torch.int16 if y.element_size() == 2 else torch.int32).numpy(),
+                        comm.error_code(), None, guard_ok))
+        q.put((rank, out, None))
+    except Exception as exc:  # noqa: BLE001 - report to the parent
+        import traceback
+
+        q.put((rank, None, "".join(traceback.format_exception(exc))))
+
+
+# The geometries of the 4-rank default plans that were wrong on 4x H200 (LL 512-element blocks,
+# signal 2048/4096, tails, several chunks per CTA), scaled down to interpreter sizes.
+GUARD_CASES: list[Case] = [
+    (4 * 1024 + 3, "bfloat16", {"algo": "twoshot", "proto": "ll", "block": 512, "ctas": 2}),
+    (4 * 4096 - 5, "bfloat16", {"algo": "twoshot", "proto": "signal", "block": 2048, "ctas": 1}),
+    (3001, "float32", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 4}),
+    (999, "bfloat16", {"algo": "oneshot", "block": 256, "ctas": 2}),
+    (4 * 4096 + 17, "float16", {"algo": "twoshot", "proto": "signal", "block": 4096, "ctas": 2}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+def test_calls_write_only_their_slots_and_outputs() -> None:
+    """4 ranks on one node, the launcher's real capacities (one-shot < LL < max): the bytes each
+    call changed in every rank's buffer lie inside the slots and signals the layout gives it,
+    nothing outside the buffers or the output changed, and the sums are right."""
+    world, lay_args = 4, (1 << 20, 64 << 10, 256 << 10)
+    lay = Layout(Nodes(1, world), *lay_args)
+    with tempfile.TemporaryDirectory(prefix="artune-nvrar-guard-") as folder:
+        for r in range(world):
+            (Path(folder) / f"rank{r}").write_bytes(bytes([_PATTERN]) * (lay.total_bytes
+                                                                         + 2 * _GUARD))
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_rank_guarded, args=(r, world, folder, lay_args,
+                                                         GUARD_CASES, q)) for r in range(world)]
+        for p in procs:
+            p.start()
+        got: dict[int, Any] = {}
+        try:
+            for _ in range(world):
+                rank, out, err = q.get(timeout=600)
+                assert err is None, f"rank {rank} failed:\n{err}"
+                got[rank] = out
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        import numpy as np
+
+        for r in range(world):
+            raw = np.fromfile(Path(folder) / f"rank{r}", dtype=np.uint8)
+            assert (raw[:_GUARD] == _PATTERN).all(), f"rank {r}: written below its buffer"
+            assert (raw[-_GUARD:] == _PATTERN).all(), f"rank {r}: written above its buffer"
+            allowed = np.zeros(lay.total_bytes, dtype=bool)
+            for a, b in _written_ranges(lay, r, GUARD_CASES):
+                allowed[a:b] = True
+            changed = raw[_GUARD:-_GUARD] != _PATTERN
+            stray = np.flatnonzero(changed & ~allowed)
+            if stray.size:
+                regions = sorted(lay.offsets().items(), key=lambda kv: kv[1])
+                at = int(stray[0])
+                name = [k for k, v in regions if v <= at][-1]
+                raise AssertionError(f"rank {r}: {stray.size} bytes written outside the slots, "
+                                     f"first at {at} (region {name!r})")
+    results = [[o[:3] for o in got[r]] for r in range(world)]
+    for r in range(world):
+        assert all(o[3] for o in got[r]), f"rank {r}: written outside the output"
+    _check(results, GUARD_CASES)
 
 
 def test_replace_keeps_plans_frozen() -> None:

@@ -37,7 +37,6 @@ __all__ = ["NvrarBackend", "default_plan"]
 
 _MAX_LOCAL = 8
 _CTAS = (1, 2, 4, 8, 16, 32, 64, 128)
-_WARPS = (1, 2, 4, 8, 16)
 
 
 def _caps(ctx: GroupContext) -> tuple[int, int]:
@@ -120,20 +119,36 @@ class NvrarBackend(Backend):
 
     @classmethod
     def search_space(cls, nbytes: int, ctx: GroupContext) -> dict[str, list[Any]]:
+        """A few neighbours of ``default_params``: the other algorithm and protocol where they
+        take the size, the block halved and doubled, the CTA cap halved and doubled; warps and
+        ``inter`` as in the defaults. Every distinct (algorithm, protocol, block, warps) is a
+        Triton compile (the CTA count is not), so the space stays small on purpose: over the
+        37 sizes of a full tune, 1 KiB..256 MiB, it holds 19 distinct kernels per dtype on one
+        node (2, 4 or 8 ranks) and 28 on 2x2 virtual nodes (tests/test_nvrar_cpu.py counts
+        them), at most 36 combinations per size, against 90 and 120 kernels for the full
+        product of choices it replaced (6 blocks x 5 warps x algorithm/protocol/transport).
+        """
         from artune.kernels.nvrar_layout import BLOCKS
 
         one, ll = _caps(ctx)
+        d = cls.default_params(nbytes, ctx)
         elems = max(1, nbytes // 2)  # bf16/fp16 have the most elements per byte
-        algos = ["oneshot", "twoshot"] if 0 < nbytes <= one else ["twoshot"]
+        algos = [d["algo"]] + [a for a in ("oneshot", "twoshot")
+                               if a != d["algo"] and (a == "twoshot" or 0 < nbytes <= one)]
+        protos = [d["proto"]] + [p for p in ("ll", "signal")
+                                 if p != d["proto"] and (p == "signal" or nbytes <= ll)]
+        top = max(BLOCKS[0], elems)
+        blocks = [b for b in (d["block"], d["block"] // 2, d["block"] * 2)
+                  if b in BLOCKS and b <= top]
+        ctas = [c for c in (d["ctas"], d["ctas"] // 2, d["ctas"] * 2)
+                if c in _CTAS and c <= max(1, -(-elems // BLOCKS[0]))]
+        if d["ctas"] not in ctas:
+            ctas.insert(0, d["ctas"])
         space: dict[str, list[Any]] = {
-            "algo": algos,
-            "proto": ["ll", "signal"] if nbytes <= ll else ["signal"],
-            "block": [b for b in BLOCKS if b <= max(BLOCKS[0], elems)],
-            "ctas": [c for c in _CTAS if c <= max(1, -(-elems // BLOCKS[0]))],
-            "warps": list(_WARPS),
+            "algo": algos, "proto": protos, "block": blocks, "ctas": ctas, "warps": [d["warps"]],
         }
         if ctx.nodes > 1:
-            space["inter"] = ["auto", "nvshmem", "p2p"]
+            space["inter"] = ["auto", "nvshmem"]  # auto: p2p where every rank is reachable
         return space
 
     @classmethod
