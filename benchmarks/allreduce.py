@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 from artune import backends as registry  # noqa: E402
 from artune.autotune.config import parse_sizes  # noqa: E402
 from artune.autotune.gate import random_input  # noqa: E402
-from artune.autotune.timing import Timer, calls_for, estimate_us, summarize  # noqa: E402
+from artune.autotune.timing import Timer, calls_for, summarize  # noqa: E402
 from artune.backends.base import Backend, BackendUnavailable, GroupContext  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
 
@@ -71,9 +71,13 @@ def _check(b: Any, x: torch.Tensor, ref: torch.Tensor, cpu_group: Any) -> str | 
 
 
 def _time(fn: Any, capture: Any, x: torch.Tensor, mode: str, reps: int, cpu_group: Any) -> float:
-    est = torch.tensor([estimate_us(fn, x.device)], dtype=torch.float64)
-    dist.all_reduce(est, op=dist.ReduceOp.MAX, group=cpu_group)  # same call count everywhere
-    calls = calls_for(float(est.item()), x.numel() * x.element_size(), mode)
+    """Slowest rank's median µs per call. Every backend gets the same number of calls per
+    repetition at a given size (the most the graph pool allows, up to MAX_CALLS), so the fixed
+    cost of a replay or a batch is spread equally thin for all of them. (A count derived from a
+    synchronised eager call overstates each backend by a different share of the replay launch.)"""
+    fn()  # one eager call first: lazy initialisation stays out of the capture
+    torch.cuda.synchronize()
+    calls = calls_for(1e-3, x.numel() * x.element_size(), "graph")
     with Timer(fn, mode=mode, device=x.device, calls=calls, capture=capture) as t:
         t.prepare(warmup=2)
         med, _ = summarize(t.sample(reps))
@@ -169,7 +173,8 @@ def main() -> None:
             "",
             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
             f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {args.dtype}; µs per call, "
-            "slowest rank's median over graph replays (eager: over timed batches).",
+            "slowest rank's median over graph replays (eager: over timed batches) of the same "
+            "number of calls for every backend (64 up to 8 MiB, then 512 MiB / size).",
             "",
         ]
         for mode in modes:
