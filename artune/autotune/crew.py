@@ -234,9 +234,10 @@ class Crew:
         """Time ``fn`` on all ranks; rank 0 gets {"samples": per-rank lists, "calls": n} or
         {"skip": reason} or {"pruned": slowest median, "reps": n}.
 
-        Calls per repetition come from a synchronised eager estimate, then are checked on one
-        real repetition (a graph replay runs much faster than synchronised eager calls) and
-        raised once, by recapturing, when that repetition was too short."""
+        One synchronised eager call comes first (errors agreed, lazy set-up kept out of the
+        capture). Calls per repetition: on GPUs the most the graph pool allows (the same for
+        every candidate); on CPU sized from that call, checked on one real repetition and raised
+        once, by recapturing, when it was too short."""
         mode, nbytes = cmd["mode"], cmd["nbytes"]
         reps, warmup, prune_after = cmd["reps"], cmd["warmup"], cmd.get("prune_after", 0)
         device = self.ctx.device
@@ -249,7 +250,12 @@ class Crew:
         first, rows = self._agree(error, [est], "timing: estimate")
         if first is not None:
             return {"skip": first}
-        calls = calls_for(max(r[0] for r in rows), nbytes, mode)
+        # On GPUs every candidate gets the same, largest calls per repetition at a size: a count
+        # sized from a synchronised eager call would leave each backend a different share of the
+        # replay launch in its per-call time (seen on 4x H200, 2026-11-26). CPU dry runs size it
+        # from the estimate, to keep gloo runs short.
+        est_us = 1e-3 if device.type == "cuda" else max(r[0] for r in rows)
+        calls = calls_for(est_us, nbytes, mode)
         timer = Timer(fn, mode=mode, device=device, calls=calls, capture=capture)
         try:
             for attempt in range(2):
