@@ -466,3 +466,164 @@ def test_route_hands_sglang_and_uncovered_sizes_back() -> None:
     assert route.pick(torch.zeros(1 << 20)) is None  # beyond the table
     assert route.pick(torch.zeros(1024, dtype=torch.float16)) is None  # dtype not in the table
     assert route.pick(torch.zeros(32 * KB)[::2]) is None  # the backend does not take it
+
+
+# ---------------------------------------------------------------------------------------------
+# The "sglang" candidate (artune/backends/sglang_native.py): when SGLang writes into its input
+
+
+def ca_in_place_worker(version: str) -> None:
+    """Subprocess: ``_ca_reduces_in_place`` against the REAL custom all-reduce v2 selection code
+    of ``version`` (its tuned H200 table), without a GPU: the device queries the table reads
+    are answered as on an H200 (SM 9.0, 132 SMs); multicast off, as artune requires."""
+    out: dict[str, Any] = {"version": version}
+    try:
+        import torch
+
+        from artune.backends.sglang_native import _ca_reduces_in_place
+
+        _stand_ins(Path("."))
+        torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # type: ignore[assignment]
+        torch.cuda.get_device_properties = (  # type: ignore[assignment]
+            lambda *a, **k: types.SimpleNamespace(multi_processor_count=132))
+        from sglang.srt.distributed.device_communicators import custom_all_reduce_v2 as v2
+        from sglang.srt.distributed.device_communicators.configs.custom_all_reduce_v2 import (
+            get_all_reduce_config,
+        )
+
+        table: dict[str, bool] = {}
+        for world in (2, 4, 8):
+            ca = object.__new__(v2.CustomAllReduceV2)
+            ca.config = get_all_reduce_config(world)._replace(num_mc_blocks=None)
+            ca.override_algo = None
+            for inside in (True, False):  # inside / outside SGLang's ca.capture()
+                ca._can_use_graph = lambda inside=inside: inside
+                for kib in (4, 256, 384, 512, 1024, 16384):
+                    for capturing in (True, False):
+                        key = f"w{world} {kib}K capturing={capturing} ca.capture={inside}"
+                        table[key] = _ca_reduces_in_place(ca, kib * KB, capturing)
+        out["table"] = table
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        import traceback
+
+        out["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def test_candidate_knows_where_sglangs_custom_all_reduce_writes_into_its_input(
+        version: str) -> None:
+    site = _site(version)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARTUNE_", "SGLANG_"))}
+    env["PYTHONPATH"] = os.pathsep.join(map(str, [site, SGLANG_HOME / "deps", ROOT, TESTS]))
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    code = f"from test_sglang_plugin import ca_in_place_worker; ca_in_place_worker({version!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, text=True, capture_output=True,
+                          timeout=120)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout + proc.stderr[-4000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert "error" not in res, res["error"]
+    in_place = sorted(k for k, v in res["table"].items() if v)
+    # Only inside a graph captured within ca.capture(), and only where the tuned H200 table
+    # picks two-shot over registered inputs: above 384 KiB on 4 ranks, 128 KiB on 8; never on
+    # 2 ranks below 16 MiB (one-shot push up to there).
+    assert in_place == sorted(
+        f"w{w} {k}K capturing=True ca.capture=True"
+        for w, sizes in ((4, (512, 1024, 16384)), (8, (256, 384, 512, 1024, 16384)))
+        for k in sizes
+    ), in_place
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _FakeCA:
+    """A custom all-reduce in 0.5.17's shape: two-shot over registered inputs above 384 KiB."""
+
+    override_algo = None
+
+    def _can_use_graph(self) -> bool:
+        return True
+
+    def _pick_algo(self, nbytes: int, can_use_graph: bool) -> tuple[_Named, _Named]:
+        if nbytes <= 384 * KB:
+            return _Named("ONE_SHOT_PUSH"), _Named("EAGER")
+        return _Named("TWO_SHOT_PULL"), _Named("GRAPH" if can_use_graph else "EAGER")
+
+
+class _FakeGroup:
+    """SGLang's GroupCoordinator as the candidate uses it; in-place methods double the input."""
+
+    def __init__(self, method: str | None, capturing: bool) -> None:
+        self.method = method
+        self.capturing = capturing
+        self.ca_comm = _FakeCA()
+        self.seen: list[Any] = []
+        self.capture_depth = 0
+
+    def _resolve_outplace_all_reduce_method(self, x: Any) -> str | None:
+        return self.method
+
+    def _all_reduce_out_place(self, x: Any, method: str) -> Any:
+        self.seen.append(x)
+        if method == "ca" and self.capturing and x.numel() * x.element_size() > 384 * KB:
+            return x.mul_(2)  # two-shot over registered inputs: the sum lands in the input
+        if method == "pymscclpp":
+            return x.mul_(2)
+        return x * 2
+
+    def _all_reduce_in_place(self, x: Any) -> None:
+        self.seen.append(x)
+        x.mul_(2)
+
+    def graph_capture(self, stream: Any = None) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx() -> Any:
+            self.capture_depth += 1
+            yield
+            self.capture_depth -= 1
+
+        return ctx()
+
+
+def _candidate(method: str | None, capturing: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from artune.backends import sglang_native
+
+    monkeypatch.setattr(sglang_native, "_capturing", lambda: capturing)
+    b = object.__new__(sglang_native.SglangBackend)
+    b.group = _FakeGroup(method, capturing)
+    b._captures = 1 if capturing else 0
+    return b
+
+
+@pytest.mark.parametrize("capturing", [True, False])
+@pytest.mark.parametrize("kib", [4, 512])
+@pytest.mark.parametrize("method", ["ca", None, "pymscclpp", "torch_symm_mem"])
+def test_candidate_never_writes_its_input(method: str | None, kib: int, capturing: bool,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    b = _candidate(method, capturing, monkeypatch)
+    x = torch.arange(kib * KB // 4, dtype=torch.float32)
+    keep = x.clone()
+    y = b.all_reduce(x)
+    assert torch.equal(x, keep)
+    assert torch.equal(y, keep * 2) and y.data_ptr() != x.data_ptr()
+    (passed,) = b.group.seen
+    # SGLang sees the caller's tensor itself wherever it does not write into it (the zero-copy
+    # path a served model takes); a copy only where it would.
+    copied = method in (None, "pymscclpp") or (method == "ca" and capturing and kib > 384)
+    assert (passed.data_ptr() != x.data_ptr()) is copied
+
+
+def test_candidate_capture_refuses_to_start_inside_a_capture(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    b = _candidate("ca", True, monkeypatch)
+    with pytest.raises(RuntimeError, match="before torch.cuda.graph"):
+        with b.capture():
+            pass
+    assert b.group.capture_depth == 0
