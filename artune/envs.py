@@ -50,14 +50,6 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "Largest message NVRAR's two-shot/hierarchical LL protocol takes (LL slots are twice "
         "the payload); larger messages use the signal protocol.",
     ),
-    "ARTUNE_NVRAR_FLAT_MAX_BYTES": (
-        256 << 10,
-        int,
-        "Largest message NVRAR takes on one node of more than 2 ranks. On 4x H200 "
-        "(2026-11-26, benchmarks/results/allreduce_4gpu_h200.md) its two-shot plans gave wrong "
-        "sums from 512 KiB to 16 MiB and corrupted other buffers; until that is fixed and "
-        "re-verified on a GPU, larger messages are refused (supports() is False).",
-    ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_HOME": (

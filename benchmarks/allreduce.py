@@ -47,6 +47,7 @@ def _h(n: int) -> str:
 
 def _check(b: Any, x: torch.Tensor, ref: torch.Tensor, cpu_group: Any) -> str | None:
     """None when ``b`` (a callable) reduces ``x`` right and identically on every rank."""
+    x0 = x.clone()
     try:
         out = b(x)
         torch.cuda.synchronize()
@@ -58,7 +59,9 @@ def _check(b: Any, x: torch.Tensor, ref: torch.Tensor, cpu_group: Any) -> str | 
         digest = int(out.view(torch.uint8).to(torch.int64).sum().item()) if out.numel() else 0
         digests: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(digests, digest, group=cpu_group)
-        if not diff <= TOL[x.dtype]:
+        if not torch.equal(x, x0):
+            err = "mutated its input"
+        elif not diff <= TOL[x.dtype]:
             err = f"max rel error {diff:.3g} > {TOL[x.dtype]}"
         elif len(set(digests)) != 1:
             err = "ranks disagree bitwise"
@@ -153,14 +156,19 @@ def main() -> None:
                         continue
                     fn_x = b.all_reduce
                     capture = b.capture
-                err = _check(fn_x, x, ref, cpu_group)
+                # Each backend gets its own copy of the input: one that writes into its input
+                # (SGLang's in-graph two-shot does, 2026-11-26) must not poison the next column.
+                xc = x.clone()
+                err = _check(fn_x, xc, ref, cpu_group)
                 if err:
                     results[(mode, col, nbytes)] = "WRONG"
                     notes.append(f"{col} {mode} {_h(nbytes)}: {err}")
                     continue
                 results[(mode, col, nbytes)] = _time(
-                    lambda f=fn_x, x=x: f(x), capture, x, mode, args.reps, cpu_group
+                    lambda f=fn_x, xc=xc: f(xc), capture, xc, mode, args.reps, cpu_group
                 )
+                if not torch.equal(xc, x):
+                    notes.append(f"{col} {mode} {_h(nbytes)}: wrote into its input while timed")
             if rank == 0:
                 print(f"  {mode} {_h(nbytes)} done", flush=True)
 

@@ -219,35 +219,18 @@ class NvrarBackend(Backend):
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or not x.is_contiguous():
             return False
         nbytes = x.numel() * x.element_size()
-        if self._refused(nbytes) is not None:
-            return False
         try:
             plan = self.plan(nbytes, params)
         except (TypeError, ValueError):
             return False
         return self.comm.reason(nbytes, plan) is None
 
-    def _refused(self, nbytes: int) -> str | None:
-        """Why a size is refused although the kernels would take it (a known-bad range)."""
-        limit = int(envs.get("ARTUNE_NVRAR_FLAT_MAX_BYTES"))
-        if self.ctx.nodes == 1 and self.ctx.world_size > 2 and nbytes > limit:
-            return (
-                f"{nbytes} B on one node of {self.ctx.world_size} ranks is above "
-                f"ARTUNE_NVRAR_FLAT_MAX_BYTES={limit} (two-shot gave wrong results there on "
-                "4x H200, 2026-11-26)"
-            )
-        return None
-
     def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         comm = self.comm
         if comm is None:
             raise RuntimeError(f"{self.name}: all_reduce after close(); build a new backend")
         comm.check()
-        nbytes = x.numel() * x.element_size()
-        refused = self._refused(nbytes)
-        if refused is not None:
-            raise ValueError(f"{self.name}: {refused}; use another backend for this size")
-        return comm.all_reduce(x, self.plan(nbytes, params))
+        return comm.all_reduce(x, self.plan(x.numel() * x.element_size(), params))
 
     def check(self) -> None:
         """Raise ``NvrarTimeoutError`` if an earlier call on this rank timed out (no sync)."""

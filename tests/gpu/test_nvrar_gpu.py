@@ -158,12 +158,6 @@ def _sweep(ctx: Any, per_node: int, dtypes: tuple[str, ...], sizes: tuple[tuple[
             dtype = getattr(torch, dname)
             for nbytes, off in sizes:
                 n = _numel(nbytes, off, dtype)
-                refused = be._refused(n * torch.empty(0, dtype=dtype).element_size())
-                if refused is not None:  # lift with ARTUNE_NVRAR_FLAT_MAX_BYTES (docs/nvrar.md)
-                    if be.ctx.rank == 0:
-                        print(f"\n[nvrar GPU test] not run: n={n} {dname}: {refused}",
-                              file=sys.stderr, flush=True)
-                    continue
                 for params in _plans(be, n * torch.empty(0, dtype=dtype).element_size(), dtype):
                     x = torch.randn(n, generator=gen, device=ctx.device).to(dtype)
                     x0 = x.clone()
