@@ -236,6 +236,28 @@ def _rank_main(
         q.put((rank, None, "".join(traceback.format_exception(exc))))
 
 
+def _spawn_ranks(world: int, target: Any, args_of: Any) -> list[Any]:
+    """Run ``target(*args_of(rank), queue)`` in one spawned process per rank; each puts
+    (rank, out, error text or None) on the queue. Returns the outs in rank order."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args_of(r), q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, out, err = q.get(timeout=600)
+            assert err is None, f"rank {rank} failed:\n{err}"
+            got[rank] = out
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return [got[r] for r in range(world)]
+
+
 def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16,
              skip: int = -1, timeout_s: float = 60.0) -> list[list[Any]]:
     world = nodes * local
@@ -243,27 +265,10 @@ def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16
     with tempfile.TemporaryDirectory(prefix="artune-nvrar-emu-") as folder:
         for r in range(world):
             (Path(folder) / f"rank{r}").write_bytes(bytes(lay.total_bytes))
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        procs = [
-            ctx.Process(target=_rank_main,
-                        args=(r, nodes, local, max_bytes, folder, cases, skip, timeout_s, q))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        got = {}
-        try:
-            for _ in range(world):
-                rank, out, err = q.get(timeout=600)
-                assert err is None, f"rank {rank} failed:\n{err}"
-                got[rank] = out
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    return [got[r] for r in range(world)]
+        return _spawn_ranks(
+            world, _rank_main,
+            lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s),
+        )
 
 
 def _check(results: list[list[Any]], cases: list[Case], skip: int = -1) -> None:
@@ -441,23 +446,8 @@ def test_calls_write_only_their_slots_and_outputs() -> None:
         for r in range(world):
             (Path(folder) / f"rank{r}").write_bytes(bytes([_PATTERN]) * (lay.total_bytes
                                                                          + 2 * _GUARD))
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_rank_guarded, args=(r, world, folder, lay_args,
-                                                         GUARD_CASES, q)) for r in range(world)]
-        for p in procs:
-            p.start()
-        got: dict[int, Any] = {}
-        try:
-            for _ in range(world):
-                rank, out, err = q.get(timeout=600)
-                assert err is None, f"rank {rank} failed:\n{err}"
-                got[rank] = out
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
+        got = _spawn_ranks(
+            world, _rank_guarded, lambda r: (r, world, folder, lay_args, GUARD_CASES))
         import numpy as np
 
         for r in range(world):
