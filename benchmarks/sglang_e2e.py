@@ -45,11 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-NO_MULTICAST_ENV = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from artune.envs import NO_MULTICAST_ENV  # noqa: E402
 
 # Llama-3.1-8B's shape (weights are SGLang's dummy init; max_position_embeddings trimmed to
 # what the benchmark needs, which only changes the RoPE table and the KV pool's limits).
