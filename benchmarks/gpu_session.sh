@@ -45,15 +45,15 @@ step emu2x2 45 torchrun --nproc-per-node 4 $A --backends nccl,nvrar --ranks-per-
     --sizes 4K,64K,256K,1M,2M,16M --out "$OUT/allreduce_2x2_emulated.md"
 # 2 GPUs (two of the four, NV18 between them): a quick tune, then the benchmark.
 export CUDA_VISIBLE_DEVICES=0,1
-step tune2 75 python3 -m artune.cli tune --nproc-per-node 2 --quick --out "$W/t2/quick.json"
+step tune2 100 python3 -m artune.cli tune --nproc-per-node 2 --quick --out "$W/t2/quick.json"
 P2=$W/t2/quick.json
 [ -f "$P2" ] && PROF2=(--profile "$P2") || PROF2=()
 step bench2 60 torchrun --nproc-per-node 2 $A "${PROF2[@]}" --sizes 4K,16K,64K,256K,1M,4M,16M \
     --out "$OUT/allreduce_2gpu.md"
 step test_tune_gpu 60 python3 -m pytest -q -x tests/test_tune_gpu.py
 unset CUDA_VISIBLE_DEVICES
-# NVRAR's randomized sweep on 4 ranks (stops at the first failure and prints it).
-step test_nvrar_sweep4 60 python3 -m pytest -q -x -s tests/gpu/test_nvrar_gpu.py -k sweep_4
+# NVRAR's GPU tests: sweeps on 4, 3 and 2 ranks and 2x2 virtual nodes, compile + soak, timeout.
+step test_nvrar 120 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py
 
 cat "$OUT/steps.txt"
 for f in "$OUT"/allreduce_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
