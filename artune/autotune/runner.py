@@ -66,7 +66,8 @@ def candidates(cfg: TuneConfig) -> list[str]:
 
 
 def run_rank(cfg: TuneConfig) -> int:
-    """Run this process's rank of the tune; the exit code (0, 1 on failure, 2 on bad usage)."""
+    """Run this process's rank of the tune, then exit the process with its code (0, 1 on
+    failure, 2 on bad usage): never returns."""
     import torch
     import torch.distributed as dist
 
@@ -118,9 +119,15 @@ def run_rank(cfg: TuneConfig) -> int:
         if heartbeat is not None:
             heartbeat.stop()
     if code == 0:
-        dist.destroy_process_group()
-        return 0
-    # A peer may be dead: tearing NCCL down could wait on it. Leave now.
+        # Every rank is done with the store and the groups before any leaves (rank 0 hosts the
+        # store: a peer still talking to it when it exits dies in C++ teardown with "terminate
+        # called without an active exception", seen in CI). After the barrier nothing is left
+        # to say, and process-exit destructors of c10d's threads are skipped.
+        try:
+            dist.barrier(group=cpu_group)
+        except Exception as exc:  # noqa: BLE001 - the tune's work is saved; report and leave
+            print(f"artune tune: rank {env.rank}: final barrier failed: {exc}", file=sys.stderr)
+    # On failure a peer may be dead: tearing NCCL down could wait on it. Leave now either way.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
