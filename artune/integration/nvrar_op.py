@@ -13,37 +13,24 @@ The registry holds weak references: the caller owns the backend and closes it.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
+
+from artune.integration.ops import Registry
 
 if TYPE_CHECKING:
     from artune.backends.nvrar import NvrarBackend
 
 __all__ = ["register_nvrar", "unregister_nvrar", "get_nvrar", "nvrar_all_reduce"]
 
-_BACKENDS: weakref.WeakValueDictionary[str, NvrarBackend] = weakref.WeakValueDictionary()
-
-
-def register_nvrar(group_name: str, backend: NvrarBackend) -> None:
-    """Make ``backend`` reachable from the op as ``group_name`` (replaces an earlier one)."""
-    _BACKENDS[group_name] = backend
-
-
-def unregister_nvrar(group_name: str) -> None:
-    _BACKENDS.pop(group_name, None)
-
-
-def get_nvrar(group_name: str) -> NvrarBackend:
-    backend = _BACKENDS.get(group_name)
-    if backend is None:
-        raise RuntimeError(
-            f"artune::nvrar_all_reduce: no NVRAR backend registered for group {group_name!r}; "
-            f"call artune.integration.nvrar_op.register_nvrar({group_name!r}, backend) first "
-            f"(registered: {sorted(_BACKENDS) or 'none'})"
-        )
-    return backend
+_BACKENDS: Registry[NvrarBackend] = Registry(
+    "artune::nvrar_all_reduce", "NVRAR backend",
+    "artune.integration.nvrar_op.register_nvrar", weak=True,
+)
+register_nvrar = _BACKENDS.register
+unregister_nvrar = _BACKENDS.unregister
+get_nvrar = _BACKENDS.get
 
 
 @torch.library.custom_op("artune::nvrar_all_reduce", mutates_args=())

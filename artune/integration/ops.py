@@ -11,36 +11,52 @@ has a fake implementation, so the compiler never traces into the communication.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
     from artune.router import Router
 
-__all__ = ["register_router", "unregister_router", "get_router", "all_reduce"]
+__all__ = ["Registry", "register_router", "unregister_router", "get_router", "all_reduce"]
 
-_ROUTERS: dict[str, Router] = {}
-
-
-def register_router(group_name: str, router: Router) -> None:
-    """Make ``router`` reachable from the op as ``group_name`` (replaces an earlier one)."""
-    _ROUTERS[group_name] = router
+T = TypeVar("T")
 
 
-def unregister_router(group_name: str) -> None:
-    _ROUTERS.pop(group_name, None)
+class Registry(Generic[T]):
+    """Objects reachable from a custom op by group name (strings cross the torch boundary,
+    objects do not). ``weak``: hold weak references, the caller owns and closes the object."""
+
+    def __init__(self, op: str, kind: str, register_call: str, weak: bool = False) -> None:
+        self.op, self.kind, self.register_call = op, kind, register_call
+        self._items: MutableMapping[str, T] = weakref.WeakValueDictionary() if weak else {}
+
+    def register(self, group_name: str, obj: T) -> None:
+        """Make ``obj`` reachable as ``group_name`` (replaces an earlier one)."""
+        self._items[group_name] = obj
+
+    def unregister(self, group_name: str) -> None:
+        self._items.pop(group_name, None)
+
+    def get(self, group_name: str) -> T:
+        obj = self._items.get(group_name)
+        if obj is None:
+            raise RuntimeError(
+                f"{self.op}: no {self.kind} registered for group {group_name!r}; call "
+                f"{self.register_call}({group_name!r}, ...) first "
+                f"(registered: {sorted(self._items) or 'none'})"
+            )
+        return obj
 
 
-def get_router(group_name: str) -> Router:
-    try:
-        return _ROUTERS[group_name]
-    except KeyError:
-        raise RuntimeError(
-            f"artune::all_reduce: no router registered for group {group_name!r}; call "
-            f"artune.integration.ops.register_router({group_name!r}, router) first "
-            f"(registered: {sorted(_ROUTERS) or 'none'})"
-        ) from None
+_ROUTERS: Registry[Router] = Registry(
+    "artune::all_reduce", "router", "artune.integration.ops.register_router"
+)
+register_router = _ROUTERS.register
+unregister_router = _ROUTERS.unregister
+get_router = _ROUTERS.get
 
 
 @torch.library.custom_op("artune::all_reduce", mutates_args=())
