@@ -4,6 +4,7 @@ The autotuner's validation pass, the torch custom op and the SGLang plugin all c
 ``Router.all_reduce`` — one code path, so what was validated is what runs.
 
     router = Router.build(profile, ctx)        # builds every backend the profile routes to
+    router.prepare()                           # optional, collective: compile ahead
     y = router.all_reduce(x)                   # out of place; mode from the capturing stream
     router.close()
 """
@@ -73,6 +74,21 @@ class Router:
             except BackendUnavailable as exc:
                 logger.warning("%s; its sizes go to %s", exc, profile.fallback())
         return cls(profile, ctx, built)
+
+    def prepare(self) -> None:
+        """Collective, once every rank is known to hold the same backends: let each build ahead
+        what the profile's ranges will use (NVRAR compiles its chosen kernel variants, split
+        across the node's ranks, instead of one by one on first use)."""
+        for name, backend in self.backends.items():
+            msgs = [
+                (dtype, r["min_bytes"], dict(r.get("params") or {}))
+                for dtype, modes in self.profile.tables.items()
+                for rows in modes.values()
+                for r in rows
+                if r["backend"] == name
+            ]
+            if msgs:
+                backend.prepare(msgs)
 
     def choose(self, x: torch.Tensor, mode: str | None = None) -> Choice:
         """The choice for ``x``: the profile's, or the fallback when that backend is absent or

@@ -169,6 +169,57 @@ def test_search_space_compiles_few_kernels_over_a_full_tune(world: int, per_node
     assert len(kernels) <= limit, sorted(kernels)
 
 
+class _FakeKernel:
+    """Stands in for a Triton kernel: records warmups (compiles) and launches."""
+
+    def __init__(self, log: list[tuple[int, str]], rank: int, broken: set[int]) -> None:
+        self.log, self.rank, self.broken = log, rank, broken
+
+    def warmup(self, *args: Any, grid: tuple[int], **kwargs: Any) -> None:
+        if kwargs["BLOCK"] in self.broken:
+            raise RuntimeError("compile error")
+        self.log.append((self.rank, f"warmup {kwargs['BLOCK']}"))
+
+    def __getitem__(self, grid: tuple[int]) -> Any:
+        return lambda *a, **k: self.log.append((self.rank, f"launch {k['BLOCK']}"))
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_precompile_splits_distinct_kernels_across_ranks(ranks: int) -> None:
+    """Rank i of k compiles every k-th distinct variant, everyone meets at the barrier, then each
+    loads all of them (cache hits in Triton) and launches without a further barrier; a variant
+    that fails to compile is left to its first launch."""
+    from artune.kernels import nvrar as mod
+
+    nd = Nodes(1, 2)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    log: list[tuple[int, str]] = []
+    blocks = [256, 512, 1024, 2048, 256, 512, 8192]  # 5 distinct kernels (8192 fails)
+    for rank in range(ranks):
+        comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                         [1 << 20, 2 << 20], torch.device("cpu"), timeout_s=1.0,
+                         barrier=lambda r=rank: log.append((r, "barrier")))
+        kernel = _FakeKernel(log, rank, broken={8192})
+        x = torch.zeros(16, dtype=torch.bfloat16)
+        specs = [mod._Spec(kernel, ("p2p", x.dtype, b, 4, True, True), 1, (x,),
+                           {"BLOCK": b, "num_warps": 4}) for b in blocks]
+        start = len(log)
+        mine = comm.precompile(specs, (rank, ranks))
+        events = [e for r, e in log[start:] if r == rank]
+        share = [b for b in [256, 512, 1024, 2048, 8192][rank::ranks] if b != 8192]
+        assert mine == len(share)
+        assert events == [f"warmup {b}" for b in share] + ["barrier"] + [
+            f"warmup {b}" for b in (256, 512, 1024, 2048)]
+        assert comm._ready == {s.key for s in specs if s.key[2] != 8192}
+        # A prepared variant launches without compiling or meeting the others again.
+        n = len(log)
+        comm._launch(specs[1])
+        assert log[n:] == [(rank, "launch 512")]
+        # The broken one compiles (and fails) at its first launch, where the error belongs.
+        with pytest.raises(RuntimeError, match="compile error"):
+            comm._launch(specs[-1])
+
+
 def test_backend_refuses_cpu_groups_with_a_reason() -> None:
     assert "CUDA" in (NvrarBackend.available(_ctx(2, 2)) or "")
 

@@ -6,12 +6,15 @@ rank from the same arguments, so all ranks agree on the plan without talking.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "TuneConfig",
+    "combinations",
     "parse_size",
     "parse_sizes",
     "parse_extra_backend",
@@ -75,6 +78,12 @@ def parse_sizes(text: str) -> list[int]:
     if not sizes:
         raise ValueError("no sizes given: use e.g. --sizes 1K:256M or --sizes 4K,64K,1M")
     return sizes
+
+
+def combinations(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every parameter set of ``space`` (one empty set for an empty space)."""
+    names = list(space)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*space.values())]
 
 
 def parse_extra_backend(text: str) -> tuple[str, str]:

@@ -16,12 +16,14 @@ ranks never diverge in the collectives they issue.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from artune import backends as _backends
 from artune.autotune import gate
 from artune.autotune.comm import Comm
+from artune.autotune.config import combinations
 from artune.autotune.timing import Timer, calls_for, estimate_us, summarize
 from artune.backends.base import Backend, GroupContext
 from artune.log import logger
@@ -182,7 +184,33 @@ class Crew:
                 if b is not None:
                     b.close()
                 skip(name, f"rank {bad[0][0]}: {bad[0][1]}")
+        self._prepare()
         return skipped if self.ctx.rank == 0 else None
+
+    def _prepare(self) -> None:
+        """Let every built backend build ahead what its first calls would build lazily (NVRAR:
+        its kernel variants, compiled in parallel across the node's ranks)."""
+        cfg, ctx = self.cfg, self.ctx
+        for name, backend in self.built.items():
+            t0 = time.perf_counter()
+            error, count = None, 0
+            try:
+                msgs = [
+                    (dtype, nbytes, params)
+                    for dtype in cfg.dtypes
+                    for nbytes in sorted({actual_nbytes(s, dtype) for s in cfg.sizes})
+                    for params in combinations(type(backend).search_space(nbytes, ctx))
+                ]
+                count = backend.prepare(msgs)
+            except Exception as exc:  # noqa: BLE001 - lazy building still works
+                error = _exc_text(exc)
+            first = _first(self.comm.gather_errors(error, f"setup {name}: prepare"))
+            if first is not None:
+                logger.warning("%s: prepare() failed (%s); its first calls build lazily",
+                               name, first)
+            elif count and ctx.rank == 0:
+                logger.info("%s: prepared %d item(s) on rank 0 in %.1f s", name, count,
+                            time.perf_counter() - t0)
 
     # -- one trial -----------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ Imported by rank 0 of a tune only (Optuna is not needed to load or use a profile
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from artune.autotune.config import sqlite_path
+from artune.autotune.config import combinations, sqlite_path
 
 __all__ = [
     "Store",
@@ -56,12 +55,6 @@ def params_key(params: dict[str, Any]) -> str:
 
 def study_name(backend: str, dtype: str, mode: str, nbytes: int) -> str:
     return f"{backend}|{dtype}|{mode}|{nbytes}"
-
-
-def combinations(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every parameter set of ``space`` (one empty set for an empty space)."""
-    names = list(space)
-    return [dict(zip(names, values, strict=True)) for values in itertools.product(*space.values())]
 
 
 class ClearlySlowerPruner(optuna.pruners.BasePruner):

@@ -10,6 +10,8 @@ will see, and then answers the same few questions as every other backend:
 - ``all_reduce(x, params) -> Tensor`` the sum over the group, out of place: never mutates ``x``,
                                     same bits on every rank, no allocation when ``out`` is given;
 - ``capture()``                     context manager entered around CUDA-graph capture;
+- ``prepare(messages)``             optional, collective: build ahead what the first call of each
+                                    (dtype, nbytes, params) would build lazily (compiled kernels);
 - ``close()``                       frees what it holds; safe to call twice.
 
 A backend that cannot run says why through ``available`` and is skipped; it never raises in the
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -104,6 +106,12 @@ class Backend(ABC):
     @abstractmethod
     def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Sum of ``x`` over the group, as a new tensor of x's shape and dtype."""
+
+    def prepare(self, messages: Sequence[tuple[str, int, Params]]) -> int:
+        """Collective (every rank calls it with the same ``messages``): build ahead of time what
+        the first ``all_reduce`` of each (dtype name, nbytes, params) would otherwise build
+        lazily. Returns how many things this rank built; the default builds nothing."""
+        return 0
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:

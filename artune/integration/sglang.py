@@ -454,6 +454,7 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         raise PluginError(f"artune {name}: building the backends failed or differed: " + "; ".join(
             f"rank {r}: {e or 'built ' + ', '.join(b or [])}" for r, (b, e) in enumerate(results)))
     assert router is not None
+    router.prepare()  # every rank holds the same backends: compile NVRAR's variants in parallel
     route = Route(gc.unique_name, served, router)
     old = _ROUTES.pop(gc.unique_name, None)
     if old is not None:

@@ -15,6 +15,7 @@ same calls with the same plans in the same order (the epoch counters must stay i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,23 @@ ALGOS = ("oneshot", "twoshot")
 PROTOS = ("ll", "signal")
 INTERS = ("auto", "nvshmem", "p2p")
 _MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """One kernel launch: the kernel, the key of its compiled variant, grid and arguments."""
+
+    kernel: Any
+    key: tuple[Any, ...]
+    grid: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def compile(self) -> None:
+        """Compile (or load from Triton's cache) the variant, without launching it."""
+        jit = getattr(self.kernel, "jit_func", self.kernel)  # torch's requires_nvshmem wrapper
+        extra = {"extern_libs": self.kernel.extern_libs} if jit is not self.kernel else {}
+        jit.warmup(*self.args, grid=(self.grid,), **self.kwargs, **extra)
 
 
 class NvrarTimeoutError(RuntimeError):
@@ -207,41 +225,79 @@ class NvrarComm:
         y = torch.empty_like(x) if out is None else out
         if n == 0:
             return y
-        pack = 1 if x.element_size() == 4 else 2
-        if plan.algo == "oneshot":
-            self._oneshot(x, y, n, pack, plan)
-        else:
-            self._twoshot(x, y, n, pack, plan)
+        self._launch(self.spec(x, y, plan))
         return y
 
     def _common(self) -> tuple[Any, ...]:
         return (self.ctr, self.err_dev, self.err_host.data_ptr(), self.limit_ns, self.rank)
 
-    def _launch(self, kernel: Any, key: tuple[Any, ...], grid: int, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> None:
-        """Launch, compiling first on the first use of ``key`` in this process.
+    def _launch(self, spec: _Spec) -> None:
+        """Launch, compiling first on the first use of the kernel in this process.
 
         The first use compiles on every rank, then meets the others at ``barrier`` before any
         rank launches: a rank still compiling must not make its peers' bounded waits run out.
         """
-        if key not in self._ready and not self.interpret:
+        if spec.key not in self._ready and not self.interpret:
             import torch
 
-            if torch.cuda.is_current_stream_capturing() and key[0] == "nvshmem":
+            if spec.key[0] == "nvshmem" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
-                    f"artune nvrar: first use of {key} inside CUDA-graph capture; loading an "
+                    f"artune nvrar: first use of {spec.key} inside CUDA-graph capture; loading an "
                     f"NVSHMEM-linked kernel is not capturable: call all_reduce once eagerly with "
                     f"this dtype and parameters before capturing"
                 )
-            jit = getattr(kernel, "jit_func", kernel)  # torch's requires_nvshmem wrapper
-            extra = {"extern_libs": kernel.extern_libs} if jit is not kernel else {}
-            jit.warmup(*args, grid=(grid,), **kwargs, **extra)
+            spec.compile()
             if self._barrier is not None:
                 self._barrier()
-            self._ready.add(key)
-        kernel[(grid,)](*args, **kwargs)
+            self._ready.add(spec.key)
+        spec.kernel[(spec.grid,)](*spec.args, **spec.kwargs)
 
-    def _oneshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> None:
+    def spec(self, x: torch.Tensor, y: torch.Tensor, plan: Plan) -> _Spec:
+        """What ``all_reduce(x, plan, out=y)`` launches (kernel, grid, arguments)."""
+        n = x.numel()
+        pack = 1 if x.element_size() == 4 else 2
+        if plan.algo == "oneshot":
+            return self._oneshot(x, y, n, pack, plan)
+        return self._twoshot(x, y, n, pack, plan)
+
+    def precompile(self, specs: list[_Spec], share: tuple[int, int] = (0, 1)) -> int:
+        """Compile the distinct kernels of ``specs`` ahead of their first launch; returns how
+        many this rank compiled.
+
+        ``share=(i, k)``: this rank compiles every k-th distinct kernel from the i-th into
+        Triton's on-disk cache, then (after ``barrier``, which every rank must reach) loads the
+        others' from it, so k ranks sharing a cache directory compile each kernel once, in
+        parallel. A kernel that fails to compile here is left to its first launch (which raises
+        the error where it belongs). NVSHMEM-linked kernels are compiled but not marked ready:
+        their first launch must still happen eagerly (module registration).
+        """
+        todo: dict[tuple[Any, ...], _Spec] = {}
+        for s in specs:
+            if s.key not in self._ready and s.key not in todo:
+                todo[s.key] = s
+        index, count = share
+        mine = 0
+        try:
+            if not self.interpret:
+                for i, s in enumerate(todo.values()):
+                    if i % count == index:
+                        with contextlib.suppress(Exception):
+                            s.compile()
+                            mine += 1
+        finally:
+            if self._barrier is not None:
+                self._barrier()
+        if not self.interpret:
+            for key, s in todo.items():
+                try:
+                    s.compile()
+                except Exception:  # noqa: BLE001, S112 - its first launch raises it
+                    continue
+                if key[0] != "nvshmem":
+                    self._ready.add(key)
+        return mine
+
+    def _oneshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
         from artune.kernels.nvrar_oneshot import oneshot_ll_kernel
 
         assert self.world_bases is not None
@@ -251,10 +307,10 @@ class NvrarComm:
         kwargs = dict(W=self.nodes.world, PACK=pack, BLOCK=plan.block,
                       WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
                       INTERPRET=self.interpret, num_warps=plan.warps)
-        key = ("oneshot", x.dtype, plan.block, plan.warps)
-        self._launch(oneshot_ll_kernel, key, grid, args, kwargs)
+        key = ("oneshot", x.dtype, plan.block, plan.warps, x.data_ptr() % 16 == 0)
+        return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
 
-    def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> None:
+    def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
         nodes, off = self.nodes, self.offsets
         ll = plan.proto == "ll"
         shard = round_up(cdiv(n, nodes.local), SHARD_ALIGN)
@@ -274,8 +330,9 @@ class NvrarComm:
         kwargs = dict(N=nodes.nodes, L=nodes.local, LOG2P=nodes.log2p, EXTRA=nodes.extra,
                       STEPS=nodes.steps, PACK=pack, BLOCK=plan.block, LL=ll, SIGSET=sigset,
                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps)
-        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll)
-        self._launch(kernel, key, grid, args, kwargs)
+        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll,
+               x.data_ptr() % 16 == 0)
+        return _Spec(kernel, key, grid, args, kwargs)
 
     def _signal_set(self) -> int:
         if self._sigset is None:
