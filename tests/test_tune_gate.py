@@ -90,3 +90,47 @@ def test_random_input_is_never_zero_and_differs_by_seed() -> None:
     b = random_input(4096, torch.bfloat16, torch.device("cpu"), 1)
     assert a.abs().sum() > 0 and not torch.equal(a, b)
     assert torch.equal(a, random_input(4096, torch.bfloat16, torch.device("cpu"), 0))
+
+
+class _Slow(GlooBackend):
+    """30 ms per call: a poor parameter set at a large size."""
+
+    def all_reduce(self, x: torch.Tensor, params: Any = None) -> torch.Tensor:
+        import time
+
+        time.sleep(0.03)
+        return super().all_reduce(x, params)
+
+
+def _measure_slow(rank: int, world: int, budget_us: float) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from artune.autotune import crew as crew_mod
+    from artune.autotune.comm import Comm
+    from artune.autotune.config import TuneConfig
+    from artune.backends.base import GroupContext
+
+    crew_mod.MEASURE_BUDGET_US = budget_us
+    cpu = dist.new_group(backend="gloo")
+    ctx = GroupContext(group=dist.group.WORLD, cpu_group=cpu, rank=rank, world_size=world,
+                       device=torch.device("cpu"), ranks_per_node=world, max_bytes=1 << 16)
+    crew = crew_mod.Crew(TuneConfig(device="cpu"), ctx, Comm(cpu, rank, world, 30.0))
+    be = _Slow(ctx)
+    x = crew.input("float32", 4096)
+    cmd = {"mode": "eager", "nbytes": 4096, "reps": 9, "warmup": 0, "prune_after": 0}
+    return crew._measure(lambda: be.all_reduce(x, {}), be.capture, cmd)
+
+
+def test_a_slow_candidate_gets_fewer_repetitions_on_every_rank() -> None:
+    """Repetitions are cut to the measurement budget (at least MIN_REPS), from the gathered
+    probe, so every rank runs the same number of collectives; the record says how many."""
+    from artune.autotune.crew import MIN_REPS, record_from
+
+    r0, r1 = run_gloo(_measure_slow, 2, 0.1e6)  # 100 ms budget, >= 30 ms per repetition
+    assert r0["reps"] == r1["reps"] == MIN_REPS
+    assert all(len([v for v in row if v == v]) == MIN_REPS for row in r0["samples"])
+    rec = record_from(r0, backend="slow", params={}, dtype="float32", mode="eager",
+                      nbytes=4096, reps=9)
+    assert rec["reps"] == MIN_REPS and rec["latency_us"] >= 30e3
+    fast0, _ = run_gloo(_measure_slow, 2, 1e9)  # a generous budget keeps all 9
+    assert fast0["reps"] == 9

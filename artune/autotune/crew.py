@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from artune.autotune.config import TuneConfig
     from artune.router import Router
 
+#: Timed repetitions of one measurement stop short of this much wall time (at least MIN_REPS).
+MEASURE_BUDGET_US = 1.5e6
+MIN_REPS = 3
+
 __all__ = ["Crew", "element_size", "actual_nbytes"]
 
 _ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -302,6 +306,12 @@ class Crew:
                 timer.close()
                 calls = better
                 timer = Timer(fn, mode=mode, device=device, calls=calls, capture=capture)
+            # A very slow candidate (a poor parameter set at a large size) gets fewer repetitions
+            # rather than holding the tune for many seconds; it has lost anyway.
+            rep_us = max(r[0] for r in rows) * calls
+            if rep_us * reps > MEASURE_BUDGET_US and reps > MIN_REPS:
+                reps = max(MIN_REPS, int(MEASURE_BUDGET_US // rep_us))
+                prune_after = min(prune_after, reps - 1)
             samples: list[float] = []
             phases = [prune_after, reps - prune_after] if 0 < prune_after < reps else [reps]
             for i, n in enumerate(phases):
@@ -323,7 +333,7 @@ class Crew:
                         return {"pruned": slowest, "reps": n}
         finally:
             timer.close()
-        return {"samples": rows, "calls": calls}
+        return {"samples": rows, "calls": calls, "reps": reps}
 
     # -- validation ----------------------------------------------------------------------
 
@@ -392,6 +402,6 @@ def record_from(
         "rank_medians_us": medians,
         "latency_us": medians[slow],
         "spread_us": stats[slow][1],
-        "reps": reps,
+        "reps": res.get("reps", reps),
         "calls_per_rep": res["calls"],
     }

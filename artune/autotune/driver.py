@@ -44,6 +44,8 @@ class Driver:
         self._skip_keys: set[tuple[Any, ...]] = set()
         #: (backend, params key, dtype, nbytes) -> None (passed) or the gate failure
         self.gates: dict[tuple[str, str, str, int], str | None] = {}
+        #: wall seconds by phase ("setup", "measure <backend>", "validation") on rank 0
+        self.spent: dict[str, float] = {}
 
     # -- entry ---------------------------------------------------------------------------
 
@@ -97,9 +99,11 @@ class Driver:
             f"{cfg.sizes[0]}..{cfg.sizes[-1]} B, dtypes {','.join(cfg.dtypes)}, modes "
             f"{','.join(cfg.modes)}; storage {url}"
         )
+        t_setup = time.perf_counter()
         for s in self.crew.send({"op": "setup", "names": candidates(cfg)}):
             self._add_skip(s)
             self.con.print(f"  skipping {s['backend']}: {s['reason']}", markup=False)
+        self.spent["setup"] = time.perf_counter() - t_setup
         names = list(self.crew.built)
         if not names:
             self.con.print("[red]no backend can run here; nothing to tune[/red]")
@@ -111,7 +115,10 @@ class Driver:
         with progress.running():
             for dtype, nbytes, name, mode, budget in plan:
                 progress.describe(f"{name} {dtype} {mode} {nbytes} B")
+                t_study = time.perf_counter()
                 self._study(store, resumed, name, dtype, mode, nbytes, progress, budget)
+                key = f"measure {name}"
+                self.spent[key] = self.spent.get(key, 0.0) + time.perf_counter() - t_study
 
         from artune.autotune.table import build_profile
         from artune.profile import save
@@ -126,8 +133,13 @@ class Driver:
         )
         save(doc, out)
         if cfg.validate and doc["tables"]:
+            t_val = time.perf_counter()
             doc["validation"] = self._validate(doc)
-            save(doc, out)
+            self.spent["validation"] = time.perf_counter() - t_val
+        doc["tune_seconds"] = {k: round(v, 2) for k, v in self.spent.items()}
+        doc["tune_seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        save(doc, out)
+        if "validation" in doc:
             ui.print_validation(doc["validation"], cfg.rel_tol, self.con)
         self.crew.stop(0)
         ui.print_summary(doc, str(out), time.perf_counter() - t0, self.con)
