@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,12 +41,15 @@ def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "artune.cli", "tune", "--out", str(out), *extra]
     if kind == "quick":
         cmd.append("--quick")
+    # Every run starts cold, as on a new machine: its own, empty Triton cache (NVRAR compiles).
+    env = dict(os.environ, TRITON_CACHE_DIR=str(folder / f"triton-cache-{kind}"))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     (folder / f"{kind}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     res: dict[str, Any] = {
         "kind": kind, "command": " ".join(["artune", *cmd[3:]]), "wall_s": round(wall, 1),
+        "triton_cache": "cold (an empty TRITON_CACHE_DIR)",
         "returncode": proc.returncode, "target_s": TARGETS_S[kind],
     }
     if proc.returncode == 0 and out.exists():
@@ -56,6 +60,7 @@ def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
             validation_within=sum(1 for v in doc["validation"] if v.get("within")),
             validation_points=len(doc["validation"]),
             backends=sorted({m["backend"] for m in doc["measurements"]}),
+            seconds_by_phase=doc.get("tune_seconds"),
             fingerprint=doc["fingerprint"],
         )
     else:
@@ -82,7 +87,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="artune-tune-time-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        # full first: it starts cold (no Triton cache from an earlier run), as on a new machine
         for kind in ("full", "quick"):
             if args.only in (None, kind):
                 runs.append(_run(kind, extra, folder))
