@@ -18,17 +18,27 @@ Per batch size (requests of ``--input-len`` token ids, ``--new-tokens`` greedy t
 ignored) it times ``--reps`` pairs of generates, one producing 1 token (prefill) and one
 producing N; the per-step decode latency of a rep is (t_N - t_1) / (N - 1). Reported: the median
 over reps and its spread (max - min), decode throughput (batch / step) and end-to-end tokens/s.
-Before timing it records the first generated step's top-k logprobs of 4 requests; the report
-compares every config with ``default`` (max |Δ logprob| over default's top-k tokens, top-1
-agreement) next to the same numbers for ``nccl`` vs ``default`` (two correct all-reduces that
-sum in different orders: the size of honest bf16 differences).
 
-Writes ``--out`` (JSON: card, date, versions, environment, raw reps and the summary; configs
-already in an existing file are kept, so a run may be split over several calls) and prints a
-table. The NVLink multicast switches stay off in every engine process. Each config costs an
-engine start plus a few seconds per batch size: to fit a time limit, run the configs in several
-calls with the same ``--out`` (e.g. ``--configs default,nccl,artune`` then
-``--configs artune_nccl,artune_compile``).
+After timing it checks the numbers the all-reduces produce. SGLang's dummy weights (uniform
+±1e-3, RMSNorm weights included) leave every layer's all-reduce output below the residual
+stream's bf16 resolution and the logits flat (spread ~1e-5): a wrong layer all-reduce would give
+the same logprobs. So the worker first sets the RMSNorm weights (``update_weights_from_tensor``,
+the same in every config) to ``NORM_WEIGHT`` in the layers and ``FINAL_NORM_WEIGHT`` at the
+end: the layers' all-reduces then carry the residual stream and the logprobs spread over units.
+It records the top-k logprobs of ``CHECK_STEPS`` greedy tokens of 4 requests: the first from the
+(eager) prefill, the others from decode steps in CUDA graphs, the mode that is timed. The report
+compares every config with ``default`` (max |Δ logprob| over default's top-k tokens, top-k
+overlap, top-1 agreement, over the positions where both generated the same tokens so far) next
+to the same numbers for ``nccl`` vs ``default`` (two correct all-reduces that sum in different
+orders: the size of honest bf16 differences). For the artune configs it also keeps the plugin's
+log lines and whether the plugin reported routing.
+
+Writes ``--out`` (JSON: card, date, versions, environment, raw reps and the summary, rewritten
+after every config; configs already in an existing file are kept, so a run may be split over
+several calls) and prints a table. The NVLink multicast switches stay off in every engine
+process. Each config costs an engine start plus a few seconds per batch size: to fit a time
+limit, run the configs in several calls with the same ``--out`` (e.g. ``--configs
+default,nccl,artune`` then ``--configs artune_nccl,artune_compile``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +92,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 TOP_K = 20
 CHECK_REQUESTS = 4
+CHECK_STEPS = 8  # greedy tokens whose top-k logprobs are compared: 1 from prefill, 7 decode steps
+NORM_WEIGHT = 1.0  # the layers' RMSNorm weights for the check (SGLang's dummy init: ±1e-3)
+FINAL_NORM_WEIGHT = 32.0  # the final RMSNorm's: logits spread over units with lm_head's ±1e-3
+PLUGIN_GROUP = "sglang.srt.plugins"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,16 +139,52 @@ def _prompts(bs: int, n: int, salt: int = 0) -> list[list[int]]:
     return [[1000 + (i * 7919 + j * 104729 + salt) % 120000 for j in range(n)] for i in range(bs)]
 
 
-def _top_logprobs(engine: Any, args: argparse.Namespace) -> list[list[list[float]]]:
+def _plugin_problem(config: str) -> str | None:
+    """Why the artune plugin cannot be active in this config's engine (None when it can)."""
+    if not CONFIGS[config]["artune"]:
+        return None
+    from importlib.metadata import entry_points
+
+    if not any(ep.name == "artune" for ep in entry_points(group=PLUGIN_GROUP)):
+        return (f"no entry point 'artune' in group {PLUGIN_GROUP}: install artune (pip install "
+                f"--no-deps .) where SGLang's plugin loader sees it")
+    allowed = os.environ.get("SGLANG_PLUGINS", "")
+    if allowed.strip() and "artune" not in {p.strip() for p in allowed.split(",")}:
+        return f"SGLANG_PLUGINS={allowed!r} leaves artune out"
+    if not os.environ.get("ARTUNE_PROFILE") or os.environ.get("ARTUNE_DISABLE"):
+        return "ARTUNE_PROFILE is unset or ARTUNE_DISABLE is set"
+    return None
+
+
+def _set_norms(engine: Any) -> None:
+    """RMSNorm weights for the logprob check (see the module docstring), in every config alike."""
+    import torch
+
+    h = LLAMA_31_8B["hidden_size"]
+    one = torch.full((h,), NORM_WEIGHT, dtype=torch.bfloat16)
+    named = [(f"model.layers.{i}.{norm}.weight", one)
+             for i in range(LLAMA_31_8B["num_hidden_layers"])
+             for norm in ("input_layernorm", "post_attention_layernorm")]
+    named.append(("model.norm.weight", torch.full((h,), FINAL_NORM_WEIGHT, dtype=torch.bfloat16)))
+    res = engine.update_weights_from_tensor(named)
+    ok, msg = (res[0], res[1]) if isinstance(res, tuple) else (bool(res), str(res))
+    if not ok:
+        raise RuntimeError(f"update_weights_from_tensor failed: {msg}")
+
+
+def _top_logprobs(engine: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per check request: its greedy output ids and, per generated position, the top-k
+    [logprob, token id] pairs (position 0 from the prefill, the rest from decode steps)."""
     out = engine.generate(
         input_ids=_prompts(CHECK_REQUESTS, args.input_len, salt=17),
-        sampling_params={"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True},
+        sampling_params={"max_new_tokens": CHECK_STEPS, "temperature": 0.0, "ignore_eos": True},
         return_logprob=True, top_logprobs_num=TOP_K,
     )
     rows = []
     for o in out:
-        first = o["meta_info"]["output_top_logprobs"][0]
-        rows.append([[float(lp), int(tok)] for lp, tok, *_ in first])
+        top = [[[float(lp), int(tok)] for lp, tok, *_ in (pos or [])]
+               for pos in o["meta_info"]["output_top_logprobs"]]
+        rows.append({"ids": [int(t) for t in o["output_ids"]], "top": top})
     return rows
 
 
@@ -167,27 +218,49 @@ def _time_batch(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, Any
 
 
 def worker(args: argparse.Namespace) -> int:
+    config = args.worker
+    problem = _plugin_problem(config)
+    if problem:  # before the engine start: an inert plugin would time SGLang's own all-reduce
+        print(f"[e2e] {config}: the artune plugin would not be active: {problem}", flush=True)
+        return 3
     import sglang
 
-    config = args.worker
     kw = _engine_kwargs(args, args.model_dir, config)
-    result: dict[str, Any] = {"config": config, "engine_kwargs": kw,
-                              "artune_profile": os.environ.get("ARTUNE_PROFILE")}
+    result: dict[str, Any] = {
+        "config": config, "engine_kwargs": kw, "artune_profile": os.environ.get("ARTUNE_PROFILE"),
+        "settings": {"tp": args.tp, "input_len": args.input_len, "new_tokens": args.new_tokens,
+                     "reps": args.reps, "batch_sizes": args.batch_sizes, "mem": args.mem},
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    out = Path(args.worker_out)
+
+    def save() -> None:  # atomic: the parent may kill this process at any time
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(out)
+
     t0 = time.perf_counter()
     engine = sglang.Engine(**kw)
     result["startup_s"] = round(time.perf_counter() - t0, 1)
     print(f"[e2e] {config}: engine up in {result['startup_s']} s", flush=True)
     try:
-        result["top_logprobs"] = _top_logprobs(engine, args)
         result["batches"] = []
         for bs in args.batch_sizes:
             row = _time_batch(engine, args, bs)
             print(f"[e2e] {config}: bs {bs}: {row['step_ms']:.3f} ms/step "
                   f"(spread {row['spread_ms']:.3f})", flush=True)
             result["batches"].append(row)
+            save()  # the timings done so far survive a timeout or a failing check below
+        try:
+            _set_norms(engine)
+            result["norms"] = {"layers": NORM_WEIGHT, "final": FINAL_NORM_WEIGHT}
+            result["top_logprobs"] = _top_logprobs(engine, args)
+        except Exception as exc:  # noqa: BLE001 - recorded; the timings stand without the check
+            result["check_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            print(f"[e2e] {config}: logprob check failed: {result['check_error']}", flush=True)
+        save()
     finally:
         engine.shutdown()
-    Path(args.worker_out).write_text(json.dumps(result))
     return 0
 
 
@@ -196,19 +269,21 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def _card() -> dict[str, Any]:
-    info: dict[str, Any] = {}
+    """The card and versions, without touching CUDA here: a CUDA context in this process would
+    sit on GPU 0 beside every engine's rank 0."""
+    info: dict[str, Any] = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["gpus"] = torch.cuda.device_count()
-        info["torch"] = torch.__version__
-    except Exception as exc:  # noqa: BLE001 - informational
-        info["torch_error"] = str(exc)
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=60)
+        rows = [r.split(",") for r in q.stdout.splitlines() if r.strip()]
+        if rows:
+            info.update(gpu=rows[0][0].strip(), gpus=len(rows), driver=rows[0][-1].strip())
+    except (OSError, subprocess.SubprocessError) as exc:
+        info["gpu_error"] = str(exc)
     from importlib import metadata
 
-    for dist in ("sglang", "sglang-kernel", "triton", "nvshmem4py-cu13", "artune"):
+    for dist in ("torch", "sglang", "sglang-kernel", "triton", "transformers",
+                 "nvshmem4py-cu13", "artune"):
         try:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -216,17 +291,31 @@ def _card() -> dict[str, Any]:
     return info
 
 
-def _compare(ref: list[list[list[float]]], other: list[list[list[float]]]) -> dict[str, Any]:
-    """max |Δ logprob| over ref's top-k tokens that other also lists, overlap, top-1 agreement."""
-    worst, overlap, top1 = 0.0, [], 0
+def _compare(ref: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """max |Δ logprob| over ref's top-k tokens that other also lists, top-k overlap and top-1
+    agreement, over the positions where both generated the same tokens so far (position 0 is
+    the prefill's, the others are decode steps)."""
+    worst, overlap, top1, n, n_decode = 0.0, [], 0, 0, 0
     for a, b in zip(ref, other, strict=True):
-        bmap = {tok: lp for lp, tok in b}
-        common = [(lp, bmap[tok]) for lp, tok in a if tok in bmap]
-        overlap.append(len(common) / max(1, len(a)))
-        worst = max([worst, *[abs(x - y) for x, y in common]])
-        top1 += int(a[0][1] == b[0][1])
-    return {"max_abs_dlogprob": worst, "min_topk_overlap": min(overlap),
-            "top1_agree": top1 / max(1, len(ref))}
+        for pos, (ta, tb) in enumerate(zip(a["top"], b["top"], strict=False)):
+            if a["ids"][:pos] != b["ids"][:pos]:
+                break  # the sequences diverged: later positions see different inputs
+            bmap = {tok: lp for lp, tok in tb}
+            common = [(lp, bmap[tok]) for lp, tok in ta if tok in bmap]
+            overlap.append(len(common) / max(1, len(ta)))
+            worst = max([worst, *[abs(x - y) for x, y in common]])
+            top1 += int(bool(ta) and bool(tb) and ta[0][1] == tb[0][1])
+            n += 1
+            n_decode += pos > 0
+    return {"max_abs_dlogprob": worst, "min_topk_overlap": min(overlap, default=0.0),
+            "top1_agree": top1 / max(1, n), "positions": n, "decode_positions": n_decode}
+
+
+def _logit_spread(rows: list[dict[str, Any]]) -> float:
+    """Smallest (top-1 - top-k) logprob gap at position 0: ~1e-5 means flat logits (SGLang's
+    dummy norms), against which no all-reduce error shows."""
+    gaps = [r["top"][0][0][0] - r["top"][0][-1][0] for r in rows if r["top"] and r["top"][0]]
+    return min(gaps, default=0.0)
 
 
 def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
@@ -270,6 +359,11 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
                         f"bs{bs} {p:.1f}%" for bs, p in sorted(rel.items())))
         ref = base.get("top_logprobs")
         noise = None
+        spread = _logit_spread(ref) if ref else 0.0
+        if ref:
+            lines.append(f"logprob check: top-1 - top-{TOP_K} gap >= {spread:.2e} in default"
+                         + ("" if spread >= 1e-2 else " (FLAT logits: the check cannot see "
+                            "all-reduce errors)"))
         if ref and nccl and nccl.get("top_logprobs"):
             noise = _compare(ref, nccl["top_logprobs"])
             doc["comparisons"].setdefault("nccl", {})["logits"] = noise
@@ -279,13 +373,54 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             cmp = _compare(ref, r["top_logprobs"])
             limit = max(tol, 4 * noise["max_abs_dlogprob"]) if noise else tol
             cmp["tolerance"] = limit
-            cmp["ok"] = cmp["max_abs_dlogprob"] <= limit and cmp["min_topk_overlap"] >= 0.5
+            cmp["ok"] = (cmp["max_abs_dlogprob"] <= limit and cmp["min_topk_overlap"] >= 0.5
+                         and spread >= 1e-2)
             doc["comparisons"].setdefault(name, {})["logits"] = cmp
-            lines.append(f"first-step logprobs {name} vs default: max|Δ| "
+            lines.append(f"logprobs {name} vs default ({cmp['positions']} positions, "
+                         f"{cmp['decode_positions']} decode): max|Δ| "
                          f"{cmp['max_abs_dlogprob']:.2e} (tolerance {limit:.2e}), top-k overlap "
                          f">= {cmp['min_topk_overlap']:.0%}, top-1 agree {cmp['top1_agree']:.0%}"
-                         f" -> {'OK' if cmp['ok'] else 'MISMATCH'}")
+                         f" -> {'OK' if cmp['ok'] else 'MISMATCH or inconclusive'}")
+    for name, r in runs.items():
+        if r.get("check_error"):
+            lines.append(f"{name}: logprob check failed: {r['check_error']}")
+        if CONFIGS.get(name, {}).get("artune") and "artune_routed" in r and not r["artune_routed"]:
+            lines.append(f"{name}: WARNING: the plugin never logged 'routing with': its numbers "
+                         f"may be SGLang's own all-reduce (see artune_log)")
+    settings = {json.dumps(r["settings"], sort_keys=True) for r in runs.values()
+                if r.get("settings")}
+    if len(settings) > 1:
+        lines.append(f"WARNING: the configs ran with different settings: {sorted(settings)}")
     return lines
+
+
+def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, list[str]]:
+    """Run one worker, echoing its output (and its engine's) and keeping the plugin's log lines.
+    On timeout the worker is killed; SGLang's schedulers follow it (PR_SET_PDEATHSIG)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", bufsize=1)
+    notes: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if line.startswith("[artune") and len(notes) < 100:
+                notes.append(line.rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"[e2e] worker timed out after {timeout:.0f} s: killed", flush=True)
+        proc.kill()
+        proc.wait()
+        rc = 124
+        time.sleep(10)  # let the killed engine's processes release the GPUs
+    reader.join(timeout=10)
+    return rc, notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem", type=float, default=0.6, help="mem_fraction_static")
     p.add_argument("--tol", type=float, default=0.05,
                    help="least tolerance on |Δ logprob| (raised to 4x the nccl-vs-default one)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds per config")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per config (its worker "
+                   "is killed after that)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds for this whole call: a worker is killed when it runs out (its "
+                   "finished batch sizes are kept), later configs are skipped")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/...)")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -314,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker(args)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode steps are timed between 1 and N)")
+    if args.reps < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
+        p.error("--reps and every --batch-sizes entry must be at least 1")
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS]
@@ -332,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                command=" ".join(sys.argv))
     doc.setdefault("configs", {})
 
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
     model_dir = tempfile.mkdtemp(prefix="artune_e2e_llama_")
     (Path(model_dir) / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
     for config in configs:
@@ -345,21 +487,33 @@ def main(argv: list[str] | None = None) -> int:
                "--tp", str(args.tp), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
                "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
                "--reps", str(args.reps), "--mem", str(args.mem), "--log-level", args.log_level]
+        limit = args.timeout
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic() - 15)
+            if limit < 60:
+                print(f"[e2e] {config}: skipped, {limit + 15:.0f} s left", flush=True)
+                doc["configs"].setdefault(config, {"config": config, "error": "skipped: no time"})
+                continue
         print(f"[e2e] {config}: starting ({' '.join(cmd[2:])})", flush=True)
+        res_file.unlink(missing_ok=True)
         t0 = time.perf_counter()
+        rc, notes = _run_worker(cmd, env, limit)
+        # A worker that died after timing leaves its timings in the file: keep them.
         try:
-            rc = subprocess.run(cmd, env=env, timeout=args.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
-        if rc == 0 and res_file.exists():
-            doc["configs"][config] = json.loads(res_file.read_text())
-        else:
-            doc["configs"][config] = {"config": config, "error": f"exit code {rc}"}
-        doc["configs"][config]["wall_s"] = round(time.perf_counter() - t0, 1)
+            res = json.loads(res_file.read_text())
+        except (OSError, ValueError):
+            res = {"config": config}
+        if rc != 0:
+            res["error"] = "timed out" if rc == 124 else f"exit code {rc}"
+        if CONFIGS[config]["artune"]:
+            res["artune_log"] = notes
+            res["artune_routed"] = any("routing with" in n for n in notes)
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        doc["configs"][config] = res
+        doc["summary"] = _summarize(doc, args.tol)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))  # after every config: partial runs survive
-    lines = _summarize(doc, args.tol)
-    doc["summary"] = lines
+    lines = doc["summary"] = _summarize(doc, args.tol)
     out.write_text(json.dumps(doc, indent=1))
     print("\n".join(lines))
     print(f"[e2e] results: {out}")

@@ -147,7 +147,7 @@ class TuneConfig:
     @property
     def n_trials(self) -> int:
         """Budget of parameter sets per study (a backend without parameters gets one)."""
-        return self.trials if self.trials is not None else (3 if self.quick else 8)
+        return self.trials if self.trials is not None else (3 if self.quick else 6)
 
     @property
     def n_reps(self) -> int:

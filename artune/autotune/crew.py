@@ -76,6 +76,8 @@ class Crew:
         self._inputs: dict[str, torch.Tensor] = {}
         self._pristine: dict[str, torch.Tensor] = {}
         self._last_trial = "none yet"
+        #: wall seconds of each backend's build and prepare on this rank
+        self.setup_seconds: dict[str, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -177,6 +179,7 @@ class Crew:
                 skip(name, e if len(bad) == self.comm.world_size else f"rank {r}: {e}")
                 continue
             error = None
+            t0 = time.perf_counter()
             try:
                 self.built[name] = _backends.load(name).create(self.ctx)
             except Exception as exc:  # noqa: BLE001 - includes BackendUnavailable
@@ -188,6 +191,7 @@ class Crew:
                 if b is not None:
                     b.close()
                 skip(name, f"rank {bad[0][0]}: {bad[0][1]}")
+            self.setup_seconds[f"build {name}"] = time.perf_counter() - t0
         self._prepare()
         return skipped if self.ctx.rank == 0 else None
 
@@ -215,6 +219,7 @@ class Crew:
             elif count and ctx.rank == 0:
                 logger.info("%s: prepared %d item(s) on rank 0 in %.1f s", name, count,
                             time.perf_counter() - t0)
+            self.setup_seconds[f"prepare {name}"] = time.perf_counter() - t0
 
     # -- one trial -----------------------------------------------------------------------
 

@@ -101,6 +101,7 @@ def launch(
     """
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
+    os.environ["ARTUNE_LAUNCH_TIME"] = repr(time.time())  # the tune reports its start-up time
 
     def _on_term(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
