@@ -42,6 +42,18 @@ fi
 python3 -c "from importlib.metadata import entry_points as e; \
 import sys; sys.exit(0 if any(p.name == 'artune' for p in e(group='sglang.srt.plugins')) else 1)" \
     || { echo "artune's sglang.srt.plugins entry point is not visible"; exit 1; }
+# The profile must describe this machine (a call may land on H200s where the profile came from
+# H100s): if it does not, a quick tune of this machine makes one first (~70 s of the budget).
+if ! python3 -c "import sys; from artune import profile as P, topology as T; \
+p = P.load(sys.argv[1]); e, _ = T.compare(p.fingerprint, T.fingerprint($TP, $TP, device='cuda')); \
+print('; '.join(e) or 'profile matches this machine'); sys.exit(1 if e else 0)" "$PROFILE"; then
+    echo "tuning this machine first (--quick)"
+    PROFILE=/tmp/artune-e2e-profile.json
+    rm -f "$PROFILE" "$PROFILE".optuna.db*
+    timeout -k 10 150 python3 -m artune.cli tune --nproc-per-node "$TP" --quick --out "$PROFILE" \
+        > "$OUT/e2e_quick_tune.log" 2>&1 || { echo "quick tune failed"; tail -20 "$OUT/e2e_quick_tune.log"; }
+    [ -f "$PROFILE" ] || exit 1
+fi
 R="$OUT/sglang_e2e_tp${TP}.json"
 LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 [ "$LEFT" -gt 120 ] || { echo "only ${LEFT} s left after the installs"; exit 1; }

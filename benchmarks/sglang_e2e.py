@@ -57,10 +57,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from artune import envs as artune_envs  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
 
 # Llama-3.1-8B's shape (weights are SGLang's dummy init; max_position_embeddings trimmed to
-# what the benchmark needs, which only changes the RoPE table and the KV pool's limits).
+# what the benchmark needs, which only changes the RoPE table and the KV pool's limits; kept
+# above original_max_position_embeddings, which transformers 5 checks for llama3 RoPE).
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -71,7 +73,7 @@ LLAMA_31_8B = {
     "num_key_value_heads": 8,
     "head_dim": 128,
     "vocab_size": 128256,
-    "max_position_embeddings": 8192,
+    "max_position_embeddings": 16384,
     "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0,
     "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -112,7 +114,7 @@ def _engine_kwargs(args: argparse.Namespace, model_dir: str, config: str) -> dic
     kw: dict[str, Any] = dict(
         model_path=model_dir, load_format="dummy", skip_tokenizer_init=True, tp_size=args.tp,
         attention_backend="triton", sampling_backend="pytorch", mem_fraction_static=args.mem,
-        disable_cuda_graph=False, random_seed=0, log_level=args.log_level,
+        dtype="bfloat16", disable_cuda_graph=False, random_seed=0, log_level=args.log_level,
     )
     # Decode graphs for exactly the measured batch sizes (field names differ by release).
     if "cuda_graph_bs_decode" in fields:
@@ -151,7 +153,7 @@ def _plugin_problem(config: str) -> str | None:
     allowed = os.environ.get("SGLANG_PLUGINS", "")
     if allowed.strip() and "artune" not in {p.strip() for p in allowed.split(",")}:
         return f"SGLANG_PLUGINS={allowed!r} leaves artune out"
-    if not os.environ.get("ARTUNE_PROFILE") or os.environ.get("ARTUNE_DISABLE"):
+    if not artune_envs.get("ARTUNE_PROFILE") or artune_envs.get("ARTUNE_DISABLE"):
         return "ARTUNE_PROFILE is unset or ARTUNE_DISABLE is set"
     return None
 
@@ -266,6 +268,30 @@ def worker(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Parent: one subprocess per config, then the comparison
+
+
+def _gpu_mem_used() -> list[int]:
+    """MiB in use per GPU (nvidia-smi; [] when it cannot tell)."""
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
+                            "nounits"], capture_output=True, text=True, timeout=60)
+        return [int(x) for x in q.stdout.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+
+
+def _wait_gpus_released(baseline: list[int], limit_s: float = 60.0) -> None:
+    """Wait until every GPU is back near its memory use before the first engine: a dying
+    engine's ranks still holding memory would fail the next engine's memory-balance check."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        used = _gpu_mem_used()
+        if not baseline or len(used) != len(baseline) or all(
+                u <= b + 1024 for u, b in zip(used, baseline, strict=True)):
+            return
+        time.sleep(2)
+    print(f"[e2e] GPUs still hold memory after {limit_s:.0f} s: {_gpu_mem_used()} MiB "
+          f"(before the first engine: {baseline})", flush=True)
 
 
 def _card() -> dict[str, Any]:
@@ -384,7 +410,8 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
     for name, r in runs.items():
         if r.get("check_error"):
             lines.append(f"{name}: logprob check failed: {r['check_error']}")
-        if CONFIGS.get(name, {}).get("artune") and "artune_routed" in r and not r["artune_routed"]:
+        if (CONFIGS.get(name, {}).get("artune") and r.get("batches")
+                and "artune_routed" in r and not r["artune_routed"]):
             lines.append(f"{name}: WARNING: the plugin never logged 'routing with': its numbers "
                          f"may be SGLang's own all-reduce (see artune_log)")
     settings = {json.dumps(r["settings"], sort_keys=True) for r in runs.values()
@@ -406,7 +433,7 @@ def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            if line.startswith("[artune") and len(notes) < 100:
+            if "[artune" in line and len(notes) < 100:
                 notes.append(line.rstrip())
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -418,7 +445,6 @@ def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
         proc.kill()
         proc.wait()
         rc = 124
-        time.sleep(10)  # let the killed engine's processes release the GPUs
     reader.join(timeout=10)
     return rc, notes
 
@@ -474,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     doc.setdefault("configs", {})
 
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    baseline = _gpu_mem_used()
     model_dir = tempfile.mkdtemp(prefix="artune_e2e_llama_")
     (Path(model_dir) / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
     for config in configs:
@@ -498,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         res_file.unlink(missing_ok=True)
         t0 = time.perf_counter()
         rc, notes = _run_worker(cmd, env, limit)
+        _wait_gpus_released(baseline)
         # A worker that died after timing leaves its timings in the file: keep them.
         try:
             res = json.loads(res_file.read_text())
