@@ -38,19 +38,19 @@ step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
     --results "$W/tune_time_4gpu.json" --keep "$W/t4"
 P4=$W/t4/full.json
 [ -f "$P4" ] && PROF4=(--profile "$P4") || PROF4=()
-step bench4 80 torchrun --nproc-per-node 4 $A "${PROF4[@]}" --out "$OUT/allreduce_4gpu.md"
-step quick4 70 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
+[ -z "${TUNES_ONLY:-}" ] && step bench4 80 torchrun --nproc-per-node 4 $A "${PROF4[@]}" --out "$OUT/allreduce_4gpu.md"
+step quick4 90 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
     --results "$W/tune_time_4gpu_quick.json" --keep "$W/q4"
 # 2 virtual nodes x 2 GPUs: NVRAR's inter-node path beside NCCL (emulation).
-step emu2x2 35 torchrun --nproc-per-node 4 $A --backends nccl,nvrar --ranks-per-node 2 \
+[ -z "${TUNES_ONLY:-}" ] && step emu2x2 35 torchrun --nproc-per-node 4 $A --backends nccl,nvrar --ranks-per-node 2 \
     --sizes 4K,64K,256K,1M,2M,16M --out "$OUT/allreduce_2x2_emulated.md"
 # 2 GPUs (two of the four, NV18 between them): a quick tune, then the benchmark.
 if [ -z "${SKIP_2GPU:-}" ]; then
 export CUDA_VISIBLE_DEVICES=0,1
-step tune2 80 python3 -m artune.cli tune --nproc-per-node 2 --quick --out "$W/t2/quick.json"
+step tune2 90 python3 -m artune.cli tune --nproc-per-node 2 --quick --out "$W/t2/quick.json"
 P2=$W/t2/quick.json
 [ -f "$P2" ] && PROF2=(--profile "$P2") || PROF2=()
-step bench2 45 torchrun --nproc-per-node 2 $A "${PROF2[@]}" --sizes 4K,16K,64K,256K,1M,4M,16M \
+[ -z "${TUNES_ONLY:-}" ] && step bench2 45 torchrun --nproc-per-node 2 $A "${PROF2[@]}" --sizes 4K,16K,64K,256K,1M,4M,16M \
     --out "$OUT/allreduce_2gpu.md"
 unset CUDA_VISIBLE_DEVICES
 fi
