@@ -14,8 +14,10 @@ OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $
 W=/tmp/artune-gpu-session
 rm -rf "$W"; mkdir -p "$OUT" "$W"
 T0=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .devwhl/*.whl || exit 1
+# Byte-compile as a normal pip install does (otherwise the first, timed tune pays for it).
+python3 -m compileall -q -j 16 /tmp/site > /dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
 
