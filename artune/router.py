@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from artune import backends as _backends
 from artune.backends.base import Backend, BackendUnavailable, GroupContext
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Router", "current_mode"]
+
+#: Decisions remembered per router (distinct message shapes of a served model are few).
+_MAX_DECIDED = 4096
 
 
 def current_mode() -> str:
@@ -44,6 +47,8 @@ class Router:
         self.ctx = ctx
         self.backends = built
         self.fallback = profile.fallback()
+        #: (nbytes, dtype, mode, device index, contiguous) -> (choice, backend)
+        self._decided: dict[tuple[Any, ...], tuple[Choice, Backend]] = {}
         if self.fallback not in built:
             raise BackendUnavailable(
                 f"the fallback backend {self.fallback!r} could not be built on this group"
@@ -93,8 +98,23 @@ class Router:
     def choose(self, x: torch.Tensor, mode: str | None = None) -> Choice:
         """The choice for ``x``: the profile's, or the fallback when that backend is absent or
         does not take ``x``."""
+        return self._lookup(x, mode)[0]
+
+    def _lookup(self, x: torch.Tensor, mode: str | None) -> tuple[Choice, Backend]:
+        """Decided once per (size, dtype, mode, device, contiguity), then looked up: in eager
+        mode every microsecond of Python is on the critical path."""
+        key = (x.numel() * x.element_size(), x.dtype, mode or current_mode(), x.get_device(),
+               x.is_contiguous())
+        hit = self._decided.get(key)
+        if hit is None:
+            hit = self._decide(x, key[2])
+            if len(self._decided) < _MAX_DECIDED:
+                self._decided[key] = hit
+        return hit
+
+    def _decide(self, x: torch.Tensor, mode: str) -> tuple[Choice, Backend]:
         nbytes = x.numel() * x.element_size()
-        choice = select(self.profile, nbytes, x.dtype, mode or current_mode())
+        choice = select(self.profile, nbytes, x.dtype, mode)
         backend = self.backends.get(choice.backend)
         if backend is None or not backend.supports(x, choice.params):
             log_once(
@@ -103,12 +123,13 @@ class Router:
                 f"{nbytes} B of {x.dtype}; using {self.fallback}",
                 logging.WARNING,
             )
-            return Choice(self.fallback, {}, covered=False)
-        return choice
+            choice = Choice(self.fallback, {}, covered=False)
+            backend = self.backends[self.fallback]
+        return choice, backend
 
     def all_reduce(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        choice = self.choose(x, mode)
-        return self.backends[choice.backend].all_reduce(x, choice.params)
+        choice, backend = self._lookup(x, mode)
+        return backend.all_reduce(x, choice.params)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -118,6 +139,12 @@ class Router:
                 stack.enter_context(b.capture())
             yield
 
+    def detach(self) -> None:
+        """Drop the backends without closing them (their owner closes them)."""
+        self._decided.clear()
+        self.backends = {}
+
     def close(self) -> None:
+        self._decided.clear()
         for b in self.backends.values():
             b.close()

@@ -73,3 +73,51 @@ def test_select_is_deterministic(prof: Profile) -> None:
     again = [select(Profile(profile_doc()), s, "bfloat16", m) for s in sizes
              for m in ("graph", "eager")]
     assert first == again
+
+
+class _Counting:
+    """A built backend stand-in: counts supports() calls; refuses sizes above ``limit``."""
+
+    def __init__(self, name: str, limit: int = 1 << 40) -> None:
+        self.name, self.limit, self.asked, self.calls = name, limit, 0, 0
+
+    def supports(self, x, params=None) -> bool:  # noqa: ANN001
+        self.asked += 1
+        return x.numel() * x.element_size() <= self.limit
+
+    def all_reduce(self, x, params=None):  # noqa: ANN001, ANN201
+        self.calls += 1
+        return x
+
+    def close(self) -> None:
+        pass
+
+
+def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Profile) -> None:
+    """The router asks select() and supports() once per (size, dtype, mode, device,
+    contiguity) and then looks the decision up; a backend refusing the tensor sends it to
+    the fallback, also remembered."""
+    import torch
+
+    from artune.router import Router
+
+    built = {n: _Counting(n) for n in ("nccl", "symm_one_shot", "symm_two_shot")}
+    built["symm_two_shot"].limit = 0  # refuses everything: its ranges go to NCCL
+    router = Router(prof, object(), built)  # type: ignore[arg-type]
+    small = torch.zeros(2048, dtype=torch.bfloat16)  # 4 KiB: one-shot in the profile
+    mid = torch.zeros(131072, dtype=torch.bfloat16)  # 256 KiB: two-shot in the profile
+    for _ in range(5):
+        assert router.choose(small, "graph").backend == "symm_one_shot"
+        router.all_reduce(small, "graph")
+        fb = router.choose(mid, "graph")
+        assert fb.backend == "nccl" and not fb.covered
+        router.all_reduce(mid, "graph")
+    assert built["symm_one_shot"].asked == 1 and built["symm_one_shot"].calls == 5
+    assert built["symm_two_shot"].asked == 1 and built["symm_two_shot"].calls == 0
+    assert built["nccl"].calls == 5
+    # A non-contiguous tensor of the same size is decided on its own.
+    strided = torch.zeros(4096, dtype=torch.bfloat16)[::2]
+    router.choose(strided, "graph")
+    assert built["symm_one_shot"].asked == 2
+    router.detach()
+    assert router.backends == {} and not router._decided
