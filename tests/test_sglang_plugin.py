@@ -627,3 +627,33 @@ def test_candidate_capture_refuses_to_start_inside_a_capture(
         with b.capture():
             pass
     assert b.group.capture_depth == 0
+
+
+@pytest.mark.parametrize(
+    ("links", "visible", "preset", "expected"),
+    [
+        ([["X", "NV18"], ["NV18", "X"]], None, None, "1"),  # all NVLink: trust the driver
+        ([["X", "PIX"], ["PIX", "X"]], None, None, None),  # PCIe: SGLang's probe runs
+        ([["X", "NV18"], ["NV18", "X"]], "0,1", None, None),  # subset: nvidia-smi rows unsure
+        ([["X", "NV18"], ["NV18", "X"]], None, "0", "0"),  # the user's setting wins
+    ],
+)
+def test_sglang_candidate_skips_the_peer_probe_only_over_nvlink(
+    monkeypatch: pytest.MonkeyPatch, links: list[list[str]], visible: str | None,
+    preset: str | None, expected: str | None,
+) -> None:
+    import torch
+
+    from artune import topology
+    from artune.backends import sglang_native
+
+    for var, value in (("CUDA_VISIBLE_DEVICES", visible), ("SGLANG_SKIP_P2P_CHECK", preset)):
+        monkeypatch.setenv(var, "recorded")  # the test's changes are undone afterwards
+        if value is None:
+            monkeypatch.delenv(var)
+        else:
+            monkeypatch.setenv(var, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(topology, "link_matrix", lambda n: links)
+    sglang_native._trust_nvlink_peer_access()
+    assert os.environ.get("SGLANG_SKIP_P2P_CHECK") == expected

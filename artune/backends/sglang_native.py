@@ -106,6 +106,32 @@ def _ca_reduces_in_place(ca: Any, nbytes: int, capturing: bool) -> bool:
     return True
 
 
+def _trust_nvlink_peer_access() -> None:
+    """Skip SGLang's one-time peer-access probe when every local GPU pair is NVLink-connected.
+
+    Before its custom all-reduce, SGLang tests every GPU pair in a subprocess and caches the
+    answer per CUDA_VISIBLE_DEVICES (custom_all_reduce_utils.gpu_p2p_access_check): 30 s of the
+    first 4-GPU tune on 4x H100 (2026-11-26). The probe exists for PCIe machines whose driver
+    reports peer access that does not work; over NVLink the driver's report
+    (``SGLANG_SKIP_P2P_CHECK=1``, SGLang's own switch) gives the same answer. Set for this
+    process only, never over the user's own setting.
+    """
+    import os
+
+    if "SGLANG_SKIP_P2P_CHECK" in os.environ:
+        return
+    import torch
+
+    from artune.topology import link_matrix
+
+    n = torch.cuda.device_count()
+    if n < 2 or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return  # nvidia-smi numbers physical GPUs: only trust it when all are visible
+    links = link_matrix(n)
+    if all(links[i][j].startswith("NV") for i in range(n) for j in range(n) if i != j):
+        os.environ["SGLANG_SKIP_P2P_CHECK"] = "1"
+
+
 class SglangBackend(Backend):
     name = "sglang"
     needs_cuda = True
@@ -135,6 +161,7 @@ class SglangBackend(Backend):
         super().__init__(ctx)
         import torch.distributed as dist
 
+        _trust_nvlink_peer_access()
         ps = _parallel_state()
         self._owns_world = ps._WORLD is None
         self._owns_groups = not ps.model_parallel_is_initialized()
