@@ -15,9 +15,10 @@ ranks never diverge in the collectives they issue.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from artune import backends as _backends
@@ -77,6 +78,8 @@ class Crew:
         self._last_trial = "none yet"
         #: wall seconds of each backend's build and prepare on this rank
         self.setup_seconds: dict[str, float] = {}
+        #: wall seconds inside trials by step (gate, capture, timing) on this rank
+        self.trial_seconds: dict[str, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -117,6 +120,16 @@ class Crew:
             except Exception:  # noqa: BLE001, S110 - closing must not mask the real error
                 pass
         self.built.clear()
+
+    @contextlib.contextmanager
+    def _clock(self, step: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.trial_seconds[step] = (
+                self.trial_seconds.get(step, 0.0) + time.perf_counter() - t0
+            )
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -242,7 +255,8 @@ class Crew:
         if first is not None:
             return {"skip": f"unsupported: {first}"}
         if cmd.get("gate"):
-            verdict = gate.check(backend, params, x, self.comm, self.ctx.group)
+            with self._clock("gate"):
+                verdict = gate.check(backend, params, x, self.comm, self.ctx.group)
             if verdict is not None:
                 return {"skip": verdict, "gate": True}
         return self._measure(
@@ -282,7 +296,8 @@ class Crew:
         error: str | None = None
         est = math.nan
         try:
-            est = estimate_us(fn, device)
+            with self._clock("eager estimate"):
+                est = estimate_us(fn, device)
         except Exception as exc:  # noqa: BLE001
             error = f"all_reduce raised {_exc_text(exc)}"
         first, rows = self._agree(error, [est], "timing: estimate")
@@ -299,8 +314,9 @@ class Crew:
             for attempt in range(2):
                 error, probe = None, math.nan
                 try:
-                    timer.prepare(warmup)
-                    probe = timer.sample(1)[0]
+                    with self._clock(f"{mode} capture + warm-up"):
+                        timer.prepare(warmup)
+                        probe = timer.sample(1)[0]
                 except Exception as exc:  # noqa: BLE001
                     error = f"{mode} timing raised {_exc_text(exc)}"
                 first, rows = self._agree(error, [probe], f"timing: {mode} warm-up")
@@ -323,7 +339,8 @@ class Crew:
             for i, n in enumerate(phases):
                 error = None
                 try:
-                    samples += timer.sample(n)
+                    with self._clock(f"{mode} timed repetitions"):
+                        samples += timer.sample(n)
                 except Exception as exc:  # noqa: BLE001
                     error = f"{mode} timing raised {_exc_text(exc)}"
                 last = i == len(phases) - 1

@@ -51,6 +51,7 @@ class Driver:
         self.gates: dict[tuple[str, str, str, int], str | None] = {}
         #: wall seconds by phase ("setup", "measure <backend>", "validation") on rank 0
         self.spent: dict[str, float] = {}
+        self._trial_wall = 0.0  # seconds inside trials (all ranks at work), the rest is search
 
     # -- entry ---------------------------------------------------------------------------
 
@@ -148,6 +149,9 @@ class Driver:
             t_val = time.perf_counter()
             doc["validation"] = self._validate(doc)
             self.spent["validation"] = time.perf_counter() - t_val
+        measured = sum(v for k, v in self.spent.items() if k.startswith("measure "))
+        self.spent["measure: Optuna search and storage"] = max(0.0, measured - self._trial_wall)
+        self.spent.update({f"in trials: {k}": v for k, v in self.crew.trial_seconds.items()})
         doc["tune_seconds"] = {k: round(v, 2) for k, v in self.spent.items()}
         doc["tune_seconds"]["total"] = round(time.perf_counter() - t0, 2)
         save(doc, out)
@@ -207,7 +211,9 @@ class Driver:
             def decide(value: float) -> bool:
                 return search.report(value, step)
 
+        t_trial = time.perf_counter()
         res = self.crew.send(self._cmd(name, params, dtype, mode, nbytes, prune), decide)
+        self._trial_wall += time.perf_counter() - t_trial
         if "skip" in res:
             if res.get("gate"):
                 self.gates[gkey] = res["skip"]
