@@ -51,15 +51,35 @@ def _nvidia_smi(*args: str) -> str | None:
     return out.stdout
 
 
+def _physical_gpus(n: int) -> list[int] | None:
+    """Physical indices (nvidia-smi's numbering) of the first ``n`` visible GPUs, or None when
+    CUDA_VISIBLE_DEVICES names them in a way nvidia-smi's table cannot be matched to (UUIDs)."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(n))
+    try:
+        ids = [int(v) for v in visible.split(",") if v.strip()]
+    except ValueError:
+        return None
+    return ids[:n] if len(ids) >= n else None
+
+
 def link_matrix(n: int) -> list[list[str]]:
-    """Links between the first ``n`` GPUs as ``nvidia-smi topo -m`` names them ("NV18",
-    "PIX", "SYS", "X" on the diagonal); from CUDA peer access ("P2P"/"none") where
-    nvidia-smi is missing."""
+    """Links between the first ``n`` visible GPUs as ``nvidia-smi topo -m`` names them ("NV18",
+    "PIX", "SYS", "X" on the diagonal), following CUDA_VISIBLE_DEVICES; from CUDA peer access
+    ("P2P"/"none") where nvidia-smi is missing or the visible GPUs cannot be matched to it."""
     text = _nvidia_smi("topo", "-m")
-    if text:
-        rows = [line.split() for line in text.splitlines() if line.startswith("GPU")]
-        matrix = [r[1 : n + 1] for r in rows[:n] if len(r) > n]
-        if len(matrix) == n and all(len(r) == n for r in matrix):
+    phys = _physical_gpus(n)
+    if text and phys is not None:
+        rows = {r[0]: r[1:] for r in (line.split() for line in text.splitlines())
+                if r and r[0].startswith("GPU") and r[0][3:].isdigit()}
+        try:
+            matrix = [[rows[f"GPU{i}"][j] for j in phys] for i in phys]
+        except (KeyError, IndexError):
+            matrix = []
+        if len(matrix) == n:
             return matrix
     import torch
 

@@ -634,7 +634,7 @@ def test_candidate_capture_refuses_to_start_inside_a_capture(
     [
         ([["X", "NV18"], ["NV18", "X"]], None, None, "1"),  # all NVLink: trust the driver
         ([["X", "PIX"], ["PIX", "X"]], None, None, None),  # PCIe: SGLang's probe runs
-        ([["X", "NV18"], ["NV18", "X"]], "0,1", None, None),  # subset: nvidia-smi rows unsure
+        ([["X", "NV18"], ["NV18", "X"]], "2,3", None, "1"),  # a subset, links of those two
         ([["X", "NV18"], ["NV18", "X"]], None, "0", "0"),  # the user's setting wins
     ],
 )

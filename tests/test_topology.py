@@ -37,3 +37,34 @@ def test_compare_names_each_difference() -> None:
     ]
     assert warnings == ["nccl: profile has '2.28.9', this machine has '2.27.3'"]
     assert compare(FP, copy.deepcopy(FP)) == ([], [])
+
+
+_TOPO = """\
+\tGPU0\tGPU1\tGPU2\tGPU3\tCPU Affinity\tNUMA Affinity
+GPU0\t X \tNV18\tNV18\tSYS\t0-63\t0
+GPU1\tNV18\t X \tNV18\tSYS\t0-63\t0
+GPU2\tNV18\tNV18\t X \tPIX\t0-63\t0
+GPU3\tSYS\tSYS\tPIX\t X \t0-63\t0
+
+Legend:
+"""
+
+
+def test_link_matrix_follows_cuda_visible_devices(monkeypatch) -> None:  # noqa: ANN001
+    """nvidia-smi numbers physical GPUs; the matrix is the visible GPUs' links, in their order;
+    names it cannot match (UUIDs) fall back to CUDA's peer-access report."""
+    import torch
+
+    from artune import topology
+
+    monkeypatch.setattr(topology, "_nvidia_smi", lambda *a: _TOPO)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "x")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert topology.link_matrix(2) == [["X", "NV18"], ["NV18", "X"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,2")
+    assert topology.link_matrix(2) == [["X", "PIX"], ["PIX", "X"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,3")
+    assert topology.link_matrix(2) == [["X", "SYS"], ["SYS", "X"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda i, j: True)
+    assert topology.link_matrix(2) == [["X", "P2P"], ["P2P", "X"]]

@@ -125,9 +125,9 @@ def _trust_nvlink_peer_access() -> None:
     from artune.topology import link_matrix
 
     n = torch.cuda.device_count()
-    if n < 2 or "CUDA_VISIBLE_DEVICES" in os.environ:
-        return  # nvidia-smi numbers physical GPUs: only trust it when all are visible
-    links = link_matrix(n)
+    if n < 2:
+        return
+    links = link_matrix(n)  # follows CUDA_VISIBLE_DEVICES
     if all(links[i][j].startswith("NV") for i in range(n) for j in range(n) if i != j):
         os.environ["SGLANG_SKIP_P2P_CHECK"] = "1"
 
