@@ -106,7 +106,7 @@ class Router:
         key = (x.numel() * x.element_size(), x.dtype, mode or current_mode(), x.get_device(),
                x.is_contiguous())
         hit = self._decided.get(key)
-        if hit is None:
+        if hit is None or hit[1].closed:
             hit = self._decide(x, key[2])
             if len(self._decided) < _MAX_DECIDED:
                 self._decided[key] = hit

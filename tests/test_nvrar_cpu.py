@@ -186,9 +186,10 @@ class _FakeKernel:
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_precompile_splits_distinct_kernels_across_ranks(ranks: int) -> None:
-    """Rank i of k compiles every k-th distinct variant, everyone meets at the barrier, then each
-    loads all of them (cache hits in Triton) and launches without a further barrier; a variant
-    that fails to compile is left to its first launch."""
+    """Rank i of k compiles every k-th distinct variant, then meets the others at the barrier.
+    Nothing is marked ready, so every rank still meets its peers at each variant's first launch
+    (a cache hit by then) whatever its own compiles did; a variant that failed to compile raises
+    at its first launch."""
     from artune.kernels import nvrar as mod
 
     nd = Nodes(1, 2)
@@ -201,21 +202,21 @@ def test_precompile_splits_distinct_kernels_across_ranks(ranks: int) -> None:
                          barrier=lambda r=rank: log.append((r, "barrier")))
         kernel = _FakeKernel(log, rank, broken={8192})
         x = torch.zeros(16, dtype=torch.bfloat16)
-        specs = [mod._Spec(kernel, ("p2p", x.dtype, b, 4, True, True), 1, (x,),
+        specs = [mod._Spec(kernel, ("p2p", x.dtype, b, 4, True), 1, (x,),
                            {"BLOCK": b, "num_warps": 4}) for b in blocks]
         start = len(log)
         mine = comm.precompile(specs, (rank, ranks))
-        events = [e for r, e in log[start:] if r == rank]
         share = [b for b in [256, 512, 1024, 2048, 8192][rank::ranks] if b != 8192]
         assert mine == len(share)
-        assert events == [f"warmup {b}" for b in share] + ["barrier"] + [
-            f"warmup {b}" for b in (256, 512, 1024, 2048)]
-        assert comm._ready == {s.key for s in specs if s.key[2] != 8192}
-        # A prepared variant launches without compiling or meeting the others again.
+        assert [e for r, e in log[start:] if r == rank] == [f"warmup {b}" for b in share] + [
+            "barrier"]
+        assert not comm._ready
+        # First launch: load (a cache hit in Triton), meet the peers, launch; then just launch.
         n = len(log)
         comm._launch(specs[1])
-        assert log[n:] == [(rank, "launch 512")]
-        # The broken one compiles (and fails) at its first launch, where the error belongs.
+        comm._launch(specs[1])
+        assert log[n:] == [(rank, "warmup 512"), (rank, "barrier"), (rank, "launch 512"),
+                           (rank, "launch 512")]
         with pytest.raises(RuntimeError, match="compile error"):
             comm._launch(specs[-1])
 

@@ -80,10 +80,11 @@ class _Counting:
 
     def __init__(self, name: str, limit: int = 1 << 40) -> None:
         self.name, self.limit, self.asked, self.calls = name, limit, 0, 0
+        self.closed = False
 
     def supports(self, x, params=None) -> bool:  # noqa: ANN001
         self.asked += 1
-        return x.numel() * x.element_size() <= self.limit
+        return not self.closed and x.numel() * x.element_size() <= self.limit
 
     def all_reduce(self, x, params=None):  # noqa: ANN001, ANN201
         self.calls += 1
@@ -119,5 +120,8 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     strided = torch.zeros(4096, dtype=torch.bfloat16)[::2]
     router.choose(strided, "graph")
     assert built["symm_one_shot"].asked == 2
+    # A backend closed after a decision is decided again (here: its sizes go to NCCL).
+    built["symm_one_shot"].closed = True
+    assert router.choose(small, "graph").backend == "nccl"
     router.detach()
     assert router.backends == {} and not router._decided

@@ -110,11 +110,13 @@ class Driver:
         for s in self.crew.send({"op": "setup", "names": candidates(cfg)}):
             self._add_skip(s)
             self.con.print(f"  skipping {s['backend']}: {s['reason']}", markup=False)
-        launched = os.environ.get("ARTUNE_LAUNCH_TIME")
-        if launched:  # process start, imports, torch.distributed and NCCL set-up
-            self.spent["start ranks"] = t_start - float(launched)
+        try:  # process start, imports, torch.distributed and NCCL set-up
+            self.spent["start ranks"] = t_start - float(os.environ["ARTUNE_LAUNCH_TIME"])
+        except (KeyError, ValueError):
+            pass  # started by torchrun or srun: not known
         self.spent["setup"] = time.perf_counter() - t_setup
-        self.spent.update({k: v for k, v in self.crew.setup_seconds.items() if v >= 0.05})
+        self.spent.update({f"setup: {k}": v for k, v in self.crew.setup_seconds.items()
+                           if v >= 0.05})
         self.con.print("set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.spent.items()),
                        markup=False)
         names = list(self.crew.built)
@@ -145,13 +147,18 @@ class Driver:
             rel_tol=cfg.rel_tol,
         )
         save(doc, out)
+        in_trials = dict(self.crew.trial_seconds)
         if cfg.validate and doc["tables"]:
             t_val = time.perf_counter()
             doc["validation"] = self._validate(doc)
             self.spent["validation"] = time.perf_counter() - t_val
         measured = sum(v for k, v in self.spent.items() if k.startswith("measure "))
         self.spent["measure: Optuna search and storage"] = max(0.0, measured - self._trial_wall)
-        self.spent.update({f"in trials: {k}": v for k, v in self.crew.trial_seconds.items()})
+        self.spent.update({f"measure: {k}": v for k, v in in_trials.items()})
+        self.spent.update({
+            f"validation: {k}": v - in_trials.get(k, 0.0)
+            for k, v in self.crew.trial_seconds.items() if v - in_trials.get(k, 0.0) > 0.0
+        })
         doc["tune_seconds"] = {k: round(v, 2) for k, v in self.spent.items()}
         doc["tune_seconds"]["total"] = round(time.perf_counter() - t0, 2)
         save(doc, out)
@@ -285,11 +292,10 @@ class Driver:
                 progress.describe(f"validate {dtype} {mode} {nbytes} B")
                 # Candidates the tune measured far behind the fastest cannot overtake it on a
                 # re-run; they keep their tune measurement ("not_retimed") and cost no time.
-                fastest_us = min(r["latency_us"] for r in per_backend.values())
+                here = {b: r for b, r in per_backend.items() if b in self.crew.built}
+                fastest_us = min((r["latency_us"] for r in here.values()), default=0.0)
                 cands, behind = [], {}
-                for b, r in sorted(per_backend.items()):
-                    if b not in self.crew.built:
-                        continue
+                for b, r in sorted(here.items()):
                     if r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN):
                         cands.append((b, dict(r.get("params") or {})))
                     else:

@@ -48,6 +48,7 @@ def _rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(envs.NO_MULTICAST_ENV)
     env.update(
+        ARTUNE_LAUNCH_TIME=repr(time.time()),  # the tune reports its start-up time
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(nproc),
@@ -101,7 +102,6 @@ def launch(
     """
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
-    os.environ["ARTUNE_LAUNCH_TIME"] = repr(time.time())  # the tune reports its start-up time
 
     def _on_term(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)

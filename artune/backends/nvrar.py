@@ -235,13 +235,16 @@ class NvrarBackend(Backend):
 
     def prepare(self, messages: Sequence[tuple[str, int, Params]]) -> int:
         """Compile every kernel variant these messages would use, each once per node: the
-        node's ranks split the distinct variants, compile their share into Triton's on-disk cache
-        in parallel, then load the rest from it (a cold full tune on 4 GPUs compiled ~19 variants
-        one after another on every rank, 0.5-3 s each). Collective; returns this rank's count."""
+        node's ranks split the distinct variants and compile their share into Triton's on-disk
+        cache in parallel; each variant's first launch then loads it from there. Collective;
+        returns this rank's count."""
         import torch
 
         comm = self.comm
-        if comm is None:
+        if comm is None:  # closed (close() is collective): still meet the others
+            import torch.distributed as dist
+
+            dist.barrier(group=self.ctx.cpu_group)
             return 0
         specs = []
         try:

@@ -454,7 +454,11 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         raise PluginError(f"artune {name}: building the backends failed or differed: " + "; ".join(
             f"rank {r}: {e or 'built ' + ', '.join(b or [])}" for r, (b, e) in enumerate(results)))
     assert router is not None
-    router.prepare()  # every rank holds the same backends: compile NVRAR's variants in parallel
+    try:  # every rank holds the same backends: compile NVRAR's variants in parallel
+        router.prepare()
+    except Exception as exc:  # noqa: BLE001 - an optimisation: first calls compile instead
+        logger.warning("artune %s: preparing the backends failed on rank %d (%s); they build "
+                       "on first use", name, gc.rank_in_group, exc)
     route = Route(gc.unique_name, served, router)
     old = _ROUTES.pop(gc.unique_name, None)
     if old is not None:

@@ -261,15 +261,15 @@ class NvrarComm:
         return self._twoshot(x, y, n, pack, plan)
 
     def precompile(self, specs: list[_Spec], share: tuple[int, int] = (0, 1)) -> int:
-        """Compile the distinct kernels of ``specs`` ahead of their first launch; returns how
-        many this rank compiled.
+        """Compile the distinct kernels of ``specs`` into Triton's on-disk cache ahead of their
+        first launch; returns how many this rank compiled.
 
-        ``share=(i, k)``: this rank compiles every k-th distinct kernel from the i-th into
-        Triton's on-disk cache, then (after ``barrier``, which every rank must reach) loads the
-        others' from it, so k ranks sharing a cache directory compile each kernel once, in
-        parallel. A kernel that fails to compile here is left to its first launch (which raises
-        the error where it belongs). NVSHMEM-linked kernels are compiled but not marked ready:
-        their first launch must still happen eagerly (module registration).
+        ``share=(i, k)``: this rank compiles every k-th distinct kernel from the i-th, so k ranks
+        sharing a cache directory compile each kernel once, in parallel; then every rank meets
+        the others at ``barrier`` (every rank must call this). Nothing is marked ready: each
+        kernel's first launch still loads it (now a cache hit) and meets the peers there, so
+        whether a rank waits never depends on what happened to compile where. A kernel that fails
+        to compile here is left to its first launch, which raises the error where it belongs.
         """
         todo: dict[tuple[Any, ...], _Spec] = {}
         for s in specs:
@@ -287,14 +287,6 @@ class NvrarComm:
         finally:
             if self._barrier is not None:
                 self._barrier()
-        if not self.interpret:
-            for key, s in todo.items():
-                try:
-                    s.compile()
-                except Exception:  # noqa: BLE001, S112 - its first launch raises it
-                    continue
-                if key[0] != "nvshmem":
-                    self._ready.add(key)
         return mine
 
     def _oneshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
@@ -307,7 +299,7 @@ class NvrarComm:
         kwargs = dict(W=self.nodes.world, PACK=pack, BLOCK=plan.block,
                       WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
                       INTERPRET=self.interpret, num_warps=plan.warps)
-        key = ("oneshot", x.dtype, plan.block, plan.warps, x.data_ptr() % 16 == 0)
+        key = ("oneshot", x.dtype, plan.block, plan.warps)
         return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
@@ -330,8 +322,7 @@ class NvrarComm:
         kwargs = dict(N=nodes.nodes, L=nodes.local, LOG2P=nodes.log2p, EXTRA=nodes.extra,
                       STEPS=nodes.steps, PACK=pack, BLOCK=plan.block, LL=ll, SIGSET=sigset,
                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps)
-        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll,
-               x.data_ptr() % 16 == 0)
+        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll)
         return _Spec(kernel, key, grid, args, kwargs)
 
     def _signal_set(self) -> int:
