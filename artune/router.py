@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from artune import backends as _backends
 from artune.backends.base import Backend, BackendUnavailable, GroupContext
@@ -24,10 +24,18 @@ from artune.profile import Choice, Profile, select
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Router", "current_mode"]
+__all__ = ["Router", "Decision", "current_mode"]
 
 #: Decisions remembered per router (distinct message shapes of a served model are few).
 _MAX_DECIDED = 4096
+
+
+class Decision(NamedTuple):
+    """What the profile says for one message shape, and which built backend takes it."""
+
+    choice: Choice  # select()'s answer (covered=False where the profile has nothing)
+    backend: Backend | None  # the built backend that takes the message; None when none does
+    why: str | None  # why none does ("not covered by the profile", "not built", "not usable")
 
 
 def current_mode() -> str:
@@ -47,8 +55,9 @@ class Router:
         self.ctx = ctx
         self.backends = built
         self.fallback = profile.fallback()
-        #: (nbytes, dtype, mode, device index, contiguous) -> (choice, backend)
-        self._decided: dict[tuple[Any, ...], tuple[Choice, Backend]] = {}
+        self._fallback_choice = Choice(self.fallback, {}, covered=False)
+        #: (nbytes, dtype, mode, device index, contiguous) -> Decision
+        self._decided: dict[tuple[Any, ...], Decision] = {}
         if self.fallback not in built:
             raise BackendUnavailable(
                 f"the fallback backend {self.fallback!r} could not be built on this group"
@@ -95,40 +104,52 @@ class Router:
             if msgs:
                 backend.prepare(msgs)
 
+    def decide(self, x: torch.Tensor, mode: str | None = None) -> tuple[Decision, bool]:
+        """(what the profile says for ``x`` and which built backend takes it, whether this call
+        decided it). Decided once per (size, dtype, mode, device, contiguity), then looked up:
+        in eager mode every microsecond of Python is on the critical path. The SGLang plugin
+        reads the same decisions (it hands what no artune backend takes to SGLang)."""
+        key = (x.numel() * x.element_size(), x.dtype, mode or current_mode(), x.get_device(),
+               x.is_contiguous())
+        d = self._decided.get(key)
+        if d is not None and (d.backend is None or not d.backend.closed):
+            return d, False
+        d = self._decide(x, key[2])
+        if len(self._decided) < _MAX_DECIDED:
+            self._decided[key] = d
+        return d, True
+
+    def _decide(self, x: torch.Tensor, mode: str) -> Decision:
+        choice = select(self.profile, x.numel() * x.element_size(), x.dtype, mode)
+        if not choice.covered:
+            return Decision(choice, None, "not covered by the profile")
+        backend = self.backends.get(choice.backend)
+        if backend is None:
+            return Decision(choice, None, "not built")
+        if not backend.supports(x, choice.params):
+            return Decision(choice, None, "not usable")
+        return Decision(choice, backend, None)
+
+    def _resolve(self, x: torch.Tensor, mode: str | None) -> tuple[Choice, Backend]:
+        d, new = self.decide(x, mode)
+        if d.backend is not None:
+            return d.choice, d.backend
+        if new and d.choice.covered:  # select() logs the uncovered sizes itself
+            log_once(
+                f"router:unsupported:{d.choice.backend}:{x.dtype}",
+                f"{d.choice.backend} is {d.why} for {x.numel() * x.element_size()} B of "
+                f"{x.dtype}; using {self.fallback}",
+                logging.WARNING,
+            )
+        return self._fallback_choice, self.backends[self.fallback]
+
     def choose(self, x: torch.Tensor, mode: str | None = None) -> Choice:
         """The choice for ``x``: the profile's, or the fallback when that backend is absent or
         does not take ``x``."""
-        return self._lookup(x, mode)[0]
-
-    def _lookup(self, x: torch.Tensor, mode: str | None) -> tuple[Choice, Backend]:
-        """Decided once per (size, dtype, mode, device, contiguity), then looked up: in eager
-        mode every microsecond of Python is on the critical path."""
-        key = (x.numel() * x.element_size(), x.dtype, mode or current_mode(), x.get_device(),
-               x.is_contiguous())
-        hit = self._decided.get(key)
-        if hit is None or hit[1].closed:
-            hit = self._decide(x, key[2])
-            if len(self._decided) < _MAX_DECIDED:
-                self._decided[key] = hit
-        return hit
-
-    def _decide(self, x: torch.Tensor, mode: str) -> tuple[Choice, Backend]:
-        nbytes = x.numel() * x.element_size()
-        choice = select(self.profile, nbytes, x.dtype, mode)
-        backend = self.backends.get(choice.backend)
-        if backend is None or not backend.supports(x, choice.params):
-            log_once(
-                f"router:unsupported:{choice.backend}:{x.dtype}",
-                f"{choice.backend} is {'not built' if backend is None else 'not usable'} for "
-                f"{nbytes} B of {x.dtype}; using {self.fallback}",
-                logging.WARNING,
-            )
-            choice = Choice(self.fallback, {}, covered=False)
-            backend = self.backends[self.fallback]
-        return choice, backend
+        return self._resolve(x, mode)[0]
 
     def all_reduce(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        choice, backend = self._lookup(x, mode)
+        choice, backend = self._resolve(x, mode)
         return backend.all_reduce(x, choice.params)
 
     @contextlib.contextmanager

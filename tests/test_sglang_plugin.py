@@ -444,6 +444,7 @@ def test_release_without_the_hook_points_fails_clearly(version: str, tmp_path: P
 class _FakeBackend:
     def __init__(self, name: str) -> None:
         self.name = name
+        self.closed = False
 
     def supports(self, x: Any, params: Any = None) -> bool:
         return bool(x.is_contiguous())
@@ -458,8 +459,10 @@ def test_route_hands_sglang_and_uncovered_sizes_back() -> None:
         [], fingerprint=topology.fingerprint(2, 2, device="cpu"), command="t", dry_run=True)
     prof = profile_mod.Profile(doc)
     gloo = _FakeBackend("gloo")
-    router = types.SimpleNamespace(backends={"gloo": gloo})
-    route = plugin.Route("tp:0", prof, router)  # type: ignore[arg-type]
+    from artune.router import Router
+
+    router = Router(prof, object(), {"gloo": gloo})  # type: ignore[arg-type, dict-item]
+    route = plugin.Route("tp:0", prof, router)
     assert route.pick(torch.zeros(1024)) is None  # 4 KiB: SGLang's own measured fastest
     hit = route.pick(torch.zeros(16 * KB))  # 64 KiB: gloo
     assert hit is not None and hit[0] is gloo

@@ -36,7 +36,7 @@ import json
 import logging
 import socket
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from artune import envs
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     from artune.backends.base import Backend
     from artune.profile import Profile
-    from artune.router import Router
+    from artune.router import Decision, Router
 
 __all__ = [
     "ARTUNE_METHOD",
@@ -174,42 +174,30 @@ class Route:
     group_name: str
     profile: Profile
     router: Router
-    _cache: dict[tuple[int, Any, str], Hit | None] = field(
-        default_factory=dict, repr=False
-    )
 
     def pick(self, x: torch.Tensor) -> Hit | None:
-        """(backend, params) when an artune backend takes ``x``; None for SGLang's own."""
+        """(backend, params) when an artune backend takes ``x``; None for SGLang's own. The
+        router's decision, made once per message shape."""
+        d, new = self.router.decide(x)
+        if d.backend is not None and d.choice.backend != "sglang":  # "sglang": SGLang's own
+            return d.backend, d.choice.params
+        if new:
+            self._explain(d, x)
+        return None
+
+    def _explain(self, d: Decision, x: torch.Tensor) -> None:
+        """One log line per kind of size that keeps SGLang's own all-reduce unexpectedly."""
         from artune.router import current_mode
 
-        mode = current_mode()
-        key = (x.numel() * x.element_size(), x.dtype, mode)
-        try:
-            hit = self._cache[key]
-        except KeyError:
-            hit = self._cache[key] = self._decide(*key)
-        if hit is None or not hit[0].supports(x, hit[1]):
-            return None
-        return hit
-
-    def _decide(self, nbytes: int, dtype: Any, mode: str) -> Hit | None:
-        from artune.profile import select
-
-        choice = select(self.profile, nbytes, dtype, mode)
-        if not choice.covered:
-            log_once(f"sglang:uncovered:{self.group_name}:{dtype}:{mode}",
-                     f"{self.group_name}: the profile does not cover {nbytes} B of {dtype} "
+        nbytes, mode = x.numel() * x.element_size(), current_mode()
+        if not d.choice.covered:
+            log_once(f"sglang:uncovered:{self.group_name}:{x.dtype}:{mode}",
+                     f"{self.group_name}: the profile does not cover {nbytes} B of {x.dtype} "
                      f"({mode}); those sizes keep SGLang's own all-reduce")
-            return None
-        if choice.backend == "sglang":
-            return None
-        backend = self.router.backends.get(choice.backend)
-        if backend is None:
-            log_once(f"sglang:unbuilt:{self.group_name}:{choice.backend}",
-                     f"{self.group_name}: {choice.backend} is not built here; its sizes keep "
+        elif d.why == "not built" and d.choice.backend != "sglang":
+            log_once(f"sglang:unbuilt:{self.group_name}:{d.choice.backend}",
+                     f"{self.group_name}: {d.choice.backend} is not built here; its sizes keep "
                      f"SGLang's own all-reduce", logging.WARNING)
-            return None
-        return backend, choice.params
 
 
 _ROUTES: dict[str, Route] = {}
