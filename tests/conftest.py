@@ -5,6 +5,7 @@
 - ``run_gloo(fn, world_size, *args, timeout_s=...)``: run module-level ``fn(rank, world_size,
   *args)`` in ``world_size`` spawned processes joined in a gloo default group; the return values
   in rank order (a rank that raises fails the call with its traceback; a hang is killed).
+- ``reap(procs, timeout_s)``: join spawned processes, killing the ones still alive.
 - ``run_artune(*args, env=..., timeout_s=...)``: ``python -m artune.cli ARGS`` in a subprocess
   (the way a user runs it), with this checkout and tests/ importable; a CompletedProcess.
 - fixtures ``cpu_env`` (the environment for CPU runs of ``run_artune``: GPUs hidden) and
@@ -31,6 +32,7 @@ __all__ = [
     "requires_gpus",
     "requires_nvshmem",
     "run_gloo",
+    "reap",
     "run_artune",
     "artune_env",
     "free_port",
@@ -152,11 +154,16 @@ def run_gloo(
                 raise RuntimeError(f"run_gloo: rank {rank} raised:\n{value}")
             results[rank] = value
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 5.0)
     return [results[r] for r in range(world_size)]
+
+
+def reap(procs: list[Any], timeout_s: float) -> None:
+    """Join spawned test processes, killing any still alive after ``timeout_s`` each."""
+    for p in procs:
+        p.join(timeout=timeout_s)
+        if p.is_alive():
+            p.kill()
 
 
 def artune_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import reap
 
 from artune.backends.base import GroupContext
 from artune.backends.nvrar import NvrarBackend, default_plan
@@ -303,10 +304,7 @@ def _spawn_ranks(world: int, target: Any, args_of: Any) -> list[Any]:
             assert err is None, f"rank {rank} failed:\n{err}"
             got[rank] = out
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+        reap(procs, 30.0)
     return [got[r] for r in range(world)]
 
 

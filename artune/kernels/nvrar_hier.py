@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from artune.kernels.nvrar_prims import (
+    call_state,
     decode_ll,
     fence_sys,
     load_pair,
@@ -128,10 +129,7 @@ def _hier_body(
     P: tl.constexpr = N - EXTRA
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    epoch = tl.load(ctr_ptr + pid) + 1
-    limit = tl.where(tl.load(err_dev) != 0, 0, limit_ns).to(tl.int64)
-    par = (epoch & 1).to(tl.int64)
-    flag = epoch.to(tl.uint32).to(tl.uint64) << 32
+    epoch, limit, par, flag = call_state(ctr_ptr, err_dev, limit_ns, pid)
     shard = (shard // 16) * 16  # a no-op (SHARD_ALIGN) that tells Triton: x/y accesses vectorize
     g = rank // L
     lr = rank % L
@@ -271,6 +269,8 @@ def _store_part(y_ptr, start, c, shard, n, va, vb, BLOCK: tl.constexpr):
         tl.store(pa + H, vb, mask=(t + H < shard) & (start + t + H < n))
 
 
+# Two entry points over one body rather than one with a flag: ``with_nvshmem`` links NVSHMEM's
+# device library into the function it wraps, and the peer-address variant must stay free of it.
 @triton.jit(do_not_specialize=["n", "shard", "maxch", "limit_ns", "rank"])
 def hier_kernel(
     x_ptr, y_ptr, n, shard,

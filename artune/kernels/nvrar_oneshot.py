@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from artune.kernels.nvrar_prims import (
+    call_state,
     decode_ll,
     load_pair,
     pick,
@@ -66,10 +67,7 @@ def oneshot_ll_kernel(
     BW: tl.constexpr = BLOCK // PACK  # LL words per chunk
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    epoch = tl.load(ctr_ptr + pid) + 1
-    limit = tl.where(tl.load(err_dev) != 0, 0, limit_ns).to(tl.int64)
-    par = (epoch & 1).to(tl.int64)
-    flag = epoch.to(tl.uint32).to(tl.uint64) << 32
+    epoch, limit, par, flag = call_state(ctr_ptr, err_dev, limit_ns, pid)
     nchunks = tl.cdiv(n, BLOCK)
 
     # push this rank's chunks into every peer's slot [par][rank]

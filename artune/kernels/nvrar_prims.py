@@ -27,6 +27,7 @@ __all__ = [
     "ld_acquire",
     "wait_ll",
     "wait_signal",
+    "call_state",
     "record_error",
     "load_chunk",
     "store_chunk",
@@ -132,6 +133,18 @@ def wait_signal(addr, expect, limit_ns, INTERPRET: tl.constexpr):
         else:
             elapsed = now_ns(INTERPRET) - t0
     return s == expect
+
+
+@triton.jit
+def call_state(ctr_ptr, err_dev, limit_ns, pid):
+    """This CTA's state for the current call: (epoch, wait limit, slot parity, LL flag word).
+    The epoch is the CTA's counter + 1 (stored back at the end of the call); after an earlier
+    timeout on this rank (error word set) every wait gives up at once."""
+    epoch = tl.load(ctr_ptr + pid) + 1
+    limit = tl.where(tl.load(err_dev) != 0, 0, limit_ns).to(tl.int64)
+    par = (epoch & 1).to(tl.int64)
+    flag = epoch.to(tl.uint32).to(tl.uint64) << 32
+    return epoch, limit, par, flag
 
 
 @triton.jit
