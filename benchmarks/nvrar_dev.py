@@ -133,15 +133,28 @@ def _correct(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, group: Any
     return _agree(close and torch.equal(bits, first), group)
 
 
+def _floor_kernel(device: torch.device) -> Any:
+    """A one-store Triton kernel: the launch floor of a graph node on this machine."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def one_store(p):
+        tl.store(p, tl.load(p) + 1)
+
+    t = torch.zeros(1, dtype=torch.int32, device=device)
+    return lambda: one_store[(1,)](t)
+
+
 def _save(out: str, rows: list[dict[str, Any]], world: int, per_node: int,
-          device: torch.device) -> str:
+          device: torch.device, floor: float) -> str:
     card = torch.cuda.get_device_name(device)
     result = {
         "card": card, "gpus": world, "ranks_per_node": per_node,
         "emulated_nodes": per_node < world,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-        "dtype": "bfloat16", "mode": "graph", "rows": rows,
+        "dtype": "bfloat16", "mode": "graph", "rows": rows, "floor_us": floor,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1))
@@ -155,6 +168,9 @@ def main() -> None:
     ap.add_argument("--ranks-per-node", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--spin", choices=("on", "off", "both"), default="on",
+                    help="one-shot waits: per-thread PTX polling (on), block-wide rounds (off), "
+                         "or each plan timed both ways")
     args = ap.parse_args()
     for k, v in NO_MULTICAST_ENV.items():
         if os.environ.get(k) != v:
@@ -179,6 +195,8 @@ def main() -> None:
     be = NvrarBackend.create(ctx)
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device=device).manual_seed(99 + rank)
+    floor = _slowest(_time_graph(_floor_kernel(device), 20, args.reps), None)
+    spins = {"on": (True,), "off": (False,), "both": (False, True)}[args.spin]
     for nbytes in sizes:
         n = nbytes // 2
         x = torch.randn(n, generator=gen, device=device).to(torch.bfloat16)
@@ -191,10 +209,15 @@ def main() -> None:
         nccl = _slowest(_time_graph(lambda buf=buf: dist.all_reduce(buf), calls, args.reps), None)
         row: dict[str, Any] = {"bytes": nbytes, "nccl_us": nccl, "plans": []}
         plans = plans_for(nbytes, ctx.nodes, args.quick) + [{"default": True}]
-        for p in plans:
+        variants = [(p, spin) for p in plans for spin in spins]
+        for p, spin in variants:
             params = None if p.get("default") else dict(p)
             label = "default" if params is None else json.dumps(params, sort_keys=True)
-            entry: dict[str, Any] = {"plan": be.plan(nbytes, params).__dict__, "label": label}
+            if len(spins) > 1:
+                label += " spin=" + ("on" if spin else "off")
+            be.comm.spin = spin
+            entry: dict[str, Any] = {"plan": be.plan(nbytes, params).__dict__, "label": label,
+                                     "spin": spin}
             row["plans"].append(entry)
             if not be.supports(x, params):  # the same answer on every rank
                 entry["skip"] = "supports() is False"
@@ -219,7 +242,7 @@ def main() -> None:
                 entry.setdefault("error", "timing failed on another rank")
         rows.append(row)
         if rank == 0:  # after every size: a cut-short run still leaves its measurements
-            _save(args.out, rows, world, per_node, device)
+            _save(args.out, rows, world, per_node, device, floor)
         if rank == 0:
             ok = [e for e in row["plans"] if "us" in e]
             best = min(ok, key=lambda e: e["us"]) if ok else None
@@ -230,20 +253,33 @@ def main() -> None:
     be.close()
 
     if rank == 0:
-        card = _save(args.out, rows, world, per_node, device)
+        card = _save(args.out, rows, world, per_node, device, floor)
         tag = f"{world}x {card}" + (f", {world // per_node} virtual nodes x {per_node} "
                                     "(emulation)" if per_node < world else "")
-        print(f"\nNVRAR vs NCCL, bf16, CUDA graph, µs per call (slowest rank), {tag}")
+        print(f"\nNVRAR vs NCCL, bf16, CUDA graph, µs per call (slowest rank), {tag}; "
+              f"one-store Triton kernel: {floor:.2f} µs")
         print(f"{'size':>6} {'NCCL':>8} {'default':>8} {'best':>8} {'x NCCL':>7}  best plan")
         for row in rows:
             ok = [e for e in row["plans"] if "us" in e]
-            d = next((e["us"] for e in ok if e["label"] == "default"), float("nan"))
+            d = next((e["us"] for e in ok if e["label"].startswith("default")
+                      and e["spin"] == spins[-1]), float("nan"))
             best = min(ok, key=lambda e: e["us"]) if ok else None
             bad = sum(1 for e in row["plans"] if "error" in e)
             b = best["us"] if best else float("nan")
             print(f"{_h(row['bytes']):>6} {row['nccl_us']:8.1f} {d:8.1f} {b:8.1f} "
                   f"{row['nccl_us'] / b:7.2f}  {best['label'] if best else '-'}"
                   + (f"  [{bad} plans failed]" if bad else ""))
+        if len(spins) > 1:
+            print("\none-shot waits, best plan per size: block-wide rounds vs per-thread polling")
+            for row in rows:
+                best = {}
+                for spin in spins:
+                    ok = [e for e in row["plans"] if "us" in e and e["spin"] == spin
+                          and e["plan"]["algo"] == "oneshot"]
+                    best[spin] = min(ok, key=lambda e: e["us"]) if ok else None
+                cells = [f"{best[v]['us']:6.2f} ({best[v]['label']})" if best[v] else "-"
+                         for v in spins]
+                print(f"{_h(row['bytes']):>6}  off {cells[0]}  on {cells[1]}")
     dist.barrier(cpu)
     from artune.backends import _nvshmem
 

@@ -180,6 +180,8 @@ class NvrarComm:
         self._sigset: int | None = None
         self._barrier = barrier
         self._ready: set[tuple[Any, ...]] = set()
+        # One-shot waits: each thread polls its own LL words in a PTX loop (GPU only).
+        self.spin = not interpret
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -298,8 +300,8 @@ class NvrarComm:
                 *self._common())
         kwargs = dict(W=self.nodes.world, PACK=pack, BLOCK=plan.block,
                       WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
-                      INTERPRET=self.interpret, num_warps=plan.warps)
-        key = ("oneshot", x.dtype, plan.block, plan.warps)
+                      INTERPRET=self.interpret, SPIN=self.spin, num_warps=plan.warps)
+        key = ("oneshot", x.dtype, plan.block, plan.warps, self.spin)
         return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:

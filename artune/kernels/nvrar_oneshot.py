@@ -61,6 +61,7 @@ def oneshot_ll_kernel(
     WP: tl.constexpr,  # W rounded up to a power of two
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
+    SPIN: tl.constexpr,  # per-thread PTX polling (nvrar_prims.spin_ll) instead of block rounds
 ):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     H: tl.constexpr = BLOCK // 2  # a chunk travels as two halves (nvrar_prims.load_pair)
@@ -87,7 +88,7 @@ def oneshot_ll_kernel(
     for c in range(pid, nchunks, G):
         pa = mine + rows * (slot_bytes // 8) + c * BW + tl.arange(0, H)[None, :]
         wa, wb, pending = wait_ll(pa, pa + H, live, epoch.to(tl.uint32), limit, PACK == 1,
-                                  INTERPRET)
+                                  INTERPRET, SPIN)
         if pending > 0:
             _report(wa, wb, live, epoch, err_dev, err_host, pid)
             limit = limit * 0

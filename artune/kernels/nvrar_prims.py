@@ -26,6 +26,7 @@ __all__ = [
     "fence_sys",
     "ld_acquire",
     "wait_ll",
+    "spin_ll",
     "wait_signal",
     "call_state",
     "record_error",
@@ -84,18 +85,90 @@ def ld_acquire(addr, INTERPRET: tl.constexpr):
         )
 
 
+# One thread's poll of one LL word: $0 = the word at address $1 once its flag (high 32 bits)
+# equals $2, or when %globaltimer reaches the deadline $3 (then the stale word), or 0 at once
+# where $4 == 0 (not a live word). Labels and registers are local to the braces.
+_SPIN_LL_PTX = tl.constexpr("""{
+.reg .pred %artp<3>;
+.reg .b64 %artt;
+.reg .b32 %artw<2>;
+mov.u64 $0, 0;
+setp.eq.s32 %artp0, $4, 0;
+@%artp0 bra ARTUNE_LL_DONE;
+ARTUNE_LL_POLL:
+ld.volatile.global.u64 $0, [$1];
+mov.b64 {%artw0, %artw1}, $0;
+setp.eq.u32 %artp1, %artw1, $2;
+@%artp1 bra ARTUNE_LL_DONE;
+mov.u64 %artt, %globaltimer;
+setp.lt.s64 %artp2, %artt, $3;
+@%artp2 bra ARTUNE_LL_POLL;
+ARTUNE_LL_DONE:
+}""")
+
+
 @triton.jit
-def wait_ll(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr):
+def spin_ll(p, live, epoch, deadline):
+    """Each thread polls its own LL words at ``p`` (uint64 pointers) where ``live`` until their
+    flags equal ``epoch`` (uint32) or %globaltimer reaches ``deadline`` (int64 ns): no block-wide
+    reduction per poll. Returns the words (0 where not live). GPU only (inline PTX)."""
+    zi = tl.zeros(p.shape, tl.int32)
+    return tl.inline_asm_elementwise(
+        _SPIN_LL_PTX,
+        "=l,l,r,l,r",
+        [p.to(tl.int64, bitcast=True), zi + epoch.to(tl.int32, bitcast=True),
+         zi.to(tl.int64) + deadline, zi + live.to(tl.int32)],
+        dtype=tl.uint64,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def wait_ll(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr,
+            SPIN: tl.constexpr = False):
     """Poll the LL words at ``pa`` (and ``pb`` when TWO; uint64 pointers of one shape) where
     ``live`` until every flag equals ``epoch`` (uint32) or ``limit_ns`` passes.
-    Returns (words at pa, words at pb or pa, number of words still stale)."""
+    Returns (words at pa, words at pb or pa, number of words still stale).
+
+    ``SPIN`` (GPU only): every thread polls its own words in a PTX loop (``spin_ll``) and the
+    block counts stale words once at the end, instead of a block-wide reduction per poll."""
+    if SPIN and not INTERPRET:
+        va, vb, pending = _spin_wait(pa, pb, live, epoch, limit_ns, TWO)
+    else:
+        va, vb, pending = _poll_wait(pa, pb, live, epoch, limit_ns, TWO, INTERPRET)
+    return va, vb, pending
+
+
+@triton.jit
+def _stale(v, live, epoch):
+    ok = ((v >> 32).to(tl.uint32) == epoch) | (live == 0)
+    return ok, tl.sum((ok == 0).to(tl.int32), axis=None)
+
+
+@triton.jit
+def _spin_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr):
+    deadline = now_ns(False) + limit_ns
+    va = spin_ll(pa, live, epoch, deadline)
+    _, pending = _stale(va, live, epoch)
+    if TWO:
+        vb = spin_ll(pb, live, epoch, deadline)
+        _, more = _stale(vb, live, epoch)
+        pending += more
+    else:
+        vb = va
+    return va, vb, pending
+
+
+@triton.jit
+def _poll_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr):
+    """Block-wide polling: masked volatile loads of the stale words, a reduction per round."""
     va = tl.load(pa, mask=live, other=0, volatile=True)
-    oka = ((va >> 32).to(tl.uint32) == epoch) | (live == 0)
-    pending = tl.sum((oka == 0).to(tl.int32), axis=None)
+    oka, pending = _stale(va, live, epoch)
     if TWO:
         vb = tl.load(pb, mask=live, other=0, volatile=True)
-        okb = ((vb >> 32).to(tl.uint32) == epoch) | (live == 0)
-        pending += tl.sum((okb == 0).to(tl.int32), axis=None)
+        okb, more = _stale(vb, live, epoch)
+        pending += more
     else:
         vb = va
         okb = oka
@@ -103,12 +176,11 @@ def wait_ll(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.cons
     elapsed = t0 - t0
     while (pending > 0) & (elapsed < limit_ns):
         va = tl.where(oka, va, tl.load(pa, mask=oka == 0, other=0, volatile=True))
-        oka = ((va >> 32).to(tl.uint32) == epoch) | (live == 0)
-        pending = tl.sum((oka == 0).to(tl.int32), axis=None)
+        oka, pending = _stale(va, live, epoch)
         if TWO:
             vb = tl.where(okb, vb, tl.load(pb, mask=okb == 0, other=0, volatile=True))
-            okb = ((vb >> 32).to(tl.uint32) == epoch) | (live == 0)
-            pending += tl.sum((okb == 0).to(tl.int32), axis=None)
+            okb, more = _stale(vb, live, epoch)
+            pending += more
         else:
             vb = va
             okb = oka

@@ -1,0 +1,27 @@
+# Sourced by the GPU-machine scripts: environment, wheel install, and `step` (a time-limited,
+# logged command whose result is copied to $OUT at once, so a call cut short still returns it).
+# Needs: W (work folder), OUT. .devwhl holds the wheels the machine lacks: the SGLang 0.5.17 test
+# set of ../shared/device-sglang, optuna (+ alembic, sqlalchemy, colorlog, mako), nvshmem4py-cu13
+# 0.4.1, cuda-python 13.3.1.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
+OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W
+rm -rf "$W"; mkdir -p "$OUT" "$W"
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .devwhl/*.whl || exit 1
+# Byte-compile as a normal pip install does (otherwise the first, timed tune pays for it).
+python3 -m compileall -q -j 16 /tmp/site > /dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
+
+step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $W/NAME.log, note the result
+    local name=$1 limit=$2; shift 2
+    local t=$(date +%s)
+    timeout -k 10 "$limit" "$@" >"$W/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $(( $(date +%s) - t ))s (at $(( $(date +%s) - T0 ))s)" | tee -a "$W/steps.txt"
+    cat "$W/card.txt" "$W/steps.txt" > "$OUT/steps.txt"
+    cp "$W"/tune_time_*.json "$W"/*.md "$W"/*.json "$OUT"/ 2>/dev/null
+    tar czf "$OUT/logs.tgz" --exclude='triton-cache-*' --exclude='*.db' -C "$W" . 2>/dev/null
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU-machine calls on a 2-GPU kind (nvidia-h100-x2 / nvidia-h200-x2).
+#
+#   device run, carry [".devwhl"]:  PHASE=kernels bash benchmarks/gpu_session_2gpu.sh
+#                                   PHASE=tunes   bash benchmarks/gpu_session_2gpu.sh
+#
+# kernels: NVRAR's plans with both one-shot wait loops (nvrar_dev.py --spin both), every backend
+#   side by side (allreduce.py), then the GPU tests that fit 2 GPUs (NVRAR's 2-rank sweep, every
+#   backend against dist.all_reduce, a short tune).
+# tunes: the full and --quick tunes, timed with a cold Triton cache (tune_time.py), then the
+#   backends side by side again with the full tune's profile routing (the routed column).
+set -uo pipefail
+W=/tmp/artune-gpu-2gpu
+source benchmarks/gpu_lib.sh
+TR="torchrun --nproc-per-node 2"
+A=benchmarks/allreduce.py
+SIZES=4K,16K,64K,256K,1M,4M,16M
+case "${PHASE:-kernels}" in
+kernels)
+    step dev2 150 $TR benchmarks/nvrar_dev.py --sizes 4K,16K,64K,256K,1M --spin both \
+        --out "$W/nvrar_dev_2gpu.json"
+    step bench2 70 $TR $A --sizes $SIZES --out "$W/allreduce_2gpu.md"
+    step test_nvrar_sweep2 100 python3 -m pytest -q -x -s tests/gpu/test_nvrar_gpu.py -k sweep_2
+    step test_backends 180 python3 -m pytest -q -x tests/gpu/test_backends_gpu.py
+    step test_tune_gpu 90 python3 -m pytest -q -x tests/test_tune_gpu.py
+    ;;
+tunes)
+    step tune2 200 python3 benchmarks/tune_time.py --nproc-per-node 2 --only full \
+        --results "$W/tune_time_2gpu_full.json" --keep "$W/t2"
+    P2=$W/t2/full.json
+    [ -f "$P2" ] && cp "$P2" "$W/profile_2gpu_full.json" && PROF=(--profile "$P2") || PROF=()
+    step bench2r 70 $TR $A "${PROF[@]}" --sizes $SIZES --out "$W/allreduce_2gpu.md"
+    step quick2 90 python3 benchmarks/tune_time.py --nproc-per-node 2 --only quick \
+        --results "$W/tune_time_2gpu_quick.json" --keep "$W/q2"
+    ;;
+esac
+cat "$OUT/steps.txt"
+grep -h -A12 "^NVRAR vs NCCL\|^one-shot waits" "$W/dev2.log" 2>/dev/null
+[ -f "$W/allreduce_2gpu.md" ] && cat "$W/allreduce_2gpu.md"
+grep -h "passed\|failed\|error" "$W"/test_*.log 2>/dev/null | tail -8
+for f in "$W"/tune_time_*.json; do
+    [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['kind'], r['wall_s'], 's rc', r['returncode'], r.get('measurements'), r.get('validation_within'), '/', r.get('validation_points'), r.get('seconds_by_phase')) for r in d['runs']]" "$f"
+done
+ls "$OUT"
