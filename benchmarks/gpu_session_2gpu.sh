@@ -7,7 +7,7 @@
 # kernels: NVRAR's plans with both one-shot wait loops (nvrar_dev.py --spin both), every backend
 #   side by side (allreduce.py), then the GPU tests that fit 2 GPUs (NVRAR's 2-rank sweep, every
 #   backend against dist.all_reduce, a short tune).
-# tunes: the full and --quick tunes, timed with a cold Triton cache (tune_time.py), then the
+# tunes: NVRAR's two-shot plans with both wait loops, the full and --quick tunes, timed with a cold Triton cache (tune_time.py), then the
 #   backends side by side again with the full tune's profile routing (the routed column).
 set -uo pipefail
 W=/tmp/artune-gpu-2gpu
@@ -25,6 +25,8 @@ kernels)
     step test_tune_gpu 90 python3 -m pytest -q -x tests/test_tune_gpu.py
     ;;
 tunes)
+    step dev2 60 $TR benchmarks/nvrar_dev.py --sizes 64K,256K,1M --spin both \
+        --out "$W/nvrar_dev_2gpu.json"
     step tune2 200 python3 benchmarks/tune_time.py --nproc-per-node 2 --only full \
         --results "$W/tune_time_2gpu_full.json" --keep "$W/t2"
     P2=$W/t2/full.json

@@ -40,6 +40,8 @@ ALGOS = ("oneshot", "twoshot")
 PROTOS = ("ll", "signal")
 INTERS = ("auto", "nvshmem", "p2p")
 _MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
+#: LL words per thread up to which a wait polls per thread (NvrarComm._spin).
+SPIN_WORDS = 2
 
 
 @dataclass(frozen=True)
@@ -180,8 +182,8 @@ class NvrarComm:
         self._sigset: int | None = None
         self._barrier = barrier
         self._ready: set[tuple[Any, ...]] = set()
-        # One-shot waits: each thread polls its own LL words in a PTX loop (GPU only).
-        self.spin = not interpret
+        # LL waits: threads poll their own words in a PTX loop (GPU only) where each holds few.
+        self.spin: bool | None = None if not interpret else False
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -300,8 +302,9 @@ class NvrarComm:
                 *self._common())
         kwargs = dict(W=self.nodes.world, PACK=pack, BLOCK=plan.block,
                       WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
-                      INTERPRET=self.interpret, SPIN=self.spin, num_warps=plan.warps)
-        key = ("oneshot", x.dtype, plan.block, plan.warps, self.spin)
+                      INTERPRET=self.interpret, num_warps=plan.warps)
+        kwargs["SPIN"] = spin = self._spin(plan, (kwargs["WP"] * plan.block) // pack)
+        key = ("oneshot", x.dtype, plan.block, plan.warps, spin)
         return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
@@ -324,8 +327,18 @@ class NvrarComm:
         kwargs = dict(N=nodes.nodes, L=nodes.local, LOG2P=nodes.log2p, EXTRA=nodes.extra,
                       STEPS=nodes.steps, PACK=pack, BLOCK=plan.block, LL=ll, SIGSET=sigset,
                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps)
-        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll)
+        kwargs["SPIN"] = spin = ll and self._spin(plan, plan.block // pack)
+        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll, spin)
         return _Spec(kernel, key, grid, args, kwargs)
+
+    def _spin(self, plan: Plan, words: int) -> bool:
+        """Whether one LL wait over ``words`` 8-byte words polls per thread (``spin_ll``): each
+        thread then loads its words one after another, so only while it holds at most
+        ``SPIN_WORDS``. Block-wide rounds load them all at once, which wins above that (2x H200,
+        benchmarks/results/nvrar_dev_2gpu_spin_h200.json). ``self.spin`` forces either way."""
+        if self.spin is not None:
+            return self.spin
+        return words <= SPIN_WORDS * plan.warps * 32
 
     def _signal_set(self) -> int:
         if self._sigset is None:

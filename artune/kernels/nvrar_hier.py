@@ -56,14 +56,14 @@ def _put(va, vb, base, c, flag, LL: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.
 
 @triton.jit
 def _get(base, sig, c, epoch, limit, DT: tl.constexpr, LL: tl.constexpr, PACK: tl.constexpr,
-         BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+         BLOCK: tl.constexpr, INTERPRET: tl.constexpr, SPIN: tl.constexpr):
     """Chunk ``c`` of the own slot at ``base`` once it arrived (LL flags, or the signal at
     ``sig``). Returns (half a, half b, arrived)."""
     H: tl.constexpr = BLOCK // 2
     if LL:
         pa = ptr_as(base, tl.uint64) + c * (BLOCK // PACK) + tl.arange(0, H)
         wa, wb, pending = wait_ll(pa, pa + H, tl.full([H], 1, tl.int1), epoch.to(tl.uint32),
-                                  limit, PACK == 1, INTERPRET)
+                                  limit, PACK == 1, INTERPRET, SPIN)
         va, vb = decode_ll(wa, wb, DT, PACK)
         ok = pending == 0
     else:
@@ -122,6 +122,7 @@ def _hier_body(
     N: tl.constexpr, L: tl.constexpr, LOG2P: tl.constexpr, EXTRA: tl.constexpr,
     STEPS: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, LL: tl.constexpr,
     NVSHMEM: tl.constexpr, SIGSET: tl.constexpr, MAXC: tl.constexpr, INTERPRET: tl.constexpr,
+    SPIN: tl.constexpr,
 ):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     H: tl.constexpr = BLOCK // 2  # a chunk travels as two halves (nvrar_prims.load_pair)
@@ -163,7 +164,7 @@ def _hier_body(
             else:
                 va, vb, ok = _get(me + rs_off + j * slot, me + sig_off
                                   + (((par * PHASES + 0) * L + j) * maxch + c) * 8,
-                                  c, epoch, limit, DT, LL, PACK, BLOCK, INTERPRET)
+                                  c, epoch, limit, DT, LL, PACK, BLOCK, INTERPRET, SPIN)
                 if not ok:
                     record_error(err_dev, err_host, 1, g * L + j, pid)
                     limit = limit * 0
@@ -183,7 +184,7 @@ def _hier_body(
                     sidx = (par * PHASES + 3 + LOG2P) * L * maxch + c
                     va, vb, ok = _get(me + rd_off + (par * STEPS + LOG2P + 1) * slot,
                                       me + sig_off + sidx * 8, c, epoch, limit, DT, LL, PACK,
-                                      BLOCK, INTERPRET)
+                                      BLOCK, INTERPRET, SPIN)
                     if not ok:
                         record_error(err_dev, err_host, 3 + LOG2P + 1, fold, pid)
                         limit = limit * 0
@@ -191,7 +192,7 @@ def _hier_body(
                     sidx = (par * PHASES + 2 + LOG2P) * L * maxch + c
                     ua, ub, ok = _get(me + rd_off + (par * STEPS + LOG2P) * slot,
                                       me + sig_off + sidx * 8, c, epoch, limit, DT, LL, PACK,
-                                      BLOCK, INTERPRET)
+                                      BLOCK, INTERPRET, SPIN)
                     if not ok:
                         record_error(err_dev, err_host, 3 + LOG2P, fold, pid)
                         limit = limit * 0
@@ -206,7 +207,7 @@ def _hier_body(
                                 BLOCK, INTERPRET)
                     ua, ub, ok = _get(me + rd_off + (par * STEPS + k) * slot,
                                       me + sig_off + sidx * 8, c, epoch, limit, DT, LL, PACK,
-                                      BLOCK, INTERPRET)
+                                      BLOCK, INTERPRET, SPIN)
                     if not ok:
                         record_error(err_dev, err_host, 3 + k, partner, pid)
                         limit = limit * 0
@@ -242,7 +243,7 @@ def _hier_body(
                 j = (lr + i) % L
                 va, vb, ok = _get(me + ag_off + j * slot,
                                   me + sig_off + (((par * PHASES + 1) * L + j) * maxch + c) * 8,
-                                  c, epoch, limit, DT, LL, PACK, BLOCK, INTERPRET)
+                                  c, epoch, limit, DT, LL, PACK, BLOCK, INTERPRET, SPIN)
                 if not ok:
                     record_error(err_dev, err_host, 2, g * L + j, pid)
                     limit = limit * 0
@@ -279,12 +280,13 @@ def hier_kernel(
     ctr_ptr, err_dev, err_host, limit_ns, rank,
     N: tl.constexpr, L: tl.constexpr, LOG2P: tl.constexpr, EXTRA: tl.constexpr,
     STEPS: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, LL: tl.constexpr,
-    SIGSET: tl.constexpr, MAXC: tl.constexpr, INTERPRET: tl.constexpr,
+    SIGSET: tl.constexpr, MAXC: tl.constexpr, INTERPRET: tl.constexpr, SPIN: tl.constexpr,
 ):
     """All traffic through peer addresses (one node, or every rank NVLink-reachable)."""
     _hier_body(x_ptr, y_ptr, n, shard, b0, b1, b2, b3, b4, b5, b6, b7, rd_tab, rs_off, ag_off,
                rd_off, stage_off, sig_off, slot, maxch, ctr_ptr, err_dev, err_host, limit_ns,
-               rank, N, L, LOG2P, EXTRA, STEPS, PACK, BLOCK, LL, False, SIGSET, MAXC, INTERPRET)
+               rank, N, L, LOG2P, EXTRA, STEPS, PACK, BLOCK, LL, False, SIGSET, MAXC, INTERPRET,
+               SPIN)
 
 
 @triton.jit(do_not_specialize=["n", "shard", "maxch", "limit_ns", "rank"])
@@ -295,9 +297,10 @@ def hier_kernel_nvshmem(
     ctr_ptr, err_dev, err_host, limit_ns, rank,
     N: tl.constexpr, L: tl.constexpr, LOG2P: tl.constexpr, EXTRA: tl.constexpr,
     STEPS: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, LL: tl.constexpr,
-    SIGSET: tl.constexpr, MAXC: tl.constexpr, INTERPRET: tl.constexpr,
+    SIGSET: tl.constexpr, MAXC: tl.constexpr, INTERPRET: tl.constexpr, SPIN: tl.constexpr,
 ):
     """Inter-node steps through NVSHMEM puts (must be wrapped by ``nvrar_shmem.with_nvshmem``)."""
     _hier_body(x_ptr, y_ptr, n, shard, b0, b1, b2, b3, b4, b5, b6, b7, rd_tab, rs_off, ag_off,
                rd_off, stage_off, sig_off, slot, maxch, ctr_ptr, err_dev, err_host, limit_ns,
-               rank, N, L, LOG2P, EXTRA, STEPS, PACK, BLOCK, LL, True, SIGSET, MAXC, INTERPRET)
+               rank, N, L, LOG2P, EXTRA, STEPS, PACK, BLOCK, LL, True, SIGSET, MAXC, INTERPRET,
+               SPIN)
