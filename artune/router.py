@@ -12,8 +12,9 @@ The autotuner's validation pass, the torch custom op and the SGLang plugin all c
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from artune import backends as _backends
@@ -40,11 +41,17 @@ class Decision(NamedTuple):
 
 def current_mode() -> str:
     """'graph' while the current CUDA stream is capturing, else 'eager'."""
+    probe = _capture_probe()
+    return "graph" if probe is not None and probe() else "eager"
+
+
+@functools.cache
+def _capture_probe() -> Callable[[], bool] | None:
+    """torch's is-the-current-stream-capturing check, or None without CUDA (asked once:
+    ``torch.cuda.is_available()`` alone costs about half a microsecond per call)."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return "graph"
-    return "eager"
+    return torch.cuda.is_current_stream_capturing if torch.cuda.is_available() else None
 
 
 class Router:
@@ -109,8 +116,7 @@ class Router:
         decided it). Decided once per (size, dtype, mode, device, contiguity), then looked up:
         in eager mode every microsecond of Python is on the critical path. The SGLang plugin
         reads the same decisions (it hands what no artune backend takes to SGLang)."""
-        key = (x.numel() * x.element_size(), x.dtype, mode or current_mode(), x.get_device(),
-               x.is_contiguous())
+        key = (x.nbytes, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous())
         d = self._decided.get(key)
         if d is not None and (d.backend is None or not d.backend.closed):
             return d, False
@@ -149,6 +155,12 @@ class Router:
         return self._resolve(x, mode)[0]
 
     def all_reduce(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        # The common case inline (eager calls pay for every Python frame): a decided key whose
+        # backend is still open. Anything else takes the full path of ``decide``.
+        key = (x.nbytes, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous())
+        d = self._decided.get(key)
+        if d is not None and d.backend is not None and not d.backend.closed:
+            return d.backend.all_reduce(x, d.choice.params)
         choice, backend = self._resolve(x, mode)
         return backend.all_reduce(x, choice.params)
 
