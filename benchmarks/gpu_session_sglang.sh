@@ -59,9 +59,11 @@ LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 [ "$LEFT" -gt 120 ] || { echo "only ${LEFT} s left after the installs"; exit 1; }
 # The script kills a worker at its own deadline (keeping its finished batch sizes); timeout is
 # the backstop.
+# CONFIGS picks configs; MERGE=FILE starts from an earlier results file (its configs are kept).
+[ -n "${MERGE:-}" ] && cp "$MERGE" "$R"
 timeout -k 10 $(( LEFT + 15 )) python3 benchmarks/sglang_e2e.py --tp "$TP" --profile "$PROFILE" \
-    --configs default,nccl,artune_nccl,artune,artune_compile --batch-sizes 1,4,16,64 \
-    --timeout 240 --budget-s "$LEFT" --out "$R" 2>&1 | tee "$OUT/sglang_e2e.log"
+    --configs "${CONFIGS:-default,nccl,artune_nccl,artune,artune_compile}" --batch-sizes 1,4,16,64 \
+    --timeout "${TIMEOUT_S:-240}" --budget-s "$LEFT" --out "$R" 2>&1 | tee "$OUT/sglang_e2e.log"
 echo "exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s (full log: $OUT/sglang_e2e.log)"
 python3 -c "import json,sys; print('\n'.join(json.load(open(sys.argv[1])).get('summary', [])))" \
     "$R" 2>/dev/null || echo "no results in $R"

@@ -91,6 +91,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune": {"artune": True, "kw": {}},
     "artune_nccl": {"artune": True, "kw": {"disable_custom_all_reduce": True}},
     "artune_compile": {"artune": True, "kw": {"enable_torch_compile": True}},
+    "default_compile": {"artune": False, "kw": {"enable_torch_compile": True}},
 }
 TOP_K = 20
 CHECK_REQUESTS = 4
@@ -383,6 +384,14 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
                     doc["comparisons"].setdefault(name, {})["pct_lower_than_nccl"] = rel
                     lines.append(f"{name} lower than nccl by: " + "  ".join(
                         f"bs{bs} {p:.1f}%" for bs, p in sorted(rel.items())))
+        dc, ac = runs.get("default_compile"), runs.get("artune_compile")
+        if dc and ac and dc.get("batches") and ac.get("batches"):  # the plugin under compile
+            vd = {b["batch"]: b["step_ms"] for b in dc["batches"]}
+            rel = {b["batch"]: (b["step_ms"] / vd[b["batch"]] - 1) * 100
+                   for b in ac["batches"] if b["batch"] in vd}
+            doc["comparisons"]["artune_compile"]["pct_vs_default_compile"] = rel
+            lines.append("artune_compile vs default_compile (ms/step, %): "
+                         + "  ".join(f"bs{bs} {p:+.1f}%" for bs, p in sorted(rel.items())))
         ref = base.get("top_logprobs")
         noise = None
         spread = _logit_spread(ref) if ref else 0.0
