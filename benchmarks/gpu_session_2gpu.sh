@@ -9,6 +9,7 @@
 #   backend against dist.all_reduce, a short tune).
 # tunes: NVRAR's two-shot plans with both wait loops, the full and --quick tunes, timed with a cold Triton cache (tune_time.py), then the
 #   backends side by side again with the full tune's profile routing (the routed column).
+#   NO_DEV=1 / NO_BENCH=1 leave out the first or the last of these.
 set -uo pipefail
 W=/tmp/artune-gpu-2gpu
 source benchmarks/gpu_lib.sh
@@ -25,13 +26,13 @@ kernels)
     step test_tune_gpu 90 python3 -m pytest -q -x tests/test_tune_gpu.py
     ;;
 tunes)
-    step dev2 60 $TR benchmarks/nvrar_dev.py --sizes 64K,256K,1M --spin both \
-        --out "$W/nvrar_dev_2gpu.json"
+    [ -z "${NO_DEV:-}" ] && step dev2 60 $TR benchmarks/nvrar_dev.py --sizes 64K,256K,1M \
+        --spin both --out "$W/nvrar_dev_2gpu.json"
     step tune2 200 python3 benchmarks/tune_time.py --nproc-per-node 2 --only full \
         --results "$W/tune_time_2gpu_full.json" --keep "$W/t2"
     P2=$W/t2/full.json
     [ -f "$P2" ] && cp "$P2" "$W/profile_2gpu_full.json" && PROF=(--profile "$P2") || PROF=()
-    step bench2r 70 $TR $A "${PROF[@]}" --sizes $SIZES --out "$W/allreduce_2gpu.md"
+    [ -z "${NO_BENCH:-}" ] && step bench2r 70 $TR $A "${PROF[@]}" --sizes $SIZES --out "$W/allreduce_2gpu.md"
     step quick2 90 python3 benchmarks/tune_time.py --nproc-per-node 2 --only quick \
         --results "$W/tune_time_2gpu_quick.json" --keep "$W/q2"
     ;;

@@ -204,6 +204,8 @@ class Crew:
                     b.close()
                 skip(name, f"rank {bad[0][0]}: {bad[0][1]}")
             self.setup_seconds[f"build {name}"] = time.perf_counter() - t0
+            for part, sec in getattr(self.built.get(name), "setup_parts", {}).items():
+                self.setup_seconds[f"build {name}: {part}"] = sec
         self._prepare()
         return skipped if self.ctx.rank == 0 else None
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -161,17 +162,27 @@ class SglangBackend(Backend):
         super().__init__(ctx)
         import torch.distributed as dist
 
+        #: Where the build time went (the tune records it beside "build sglang").
+        self.setup_parts: dict[str, float] = {}
+        t0 = time.perf_counter()
         _trust_nvlink_peer_access()
+        t1 = time.perf_counter()
         ps = _parallel_state()
+        self.setup_parts["NVLink check"] = t1 - t0
+        self.setup_parts["import"] = time.perf_counter() - t1
         self._owns_world = ps._WORLD is None
         self._owns_groups = not ps.model_parallel_is_initialized()
         if self._owns_world:
+            t0 = time.perf_counter()
             ps.init_distributed_environment(
                 world_size=dist.get_world_size(), rank=dist.get_rank(),
                 local_rank=ctx.device.index or 0, backend=dist.get_backend(ctx.group),
             )
+            self.setup_parts["init_distributed_environment"] = time.perf_counter() - t0
         if self._owns_groups:
+            t0 = time.perf_counter()
             _init_model_parallel(ps, ctx.world_size, dist.get_rank())
+            self.setup_parts["initialize_model_parallel"] = time.perf_counter() - t0
         self.group = ps.get_tp_group()
         self._captures = 0  # depth of capture() contexts entered
 
