@@ -36,6 +36,11 @@ tunes)
     step quick2 90 python3 benchmarks/tune_time.py --nproc-per-node 2 --only quick \
         --results "$W/tune_time_2gpu_quick.json" --keep "$W/q2"
     ;;
+check)  # the final code: NVRAR's 2-rank sweep and a timed --quick tune (its validation pass)
+    step test_nvrar_sweep2 100 python3 -m pytest -q -x -s tests/gpu/test_nvrar_gpu.py -k sweep_2
+    step quick2 90 python3 benchmarks/tune_time.py --nproc-per-node 2 --only quick \
+        --results "$W/tune_time_2gpu_quick.json" --keep "$W/q2"
+    ;;
 esac
 cat "$OUT/steps.txt"
 grep -h -A12 "^NVRAR vs NCCL\|^one-shot waits" "$W/dev2.log" 2>/dev/null

@@ -384,18 +384,69 @@ class Crew:
         x = self.input(cmd["dtype"], cmd["nbytes"])
         self._restore_input(cmd["dtype"], x)
         mode = cmd["mode"]
-        results = []
+        fns, captures = [], []
         for entry in cmd["entries"]:
             if entry["backend"] is None:
-                res = self._measure(lambda: router.all_reduce(x, mode), router.capture, cmd)
+                fns.append(lambda: router.all_reduce(x, mode))
+                captures.append(router.capture)
             else:
-                res = self._measure(
-                    _bind(self.built[entry["backend"]], x, dict(entry["params"])),
-                    self.built[entry["backend"]].capture,
-                    cmd,
-                )
-            results.append(res)
+                backend = self.built[entry["backend"]]
+                fns.append(_bind(backend, x, dict(entry["params"])))
+                captures.append(backend.capture)
+        if mode == "eager":
+            results = self._measure_alternating(fns, cmd)
+        else:
+            results = [self._measure(fn, cap, cmd) for fn, cap in zip(fns, captures, strict=True)]
         return results if self.ctx.rank == 0 else None
+
+    def _measure_alternating(self, fns: list[Callable[[], Any]],
+                             cmd: dict[str, Any]) -> list[dict[str, Any]]:
+        """Eager timing of several callables in rounds, one repetition of each per round, with
+        the same calls per repetition: eager latency is host-bound, and host speed drifts over
+        seconds (clocks, other processes), which timing one callable after the other would
+        charge to whichever ran in the slower second. Results as ``_measure``'s."""
+        nbytes, reps, warmup = cmd["nbytes"], cmd["reps"], cmd["warmup"]
+        device = self.ctx.device
+        out: list[dict[str, Any]] = [{} for _ in fns]
+        ests: dict[int, float] = {}
+        for i, fn in enumerate(fns):
+            error, est = None, math.nan
+            try:
+                with self._clock("eager estimate"):
+                    est = estimate_us(fn, device)
+            except Exception as exc:  # noqa: BLE001
+                error = f"all_reduce raised {_exc_text(exc)}"
+            first, rows = self._agree(error, [est], "timing: estimate")
+            if first is not None:
+                out[i] = {"skip": first}
+            else:
+                ests[i] = max(r[0] for r in rows)
+        if not ests:
+            return out
+        # As _measure: on GPUs the most calls per repetition; on CPU sized from the fastest.
+        calls = calls_for(1e-3 if device.type == "cuda" else min(ests.values()), nbytes, "eager")
+        timers = {i: Timer(fns[i], mode="eager", device=device, calls=calls) for i in ests}
+        samples: dict[int, list[float]] = {i: [] for i in timers}
+        error = None
+        try:
+            with self._clock("eager capture + warm-up"):
+                for t in timers.values():
+                    t.prepare(warmup)
+            with self._clock("eager timed repetitions"):
+                for _ in range(reps):
+                    for i, t in timers.items():
+                        samples[i] += t.sample(1)
+        except Exception as exc:  # noqa: BLE001
+            error = f"eager timing raised {_exc_text(exc)}"
+        finally:
+            for t in timers.values():
+                t.close()
+        for i in timers:
+            values = (samples[i] + [math.nan] * reps)[:reps]
+            first, rows = self._agree(error, values, "timing: eager")
+            out[i] = {"skip": first} if first is not None else {
+                "samples": rows, "calls": calls, "reps": reps}
+        return out
 
 
 def _bind(backend: Backend, x: torch.Tensor, params: dict[str, Any]) -> Callable[[], Any]:
