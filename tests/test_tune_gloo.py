@@ -36,9 +36,13 @@ def test_cpu_dry_run_tune_end_to_end(tmp_path: Path, cpu_env: dict[str, str]) ->
     for m in ms:
         assert m["backend"] == "gloo" and len(m["rank_medians_us"]) == 2
         assert m["latency_us"] == max(m["rank_medians_us"]) > 0 and m["spread_us"] >= 0
-    # Every (mode, size) tried all 3 chunk settings: measured, or pruned with the reason.
+    # Graph studies tried all 3 chunk settings (measured, or pruned with the reason); eager ones
+    # the graph study's best and the default (driver.EAGER_FOLLOW_TRIALS).
     pruned = [s for s in prof.data["skipped"] if s["reason"].startswith("pruned")]
-    assert len(ms) + len(pruned) == 2 * 2 * 3
+    tried = ms + pruned
+    for mode, count in (("graph", 3), ("eager", 2)):
+        for n in (4096, 65536):
+            assert sum(1 for t in tried if t["mode"] == mode and t["nbytes"] == n) == count
     val = prof.data["validation"]
     assert len(val) == 4 and all(v["routed_backend"] == "gloo" for v in val)
     assert all(v["routed_us"] > 0 and v["best_us"] > 0 for v in val)
@@ -49,7 +53,12 @@ def test_cpu_dry_run_tune_end_to_end(tmp_path: Path, cpu_env: dict[str, str]) ->
     assert sorted(names) == sorted(f"gloo|bfloat16|{mo}|{n}" for mo in ("graph", "eager")
                                    for n in (4096, 65536))
     trials = [t for n in names for t in optuna.load_study(study_name=n, storage=storage).trials]
-    assert len(trials) == 12
+    assert len(trials) == 2 * 3 + 2 * 2
+    for n in (4096, 65536):  # each eager study began with its graph study's best set
+        best = min((m for m in ms if m["mode"] == "graph" and m["nbytes"] == n),
+                   key=lambda m: m["latency_us"])
+        eager = optuna.load_study(study_name=f"gloo|bfloat16|eager|{n}", storage=storage)
+        assert min(eager.trials, key=lambda t: t.number).user_attrs["params"] == best["params"]
     assert sum("measurement" in t.user_attrs for t in trials) == len(ms)
 
     # Same command again: the storage exists, so it asks for --resume (and starts no rank).

@@ -110,3 +110,18 @@ def test_default_outside_the_space_is_measured_first(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path / 's.db'}", meta={"k": "v"}, resume=False)
     search = Search(store, "nvrar|bfloat16|graph|4096", {"ctas": [1, 2, 4]}, {"ctas": 32}, 3)
     assert search.next() == {"ctas": 32}
+
+
+def test_first_sets_come_before_the_sampler_in_order(tmp_path: Path) -> None:
+    """An eager study starts from its graph study's best set, then the default (driver)."""
+    store = _store(tmp_path)
+    space = {"a": list(range(6)), "b": list(range(6))}  # 36 sets: not exhaustive at budget 4
+    default, best = {"a": 0, "b": 0}, {"a": 5, "b": 3}
+    search = Search(store, "x|bfloat16|eager|4096", space, default, budget=4,
+                    first=[best, default])
+    got = []
+    while (params := search.next()) is not None:
+        got.append(params)
+        search.finish(_rec(params, 10.0 + len(got)))
+    assert got[:2] == [best, default] and len(got) == 4
+    assert len({params_key(p) for p in got}) == 4  # the sampler's picks are new sets

@@ -28,6 +28,12 @@ __all__ = ["Driver", "VALIDATE_MARGIN"]
 #: The validation pass re-times the routed all-reduce and every candidate the tune measured
 #: within this margin of the fastest at that point (the others keep their tune measurement).
 VALIDATE_MARGIN = 0.25
+#: Trials of an eager study whose backend has parameters, when graph mode is tuned too: the
+#: graph study's best set, then the default. A backend's parameters shape its GPU work, which
+#: graph mode measures without host noise; eager adds the host's launch cost, the same for
+#: every parameter set of a backend (on 2x H200 eager small messages cost 30-60 µs per call,
+#: host-bound, whatever the parameters).
+EAGER_FOLLOW_TRIALS = 2
 
 
 def _skip(backend: str, params: dict[str, Any], dtype: str, mode: str | None, nbytes: int,
@@ -180,8 +186,16 @@ class Driver:
                     space = type(self.crew.built[name]).search_space(nbytes, ctx)
                     budget = min(len(combinations(space)), cfg.n_trials) if space else 1
                     for mode in cfg.modes:
-                        plan.append((dtype, nbytes, name, mode, budget))
+                        plan.append((dtype, nbytes, name, mode,
+                                     min(budget, EAGER_FOLLOW_TRIALS)
+                                     if self._follows_graph(mode) and space else budget))
         return plan
+
+    def _follows_graph(self, mode: str) -> bool:
+        """Whether the eager studies take their parameter sets from the graph ones (see
+        ``EAGER_FOLLOW_TRIALS``): graph studies run first at each size."""
+        modes = self.cfg.modes
+        return mode == "eager" and "graph" in modes and modes.index("graph") < modes.index(mode)
 
     def _add_skip(self, skip: dict[str, Any]) -> None:
         key = (skip["backend"], params_key(skip.get("params") or {}), skip.get("dtype"),
@@ -260,7 +274,13 @@ class Driver:
             progress.advance()
             return
         default = cls.default_params(nbytes, ctx)
-        search = Search(store, sname, space, default, budget, done)
+        first = [default]
+        if self._follows_graph(mode):
+            graph = [m for m in self.measurements if m["backend"] == name and m["mode"] == "graph"
+                     and m["dtype"] == dtype and m["nbytes"] == nbytes]
+            if graph:
+                first.insert(0, dict(min(graph, key=lambda m: m["latency_us"])["params"]))
+        search = Search(store, sname, space, default, budget, done, first=first)
         progress.advance(min(budget, len(search.done)))
         while (params := search.next()) is not None:
             kind, rec = self._run_trial(name, params, dtype, mode, nbytes, search)

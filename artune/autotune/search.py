@@ -243,13 +243,17 @@ class Search:
         default: dict[str, Any],
         budget: int,
         done: Iterable[str] = (),
+        first: list[dict[str, Any]] | None = None,
     ) -> None:
+        """``first``: parameter sets measured before any the sampler picks, in order (default:
+        ``[default]``); each must be a legal value of ``space``."""
         self.store = store
         self.name = name
         # A backend's default may lie outside the choices it lists for this size (a plan tuned
         # by hand); it is always measured first, so it must be a legal value of the space.
         space = {k: list(v) for k, v in space.items()}
-        for k, v in default.items():
+        first = [default] if first is None else first
+        for k, v in (kv for p in [default, *first] for kv in p.items()):
             if v not in space.setdefault(k, []):
                 space[k].insert(0, v)
         self.space = space
@@ -260,8 +264,10 @@ class Search:
         }
         combos = combinations(space)
         self.exhaustive = len(combos) <= budget
-        ordered = [default] + [c for c in combos if c != default]
+        heads = list({params_key(c): c for c in first}.values())
+        ordered = heads + [c for c in combos if c not in heads]
         self._queue = [c for c in ordered if params_key(c) not in self.done]
+        self._heads = {params_key(c) for c in heads}
         self._trial: optuna.Trial | None = None
         self._attempts = 0
 
@@ -276,7 +282,7 @@ class Search:
         study = self.store.study(self.name)
         while self._attempts < 4 * self.budget:
             self._attempts += 1
-            if self.exhaustive or (self._queue and len(self.done) == 0):
+            if self.exhaustive or (self._queue and params_key(self._queue[0]) in self._heads):
                 if not self._queue:
                     return None
                 study.enqueue_trial(self._queue.pop(0))
