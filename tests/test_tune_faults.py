@@ -157,12 +157,15 @@ def test_killed_rank_stops_the_tune_and_resume_keeps_measurements(
     after = _finished(storage)
     # Nothing measured before the kill was measured again: same trials, same start times.
     assert all(after[k] == v for k, v in before.items())
-    # And each study ends with exactly its budget: gloo 3 chunk settings, killer 1.
+    # And each study ends with exactly its budget: gloo 3 chunk settings in graph mode and 2 in
+    # eager (its graph best, then the default), killer 1.
     per_study: dict[str, int] = {}
     for name, _ in after:
         per_study[name] = per_study.get(name, 0) + 1
     assert len(per_study) == 2 * 3 * 2  # backends x sizes x modes
-    assert all(n == (3 if s.startswith("gloo|") else 1) for s, n in per_study.items())
+    want = {"gloo|graph": 3, "gloo|eager": 2}
+    assert all(n == want.get(f"{s.split('|')[0]}|{s.split('|')[2]}", 1)
+               for s, n in per_study.items()), per_study
     prof = load(out)
     assert {m["nbytes"] for m in prof.data["measurements"]} == {4096, 16384, BIG}
 
