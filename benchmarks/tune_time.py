@@ -44,9 +44,10 @@ def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
         cmd.append("--quick")
     # Every run starts cold, as on a new machine: its own, empty Triton cache (NVRAR compiles).
     env = dict(os.environ, TRITON_CACHE_DIR=str(folder / f"triton-cache-{kind}"))
-    t0 = time.perf_counter()
+    t0, t0_unix = time.perf_counter(), time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    t1_unix = time.time()
     (folder / f"{kind}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     res: dict[str, Any] = {
         "kind": kind, "command": " ".join(["artune", *cmd[3:]]), "wall_s": round(wall, 1),
@@ -62,6 +63,7 @@ def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
             validation_points=len(doc["validation"]),
             backends=sorted({m["backend"] for m in doc["measurements"]}),
             seconds_by_phase=doc.get("tune_seconds"),
+            outside_the_ranks=_outside(doc.get("tune_clock") or {}, t0_unix, t1_unix),
             fingerprint=doc["fingerprint"],
         )
     else:
@@ -75,6 +77,16 @@ def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
     print(f"{kind}: {wall:.1f} s (target {TARGETS_S[kind]:.0f} s on {TARGET_GPUS} GPUs), "
           f"rc {proc.returncode}", flush=True)
     return res
+
+
+def _outside(clock: dict[str, Any], t0: float, t1: float) -> dict[str, float | None]:
+    """Seconds of the command before the ranks were started (the CLI's own start-up: imports,
+    topology) and after the profile was written (printing, the ranks' shutdown)."""
+    launched, finished = clock.get("launched_unix"), clock.get("finished_unix")
+    return {
+        "before launching the ranks": round(launched - t0, 2) if launched else None,
+        "after the profile was written": round(t1 - finished, 2) if finished else None,
+    }
 
 
 def main() -> int:

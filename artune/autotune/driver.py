@@ -116,10 +116,9 @@ class Driver:
         for s in self.crew.send({"op": "setup", "names": candidates(cfg)}):
             self._add_skip(s)
             self.con.print(f"  skipping {s['backend']}: {s['reason']}", markup=False)
-        try:  # process start, imports, torch.distributed and NCCL set-up
-            self.spent["start ranks"] = t_start - float(os.environ["ARTUNE_LAUNCH_TIME"])
-        except (KeyError, ValueError):
-            pass  # started by torchrun or srun: not known
+        launched = _launch_time()
+        if launched is not None:  # process start, imports, torch.distributed and NCCL set-up
+            self.spent["start ranks"] = t_start - launched
         self.spent["setup"] = time.perf_counter() - t_setup
         self.spent.update({f"setup: {k}": v for k, v in self.crew.setup_seconds.items()
                            if v >= 0.05})
@@ -167,6 +166,9 @@ class Driver:
         })
         doc["tune_seconds"] = {k: round(v, 2) for k, v in self.spent.items()}
         doc["tune_seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        # Wall-clock stamps, so that a caller timing the whole command (benchmarks/tune_time.py)
+        # sees what came before the ranks started and after the profile was written.
+        doc["tune_clock"] = {"launched_unix": _launch_time(), "finished_unix": time.time()}
         save(doc, out)
         if "validation" in doc:
             ui.print_validation(doc["validation"], cfg.rel_tol, self.con)
@@ -366,3 +368,11 @@ class Driver:
         noise = max(routed["spread_us"] or 0.0, fastest["spread_us"] or 0.0)
         entry["within"] = bool(r_us <= b_us * (1 + rel_tol) or r_us - b_us <= noise)
         return entry
+
+
+def _launch_time() -> float | None:
+    """When ``artune tune`` started the ranks (Unix time); None under torchrun or srun."""
+    try:
+        return float(os.environ["ARTUNE_LAUNCH_TIME"])
+    except (KeyError, ValueError):
+        return None
