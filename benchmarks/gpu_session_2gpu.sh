@@ -4,7 +4,8 @@
 #   device run, carry [".devwhl"]:  PHASE=kernels bash benchmarks/gpu_session_2gpu.sh
 #                                   PHASE=tunes   bash benchmarks/gpu_session_2gpu.sh
 #
-# kernels: NVRAR's plans with both one-shot wait loops (nvrar_dev.py --spin both), every backend
+# kernels: NVRAR's plans with both one-shot wait loops (nvrar_dev.py --spin both), where the
+#   one-shot's time goes (--diag), every backend
 #   side by side (allreduce.py), then the GPU tests that fit 2 GPUs (NVRAR's 2-rank sweep, every
 #   backend against dist.all_reduce, a short tune).
 # tunes: NVRAR's two-shot plans with both wait loops, the full and --quick tunes, timed with a cold Triton cache (tune_time.py), then the
@@ -20,6 +21,8 @@ case "${PHASE:-kernels}" in
 kernels)
     step dev2 150 $TR benchmarks/nvrar_dev.py --sizes 4K,16K,64K,256K,1M --spin both \
         --out "$W/nvrar_dev_2gpu.json"
+    step diag2 60 $TR benchmarks/nvrar_dev.py --diag --sizes 4K,16K,64K \
+        --out "$W/nvrar_diag_2gpu.json"
     step bench2 70 $TR $A --sizes $SIZES --out "$W/allreduce_2gpu.md"
     step test_nvrar_sweep2 100 python3 -m pytest -q -x -s tests/gpu/test_nvrar_gpu.py -k sweep_2
     step test_backends 180 python3 -m pytest -q -x tests/gpu/test_backends_gpu.py
@@ -44,6 +47,7 @@ check)  # the final code: NVRAR's 2-rank sweep and a timed --quick tune (its val
 esac
 cat "$OUT/steps.txt"
 grep -h -A12 "^NVRAR vs NCCL\|^one-shot waits" "$W/dev2.log" 2>/dev/null
+grep -h -A6 "^one-shot breakdown" "$W/diag2.log" 2>/dev/null
 [ -f "$W/allreduce_2gpu.md" ] && cat "$W/allreduce_2gpu.md"
 grep -h "passed\|failed\|error" "$W"/test_*.log 2>/dev/null | tail -8
 for f in "$W"/tune_time_*.json; do

@@ -146,6 +146,49 @@ def _floor_kernel(device: torch.device) -> Any:
     return lambda: one_store[(1,)](t)
 
 
+def _diag(be: Any, sizes: list[int], floor: float, reps: int, device: torch.device, rank: int,
+          out: str) -> None:
+    """One-shot latency breakdown (default plan, graph of 20 calls, slowest rank): whole; no
+    waits (slots read once: push + local work); no pushes and no waits (local work only). The
+    ablated kernels compute wrong sums: they are timed, never checked."""
+    t = torch.zeros(1, device=device)
+    torch_op = _slowest(_time_graph(lambda: t.add_(1), 20, reps), None)
+    rows = []
+    for nbytes in sizes:
+        x = torch.randn(nbytes // 2, device=device).to(torch.bfloat16)
+        plan = be.plan(nbytes, None)
+        if plan.algo != "oneshot":
+            continue
+        row: dict[str, Any] = {"bytes": nbytes, "plan": plan.__dict__}
+        for d, label in ((0, "whole"), (1, "no waits"), (2, "local only")):
+            be.comm.diag = d
+            try:
+                row[label] = _slowest(_time_graph(lambda x=x: be.all_reduce(x, None), 20, reps),
+                                      None)
+            finally:
+                be.comm.diag = 0
+        rows.append(row)
+    # The real kernels still agree afterwards (the ablations kept the epochs in step).
+    world = be.ctx.world_size
+    y = be.all_reduce(torch.ones(4096, device=device, dtype=torch.bfloat16), None)
+    torch.cuda.synchronize()
+    be.check()
+    if not bool((y == world).all()):
+        raise RuntimeError("nvrar_dev --diag: a normal all-reduce after the breakdown is wrong")
+    if rank == 0:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"card": torch.cuda.get_device_name(device),
+                                         "triton_one_store_us": floor, "torch_op_us": torch_op,
+                                         "rows": rows}, indent=1))
+        print(f"\none-shot breakdown, µs per call in a graph of 20: one-store Triton kernel "
+              f"{floor:.2f}, one-element torch op {torch_op:.2f}")
+        print(f"{'size':>6} {'whole':>7} {'no waits':>9} {'local only':>11}  plan")
+        for r in rows:
+            print(f"{_h(r['bytes']):>6} {r['whole']:7.2f} {r['no waits']:9.2f} "
+                  f"{r['local only']:11.2f}  block {r['plan']['block']} ctas "
+                  f"{r['plan']['ctas']} warps {r['plan']['warps']}")
+
+
 def _save(out: str, rows: list[dict[str, Any]], world: int, per_node: int,
           device: torch.device, floor: float) -> str:
     card = torch.cuda.get_device_name(device)
@@ -171,6 +214,10 @@ def main() -> None:
     ap.add_argument("--spin", choices=("on", "off", "both"), default="on",
                     help="one-shot waits: per-thread PTX polling (on), block-wide rounds (off), "
                          "or each plan timed both ways")
+    ap.add_argument("--diag", action="store_true",
+                    help="instead of the plan sweep: where one-shot's time goes at each size "
+                         "(the default plan whole, without its waits, without pushes and waits; "
+                         "a one-store Triton kernel and a one-element torch op beside it)")
     args = ap.parse_args()
     for k, v in NO_MULTICAST_ENV.items():
         if os.environ.get(k) != v:
@@ -196,6 +243,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device=device).manual_seed(99 + rank)
     floor = _slowest(_time_graph(_floor_kernel(device), 20, args.reps), None)
+    if args.diag:
+        _diag(be, sizes, floor, args.reps, device, rank, args.out)
+        sizes = []
     spins = {"on": (True,), "off": (False,), "both": (False, True)}[args.spin]
     for nbytes in sizes:
         n = nbytes // 2
@@ -252,7 +302,7 @@ def main() -> None:
     be.check()
     be.close()
 
-    if rank == 0:
+    if rank == 0 and not args.diag:
         card = _save(args.out, rows, world, per_node, device, floor)
         tag = f"{world}x {card}" + (f", {world // per_node} virtual nodes x {per_node} "
                                     "(emulation)" if per_node < world else "")

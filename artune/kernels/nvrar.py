@@ -184,6 +184,9 @@ class NvrarComm:
         self._ready: set[tuple[Any, ...]] = set()
         # LL waits: threads poll their own words in a PTX loop (GPU only) where each holds few.
         self.spin: bool | None = None if not interpret else False
+        #: One-shot latency breakdown (benchmarks/nvrar_dev.py --diag); non-zero gives WRONG
+        #: sums: 1 skips the waits, 2 the pushes too.
+        self.diag = 0
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -304,7 +307,8 @@ class NvrarComm:
                       WP=1 << (self.nodes.world - 1).bit_length(), MAXC=MAX_CTAS,
                       INTERPRET=self.interpret, num_warps=plan.warps)
         kwargs["SPIN"] = spin = self._spin(plan, (kwargs["WP"] * plan.block) // pack)
-        key = ("oneshot", x.dtype, plan.block, plan.warps, spin)
+        kwargs["DIAG"] = self.diag
+        key = ("oneshot", x.dtype, plan.block, plan.warps, spin, self.diag)
         return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:

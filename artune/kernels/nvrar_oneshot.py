@@ -62,6 +62,8 @@ def oneshot_ll_kernel(
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
     SPIN: tl.constexpr,  # per-thread PTX polling (nvrar_prims.spin_ll) instead of block rounds
+    DIAG: tl.constexpr = 0,  # latency breakdown only (benchmarks/nvrar_dev.py --diag), WRONG
+    # sums: 1 reads the slots once without waiting, 2 also skips the pushes (local work only)
 ):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     H: tl.constexpr = BLOCK // 2  # a chunk travels as two halves (nvrar_prims.load_pair)
@@ -72,13 +74,14 @@ def oneshot_ll_kernel(
     nchunks = tl.cdiv(n, BLOCK)
 
     # push this rank's chunks into every peer's slot [par][rank]
-    for c in range(pid, nchunks, G):
-        a, b = load_pair(x_ptr, c * BLOCK, n, H)
-        for i in tl.static_range(1, W):
-            dst = (rank + i) % W
-            slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
-            slot += (par * W + rank) * slot_bytes
-            put_ll(a, b, ptr_as(slot, tl.uint64) + c * BW, flag, PACK, H)
+    if DIAG < 2:
+        for c in range(pid, nchunks, G):
+            a, b = load_pair(x_ptr, c * BLOCK, n, H)
+            for i in tl.static_range(1, W):
+                dst = (rank + i) % W
+                slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
+                slot += (par * W + rank) * slot_bytes
+                put_ll(a, b, ptr_as(slot, tl.uint64) + c * BW, flag, PACK, H)
 
     # wait for all W-1 peers' chunks at once ([WP, H] words per half), then sum the W inputs
     rows = tl.arange(0, WP)[:, None]
@@ -87,11 +90,18 @@ def oneshot_ll_kernel(
                   tl.uint64)
     for c in range(pid, nchunks, G):
         pa = mine + rows * (slot_bytes // 8) + c * BW + tl.arange(0, H)[None, :]
-        wa, wb, pending = wait_ll(pa, pa + H, live, epoch.to(tl.uint32), limit, PACK == 1,
-                                  INTERPRET, SPIN)
-        if pending > 0:
-            _report(wa, wb, live, epoch, err_dev, err_host, pid)
-            limit = limit * 0
+        if DIAG == 0:
+            wa, wb, pending = wait_ll(pa, pa + H, live, epoch.to(tl.uint32), limit, PACK == 1,
+                                      INTERPRET, SPIN)
+            if pending > 0:
+                _report(wa, wb, live, epoch, err_dev, err_host, pid)
+                limit = limit * 0
+        else:
+            wa = tl.load(pa, mask=live, other=0, volatile=True)
+            if PACK == 1:
+                wb = tl.load(pa + H, mask=live, other=0, volatile=True)
+            else:
+                wb = wa
         ta, tb = decode_ll(wa, wb, DT, PACK)
         a, b = load_pair(x_ptr, c * BLOCK, n, H)
         va = tl.where(rows == rank, a.to(tl.float32)[None, :], ta.to(tl.float32))
