@@ -17,6 +17,8 @@ step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
 P4=$W/t4/full.json
 [ -f "$P4" ] && PROF4=(--profile "$P4") || PROF4=()
 [ -z "${TUNES_ONLY:-}" ] && step bench4 80 torchrun --nproc-per-node 4 $A "${PROF4[@]}" --out "$OUT/allreduce_4gpu.md"
+[ -z "${TUNES_ONLY:-}" ] && step diag4 60 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --diag \
+    --sizes 4K,16K,64K --out "$W/nvrar_diag_4gpu.json"
 step quick4 90 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
     --results "$W/tune_time_4gpu_quick.json" --keep "$W/q4"
 # 2 virtual nodes x 2 GPUs: NVRAR's inter-node path beside NCCL (emulation).
