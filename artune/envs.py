@@ -41,8 +41,8 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     "ARTUNE_NVRAR_ONESHOT_MAX_BYTES": (
         1 << 20,
         int,
-        "Largest message NVRAR's one-shot LL algorithm takes; sizes its receive slots "
-        "(4 x world size x this many bytes of NVSHMEM heap per rank).",
+        "Largest message NVRAR's one-shot algorithm takes; sizes its receive slots "
+        "(LL 4 x and lamport 2 x world size x this many bytes of NVSHMEM heap per rank).",
     ),
     "ARTUNE_NVRAR_LL_MAX_BYTES": (
         4 << 20,

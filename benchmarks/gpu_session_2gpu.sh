@@ -46,7 +46,7 @@ check)  # the final code: NVRAR's 2-rank sweep and a timed --quick tune (its val
     ;;
 esac
 cat "$OUT/steps.txt"
-grep -h -A12 "^NVRAR vs NCCL\|^one-shot waits" "$W/dev2.log" 2>/dev/null
+grep -h -A12 "^NVRAR vs NCCL\|^one-shot waits\|^one-shot protocols" "$W/dev2.log" 2>/dev/null
 grep -h -A6 "^one-shot breakdown" "$W/diag2.log" 2>/dev/null
 [ -f "$W/allreduce_2gpu.md" ] && cat "$W/allreduce_2gpu.md"
 grep -h "passed\|failed\|error" "$W"/test_*.log 2>/dev/null | tail -8

@@ -59,11 +59,15 @@ def plans_for(nbytes: int, nodes: int, quick: bool) -> list[dict[str, Any]]:
         for p in out:
             p["ctas"] = min(128, max(1, -(-elems // p["block"])))
         return out
-    if nbytes <= 1 << 20:  # one-shot LL (one node)
+    if nbytes <= 1 << 20:  # one-shot LL and lamport (one node)
         for block, warps in ((256, 1), (256, 2), (256, 4), (512, 2), (512, 4), (1024, 4),
                              (2048, 4)):
             if block <= max(256, elems):
                 out.append({"algo": "oneshot", "proto": "ll", "block": block, "warps": warps})
+        for block, warps in ((256, 2), (512, 4), (1024, 4), (2048, 4), (4096, 8)):
+            if block <= max(256, elems):
+                out.append({"algo": "oneshot", "proto": "lamport", "block": block,
+                            "warps": warps})
     if 64 << 10 <= nbytes <= 4 << 20:  # two-shot LL
         for block, warps in ((512, 2), (512, 4), (1024, 4), (2048, 4)):
             out.append({"algo": "twoshot", "proto": "ll", "block": block, "warps": warps})
@@ -319,6 +323,16 @@ def main() -> None:
             print(f"{_h(row['bytes']):>6} {row['nccl_us']:8.1f} {d:8.1f} {b:8.1f} "
                   f"{row['nccl_us'] / b:7.2f}  {best['label'] if best else '-'}"
                   + (f"  [{bad} plans failed]" if bad else ""))
+        print("\none-shot protocols, best plan per size: LL (flag in every word) vs lamport "
+              "(the data is its own flag)")
+        for row in rows:
+            cells = []
+            for proto in ("ll", "lamport"):
+                ok = [e for e in row["plans"] if "us" in e and e["plan"]["algo"] == "oneshot"
+                      and e["plan"]["proto"] == proto]
+                b = min(ok, key=lambda e: e["us"]) if ok else None
+                cells.append(f"{b['us']:6.2f} ({b['label']})" if b else "-")
+            print(f"{_h(row['bytes']):>6}  ll {cells[0]}  lamport {cells[1]}")
         if len(spins) > 1:
             print("\none-shot waits, best plan per size: block-wide rounds vs per-thread polling")
             for row in rows:

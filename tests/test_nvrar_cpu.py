@@ -28,7 +28,7 @@ from conftest import reap
 
 from artune.backends.base import GroupContext
 from artune.backends.nvrar import NvrarBackend, default_plan
-from artune.kernels.nvrar import NvrarComm, NvrarTimeoutError, Plan, decode_error
+from artune.kernels.nvrar import NvrarComm, NvrarTimeoutError, Plan, decode_error, init_buffer
 from artune.kernels.nvrar_layout import (
     BLOCKS,
     STEP_RD0,
@@ -248,7 +248,9 @@ Case = tuple[int, str, dict[str, Any]]  # (numel, dtype name, plan fields)
 
 def _input(rank: int, numel: int, dtype: str, call: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(7919 * rank + 31 * numel + call)
-    return torch.randn(numel, generator=g).to(getattr(torch, dtype))
+    x = torch.randn(numel, generator=g).to(getattr(torch, dtype))
+    x[rank::7] = -0.0  # the lamport sentinel's bits (and zeros) must pass through
+    return x
 
 
 def _rank_main(
@@ -312,9 +314,11 @@ def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16
              skip: int = -1, timeout_s: float = 60.0) -> list[list[Any]]:
     world = nodes * local
     lay = Layout(Nodes(nodes, local), max_bytes, max_bytes if nodes == 1 else 0, max_bytes)
+    fresh = torch.empty(lay.total_bytes, dtype=torch.uint8)
+    init_buffer(fresh, lay)
     with tempfile.TemporaryDirectory(prefix="artune-nvrar-emu-") as folder:
         for r in range(world):
-            (Path(folder) / f"rank{r}").write_bytes(bytes(lay.total_bytes))
+            (Path(folder) / f"rank{r}").write_bytes(fresh.numpy().tobytes())
         return _spawn_ranks(
             world, _rank_main,
             lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s),
@@ -351,6 +355,10 @@ ONE_NODE_CASES: list[Case] = [
     (2049, "float32", {"algo": "twoshot", "proto": "signal", "block": 256, "ctas": 2}),
     (777, "bfloat16", {"algo": "twoshot", "proto": "signal", "block": 512, "ctas": 8}),
     (999, "float16", {"algo": "oneshot", "block": 256, "ctas": 1}),  # parity 0 again
+    (1, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (999, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (4099, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 3}),
+    (998, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 4}),
 ]
 
 
@@ -381,19 +389,22 @@ def test_virtual_nodes_emulated(nodes: int, local: int) -> None:
 @needs_triton
 @pytest.mark.slow
 def test_slots_are_reused_safely_over_many_calls() -> None:
+    plans = [("oneshot", "ll"), ("twoshot", "ll"), ("oneshot", "lamport"), ("twoshot", "signal"),
+             ("oneshot", "lamport")]
     cases: list[Case] = [
         (300 + 7 * i, "bfloat16",
-         {"algo": ("oneshot", "twoshot")[i % 2], "proto": ("ll", "signal")[(i // 2) % 2],
-          "block": 256, "ctas": 2})
-        for i in range(12)
+         {"algo": plans[i % 5][0], "proto": plans[i % 5][1], "block": 256, "ctas": 2})
+        for i in range(15)
     ]
     _check(_emulate(1, 3, cases), cases)
 
 
 @needs_triton
 @pytest.mark.slow
-def test_a_skipped_call_times_out_with_the_named_error() -> None:
-    cases: list[Case] = [(600, "float32", {"algo": "oneshot", "block": 256, "ctas": 1})]
+@pytest.mark.parametrize("dtype,proto", [("float32", "ll"), ("bfloat16", "lamport")])
+def test_a_skipped_call_times_out_with_the_named_error(dtype: str, proto: str) -> None:
+    cases: list[Case] = [(600, dtype, {"algo": "oneshot", "proto": proto, "block": 256,
+                                       "ctas": 1})]
     results = _emulate(1, 3, cases, skip=2, timeout_s=0.05)
     assert results[2][0] is None
     for rank in (0, 1):
@@ -420,6 +431,8 @@ def _written_ranges(lay: Layout, lr: int, cases: list[Case]) -> list[tuple[int, 
         esize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         pack = 2 if esize == 2 else 1
         epoch = call + 1
+        if plan.proto == "lamport":
+            continue  # its slots end as they began (the reader clears them): checked apart
         if plan.algo == "oneshot":
             nbytes = cdiv(numel, plan.block) * (plan.block // pack) * 8
             for j in range(nd.world):
@@ -481,6 +494,8 @@ GUARD_CASES: list[Case] = [
     (3001, "float32", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 4}),
     (999, "bfloat16", {"algo": "oneshot", "block": 256, "ctas": 2}),
     (4 * 4096 + 17, "float16", {"algo": "twoshot", "proto": "signal", "block": 4096, "ctas": 2}),
+    (4 * 1024 + 3, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 3}),
+    (999, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
 ]
 
 
@@ -492,10 +507,13 @@ def test_calls_write_only_their_slots_and_outputs() -> None:
     nothing outside the buffers or the output changed, and the sums are right."""
     world, lay_args = 4, (1 << 20, 64 << 10, 256 << 10)
     lay = Layout(Nodes(1, world), *lay_args)
+    lp_at, lp_size = lay.region("lamport")
+    empty = bytes([0x00, 0x80]) * (lp_size // 2)  # the lamport sentinel, little-endian
     with tempfile.TemporaryDirectory(prefix="artune-nvrar-guard-") as folder:
         for r in range(world):
-            (Path(folder) / f"rank{r}").write_bytes(bytes([_PATTERN]) * (lay.total_bytes
-                                                                         + 2 * _GUARD))
+            raw0 = bytearray([_PATTERN]) * (lay.total_bytes + 2 * _GUARD)
+            raw0[_GUARD + lp_at:_GUARD + lp_at + lp_size] = empty
+            (Path(folder) / f"rank{r}").write_bytes(bytes(raw0))
         got = _spawn_ranks(
             world, _rank_guarded, lambda r: (r, world, folder, lay_args, GUARD_CASES))
         import numpy as np
@@ -504,7 +522,10 @@ def test_calls_write_only_their_slots_and_outputs() -> None:
             raw = np.fromfile(Path(folder) / f"rank{r}", dtype=np.uint8)
             assert (raw[:_GUARD] == _PATTERN).all(), f"rank {r}: written below its buffer"
             assert (raw[-_GUARD:] == _PATTERN).all(), f"rank {r}: written above its buffer"
+            lamport = raw[_GUARD + lp_at:_GUARD + lp_at + lp_size].tobytes()
+            assert lamport == empty, f"rank {r}: lamport slots not all empty after the calls"
             allowed = np.zeros(lay.total_bytes, dtype=bool)
+            allowed[lp_at:lp_at + lp_size] = True  # checked just above
             for a, b in _written_ranges(lay, r, GUARD_CASES):
                 allowed[a:b] = True
             changed = raw[_GUARD:-_GUARD] != _PATTERN

@@ -170,7 +170,7 @@ class NvrarBackend(Backend):
         import torch.distributed as dist
         from nvshmem import bindings
 
-        from artune.kernels.nvrar import NvrarComm
+        from artune.kernels.nvrar import NvrarComm, init_buffer
         from artune.kernels.nvrar_layout import Layout, Nodes
 
         _nvshmem.ensure_initialized(ctx)
@@ -178,7 +178,7 @@ class NvrarBackend(Backend):
         self.nodes = Nodes(ctx.nodes, ctx.ranks_per_node)
         self.layout = Layout(self.nodes, ctx.max_bytes, one, ll)
         self.buf: torch.Tensor | None = _nvshmem.alloc((self.layout.total_bytes,), torch.uint8)
-        self.buf.zero_()  # flags and signals start at 0, never a valid epoch
+        init_buffer(self.buf, self.layout)  # no valid epoch anywhere; lamport slots empty
         torch.cuda.synchronize(ctx.device)
         dist.barrier(group=ctx.cpu_group)  # nobody writes into a peer's buffer before it is zeroed
         bases = [int(bindings.ptr(self.buf.data_ptr(), pe)) for pe in range(ctx.world_size)]
@@ -224,6 +224,8 @@ class NvrarBackend(Backend):
             plan = self.plan(nbytes, params)
         except (TypeError, ValueError):
             return False
+        if plan.proto == "lamport" and x.element_size() != 2:
+            return False  # the sentinel is a 16-bit pattern
         return self.comm.reason(nbytes, plan) is None
 
     def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:

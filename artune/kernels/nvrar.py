@@ -34,10 +34,11 @@ from artune.kernels.nvrar_layout import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Plan", "NvrarComm", "NvrarTimeoutError", "ALGOS", "PROTOS", "INTERS", "decode_error"]
+__all__ = ["Plan", "NvrarComm", "NvrarTimeoutError", "ALGOS", "PROTOS", "INTERS", "decode_error",
+           "init_buffer"]
 
 ALGOS = ("oneshot", "twoshot")
-PROTOS = ("ll", "signal")
+PROTOS = ("ll", "signal", "lamport")
 INTERS = ("auto", "nvshmem", "p2p")
 _MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
 #: LL words per thread up to which a wait polls per thread (NvrarComm._spin).
@@ -71,8 +72,9 @@ class Plan:
 
     ``algo``: "oneshot" (one node: push to all, sum all) or "twoshot" (reduce-scatter, then
     recursive doubling between nodes when there are several, then all-gather);
-    ``proto``: "ll" (flag in every 8-byte word) or "signal" (data, fence, 64-bit signal; one-shot
-    is always LL); ``block``: elements per CTA chunk; ``ctas``: at most this many CTAs;
+    ``proto``: "ll" (flag in every 8-byte word), "signal" (data, fence, 64-bit signal; two-shot
+    only, one-shot takes it as LL) or "lamport" (one-shot only, 16-bit dtypes: the data is its
+    own flag, half LL's bytes); ``block``: elements per CTA chunk; ``ctas``: at most this many CTAs;
     ``warps``: warps per CTA; ``inter``: inter-node transport, "nvshmem" (put / put-with-signal),
     "p2p" (stores through peer addresses; every rank must be NVLink-reachable) or "auto" (p2p
     where every rank is reachable, else nvshmem).
@@ -100,6 +102,18 @@ class Plan:
         if self.inter not in INTERS:
             return f"inter={self.inter!r} is not one of {INTERS}"
         return None
+
+
+def init_buffer(buf: torch.Tensor, layout: Layout) -> None:
+    """A rank's symmetric buffer as the kernels expect it before any call: zeros (never an
+    epoch), and the sentinel 0x8000 in every 16-bit element of the lamport region. Every rank
+    must have done this before any peer writes into its buffer."""
+    import torch
+
+    buf.zero_()
+    at, size = layout.region("lamport")
+    if size:
+        buf[at:at + size].view(torch.int16).fill_(-0x8000)  # 0x8000: -0.0 in bf16 and fp16
 
 
 def decode_error(code: int, rank: int, nodes: Nodes, timeout_s: float) -> str:
@@ -215,6 +229,9 @@ class NvrarComm:
 
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"artune nvrar all_reduce: dtype {x.dtype} is not bf16/fp16/fp32")
+        if plan.proto == "lamport" and x.element_size() != 2:
+            raise TypeError(f"artune nvrar all_reduce: proto='lamport' takes bf16/fp16, not "
+                            f"{x.dtype} (use proto='ll')")
         if not x.is_contiguous():
             raise ValueError("artune nvrar all_reduce: x must be contiguous (call .contiguous())")
         n = x.numel()
@@ -300,6 +317,8 @@ class NvrarComm:
         from artune.kernels.nvrar_oneshot import oneshot_ll_kernel
 
         assert self.world_bases is not None
+        if plan.proto == "lamport":
+            return self._lamport(x, y, n, plan)
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
         args = (x, y, n, *self.world_bases, self.offsets["oneshot"], self.layout.oneshot_slot,
                 *self._common())
@@ -310,6 +329,20 @@ class NvrarComm:
         kwargs["DIAG"] = self.diag
         key = ("oneshot", x.dtype, plan.block, plan.warps, spin, self.diag)
         return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
+
+    def _lamport(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:
+        from artune.kernels.nvrar_lamport import oneshot_lamport_kernel
+
+        assert self.world_bases is not None
+        grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
+        args = (x, y, n, *self.world_bases, self.offsets["lamport"], self.layout.lamport_slot,
+                *self._common())
+        wp = 1 << (self.nodes.world - 1).bit_length()
+        kwargs = dict(W=self.nodes.world, BLOCK=plan.block, WP=wp, MAXC=MAX_CTAS,
+                      INTERPRET=self.interpret, num_warps=plan.warps)
+        kwargs["SPIN"] = spin = self._spin(plan, wp * plan.block // 4)
+        key = ("lamport", x.dtype, plan.block, plan.warps, spin)
+        return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
         nodes, off = self.nodes, self.offsets

@@ -9,6 +9,8 @@ Regions (``ll`` = LL words: 8 bytes per 4 payload bytes; ``sig`` = raw payload):
 region          shape                          written by
 ==============  =============================  ==================================================
 ``oneshot``     [parity][W src] LL slots       every rank, one-shot push (``nvrar_oneshot``)
+``lamport``     [parity][W src] 16-bit slots   every rank, one-shot push (``nvrar_lamport``);
+                                               the sentinel 0x8000 where empty (``init_buffer``)
 ``rs_ll/sig``   [L src] shard slots            node peers, reduce-scatter push
 ``ag_ll/sig``   [L src] shard slots            node peers, all-gather push
 ``rd_ll/sig``   [parity][step] shard slots     the inter-node partner of each step
@@ -163,6 +165,11 @@ class Layout:
         return round_up(2 * self.oneshot_bytes + 8 * BLOCK_MAX, _ALIGN) if self.oneshot_bytes else 0
 
     @property
+    def lamport_slot(self) -> int:
+        """One [parity][src] lamport slot: 2 bytes per 16-bit element, plus one chunk."""
+        return round_up(self.oneshot_bytes + 2 * BLOCK_MAX, _ALIGN) if self.oneshot_bytes else 0
+
+    @property
     def ll_slot(self) -> int:
         return 2 * _shard_bytes(self.ll_bytes, self.nodes.local)
 
@@ -186,6 +193,7 @@ class Layout:
         local = n.local if n.local > 1 else 0
         return [
             ("oneshot", 2 * n.world * self.oneshot_slot if n.nodes == 1 else 0),
+            ("lamport", 2 * n.world * self.lamport_slot if n.nodes == 1 else 0),
             ("rs_ll", local * self.ll_slot),
             ("ag_ll", local * self.ll_slot),
             ("rd_ll", 2 * steps * self.ll_slot),
@@ -208,10 +216,16 @@ class Layout:
     def total_bytes(self) -> int:
         return self.offsets()["total"]
 
+    def region(self, name: str) -> tuple[int, int]:
+        """(byte offset, bytes) of region ``name``."""
+        return self.offsets()[name], dict(self._sizes())[name]
+
     def check_message(self, nbytes: int, algo: str, proto: str) -> str | None:
         """Why a message of ``nbytes`` does not fit ``algo``/``proto`` here, or None."""
         if nbytes > self.max_bytes:
             return f"{nbytes} B exceeds the buffers' capacity of {self.max_bytes} B"
+        if proto == "lamport" and algo != "oneshot":
+            return "proto='lamport' is a one-shot protocol (algo='oneshot')"
         if algo == "oneshot":
             if self.nodes.nodes > 1:
                 return "one-shot runs on one node only (ranks_per_node < world size)"

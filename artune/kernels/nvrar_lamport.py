@@ -1,0 +1,192 @@
+"""NVRAR one-shot with the data as its own flag (``proto="lamport"``), for 16-bit dtypes.
+
+Like the LL one-shot (``nvrar_oneshot``), every rank pushes its input to every peer's receive
+slot ``[parity][my rank]`` in one NVLink hop and sums all W inputs in fp32 in rank order. But
+the slot words carry payload only: a receive slot holds the sentinel 0x8000 (-0.0 in bf16 and
+fp16) in every element until its writer stores there, and the writer sends -0.0 as +0.0 (so is
+every rank's own contribution: all ranks sum the same values in the same order and get
+identical bits). A reader polls its slot until no element is the sentinel, sums, then writes
+the sentinel back over what it read. Half the bytes of LL over NVLink (2 per element instead
+of 4), no packing.
+
+Why clearing after the read is safe with two parities: a peer writes slot ``[p][q]`` of this
+rank in calls k and k + 2 only, and starts call k + 2 only after it has this rank's data of
+call k + 1, which this rank pushes after its call k (clearing included) has finished.
+
+Arrival is checked per 8-byte word (4 elements): no 16-bit lane may equal 0x8000; the writer
+stores whole chunks (zeros past ``n``), so every polled word is written. Grid and chunks as in
+``nvrar_oneshot``; launched by ``artune.kernels.nvrar.NvrarComm``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from artune.kernels.nvrar_prims import (
+    _INTERP_SPIN_NS,
+    call_state,
+    load_chunk,
+    now_ns,
+    pick,
+    ptr_as,
+    record_error,
+    store_chunk,
+)
+
+__all__ = ["oneshot_lamport_kernel", "SENTINEL16"]
+
+#: What an empty receive slot holds in every 16-bit element (the bits of -0.0).
+SENTINEL16 = 0x8000
+# 64-bit lane patterns as int64 values (Triton constants are signed), bitcast where used.
+_LANES_SENTINEL = tl.constexpr(0x8000800080008000 - (1 << 64))
+_LANES_ONE = tl.constexpr(0x0001000100010001)
+
+# $0 = the word at $1 once none of its four 16-bit lanes is 0x8000, or (stale) when
+# %globaltimer reaches $2; 0 at once where $3 == 0. Lanes equal to 0x8000 are the zero lanes of
+# w ^ 0x8000...: (t - 0x0001...) & ~t & 0x8000... is non-zero iff t has a zero lane.
+_SPIN_LAMPORT_PTX = tl.constexpr("""{
+.reg .pred %artq<3>;
+.reg .b64 %artv<3>;
+mov.u64 $0, 0;
+setp.eq.s32 %artq0, $3, 0;
+@%artq0 bra ARTUNE_LP_DONE;
+ARTUNE_LP_POLL:
+ld.volatile.global.u64 $0, [$1];
+xor.b64 %artv0, $0, 0x8000800080008000;
+sub.u64 %artv1, %artv0, 0x0001000100010001;
+not.b64 %artv2, %artv0;
+and.b64 %artv1, %artv1, %artv2;
+and.b64 %artv1, %artv1, 0x8000800080008000;
+setp.eq.u64 %artq1, %artv1, 0;
+@%artq1 bra ARTUNE_LP_DONE;
+mov.u64 %artv2, %globaltimer;
+setp.lt.s64 %artq2, %artv2, $2;
+@%artq2 bra ARTUNE_LP_POLL;
+ARTUNE_LP_DONE:
+}""")
+
+
+@triton.jit
+def _sentinel_words(like):
+    """Words of four sentinel lanes, shaped like ``like`` (uint64)."""
+    return tl.full(like.shape, _LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _empty_lanes(w):
+    """True where the uint64 word ``w`` still has a sentinel lane (not fully written).
+    Computed in int64 (wrapping), which the interpreter takes too."""
+    s = tl.full(w.shape, _LANES_SENTINEL, tl.int64)
+    t = w.to(tl.int64, bitcast=True) ^ s
+    return ((t - _LANES_ONE) & ~t & s) != 0
+
+
+@triton.jit
+def _wait(pa, live, limit_ns, INTERPRET: tl.constexpr, SPIN: tl.constexpr):
+    """The words at ``pa`` (uint64 pointers) where ``live``, once fully written or after
+    ``limit_ns``; returns (words, number still not fully written)."""
+    if SPIN and not INTERPRET:
+        deadline = now_ns(False) + limit_ns
+        zi = tl.zeros(pa.shape, tl.int32)
+        w = tl.inline_asm_elementwise(
+            _SPIN_LAMPORT_PTX, "=l,l,l,r",
+            [pa.to(tl.int64, bitcast=True), zi.to(tl.int64) + deadline, zi + live.to(tl.int32)],
+            dtype=tl.uint64, is_pure=False, pack=1,
+        )
+        pending = tl.sum((live & _empty_lanes(w)).to(tl.int32), axis=None)
+    else:
+        w = tl.load(pa, mask=live, other=0, volatile=True)
+        stale = live & _empty_lanes(w)
+        pending = tl.sum(stale.to(tl.int32), axis=None)
+        t0 = now_ns(INTERPRET)
+        elapsed = t0 - t0
+        while (pending > 0) & (elapsed < limit_ns):
+            w = tl.where(stale, tl.load(pa, mask=stale, other=0, volatile=True), w)
+            stale = live & _empty_lanes(w)
+            pending = tl.sum(stale.to(tl.int32), axis=None)
+            if INTERPRET:
+                elapsed = elapsed + _INTERP_SPIN_NS
+            else:
+                elapsed = now_ns(INTERPRET) - t0
+    return w, pending
+
+
+@triton.jit
+def _bits(x_ptr, start, n, Q: tl.constexpr):
+    """Elements [start, start + Q) of ``x`` as uint64 bits (zeros past ``n``, -0.0 as +0.0)."""
+    v = load_chunk(x_ptr, start, n, Q).to(tl.uint16, bitcast=True)
+    return tl.where(v == 0x8000, 0, v).to(tl.uint64)
+
+
+@triton.jit
+def _lane(w, k: tl.constexpr, DT: tl.constexpr):
+    """Quarter ``k`` of the packed words ``w`` as dtype ``DT``."""
+    return ((w >> (16 * k)) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["n", "limit_ns", "rank"])
+def oneshot_lamport_kernel(
+    x_ptr,  # *DT [n] input (16-bit dtype, any contiguous tensor)
+    y_ptr,  # *DT [n] output
+    n,  # elements
+    b0, b1, b2, b3, b4, b5, b6, b7,  # symmetric buffer base of rank i, as this GPU addresses it
+    region,  # byte offset of the lamport region
+    slot_bytes,  # bytes of one [parity][src] slot
+    ctr_ptr,  # *int32 [MAX_CTAS] epoch counters (all equal between calls)
+    err_dev,  # *int64 device error word (non-zero: poisoned, waits are skipped)
+    err_host,  # int64 address of the host-mapped error word
+    limit_ns,  # bound on each wait
+    rank,
+    W: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per chunk (a multiple of 4)
+    WP: tl.constexpr,  # W rounded up to a power of two
+    MAXC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    SPIN: tl.constexpr,  # per-thread PTX polling instead of block rounds
+):
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
+    # which the same thread holds: packing needs no layout conversion (as LL's halves).
+    Q: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch, limit, par, _ = call_state(ctr_ptr, err_dev, limit_ns, pid)
+    nchunks = tl.cdiv(n, BLOCK)
+
+    # push this rank's chunks (whole chunks: zeros past n) into every peer's slot [par][rank]
+    for c in range(pid, nchunks, G):
+        w = _bits(x_ptr, c * BLOCK, n, Q)
+        w |= _bits(x_ptr, c * BLOCK + Q, n, Q) << 16
+        w |= _bits(x_ptr, c * BLOCK + 2 * Q, n, Q) << 32
+        w |= _bits(x_ptr, c * BLOCK + 3 * Q, n, Q) << 48
+        for i in tl.static_range(1, W):
+            dst = (rank + i) % W
+            slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
+            slot += (par * W + rank) * slot_bytes
+            tl.store(ptr_as(slot, tl.uint64) + c * Q + tl.arange(0, Q), w)
+
+    # wait for all W-1 peers' chunks at once ([WP, Q] words), sum the W inputs in rank order,
+    # then put the sentinel back into the words read
+    rows = tl.arange(0, WP)[:, None]
+    live = (rows < W) & (rows != rank) & (tl.arange(0, Q)[None, :] >= 0)
+    mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
+    for c in range(pid, nchunks, G):
+        pw = ptr_as(mine, tl.uint64) + rows * (slot_bytes // 8) + c * Q + tl.arange(0, Q)[None, :]
+        w, pending = _wait(pw, live, limit, INTERPRET, SPIN)
+        if pending > 0:
+            stale = live & _empty_lanes(w)
+            peer = tl.min(tl.where(stale, rows + tl.zeros(w.shape, tl.int32), WP), axis=None)
+            record_error(err_dev, err_host, 0, peer, pid)
+            limit = limit * 0
+        for k in tl.static_range(4):
+            own = _lane(_bits(x_ptr, c * BLOCK + k * Q, n, Q), 0, DT)
+            v = tl.where(rows == rank, own.to(tl.float32)[None, :], _lane(w, k, DT).to(tl.float32))
+            s = tl.sum(tl.where(rows < W, v, 0.0), axis=0)
+            store_chunk(y_ptr, c * BLOCK + k * Q, n, s.to(DT), Q)
+        tl.store(pw, _sentinel_words(w), mask=live)
+
+    # advance this CTA's share of the counters (after every thread read the old value)
+    tl.debug_barrier()
+    idx = pid + G * tl.arange(0, MAXC)
+    tl.store(ctr_ptr + idx, tl.zeros([MAXC], tl.int32) + epoch, mask=idx < MAXC)
