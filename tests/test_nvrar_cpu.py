@@ -405,12 +405,14 @@ def test_slots_are_reused_safely_over_many_calls() -> None:
 def test_a_skipped_call_times_out_with_the_named_error(dtype: str, proto: str) -> None:
     cases: list[Case] = [(600, dtype, {"algo": "oneshot", "proto": proto, "block": 256,
                                        "ctas": 1})]
-    results = _emulate(1, 3, cases, skip=2, timeout_s=0.05)
+    # 0.5 emulated seconds = 500 polls: long enough for both callers to have pushed (spawned
+    # processes start up to a second apart), so the only missing peer is the skipping one.
+    results = _emulate(1, 3, cases, skip=2, timeout_s=0.5)
     assert results[2][0] is None
     for rank in (0, 1):
         _, code, raised = results[rank][0]
         assert code != 0 and raised is not None
-        assert f"rank {rank} waited 0.05 s for rank 2 in the one-shot exchange" in raised
+        assert f"rank {rank} waited 0.5 s for rank 2 in the one-shot exchange" in raised
 
 
 # --------------------------------------------------------------------------------------------
