@@ -18,6 +18,7 @@ import importlib.util
 import multiprocessing as mp
 import os
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,7 @@ def _input(rank: int, numel: int, dtype: str, call: int) -> torch.Tensor:
 
 def _rank_main(
     rank: int, nodes: int, local: int, max_bytes: int, folder: str, cases: list[Case],
-    skip: int, timeout_s: float, q: Any,
+    skip: int, timeout_s: float, stall: tuple[int, float], q: Any,
 ) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -273,6 +274,8 @@ def _rank_main(
             if rank == skip:
                 out.append(None)
                 continue
+            if rank == stall[0] and call == 0:
+                time.sleep(stall[1])  # late for the first call, then on time
             x = _input(rank, numel, dtype, call)
             x0 = x.clone()
             y = comm.all_reduce(x, Plan(**fields))
@@ -311,7 +314,8 @@ def _spawn_ranks(world: int, target: Any, args_of: Any) -> list[Any]:
 
 
 def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16,
-             skip: int = -1, timeout_s: float = 60.0) -> list[list[Any]]:
+             skip: int = -1, timeout_s: float = 60.0,
+             stall: tuple[int, float] = (-1, 0.0)) -> list[list[Any]]:
     world = nodes * local
     lay = Layout(Nodes(nodes, local), max_bytes, max_bytes if nodes == 1 else 0, max_bytes)
     fresh = torch.empty(lay.total_bytes, dtype=torch.uint8)
@@ -321,7 +325,7 @@ def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16
             (Path(folder) / f"rank{r}").write_bytes(fresh.numpy().tobytes())
         return _spawn_ranks(
             world, _rank_main,
-            lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s),
+            lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s, stall),
         )
 
 
@@ -413,6 +417,30 @@ def test_a_skipped_call_times_out_with_the_named_error(dtype: str, proto: str) -
         _, code, raised = results[rank][0]
         assert code != 0 and raised is not None
         assert f"rank {rank} waited 0.5 s for rank 2 in the one-shot exchange" in raised
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("proto", ["ll", "lamport"])
+def test_a_peer_late_past_the_timeout_fails_everywhere_never_silently(proto: str) -> None:
+    """Rank 2 comes to the first call after the others gave up on it, then keeps up. The
+    others are out of step from then on (their waits are off); rank 2 must not take their later
+    calls' data for its own without a word: it times out too and raises."""
+    cases: list[Case] = [(600, "bfloat16", {"algo": "oneshot", "proto": proto, "block": 256,
+                                            "ctas": 1})] * 4
+    results = _emulate(1, 3, cases, timeout_s=0.2, stall=(2, 6.0))
+    for rank in (0, 1):
+        assert all(raised for _, _, raised in results[rank]), f"rank {rank} did not raise"
+    assert results[2][-1][2] is not None, "the late rank finished every call without an error"
+    assert "waited 0.2 s for rank" in results[2][-1][2]
+    # Until it raises, every result the late rank returned is its own call's sum.
+    for call, (bits, code, raised) in enumerate(results[2]):
+        if code or raised:
+            break
+        y = torch.from_numpy(bits.copy()).view(torch.bfloat16).float()
+        xs = torch.stack([_input(r, 600, "bfloat16", call).float() for r in range(3)])
+        tol = 4 * 2.0**-7 * xs.abs().sum(0) + 1e-30
+        assert ((y - xs.sum(0)).abs() <= tol).all(), f"call {call}: another call's data"
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Like the LL one-shot (``nvrar_oneshot``), every rank pushes its input to every p
 slot ``[parity][my rank]`` in one NVLink hop and sums all W inputs in fp32 in rank order. But
 the slot words carry payload only: a receive slot holds the sentinel 0x8000 (-0.0 in bf16 and
 fp16) in every element until its writer stores there, and the writer sends -0.0 as +0.0 (so is
-every rank's own contribution: all ranks sum the same values in the same order and get
-identical bits). A reader polls its slot until no element is the sentinel, sums, then writes
+every rank's own contribution: all ranks sum the same values with the same reduction tree and
+get identical bits). A reader polls its slot until no element is the sentinel, sums, then writes
 the sentinel back over what it read. Half the bytes of LL over NVLink (2 per element instead
 of 4), no packing.
 
@@ -154,8 +154,11 @@ def oneshot_lamport_kernel(
     epoch, limit, par, _ = call_state(ctr_ptr, err_dev, limit_ns, pid)
     nchunks = tl.cdiv(n, BLOCK)
 
-    # push this rank's chunks (whole chunks: zeros past n) into every peer's slot [par][rank]
-    for c in range(pid, nchunks, G):
+    # push this rank's chunks (whole chunks: zeros past n) into every peer's slot [par][rank];
+    # not after a timeout on this rank (limit 0): its waits no longer hold it back, so its
+    # pushes could overwrite data a slower peer has not read yet, which no flag would reveal.
+    # The peers time out instead, and every rank reports the failure.
+    for c in range(pid, tl.where(limit > 0, nchunks, 0), G):
         w = _bits(x_ptr, c * BLOCK, n, Q)
         w |= _bits(x_ptr, c * BLOCK + Q, n, Q) << 16
         w |= _bits(x_ptr, c * BLOCK + 2 * Q, n, Q) << 32
@@ -166,8 +169,8 @@ def oneshot_lamport_kernel(
             slot += (par * W + rank) * slot_bytes
             tl.store(ptr_as(slot, tl.uint64) + c * Q + tl.arange(0, Q), w)
 
-    # wait for all W-1 peers' chunks at once ([WP, Q] words), sum the W inputs in rank order,
-    # then put the sentinel back into the words read
+    # wait for all W-1 peers' chunks at once ([WP, Q] words), sum the W inputs (one reduction
+    # tree, the same on every rank), then put the sentinel back into the words read
     rows = tl.arange(0, WP)[:, None]
     live = (rows < W) & (rows != rank) & (tl.arange(0, Q)[None, :] >= 0)
     mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
