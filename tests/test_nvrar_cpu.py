@@ -363,6 +363,7 @@ ONE_NODE_CASES: list[Case] = [
     (999, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
     (4099, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 3}),
     (998, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 4}),
+    (2500, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 2}),
 ]
 
 
