@@ -172,6 +172,14 @@ class Router:
                 stack.enter_context(b.capture())
             yield
 
+    def failure(self) -> str | None:
+        """The first fault a built backend recorded on its own (``Backend.failure``), or None."""
+        for b in self.backends.values():
+            msg = b.failure()
+            if msg is not None:
+                return msg
+        return None
+
     def detach(self) -> None:
         """Drop the backends without closing them (their owner closes them)."""
         self._decided.clear()

@@ -202,6 +202,30 @@ def _scenario_serve(tp: Any, rank: int, out: dict[str, Any]) -> None:
         out["capture_error"] = f"{type(exc).__name__}: {exc}"
 
 
+def _scenario_watch(tp: Any, out: dict[str, Any]) -> None:
+    """A model runner loaded after the groups (as in SGLang's model processes): the plugin hooks
+    its forward pass through the real HookRegistry; a backend fault stops the next pass."""
+    import sys
+
+    route = plugin.routes()[tp.unique_name]
+
+    class ModelRunner:  # stands for sglang.srt.model_executor.model_runner.ModelRunner
+        def forward(self, batch: Any) -> str:
+            return f"forward {batch}"
+
+    sys.modules[plugin.MR] = types.SimpleNamespace(ModelRunner=ModelRunner)  # type: ignore
+    out["watching"] = plugin.watch_forward()
+    runner = ModelRunner()
+    out["healthy"] = runner.forward(1)
+    backend = next(iter(route.router.backends.values()))
+    backend.failure = lambda: "rank 9 waited 5 s for rank 8 in the one-shot exchange"
+    try:
+        runner.forward(2)
+        out["faulty"] = "ran"
+    except plugin.PluginError as exc:
+        out["faulty"] = str(exc)
+
+
 def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: str) -> None:
     """One TP rank: load the plugin as SGLang does, build SGLang's groups, run ``scenario``."""
     import logging
@@ -236,6 +260,9 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
         out["init_s"] = round(time.monotonic() - t0, 2)
         tp = ps.get_tp_group()
         out["tp"] = tp.unique_name
+        if scenario == "watch":
+            _scenario_watch(tp, out)
+            return
         _scenario_serve(tp, rank, out)
         try:
             ps.destroy_model_parallel()  # the plugin's BEFORE hook closes its routes first
@@ -355,6 +382,38 @@ def test_routes_profile_sizes_to_artune_and_the_rest_to_sglang(version: str,
         assert r["routes_after_destroy"] == []
 
 
+def test_a_backend_fault_stops_the_next_forward_pass(current: str, tmp_path: Path) -> None:
+    """CUDA-graph replays run no artune code: a fault a backend's kernel recorded (a timed-out
+    wait) must stop the rank at its next model forward pass, through SGLang's HookRegistry."""
+    prof = _write_profile(tmp_path / "p.json")
+    res = _run(current, tmp_path, scenario="watch", env={"ARTUNE_PROFILE": str(prof)})
+    for r in res:
+        assert "error" not in r, r["error"] + r["stderr"][-3000:]
+        assert r["watching"] is True
+        assert r["healthy"] == "forward 1"
+        assert "rank 9 waited 5 s for rank 8" in r["faulty"], r["faulty"]
+        assert "stops this rank before its next forward pass" in r["faulty"]
+
+
+def test_before_forward_passes_healthy_routes_and_names_the_fault() -> None:
+    doc = build_profile([_rec("gloo", 4 * KB, 9.0)], [],
+                        fingerprint=topology.fingerprint(2, 2, device="cpu"), command="t",
+                        dry_run=True)
+    prof = profile_mod.Profile(doc)
+    gloo = _FakeBackend("gloo")
+    from artune.router import Router
+
+    route = plugin.Route("tp:0", prof, Router(prof, object(), {"gloo": gloo}))  # type: ignore
+    plugin._ROUTES["tp:0"] = route
+    try:
+        assert plugin._before_forward(object(), 1) is None
+        gloo.failure = lambda: "rank 1 waited 5 s for rank 0"  # type: ignore[method-assign]
+        with pytest.raises(plugin.PluginError, match=r"rank 1 waited 5 s for rank 0.*tp:0"):
+            plugin._before_forward(object(), 1)
+    finally:
+        plugin._ROUTES.pop("tp:0", None)
+
+
 def test_profile_for_another_tp_size_is_an_error_on_every_rank(current: str,
                                                                tmp_path: Path) -> None:
     prof = _write_profile(tmp_path / "p4.json", world=4)
@@ -448,6 +507,9 @@ class _FakeBackend:
 
     def supports(self, x: Any, params: Any = None) -> bool:
         return bool(x.is_contiguous())
+
+    def failure(self) -> str | None:
+        return None
 
 
 def test_route_hands_sglang_and_uncovered_sizes_back() -> None:

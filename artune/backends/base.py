@@ -118,6 +118,13 @@ class Backend(ABC):
         """Entered around CUDA-graph capture of calls to ``all_reduce``."""
         yield
 
+    def failure(self) -> str | None:
+        """A fault this backend's device code recorded on its own (a wait inside a kernel that
+        ran out, say), as the error message; None when there is none. Cheap and without a
+        device sync: called once per model forward pass by the SGLang plugin, because CUDA-graph
+        replays run no host code that could raise it. The default records nothing."""
+        return None
+
     def close(self) -> None:
         self.closed = True
 

@@ -275,6 +275,15 @@ class NvrarBackend(Backend):
         if self.comm is not None:
             self.comm.check()
 
+    def failure(self) -> str | None:
+        """The timeout message when a wait of an earlier call ran out (host-mapped word)."""
+        comm = self.comm
+        if comm is None or not comm.error_code():
+            return None
+        from artune.kernels.nvrar import decode_error
+
+        return decode_error(comm.error_code(), comm.rank, comm.nodes, comm.timeout_s)
+
     def close(self) -> None:
         """Collective: frees the symmetric buffer. After a timeout the buffer is left to
         ``_nvshmem.finalize`` (a collective free could wait on the peer that never answered)."""

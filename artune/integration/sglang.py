@@ -59,6 +59,7 @@ __all__ = [
     "setup_group",
     "routes",
     "close_all",
+    "watch_forward",
 ]
 
 #: A routed call: the backend and its parameters.
@@ -283,6 +284,55 @@ def _after_init(result: Any, *args: Any, **kwargs: Any) -> None:
         attn = None
     if attn is not None and attn is not tp and attn.world_size > 1:
         setup_group(attn, role="attention-TP", optional=True)
+    if _ROUTES:
+        watch_forward()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults recorded by device code (Backend.failure), checked before every forward pass
+
+#: SGLang's model forward pass, in the processes that run the model.
+MR = "sglang.srt.model_executor.model_runner"
+_WATCHING: list[str] = []
+
+
+def watch_forward() -> bool:
+    """Check every route's backends before each of SGLang's model forward passes.
+
+    A backend whose device code gave up a wait (NVRAR after ``ARTUNE_TIMEOUT_S``) records it
+    in host memory and skips its later waits, so that nothing hangs; its next eager call
+    raises. CUDA-graph replays run no such call, so without this check a server that decodes
+    only from graphs would go on with wrong sums. Hooked (SGLang's HookRegistry) here, after
+    ``initialize_model_parallel``, only where SGLang's model runner is already loaded: the
+    model's processes. True when the check is in place."""
+    import sys
+
+    if _WATCHING:
+        return True
+    runner = getattr(sys.modules.get(MR), "ModelRunner", None)
+    if runner is None or not callable(getattr(runner, "forward", None)):
+        logger.info("artune: SGLang's model runner is not loaded in this process; backend "
+                    "faults surface at their next eager call only")
+        return False
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    target = f"{MR}.ModelRunner.forward"
+    HookRegistry.register(target, _before_forward, HookType.BEFORE)
+    HookRegistry.apply_hooks()  # patches only what is not patched yet
+    _WATCHING.append(target)
+    return True
+
+
+def _before_forward(*args: Any, **kwargs: Any) -> None:
+    for route in _ROUTES.values():
+        msg = route.router.failure()
+        if msg is not None:
+            raise PluginError(
+                f"{msg}. artune stops this rank before its next forward pass: after a wait that "
+                f"ran out, the backend's calls (CUDA-graph replays included) no longer compute "
+                f"correct sums ({route.group_name})"
+            )
     return None
 
 
