@@ -132,6 +132,8 @@ class Router:
         backend = self.backends.get(choice.backend)
         if backend is None:
             return Decision(choice, None, "not built")
+        if backend.closed:
+            return Decision(choice, None, "closed")
         if not backend.supports(x, choice.params):
             return Decision(choice, None, "not usable")
         return Decision(choice, backend, None)

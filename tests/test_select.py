@@ -120,8 +120,12 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     strided = torch.zeros(4096, dtype=torch.bfloat16)[::2]
     router.choose(strided, "graph")
     assert built["symm_one_shot"].asked == 2
-    # A backend closed after a decision is decided again (here: its sizes go to NCCL).
+    # A backend closed after a decision is decided again (here: its sizes go to NCCL), even
+    # when its supports() does not look at ``closed``.
     built["symm_one_shot"].closed = True
+    built["symm_one_shot"].supports = lambda x, params=None: True  # type: ignore[method-assign]
     assert router.choose(small, "graph").backend == "nccl"
+    router.all_reduce(small, "graph")
+    assert built["symm_one_shot"].calls == 5 and built["nccl"].calls == 6
     router.detach()
     assert router.backends == {} and not router._decided

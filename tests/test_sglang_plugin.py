@@ -722,3 +722,29 @@ def test_sglang_candidate_skips_the_peer_probe_only_over_nvlink(
     monkeypatch.setattr(topology, "link_matrix", lambda n: links)
     sglang_native._trust_nvlink_peer_access()
     assert os.environ.get("SGLANG_SKIP_P2P_CHECK") == expected
+
+
+def test_watch_forward_wraps_a_forward_another_plugin_patched_already(monkeypatch) -> None:
+    """HookRegistry applies a target once: when ModelRunner.forward is patched already, the
+    check wraps what is there (keeping the other plugin's hook) instead of vanishing."""
+    calls: list[str] = []
+
+    class ModelRunner:
+        def forward(self, batch: Any) -> str:
+            calls.append("theirs")
+            return f"forward {batch}"
+
+    target = f"{plugin.MR}.ModelRunner.forward"
+    registry = types.SimpleNamespace(_patched={target}, register=None, apply_hooks=None)
+    fake = types.SimpleNamespace(HookRegistry=registry, HookType=types.SimpleNamespace())
+    for name in ("sglang", "sglang.srt", "sglang.srt.plugins"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", fake)
+    monkeypatch.setitem(sys.modules, plugin.MR, types.SimpleNamespace(ModelRunner=ModelRunner))
+    monkeypatch.setattr(plugin, "_WATCHING", [])
+    seen: list[Any] = []
+    monkeypatch.setattr(plugin, "_before_forward", lambda *a, **k: seen.append(a))
+    assert plugin.watch_forward() is True
+    runner = ModelRunner()
+    assert runner.forward(3) == "forward 3"
+    assert calls == ["theirs"] and len(seen) == 1 and seen[0][1] == 3

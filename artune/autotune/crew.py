@@ -425,27 +425,46 @@ class Crew:
             return out
         # As _measure: on GPUs the most calls per repetition; on CPU sized from the fastest.
         calls = calls_for(1e-3 if device.type == "cuda" else min(ests.values()), nbytes, "eager")
-        timers = {i: Timer(fns[i], mode="eager", device=device, calls=calls) for i in ests}
-        samples: dict[int, list[float]] = {i: [] for i in timers}
-        error = None
-        try:
-            with self._clock("eager capture + warm-up"):
-                for t in timers.values():
+        timers: dict[int, Timer] = {}
+        for i in ests:
+            t = Timer(fns[i], mode="eager", device=device, calls=calls)
+            error = None
+            try:
+                with self._clock("eager capture + warm-up"):
                     t.prepare(warmup)
-            with self._clock("eager timed repetitions"):
-                for _ in range(reps):
-                    for i, t in timers.items():
-                        samples[i] += t.sample(1)
-        except Exception as exc:  # noqa: BLE001
-            error = f"eager timing raised {_exc_text(exc)}"
+            except Exception as exc:  # noqa: BLE001
+                error = f"eager timing raised {_exc_text(exc)}"
+            first, _ = self._agree(error, [], "timing: eager warm-up")
+            if first is not None:
+                out[i] = {"skip": first}
+                t.close()
+            else:
+                timers[i] = t
+        got: dict[int, list[list[float]]] = {i: [] for i in timers}  # per repetition, per rank
+        try:
+            for _ in range(reps):
+                for i in list(timers):
+                    error, value = None, math.nan
+                    try:
+                        with self._clock("eager timed repetitions"):
+                            value = timers[i].sample(1)[0]
+                    except Exception as exc:  # noqa: BLE001
+                        error = f"eager timing raised {_exc_text(exc)}"
+                    # Agreed after every repetition: a rank whose call raised must not leave
+                    # its peers waiting inside the next candidate's collective; only the
+                    # candidate that failed is dropped.
+                    first, rows = self._agree(error, [value], "timing: eager")
+                    if first is not None:
+                        out[i] = {"skip": first}
+                        timers.pop(i).close()
+                    else:
+                        got[i].append([r[0] for r in rows])
         finally:
             for t in timers.values():
                 t.close()
         for i in timers:
-            values = (samples[i] + [math.nan] * reps)[:reps]
-            first, rows = self._agree(error, values, "timing: eager")
-            out[i] = {"skip": first} if first is not None else {
-                "samples": rows, "calls": calls, "reps": reps}
+            out[i] = {"samples": [list(r) for r in zip(*got[i], strict=True)], "calls": calls,
+                      "reps": reps}
         return out
 
 

@@ -29,10 +29,11 @@ __all__ = ["Driver", "VALIDATE_MARGIN"]
 #: within this margin of the fastest at that point (the others keep their tune measurement).
 VALIDATE_MARGIN = 0.25
 #: Trials of an eager study whose backend has parameters, when graph mode is tuned too: the
-#: graph study's best set, then the default. A backend's parameters shape its GPU work, which
-#: graph mode measures without host noise; eager adds the host's launch cost, the same for
-#: every parameter set of a backend (on 2x H200 eager small messages cost 30-60 µs per call,
-#: host-bound, whatever the parameters).
+#: graph study's best set, then the default (one the sampler picks when the two are the same;
+#: the full budget when the graph study measured nothing to follow). A backend's parameters
+#: shape its GPU work, which graph mode measures without host noise; eager adds the host's
+#: launch cost, the same for every parameter set of a backend (on 2x H200 eager small
+#: messages cost 30-60 µs per call, host-bound, whatever the parameters).
 EAGER_FOLLOW_TRIALS = 2
 
 
@@ -282,6 +283,10 @@ class Driver:
                      and m["dtype"] == dtype and m["nbytes"] == nbytes]
             if graph:
                 first.insert(0, dict(min(graph, key=lambda m: m["latency_us"])["params"]))
+            else:  # nothing to follow (graph mode failed here): the eager study searches itself
+                full = min(len(combinations(space)), self.cfg.n_trials)
+                progress.add_total(full - budget)
+                budget = full
         search = Search(store, sname, space, default, budget, done, first=first)
         progress.advance(min(budget, len(search.done)))
         while (params := search.next()) is not None:

@@ -31,6 +31,7 @@ See docs/sglang.md for the versions this supports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -303,7 +304,9 @@ def watch_forward() -> bool:
     A backend whose device code gave up a wait (NVRAR after ``ARTUNE_TIMEOUT_S``) records it
     in host memory and skips its later waits, so that nothing hangs; its next eager call
     raises. CUDA-graph replays run no such call, so without this check a server that decodes
-    only from graphs would go on with wrong sums. Hooked (SGLang's HookRegistry) here, after
+    only from graphs would go on with wrong sums. With it, the rank stops at the next pass;
+    the pass whose wait ran out (and, with SGLang's overlap scheduler, the one launched
+    meanwhile) has already produced its tokens. Hooked (SGLang's HookRegistry) here, after
     ``initialize_model_parallel``, only where SGLang's model runner is already loaded: the
     model's processes. True when the check is in place."""
     import sys
@@ -318,14 +321,26 @@ def watch_forward() -> bool:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     target = f"{MR}.ModelRunner.forward"
-    HookRegistry.register(target, _before_forward, HookType.BEFORE)
-    HookRegistry.apply_hooks()  # patches only what is not patched yet
+    if target in getattr(HookRegistry, "_patched", ()):
+        # Another plugin's hooks are applied there already, and HookRegistry applies a target
+        # once: wrap what is there now, keeping theirs.
+        inner = runner.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            _before_forward(*args, **kwargs)
+            return inner(*args, **kwargs)
+
+        runner.forward = forward
+    else:
+        HookRegistry.register(target, _before_forward, HookType.BEFORE)
+        HookRegistry.apply_hooks()  # patches only what is not patched yet
     _WATCHING.append(target)
     return True
 
 
 def _before_forward(*args: Any, **kwargs: Any) -> None:
-    for route in _ROUTES.values():
+    for route in list(_ROUTES.values()):  # close_all() may empty it from another thread
         msg = route.router.failure()
         if msg is not None:
             raise PluginError(
