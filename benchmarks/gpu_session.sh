@@ -2,6 +2,8 @@
 # One GPU-machine call that produces the committed GPU results (4 GPUs, then 2 of them).
 #
 #   device run, carry [".devwhl"]:  bash benchmarks/gpu_session.sh
+#   KERNELS_ONLY=1: NVRAR's plans, breakdown, all backends and the NVRAR GPU tests only;
+#   TUNES_ONLY=1: the timed tunes only (with SKIP_2GPU=1: 4 GPUs only).
 #
 # .devwhl: see gpu_lib.sh. Every step has its own time limit so that a slow or failing step leaves
 # the others' results; logs and results land in $OUT.
@@ -10,6 +12,22 @@ W=/tmp/artune-gpu-session
 source benchmarks/gpu_lib.sh
 
 A=benchmarks/allreduce.py
+if [ -n "${KERNELS_ONLY:-}" ]; then
+    # NVRAR first (one call, < 600 s): every plan incl. the lamport one-shot and both wait
+    # loops' choice, the one-shot breakdown, all backends side by side, the GPU tests.
+    step dev4 120 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py \
+        --sizes 4K,16K,64K,256K,1M --out "$W/nvrar_dev_4gpu.json"
+    step diag4 60 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --diag \
+        --sizes 4K,16K,64K --out "$W/nvrar_diag_4gpu.json"
+    step bench4 80 torchrun --nproc-per-node 4 $A --out "$W/allreduce_4gpu.md"
+    step test_nvrar 240 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py
+    cat "$OUT/steps.txt"
+    grep -h -A14 "^NVRAR vs NCCL\|^one-shot protocols\|^one-shot breakdown" \
+        "$W/dev4.log" "$W/diag4.log" 2>/dev/null
+    cat "$W/allreduce_4gpu.md" 2>/dev/null
+    grep -h "passed\|failed" "$W/test_nvrar.log" | tail -3
+    exit 0
+fi
 # 4 GPUs: the full tune (timed, cold Triton cache), then every backend side by side with the
 # routed dispatch, then the quick tune (cold too).
 step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
