@@ -166,10 +166,8 @@ class SglangBackend(Backend):
         self.setup_parts: dict[str, float] = {}
         t0 = time.perf_counter()
         _trust_nvlink_peer_access()
-        t1 = time.perf_counter()
-        ps = _parallel_state()
-        self.setup_parts["NVLink check"] = t1 - t0
-        self.setup_parts["import"] = time.perf_counter() - t1
+        self.setup_parts["NVLink check"] = time.perf_counter() - t0
+        ps = _parallel_state()  # imported already by available()
         self._owns_world = ps._WORLD is None
         self._owns_groups = not ps.model_parallel_is_initialized()
         if self._owns_world:
