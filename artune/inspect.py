@@ -64,6 +64,14 @@ def render(profile: Profile, console: Any = None) -> None:
     console.print(f"  machine: {title}   fingerprint: {profile.fingerprint_id}", soft_wrap=True)
     console.print(f"  created: {d.get('created')}", soft_wrap=True)
     console.print(f"  command: {d.get('command')}", soft_wrap=True)
+    # The tune's phases; their parts (keys with a colon) stay in the profile's "tune_seconds".
+    spent = d.get("tune_seconds") or {}
+    phases = {k: v for k, v in spent.items() if k != "total" and ":" not in k}
+    if phases:
+        total = f"{spent['total']:.1f} s: " if "total" in spent else ""
+        console.print("  tune time: " + total
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
+                      soft_wrap=True, markup=False, highlight=False)
     if profile.dry_run:
         console.print("  [yellow]DRY RUN on CPU processes (gloo): not a GPU measurement[/yellow]")
     for dtype, modes in profile.tables.items():

@@ -30,6 +30,18 @@ def test_show_table(tmp_path: Path, capsys) -> None:
     assert "symm_one_shot" in out and "symm_two_shot" in out
     assert "2.08x" in out  # 14.8 / 7.1 at 4 KiB
     assert "nvshmem4py is not installed" in out
+    assert "tune time" not in out  # the document records none
+
+
+def test_show_tune_time_phases(tmp_path: Path, capsys) -> None:
+    doc = profile_doc()
+    doc["tune_seconds"] = {"start ranks": 3.6, "setup": 29.9, "setup: build sglang": 19.2,
+                           "measure nvrar": 46.1, "validation": 22.7, "total": 136.5}
+    assert main(_args(save(doc, tmp_path / "p.json"))) == 0
+    out = capsys.readouterr().out
+    assert ("tune time: 136.5 s: start ranks 3.6 s, setup 29.9 s, measure nvrar 46.1 s, "
+            "validation 22.7 s") in out.replace("\n", "")
+    assert "build sglang" not in out  # a part of a phase: in the profile only
 
 
 def test_show_json(tmp_path: Path, capsys) -> None:

@@ -120,10 +120,4 @@ def print_summary(doc: dict[str, Any], path: str, seconds: float, con: Console) 
     n_skip = len(doc.get("skipped") or [])
     label = " (DRY RUN on CPU: not a GPU measurement)" if doc.get("dry_run") else ""
     con.print(f"{n_meas} measurements, {n_skip} skipped, {seconds:.1f} s{label}")
-    # The phases; their parts (keys with a colon) stay in the profile's "tune_seconds".
-    spent = {k: v for k, v in (doc.get("tune_seconds") or {}).items()
-             if k != "total" and ":" not in k}
-    if spent:
-        con.print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items())
-                  + " (details: the profile's tune_seconds)", markup=False)
     con.print(f"profile written to {path}", style="bold", markup=False)
