@@ -374,6 +374,21 @@ def test_one_node_emulated(world: int) -> None:
     _check(_emulate(1, world, ONE_NODE_CASES), ONE_NODE_CASES)
 
 
+SIX_CASES: list[Case] = [
+    (999, "float16", {"algo": "oneshot", "block": 256, "ctas": 2}),
+    (1003, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (3001, "bfloat16", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 3}),
+    (777, "float32", {"algo": "twoshot", "proto": "signal", "block": 256, "ctas": 2}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+def test_six_ranks_on_one_node_emulated() -> None:
+    """A non-power-of-two world past four ranks: peer bases b4/b5 and padded rows 6-7."""
+    _check(_emulate(1, 6, SIX_CASES), SIX_CASES)
+
+
 HIER_CASES: list[Case] = [
     (5, "bfloat16", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 4, "inter": "p2p"}),
     (3001, "float32", {"algo": "twoshot", "proto": "signal", "block": 256, "ctas": 3,
