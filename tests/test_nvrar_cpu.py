@@ -384,9 +384,10 @@ SIX_CASES: list[Case] = [
 
 @needs_triton
 @pytest.mark.slow
-def test_six_ranks_on_one_node_emulated() -> None:
-    """A non-power-of-two world past four ranks: peer bases b4/b5 and padded rows 6-7."""
-    _check(_emulate(1, 6, SIX_CASES), SIX_CASES)
+@pytest.mark.parametrize("world", [6, 8])
+def test_six_and_eight_ranks_on_one_node_emulated(world: int) -> None:
+    """Past four ranks: every peer-base argument (b4-b7); at 6, padded rows 6-7 as well."""
+    _check(_emulate(1, world, SIX_CASES), SIX_CASES)
 
 
 HIER_CASES: list[Case] = [
