@@ -278,6 +278,18 @@ class Crew:
             return _first(self.comm.gather_errors(error, what)), []
         return None, [r[1:] for r in rows]
 
+    def _estimate(self, fn: Callable[[], Any]) -> tuple[str | None, float]:
+        """(the first rank's error, or None; the slowest rank's rough µs per call of ``fn``):
+        one synchronised eager call first, errors agreed on every rank."""
+        error, est = None, math.nan
+        try:
+            with self._clock("eager estimate"):
+                est = estimate_us(fn, self.ctx.device)
+        except Exception as exc:  # noqa: BLE001
+            error = f"all_reduce raised {_exc_text(exc)}"
+        first, rows = self._agree(error, [est], "timing: estimate")
+        return first, (math.nan if first is not None else max(r[0] for r in rows))
+
     def _measure(
         self,
         fn: Callable[[], Any],
@@ -296,20 +308,14 @@ class Crew:
         reps, warmup, prune_after = cmd["reps"], cmd["warmup"], cmd.get("prune_after", 0)
         device = self.ctx.device
         error: str | None = None
-        est = math.nan
-        try:
-            with self._clock("eager estimate"):
-                est = estimate_us(fn, device)
-        except Exception as exc:  # noqa: BLE001
-            error = f"all_reduce raised {_exc_text(exc)}"
-        first, rows = self._agree(error, [est], "timing: estimate")
+        first, slowest = self._estimate(fn)
         if first is not None:
             return {"skip": first}
         # On GPUs every candidate gets the same, largest calls per repetition at a size: a count
         # sized from a synchronised eager call would leave each backend a different share of the
         # replay launch in its per-call time (seen on 4x H200, 2026-11-26). CPU dry runs size it
         # from the estimate, to keep gloo runs short.
-        est_us = 1e-3 if device.type == "cuda" else max(r[0] for r in rows)
+        est_us = 1e-3 if device.type == "cuda" else slowest
         calls = calls_for(est_us, nbytes, mode)
         timer = Timer(fn, mode=mode, device=device, calls=calls, capture=capture)
         try:
@@ -410,17 +416,11 @@ class Crew:
         out: list[dict[str, Any]] = [{} for _ in fns]
         ests: dict[int, float] = {}
         for i, fn in enumerate(fns):
-            error, est = None, math.nan
-            try:
-                with self._clock("eager estimate"):
-                    est = estimate_us(fn, device)
-            except Exception as exc:  # noqa: BLE001
-                error = f"all_reduce raised {_exc_text(exc)}"
-            first, rows = self._agree(error, [est], "timing: estimate")
+            first, slowest = self._estimate(fn)
             if first is not None:
                 out[i] = {"skip": first}
             else:
-                ests[i] = max(r[0] for r in rows)
+                ests[i] = slowest
         if not ests:
             return out
         # As _measure: on GPUs the most calls per repetition; on CPU sized from the fastest.

@@ -28,6 +28,7 @@ import triton.language as tl
 from artune.kernels.nvrar_prims import (
     call_state,
     decode_ll,
+    end_call,
     fence_sys,
     load_pair,
     pick,
@@ -249,9 +250,7 @@ def _hier_body(
                     limit = limit * 0
                 _store_part(y_ptr, j * shard, c, shard, n, va, vb, BLOCK)
 
-    tl.debug_barrier()
-    idx = pid + G * tl.arange(0, MAXC)
-    tl.store(ctr_ptr + idx, tl.zeros([MAXC], tl.int32) + epoch, mask=idx < MAXC)
+    end_call(ctr_ptr, epoch, pid, G, MAXC)
 
 
 @triton.jit

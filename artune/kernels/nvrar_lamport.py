@@ -13,8 +13,9 @@ Why clearing after the read is safe with two parities: a peer writes slot ``[p][
 rank in calls k and k + 2 only, and starts call k + 2 only after it has this rank's data of
 call k + 1, which this rank pushes after its call k (clearing included) has finished.
 
-Arrival is checked per 8-byte word (4 elements): no 16-bit lane may equal 0x8000; the writer
-stores whole chunks (zeros past ``n``), so every polled word is written. Grid and chunks as in
+Arrival is checked per 8-byte word (4 elements) by the LL waits of ``nvrar_prims``
+(``wait_ll(..., LAMPORT=True)``): no 16-bit lane may equal 0x8000; the writer stores whole
+chunks (zeros past ``n``), so every polled word is written. Grid and chunks as in
 ``nvrar_oneshot``; launched by ``artune.kernels.nvrar.NvrarComm``.
 """
 
@@ -24,92 +25,28 @@ import triton
 import triton.language as tl
 
 from artune.kernels.nvrar_prims import (
-    _INTERP_SPIN_NS,
+    LANES_SENTINEL,
     call_state,
+    empty_lanes,
+    end_call,
     load_chunk,
-    now_ns,
     pick,
     ptr_as,
     record_error,
     store_chunk,
+    wait_ll,
 )
 
 __all__ = ["oneshot_lamport_kernel", "SENTINEL16"]
 
 #: What an empty receive slot holds in every 16-bit element (the bits of -0.0).
 SENTINEL16 = 0x8000
-# 64-bit lane patterns as int64 values (Triton constants are signed), bitcast where used.
-_LANES_SENTINEL = tl.constexpr(0x8000800080008000 - (1 << 64))
-_LANES_ONE = tl.constexpr(0x0001000100010001)
-
-# $0 = the word at $1 once none of its four 16-bit lanes is 0x8000, or (stale) when
-# %globaltimer reaches $2; 0 at once where $3 == 0. Lanes equal to 0x8000 are the zero lanes of
-# w ^ 0x8000...: (t - 0x0001...) & ~t & 0x8000... is non-zero iff t has a zero lane.
-_SPIN_LAMPORT_PTX = tl.constexpr("""{
-.reg .pred %artq<3>;
-.reg .b64 %artv<3>;
-mov.u64 $0, 0;
-setp.eq.s32 %artq0, $3, 0;
-@%artq0 bra ARTUNE_LP_DONE;
-ARTUNE_LP_POLL:
-ld.volatile.global.u64 $0, [$1];
-xor.b64 %artv0, $0, 0x8000800080008000;
-sub.u64 %artv1, %artv0, 0x0001000100010001;
-not.b64 %artv2, %artv0;
-and.b64 %artv1, %artv1, %artv2;
-and.b64 %artv1, %artv1, 0x8000800080008000;
-setp.eq.u64 %artq1, %artv1, 0;
-@%artq1 bra ARTUNE_LP_DONE;
-mov.u64 %artv2, %globaltimer;
-setp.lt.s64 %artq2, %artv2, $2;
-@%artq2 bra ARTUNE_LP_POLL;
-ARTUNE_LP_DONE:
-}""")
 
 
 @triton.jit
 def _sentinel_words(like):
     """Words of four sentinel lanes, shaped like ``like`` (uint64)."""
-    return tl.full(like.shape, _LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
-
-
-@triton.jit
-def _empty_lanes(w):
-    """True where the uint64 word ``w`` still has a sentinel lane (not fully written).
-    Computed in int64 (wrapping), which the interpreter takes too."""
-    s = tl.full(w.shape, _LANES_SENTINEL, tl.int64)
-    t = w.to(tl.int64, bitcast=True) ^ s
-    return ((t - _LANES_ONE) & ~t & s) != 0
-
-
-@triton.jit
-def _wait(pa, live, limit_ns, INTERPRET: tl.constexpr, SPIN: tl.constexpr):
-    """The words at ``pa`` (uint64 pointers) where ``live``, once fully written or after
-    ``limit_ns``; returns (words, number still not fully written)."""
-    if SPIN and not INTERPRET:
-        deadline = now_ns(False) + limit_ns
-        zi = tl.zeros(pa.shape, tl.int32)
-        w = tl.inline_asm_elementwise(
-            _SPIN_LAMPORT_PTX, "=l,l,l,r",
-            [pa.to(tl.int64, bitcast=True), zi.to(tl.int64) + deadline, zi + live.to(tl.int32)],
-            dtype=tl.uint64, is_pure=False, pack=1,
-        )
-        pending = tl.sum((live & _empty_lanes(w)).to(tl.int32), axis=None)
-    else:
-        w = tl.load(pa, mask=live, other=0, volatile=True)
-        stale = live & _empty_lanes(w)
-        pending = tl.sum(stale.to(tl.int32), axis=None)
-        t0 = now_ns(INTERPRET)
-        elapsed = t0 - t0
-        while (pending > 0) & (elapsed < limit_ns):
-            w = tl.where(stale, tl.load(pa, mask=stale, other=0, volatile=True), w)
-            stale = live & _empty_lanes(w)
-            pending = tl.sum(stale.to(tl.int32), axis=None)
-            if INTERPRET:
-                elapsed = elapsed + _INTERP_SPIN_NS
-            else:
-                elapsed = now_ns(INTERPRET) - t0
-    return w, pending
+    return tl.full(like.shape, LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
 
 
 @triton.jit
@@ -176,9 +113,10 @@ def oneshot_lamport_kernel(
     mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
     for c in range(pid, nchunks, G):
         pw = ptr_as(mine, tl.uint64) + rows * (slot_bytes // 8) + c * Q + tl.arange(0, Q)[None, :]
-        w, pending = _wait(pw, live, limit, INTERPRET, SPIN)
+        w, _same, pending = wait_ll(pw, pw, live, epoch.to(tl.uint32), limit, False, INTERPRET,
+                                    SPIN, True)
         if pending > 0:
-            stale = live & _empty_lanes(w)
+            stale = live & empty_lanes(w)
             peer = tl.min(tl.where(stale, rows + tl.zeros(w.shape, tl.int32), WP), axis=None)
             record_error(err_dev, err_host, 0, peer, pid)
             limit = limit * 0
@@ -189,7 +127,4 @@ def oneshot_lamport_kernel(
             store_chunk(y_ptr, c * BLOCK + k * Q, n, s.to(DT), Q)
         tl.store(pw, _sentinel_words(w), mask=live)
 
-    # advance this CTA's share of the counters (after every thread read the old value)
-    tl.debug_barrier()
-    idx = pid + G * tl.arange(0, MAXC)
-    tl.store(ctr_ptr + idx, tl.zeros([MAXC], tl.int32) + epoch, mask=idx < MAXC)
+    end_call(ctr_ptr, epoch, pid, G, MAXC)

@@ -20,6 +20,7 @@ import triton.language as tl
 from artune.kernels.nvrar_prims import (
     call_state,
     decode_ll,
+    end_call,
     load_pair,
     pick,
     ptr_as,
@@ -110,7 +111,4 @@ def oneshot_ll_kernel(
         sb = tl.sum(tl.where(rows < W, vb, 0.0), axis=0)
         store_pair(y_ptr, c * BLOCK, n, sa.to(DT), sb.to(DT), H)
 
-    # advance this CTA's share of the counters (after every thread read the old value)
-    tl.debug_barrier()
-    idx = pid + G * tl.arange(0, MAXC)
-    tl.store(ctr_ptr + idx, tl.zeros([MAXC], tl.int32) + epoch, mask=idx < MAXC)
+    end_call(ctr_ptr, epoch, pid, G, MAXC)

@@ -27,8 +27,11 @@ __all__ = [
     "ld_acquire",
     "wait_ll",
     "spin_ll",
+    "empty_lanes",
+    "LANES_SENTINEL",
     "wait_signal",
     "call_state",
+    "end_call",
     "record_error",
     "load_chunk",
     "store_chunk",
@@ -107,14 +110,53 @@ ARTUNE_LL_DONE:
 }""")
 
 
+# Lamport words (nvrar_lamport): four 16-bit lanes, each the sentinel 0x8000 until written. The
+# same operands as _SPIN_LL_PTX ($2, the epoch, unused): $0 = the word at $1 once none of its
+# lanes is 0x8000. Lanes equal to 0x8000 are the zero lanes of t = w ^ 0x8000...:
+# (t - 0x0001...) & ~t & 0x8000... is non-zero iff t has a zero lane.
+_SPIN_LAMPORT_PTX = tl.constexpr("""{
+.reg .pred %artq<3>;
+.reg .b64 %artv<3>;
+mov.u64 $0, 0;
+setp.eq.s32 %artq0, $4, 0;
+@%artq0 bra ARTUNE_LP_DONE;
+ARTUNE_LP_POLL:
+ld.volatile.global.u64 $0, [$1];
+xor.b64 %artv0, $0, 0x8000800080008000;
+sub.u64 %artv1, %artv0, 0x0001000100010001;
+not.b64 %artv2, %artv0;
+and.b64 %artv1, %artv1, %artv2;
+and.b64 %artv1, %artv1, 0x8000800080008000;
+setp.eq.u64 %artq1, %artv1, 0;
+@%artq1 bra ARTUNE_LP_DONE;
+mov.u64 %artv2, %globaltimer;
+setp.lt.s64 %artq2, %artv2, $3;
+@%artq2 bra ARTUNE_LP_POLL;
+ARTUNE_LP_DONE:
+}""")
+# 64-bit lane patterns as int64 values (Triton constants are signed), bitcast where used.
+LANES_SENTINEL = tl.constexpr(0x8000800080008000 - (1 << 64))
+_LANES_ONE = tl.constexpr(0x0001000100010001)
+
+
 @triton.jit
-def spin_ll(p, live, epoch, deadline):
+def empty_lanes(w):
+    """True where the uint64 lamport word ``w`` still has a sentinel lane (not fully written).
+    Computed in int64 (wrapping), which the interpreter takes too."""
+    s = tl.full(w.shape, LANES_SENTINEL, tl.int64)
+    t = w.to(tl.int64, bitcast=True) ^ s
+    return ((t - _LANES_ONE) & ~t & s) != 0
+
+
+@triton.jit
+def spin_ll(p, live, epoch, deadline, LAMPORT: tl.constexpr = False):
     """Each thread polls its own LL words at ``p`` (uint64 pointers) where ``live`` until their
-    flags equal ``epoch`` (uint32) or %globaltimer reaches ``deadline`` (int64 ns): no block-wide
-    reduction per poll. Returns the words (0 where not live). GPU only (inline PTX)."""
+    flags equal ``epoch`` (uint32; LAMPORT: until no lane is the sentinel) or %globaltimer
+    reaches ``deadline`` (int64 ns): no block-wide reduction per poll. Returns the words (0
+    where not live). GPU only (inline PTX)."""
     zi = tl.zeros(p.shape, tl.int32)
     return tl.inline_asm_elementwise(
-        _SPIN_LL_PTX,
+        _SPIN_LAMPORT_PTX if LAMPORT else _SPIN_LL_PTX,
         "=l,l,r,l,r",
         [p.to(tl.int64, bitcast=True), zi + epoch.to(tl.int32, bitcast=True),
          zi.to(tl.int64) + deadline, zi + live.to(tl.int32)],
@@ -126,34 +168,38 @@ def spin_ll(p, live, epoch, deadline):
 
 @triton.jit
 def wait_ll(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr,
-            SPIN: tl.constexpr = False):
+            SPIN: tl.constexpr = False, LAMPORT: tl.constexpr = False):
     """Poll the LL words at ``pa`` (and ``pb`` when TWO; uint64 pointers of one shape) where
     ``live`` until every flag equals ``epoch`` (uint32) or ``limit_ns`` passes.
     Returns (words at pa, words at pb or pa, number of words still stale).
 
     ``SPIN`` (GPU only): every thread polls its own words in a PTX loop (``spin_ll``) and the
-    block counts stale words once at the end, instead of a block-wide reduction per poll."""
+    block counts stale words once at the end, instead of a block-wide reduction per poll.
+    ``LAMPORT``: the words are lamport words (``empty_lanes``); ``epoch`` is unused."""
     if SPIN and not INTERPRET:
-        va, vb, pending = _spin_wait(pa, pb, live, epoch, limit_ns, TWO)
+        va, vb, pending = _spin_wait(pa, pb, live, epoch, limit_ns, TWO, LAMPORT)
     else:
-        va, vb, pending = _poll_wait(pa, pb, live, epoch, limit_ns, TWO, INTERPRET)
+        va, vb, pending = _poll_wait(pa, pb, live, epoch, limit_ns, TWO, INTERPRET, LAMPORT)
     return va, vb, pending
 
 
 @triton.jit
-def _stale(v, live, epoch):
-    ok = ((v >> 32).to(tl.uint32) == epoch) | (live == 0)
+def _stale(v, live, epoch, LAMPORT: tl.constexpr):
+    if LAMPORT:
+        ok = (empty_lanes(v) == 0) | (live == 0)
+    else:
+        ok = ((v >> 32).to(tl.uint32) == epoch) | (live == 0)
     return ok, tl.sum((ok == 0).to(tl.int32), axis=None)
 
 
 @triton.jit
-def _spin_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr):
+def _spin_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, LAMPORT: tl.constexpr):
     deadline = now_ns(False) + limit_ns
-    va = spin_ll(pa, live, epoch, deadline)
-    _, pending = _stale(va, live, epoch)
+    va = spin_ll(pa, live, epoch, deadline, LAMPORT)
+    _, pending = _stale(va, live, epoch, LAMPORT)
     if TWO:
-        vb = spin_ll(pb, live, epoch, deadline)
-        _, more = _stale(vb, live, epoch)
+        vb = spin_ll(pb, live, epoch, deadline, LAMPORT)
+        _, more = _stale(vb, live, epoch, LAMPORT)
         pending += more
     else:
         vb = va
@@ -161,13 +207,14 @@ def _spin_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr):
 
 
 @triton.jit
-def _poll_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr):
+def _poll_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr,
+               LAMPORT: tl.constexpr):
     """Block-wide polling: masked volatile loads of the stale words, a reduction per round."""
     va = tl.load(pa, mask=live, other=0, volatile=True)
-    oka, pending = _stale(va, live, epoch)
+    oka, pending = _stale(va, live, epoch, LAMPORT)
     if TWO:
         vb = tl.load(pb, mask=live, other=0, volatile=True)
-        okb, more = _stale(vb, live, epoch)
+        okb, more = _stale(vb, live, epoch, LAMPORT)
         pending += more
     else:
         vb = va
@@ -176,10 +223,10 @@ def _poll_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.c
     elapsed = t0 - t0
     while (pending > 0) & (elapsed < limit_ns):
         va = tl.where(oka, va, tl.load(pa, mask=oka == 0, other=0, volatile=True))
-        oka, pending = _stale(va, live, epoch)
+        oka, pending = _stale(va, live, epoch, LAMPORT)
         if TWO:
             vb = tl.where(okb, vb, tl.load(pb, mask=okb == 0, other=0, volatile=True))
-            okb, more = _stale(vb, live, epoch)
+            okb, more = _stale(vb, live, epoch, LAMPORT)
             pending += more
         else:
             vb = va
@@ -217,6 +264,15 @@ def call_state(ctr_ptr, err_dev, limit_ns, pid):
     par = (epoch & 1).to(tl.int64)
     flag = epoch.to(tl.uint32).to(tl.uint64) << 32
     return epoch, limit, par, flag
+
+
+@triton.jit
+def end_call(ctr_ptr, epoch, pid, G, MAXC: tl.constexpr):
+    """Advance this CTA's share of the epoch counters (slots pid, pid + G, ... below MAXC) to
+    ``epoch``, after every thread of the CTA read the old value: the last step of a call."""
+    tl.debug_barrier()
+    idx = pid + G * tl.arange(0, MAXC)
+    tl.store(ctr_ptr + idx, tl.zeros([MAXC], tl.int32) + epoch, mask=idx < MAXC)
 
 
 @triton.jit
