@@ -157,11 +157,8 @@ class Router:
         return self._resolve(x, mode)[0]
 
     def all_reduce(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        # The common case inline (eager calls pay for every Python frame): a decided key whose
-        # backend is still open. Anything else takes the full path of ``decide``.
-        key = (x.nbytes, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous())
-        d = self._decided.get(key)
-        if d is not None and d.backend is not None and not d.backend.closed:
+        d, _ = self.decide(x, mode)
+        if d.backend is not None:  # the common case: one cached lookup
             return d.backend.all_reduce(x, d.choice.params)
         choice, backend = self._resolve(x, mode)
         return backend.all_reduce(x, choice.params)
