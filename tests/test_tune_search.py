@@ -149,3 +149,27 @@ def test_working_studies_are_in_memory_and_written_through(tmp_path: Path) -> No
     params = again.next()
     assert params is not None and params_key(params) not in res.done[name]
     assert again.report(16.0, 2) is True  # > 1.5 x the stored best (10): pruned
+
+
+@pytest.mark.parametrize("budget", [3, 5, 12])
+def test_sets_the_backend_does_not_admit_get_no_trial(tmp_path: Path, budget: int) -> None:
+    """A combination the backend rejects (``admits``) is never handed out, costs no budget,
+    and the search still ends: sampled (budget 3) or exhaustive (5, 12 >= the 4 admitted)."""
+    store = _store(tmp_path)
+    space = {"algo": ["one", "two"], "proto": ["ll", "lamport", "signal"]}
+
+    def admit(p: dict[str, Any]) -> bool:
+        return not ((p["algo"] == "one" and p["proto"] == "signal")
+                    or (p["algo"] == "two" and p["proto"] == "lamport"))
+
+    admitted = [c for c in combinations(space) if admit(c)]
+    assert len(admitted) == 4
+    search = Search(store, "nvrar|bfloat16|graph|4096", space, {"algo": "one", "proto": "ll"},
+                    budget=min(budget, len(admitted)), admit=admit)
+    seen = []
+    while (params := search.next()) is not None:
+        assert admit(params), params
+        seen.append(params_key(params))
+        search.finish(_rec(params, 10.0 + len(seen)))
+        assert len(seen) <= len(admitted)
+    assert len(seen) == len(set(seen)) == min(budget, len(admitted))

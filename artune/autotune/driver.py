@@ -187,12 +187,17 @@ class Driver:
             for nbytes in sorted({actual_nbytes(s, dtype) for s in cfg.sizes}):
                 for name in names:
                     space = type(self.crew.built[name]).search_space(nbytes, ctx)
-                    budget = min(len(combinations(space)), cfg.n_trials) if space else 1
+                    budget = min(self._count(name, space, nbytes), cfg.n_trials) if space else 1
                     for mode in cfg.modes:
                         plan.append((dtype, nbytes, name, mode,
                                      min(budget, EAGER_FOLLOW_TRIALS)
                                      if self._follows_graph(mode) and space else budget))
         return plan
+
+    def _count(self, name: str, space: dict[str, list[Any]], nbytes: int) -> int:
+        """How many parameter sets of ``space`` backend ``name`` admits at ``nbytes``."""
+        cls = type(self.crew.built[name])
+        return sum(cls.admits(c, nbytes, self.crew.ctx) for c in combinations(space))
 
     def _follows_graph(self, mode: str) -> bool:
         """Whether the eager studies take their parameter sets from the graph ones (see
@@ -284,10 +289,11 @@ class Driver:
             if graph:
                 first.insert(0, dict(min(graph, key=lambda m: m["latency_us"])["params"]))
             else:  # nothing to follow (graph mode failed here): the eager study searches itself
-                full = min(len(combinations(space)), self.cfg.n_trials)
+                full = min(self._count(name, space, nbytes), self.cfg.n_trials)
                 progress.add_total(full - budget)
                 budget = full
-        search = Search(store, sname, space, default, budget, done, first=first)
+        search = Search(store, sname, space, default, budget, done, first=first,
+                        admit=lambda p: cls.admits(p, nbytes, ctx))
         progress.advance(min(budget, len(search.done)))
         while (params := search.next()) is not None:
             kind, rec = self._run_trial(name, params, dtype, mode, nbytes, search)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,9 +273,11 @@ class Search:
         budget: int,
         done: Iterable[str] = (),
         first: list[dict[str, Any]] | None = None,
+        admit: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         """``first``: parameter sets measured before any the sampler picks, in order (default:
-        ``[default]``); each must be a legal value of ``space``."""
+        ``[default]``); each must be a legal value of ``space``. ``admit``: False for a
+        combination of ``space`` that gets no trial (the backend's ``admits``)."""
         self.store = store
         self.name = name
         # A backend's default may lie outside the choices it lists for this size (a plan tuned
@@ -291,7 +293,8 @@ class Search:
         self.dists: dict[str, optuna.distributions.BaseDistribution] = {
             k: optuna.distributions.CategoricalDistribution(v) for k, v in space.items()
         }
-        combos = combinations(space)
+        self.admit = admit or (lambda params: True)
+        combos = [c for c in combinations(space) if self.admit(c)]
         self.exhaustive = len(combos) <= budget
         heads = list({params_key(c): c for c in first}.values())
         ordered = heads + [c for c in combos if c not in heads]
@@ -309,22 +312,27 @@ class Search:
         if self.remaining <= 0:
             return None
         study = self.store.study(self.name)
-        while self._attempts < 4 * self.budget:
+        while True:
             self._attempts += 1
-            if self.exhaustive or (self._queue and params_key(self._queue[0]) in self._heads):
+            self._queue = [c for c in self._queue if params_key(c) not in self.done]
+            # the sampler keeps proposing sets already measured or not admitted: walk the
+            # remaining admitted combinations in order instead
+            walk = self._attempts > 4 * self.budget
+            if walk or self.exhaustive or (self._queue
+                                           and params_key(self._queue[0]) in self._heads):
                 if not self._queue:
                     return None
                 study.enqueue_trial(self._queue.pop(0))
             trial = study.ask(self.dists)
             params = dict(trial.params)
-            if params_key(params) in self.done:
-                # TPE suggested a set measured already: close it without a measurement.
+            if params_key(params) in self.done or not self.admit(params):
+                # TPE suggested a set measured already, or one the backend does not admit:
+                # close it without a measurement.
                 study.tell(trial, state=TrialState.PRUNED)
                 continue
             trial.set_user_attr("params", params)
             self._trial = trial
             return params
-        return None
 
     def report(self, value: float, step: int) -> bool:
         """Report an intermediate slowest-rank median; True if the trial should be pruned."""

@@ -6,6 +6,9 @@ will see, and then answers the same few questions as every other backend:
 - ``available(ctx) -> str | None``  (class method) why it cannot run here, or None;
 - ``search_space(nbytes, ctx)``     (class method) its tunable parameters for Optuna, name ->
                                     list of choices ({} for a backend with none);
+- ``admits(params, nbytes, ctx)``   (class method, optional) whether one combination of those
+                                    choices is a distinct, valid parameter set (the tuner never
+                                    spends a trial on one it rejects);
 - ``supports(x, params) -> bool``   whether it takes this tensor (dtype, size, alignment);
 - ``all_reduce(x, params) -> Tensor`` the sum over the group, out of place: never mutates ``x``,
                                     same bits on every rank, no allocation when ``out`` is given;
@@ -86,6 +89,12 @@ class Backend(ABC):
     def search_space(cls, nbytes: int, ctx: GroupContext) -> dict[str, list[Any]]:
         """Tunable parameters at message size ``nbytes``: name -> choices. Empty: none."""
         return {}
+
+    @classmethod
+    def admits(cls, params: Params, nbytes: int, ctx: GroupContext) -> bool:
+        """Whether ``params`` (one combination of ``search_space``) is worth a trial: False for
+        a combination the backend would refuse or run exactly as another one."""
+        return True
 
     @classmethod
     def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:

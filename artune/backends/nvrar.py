@@ -62,17 +62,24 @@ def _fit(block: int, elems: int) -> int:
 def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]:
     """NVRAR's untuned parameters for a message of ``nbytes`` (bf16 element counts).
 
-    The fastest plans of benchmarks/nvrar_dev.py, CUDA graph, bf16, on 4x and 2x H200
-    (2026-11-26, benchmarks/results/nvrar_dev_*gpu_h200.json, docs/nvrar.md): one-shot LL up to
-    64 KiB on 4 GPUs (4.1 us at 4 KiB) and up to 256 KiB on 2; two-shot LL up to 512 KiB; the
-    signal protocol above, with blocks growing with the message. Four warps beat one or two at
-    every small size measured. Sizes between the measured ones take the nearer rule.
+    The fastest plans of benchmarks/nvrar_dev.py, CUDA graph, bf16 (docs/nvrar.md):
+    - more than 2 GPUs (4x H100, 2026-11-26, nvrar_dev_4gpu_h100.json): the lamport one-shot up
+      to 8 KiB (4.2 us at 4 KiB against LL's 4.9) and from 128 KiB to 512 KiB (7.5 us at
+      256 KiB against 10.6 for LL one-shot and 14.3 for two-shot LL), LL one-shot between;
+    - 2 GPUs (2x H200): LL one-shot up to 256 KiB;
+    - above: two-shot, LL up to 512 KiB, then the signal protocol with blocks growing with the
+      message. Four warps beat one or two at every small size measured.
+    Sizes between the measured ones take the nearer rule.
     """
     elems = max(1, nbytes // 2)
     world = ranks_per_node * nodes
+    if nodes == 1 and world > 2 and (nbytes <= 8 << 10 or 64 << 10 < nbytes <= 512 << 10):
+        block = _fit(512, elems)
+        return {"algo": "oneshot", "proto": "lamport", "block": block,
+                "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
     oneshot_max = (256 << 10) if world <= 2 else (64 << 10)
     if nodes == 1 and nbytes <= oneshot_max:
-        block = _fit(512 if (nbytes <= 8 << 10 and world > 2) or nbytes > 64 << 10 else 256, elems)
+        block = _fit(512 if nbytes > 64 << 10 else 256, elems)
         return {"algo": "oneshot", "proto": "ll", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
     shard = -(-elems // ranks_per_node)
@@ -120,14 +127,15 @@ class NvrarBackend(Backend):
 
     @classmethod
     def search_space(cls, nbytes: int, ctx: GroupContext) -> dict[str, list[Any]]:
-        """A few neighbours of ``default_params``: the other algorithm and protocol where they
+        """A few neighbours of ``default_params``: the other algorithm and protocols where they
         take the size, the block halved and doubled, the CTA cap halved and doubled; warps and
-        ``inter`` as in the defaults. Every distinct (algorithm, protocol, block, warps) is a
-        Triton compile (the CTA count is not), so the space stays small on purpose: over the
-        37 sizes of a full tune, 1 KiB..256 MiB, it holds 19 distinct kernels per dtype on one
-        node (2, 4 or 8 ranks) and 28 on 2x2 virtual nodes (tests/test_nvrar_cpu.py counts
-        them), at most 36 combinations per size, against 90 and 120 kernels for the full
-        product of choices it replaced (6 blocks x 5 warps x algorithm/protocol/transport).
+        ``inter`` as in the defaults. ``admits`` drops the combinations that are not plans (a
+        one-shot signal, a two-shot lamport). Every distinct (algorithm, protocol, block, warps)
+        is a Triton compile (the CTA count is not), so the space stays small on purpose: over
+        the 37 sizes of a full tune, 1 KiB..256 MiB, it holds 24 distinct kernels per dtype on
+        one node (2, 4 or 8 ranks) and 28 on 2x2 virtual nodes (tests/test_nvrar_cpu.py counts
+        them), at most 36 admitted combinations per size, against 90 and 120 kernels for the
+        full product of choices it replaced (6 blocks x 5 warps x algorithm/protocol/transport).
         """
         from artune.kernels.nvrar_layout import BLOCKS
 
@@ -136,8 +144,9 @@ class NvrarBackend(Backend):
         elems = max(1, nbytes // 2)  # bf16/fp16 have the most elements per byte
         algos = [d["algo"]] + [a for a in ("oneshot", "twoshot")
                                if a != d["algo"] and (a == "twoshot" or 0 < nbytes <= one)]
-        protos = [d["proto"]] + [p for p in ("ll", "signal")
-                                 if p != d["proto"] and (p == "signal" or nbytes <= ll)]
+        takes = {"ll": nbytes <= ll, "lamport": 0 < nbytes <= one, "signal": True}
+        protos = [d["proto"]] + [p for p in ("ll", "lamport", "signal")
+                                 if p != d["proto"] and takes[p]]
         top = max(BLOCKS[0], elems)
         blocks = [b for b in (d["block"], d["block"] // 2, d["block"] * 2)
                   if b in BLOCKS and b <= top]
@@ -153,11 +162,21 @@ class NvrarBackend(Backend):
         return space
 
     @classmethod
+    def admits(cls, params: Params, nbytes: int, ctx: GroupContext) -> bool:
+        """The one-shot has no signal protocol (it would run as LL) and lamport is one-shot
+        only: those combinations of ``search_space`` get no trial."""
+        algo, proto = params.get("algo"), params.get("proto")
+        return not ((algo == "oneshot" and proto == "signal")
+                    or (algo == "twoshot" and proto == "lamport"))
+
+    @classmethod
     def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
         params = default_plan(nbytes, ctx.nodes, ctx.ranks_per_node)
         one, ll = _caps(ctx)
         if params["algo"] == "oneshot" and nbytes > one:
             params["algo"] = "twoshot"
+        if params["proto"] == "lamport" and params["algo"] != "oneshot":
+            params["proto"] = "ll"
         if params["proto"] == "ll" and nbytes > ll:
             params["proto"] = "signal"
         if ctx.nodes == 1:
@@ -224,8 +243,6 @@ class NvrarBackend(Backend):
             plan = self.plan(nbytes, params)
         except (TypeError, ValueError):
             return False
-        if plan.proto == "lamport" and x.element_size() != 2:
-            return False  # the sentinel is a 16-bit pattern
         return self.comm.reason(nbytes, plan) is None
 
     def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:

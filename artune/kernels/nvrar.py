@@ -73,11 +73,11 @@ class Plan:
     ``algo``: "oneshot" (one node: push to all, sum all) or "twoshot" (reduce-scatter, then
     recursive doubling between nodes when there are several, then all-gather);
     ``proto``: "ll" (flag in every 8-byte word), "signal" (data, fence, 64-bit signal; two-shot
-    only, one-shot takes it as LL) or "lamport" (one-shot only, 16-bit dtypes: the data is its
-    own flag, half LL's bytes); ``block``: elements per CTA chunk; ``ctas``: at most this many CTAs;
-    ``warps``: warps per CTA; ``inter``: inter-node transport, "nvshmem" (put / put-with-signal),
-    "p2p" (stores through peer addresses; every rank must be NVLink-reachable) or "auto" (p2p
-    where every rank is reachable, else nvshmem).
+    only, one-shot takes it as LL) or "lamport" (one-shot only: the data is its own flag, half
+    LL's bytes; its sentinel is 16-bit, so fp32 takes it as LL); ``block``: elements per CTA
+    chunk; ``ctas``: at most this many CTAs; ``warps``: warps per CTA; ``inter``: inter-node
+    transport, "nvshmem" (put / put-with-signal), "p2p" (stores through peer addresses; every
+    rank must be NVLink-reachable) or "auto" (p2p where every rank is reachable, else nvshmem).
     """
 
     algo: str = "twoshot"
@@ -229,9 +229,6 @@ class NvrarComm:
 
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"artune nvrar all_reduce: dtype {x.dtype} is not bf16/fp16/fp32")
-        if plan.proto == "lamport" and x.element_size() != 2:
-            raise TypeError(f"artune nvrar all_reduce: proto='lamport' takes bf16/fp16, not "
-                            f"{x.dtype} (use proto='ll')")
         if not x.is_contiguous():
             raise ValueError("artune nvrar all_reduce: x must be contiguous (call .contiguous())")
         n = x.numel()
@@ -317,7 +314,7 @@ class NvrarComm:
         from artune.kernels.nvrar_oneshot import oneshot_ll_kernel
 
         assert self.world_bases is not None
-        if plan.proto == "lamport":
+        if plan.proto == "lamport" and x.element_size() == 2:
             return self._lamport(x, y, n, plan)
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
         args = (x, y, n, *self.world_bases, self.offsets["oneshot"], self.layout.oneshot_slot,
