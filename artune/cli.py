@@ -209,7 +209,17 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
             return 2
     from artune.autotune.launcher import launch
 
-    return launch(["tune", *tune_argv], nproc)
+    warm = None
+    if cfg.device == "cuda" and (cfg.backends is None or "sglang" in cfg.backends):
+        from artune.backends import sglang_jit
+
+        warm = sglang_jit.start(nproc, cfg.dtypes)  # SGLang's JIT builds, off the ranks' path
+    try:
+        return launch(["tune", *tune_argv], nproc)
+    finally:
+        if warm is not None and warm.poll() is None:
+            warm.terminate()  # the ranks needed those builds and have them by now
+            warm.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -215,9 +215,10 @@ def main() -> None:
     ap.add_argument("--ranks-per-node", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--spin", choices=("on", "off", "both"), default="on",
-                    help="one-shot waits: per-thread PTX polling (on), block-wide rounds (off), "
-                         "or each plan timed both ways")
+    ap.add_argument("--spin", choices=("auto", "on", "off", "both"), default="auto",
+                    help="LL waits: the kernels' own choice (auto), per-thread PTX polling "
+                         "forced (on), block-wide rounds forced (off), or each plan timed both "
+                         "ways forced")
     ap.add_argument("--diag", action="store_true",
                     help="instead of the plan sweep: where one-shot's time goes at each size "
                          "(the default plan whole, without its waits, without pushes and waits; "
@@ -250,7 +251,8 @@ def main() -> None:
     if args.diag:
         _diag(be, sizes, floor, args.reps, device, rank, args.out)
         sizes = []
-    spins = {"on": (True,), "off": (False,), "both": (False, True)}[args.spin]
+    spins = {"auto": (None,), "on": (True,), "off": (False,),
+             "both": (False, True)}[args.spin]
     for nbytes in sizes:
         n = nbytes // 2
         x = torch.randn(n, generator=gen, device=device).to(torch.bfloat16)

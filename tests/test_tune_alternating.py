@@ -65,11 +65,11 @@ def test_rounds_alternate_and_a_failing_candidate_is_dropped_alone(monkeypatch) 
     for i in (0, 2):
         assert res[i]["reps"] == 5 and len(res[i]["samples"]) == 1  # one rank
         assert len(res[i]["samples"][0]) == 5 and all(v > 0 for v in res[i]["samples"][0])
-    # The timed part: one batch of each live candidate per round, in turn; b's one batch in
-    # round 1, then it is gone.
+    # The timed part: one batch of each live candidate per round, in turn, each round starting
+    # one candidate later; b's one batch in round 1, then (it fails first in round 2) gone.
     timed = "".join(order)[-(11 * calls):]
     batches = [timed[k] for k in range(0, len(timed), calls)]
     assert all(timed[k * calls:(k + 1) * calls] == batches[k] * calls for k in range(11))
-    assert "".join(batches) == "abc" + "ac" * 4
+    assert "".join(batches) == "abc" + "ca" + "ac" + "ca" + "ac"
     # estimates, warm-ups, then every repetition: 3 in rounds 1-2 (b fails in 2), 2 after
     assert comm.agreements == 3 + 3 + 3 + 3 + 2 * 3

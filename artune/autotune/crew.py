@@ -257,7 +257,7 @@ class Crew:
         if first is not None:
             return {"skip": f"unsupported: {first}"}
         if cmd.get("gate"):
-            with self._clock("gate"):
+            with self._clock("gate"), self._clock(f"gate {cmd['backend']}"):
                 verdict = gate.check(backend, params, x, self.comm, self.ctx.group)
             if verdict is not None:
                 return {"skip": verdict, "gate": True}
@@ -442,8 +442,13 @@ class Crew:
                 timers[i] = t
         got: dict[int, list[list[float]]] = {i: [] for i in timers}  # per repetition, per rank
         try:
-            for _ in range(reps):
-                for i in list(timers):
+            for rep in range(reps):
+                # each round starts with the next candidate: a fixed order would charge any
+                # effect of the position in a round (the first runs right after the agreement
+                # collective) to the same candidate every time
+                order = list(timers)
+                k = rep % len(order) if order else 0
+                for i in order[k:] + order[:k]:
                     error, value = None, math.nan
                     try:
                         with self._clock("eager timed repetitions"):

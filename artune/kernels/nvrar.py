@@ -361,7 +361,16 @@ class NvrarComm:
         kwargs = dict(N=nodes.nodes, L=nodes.local, LOG2P=nodes.log2p, EXTRA=nodes.extra,
                       STEPS=nodes.steps, PACK=pack, BLOCK=plan.block, LL=ll, SIGSET=sigset,
                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps)
-        kwargs["SPIN"] = spin = ll and self._spin(plan, plan.block // pack)
+        # Between nodes, block-wide rounds unless forced (``self.spin``): with per-thread
+        # polling chosen by ``_spin``'s rule, the 2x2 virtual-node path read 7.6 / 8.0 / 9.7 µs
+        # at 4K / 64K / 256K on 4x H100, against 5.6 / 6.1 / 7.2 with block rounds a session
+        # earlier (benchmarks/results/allreduce_2x2_emulated_h100.md and its history); not yet
+        # timed side by side. On one node the rule stands (the 4x H100 tune measured it).
+        if nodes.nodes > 1:
+            spin = ll and bool(self.spin)
+        else:
+            spin = ll and self._spin(plan, plan.block // pack)
+        kwargs["SPIN"] = spin
         key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll, spin)
         return _Spec(kernel, key, grid, args, kwargs)
 

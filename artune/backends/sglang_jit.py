@@ -1,0 +1,102 @@
+"""Build SGLang's custom all-reduce JIT modules ahead of a tune, in the background.
+
+SGLang (0.5.17 and 0.5.23) compiles its custom all-reduce on first use with nvcc: the IPC
+manager and the communicator when ``initialize_model_parallel`` builds the TP group, then one
+kernel module per (dtype, world size) on the first all-reduce. On a machine that never ran
+them, the tune's ``sglang`` candidate waits for those builds: ``initialize_model_parallel``
+took 23.4 s in a cold 4x H100 tune and 5.0 s in the next one (2026-11-26,
+benchmarks/results/tune_time_4gpu_*_h100.json). The builds land in SGLang's on-disk cache,
+so starting them, one process per module and all at once, while the ranks start and build the
+other backends takes them off the tune's critical path. When a rank reaches a module still
+being built, it is SGLang's own cache that makes it wait or build it again: nothing here is
+required for correctness, and any failure only means the ranks build as they would anyway.
+
+``artune tune`` starts this from the shell when the ``sglang`` candidate is in the tune
+(``start``), and ``ARTUNE_SGLANG_WARM=0`` turns it off. By hand::
+
+    python -m artune.backends.sglang_jit 4 bfloat16 float16
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["modules", "start", "main"]
+
+_MOD = "sglang.kernels.ops.communication.all_reduce"
+
+
+def modules(world_size: int, dtypes: Sequence[str]) -> list[str]:
+    """The names of the builds a TP group of ``world_size`` runs first: ipc, communicator,
+    and the kernel per dtype."""
+    return ["ipc", "communicator", *(f"kernel:{d}" for d in dtypes)]
+
+
+def _builder(name: str, world_size: int) -> Callable[[], Any]:
+    import importlib
+
+    import torch
+
+    m = importlib.import_module(_MOD)
+    if name == "ipc":
+        return m._init_ipc_manager
+    if name == "communicator":
+        return m._init_communicator
+    dtype = getattr(torch, name.split(":", 1)[1])
+    return lambda: m.get_all_reduce_module(dtype, world_size)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    from artune.autotune.launcher import _die_with_parent as die
+
+    return die
+
+
+def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
+          log: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes] | None:
+    """Start the builds in the background (one process that starts one per module); None
+    when they are turned off or SGLang's module is not there."""
+    import importlib.util
+
+    if os.environ.get("ARTUNE_SGLANG_WARM", "1") == "0":
+        return None
+    try:
+        if importlib.util.find_spec("sglang") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    return subprocess.Popen([python, "-m", __name__, str(world_size), *dtypes],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            preexec_fn=_die_with_parent())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``WORLD DTYPE...``: build every module at once (a process each); ``--one NAME WORLD``:
+    build one. Exit 0 when all were built, 1 otherwise (each failure printed)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--one"]:
+        name, world = args[1], int(args[2])
+        try:
+            _builder(name, world)()
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the ranks time
+            print(f"artune sglang_jit: {name}: {type(exc).__name__}: {exc}".splitlines()[0],
+                  file=sys.stderr)
+            return 1
+        return 0
+    world, dtypes = int(args[0]), args[1:] or ["bfloat16"]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", __name__, "--one", name, str(world)],
+                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
+        for name in modules(world, dtypes)
+    ]
+    return 0 if all(p.wait() == 0 for p in procs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The background build of SGLang's JIT modules before a tune (artune.backends.sglang_jit), on
+CPU: what it builds, when it starts, and that a failed build is reported, never raised."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+from artune.backends import sglang_jit
+
+
+def test_the_builds_a_tp_group_runs_first() -> None:
+    assert sglang_jit.modules(4, ["bfloat16", "float16"]) == [
+        "ipc", "communicator", "kernel:bfloat16", "kernel:float16"]
+
+
+def test_not_started_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARTUNE_SGLANG_WARM", "0")
+    assert sglang_jit.start(4, ["bfloat16"]) is None
+
+
+def test_not_started_without_sglang(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.delenv("ARTUNE_SGLANG_WARM", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert sglang_jit.start(4, ["bfloat16"]) is None
+
+
+def test_each_builder_calls_sglangs_own_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, object]] = []
+    fake = types.ModuleType(sglang_jit._MOD)
+    fake._init_ipc_manager = lambda: calls.append(("ipc", None))  # type: ignore[attr-defined]
+    fake._init_communicator = lambda: calls.append(("comm", None))  # type: ignore[attr-defined]
+    fake.get_all_reduce_module = lambda dt, w: calls.append(("kernel", (dt, w)))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, sglang_jit._MOD, fake)
+    for name in sglang_jit.modules(4, ["bfloat16"]):
+        sglang_jit._builder(name, 4)()
+    import torch
+
+    assert calls == [("ipc", None), ("comm", None), ("kernel", (torch.bfloat16, 4))]
+
+
+def test_a_failed_build_exits_1_with_its_name() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is importable here: the build would not fail for want of it")
+    # No sglang on the CPU test path: the one build fails, named, and nothing raises.
+    proc = subprocess.run([sys.executable, "-m", "artune.backends.sglang_jit", "--one", "ipc", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("artune sglang_jit: ipc: ModuleNotFoundError")
