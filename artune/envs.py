@@ -50,6 +50,13 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "Largest message NVRAR's two-shot/hierarchical LL protocol takes (LL slots are twice "
         "the payload); larger messages use the signal protocol.",
     ),
+    "ARTUNE_NVRAR_PDL": (
+        False,
+        _bool,
+        "1: launch NVRAR's peer-address kernels with programmatic dependent launch (sm_90+; each "
+        "kernel first waits for the previous grid, only the launch overlaps). Off until "
+        "measured (benchmarks/nvrar_dev.py --pdl both).",
+    ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_HOME": (

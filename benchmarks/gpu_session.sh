@@ -15,16 +15,18 @@ A=benchmarks/allreduce.py
 if [ -n "${KERNELS_ONLY:-}" ]; then
     # NVRAR first (one call, < 600 s): every plan incl. the lamport one-shot and both wait
     # loops' choice, the one-shot breakdown, all backends side by side, the GPU tests.
-    step dev4 120 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py \
+    step dev4 150 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --pdl both \
         --sizes 4K,16K,64K,256K,1M --out "$W/nvrar_dev_4gpu.json"
     step diag4 60 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --diag \
         --sizes 4K,16K,64K --out "$W/nvrar_diag_4gpu.json"
     step bench4 80 torchrun --nproc-per-node 4 $A --out "$W/allreduce_4gpu.md"
+    ARTUNE_NVRAR_PDL=1 step bench4pdl 45 torchrun --nproc-per-node 4 $A --backends nccl,sglang,nvrar \
+        --sizes 4K,16K,64K,256K,1M --out "$W/allreduce_4gpu_pdl.md"
     step test_nvrar 240 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py
     cat "$OUT/steps.txt"
-    grep -h -A14 "^NVRAR vs NCCL\|^one-shot protocols\|^one-shot breakdown" \
+    grep -h -A14 "^NVRAR vs NCCL\|^one-shot protocols\|^one-shot breakdown\|^programmatic" \
         "$W/dev4.log" "$W/diag4.log" 2>/dev/null
-    cat "$W/allreduce_4gpu.md" 2>/dev/null
+    cat "$W/allreduce_4gpu.md" "$W/allreduce_4gpu_pdl.md" 2>/dev/null
     grep -h "passed\|failed" "$W/test_nvrar.log" | tail -3
     exit 0
 fi

@@ -219,6 +219,10 @@ def main() -> None:
                     help="LL waits: the kernels' own choice (auto), per-thread PTX polling "
                          "forced (on), block-wide rounds forced (off), or each plan timed both "
                          "ways forced")
+    ap.add_argument("--pdl", choices=("off", "on", "both"), default="off",
+                    help="programmatic dependent launch of the peer-address kernels (sm_90+): "
+                         "off, on, or each plan timed both ways (ARTUNE_NVRAR_PDL sets the "
+                         "library's default)")
     ap.add_argument("--diag", action="store_true",
                     help="instead of the plan sweep: where one-shot's time goes at each size "
                          "(the default plan whole, without its waits, without pushes and waits; "
@@ -253,6 +257,9 @@ def main() -> None:
         sizes = []
     spins = {"auto": (None,), "on": (True,), "off": (False,),
              "both": (False, True)}[args.spin]
+    pdls = {"off": (False,), "on": (True,), "both": (False, True)}[args.pdl]
+    if any(pdls) and torch.cuda.get_device_capability(device) < (9, 0):
+        raise SystemExit("--pdl on/both needs compute capability 9.0 or newer")
     for nbytes in sizes:
         n = nbytes // 2
         x = torch.randn(n, generator=gen, device=device).to(torch.bfloat16)
@@ -265,15 +272,18 @@ def main() -> None:
         nccl = _slowest(_time_graph(lambda buf=buf: dist.all_reduce(buf), calls, args.reps), None)
         row: dict[str, Any] = {"bytes": nbytes, "nccl_us": nccl, "plans": []}
         plans = plans_for(nbytes, ctx.nodes, args.quick) + [{"default": True}]
-        variants = [(p, spin) for p in plans for spin in spins]
-        for p, spin in variants:
+        variants = [(p, spin, pdl) for p in plans for spin in spins for pdl in pdls]
+        for p, spin, pdl in variants:
             params = None if p.get("default") else dict(p)
             label = "default" if params is None else json.dumps(params, sort_keys=True)
             if len(spins) > 1:
                 label += " spin=" + ("on" if spin else "off")
+            if len(pdls) > 1:
+                label += " pdl=" + ("on" if pdl else "off")
             be.comm.spin = spin
+            be.comm.pdl = pdl
             entry: dict[str, Any] = {"plan": be.plan(nbytes, params).__dict__, "label": label,
-                                     "spin": spin}
+                                     "spin": spin, "pdl": pdl}
             row["plans"].append(entry)
             if not be.supports(x, params):  # the same answer on every rank
                 entry["skip"] = "supports() is False"
@@ -318,7 +328,7 @@ def main() -> None:
         for row in rows:
             ok = [e for e in row["plans"] if "us" in e]
             d = next((e["us"] for e in ok if e["label"].startswith("default")
-                      and e["spin"] == spins[-1]), float("nan"))
+                      and e["spin"] == spins[-1] and e["pdl"] == pdls[-1]), float("nan"))
             best = min(ok, key=lambda e: e["us"]) if ok else None
             bad = sum(1 for e in row["plans"] if "error" in e)
             b = best["us"] if best else float("nan")
@@ -345,6 +355,15 @@ def main() -> None:
                     best[spin] = min(ok, key=lambda e: e["us"]) if ok else None
                 cells = [f"{best[v]['us']:6.2f} ({best[v]['label']})" if best[v] else "-"
                          for v in spins]
+                print(f"{_h(row['bytes']):>6}  off {cells[0]}  on {cells[1]}")
+        if len(pdls) > 1:
+            print("\nprogrammatic dependent launch, best plan per size: off vs on")
+            for row in rows:
+                cells = []
+                for pdl in pdls:
+                    ok = [e for e in row["plans"] if "us" in e and e["pdl"] == pdl]
+                    b = min(ok, key=lambda e: e["us"]) if ok else None
+                    cells.append(f"{b['us']:6.2f} ({b['label']})" if b else "-")
                 print(f"{_h(row['bytes']):>6}  off {cells[0]}  on {cells[1]}")
     dist.barrier(cpu)
     from artune.backends import _nvshmem

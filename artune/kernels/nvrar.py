@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from artune import envs
 from artune.kernels.nvrar_layout import (
     BLOCKS,
     MAX_CTAS,
@@ -201,6 +202,9 @@ class NvrarComm:
         #: One-shot latency breakdown (benchmarks/nvrar_dev.py --diag); non-zero gives WRONG
         #: sums: 1 skips the waits, 2 the pushes too.
         self.diag = 0
+        #: Programmatic dependent launch for the peer-address kernels (``nvrar_prims.pdl_begin``;
+        #: ARTUNE_NVRAR_PDL): needs sm_90+, never under the interpreter.
+        self.pdl = bool(envs.get("ARTUNE_NVRAR_PDL")) and not interpret and _pdl_capable(device)
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -324,7 +328,8 @@ class NvrarComm:
                       INTERPRET=self.interpret, num_warps=plan.warps)
         kwargs["SPIN"] = spin = self._spin(plan, (kwargs["WP"] * plan.block) // pack)
         kwargs["DIAG"] = self.diag
-        key = ("oneshot", x.dtype, plan.block, plan.warps, spin, self.diag)
+        kwargs.update(self._pdl())
+        key = ("oneshot", x.dtype, plan.block, plan.warps, spin, self.diag, self.pdl)
         return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
 
     def _lamport(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:
@@ -338,7 +343,8 @@ class NvrarComm:
         kwargs = dict(W=self.nodes.world, BLOCK=plan.block, WP=wp, MAXC=MAX_CTAS,
                       INTERPRET=self.interpret, num_warps=plan.warps)
         kwargs["SPIN"] = spin = self._spin(plan, wp * plan.block // 4)
-        key = ("lamport", x.dtype, plan.block, plan.warps, spin)
+        kwargs.update(self._pdl())
+        key = ("lamport", x.dtype, plan.block, plan.warps, spin, self.pdl)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
@@ -371,8 +377,15 @@ class NvrarComm:
         else:
             spin = ll and self._spin(plan, plan.block // pack)
         kwargs["SPIN"] = spin
-        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll, spin)
+        if not use_shmem:  # the NVSHMEM-linked variant launches through torch's wrapper
+            kwargs.update(self._pdl())
+        key = ("nvshmem" if use_shmem else "p2p", x.dtype, plan.block, plan.warps, ll, spin,
+               self.pdl and not use_shmem)
         return _Spec(kernel, key, grid, args, kwargs)
+
+    def _pdl(self) -> dict[str, bool]:
+        """The kernel's PDL switch and Triton's launch option, both on (or neither given)."""
+        return {"PDL": True, "launch_pdl": True} if self.pdl else {}
 
     def _spin(self, plan: Plan, words: int) -> bool:
         """Whether one LL wait over ``words`` 8-byte words polls per thread (``spin_ll``): each
@@ -389,6 +402,13 @@ class NvrarComm:
 
             self._sigset = signal_set_op()
         return self._sigset
+
+
+def _pdl_capable(device: Any) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 or newer."""
+    import torch
+
+    return bool(device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def _p2p_kernel() -> Any:

@@ -31,6 +31,7 @@ from artune.kernels.nvrar_prims import (
     end_call,
     fence_sys,
     load_pair,
+    pdl_begin,
     pick,
     ptr_as,
     put_ll,
@@ -123,8 +124,9 @@ def _hier_body(
     N: tl.constexpr, L: tl.constexpr, LOG2P: tl.constexpr, EXTRA: tl.constexpr,
     STEPS: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, LL: tl.constexpr,
     NVSHMEM: tl.constexpr, SIGSET: tl.constexpr, MAXC: tl.constexpr, INTERPRET: tl.constexpr,
-    SPIN: tl.constexpr,
+    SPIN: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL, INTERPRET)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     H: tl.constexpr = BLOCK // 2  # a chunk travels as two halves (nvrar_prims.load_pair)
     PHASES: tl.constexpr = 2 + STEPS
@@ -280,12 +282,13 @@ def hier_kernel(
     N: tl.constexpr, L: tl.constexpr, LOG2P: tl.constexpr, EXTRA: tl.constexpr,
     STEPS: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, LL: tl.constexpr,
     SIGSET: tl.constexpr, MAXC: tl.constexpr, INTERPRET: tl.constexpr, SPIN: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """All traffic through peer addresses (one node, or every rank NVLink-reachable)."""
     _hier_body(x_ptr, y_ptr, n, shard, b0, b1, b2, b3, b4, b5, b6, b7, rd_tab, rs_off, ag_off,
                rd_off, stage_off, sig_off, slot, maxch, ctr_ptr, err_dev, err_host, limit_ns,
                rank, N, L, LOG2P, EXTRA, STEPS, PACK, BLOCK, LL, False, SIGSET, MAXC, INTERPRET,
-               SPIN)
+               SPIN, PDL)
 
 
 @triton.jit(do_not_specialize=["n", "shard", "maxch", "limit_ns", "rank"])
@@ -302,4 +305,4 @@ def hier_kernel_nvshmem(
     _hier_body(x_ptr, y_ptr, n, shard, b0, b1, b2, b3, b4, b5, b6, b7, rd_tab, rs_off, ag_off,
                rd_off, stage_off, sig_off, slot, maxch, ctr_ptr, err_dev, err_host, limit_ns,
                rank, N, L, LOG2P, EXTRA, STEPS, PACK, BLOCK, LL, True, SIGSET, MAXC, INTERPRET,
-               SPIN)
+               SPIN, False)

@@ -30,6 +30,7 @@ from artune.kernels.nvrar_prims import (
     empty_lanes,
     end_call,
     load_chunk,
+    pdl_begin,
     pick,
     ptr_as,
     record_error,
@@ -81,7 +82,9 @@ def oneshot_lamport_kernel(
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
     SPIN: tl.constexpr,  # per-thread PTX polling instead of block rounds
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
 ):
+    pdl_begin(PDL, INTERPRET)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
     # which the same thread holds: packing needs no layout conversion (as LL's halves).

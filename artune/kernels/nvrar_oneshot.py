@@ -22,6 +22,7 @@ from artune.kernels.nvrar_prims import (
     decode_ll,
     end_call,
     load_pair,
+    pdl_begin,
     pick,
     ptr_as,
     put_ll,
@@ -65,7 +66,9 @@ def oneshot_ll_kernel(
     SPIN: tl.constexpr,  # per-thread PTX polling (nvrar_prims.spin_ll) instead of block rounds
     DIAG: tl.constexpr = 0,  # latency breakdown only (benchmarks/nvrar_dev.py --diag), WRONG
     # sums: 1 reads the slots once without waiting, 2 also skips the pushes (local work only)
+    PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
 ):
+    pdl_begin(PDL, INTERPRET)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     H: tl.constexpr = BLOCK // 2  # a chunk travels as two halves (nvrar_prims.load_pair)
     BW: tl.constexpr = BLOCK // PACK  # LL words per chunk

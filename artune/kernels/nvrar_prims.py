@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 __all__ = [
     "now_ns",
@@ -31,6 +32,7 @@ __all__ = [
     "LANES_SENTINEL",
     "wait_signal",
     "call_state",
+    "pdl_begin",
     "end_call",
     "record_error",
     "load_chunk",
@@ -252,6 +254,19 @@ def wait_signal(addr, expect, limit_ns, INTERPRET: tl.constexpr):
         else:
             elapsed = now_ns(INTERPRET) - t0
     return s == expect
+
+
+@triton.jit
+def pdl_begin(PDL: tl.constexpr, INTERPRET: tl.constexpr):
+    """The first step of a kernel launched with programmatic dependent launch (``PDL``, sm_90+):
+    wait until the grid before it in the stream has finished and its writes are visible
+    (nothing before this touches memory: not the input, not the epoch counters the previous
+    call left), then let the next grid launch; it waits here the same way. Only the launch
+    overlaps, never the work. A no-op without ``PDL`` and under the interpreter."""
+    if PDL:
+        if not INTERPRET:
+            gdc_wait()
+            gdc_launch_dependents()
 
 
 @triton.jit

@@ -228,6 +228,31 @@ def test_sweep_4_ranks() -> None:
     _run_sweep(4)
 
 
+def _pdl_sweep(ctx: Any) -> list[str]:
+    """Every plan with programmatic dependent launch on (ARTUNE_NVRAR_PDL=1), eager and in a
+    graph: the kernels wait for the previous grid first, so results must not change."""
+    os.environ["ARTUNE_NVRAR_PDL"] = "1"
+    try:
+        probe = _make(ctx, ctx.world_size)
+        on = probe.comm.pdl
+        probe.close()
+        if not on:
+            return ["ARTUNE_NVRAR_PDL=1 did not turn PDL on"]
+        return _sweep(ctx, ctx.world_size, ("bfloat16", "float32"), SIZES[::2] + (SIZES[-1],),
+                      graph=True)
+    finally:
+        os.environ.pop("ARTUNE_NVRAR_PDL", None)
+
+
+@requires_nvshmem(4)
+@pytest.mark.gpu
+def test_sweep_4_ranks_with_pdl() -> None:
+    if torch.cuda.get_device_capability(0) < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
+    failures = run_on_gpus(4, _pdl_sweep, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
+    assert failures[0] == [], "\n".join(failures[0][:20])
+
+
 def _virtual_nodes(ctx: Any) -> list[str]:
     return _sweep(ctx, 2, DTYPES, SIZES[::2] + (SIZES[-1],), graph=True)
 
