@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -22,13 +23,59 @@ TOPOLOGY_KEYS = ("device", "gpu", "sm", "gpus_per_node", "nodes", "world_size", 
 
 
 def gpu_count() -> int:
-    """CUDA devices visible to this process (0 without CUDA)."""
+    """CUDA devices visible to this process (0 without CUDA).
+
+    Asked of NVML where it answers, without importing torch: ``artune tune`` calls this before
+    it starts the ranks, and importing torch there cost seconds of the tune's wall time.
+    CUDA_VISIBLE_DEVICES as CUDA reads it (indices up to the first invalid one); entries that
+    are not indices (UUIDs, MIG instances) and a missing NVML go through torch instead."""
+    found = _visible(os.environ.get("CUDA_VISIBLE_DEVICES"), _nvml_count())
+    if found is not None:
+        return found
     try:
         import torch
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # noqa: BLE001 - a broken CUDA install counts as "no GPU"
         return 0
+
+
+def _visible(env: str | None, physical: int | None) -> int | None:
+    """How many of ``physical`` GPUs CUDA_VISIBLE_DEVICES=``env`` leaves, or None when that
+    needs CUDA itself (no NVML count, or entries that are not plain indices)."""
+    if physical is None:
+        return None
+    if env is None:
+        return physical
+    seen: list[int] = []
+    for item in env.split(","):
+        item = item.strip()
+        if not item.lstrip("-").isdigit():
+            return None if item else len(seen)
+        index = int(item)
+        if index < 0 or index >= physical or index in seen:
+            break  # CUDA ignores this entry and every one after it
+        seen.append(index)
+    return len(seen)
+
+
+def _nvml_count() -> int | None:
+    """Physical GPUs NVML reports (driver library only), or None without a usable NVML."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    try:
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        count = ctypes.c_uint(0)
+        ok = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0
+        nvml.nvmlShutdown()
+    except AttributeError:
+        return None
+    return int(count.value) if ok else None
 
 
 def _pkg_version(*names: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 from _profiles import FP
 
 from artune.topology import compare, fingerprint, fingerprint_id
@@ -68,3 +69,31 @@ def test_link_matrix_follows_cuda_visible_devices(monkeypatch) -> None:  # noqa:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b,GPU-3c4d")
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda i, j: True)
     assert topology.link_matrix(2) == [["X", "P2P"], ["P2P", "X"]]
+
+
+@pytest.mark.parametrize("env,physical,expected", [
+    (None, 4, 4),            # nothing hidden
+    ("", 4, 0),              # everything hidden
+    ("0,1", 4, 2),
+    (" 3 , 2 ", 4, 2),
+    ("2,9,1", 4, 1),         # CUDA stops at the first invalid index
+    ("-1,0", 4, 0),
+    ("1,1", 4, 1),
+    ("GPU-8c0e", 4, None),   # a UUID: only CUDA can tell
+    ("0", None, None),       # no NVML: only CUDA can tell
+])
+def test_visible_gpus_as_cuda_reads_cuda_visible_devices(env: str | None, physical: int | None,
+                                                         expected: int | None) -> None:
+    from artune.topology import _visible
+
+    assert _visible(env, physical) == expected
+
+
+def test_gpu_count_asks_nvml_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import artune.topology as topo
+
+    monkeypatch.setattr(topo, "_nvml_count", lambda: 8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert topo.gpu_count() == 3
+    monkeypatch.setattr(topo, "_nvml_count", lambda: None)  # no NVML: torch answers (no CUDA)
+    assert topo.gpu_count() == 0
