@@ -301,8 +301,9 @@ class Crew:
         {"skip": reason} or {"pruned": slowest median, "reps": n}.
 
         One synchronised eager call comes first (errors agreed, lazy set-up kept out of the
-        capture). Calls per repetition: on GPUs the most the graph pool allows (the same for
-        every candidate); on CPU sized from that call, checked on one real repetition and raised
+        capture). Calls per repetition: on GPUs the most ``calls_for`` allows at the size (graph
+        pool, eager bytes per repetition; the same for every candidate); on CPU sized from that
+        call, checked on one real repetition and raised
         once, by recapturing, when it was too short."""
         mode, nbytes = cmd["mode"], cmd["nbytes"]
         reps, warmup, prune_after = cmd["reps"], cmd["warmup"], cmd.get("prune_after", 0)

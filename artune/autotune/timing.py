@@ -13,7 +13,10 @@ each repetition; the caller takes each rank's median and lets the slowest rank c
 
 ``calls`` is chosen so that one repetition lasts at least ``TARGET_REP_US`` (the first call's
 skew between ranks and the event overhead then stay small), and must be the same on every rank
-(``agree_calls``): every rank has to issue the same number of collectives.
+(``agree_calls``): every rank has to issue the same number of collectives. It is capped by the
+bytes one repetition moves: a graph keeps every call's output alive (``MAX_GRAPH_OUTPUT_BYTES``),
+and an eager repetition of large messages is GPU-bound long before 64 calls
+(``EAGER_REP_BYTES``: one call of 256 MiB already takes over 1 ms on 4 NVLink GPUs).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Timer", "estimate_us", "calls_for", "summarize", "TARGET_REP_US", "MAX_CALLS"]
+__all__ = ["Timer", "estimate_us", "calls_for", "summarize", "TARGET_REP_US", "MAX_CALLS",
+           "EAGER_REP_BYTES"]
 
 #: One repetition (a graph replay, or a batch of eager calls) lasts at least this long.
 TARGET_REP_US = 200.0
@@ -35,6 +39,11 @@ TARGET_REP_US = 200.0
 MAX_CALLS = 64
 #: Graph outputs stay alive in the graph's memory pool: calls * nbytes is kept below this.
 MAX_GRAPH_OUTPUT_BYTES = 512 << 20
+#: Eager repetitions move at most this many bytes (at least one call). With 64 calls at every
+#: size, eager timing of 16-256 MiB took 37 s of a 187 s full tune and 23 s of its validation
+#: on 4x H100 (2026-11-26, from the profile's own latencies); capped, the same repetitions
+#: last 1-3 ms each.
+EAGER_REP_BYTES = 256 << 20
 
 
 def _sync(device: torch.device) -> None:
@@ -59,9 +68,8 @@ def calls_for(est_us: float, nbytes: int, mode: str) -> int:
     """Calls per repetition for a callable taking ``est_us`` per call (see module docstring)."""
     n = max(1, math.ceil(TARGET_REP_US / max(est_us, 1e-3)))
     n = min(n, MAX_CALLS)
-    if mode == "graph":
-        n = min(n, max(1, MAX_GRAPH_OUTPUT_BYTES // max(nbytes, 1)))
-    return n
+    cap = MAX_GRAPH_OUTPUT_BYTES if mode == "graph" else EAGER_REP_BYTES
+    return min(n, max(1, cap // max(nbytes, 1)))
 
 
 def summarize(samples: list[float]) -> tuple[float, float]:
