@@ -217,9 +217,10 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
     try:
         return launch(["tune", *tune_argv], nproc)
     finally:
-        if warm is not None and warm.poll() is None:
-            warm.terminate()  # the ranks needed those builds and have them by now
-            warm.wait()
+        if warm is not None:
+            from artune.backends import sglang_jit
+
+            sglang_jit.stop(warm)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

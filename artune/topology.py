@@ -28,9 +28,10 @@ def gpu_count() -> int:
     Asked of NVML where it answers, without importing torch: ``artune tune`` calls this before
     it starts the ranks, and importing torch there cost seconds of the tune's wall time.
     CUDA_VISIBLE_DEVICES as CUDA reads it (indices up to the first invalid one); entries that
-    are not indices (UUIDs, MIG instances) and a missing NVML go through torch instead."""
+    are not indices (UUIDs, MIG instances), a missing NVML and a CPU build of torch go through
+    torch instead."""
     found = _visible(os.environ.get("CUDA_VISIBLE_DEVICES"), _nvml_count())
-    if found is not None:
+    if found is not None and not _cpu_only_torch():
         return found
     try:
         import torch
@@ -53,10 +54,18 @@ def _visible(env: str | None, physical: int | None) -> int | None:
         if not item.lstrip("-").isdigit():
             return None if item else len(seen)
         index = int(item)
-        if index < 0 or index >= physical or index in seen:
+        if index in seen:
+            return 0  # a repeated ordinal hides every GPU (as torch reads the variable)
+        if index < 0 or index >= physical:
             break  # CUDA ignores this entry and every one after it
         seen.append(index)
     return len(seen)
+
+
+def _cpu_only_torch() -> bool:
+    """Whether the installed torch is a CPU build (its version says so; no import)."""
+    version = _pkg_version("torch") or ""
+    return version.endswith("+cpu")
 
 
 def _nvml_count() -> int | None:

@@ -219,10 +219,10 @@ def main() -> None:
                     help="LL waits: the kernels' own choice (auto), per-thread PTX polling "
                          "forced (on), block-wide rounds forced (off), or each plan timed both "
                          "ways forced")
-    ap.add_argument("--pdl", choices=("off", "on", "both"), default="off",
+    ap.add_argument("--pdl", choices=("default", "off", "on", "both"), default="default",
                     help="programmatic dependent launch of the peer-address kernels (sm_90+): "
-                         "off, on, or each plan timed both ways (ARTUNE_NVRAR_PDL sets the "
-                         "library's default)")
+                         "the library's setting (ARTUNE_NVRAR_PDL), off, on, or each plan timed "
+                         "both ways")
     ap.add_argument("--diag", action="store_true",
                     help="instead of the plan sweep: where one-shot's time goes at each size "
                          "(the default plan whole, without its waits, without pushes and waits; "
@@ -257,7 +257,8 @@ def main() -> None:
         sizes = []
     spins = {"auto": (None,), "on": (True,), "off": (False,),
              "both": (False, True)}[args.spin]
-    pdls = {"off": (False,), "on": (True,), "both": (False, True)}[args.pdl]
+    pdls = {"default": (None,), "off": (False,), "on": (True,),
+            "both": (False, True)}[args.pdl]
     if any(pdls) and torch.cuda.get_device_capability(device) < (9, 0):
         raise SystemExit("--pdl on/both needs compute capability 9.0 or newer")
     for nbytes in sizes:
@@ -281,7 +282,8 @@ def main() -> None:
             if len(pdls) > 1:
                 label += " pdl=" + ("on" if pdl else "off")
             be.comm.spin = spin
-            be.comm.pdl = pdl
+            if pdl is not None:
+                be.comm.pdl = pdl
             entry: dict[str, Any] = {"plan": be.plan(nbytes, params).__dict__, "label": label,
                                      "spin": spin, "pdl": pdl}
             row["plans"].append(entry)

@@ -146,6 +146,30 @@ def test_defaults_are_valid_plans_inside_the_search_space(world: int, per_node: 
     assert set(NvrarBackend.search_space(4096, ctx)["block"]) <= set(BLOCKS)
 
 
+@pytest.mark.parametrize("one,ll", [(1 << 20, 4096), (16 << 10, 4 << 20), (4096, 4096),
+                                    (0, 64 << 10)])
+@pytest.mark.parametrize("world,per_node", [(2, 2), (4, 4), (3, 3), (4, 2)])
+def test_lowered_caps_keep_the_default_admitted_and_measured(
+        monkeypatch: pytest.MonkeyPatch, one: int, ll: int, world: int, per_node: int) -> None:
+    """With ARTUNE_NVRAR_ONESHOT_MAX_BYTES / ARTUNE_NVRAR_LL_MAX_BYTES lowered, the default is
+    still a combination the tuner admits (it is measured first) and a plan the layout takes;
+    no admitted combination is one the layout refuses."""
+    from artune.autotune.search import combinations
+
+    monkeypatch.setenv("ARTUNE_NVRAR_ONESHOT_MAX_BYTES", str(one))
+    monkeypatch.setenv("ARTUNE_NVRAR_LL_MAX_BYTES", str(ll))
+    ctx = _ctx(world, per_node)
+    lay = Layout(Nodes(world // per_node, per_node), ctx.max_bytes,
+                 min(one, ctx.max_bytes) if world == per_node else 0, min(ll, ctx.max_bytes))
+    for nbytes in [2, 4096, 6144, 65536, 262144, 1 << 20, 2 << 20, 16 << 20]:
+        default = NvrarBackend.default_params(nbytes, ctx)
+        assert NvrarBackend.admits(default, nbytes, ctx), (nbytes, default)
+        assert lay.check_message(nbytes, default["algo"], default["proto"]) is None, default
+        for c in combinations(NvrarBackend.search_space(nbytes, ctx)):
+            if NvrarBackend.admits(c, nbytes, ctx):
+                assert lay.check_message(nbytes, c["algo"], c["proto"]) is None, (nbytes, c)
+
+
 @pytest.mark.parametrize("world,per_node,limit", [(4, 4, 24), (2, 2, 24), (8, 8, 24), (4, 2, 28)])
 def test_search_space_compiles_few_kernels_over_a_full_tune(world: int, per_node: int,
                                                              limit: int) -> None:

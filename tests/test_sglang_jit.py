@@ -54,3 +54,29 @@ def test_a_failed_build_exits_1_with_its_name() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("artune sglang_jit: ipc: ModuleNotFoundError")
+
+
+def test_stop_ends_the_whole_process_group() -> None:
+    """``stop`` ends the builds and whatever they started (nvcc), not only the first process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time; "
+         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+         "print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+    sglang_jit.stop(proc)
+    assert proc.returncode is not None
+    import os
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anything left in the group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("a process of the group outlived stop()")
+    sglang_jit.stop(None)  # nothing started: nothing to do

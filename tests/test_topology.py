@@ -78,7 +78,7 @@ def test_link_matrix_follows_cuda_visible_devices(monkeypatch) -> None:  # noqa:
     (" 3 , 2 ", 4, 2),
     ("2,9,1", 4, 1),         # CUDA stops at the first invalid index
     ("-1,0", 4, 0),
-    ("1,1", 4, 1),
+    ("1,1", 4, 0),           # a repeated ordinal hides everything
     ("GPU-8c0e", 4, None),   # a UUID: only CUDA can tell
     ("0", None, None),       # no NVML: only CUDA can tell
 ])
@@ -94,6 +94,10 @@ def test_gpu_count_asks_nvml_first(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(topo, "_nvml_count", lambda: 8)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    monkeypatch.setattr(topo, "_cpu_only_torch", lambda: False)
     assert topo.gpu_count() == 3
+    monkeypatch.setattr(topo, "_cpu_only_torch", lambda: True)  # GPUs, but torch cannot use them
+    assert topo.gpu_count() == 0
+    monkeypatch.setattr(topo, "_cpu_only_torch", lambda: False)
     monkeypatch.setattr(topo, "_nvml_count", lambda: None)  # no NVML: torch answers (no CUDA)
     assert topo.gpu_count() == 0

@@ -153,7 +153,8 @@ class NvrarBackend(Backend):
         elems = max(1, nbytes // 2)  # bf16/fp16 have the most elements per byte
         algos = [d["algo"]] + [a for a in ("oneshot", "twoshot")
                                if a != d["algo"] and (a == "twoshot" or 0 < nbytes <= one)]
-        takes = {"ll": nbytes <= ll, "lamport": 0 < nbytes <= one, "signal": True}
+        # LL's cap bounds the two-shot only (the one-shot's slots are sized by its own cap)
+        takes = {"ll": nbytes <= max(ll, one), "lamport": 0 < nbytes <= one, "signal": True}
         protos = [d["proto"]] + [p for p in ("ll", "lamport", "signal")
                                  if p != d["proto"] and takes[p]]
         top = max(BLOCKS[0], elems)
@@ -172,11 +173,13 @@ class NvrarBackend(Backend):
 
     @classmethod
     def admits(cls, params: Params, nbytes: int, ctx: GroupContext) -> bool:
-        """The one-shot has no signal protocol (it would run as LL) and lamport is one-shot
-        only: those combinations of ``search_space`` get no trial."""
+        """The one-shot has no signal protocol (it would run as LL), lamport is one-shot only,
+        and the two-shot LL stops at its cap: those combinations of ``search_space`` get no
+        trial."""
         algo, proto = params.get("algo"), params.get("proto")
         return not ((algo == "oneshot" and proto == "signal")
-                    or (algo == "twoshot" and proto == "lamport"))
+                    or (algo == "twoshot" and proto == "lamport")
+                    or (algo == "twoshot" and proto == "ll" and nbytes > _caps(ctx)[1]))
 
     @classmethod
     def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
@@ -186,7 +189,7 @@ class NvrarBackend(Backend):
             params["algo"] = "twoshot"
         if params["proto"] == "lamport" and params["algo"] != "oneshot":
             params["proto"] = "ll"
-        if params["proto"] == "ll" and nbytes > ll:
+        if params["algo"] == "twoshot" and params["proto"] == "ll" and nbytes > ll:
             params["proto"] = "signal"
         if ctx.nodes == 1:
             params.pop("inter")

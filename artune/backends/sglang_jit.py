@@ -19,13 +19,14 @@ required for correctness, and any failure only means the ranks build as they wou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["modules", "start", "main"]
+__all__ = ["modules", "start", "stop", "main"]
 
 _MOD = "sglang.kernels.ops.communication.all_reduce"
 
@@ -50,12 +51,18 @@ def _builder(name: str, world_size: int) -> Callable[[], Any]:
     return lambda: m.get_all_reduce_module(dtype, world_size)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def _background() -> Callable[[], None] | None:
+    """preexec_fn: die with the parent (Linux) and yield the CPU to the ranks."""
     if not sys.platform.startswith("linux"):
         return None
     from artune.autotune.launcher import _die_with_parent as die
 
-    return die
+    def setup() -> None:
+        die()
+        with contextlib.suppress(OSError):
+            os.nice(10)
+
+    return setup
 
 
 def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
@@ -71,9 +78,32 @@ def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
             return None
     except (ImportError, ValueError):
         return None
-    return subprocess.Popen([python, "-m", __name__, str(world_size), *dtypes],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                            preexec_fn=_die_with_parent())
+    try:
+        # Its own process group (``stop`` ends the builders' nvcc too), at low priority: the
+        # ranks' host-bound eager timing may run beside it.
+        return subprocess.Popen([python, "-m", __name__, str(world_size), *dtypes],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                preexec_fn=_background(), start_new_session=True)
+    except Exception:  # noqa: BLE001 - the ranks build what they need themselves
+        return None
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """End the builds if they still run (the ranks have what they needed by then)."""
+    import signal
+
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except OSError:
+        proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     world, dtypes = int(args[0]), args[1:] or ["bfloat16"]
     procs = [
         subprocess.Popen([sys.executable, "-m", __name__, "--one", name, str(world)],
-                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent())
+                         stdin=subprocess.DEVNULL, preexec_fn=_background())
         for name in modules(world, dtypes)
     ]
     return 0 if all(p.wait() == 0 for p in procs) else 1
