@@ -12,7 +12,10 @@ exactly the measured batch sizes. Configs:
 - ``nccl``          ``disable_custom_all_reduce=True`` (NCCL only, as SGLang runs across nodes);
 - ``artune``        ARTUNE_PROFILE set: every TP all-reduce goes where the profile says;
 - ``artune_nccl``   artune with SGLang's custom all-reduce off (its fast path gone);
-- ``artune_compile`` artune with ``enable_torch_compile=True``.
+- ``artune_compile`` artune with ``enable_torch_compile=True``;
+- ``default_compile`` SGLang as released with ``enable_torch_compile=True``;
+- ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
+  the engine-to-engine noise the "within 1%" comparison has to be read against.
 
 Per batch size (requests of ``--input-len`` token ids, ``--new-tokens`` greedy tokens, EOS
 ignored) it times ``--reps`` pairs of generates, one producing 1 token (prefill) and one
@@ -92,6 +95,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_nccl": {"artune": True, "kw": {"disable_custom_all_reduce": True}},
     "artune_compile": {"artune": True, "kw": {"enable_torch_compile": True}},
     "default_compile": {"artune": False, "kw": {"enable_torch_compile": True}},
+    "default_again": {"artune": False, "kw": {}},
 }
 TOP_K = 20
 CHECK_REQUESTS = 4
