@@ -618,3 +618,29 @@ def test_calls_write_only_their_slots_and_outputs() -> None:
 def test_replace_keeps_plans_frozen() -> None:
     p = replace(Plan(), proto="signal")
     assert p.proto == "signal" and Plan().proto == "ll"
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_quick_tunes_only_the_cta_count(quick: bool) -> None:
+    """``--quick`` keeps NVRAR at its default kernels (built ahead) and searches the CTA count,
+    a launch argument; a full tune searches the whole space."""
+    from types import SimpleNamespace
+
+    from artune.autotune.driver import Driver
+
+    ctx = _ctx(4, 4, 256 << 20)
+    be = NvrarBackend.__new__(NvrarBackend)  # only its class is looked at
+    drv = Driver.__new__(Driver)
+    drv.cfg = SimpleNamespace(quick=quick)  # type: ignore[assignment]
+    drv.crew = SimpleNamespace(ctx=ctx, built={"nvrar": be})  # type: ignore[assignment]
+    for nbytes in (4096, 65536, 1 << 20, 64 << 20):
+        full = NvrarBackend.search_space(nbytes, ctx)
+        space = drv._space("nvrar", nbytes)
+        default = NvrarBackend.default_params(nbytes, ctx)
+        if not quick:
+            assert space == full
+            continue
+        assert space["ctas"] == full["ctas"] and len(space["ctas"]) > 1
+        for k, v in space.items():
+            if k != "ctas":
+                assert v == [default[k]], (nbytes, k, v)

@@ -181,18 +181,31 @@ class Driver:
 
     def _plan(self, names: list[str]) -> list[tuple[str, int, str, str, int]]:
         """(dtype, nbytes, backend, mode, trial budget) in measuring order."""
-        cfg, ctx = self.cfg, self.crew.ctx
+        cfg = self.cfg
         plan = []
         for dtype in cfg.dtypes:
             for nbytes in sorted({actual_nbytes(s, dtype) for s in cfg.sizes}):
                 for name in names:
-                    space = type(self.crew.built[name]).search_space(nbytes, ctx)
+                    space = self._space(name, nbytes)
                     budget = min(self._count(name, space, nbytes), cfg.n_trials) if space else 1
                     for mode in cfg.modes:
                         plan.append((dtype, nbytes, name, mode,
                                      min(budget, EAGER_FOLLOW_TRIALS)
                                      if self._follows_graph(mode) and space else budget))
         return plan
+
+    def _space(self, name: str, nbytes: int) -> dict[str, list[Any]]:
+        """Backend ``name``'s search space at ``nbytes``; with ``--quick``, only its launch
+        parameters vary, the others stay at the defaults (built ahead by ``prepare``): no
+        trial waits for a build (an NVRAR kernel not built ahead compiles at its first call,
+        inside the trial's correctness gate)."""
+        cls = type(self.crew.built[name])
+        space = cls.search_space(nbytes, self.crew.ctx)
+        if not self.cfg.quick or not space:
+            return space
+        default = cls.default_params(nbytes, self.crew.ctx)
+        return {k: (list(v) if k in cls.launch_params or k not in default else [default[k]])
+                for k, v in space.items()}
 
     def _count(self, name: str, space: dict[str, list[Any]], nbytes: int) -> int:
         """How many parameter sets of ``space`` backend ``name`` admits at ``nbytes``."""
@@ -267,7 +280,7 @@ class Driver:
         cls = type(self.crew.built[name])
         sname = study_name(name, dtype, mode, nbytes)
         done = resumed.done.get(sname, set())
-        space = cls.search_space(nbytes, ctx)
+        space = self._space(name, nbytes)
         if not space:
             if params_key({}) in done:
                 progress.advance()

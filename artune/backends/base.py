@@ -6,6 +6,9 @@ will see, and then answers the same few questions as every other backend:
 - ``available(ctx) -> str | None``  (class method) why it cannot run here, or None;
 - ``search_space(nbytes, ctx)``     (class method) its tunable parameters for Optuna, name ->
                                     list of choices ({} for a backend with none);
+- ``launch_params``                 (class attribute, optional) the parameters that change only
+                                    how a call is launched, not what is built (``--quick``
+                                    searches only these);
 - ``admits(params, nbytes, ctx)``   (class method, optional) whether one combination of those
                                     choices is a distinct, valid parameter set (the tuner never
                                     spends a trial on one it rejects);
@@ -75,6 +78,9 @@ class Backend(ABC):
     #: True when every rank gets the same bits by construction (fixed reduction order). The
     #: autotune gate checks it either way: a backend whose ranks disagree is excluded.
     identical_bits: ClassVar[bool] = True
+    #: Parameters of ``search_space`` that change only how a call is launched (no compile, no
+    #: buffer): ``artune tune --quick`` searches these and keeps the others at the defaults.
+    launch_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: GroupContext) -> None:
         self.ctx = ctx

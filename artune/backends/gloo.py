@@ -21,6 +21,7 @@ __all__ = ["GlooBackend"]
 class GlooBackend(Backend):
     name = "gloo"
     needs_cuda = False
+    launch_params = ("chunks",)  # how the call is split; nothing is built per value
 
     @classmethod
     def available(cls, ctx: GroupContext) -> str | None:

@@ -107,6 +107,8 @@ class NvrarBackend(Backend):
 
     name = "nvrar"
     identical_bits: ClassVar[bool] = True
+    #: The CTA count is a launch argument; every other parameter picks a compiled kernel.
+    launch_params: ClassVar[tuple[str, ...]] = ("ctas",)
 
     @classmethod
     def available(cls, ctx: GroupContext) -> str | None:
