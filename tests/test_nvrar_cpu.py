@@ -644,3 +644,30 @@ def test_quick_tunes_only_the_cta_count(quick: bool) -> None:
         for k, v in space.items():
             if k != "ctas":
                 assert v == [default[k]], (nbytes, k, v)
+
+
+def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
+    """With ``pdl`` on, every peer-address kernel gets the PDL constexpr and Triton's
+    ``launch_pdl`` option, and its compiled-variant key differs from the plain one; off (the
+    default, and always under the interpreter), neither is passed."""
+    from artune.kernels.nvrar import Plan
+
+    nd = Nodes(1, 2)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [1 << 20, 2 << 20], torch.device("cpu"), timeout_s=1.0)
+    assert comm.pdl is False  # CPU: the interpreter never takes PDL
+    x = torch.zeros(1000, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    plans = [Plan(algo="oneshot", proto="ll", block=256, ctas=2),
+             Plan(algo="oneshot", proto="lamport", block=256, ctas=2),
+             Plan(algo="twoshot", proto="ll", block=256, ctas=2),
+             Plan(algo="twoshot", proto="signal", block=256, ctas=2)]
+    plain = [comm.spec(x, y, p) for p in plans]
+    for s in plain:
+        assert "PDL" not in s.kwargs and "launch_pdl" not in s.kwargs
+    comm.pdl = True
+    for p, before in zip(plans, plain, strict=True):
+        s = comm.spec(x, y, p)
+        assert s.kwargs["PDL"] is True and s.kwargs["launch_pdl"] is True, p
+        assert s.key != before.key, p
