@@ -97,11 +97,11 @@ def test_calls_per_repetition() -> None:
     assert calls_for(0.001, 4096, "eager") == MAX_CALLS
     assert calls_for(1000.0, 256 << 20, "graph") == 1
     assert calls_for(1.0, 64 << 20, "graph") == 8  # graph outputs kept below 512 MB
-    # eager: 64 calls up to 4 MiB, then at most 256 MiB per repetition, at least one call
-    assert calls_for(0.001, 4 << 20, "eager") == MAX_CALLS
-    assert calls_for(0.001, 16 << 20, "eager") == 16
-    assert calls_for(0.001, 256 << 20, "eager") == 1
-    assert calls_for(0.001, 1 << 30, "eager") == 1
+    # eager: 64 calls up to 16 MiB, then at most 1 GiB per repetition, at least one call
+    assert calls_for(0.001, 16 << 20, "eager") == MAX_CALLS
+    assert calls_for(0.001, 64 << 20, "eager") == 16
+    assert calls_for(0.001, 256 << 20, "eager") == 4
+    assert calls_for(0.001, 2 << 30, "eager") == 1
 
 
 def test_timer_on_cpu_counts_calls() -> None:

@@ -16,7 +16,8 @@ skew between ranks and the event overhead then stay small), and must be the same
 (``agree_calls``): every rank has to issue the same number of collectives. It is capped by the
 bytes one repetition moves: a graph keeps every call's output alive (``MAX_GRAPH_OUTPUT_BYTES``),
 and an eager repetition of large messages is GPU-bound long before 64 calls
-(``EAGER_REP_BYTES``: one call of 256 MiB already takes over 1 ms on 4 NVLink GPUs).
+(``EAGER_REP_BYTES``: four calls of 256 MiB take over 5 ms on 4 NVLink GPUs, and the first
+call's launch, which no earlier call hides, is under 1% of that).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ TARGET_REP_US = 200.0
 MAX_CALLS = 64
 #: Graph outputs stay alive in the graph's memory pool: calls * nbytes is kept below this.
 MAX_GRAPH_OUTPUT_BYTES = 512 << 20
-#: Eager repetitions move at most this many bytes (at least one call). With 64 calls at every
-#: size, eager timing of 16-256 MiB took 37 s of a 187 s full tune and 23 s of its validation
-#: on 4x H100 (2026-11-26, from the profile's own latencies); capped, the same repetitions
-#: last 1-3 ms each.
-EAGER_REP_BYTES = 256 << 20
+#: Eager repetitions move at most this many bytes (at least one call; 4 calls at 256 MiB).
+#: With 64 calls at every size, eager timing of 32-256 MiB took about 37 s of a 187 s full tune
+#: and 23 s of its validation on 4x H100 (2026-11-26, by the profile's own latencies); capped,
+#: about 14 s and 6 s.
+EAGER_REP_BYTES = 1 << 30
 
 
 def _sync(device: torch.device) -> None:
