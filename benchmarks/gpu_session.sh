@@ -22,7 +22,7 @@ if [ -n "${KERNELS_ONLY:-}" ]; then
     step bench4 80 torchrun --nproc-per-node 4 $A --out "$W/allreduce_4gpu.md"
     ARTUNE_NVRAR_PDL=1 step bench4pdl 45 torchrun --nproc-per-node 4 $A --backends nccl,sglang,nvrar \
         --sizes 4K,16K,64K,256K,1M --out "$W/allreduce_4gpu_pdl.md"
-    step test_nvrar 240 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py
+    step test_nvrar 280 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py
     cat "$OUT/steps.txt"
     grep -h -A14 "^NVRAR vs NCCL\|^one-shot protocols\|^one-shot breakdown\|^programmatic" \
         "$W/dev4.log" "$W/diag4.log" 2>/dev/null
