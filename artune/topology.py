@@ -30,9 +30,11 @@ def gpu_count() -> int:
     CUDA_VISIBLE_DEVICES as CUDA reads it (indices up to the first invalid one); entries that
     are not indices (UUIDs, MIG instances), a missing NVML and a CPU build of torch go through
     torch instead."""
-    found = _visible(os.environ.get("CUDA_VISIBLE_DEVICES"), _nvml_count())
-    if found is not None and not _cpu_only_torch():
-        return found
+    physical = _nvml_count()
+    ids = (_visible_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), physical)
+           if physical is not None else None)
+    if ids is not None and not _cpu_only_torch():
+        return len(ids)
     try:
         import torch
 
@@ -41,25 +43,27 @@ def gpu_count() -> int:
         return 0
 
 
-def _visible(env: str | None, physical: int | None) -> int | None:
-    """How many of ``physical`` GPUs CUDA_VISIBLE_DEVICES=``env`` leaves, or None when that
-    needs CUDA itself (no NVML count, or entries that are not plain indices)."""
-    if physical is None:
-        return None
+def _visible_indices(env: str | None, physical: int | None) -> list[int] | None:
+    """Physical indices (nvidia-smi's numbering) of the GPUs that CUDA_VISIBLE_DEVICES=``env``
+    exposes, in CUDA's order, as CUDA reads it: indices up to the first invalid one (beyond
+    ``physical`` GPUs, when that is known), none at all when one repeats. None when only CUDA
+    can tell (entries that are not plain indices: UUIDs, MIG instances; or no variable and an
+    unknown count)."""
     if env is None:
-        return physical
+        return None if physical is None else list(range(physical))
     seen: list[int] = []
-    for item in env.split(","):
-        item = item.strip()
+    for item in (i.strip() for i in env.split(",")):
         if not item.lstrip("-").isdigit():
-            return None if item else len(seen)
+            if item:
+                return None
+            break
         index = int(item)
         if index in seen:
-            return 0  # a repeated ordinal hides every GPU (as torch reads the variable)
-        if index < 0 or index >= physical:
+            return []  # a repeated ordinal hides every GPU (as torch reads the variable)
+        if index < 0 or (physical is not None and index >= physical):
             break  # CUDA ignores this entry and every one after it
         seen.append(index)
-    return len(seen)
+    return seen
 
 
 def _cpu_only_torch() -> bool:
@@ -110,16 +114,9 @@ def _nvidia_smi(*args: str) -> str | None:
 def _physical_gpus(n: int) -> list[int] | None:
     """Physical indices (nvidia-smi's numbering) of the first ``n`` visible GPUs, or None when
     CUDA_VISIBLE_DEVICES names them in a way nvidia-smi's table cannot be matched to (UUIDs)."""
-    import os
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return list(range(n))
-    try:
-        ids = [int(v) for v in visible.split(",") if v.strip()]
-    except ValueError:
-        return None
-    return ids[:n] if len(ids) >= n else None
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = list(range(n)) if env is None else _visible_indices(env, None)
+    return ids[:n] if ids is not None and len(ids) >= n else None
 
 
 def link_matrix(n: int) -> list[list[str]]:

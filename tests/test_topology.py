@@ -72,21 +72,33 @@ def test_link_matrix_follows_cuda_visible_devices(monkeypatch) -> None:  # noqa:
 
 
 @pytest.mark.parametrize("env,physical,expected", [
-    (None, 4, 4),            # nothing hidden
-    ("", 4, 0),              # everything hidden
-    ("0,1", 4, 2),
-    (" 3 , 2 ", 4, 2),
-    ("2,9,1", 4, 1),         # CUDA stops at the first invalid index
-    ("-1,0", 4, 0),
-    ("1,1", 4, 0),           # a repeated ordinal hides everything
-    ("GPU-8c0e", 4, None),   # a UUID: only CUDA can tell
-    ("0", None, None),       # no NVML: only CUDA can tell
+    (None, 4, [0, 1, 2, 3]),       # nothing hidden
+    ("", 4, []),                   # everything hidden
+    ("0,1", 4, [0, 1]),
+    (" 3 , 2 ", 4, [3, 2]),
+    ("2,9,1", 4, [2]),             # CUDA stops at the first invalid index
+    ("2,9,1", None, [2, 9, 1]),    # count unknown: no bound
+    ("-1,0", 4, []),
+    ("1,1", 4, []),                # a repeated ordinal hides everything
+    ("GPU-8c0e", 4, None),         # a UUID: only CUDA can tell
+    (None, None, None),            # no variable, count unknown
 ])
 def test_visible_gpus_as_cuda_reads_cuda_visible_devices(env: str | None, physical: int | None,
-                                                         expected: int | None) -> None:
-    from artune.topology import _visible
+                                                         expected: list[int] | None) -> None:
+    from artune.topology import _visible_indices
 
-    assert _visible(env, physical) == expected
+    assert _visible_indices(env, physical) == expected
+
+
+def test_link_matrix_follows_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from artune.topology import _physical_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _physical_gpus(2) == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert _physical_gpus(2) == [3, 1] and _physical_gpus(3) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c0e,GPU-77aa")
+    assert _physical_gpus(2) is None
 
 
 def test_gpu_count_asks_nvml_first(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -257,7 +257,7 @@ class Crew:
         if first is not None:
             return {"skip": f"unsupported: {first}"}
         if cmd.get("gate"):
-            with self._clock("gate"), self._clock(f"gate {cmd['backend']}"):
+            with self._clock("gate"), self._clock(f"gate: {cmd['backend']}"):  # total, part
                 verdict = gate.check(backend, params, x, self.comm, self.ctx.group)
             if verdict is not None:
                 return {"skip": verdict, "gate": True}
@@ -303,8 +303,8 @@ class Crew:
         One synchronised eager call comes first (errors agreed, lazy set-up kept out of the
         capture). Calls per repetition: on GPUs the most ``calls_for`` allows at the size (graph
         pool, eager bytes per repetition; the same for every candidate); on CPU sized from that
-        call, checked on one real repetition and raised
-        once, by recapturing, when it was too short."""
+        call, checked on one real repetition and raised once, by recapturing, when it was too
+        short."""
         mode, nbytes = cmd["mode"], cmd["nbytes"]
         reps, warmup, prune_after = cmd["reps"], cmd["warmup"], cmd.get("prune_after", 0)
         device = self.ctx.device

@@ -314,13 +314,12 @@ class Search:
         study = self.store.study(self.name)
         while True:
             self._attempts += 1
-            self._queue = [c for c in self._queue if params_key(c) not in self.done]
+            head = self._head()
             # the sampler keeps proposing sets already measured or not admitted: walk the
             # remaining admitted combinations in order instead
             walk = self._attempts > 4 * self.budget
-            if walk or self.exhaustive or (self._queue
-                                           and params_key(self._queue[0]) in self._heads):
-                if not self._queue:
+            if walk or self.exhaustive or (head is not None and params_key(head) in self._heads):
+                if head is None:
                     return None
                 study.enqueue_trial(self._queue.pop(0))
             trial = study.ask(self.dists)
@@ -333,6 +332,13 @@ class Search:
             trial.set_user_attr("params", params)
             self._trial = trial
             return params
+
+    def _head(self) -> dict[str, Any] | None:
+        """The first queued set not measured yet (those the sampler measured meanwhile are
+        dropped from the front), or None."""
+        while self._queue and params_key(self._queue[0]) in self.done:
+            self._queue.pop(0)
+        return self._queue[0] if self._queue else None
 
     def report(self, value: float, step: int) -> bool:
         """Report an intermediate slowest-rank median; True if the trial should be pruned."""

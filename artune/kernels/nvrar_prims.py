@@ -90,52 +90,37 @@ def ld_acquire(addr, INTERPRET: tl.constexpr):
         )
 
 
-# One thread's poll of one LL word: $0 = the word at address $1 once its flag (high 32 bits)
-# equals $2, or when %globaltimer reaches the deadline $3 (then the stale word), or 0 at once
-# where $4 == 0 (not a live word). Labels and registers are local to the braces.
-_SPIN_LL_PTX = tl.constexpr("""{
-.reg .pred %artp<3>;
-.reg .b64 %artt;
-.reg .b32 %artw<2>;
-mov.u64 $0, 0;
-setp.eq.s32 %artp0, $4, 0;
-@%artp0 bra ARTUNE_LL_DONE;
-ARTUNE_LL_POLL:
-ld.volatile.global.u64 $0, [$1];
-mov.b64 {%artw0, %artw1}, $0;
-setp.eq.u32 %artp1, %artw1, $2;
-@%artp1 bra ARTUNE_LL_DONE;
-mov.u64 %artt, %globaltimer;
-setp.lt.s64 %artp2, %artt, $3;
-@%artp2 bra ARTUNE_LL_POLL;
-ARTUNE_LL_DONE:
-}""")
+def _spin_ptx(tag: str, regs: str, arrived: str, pred: str, timer: str) -> str:
+    """One thread's poll of one word, as inline PTX: $0 = the word at address $1 once
+    ``arrived`` (PTX setting predicate ``pred``1 from $0) holds, or when %globaltimer (read into
+    ``timer``) reaches the deadline $3 (then the stale word), or 0 at once where $4 == 0 (not a
+    live word). Labels and registers are local to the braces."""
+    return (
+        "{\n" + regs
+        + f"mov.u64 $0, 0;\nsetp.eq.s32 {pred}0, $4, 0;\n@{pred}0 bra {tag}_DONE;\n"
+        + f"{tag}_POLL:\nld.volatile.global.u64 $0, [$1];\n" + arrived
+        + f"@{pred}1 bra {tag}_DONE;\nmov.u64 {timer}, %globaltimer;\n"
+        + f"setp.lt.s64 {pred}2, {timer}, $3;\n@{pred}2 bra {tag}_POLL;\n{tag}_DONE:\n}}"
+    )
 
 
-# Lamport words (nvrar_lamport): four 16-bit lanes, each the sentinel 0x8000 until written. The
-# same operands as _SPIN_LL_PTX ($2, the epoch, unused): $0 = the word at $1 once none of its
-# lanes is 0x8000. Lanes equal to 0x8000 are the zero lanes of t = w ^ 0x8000...:
-# (t - 0x0001...) & ~t & 0x8000... is non-zero iff t has a zero lane.
-_SPIN_LAMPORT_PTX = tl.constexpr("""{
-.reg .pred %artq<3>;
-.reg .b64 %artv<3>;
-mov.u64 $0, 0;
-setp.eq.s32 %artq0, $4, 0;
-@%artq0 bra ARTUNE_LP_DONE;
-ARTUNE_LP_POLL:
-ld.volatile.global.u64 $0, [$1];
-xor.b64 %artv0, $0, 0x8000800080008000;
-sub.u64 %artv1, %artv0, 0x0001000100010001;
-not.b64 %artv2, %artv0;
-and.b64 %artv1, %artv1, %artv2;
-and.b64 %artv1, %artv1, 0x8000800080008000;
-setp.eq.u64 %artq1, %artv1, 0;
-@%artq1 bra ARTUNE_LP_DONE;
-mov.u64 %artv2, %globaltimer;
-setp.lt.s64 %artq2, %artv2, $3;
-@%artq2 bra ARTUNE_LP_POLL;
-ARTUNE_LP_DONE:
-}""")
+# LL words: arrived once the flag (high 32 bits) equals the epoch $2.
+_SPIN_LL_PTX = tl.constexpr(_spin_ptx(
+    "ARTUNE_LL",
+    ".reg .pred %artp<3>;\n.reg .b64 %artt;\n.reg .b32 %artw<2>;\n",
+    "mov.b64 {%artw0, %artw1}, $0;\nsetp.eq.u32 %artp1, %artw1, $2;\n",
+    "%artp", "%artt"))
+
+# Lamport words (nvrar_lamport): four 16-bit lanes, each the sentinel 0x8000 until written ($2,
+# the epoch, unused): arrived once none of the lanes is 0x8000. Lanes equal to 0x8000 are the
+# zero lanes of t = w ^ 0x8000...: (t - 0x0001...) & ~t & 0x8000... is non-zero iff t has one.
+_SPIN_LAMPORT_PTX = tl.constexpr(_spin_ptx(
+    "ARTUNE_LP",
+    ".reg .pred %artq<3>;\n.reg .b64 %artv<3>;\n",
+    "xor.b64 %artv0, $0, 0x8000800080008000;\nsub.u64 %artv1, %artv0, 0x0001000100010001;\n"
+    "not.b64 %artv2, %artv0;\nand.b64 %artv1, %artv1, %artv2;\n"
+    "and.b64 %artv1, %artv1, 0x8000800080008000;\nsetp.eq.u64 %artq1, %artv1, 0;\n",
+    "%artq", "%artv2"))
 # 64-bit lane patterns as int64 values (Triton constants are signed), bitcast where used.
 LANES_SENTINEL = tl.constexpr(0x8000800080008000 - (1 << 64))
 _LANES_ONE = tl.constexpr(0x0001000100010001)
