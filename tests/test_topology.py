@@ -90,17 +90,6 @@ def test_visible_gpus_as_cuda_reads_cuda_visible_devices(env: str | None, physic
     assert _visible_indices(env, physical) == expected
 
 
-def test_link_matrix_follows_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    from artune.topology import _physical_gpus
-
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert _physical_gpus(2) == [0, 1]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-    assert _physical_gpus(2) == [3, 1] and _physical_gpus(3) is None
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8c0e,GPU-77aa")
-    assert _physical_gpus(2) is None
-
-
 def test_gpu_count_asks_nvml_first(monkeypatch: pytest.MonkeyPatch) -> None:
     import artune.topology as topo
 
