@@ -5,11 +5,11 @@
 #                                   PHASE=tunes   bash benchmarks/gpu_session_2gpu.sh
 #
 # kernels: NVRAR's plans with both one-shot wait loops (nvrar_dev.py --spin both), where the
-#   one-shot's time goes (--diag), every backend
-#   side by side (allreduce.py), then the GPU tests that fit 2 GPUs (NVRAR's 2-rank sweep, every
-#   backend against dist.all_reduce, a short tune).
-# tunes: NVRAR's two-shot plans with both wait loops, the full and --quick tunes, timed with a cold Triton cache (tune_time.py), then the
-#   backends side by side again with the full tune's profile routing (the routed column).
+#   one-shot's time goes (--diag), every backend side by side (allreduce.py), then the GPU tests
+#   that fit 2 GPUs (NVRAR's 2-rank sweep, every backend against dist.all_reduce, a short tune).
+# tunes: NVRAR's two-shot plans with both wait loops, the full and --quick tunes, timed with a
+#   cold Triton cache (tune_time.py), then the backends side by side again with the full
+#   tune's profile routing (the routed column).
 #   NO_DEV=1 / NO_BENCH=1 leave out the first or the last of these.
 set -uo pipefail
 W=/tmp/artune-gpu-2gpu

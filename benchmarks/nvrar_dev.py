@@ -208,6 +208,18 @@ def _save(out: str, rows: list[dict[str, Any]], world: int, per_node: int,
     return card
 
 
+def _compare(rows: list[dict[str, Any]], title: str, groups: dict[str, Any]) -> None:
+    """Print, per size, the best timed plan of each group (name -> predicate on a plan entry)."""
+    print("\n" + title)
+    for row in rows:
+        cells = []
+        for name, member in groups.items():
+            ok = [e for e in row["plans"] if "us" in e and member(e)]
+            b = min(ok, key=lambda e: e["us"]) if ok else None
+            cells.append(f"{name} " + (f"{b['us']:6.2f} ({b['label']})" if b else "-"))
+        print(f"{_h(row['bytes']):>6}  " + "  ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -337,36 +349,18 @@ def main() -> None:
             print(f"{_h(row['bytes']):>6} {row['nccl_us']:8.1f} {d:8.1f} {b:8.1f} "
                   f"{row['nccl_us'] / b:7.2f}  {best['label'] if best else '-'}"
                   + (f"  [{bad} plans failed]" if bad else ""))
-        print("\none-shot protocols, best plan per size: LL (flag in every word) vs lamport "
-              "(the data is its own flag)")
-        for row in rows:
-            cells = []
-            for proto in ("ll", "lamport"):
-                ok = [e for e in row["plans"] if "us" in e and e["plan"]["algo"] == "oneshot"
-                      and e["plan"]["proto"] == proto]
-                b = min(ok, key=lambda e: e["us"]) if ok else None
-                cells.append(f"{b['us']:6.2f} ({b['label']})" if b else "-")
-            print(f"{_h(row['bytes']):>6}  ll {cells[0]}  lamport {cells[1]}")
+        _compare(rows, "one-shot protocols, best plan per size: LL (flag in every word) vs "
+                 "lamport (the data is its own flag)",
+                 {p: (lambda e, p=p: e["plan"]["algo"] == "oneshot" and e["plan"]["proto"] == p)
+                  for p in ("ll", "lamport")})
         if len(spins) > 1:
-            print("\none-shot waits, best plan per size: block-wide rounds vs per-thread polling")
-            for row in rows:
-                best = {}
-                for spin in spins:
-                    ok = [e for e in row["plans"] if "us" in e and e["spin"] == spin
-                          and e["plan"]["algo"] == "oneshot"]
-                    best[spin] = min(ok, key=lambda e: e["us"]) if ok else None
-                cells = [f"{best[v]['us']:6.2f} ({best[v]['label']})" if best[v] else "-"
-                         for v in spins]
-                print(f"{_h(row['bytes']):>6}  off {cells[0]}  on {cells[1]}")
+            _compare(rows, "one-shot waits, best plan per size: block-wide rounds vs per-thread "
+                     "polling", {("on" if v else "off"): (lambda e, v=v: e["spin"] == v
+                                                          and e["plan"]["algo"] == "oneshot")
+                                 for v in spins})
         if len(pdls) > 1:
-            print("\nprogrammatic dependent launch, best plan per size: off vs on")
-            for row in rows:
-                cells = []
-                for pdl in pdls:
-                    ok = [e for e in row["plans"] if "us" in e and e["pdl"] == pdl]
-                    b = min(ok, key=lambda e: e["us"]) if ok else None
-                    cells.append(f"{b['us']:6.2f} ({b['label']})" if b else "-")
-                print(f"{_h(row['bytes']):>6}  off {cells[0]}  on {cells[1]}")
+            _compare(rows, "programmatic dependent launch, best plan per size: off vs on",
+                     {("on" if v else "off"): (lambda e, v=v: e["pdl"] == v) for v in pdls})
     dist.barrier(cpu)
     from artune.backends import _nvshmem
 
