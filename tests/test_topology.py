@@ -91,14 +91,20 @@ def test_visible_gpus_as_cuda_reads_cuda_visible_devices(env: str | None, physic
 
 
 def test_gpu_count_asks_nvml_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
     import artune.topology as topo
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # torch's answer: 0
     monkeypatch.setattr(topo, "_nvml_count", lambda: 8)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     monkeypatch.setattr(topo, "_cpu_only_torch", lambda: False)
     assert topo.gpu_count() == 3
     monkeypatch.setattr(topo, "_cpu_only_torch", lambda: True)  # GPUs, but torch cannot use them
-    assert topo.gpu_count() == 0
+    assert topo.gpu_count() == 0  # torch answers
     monkeypatch.setattr(topo, "_cpu_only_torch", lambda: False)
-    monkeypatch.setattr(topo, "_nvml_count", lambda: None)  # no NVML: torch answers (no CUDA)
+    monkeypatch.setattr(topo, "_nvml_count", lambda: None)  # no NVML: torch answers
     assert topo.gpu_count() == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 5)
+    assert topo.gpu_count() == 5
