@@ -2,7 +2,7 @@
 # One GPU-machine call that produces the committed GPU results (4 GPUs, then 2 of them).
 #
 #   device run, carry [".devwhl"]:  bash benchmarks/gpu_session.sh
-#   KERNELS_ONLY=1: NVRAR's plans, breakdown, all backends and the NVRAR GPU tests only;
+#   KERNELS_ONLY=1: NVRAR's plans (DIAG=1: and breakdown), all backends and the NVRAR GPU tests only;
 #   TUNES_ONLY=1: the timed tunes only (with SKIP_2GPU=1: 4 GPUs only).
 #
 # .devwhl: see gpu_lib.sh. Every step has its own time limit so that a slow or failing step leaves
@@ -17,7 +17,7 @@ if [ -n "${KERNELS_ONLY:-}" ]; then
     # loops' choice, the one-shot breakdown, all backends side by side, the GPU tests.
     step dev4 150 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --pdl both \
         --sizes 4K,16K,64K,256K,1M --out "$W/nvrar_dev_4gpu.json"
-    step diag4 60 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --diag \
+    [ -n "${DIAG:-}" ] && step diag4 60 torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --diag \
         --sizes 4K,16K,64K --out "$W/nvrar_diag_4gpu.json"
     step bench4 80 torchrun --nproc-per-node 4 $A --out "$W/allreduce_4gpu.md"
     ARTUNE_NVRAR_PDL=1 step bench4pdl 45 torchrun --nproc-per-node 4 $A --backends nccl,sglang,nvrar \
