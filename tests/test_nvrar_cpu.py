@@ -648,8 +648,8 @@ def test_quick_tunes_only_the_cta_count(quick: bool) -> None:
 
 def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
     """With ``pdl`` on, every peer-address kernel gets the PDL constexpr and Triton's
-    ``launch_pdl`` option, and its compiled-variant key differs from the plain one; off (the
-    default, and always under the interpreter), neither is passed."""
+    ``launch_pdl`` option, and its compiled-variant key differs from the plain one; off (always
+    under the interpreter, and with ARTUNE_NVRAR_PDL=0), neither is passed."""
     from artune.kernels.nvrar import Plan
 
     nd = Nodes(1, 2)

@@ -228,16 +228,22 @@ def test_sweep_4_ranks() -> None:
     _run_sweep(4)
 
 
-def _pdl_sweep(ctx: Any) -> list[str]:
-    """Every plan with programmatic dependent launch on (ARTUNE_NVRAR_PDL=1), eager and in a
-    graph: the kernels wait for the previous grid first, so results must not change."""
-    os.environ["ARTUNE_NVRAR_PDL"] = "1"
+def _pdl_off_sweep(ctx: Any) -> list[str]:
+    """PDL is on by default (sm_90+); with ARTUNE_NVRAR_PDL=0, every plan, eager and in a
+    graph, gives the same results as the default sweeps."""
+    os.environ.pop("ARTUNE_NVRAR_PDL", None)
+    probe = _make(ctx, ctx.world_size)
+    on_by_default = probe.comm.pdl
+    probe.close()
+    if not on_by_default:
+        return ["PDL is off by default on a sm_90+ GPU"]
+    os.environ["ARTUNE_NVRAR_PDL"] = "0"
     try:
         probe = _make(ctx, ctx.world_size)
         on = probe.comm.pdl
         probe.close()
-        if not on:
-            return ["ARTUNE_NVRAR_PDL=1 did not turn PDL on"]
+        if on:
+            return ["ARTUNE_NVRAR_PDL=0 did not turn PDL off"]
         return _sweep(ctx, ctx.world_size, ("bfloat16", "float32"), SIZES[::2] + (SIZES[-1],),
                       graph=True)
     finally:
@@ -246,10 +252,10 @@ def _pdl_sweep(ctx: Any) -> list[str]:
 
 @requires_nvshmem(4)
 @pytest.mark.gpu
-def test_sweep_4_ranks_with_pdl() -> None:
+def test_sweep_4_ranks_without_pdl() -> None:
     if torch.cuda.get_device_capability(0) < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
-    failures = run_on_gpus(4, _pdl_sweep, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
+    failures = run_on_gpus(4, _pdl_off_sweep, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
     assert failures[0] == [], "\n".join(failures[0][:20])
 
 
