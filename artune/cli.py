@@ -213,7 +213,9 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
     if cfg.device == "cuda" and (cfg.backends is None or "sglang" in cfg.backends):
         from artune.backends import sglang_jit
 
-        warm = sglang_jit.start(nproc, cfg.dtypes)  # SGLang's JIT builds, off the ranks' path
+        # SGLang's JIT builds, off the ranks' path; what they did goes next to the profile
+        log_path = cfg.out.with_name(cfg.out.name + ".sglang-jit.log") if cfg.out else None
+        warm = sglang_jit.start(nproc, cfg.dtypes, log_path=log_path)
     try:
         return launch(["tune", *tune_argv], nproc)
     finally:

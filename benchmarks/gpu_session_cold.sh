@@ -4,6 +4,7 @@
 # emptied before each tune), --quick first; then NVRAR and SGLang on 2 of the GPUs.
 #
 #   device run, carry [".devwhl"], on a fresh (not warm) machine:  bash benchmarks/gpu_session_cold.sh
+#   NO_2GPU=1: the tunes only.
 set -uo pipefail
 W=/tmp/artune-gpu-cold
 source benchmarks/gpu_lib.sh
@@ -15,12 +16,15 @@ step quick4 90 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
 rm -rf "$JIT"
 step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
     --results "$W/tune_time_4gpu_full.json" --keep "$W/t4"
+if [ -z "${NO_2GPU:-}" ]; then
 export CUDA_VISIBLE_DEVICES=0,1
 step dev2 90 torchrun --nproc-per-node 2 benchmarks/nvrar_dev.py --pdl both \
     --sizes 4K,16K,64K,256K --out "$W/nvrar_dev_2gpu.json"
 step bench2 60 torchrun --nproc-per-node 2 benchmarks/allreduce.py --backends nccl,sglang,nvrar \
     --sizes 4K,16K,64K,256K,1M --out "$W/allreduce_2gpu.md"
 unset CUDA_VISIBLE_DEVICES
+fi
+tail -n 4 "$W"/q4/*.sglang-jit.log "$W"/t4/*.sglang-jit.log 2>/dev/null
 cat "$W/jit.txt" "$OUT/steps.txt"
 for f in "$W"/tune_time_*.json; do
     [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['kind'], r['wall_s'], 's rc', r['returncode'], r.get('validation_within'), '/', r.get('validation_points'), {k: v for k, v in r['seconds_by_phase'].items() if ':' not in k or 'sglang' in k}) for r in d['runs']]" "$f"

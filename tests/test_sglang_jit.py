@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,23 @@ def test_stop_ends_the_whole_process_group() -> None:
     else:
         pytest.fail("a process of the group outlived stop()")
     sglang_jit.stop(None)  # nothing started: nothing to do
+
+
+def test_each_build_outcome_lands_in_the_log(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``start(log_path=...)``: every module's build reports there, by name (here each fails:
+    the child processes have no sglang)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is importable here: the builds would run for real")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "sglang" else real(name, *a))
+    log = tmp_path / "out.json.sglang-jit.log"
+    proc = sglang_jit.start(2, ["bfloat16"], log_path=log)
+    assert proc is not None
+    assert proc.wait(timeout=120) == 1
+    lines = sorted(log.read_text().splitlines())
+    assert [ln.split(":")[1].strip() for ln in lines] == ["communicator", "ipc", "kernel"]
+    assert all("ModuleNotFoundError" in ln for ln in lines), lines

@@ -24,11 +24,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["modules", "start", "stop", "main"]
 
 _MOD = "sglang.kernels.ops.communication.all_reduce"
+#: This module's name for ``python -m`` (``__name__`` is "__main__" when it runs that way).
+_SELF = "artune.backends.sglang_jit"
 
 
 def modules(world_size: int, dtypes: Sequence[str]) -> list[str]:
@@ -66,9 +69,10 @@ def _background() -> Callable[[], None] | None:
 
 
 def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
-          log: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes] | None:
+          log_path: Path | None = None) -> subprocess.Popen[bytes] | None:
     """Start the builds in the background (one process that starts one per module); None
-    when they are turned off or SGLang's module is not there."""
+    when they are turned off or SGLang's module is not there. Each build's outcome and time
+    goes to ``log_path`` (appended) when given."""
     import importlib.util
 
     if os.environ.get("ARTUNE_SGLANG_WARM", "1") == "0":
@@ -78,14 +82,20 @@ def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
             return None
     except (ImportError, ValueError):
         return None
-    try:
-        # Its own process group (``stop`` ends the builders' nvcc too), at low priority: the
-        # ranks' host-bound eager timing may run beside it.
-        return subprocess.Popen([python, "-m", __name__, str(world_size), *dtypes],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                preexec_fn=_background(), start_new_session=True)
-    except Exception:  # noqa: BLE001 - the ranks build what they need themselves
-        return None
+    with contextlib.ExitStack() as stack:
+        log: Any = subprocess.DEVNULL
+        if log_path is not None:
+            with contextlib.suppress(OSError):
+                log = stack.enter_context(open(log_path, "ab"))  # noqa: SIM115
+        try:
+            # Its own process group (``stop`` ends the builders' nvcc too), at low priority:
+            # the ranks' host-bound eager timing may run beside it.
+            return subprocess.Popen([python, "-m", _SELF, str(world_size), *dtypes],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    preexec_fn=_background(), start_new_session=True)
+        except Exception:  # noqa: BLE001 - the ranks build what they need themselves
+            return None
+    return None
 
 
 def stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -111,17 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     build one. Exit 0 when all were built, 1 otherwise (each failure printed)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--one"]:
+        import time
+
         name, world = args[1], int(args[2])
+        t0 = time.monotonic()
         try:
             _builder(name, world)()
         except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the ranks time
             print(f"artune sglang_jit: {name}: {type(exc).__name__}: {exc}".splitlines()[0],
-                  file=sys.stderr)
+                  file=sys.stderr, flush=True)
             return 1
+        print(f"artune sglang_jit: {name} ready after {time.monotonic() - t0:.1f} s",
+              file=sys.stderr, flush=True)
         return 0
     world, dtypes = int(args[0]), args[1:] or ["bfloat16"]
     procs = [
-        subprocess.Popen([sys.executable, "-m", __name__, "--one", name, str(world)],
+        subprocess.Popen([sys.executable, "-m", _SELF, "--one", name, str(world)],
                          stdin=subprocess.DEVNULL, preexec_fn=_background())
         for name in modules(world, dtypes)
     ]
