@@ -111,6 +111,16 @@ def render(profile: Profile, console: Any = None) -> None:
             f"[bold]validation[/bold]: routed all-reduce within tolerance of the fastest "
             f"candidate at {ok}/{len(validation)} points"
         )
+        moved = [v for v in validation if v.get("rerouted_from")]
+        if moved:
+            console.print(
+                f"  re-routed after the validation pass's re-times, then validated again: "
+                f"{len(moved)} point(s)", highlight=False)
+            for v in moved:
+                was = v["rerouted_from"]
+                console.print(
+                    f"    {v['dtype']}/{v['mode']} {human_bytes(v['nbytes'])}: "
+                    f"{was['backend']} -> {v['routed_backend']}", markup=False, highlight=False)
         for v in validation:
             if not v.get("within"):
                 console.print(

@@ -157,10 +157,13 @@ class Router:
         return self._resolve(x, mode)[0]
 
     def all_reduce(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        d, _ = self.decide(x, mode)
-        if d.backend is not None:  # the common case: one cached lookup
+        # The common case, inlined (in eager mode this is on the critical path): one cached
+        # lookup, the same key as ``decide``'s.
+        key = (x.nbytes, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous())
+        d = self._decided.get(key)
+        if d is not None and d.backend is not None and not d.backend.closed:
             return d.backend.all_reduce(x, d.choice.params)
-        choice, backend = self._resolve(x, mode)
+        choice, backend = self._resolve(x, key[2])
         return backend.all_reduce(x, choice.params)
 
     @contextlib.contextmanager

@@ -77,3 +77,26 @@ def test_failed_measurements_ignored_and_profile_valid() -> None:
     validate(doc)
     assert _backends(doc["tables"]["bfloat16"]["graph"]) == [(1, 4096, "nccl")]
     assert doc["fingerprint_id"] and doc["created"].endswith("Z")
+
+
+def test_validation_retimes_outrank_the_tune() -> None:
+    """A re-time by the validation pass replaces the tune's measurements of that backend at
+    that point, even where the tune read it faster; the last re-time counts; other backends
+    and points keep the tune's fastest."""
+    from artune.autotune.table import VALIDATION, best_per_backend
+
+    ms = [rec("symm_one_shot", 4096, 30.0, mode="eager"), rec("symm_one_shot", 4096, 29.0,
+                                                             mode="eager"),
+          rec("nvrar", 4096, 25.0, mode="eager"), rec("nvrar", 8192, 26.0, mode="eager")]
+    assert best_per_backend(ms)[("bfloat16", "eager")][4096]["nvrar"]["latency_us"] == 25.0
+    t = build_tables(ms)["bfloat16"]["eager"]
+    assert _backends(t) == [(1, 8192, "nvrar")]
+    ms += [dict(rec("nvrar", 4096, 60.0, mode="eager"), source=VALIDATION),
+           dict(rec("nvrar", 4096, 50.0, mode="eager"), source=VALIDATION),
+           dict(rec("symm_one_shot", 4096, 31.0, mode="eager"), source=VALIDATION)]
+    best = best_per_backend(ms)[("bfloat16", "eager")]
+    assert best[4096]["nvrar"]["latency_us"] == 50.0  # the last re-time, not the fastest
+    assert best[4096]["symm_one_shot"]["latency_us"] == 31.0
+    assert best[8192]["nvrar"]["latency_us"] == 26.0
+    t = build_tables(ms)["bfloat16"]["eager"]
+    assert _backends(t) == [(1, 5792, "symm_one_shot"), (5793, 8192, "nvrar")]

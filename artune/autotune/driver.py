@@ -22,6 +22,7 @@ from artune.autotune.search import (
     params_key,
     study_name,
 )
+from artune.autotune.table import VALIDATION
 
 __all__ = ["Driver", "VALIDATE_MARGIN"]
 
@@ -52,6 +53,8 @@ class Driver:
         self.env = env
         self.con = ui.console()
         self.measurements: list[dict[str, Any]] = []
+        #: the validation pass's re-times of each candidate (``_validate``, ``_reroute``)
+        self.retimed: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self._skip_keys: set[tuple[Any, ...]] = set()
         #: (backend, params key, dtype, nbytes) -> None (passed) or the gate failure
@@ -157,6 +160,7 @@ class Driver:
         if cfg.validate and doc["tables"]:
             t_val = time.perf_counter()
             doc["validation"] = self._validate(doc)
+            self._reroute(doc)
             self.spent["validation"] = time.perf_counter() - t_val
         measured = sum(v for k, v in self.spent.items() if k.startswith("measure "))
         self.spent["measure: Optuna search and storage"] = max(0.0, measured - self._trial_wall)
@@ -320,8 +324,11 @@ class Driver:
 
     # -- validation ----------------------------------------------------------------------
 
-    def _validate(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
-        """Re-time the routed all-reduce and every backend's best at each measured point."""
+    def _validate(self, doc: dict[str, Any],
+                  only: set[tuple[str, str, int]] | None = None) -> list[dict[str, Any]]:
+        """Re-time the routed all-reduce and every backend's best at each measured point (or
+        at the (dtype, mode, nbytes) points in ``only``). Each candidate's re-time is kept in
+        ``self.retimed`` (a measurement with ``"source": "validation"``)."""
         from artune.autotune.table import best_per_backend
 
         self.crew.send({"op": "router", "tables": doc["tables"], "dry_run": doc["dry_run"]})
@@ -331,7 +338,8 @@ class Driver:
         entries: list[dict[str, Any]] = []
         best = best_per_backend(doc["measurements"])
         points = [(k, n, per) for k, per_size in sorted(best.items())
-                  for n, per in sorted(per_size.items())]
+                  for n, per in sorted(per_size.items())
+                  if only is None or (*k, n) in only]
         progress = ui.Progress(len(points), self.con)
         with progress.running():
             for (dtype, mode), nbytes, per_backend in points:
@@ -360,6 +368,43 @@ class Driver:
                 progress.advance()
         return entries
 
+    def _reroute(self, doc: dict[str, Any]) -> None:
+        """Rebuild the tables with the validation pass's re-times, which outrank the tune's
+        measurements (every close candidate timed again side by side: eager ones in
+        alternating rounds, where host speed drifts between the tune's backend-by-backend
+        studies). Where that moves a validated point to another backend or parameter set,
+        validate those points again with the new routing, once: the profile's validation then
+        describes what it routes. The second pass's re-times stay in its entries only."""
+        from artune.autotune.table import build_tables
+        from artune.profile import Profile
+
+        if not self.retimed:
+            return
+        measurements = self.measurements + self.retimed
+        tables = build_tables(measurements, self.cfg.rel_tol, Profile(doc).fallback())
+        moved = {}
+        for e in doc["validation"]:
+            key = (e["dtype"], e["mode"], e["nbytes"])
+            if _choice_at(doc["tables"], *key) != _choice_at(tables, *key):
+                moved[key] = e
+        doc["measurements"], doc["tables"] = measurements, tables
+        if not moved:
+            return
+        self.con.print(
+            f"validation: the re-times move {len(moved)} point(s) to another backend; "
+            "validating them again", markup=False)
+        again = {(e["dtype"], e["mode"], e["nbytes"]): e
+                 for e in self._validate(doc, only=set(moved))}
+        out = []
+        for e in doc["validation"]:
+            key = (e["dtype"], e["mode"], e["nbytes"])
+            if key in again:
+                e = dict(again[key], rerouted_from={
+                    "backend": e["routed_backend"], "params": e["routed_params"],
+                    "routed_us": e["routed_us"], "within": e["within"]})
+            out.append(e)
+        doc["validation"] = out
+
     def _entry(self, dtype: str, mode: str, nbytes: int, choice: Any,
                cands: list[tuple[str, dict[str, Any]]], results: list[dict[str, Any]],
                rel_tol: float) -> dict[str, Any]:
@@ -372,6 +417,7 @@ class Driver:
         routed = stat(results[0], choice.backend, dict(choice.params))
         timed = [stat(res, b, p) for (b, p), res in zip(cands, results[1:], strict=True)]
         ok = [m for m in timed if m is not None]
+        self.retimed += [dict(m, source=VALIDATION) for m in ok]
         fastest = min(ok, key=lambda m: m["latency_us"]) if ok else None
         entry: dict[str, Any] = {
             "dtype": dtype, "mode": mode, "nbytes": nbytes,
@@ -392,6 +438,14 @@ class Driver:
         noise = max(routed["spread_us"] or 0.0, fastest["spread_us"] or 0.0)
         entry["within"] = bool(r_us <= b_us * (1 + rel_tol) or r_us - b_us <= noise)
         return entry
+
+
+def _choice_at(tables: dict[str, Any], dtype: str, mode: str, nbytes: int) -> Any:
+    """(backend, params) of the range of ``tables`` holding ``nbytes``; None where none does."""
+    for r in tables.get(dtype, {}).get(mode, []):
+        if r["min_bytes"] <= nbytes <= r["max_bytes"]:
+            return r["backend"], params_key(r.get("params") or {})
+    return None
 
 
 def _launch_time() -> float | None:

@@ -27,7 +27,10 @@ from artune.backends import DEFAULT_BACKEND
 from artune.profile import SCHEMA_VERSION, validate
 from artune.topology import fingerprint_id
 
-__all__ = ["best_per_backend", "pick_winners", "build_tables", "build_profile"]
+__all__ = ["best_per_backend", "pick_winners", "build_tables", "build_profile", "VALIDATION"]
+
+#: ``source`` of a measurement made by the validation pass (see ``best_per_backend``).
+VALIDATION = "validation"
 
 Record = Mapping[str, Any]
 
@@ -35,7 +38,11 @@ Record = Mapping[str, Any]
 def best_per_backend(
     measurements: Iterable[Record],
 ) -> dict[tuple[str, str], dict[int, dict[str, Record]]]:
-    """(dtype, mode) -> nbytes -> backend -> that backend's fastest measurement there."""
+    """(dtype, mode) -> nbytes -> backend -> that backend's fastest measurement there.
+
+    A re-time by the validation pass (``"source": "validation"``: every close candidate timed
+    again side by side, eager ones in alternating rounds) outranks the tune's measurements of
+    that backend at that point, the last such re-time counting."""
     out: dict[tuple[str, str], dict[int, dict[str, Record]]] = defaultdict(dict)
     for m in measurements:
         lat = m.get("latency_us")
@@ -43,7 +50,8 @@ def best_per_backend(
             continue
         per_size = out[(m["dtype"], m["mode"])].setdefault(int(m["nbytes"]), {})
         cur = per_size.get(m["backend"])
-        if cur is None or lat < cur["latency_us"]:
+        if (cur is None or m.get("source") == VALIDATION
+                or (cur.get("source") != VALIDATION and lat < cur["latency_us"])):
             per_size[m["backend"]] = m
     return dict(out)
 

@@ -116,8 +116,13 @@ def print_summary(doc: dict[str, Any], path: str, seconds: float, con: Console) 
     from artune.profile import Profile
 
     render(Profile(doc, Path(path)), con)
-    n_meas = len(doc.get("measurements") or [])
+    from artune.autotune.table import VALIDATION
+
+    meas = doc.get("measurements") or []
+    n_retimed = sum(1 for m in meas if m.get("source") == VALIDATION)
+    n_meas = len(meas) - n_retimed
     n_skip = len(doc.get("skipped") or [])
     label = " (DRY RUN on CPU: not a GPU measurement)" if doc.get("dry_run") else ""
-    con.print(f"{n_meas} measurements, {n_skip} skipped, {seconds:.1f} s{label}")
+    retimed = f" (+{n_retimed} validation re-times)" if n_retimed else ""
+    con.print(f"{n_meas} measurements{retimed}, {n_skip} skipped, {seconds:.1f} s{label}")
     con.print(f"profile written to {path}", style="bold", markup=False)

@@ -1,0 +1,76 @@
+"""The validation pass's re-times re-route the table (Driver._reroute), one process: the
+validation itself is stood in for, the table rebuild and the second validation are real."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+from typing import Any
+
+from _profiles import FP, rec
+from rich.console import Console
+
+from artune.autotune.driver import Driver, _choice_at
+from artune.autotune.table import VALIDATION, build_profile, build_tables
+
+
+def _driver(ms: list[dict[str, Any]], retimed: list[dict[str, Any]]) -> tuple[Driver, list]:
+    d = Driver.__new__(Driver)
+    d.measurements, d.retimed = ms, retimed
+    d.cfg = SimpleNamespace(rel_tol=0.03)  # type: ignore[assignment]
+    d.con = Console(file=io.StringIO(), width=120)
+    calls: list[set[tuple[str, str, int]] | None] = []
+
+    def validate(doc: dict[str, Any], only: set[tuple[str, str, int]] | None = None) -> list:
+        calls.append(only)
+        return [_entry(doc, *key, within=True) for key in sorted(only or ())]
+
+    d._validate = validate  # type: ignore[method-assign]
+    return d, calls
+
+
+def _entry(doc: dict[str, Any], dtype: str, mode: str, n: int, within: bool) -> dict[str, Any]:
+    backend, _ = _choice_at(doc["tables"], dtype, mode, n)
+    return {"dtype": dtype, "mode": mode, "nbytes": n, "routed_backend": backend,
+            "routed_params": {}, "routed_us": 1.0, "within": within}
+
+
+def test_a_point_the_retimes_move_is_validated_again_with_the_new_routing() -> None:
+    sizes = (4096, 8192, 16384)
+    ms = [rec("symm_one_shot", n, 30.0, mode="eager") for n in sizes]
+    ms += [rec("nvrar", 8192, 25.0, mode="eager")]  # the tune read nvrar fastest at 8K only
+    ms += [rec("nccl", n, 60.0, mode="eager") for n in sizes]
+    doc = build_profile(ms, [], fingerprint=FP, command="artune tune", dry_run=False)
+    assert _choice_at(doc["tables"], "bfloat16", "eager", 8192)[0] == "nvrar"
+    doc["validation"] = [_entry(doc, "bfloat16", "eager", n, within=n != 8192) for n in sizes]
+    # side by side, nvrar is the slower one at 8K
+    retimed = [dict(rec("nvrar", 8192, 63.0, mode="eager"), source=VALIDATION),
+               dict(rec("symm_one_shot", 8192, 31.0, mode="eager"), source=VALIDATION),
+               dict(rec("symm_one_shot", 4096, 29.0, mode="eager"), source=VALIDATION)]
+    d, calls = _driver(list(ms), retimed)
+    d._reroute(doc)
+
+    assert calls == [{("bfloat16", "eager", 8192)}]
+    assert [r["backend"] for r in doc["tables"]["bfloat16"]["eager"]] == ["symm_one_shot"]
+    # the profile's tables are what its own measurements give (the plugin re-derives them)
+    assert doc["measurements"] == ms + retimed
+    assert build_tables(doc["measurements"]) == doc["tables"]
+    val = {e["nbytes"]: e for e in doc["validation"]}
+    assert val[8192]["routed_backend"] == "symm_one_shot" and val[8192]["within"]
+    assert val[8192]["rerouted_from"] == {"backend": "nvrar", "params": {}, "routed_us": 1.0,
+                                          "within": False}
+    assert "rerouted_from" not in val[4096] and "rerouted_from" not in val[16384]
+    assert "move 1 point(s)" in d.con.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_retimes_that_move_nothing_validate_nothing_again() -> None:
+    ms = [rec("symm_one_shot", n, 10.0) for n in (4096, 8192)] + [rec("nccl", 4096, 20.0)]
+    doc = build_profile(ms, [], fingerprint=FP, command="artune tune", dry_run=False)
+    doc["validation"] = [_entry(doc, "bfloat16", "graph", n, within=True) for n in (4096, 8192)]
+    before = [dict(e) for e in doc["validation"]]
+    retimed = [dict(rec("symm_one_shot", 4096, 10.5), source=VALIDATION)]
+    d, calls = _driver(list(ms), retimed)
+    d._reroute(doc)
+    assert calls == [] and doc["validation"] == before
+    assert build_tables(doc["measurements"]) == doc["tables"]
+    assert doc["tables"]["bfloat16"]["graph"][0]["points"][0]["latency_us"] == 10.5
