@@ -89,6 +89,12 @@ class Scribbler(_Slow):
         return y
 
 
+class Late(_Slow):
+    """Set up after the other backends are measured (``late_setup``, as SGLang's is)."""
+
+    late_setup = True
+
+
 def _extra(*pairs: str) -> list[str]:
     out = []
     for p in pairs:
@@ -262,3 +268,26 @@ def test_a_backend_scribbling_on_the_input_cannot_fail_the_others(
     measured = {(m["backend"], m["nbytes"]) for m in prof.data["measurements"]}
     assert {("gloo", 4096), ("gloo", BIG)} <= measured, prof.data["skipped"]
     assert "input buffer was modified" in r.stderr + r.stdout
+
+
+def test_a_late_setup_backend_is_set_up_and_measured_after_the_others(
+    tmp_path: Path, cpu_env: dict[str, str]
+) -> None:
+    out = tmp_path / "late.json"
+    storage = f"sqlite:///{out}.optuna.db"
+    r = run_artune(
+        "tune", "--device", "cpu", "--quick", "--sizes", "4K,16K", "--modes", "graph,eager",
+        "--backends", "late,gloo", "--out", str(out), *_extra("late=test_tune_faults:Late"),
+        env=cpu_env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    prof = load(out)
+    measured = {(m["backend"], m["mode"], m["nbytes"]) for m in prof.data["measurements"]
+                if m.get("source") != "validation"}
+    assert measured == {(b, mo, n) for b in ("gloo", "late") for mo in ("graph", "eager")
+                        for n in (4096, 16384)}
+    starts = _finished(storage)
+    gloo = [t for (study, _), (_, t) in starts.items() if study.startswith("gloo|")]
+    late = [t for (study, _), (_, t) in starts.items() if study.startswith("late|")]
+    assert gloo and late and max(gloo) < min(late), "late was measured before gloo finished"
+    assert prof.data["validation"]  # both validated side by side after the tune

@@ -206,14 +206,15 @@ class Crew:
             self.setup_seconds[f"build {name}"] = time.perf_counter() - t0
             for part, sec in getattr(self.built.get(name), "setup_parts", {}).items():
                 self.setup_seconds[f"build {name}: {part}"] = sec
-        self._prepare()
+        self._prepare([n for n in names if n in self.built])
         return skipped if self.ctx.rank == 0 else None
 
-    def _prepare(self) -> None:
-        """Let every built backend build ahead what its default parameters use (NVRAR: those
-        kernel variants, compiled in parallel across the node's ranks)."""
+    def _prepare(self, names: list[str]) -> None:
+        """Let each backend of ``names`` build ahead what its default parameters use (NVRAR:
+        those kernel variants, compiled in parallel across the node's ranks)."""
         cfg, ctx = self.cfg, self.ctx
-        for name, backend in self.built.items():
+        for name in names:
+            backend = self.built[name]
             t0 = time.perf_counter()
             error, count = None, 0
             try:

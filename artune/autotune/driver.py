@@ -116,33 +116,36 @@ class Driver:
             f"{cfg.sizes[0]}..{cfg.sizes[-1]} B, dtypes {','.join(cfg.dtypes)}, modes "
             f"{','.join(cfg.modes)}; storage {url}"
         )
-        t_setup = time.perf_counter()
-        for s in self.crew.send({"op": "setup", "names": candidates(cfg)}):
-            self._add_skip(s)
-            self.con.print(f"  skipping {s['backend']}: {s['reason']}", markup=False)
+        # Backends whose set-up waits on builds outside artune (late_setup: SGLang's nvcc
+        # builds, started in the background by `artune tune`) are set up and measured after
+        # the others, so that those builds run meanwhile.
+        early, late = _split_late(candidates(cfg))
+        self._setup(early)
         launched = _launch_time()
         if launched is not None:  # process start, imports, torch.distributed and NCCL set-up
             self.spent["start ranks"] = t_start - launched
-        self.spent["setup"] = time.perf_counter() - t_setup
-        self.spent.update({f"setup: {k}": v for k, v in self.crew.setup_seconds.items()
-                           if v >= 0.05})
         self.con.print("set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.spent.items()),
                        markup=False)
-        names = list(self.crew.built)
-        if not names:
+        if not self.crew.built and not late:
             self.con.print("[red]no backend can run here; nothing to tune[/red]")
             self.crew.stop(1)
             return 1
 
-        plan = self._plan(names)
+        plan = self._plan(list(self.crew.built))
         progress = ui.Progress(sum(n for *_, n in plan), self.con)
         with progress.running():
-            for dtype, nbytes, name, mode, budget in plan:
-                progress.describe(f"{name} {dtype} {mode} {nbytes} B")
-                t_study = time.perf_counter()
-                self._study(store, resumed, name, dtype, mode, nbytes, progress, budget)
-                phase = f"measure {name}"
-                self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - t_study
+            self._measure(store, resumed, plan, progress)
+            if late:
+                progress.describe(f"set-up: {', '.join(late)}")
+                before = set(self.crew.built)
+                self._setup(late)
+                plan = self._plan([n for n in self.crew.built if n not in before])
+                progress.add_total(sum(n for *_, n in plan))
+                self._measure(store, resumed, plan, progress)
+        if not self.crew.built:
+            self.con.print("[red]no backend can run here; nothing to tune[/red]")
+            self.crew.stop(1)
+            return 1
 
         from artune.autotune.table import build_profile
         from artune.profile import save
@@ -180,6 +183,28 @@ class Driver:
         self.crew.stop(0)
         ui.print_summary(doc, str(out), time.perf_counter() - t0, self.con)
         return 0
+
+    def _setup(self, names: list[str]) -> None:
+        """Set up the backends ``names`` on every rank (the skipped ones printed, with why);
+        its time adds to the "setup" phase."""
+        if not names:
+            return
+        t_setup = time.perf_counter()
+        for s in self.crew.send({"op": "setup", "names": names}):
+            self._add_skip(s)
+            self.con.print(f"  skipping {s['backend']}: {s['reason']}", markup=False)
+        self.spent["setup"] = self.spent.get("setup", 0.0) + time.perf_counter() - t_setup
+        self.spent.update({f"setup: {k}": v for k, v in self.crew.setup_seconds.items()
+                           if v >= 0.05})
+
+    def _measure(self, store: Store, resumed: Resumed,
+                 plan: list[tuple[str, int, str, str, int]], progress: ui.Progress) -> None:
+        for dtype, nbytes, name, mode, budget in plan:
+            progress.describe(f"{name} {dtype} {mode} {nbytes} B")
+            t_study = time.perf_counter()
+            self._study(store, resumed, name, dtype, mode, nbytes, progress, budget)
+            phase = f"measure {name}"
+            self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - t_study
 
     # -- the plan ------------------------------------------------------------------------
 
@@ -438,6 +463,20 @@ class Driver:
         noise = max(routed["spread_us"] or 0.0, fastest["spread_us"] or 0.0)
         entry["within"] = bool(r_us <= b_us * (1 + rel_tol) or r_us - b_us <= noise)
         return entry
+
+
+def _split_late(names: list[str]) -> tuple[list[str], list[str]]:
+    """(backends set up first, backends set up after those are measured: ``late_setup``)."""
+    from artune import backends as _backends
+
+    def late(name: str) -> bool:
+        try:
+            return bool(_backends.load(name).late_setup)
+        except Exception:  # noqa: BLE001 - not importable: the set-up says why, in order
+            return False
+
+    flags = {n: late(n) for n in names}
+    return [n for n in names if not flags[n]], [n for n in names if flags[n]]
 
 
 def _choice_at(tables: dict[str, Any], dtype: str, mode: str, nbytes: int) -> Any:

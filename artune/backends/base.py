@@ -9,6 +9,8 @@ will see, and then answers the same few questions as every other backend:
 - ``launch_params``                 (class attribute, optional) the parameters that change only
                                     how a call is launched, not what is built (``--quick``
                                     searches only these);
+- ``late_setup``                    (class attribute, optional) set up after the others in a
+                                    tune (its set-up waits on builds outside artune);
 - ``admits(params, nbytes, ctx)``   (class method, optional) whether one combination of those
                                     choices is a distinct, valid parameter set (the tuner never
                                     spends a trial on one it rejects);
@@ -81,6 +83,10 @@ class Backend(ABC):
     #: Parameters of ``search_space`` that change only how a call is launched (no compile, no
     #: buffer): ``artune tune --quick`` searches these and keeps the others at the defaults.
     launch_params: ClassVar[tuple[str, ...]] = ()
+    #: True when ``create`` may wait on builds outside artune (SGLang's nvcc builds, which
+    #: ``artune tune`` starts in the background): a tune sets it up and measures it after the
+    #: other backends, so that those builds run while the others are measured.
+    late_setup: ClassVar[bool] = False
 
     def __init__(self, ctx: GroupContext) -> None:
         self.ctx = ctx

@@ -136,6 +136,7 @@ def _trust_nvlink_peer_access() -> None:
 class SglangBackend(Backend):
     name = "sglang"
     needs_cuda = True
+    late_setup = True  # initialize_model_parallel waits on SGLang's JIT builds (sglang_jit)
 
     @classmethod
     def available(cls, ctx: GroupContext) -> str | None:
