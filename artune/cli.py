@@ -211,10 +211,14 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
 
     warm = None
     if cfg.device == "cuda" and (cfg.backends is None or "sglang" in cfg.backends):
+        # SGLang's JIT builds, off the ranks' path; what they did goes next to the profile
+        # (without --out, the profile's folder: its name needs the fingerprint, which the
+        # ranks work out)
+        from artune.autotune.runner import default_out
         from artune.backends import sglang_jit
 
-        # SGLang's JIT builds, off the ranks' path; what they did goes next to the profile
-        log_path = cfg.out.with_name(cfg.out.name + ".sglang-jit.log") if cfg.out else None
+        log_path = (cfg.out.with_name(cfg.out.name + ".sglang-jit.log") if cfg.out
+                    else default_out("", cfg.dry_run).parent / "sglang-jit.log")
         warm = sglang_jit.start(nproc, cfg.dtypes, log_path=log_path)
     try:
         return launch(["tune", *tune_argv], nproc)

@@ -117,10 +117,12 @@ def render(profile: Profile, console: Any = None) -> None:
                 f"  re-routed after the validation pass's re-times, then validated again: "
                 f"{len(moved)} point(s)", highlight=False)
             for v in moved:
-                was = v["rerouted_from"]
+                was, now = v["rerouted_from"], (v["routed_backend"], v.get("routed_params"))
+                same = was["backend"] == now[0]
                 console.print(
                     f"    {v['dtype']}/{v['mode']} {human_bytes(v['nbytes'])}: "
-                    f"{was['backend']} -> {v['routed_backend']}", markup=False, highlight=False)
+                    f"{_route(was['backend'], was.get('params'), same)} -> "
+                    f"{_route(*now, same)}", markup=False, highlight=False)
         for v in validation:
             if not v.get("within"):
                 console.print(
@@ -128,6 +130,13 @@ def render(profile: Profile, console: Any = None) -> None:
                     f"{v['routed_backend']} {v['routed_us']:.1f} µs vs {v['best_backend']} "
                     f"{v['best_us']:.1f} µs[/red]"
                 )
+
+
+def _route(backend: str, params: Any, with_params: bool) -> str:
+    """'nvrar' or, where only the parameters changed, 'nvrar(ctas=64 ...)'."""
+    if not with_params or not params:
+        return backend
+    return f"{backend}({' '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
 
 
 def plot(profile: Profile, path: str) -> str:

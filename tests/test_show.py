@@ -65,3 +65,26 @@ def test_show_bad_profile_exits_2(tmp_path: Path, capsys) -> None:
     bad.write_text("{")
     assert main(_args(bad)) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_show_names_the_points_the_validation_rerouted(tmp_path: Path, capsys) -> None:
+    doc = profile_doc()
+    base = {"dtype": "bfloat16", "mode": "eager", "best_backend": "symm_one_shot",
+            "best_params": {}, "best_us": 30.0, "within": True}
+    doc["validation"] = [
+        dict(base, nbytes=4096, routed_backend="symm_one_shot", routed_params={},
+             routed_us=30.5, rerouted_from={"backend": "nvrar", "params": {"ctas": 8},
+                                            "routed_us": 63.0, "within": False}),
+        dict(base, nbytes=8192, routed_backend="nvrar", routed_params={"ctas": 16},
+             routed_us=30.1, rerouted_from={"backend": "nvrar", "params": {"ctas": 8},
+                                            "routed_us": 40.0, "within": False}),
+        dict(base, nbytes=65536, routed_backend="symm_one_shot", routed_params={},
+             routed_us=30.2),
+    ]
+    assert main(_args(save(doc, tmp_path / "p.json"))) == 0
+    out = capsys.readouterr().out
+    assert "within tolerance of the fastest candidate at 3/3 points" in out
+    assert "then validated again: 2 point(s)" in out
+    assert "bfloat16/eager 4K: nvrar -> symm_one_shot" in out
+    assert "bfloat16/eager 8K: nvrar(ctas=8) -> nvrar(ctas=16)" in out  # parameters only
+    assert "64K:" not in out

@@ -19,9 +19,10 @@ def _driver(ms: list[dict[str, Any]], retimed: list[dict[str, Any]]) -> tuple[Dr
     d.measurements, d.retimed = ms, retimed
     d.cfg = SimpleNamespace(rel_tol=0.03)  # type: ignore[assignment]
     d.con = Console(file=io.StringIO(), width=120)
-    calls: list[set[tuple[str, str, int]] | None] = []
+    calls: list[dict[tuple[str, str, int], Any] | None] = []
 
-    def validate(doc: dict[str, Any], only: set[tuple[str, str, int]] | None = None) -> list:
+    def validate(doc: dict[str, Any], only: dict[tuple[str, str, int], Any] | None = None
+                 ) -> list:
         calls.append(only)
         return [_entry(doc, *key, within=True) for key in sorted(only or ())]
 
@@ -50,7 +51,8 @@ def test_a_point_the_retimes_move_is_validated_again_with_the_new_routing() -> N
     d, calls = _driver(list(ms), retimed)
     d._reroute(doc)
 
-    assert calls == [{("bfloat16", "eager", 8192)}]
+    # validated again, the route it had (nvrar) timed beside the new one
+    assert calls == [{("bfloat16", "eager", 8192): ("nvrar", {})}]
     assert [r["backend"] for r in doc["tables"]["bfloat16"]["eager"]] == ["symm_one_shot"]
     # the profile's tables are what its own measurements give (the plugin re-derives them)
     assert doc["measurements"] == ms + retimed
@@ -61,6 +63,19 @@ def test_a_point_the_retimes_move_is_validated_again_with_the_new_routing() -> N
                                           "within": False}
     assert "rerouted_from" not in val[4096] and "rerouted_from" not in val[16384]
     assert "move 1 point(s)" in d.con.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_stale_tune_number_cannot_take_a_point_from_fresh_retimes() -> None:
+    """nvrar was 30% behind in the tune, so the validation did not re-time it; the re-time of
+    the winner came out slow (host drift): the point stays with the re-timed backend."""
+    ms = [rec("symm_one_shot", 4096, 20.0, mode="eager"), rec("nvrar", 4096, 26.0, mode="eager")]
+    doc = build_profile(ms, [], fingerprint=FP, command="artune tune", dry_run=False)
+    doc["validation"] = [_entry(doc, "bfloat16", "eager", 4096, within=True)]
+    retimed = [dict(rec("symm_one_shot", 4096, 40.0, mode="eager"), source=VALIDATION)]
+    d, calls = _driver(list(ms), retimed)
+    d._reroute(doc)
+    assert calls == []
+    assert [r["backend"] for r in doc["tables"]["bfloat16"]["eager"]] == ["symm_one_shot"]
 
 
 def test_retimes_that_move_nothing_validate_nothing_again() -> None:

@@ -132,16 +132,17 @@ class Driver:
             return 1
 
         plan = self._plan(list(self.crew.built))
-        progress = ui.Progress(sum(n for *_, n in plan), self.con)
+        late_plan = self._plan(late)  # from the classes: counted in the bar from the start
+        progress = ui.Progress(sum(n for *_, n in plan + late_plan), self.con)
         with progress.running():
             self._measure(store, resumed, plan, progress)
             if late:
                 progress.describe(f"set-up: {', '.join(late)}")
-                before = set(self.crew.built)
                 self._setup(late)
-                plan = self._plan([n for n in self.crew.built if n not in before])
-                progress.add_total(sum(n for *_, n in plan))
-                self._measure(store, resumed, plan, progress)
+                progress.add_total(-sum(n for _, _, b, _, n in late_plan
+                                        if b not in self.crew.built))
+                self._measure(store, resumed,
+                              [p for p in late_plan if p[2] in self.crew.built], progress)
         if not self.crew.built:
             self.con.print("[red]no backend can run here; nothing to tune[/red]")
             self.crew.stop(1)
@@ -223,12 +224,19 @@ class Driver:
                                      if self._follows_graph(mode) and space else budget))
         return plan
 
+    def _cls(self, name: str) -> Any:
+        """Backend ``name``'s class (built or, for a late one not yet set up, loaded)."""
+        from artune import backends as _backends
+
+        built = self.crew.built.get(name)
+        return type(built) if built is not None else _backends.load(name)
+
     def _space(self, name: str, nbytes: int) -> dict[str, list[Any]]:
         """Backend ``name``'s search space at ``nbytes``; with ``--quick``, only its launch
         parameters vary, the others stay at the defaults (built ahead by ``prepare``): no
         trial waits for a build (an NVRAR kernel not built ahead compiles at its first call,
         inside the trial's correctness gate)."""
-        cls = type(self.crew.built[name])
+        cls = self._cls(name)
         space = cls.search_space(nbytes, self.crew.ctx)
         if not self.cfg.quick or not space:
             return space
@@ -238,7 +246,7 @@ class Driver:
 
     def _count(self, name: str, space: dict[str, list[Any]], nbytes: int) -> int:
         """How many parameter sets of ``space`` backend ``name`` admits at ``nbytes``."""
-        cls = type(self.crew.built[name])
+        cls = self._cls(name)
         return sum(cls.admits(c, nbytes, self.crew.ctx) for c in combinations(space))
 
     def _follows_graph(self, mode: str) -> bool:
@@ -349,10 +357,13 @@ class Driver:
 
     # -- validation ----------------------------------------------------------------------
 
-    def _validate(self, doc: dict[str, Any],
-                  only: set[tuple[str, str, int]] | None = None) -> list[dict[str, Any]]:
+    def _validate(
+        self, doc: dict[str, Any],
+        only: dict[tuple[str, str, int], tuple[str, dict[str, Any]]] | None = None,
+    ) -> list[dict[str, Any]]:
         """Re-time the routed all-reduce and every backend's best at each measured point (or
-        at the (dtype, mode, nbytes) points in ``only``). Each candidate's re-time is kept in
+        at the (dtype, mode, nbytes) points in ``only``, each with a (backend, params) that is
+        timed there whatever the tune measured). Each candidate's re-time is kept in
         ``self.retimed`` (a measurement with ``"source": "validation"``)."""
         from artune.autotune.table import best_per_backend
 
@@ -374,11 +385,15 @@ class Driver:
                 here = {b: r for b, r in per_backend.items() if b in self.crew.built}
                 fastest_us = min((r["latency_us"] for r in here.values()), default=0.0)
                 cands, behind = [], {}
+                forced = only.get((dtype, mode, nbytes)) if only else None
                 for b, r in sorted(here.items()):
-                    if r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN):
+                    if r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN) or (
+                            forced is not None and b == forced[0]):
                         cands.append((b, dict(r.get("params") or {})))
                     else:
                         behind[b] = r["latency_us"]
+                if forced is not None and forced[0] in self.crew.built and forced not in cands:
+                    cands.append((forced[0], dict(forced[1])))
                 cmd = {
                     "op": "validate", "dtype": dtype, "mode": mode, "nbytes": nbytes,
                     "reps": self.cfg.n_reps, "warmup": self.cfg.n_warmup,
@@ -407,19 +422,20 @@ class Driver:
             return
         measurements = self.measurements + self.retimed
         tables = build_tables(measurements, self.cfg.rel_tol, Profile(doc).fallback())
-        moved = {}
+        moved: dict[tuple[str, str, int], tuple[str, dict[str, Any]]] = {}
         for e in doc["validation"]:
             key = (e["dtype"], e["mode"], e["nbytes"])
             if _choice_at(doc["tables"], *key) != _choice_at(tables, *key):
-                moved[key] = e
+                # the route it had is timed again beside the new one
+                moved[key] = (e["routed_backend"], dict(e.get("routed_params") or {}))
         doc["measurements"], doc["tables"] = measurements, tables
         if not moved:
             return
         self.con.print(
-            f"validation: the re-times move {len(moved)} point(s) to another backend; "
-            "validating them again", markup=False)
+            f"validation: the re-times move {len(moved)} point(s) to another backend or "
+            "parameter set; validating them again", markup=False)
         again = {(e["dtype"], e["mode"], e["nbytes"]): e
-                 for e in self._validate(doc, only=set(moved))}
+                 for e in self._validate(doc, only=moved)}
         out = []
         for e in doc["validation"]:
             key = (e["dtype"], e["mode"], e["nbytes"])

@@ -8,10 +8,11 @@ Input: the harness's measurement records, one per (backend, params, dtype, mode,
 Rules (issue #2): per size the fastest backend (its best parameter set) wins; where several are
 within the measured noise of the fastest (the larger of their spreads, and never less than
 ``rel_tol`` of the fastest), the one chosen for the next smaller size is kept, else the one that
-wins the next larger size, else the fallback (NCCL), else the fastest. Each measured size owns
-the byte range up to the geometric midpoint to the next measured size; the first range starts at
-1 byte, the last ends at the largest measured size (beyond it: the fallback). Adjacent ranges
-with the same backend and parameters are merged.
+wins the next larger size, else the fallback (NCCL), else the fastest. Where the validation pass
+re-timed candidates side by side (``"source": "validation"``), only those re-times compete at
+that size. Each measured size owns the byte range up to the geometric midpoint to the next
+measured size; the first range starts at 1 byte, the last ends at the largest measured size
+(beyond it: the fallback). Adjacent ranges with the same backend and parameters are merged.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def _tied(cands: Mapping[str, Record], rel_tol: float) -> tuple[str, set[str]]:
         if rec["latency_us"] <= lb + margin:
             tied.add(b)
     return best, tied
+
+
+def _competing(per_backend: Mapping[str, Record]) -> Mapping[str, Record]:
+    """The backends that compete at one size: where the validation pass re-timed candidates
+    side by side, those re-times only (the others were far behind the fastest in the tune, and
+    a stale tune number must not win against fresh ones); elsewhere every backend."""
+    retimed = {b: r for b, r in per_backend.items() if r.get("source") == VALIDATION}
+    return retimed or per_backend
 
 
 def pick_winners(
@@ -143,7 +152,8 @@ def build_tables(
     """dtype -> mode -> sorted, disjoint, merged ranges (the profile's "tables")."""
     tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for (dtype, mode), per_size in sorted(best_per_backend(measurements).items()):
-        winners = pick_winners(per_size, rel_tol, fallback)
+        winners = pick_winners({n: _competing(per) for n, per in per_size.items()}, rel_tol,
+                               fallback)
         if winners:
             tables.setdefault(dtype, {})[mode] = _ranges(per_size, winners, fallback)
     return tables

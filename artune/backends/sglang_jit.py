@@ -86,6 +86,7 @@ def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
         log: Any = subprocess.DEVNULL
         if log_path is not None:
             with contextlib.suppress(OSError):
+                log_path.parent.mkdir(parents=True, exist_ok=True)
                 log = stack.enter_context(open(log_path, "ab"))  # noqa: SIM115
         try:
             # Its own process group (``stop`` ends the builders' nvcc too), at low priority:
