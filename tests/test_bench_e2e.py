@@ -1,0 +1,44 @@
+"""benchmarks/sglang_e2e.py's timing of one batch size, with a stand-in engine and clock."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+
+def _module() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sglang_e2e.py"
+    spec = importlib.util.spec_from_file_location("sglang_e2e_under_test", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_one_slow_prefill_call_does_not_move_its_reps_decode_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prefill 30 ms, once 120 ms; 2.5 ms per decode step: every rep reads 2.5 ms."""
+    mod = _module()
+    clock = [0.0]
+    prefills = iter([0.030, 0.030, 0.120, 0.030, 0.030])  # the 1-token call of each rep
+
+    class Engine:
+        def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
+            n = sampling_params["max_new_tokens"]
+            clock[0] += next(prefills) if n == 1 else 0.030 + 0.0025 * (n - 1)
+            return [{"output_ids": [0] * n} for _ in input_ids]
+
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    args = argparse.Namespace(new_tokens=257, input_len=8, reps=5)
+    res = mod._time_batch(Engine(), args, bs=4)
+    steps = [r["step_ms"] for r in res["reps"]]
+    assert len(steps) == 5 and res["reps"][2]["t1_s"] == pytest.approx(0.120)
+    assert steps == pytest.approx([2.5] * 5) and res["spread_ms"] == pytest.approx(0.0, abs=1e-9)
+    assert res["step_ms"] == pytest.approx(2.5) and res["decode_tok_s"] == pytest.approx(1600)
