@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--modes", default="graph,eager", help="comma list of graph,eager")
     t.add_argument("--backends", default=None,
                    help="comma list (default: every registered backend for the device)")
+    t.add_argument("--include-sglang", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure SGLang's own all-reduce (its default path) as a candidate, so "
+                   "that a profile never routes below it (default: yes unless --backends names "
+                   "others; skipped with the reason where sglang is not importable)")
     t.add_argument("--quick", action="store_true", help="fewer sizes, repetitions and trials")
     t.add_argument("--resume", action="store_true",
                    help="continue the tune whose storage is next to --out")
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ranks-per-node", type=int, default=None,
                    help="group the ranks into nodes of this many (emulates several nodes)")
     t.add_argument("--trials", type=int, default=None,
-                   help="parameter sets tried per backend, size, dtype and mode (default 8; 3 "
+                   help="parameter sets tried per backend, size, dtype and mode (default 6; 3 "
                    "with --quick)")
     t.add_argument("--reps", type=int, default=None,
                    help="timed repetitions per measurement (default 9; 5 with --quick)")
@@ -127,6 +131,7 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
         dtypes=dtypes,
         modes=modes,
         backends=backends,
+        include_sglang=args.include_sglang,
         quick=args.quick,
         resume=args.resume,
         out=args.out,
@@ -156,7 +161,7 @@ def _no_gpu_message() -> str:
 
 def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
     from artune.autotune.config import sqlite_path, storage_url
-    from artune.autotune.runner import rank_env
+    from artune.autotune.runner import candidates, rank_env
 
     command = "artune " + shlex.join(["tune", *tune_argv])
     try:
@@ -210,7 +215,7 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
     from artune.autotune.launcher import launch
 
     warm = None
-    if cfg.device == "cuda" and (cfg.backends is None or "sglang" in cfg.backends):
+    if cfg.device == "cuda" and "sglang" in candidates(cfg):
         # SGLang's JIT builds, off the ranks' path; what they did goes next to the profile
         # (without --out, the profile's folder: its name needs the fingerprint, which the
         # ranks work out)

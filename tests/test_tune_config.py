@@ -70,6 +70,22 @@ def test_cli_config_parsing() -> None:
     assert cfg.modes == ["eager"] and cfg.backends == ["gloo"] and cfg.n_trials == 2
 
 
+def test_include_sglang() -> None:
+    """SGLang's own all-reduce is a candidate by default on GPUs; --include-sglang adds it to a
+    --backends list, --no-include-sglang drops it."""
+    from artune.autotune.runner import candidates
+
+    assert "sglang" in candidates(_cfg())
+    assert candidates(_cfg("--backends", "nccl,nvrar")) == ["nccl", "nvrar"]
+    assert candidates(_cfg("--backends", "nccl,nvrar", "--include-sglang")) == [
+        "nccl", "nvrar", "sglang"]
+    assert candidates(_cfg("--backends", "sglang,nccl", "--include-sglang")) == ["sglang", "nccl"]
+    no = candidates(_cfg("--no-include-sglang"))
+    assert "sglang" not in no and "nccl" in no and "nvrar" in no
+    assert candidates(_cfg("--device", "cpu")) == ["gloo"]
+    assert candidates(_cfg("--device", "cpu", "--include-sglang")) == ["gloo", "sglang"]
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

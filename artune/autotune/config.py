@@ -121,6 +121,10 @@ class TuneConfig:
     dtypes: list[str] = field(default_factory=lambda: ["bfloat16"])
     modes: list[str] = field(default_factory=lambda: ["graph", "eager"])
     backends: list[str] | None = None  # None: every registered candidate for the device
+    #: SGLang's own all-reduce as a candidate: True adds it to ``backends``, False leaves it
+    #: out, None (auto) measures it whenever the backends are the defaults (it is skipped, with
+    #: the reason, where sglang is not importable)
+    include_sglang: bool | None = None
     quick: bool = False
     resume: bool = False
     out: Path | None = None  # None: profiles/<fingerprint_id>.json

@@ -57,12 +57,19 @@ def register_extra_backends(extra: dict[str, str]) -> None:
 
 def candidates(cfg: TuneConfig) -> list[str]:
     """The backends a tune measures: ``--backends``, else every registered one for the device
-    (gloo only on CPU, everything but gloo on GPUs) plus any ``--extra-backend``."""
+    (gloo only on CPU, everything but gloo on GPUs) plus any ``--extra-backend``; then
+    ``--include-sglang`` adds SGLang's own all-reduce and ``--no-include-sglang`` drops it."""
     if cfg.backends:
-        return list(dict.fromkeys(cfg.backends))
-    if cfg.device == "cpu":
-        return ["gloo", *cfg.extra_backends]
-    return [n for n in BACKENDS if n != "gloo"]
+        names = list(dict.fromkeys(cfg.backends))
+    elif cfg.device == "cpu":
+        names = ["gloo", *cfg.extra_backends]
+    else:
+        names = [n for n in BACKENDS if n != "gloo"]
+    if cfg.include_sglang and "sglang" not in names:
+        names.append("sglang")
+    if cfg.include_sglang is False:
+        names = [n for n in names if n != "sglang"]
+    return names
 
 
 def run_rank(cfg: TuneConfig) -> int:
