@@ -183,3 +183,83 @@ def test_cli_launch_checks_the_profile_first(tmp_path: Path) -> None:
                    env=artune_env({"CUDA_VISIBLE_DEVICES": ""}))
     assert r.returncode == 2
     assert "file not found" in r.stderr
+
+
+REAL_SGLANG_LAUNCH = textwrap.dedent("""
+    import argparse, json, os, sys
+    from test_sglang_plugin import _stand_ins
+    scenario, profile = sys.argv[1], sys.argv[2]
+    _stand_ins(None)  # torchvision (0.5.17 imports it; no CPU build here), as the plugin tests
+    if scenario == "broken":  # a dependency of SGLang's missing: a broken install
+        sys.modules["psutil"] = None
+    if scenario == "missing":  # a release without one of the hook points
+        import sglang.srt.distributed.parallel_state as ps
+        del ps.GroupCoordinator._all_reduce_in_place
+    def execvpe(file, argv, env):  # instead of starting the real server
+        print("EXEC " + json.dumps(argv[1:]), flush=True)
+        sys.exit(0)
+    os.execvpe = execvpe
+    from artune.integration import launch
+    args = argparse.Namespace(profile=profile, force=False,
+                              sglang_args=["--model-path", "m", "--tp-size", "2"])
+    sys.exit(launch.main(args))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["0.5.23", "0.5.17"])
+@pytest.mark.parametrize("scenario", ["complete", "missing", "broken"])
+def test_launch_checks_the_real_sglang_before_starting_it(version: str, scenario: str,
+                                                          tmp_path: Path) -> None:
+    """``artune launch`` with no stand-in server: the real SGLang release is imported and its
+    hook points checked; a release without one, or an install that does not import, is named
+    before anything starts."""
+    from conftest import ROOT, TESTS
+    from test_sglang_plugin import SGLANG_HOME, _site
+
+    site = _site(version)
+    prof = _profile(tmp_path / "p.json")
+    script = tmp_path / "launch_real.py"
+    script.write_text(REAL_SGLANG_LAUNCH)
+    env = artune_env({"CUDA_VISIBLE_DEVICES": ""})
+    for k in [k for k in env if k.startswith(("ARTUNE_", "SGLANG_"))]:
+        env.pop(k)
+    env["PYTHONPATH"] = ":".join(map(str, [site, SGLANG_HOME / "deps", ROOT, TESTS]))
+    r = subprocess.run([sys.executable, str(script), scenario, str(prof)], env=env, text=True,
+                       capture_output=True, timeout=180, cwd=tmp_path)
+    if scenario == "complete":
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "EXEC " + json.dumps(["-m", "sglang.launch_server", "--model-path", "m",
+                                     "--tp-size", "2"]) in r.stdout
+        return
+    assert r.returncode == 2 and "EXEC" not in r.stdout, r.stdout + r.stderr[-3000:]
+    if scenario == "missing":
+        assert "lacks the hook points" in r.stderr
+        assert "GroupCoordinator._all_reduce_in_place (needed for" in r.stderr
+        assert "0.5.17 to 0.5.23" in r.stderr
+    else:
+        assert "is installed but does not import" in r.stderr and "psutil" in r.stderr
+        assert "lacks the hook points" not in r.stderr and "pip install" not in r.stderr
+
+
+def test_hook_point_check_tells_a_broken_install_from_an_unsupported_release(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pkgutil
+
+    from artune.integration import sglang as plugin
+
+    def broken(name: str) -> object:
+        raise ModuleNotFoundError("No module named 'psutil'", name="psutil")
+
+    monkeypatch.setattr(pkgutil, "resolve_name", broken)
+    msg = plugin.hook_point_error()
+    assert msg is not None and "does not import cleanly" in msg and "psutil" in msg
+    assert "0.5.17 to 0.5.23" not in msg
+
+    def absent(name: str) -> object:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    monkeypatch.setattr(pkgutil, "resolve_name", absent)
+    msg = plugin.hook_point_error()
+    assert msg is not None and "lacks the hook points" in msg and "0.5.17 to 0.5.23" in msg
+    assert "GroupCoordinator.graph_capture (needed for CUDA-graph capture" in msg

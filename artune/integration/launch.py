@@ -182,17 +182,22 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
         print(f"artune launch: --force: {msg}; SGLang keeps its own all-reduce", file=sys.stderr)
 
     if server is None:
-        from artune.integration.sglang import missing_hook_points
+        from artune.integration.sglang import hook_point_error
 
         try:
             import sglang  # noqa: F401
         except Exception as exc:  # noqa: BLE001
-            return _fail(f"sglang is not importable ({type(exc).__name__}: {exc}); install it "
-                         f"with `pip install 'artune[sglang]'`")
-        missing = missing_hook_points()
-        if missing:
-            return _fail("this SGLang lacks the hook points artune needs: " + "; ".join(missing)
-                         + ". Supported: SGLang 0.5.17 to 0.5.23 (docs/sglang.md)")
+            import importlib.util
+
+            why = f"{type(exc).__name__}: {exc}"
+            if importlib.util.find_spec("sglang") is not None:
+                return _fail(f"sglang is installed but does not import ({why}); repair that "
+                             "installation (a dependency is missing or broken)")
+            return _fail(f"sglang is not installed ({why}); install it with "
+                         "`pip install 'artune[sglang]'`")
+        problem = hook_point_error()
+        if problem:
+            return _fail(problem)
         server = [sys.executable, "-m", "sglang.launch_server"]
 
     env = server_env(path.resolve(), force)

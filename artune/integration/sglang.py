@@ -57,6 +57,7 @@ __all__ = [
     "SglangIncompatible",
     "register",
     "missing_hook_points",
+    "hook_point_error",
     "setup_group",
     "routes",
     "close_all",
@@ -99,7 +100,9 @@ class SglangIncompatible(SystemExit):
 
 
 def missing_hook_points() -> list[str]:
-    """The hook points this SGLang lacks, each as 'target (needed for ...)'. [] when complete."""
+    """The hook points this SGLang lacks, each as 'target (needed for ...)'; a hook point whose
+    SGLang module fails to import for another reason (a missing dependency: a broken install,
+    not an unsupported release) as 'target: importing it failed (...)'. [] when complete."""
     import pkgutil
 
     missing = []
@@ -107,12 +110,33 @@ def missing_hook_points() -> list[str]:
         owner, _, attr = target.rpartition(".")
         try:
             obj = pkgutil.resolve_name(owner)
-        except (ImportError, AttributeError, ValueError):
+        except ImportError as exc:
+            gone = getattr(exc, "name", None) or ""
+            if gone and not owner.startswith(gone) and not gone.startswith("sglang"):
+                missing.append(f"{target}: importing it failed ({type(exc).__name__}: {exc})")
+            else:
+                missing.append(f"{target} (needed for {purpose})")
+            continue
+        except (AttributeError, ValueError):
             missing.append(f"{target} (needed for {purpose})")
             continue
         if not callable(getattr(obj, attr, None)):
             missing.append(f"{target} (needed for {purpose})")
     return missing
+
+
+def hook_point_error() -> str | None:
+    """Why this SGLang cannot take the plugin (naming each hook point and the remedy), or None."""
+    missing = missing_hook_points()
+    if not missing:
+        return None
+    broken = [m for m in missing if ": importing it failed" in m]
+    if broken:
+        return (f"SGLang {_sglang_version()} does not import cleanly: {'; '.join(broken)}. "
+                "Repair that installation (a dependency is missing or broken)")
+    return (f"SGLang {_sglang_version()} lacks the hook points the plugin needs: "
+            f"{'; '.join(missing)}. artune supports SGLang 0.5.17 to 0.5.23 (docs/sglang.md); "
+            "install one of those")
 
 
 def _sglang_version() -> str:
@@ -135,13 +159,9 @@ def register() -> None:
         logger.info("artune SGLang plugin: no profile (set ARTUNE_PROFILE or use `artune "
                     "launch`); SGLang keeps its own all-reduce")
         return
-    missing = missing_hook_points()
-    if missing:
-        msg = (
-            f"artune: SGLang {_sglang_version()} lacks the hook points the plugin needs: "
-            f"{'; '.join(missing)}. artune supports SGLang 0.5.17 to 0.5.23 (docs/sglang.md); "
-            f"install one of those, or unset ARTUNE_PROFILE to serve without artune"
-        )
+    problem = hook_point_error()
+    if problem:
+        msg = f"artune: {problem}, or unset ARTUNE_PROFILE to serve without artune"
         if envs.get("ARTUNE_STRICT"):
             logger.error("%s", msg)
             raise SglangIncompatible(msg)
