@@ -151,6 +151,7 @@ def test_profile_for_another_tp_size_is_refused_unless_forced(tmp_path: Path) ->
     (["--enable-symm-mem"], "--enable-symm-mem is refused"),
     (["--enable-nccl-nvls"], "--enable-nccl-nvls is refused"),
     (["--enable-torch-symm-mem"], "--enable-torch-symm-mem is refused"),
+    (["--enable-mscclpp"], "--enable-mscclpp is refused"),
     (["--enable-symm"], "--enable-symm (read by SGLang as --enable-symm-mem) is refused"),
     (["--flashinfer-allreduce-fusion-backend=mnnvl"], "mnnvl is refused"),
     (["--flashinfer-allreduce-fusion-backend", "mnnvl"], "mnnvl is refused"),

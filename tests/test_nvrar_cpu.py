@@ -671,3 +671,18 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
         s = comm.spec(x, y, p)
         assert s.kwargs["PDL"] is True and s.kwargs["launch_pdl"] is True, p
         assert s.key != before.key, p
+
+
+def test_a_message_above_the_built_size_names_the_fix() -> None:
+    """Buffers are sized when the backend is built (they cannot grow during CUDA-graph
+    capture): a larger message is refused with the setting that fixes it, before any launch."""
+    from artune.kernels.nvrar import Plan
+
+    nd = Nodes(1, 2)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [1 << 20, 2 << 20], torch.device("cpu"), timeout_s=1.0)
+    x = torch.zeros((2 << 20) // 2, dtype=torch.bfloat16)  # 2 MiB: twice the built size
+    with pytest.raises(ValueError, match=r"cannot grow during CUDA-graph capture.*"
+                                         r"GroupContext.max_bytes >= the largest message"):
+        comm.all_reduce(x, Plan(algo="twoshot", proto="signal", block=256, ctas=2))
