@@ -748,3 +748,36 @@ def test_watch_forward_wraps_a_forward_another_plugin_patched_already(monkeypatc
     runner = ModelRunner()
     assert runner.forward(3) == "forward 3"
     assert calls == ["theirs"] and len(seen) == 1 and seen[0][1] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin's exchanges are bounded (plain gloo ranks: no sglang needed)
+
+
+def _gather_with_a_dead_peer(rank: int, world: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from artune.integration.sglang import PluginError, _gather
+
+    os.environ["ARTUNE_COLLECTIVE_TIMEOUT_S"] = "5"
+    group = dist.new_group(backend="gloo")
+    both = _gather(group, rank * 10, "TP: warm-up")
+    if rank == 1:
+        os._exit(9)  # dies before the next exchange, like a crash during set-up
+    t0 = time.monotonic()
+    try:
+        _gather(group, "mine", "TP: profile exchange")
+    except PluginError as exc:
+        return {"both": both, "error": str(exc), "seconds": time.monotonic() - t0}
+    return {"both": both, "error": None}
+
+
+def test_a_rank_that_dies_during_setup_fails_the_others_within_the_bound() -> None:
+    from conftest import run_gloo
+
+    r0, _ = run_gloo(_gather_with_a_dead_peer, 2, may_die=frozenset({1}), timeout_s=90)
+    assert r0["both"] == [0, 10]
+    assert r0["error"] is not None and r0["seconds"] < 30
+    assert r0["error"].startswith("artune: rank 0: TP: profile exchange: not every rank")
+    assert "ARTUNE_COLLECTIVE_TIMEOUT_S" in r0["error"], r0["error"]
+    assert "Ranks 1 failed" in r0["error"], r0["error"]  # torch's words, naming the dead rank

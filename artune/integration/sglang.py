@@ -376,9 +376,25 @@ def _profile_hash(profile: Profile) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _gather(group: Any, obj: Any) -> list[Any]:
+def _gather(group: Any, obj: Any, what: str) -> list[Any]:
+    """Every rank's ``obj``, over SGLang's CPU group. Bounded (ARTUNE_COLLECTIVE_TIMEOUT_S): a
+    gloo group first meets at a monitored barrier, so that a rank that died or hangs makes the
+    others fail with an error naming it and the step, instead of waiting for gloo's own
+    timeout (30 minutes by default)."""
+    import datetime
+
     import torch.distributed as dist
 
+    limit = float(envs.get("ARTUNE_COLLECTIVE_TIMEOUT_S"))
+    if dist.get_backend(group) == "gloo":
+        try:
+            dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=limit),
+                                   wait_all_ranks=True)
+        except RuntimeError as exc:
+            raise PluginError(
+                f"artune: rank {dist.get_rank()}: {what}: not every rank of SGLang's group "
+                f"arrived within {limit:.0f} s (ARTUNE_COLLECTIVE_TIMEOUT_S): "
+                f"{str(exc).splitlines()[0]}") from exc
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
@@ -433,7 +449,7 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         error = str(exc)
     mine = {"host": socket.gethostname(), "hash": _profile_hash(prof) if prof else None,
             "path": str(path), "error": error}
-    peers = _gather(gc.cpu_group, mine)
+    peers = _gather(gc.cpu_group, mine, f"{name}: profile exchange")
     failed = {r: p["error"] for r, p in enumerate(peers) if p["error"]}
     if failed:
         raise PluginError(f"artune {name}: cannot load the profile: " + "; ".join(
@@ -462,7 +478,7 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         problems, warnings = topology.compare(prof.fingerprint, live)
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         problems = [f"cannot fingerprint this machine: {type(exc).__name__}: {exc}"]
-    verdicts = _gather(gc.cpu_group, problems)
+    verdicts = _gather(gc.cpu_group, problems, f"{name}: topology check")
     problems = sorted({p for v in verdicts for p in v})
     if problems:
         msg = (f"artune {name}: profile {path} was made for another topology: "
@@ -499,7 +515,7 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
             reason = f"cannot be loaded: {type(exc).__name__}: {exc}"
         if reason:
             excluded[backend] = reason
-    views = _gather(gc.cpu_group, sorted(excluded))
+    views = _gather(gc.cpu_group, sorted(excluded), f"{name}: backend availability")
     if any(v != views[0] for v in views):
         raise PluginError(f"artune {name}: ranks disagree on which backends can run: " + "; ".join(
             f"rank {r} cannot run {v or 'nothing missing'}" for r, v in enumerate(views)))
@@ -520,7 +536,7 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
     except Exception as exc:  # noqa: BLE001 - BackendUnavailable and worse: told to every rank
         error = f"{type(exc).__name__}: {exc}"
     built = sorted(router.backends) if router is not None else None
-    results = _gather(gc.cpu_group, (built, error))
+    results = _gather(gc.cpu_group, (built, error), f"{name}: backend build")
     if any(e for _, e in results) or any(b != results[0][0] for b, _ in results):
         if router is not None:
             router.close()
