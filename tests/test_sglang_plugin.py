@@ -226,6 +226,26 @@ def _scenario_watch(tp: Any, out: dict[str, Any]) -> None:
         out["faulty"] = str(exc)
 
 
+def _init_with_attention_dp(ps: Any, world: int, rank: int, dp: int) -> None:
+    """``initialize_model_parallel`` with TP = ``world`` and attention data parallelism ``dp``
+    (attention-TP groups of world / dp ranks), in the shape this release takes."""
+    import inspect
+
+    if "tensor_model_parallel_size" in inspect.signature(ps.initialize_model_parallel).parameters:
+        ps.initialize_model_parallel(tensor_model_parallel_size=world,
+                                     attention_data_parallel_size=dp)
+        return
+    from sglang.srt.runtime_context import derive_parallel_widths, get_parallel
+
+    get_parallel().override_permanently(
+        tp_size=world, pp_size=1, attn_cp_size=1, moe_dp_size=1, shared_experts_tp_size=None,
+        tp_rank=rank, pp_rank=0,
+        **derive_parallel_widths(tp_size=world, attn_cp_size=1, attn_dp_size=dp, moe_ep_size=1,
+                                 moe_dp_size=1, dcp_size=1, dcp_enabled=False),
+    )
+    ps.initialize_model_parallel()
+
+
 def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: str) -> None:
     """One TP rank: load the plugin as SGLang does, build SGLang's groups, run ``scenario``."""
     import logging
@@ -256,6 +276,11 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
         ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
                                         distributed_init_method=f"tcp://127.0.0.1:{port}",
                                         backend="gloo")
+        if scenario == "attn_dp":
+            _init_with_attention_dp(ps, world, rank, dp=2)
+            out["attn_tp_size"] = ps.get_attn_tp_group().world_size
+            out["routes"] = sorted(plugin.routes())
+            return
         _init_model_parallel(ps, world, rank)
         out["init_s"] = round(time.monotonic() - t0, 2)
         tp = ps.get_tp_group()
@@ -781,3 +806,25 @@ def test_a_rank_that_dies_during_setup_fails_the_others_within_the_bound() -> No
     assert r0["error"].startswith("artune: rank 0: TP: profile exchange: not every rank")
     assert "ARTUNE_COLLECTIVE_TIMEOUT_S" in r0["error"], r0["error"]
     assert "Ranks 1 failed" in r0["error"], r0["error"]  # torch's words, naming the dead rank
+
+
+def test_attention_tp_group_gets_its_own_route_when_it_differs_from_tp(version: str,
+                                                                      tmp_path: Path) -> None:
+    """TP = 4 with attention data parallelism 2: the attention-TP groups (2 ranks each) are set
+    up too. A profile made for 4 ranks routes TP, and the 2-rank groups keep SGLang's own
+    all-reduce (logged); one made for 2 ranks routes the attention-TP groups, while TP, with
+    ARTUNE_STRICT=0, keeps SGLang's own."""
+    four = _write_profile(tmp_path / "four.json", world=4)
+    res = _run(version, tmp_path, scenario="attn_dp", world=4, timeout_s=180,
+               env={"ARTUNE_PROFILE": str(four), "ARTUNE_LOG_LEVEL": "INFO"})
+    for r in res:
+        assert "error" not in r, r["error"] + r.get("traceback", "") + r["stderr"][-3000:]
+        assert r["attn_tp_size"] == 2
+        assert [n.split(":")[0] for n in r["routes"]] == ["tp"], r["routes"]
+        assert "attention-TP" in r["stderr"] and "keeps SGLang's own all-reduce" in r["stderr"]
+    two = _write_profile(tmp_path / "two.json", world=2)
+    res = _run(version, tmp_path, scenario="attn_dp", world=4, timeout_s=180,
+               env={"ARTUNE_PROFILE": str(two), "ARTUNE_STRICT": "0"})
+    for r in res:
+        assert "error" not in r, r["error"] + r.get("traceback", "") + r["stderr"][-3000:]
+        assert [n.split(":")[0] for n in r["routes"]] == ["attention_tp"], r["routes"]
