@@ -19,7 +19,12 @@ def _bool(value: str) -> bool:
 
 # name -> (default, parser, what it does)
 ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
-    "ARTUNE_PROFILE": (None, str, "Profile JSON the SGLang plugin and the custom op load."),
+    "ARTUNE_PROFILE": (
+        None,
+        str,
+        "Profile JSON the SGLang plugin loads (set by `artune launch`). Outside SGLang, give "
+        "the custom op a Router with artune.integration.ops.register_router.",
+    ),
     "ARTUNE_STRICT": (
         True,
         _bool,
