@@ -75,3 +75,21 @@ def test_cpu_dry_run_tune_end_to_end(tmp_path: Path, cpu_env: dict[str, str]) ->
     shown = run_artune("show", str(out), env=cpu_env)
     assert shown.returncode == 0 and "DRY RUN" in shown.stdout
     assert json.loads(run_artune("show", str(out), "--json", env=cpu_env).stdout)["dry_run"]
+
+
+def test_storage_url_elsewhere_holds_the_studies(tmp_path: Path, cpu_env: dict[str, str]
+                                                 ) -> None:
+    """``--storage URL``: the Optuna studies live there (not next to --out), and --resume reads
+    them back from there."""
+    out = tmp_path / "p.json"
+    db = tmp_path / "elsewhere" / "studies.db"
+    db.parent.mkdir()
+    args = ("tune", "--device", "cpu", "--quick", "--sizes", "4K", "--modes", "eager",
+            "--out", str(out), "--storage", f"sqlite:///{db}")
+    r = run_artune(*args, env=cpu_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert db.exists() and not (tmp_path / "p.json.optuna.db").exists()
+    names = optuna.get_all_study_names(f"sqlite:///{db}")
+    assert "gloo|bfloat16|eager|4096" in names
+    again = run_artune(*args, "--resume", env=cpu_env)
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stdout + again.stderr
