@@ -184,7 +184,10 @@ class Crew:
             )
 
         for name in names:
-            errors = self.comm.gather_errors(self._why_not(name), f"setup {name}: available")
+            t0 = time.perf_counter()
+            why = self._why_not(name)  # imports the backend's module (SGLang's: seconds)
+            self.setup_seconds[f"check {name}"] = time.perf_counter() - t0
+            errors = self.comm.gather_errors(why, f"setup {name}: available")
             bad = [(r, e) for r, e in enumerate(errors) if e is not None]
             if bad:
                 r, e = bad[0]
