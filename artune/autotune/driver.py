@@ -119,11 +119,11 @@ class Driver:
         # Backends whose set-up waits on builds outside artune (late_setup: SGLang's nvcc
         # builds, started in the background by `artune tune`) are set up and measured after
         # the others, so that those builds run meanwhile.
-        early, late = _split_late(candidates(cfg))
-        self._setup(early)
         launched = _launch_time()
         if launched is not None:  # process start, imports, torch.distributed and NCCL set-up
             self.spent["start ranks"] = t_start - launched
+        early, late = _split_late(candidates(cfg))
+        self._setup(early)
         self.con.print("set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.spent.items()),
                        markup=False)
         if not self.crew.built and not late:
