@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artune.backends import DEFAULT_BACKEND, KNOWN_BACKENDS
+from artune.backends import BACKENDS, DEFAULT_BACKEND
 from artune.log import log_once
 
 __all__ = [
@@ -225,11 +225,12 @@ def validate(data: Any, path: Path | str | None = None) -> dict[str, Any]:
                         f"{where}[{i}]: range {lo}..{hi} overlaps or is out of order with the "
                         f"previous one (ending at {prev_hi}); ranges must be sorted and disjoint",
                     )
-                if backend not in KNOWN_BACKENDS:
+                if backend not in BACKENDS:  # the registry, with any --extra-backend
                     raise _fail(
                         path,
                         f"{where}[{i}]: unknown backend {backend!r}; known: "
-                        f"{', '.join(sorted(KNOWN_BACKENDS))}",
+                        f"{', '.join(sorted(BACKENDS))} (a backend a tune added with "
+                        "--extra-backend must be registered where its profile is loaded)",
                     )
                 if not isinstance(r.get("params", {}), dict):
                     raise _fail(path, f"{where}[{i}]: params must be an object")

@@ -102,6 +102,21 @@ def test_unknown_backend(tmp_path: Path) -> None:
         load(_write(tmp_path, doc))
 
 
+def test_a_backend_added_with_extra_backend_is_known_where_it_is_registered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tune with ``--extra-backend`` may route to that backend (its profile must not fail at
+    the end of the tune); a process without it registered refuses the profile, saying why."""
+    from artune import backends
+
+    doc = profile_doc()
+    _ranges(doc)[0]["backend"] = "plugin_ar"
+    path = _write(tmp_path, doc)
+    with pytest.raises(ProfileError, match="unknown backend 'plugin_ar'.*--extra-backend"):
+        load(path)
+    monkeypatch.setitem(backends.BACKENDS, "plugin_ar", "some.module:PluginAllReduce")
+    assert "plugin_ar" in load(path).backends_used()
+
+
 def test_unknown_mode_and_missing_tables(tmp_path: Path) -> None:
     doc = profile_doc()
     doc["tables"]["bfloat16"]["replay"] = doc["tables"]["bfloat16"].pop("graph")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from artune.backends.base import Backend
 
-__all__ = ["BACKENDS", "KNOWN_BACKENDS", "DEFAULT_BACKEND", "load"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "load"]
 
 # name -> "module:Class". The order is the order in which a tune measures them.
 BACKENDS: dict[str, str] = {
@@ -23,9 +23,6 @@ BACKENDS: dict[str, str] = {
     "sglang": "artune.backends.sglang_native:SglangBackend",
     "gloo": "artune.backends.gloo:GlooBackend",
 }
-
-#: Names a profile may contain.
-KNOWN_BACKENDS = frozenset(BACKENDS)
 
 #: Where everything the profile does not cover goes (on CPU dry runs: gloo).
 DEFAULT_BACKEND = "nccl"
