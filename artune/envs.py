@@ -25,6 +25,13 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "Profile JSON the SGLang plugin loads (set by `artune launch`). Outside SGLang, give "
         "the custom op a Router with artune.integration.ops.register_router.",
     ),
+    "ARTUNE_ROUTE_LOG": (
+        None,
+        str,
+        "Folder: each SGLang process with the plugin writes there which backend took each "
+        "all-reduce (group, graph/eager, dtype, size, calls), after every CUDA-graph capture. "
+        "Unset (default): nothing is counted.",
+    ),
     "ARTUNE_STRICT": (
         True,
         _bool,

@@ -251,9 +251,16 @@ def worker(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(result))
         tmp.replace(out)
 
+    routes_dir = None
+    if CONFIGS[config]["artune"]:  # which backend took each all-reduce (ARTUNE_ROUTE_LOG)
+        routes_dir = Path(tempfile.mkdtemp(prefix=f"artune-routes-{config}-"))
+        os.environ["ARTUNE_ROUTE_LOG"] = str(routes_dir)
     t0 = time.perf_counter()
     engine = sglang.Engine(**kw)
     result["startup_s"] = round(time.perf_counter() - t0, 1)
+    if routes_dir is not None:  # the decode graphs are captured by now
+        result["routes"] = _routes_summary(routes_dir)
+        save()
     print(f"[e2e] {config}: engine up in {result['startup_s']} s", flush=True)
     try:
         result["batches"] = []
@@ -274,6 +281,25 @@ def worker(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _routes_summary(folder: Path) -> dict[str, Any] | None:
+    """What the plugin's route trace (one file per SGLang process) says took the all-reduces:
+    per mode (graph: inside the captured CUDA graphs), backend -> sizes and calls, over all
+    processes. None when no process wrote one."""
+    files = sorted(folder.glob("routes-*.json"))
+    if not files:
+        return None
+    by_mode: dict[str, dict[str, dict[str, Any]]] = {}
+    for f in files:
+        for row in json.loads(f.read_text())["routes"]:
+            cell = by_mode.setdefault(row["mode"], {}).setdefault(
+                row["backend"], {"sizes": set(), "calls": 0})
+            cell["sizes"].add(row["nbytes"])
+            cell["calls"] += row["calls"]
+    return {"processes": len(files), "by_mode": {
+        mode: {b: {"sizes": sorted(c["sizes"]), "calls": c["calls"]} for b, c in sorted(m.items())}
+        for mode, m in sorted(by_mode.items())}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +452,10 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
                          f">= {cmp['min_topk_overlap']:.0%}, top-1 agree {cmp['top1_agree']:.0%}"
                          f" -> {'OK' if cmp['ok'] else 'MISMATCH or inconclusive'}")
     for name, r in runs.items():
+        for mode, backends in ((r.get("routes") or {}).get("by_mode") or {}).items():
+            lines.append(f"{name}: all-reduces in {mode} mode by backend (all ranks): " + "; ".join(
+                f"{b} {len(c['sizes'])} sizes {min(c['sizes'])}-{max(c['sizes'])} B, "
+                f"{c['calls']} calls" for b, c in backends.items()))
         if r.get("check_error"):
             lines.append(f"{name}: logprob check failed: {r['check_error']}")
         if (CONFIGS.get(name, {}).get("artune") and r.get("batches")

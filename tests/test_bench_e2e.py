@@ -42,3 +42,19 @@ def test_one_slow_prefill_call_does_not_move_its_reps_decode_step(
     assert len(steps) == 5 and res["reps"][2]["t1_s"] == pytest.approx(0.120)
     assert steps == pytest.approx([2.5] * 5) and res["spread_ms"] == pytest.approx(0.0, abs=1e-9)
     assert res["step_ms"] == pytest.approx(2.5) and res["decode_tok_s"] == pytest.approx(1600)
+
+
+def test_routes_summary_adds_up_every_process(tmp_path: Path) -> None:
+    import json
+
+    mod = _module()
+    assert mod._routes_summary(tmp_path) is None
+    rows = [{"group": "tp:0", "mode": "graph", "dtype": "bfloat16", "nbytes": n, "backend": b,
+             "calls": c} for n, b, c in ((4096, "sglang (own)", 64), (8192, "sglang (own)", 2),
+                                         (524288, "nvrar", 8))]
+    for pid in (11, 12):
+        (tmp_path / f"routes-pid{pid}.json").write_text(json.dumps({"pid": pid, "routes": rows}))
+    got = mod._routes_summary(tmp_path)
+    assert got == {"processes": 2, "by_mode": {"graph": {
+        "nvrar": {"sizes": [524288], "calls": 16},
+        "sglang (own)": {"sizes": [4096, 8192], "calls": 132}}}}

@@ -200,6 +200,7 @@ def _scenario_serve(tp: Any, rank: int, out: dict[str, Any]) -> None:
     except Exception as exc:  # noqa: BLE001 - SGLang's own capture may need a GPU
         out["capture_entered"] = bool(entered)
         out["capture_error"] = f"{type(exc).__name__}: {exc}"
+    out["trace"] = plugin.route_trace()
 
 
 def _scenario_watch(tp: Any, out: dict[str, Any]) -> None:
@@ -389,11 +390,23 @@ def test_without_profile_the_plugin_only_logs(version: str, tmp_path: Path) -> N
 def test_routes_profile_sizes_to_artune_and_the_rest_to_sglang(version: str,
                                                                tmp_path: Path) -> None:
     prof = _write_profile(tmp_path / "p.json")
-    res = _run(version, tmp_path, env={"ARTUNE_PROFILE": str(prof)})
+    trace_dir = tmp_path / "routes"
+    res = _run(version, tmp_path, env={"ARTUNE_PROFILE": str(prof),
+                                       "ARTUNE_ROUTE_LOG": str(trace_dir)})
     for r in res:
         assert "error" not in r, r["error"] + r["stderr"][-3000:]
         assert r["hooked"] is True
         assert r["routes"] == [r["tp"]]
+        # ARTUNE_ROUTE_LOG: which backend took each call (out of place, "auto" as
+        # torch.compile'd graphs send it, in place), written when the capture context closed
+        trace = {(t["mode"], t["dtype"], t["nbytes"], t["backend"]): t["calls"]
+                 for t in r["trace"] if t["group"] == r["tp"]}
+        assert trace == {("eager", "float32", 8192, "gloo"): 3,
+                         ("eager", "float32", 1 << 20, plugin.SGLANG_OWN): 1,
+                         ("eager", "float16", 8192, plugin.SGLANG_OWN): 1}, r["trace"]
+    dumped = [json.loads(f.read_text())["routes"] for f in sorted(trace_dir.glob("*.json"))]
+    assert len(dumped) == len(res) and all(d == res[0]["trace"] for d in dumped), dumped
+    for r in res:
         c = r["checks"]
         covered = c["covered_f32_8k"]
         assert covered == {"resolve": "artune", "outplace_ok": True, "input_kept": True,

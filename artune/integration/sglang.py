@@ -58,6 +58,7 @@ __all__ = [
     "register",
     "missing_hook_points",
     "hook_point_error",
+    "route_trace",
     "setup_group",
     "routes",
     "close_all",
@@ -248,9 +249,15 @@ def _around_out_place(original: Callable[..., Any], self: Any, *args: Any, **kwa
         x = _arg(args, kwargs, 0, "input_")
         hit = route.pick(x) if route is not None else None
         if hit is not None:
+            if _TRACE is not None:
+                _trace(self.unique_name, x, hit[0].name)
             return hit[0].all_reduce(x, hit[1])
         if method == ARTUNE_METHOD:  # resolved to us, but the decision changed: SGLang's own
+            if _TRACE is not None:
+                _trace(self.unique_name, x, SGLANG_OWN)
             return original(self, x, "auto")
+    if _TRACE is not None and self.unique_name in _ROUTES:
+        _trace(self.unique_name, _arg(args, kwargs, 0, "input_"), SGLANG_OWN)
     return original(self, *args, **kwargs)
 
 
@@ -259,10 +266,58 @@ def _around_in_place(original: Callable[..., Any], self: Any, *args: Any, **kwar
     if route is not None:
         x = _arg(args, kwargs, 0, "input_")
         hit = route.pick(x)
+        if _TRACE is not None:
+            _trace(self.unique_name, x, hit[0].name if hit is not None else SGLANG_OWN)
         if hit is not None:
             x.copy_(hit[0].all_reduce(x, hit[1]))
             return None
     return original(self, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Route trace (ARTUNE_ROUTE_LOG): which backend took each all-reduce, by mode, dtype and size
+
+#: What the trace calls SGLang's own all-reduce (its custom all-reduce, pynccl, ...).
+SGLANG_OWN = "sglang (own)"
+#: (group, mode, dtype, nbytes, backend) -> calls; None while tracing is off (then free).
+_TRACE: dict[tuple[str, str, str, int, str], int] | None = None
+
+
+def _trace(group: str, x: Any, backend: str) -> None:
+    from artune.profile import dtype_name
+    from artune.router import current_mode
+
+    assert _TRACE is not None
+    key = (group, current_mode(), dtype_name(x.dtype), x.numel() * x.element_size(), backend)
+    _TRACE[key] = _TRACE.get(key, 0) + 1
+
+
+def route_trace() -> list[dict[str, Any]]:
+    """The trace so far: one row per (group, mode, dtype, size, backend) with its calls; []
+    while tracing is off (``ARTUNE_ROUTE_LOG`` unset)."""
+    return [{"group": g, "mode": m, "dtype": d, "nbytes": n, "backend": b, "calls": c}
+            for (g, m, d, n, b), c in sorted((_TRACE or {}).items())]
+
+
+def _dump_trace() -> None:
+    """Write this process's trace into the ``ARTUNE_ROUTE_LOG`` folder (one file per process,
+    rewritten whole, atomically): after every CUDA-graph capture, so the routes inside the
+    captured graphs are on disk while the server runs."""
+    import os
+    from pathlib import Path
+
+    folder = envs.get("ARTUNE_ROUTE_LOG")
+    if _TRACE is None or not folder:
+        return
+    try:
+        path = Path(folder) / f"routes-pid{os.getpid()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "routes": route_trace()}))
+        tmp.replace(path)
+    except OSError as exc:
+        log_once("sglang:trace", f"artune: cannot write the route trace to {folder}: {exc}",
+                 logging.WARNING)
 
 
 def _around_graph_capture(
@@ -275,8 +330,11 @@ def _around_graph_capture(
 
 @contextlib.contextmanager
 def _joined(cm: Any, router: Router) -> Iterator[Any]:
-    with cm as context, router.capture():
-        yield context
+    try:
+        with cm as context, router.capture():
+            yield context
+    finally:
+        _dump_trace()
 
 
 def _before_destroy(*args: Any, **kwargs: Any) -> None:
@@ -549,6 +607,9 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         logger.warning("artune %s: preparing the backends failed on rank %d (%s); they build "
                        "on first use", name, gc.rank_in_group, exc)
     route = Route(gc.unique_name, served, router)
+    global _TRACE
+    if envs.get("ARTUNE_ROUTE_LOG") and _TRACE is None:
+        _TRACE = {}
     old = _ROUTES.pop(gc.unique_name, None)
     if old is not None:
         old.router.close()
