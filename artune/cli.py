@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("profile", help="profile JSON")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="draw latency vs size")
     s.add_argument("--json", action="store_true", help="print the profile as JSON")
+    s.add_argument("--routes", default=None, metavar="DIR",
+                   help="also show which backend took each all-reduce of a served model (the "
+                   "folder the SGLang plugin wrote with ARTUNE_ROUTE_LOG=DIR)")
     s.add_argument("--force", action="store_true",
                    help="accept a profile made on another topology")
 

@@ -1,8 +1,11 @@
-"""``artune show PROFILE [--plot FILE.png] [--json]``: the dispatch table, on any machine.
+"""``artune show PROFILE [--plot FILE.png] [--json] [--routes DIR]``: the dispatch table, on any
+machine.
 
 Prints, per dtype and mode, each byte range with its backend, parameters, measured latency, NCCL's
 latency at the same sizes and the speedup; then what was skipped and the validation pass. With
 ``--plot`` draws latency against size (log-log), one line per backend, the chosen backend marked.
+With ``--routes`` reads a served model's route trace (the SGLang plugin's ``ARTUNE_ROUTE_LOG``
+folder) and shows which backend took each all-reduce, next to what the profile says.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 from artune.autotune.table import best_per_backend
 from artune.profile import Profile, ProfileError, load
 
-__all__ = ["main", "render", "plot", "human_bytes"]
+__all__ = ["main", "render", "plot", "human_bytes", "load_routes", "render_routes"]
 
 
 def human_bytes(n: int) -> str:
@@ -179,6 +182,61 @@ def plot(profile: Profile, path: str) -> str:
     return path
 
 
+def load_routes(folder: str) -> tuple[int, list[dict[str, Any]]]:
+    """(processes, rows) of a route-trace folder: the calls of each (group, mode, dtype, size,
+    backend) summed over the processes' files. ValueError when there is nothing to read."""
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob("routes-*.json"))
+    if not files:
+        raise ValueError(f"no route trace (routes-*.json) in {folder}: serve with "
+                         f"ARTUNE_ROUTE_LOG={folder} first")
+    calls: Counter[tuple[str, str, str, int, str]] = Counter()
+    for f in files:
+        try:
+            for r in json.loads(f.read_text())["routes"]:
+                calls[(r["group"], r["mode"], r["dtype"], int(r["nbytes"]), r["backend"])] += int(
+                    r["calls"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{f}: not a route trace ({type(exc).__name__}: {exc})") from None
+    rows = [{"group": g, "mode": m, "dtype": d, "nbytes": n, "backend": b, "calls": c}
+            for (g, m, d, n, b), c in sorted(calls.items())]
+    return len(files), rows
+
+
+def render_routes(profile: Profile, processes: int, rows: list[dict[str, Any]],
+                  console: Any = None) -> int:
+    """Print the trace next to the profile's choice for each size; returns how many rows differ
+    from it (the plugin may re-derive the table where a backend cannot run: its log says)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from artune.integration.sglang import SGLANG_OWN
+    from artune.profile import select
+
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    t = Table(title=f"routes taken ({processes} process(es)): backend per all-reduce",
+              title_justify="left")
+    for col, just in (("group", "left"), ("mode", "left"), ("dtype", "left"),
+                      ("size", "right"), ("backend", "left"), ("calls", "right"),
+                      ("profile says", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    differ = 0
+    for r in rows:
+        choice = select(profile, r["nbytes"], r["dtype"], r["mode"])
+        says = choice.backend if choice.covered else "not covered: SGLang's own"
+        same = (r["backend"] == choice.backend if choice.covered and choice.backend != "sglang"
+                else r["backend"] == SGLANG_OWN)
+        differ += not same
+        t.add_row(r["group"], r["mode"], r["dtype"], human_bytes(r["nbytes"]), r["backend"],
+                  str(r["calls"]), says if same else f"[red]{says} (differs)[/red]")
+    console.print(t)
+    if differ:
+        console.print(f"{differ} row(s) differ from the profile: the plugin re-derives the table "
+                      "where a backend cannot run here (its log names it)", highlight=False)
+    return differ
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry of ``artune show``: exit 0, or 2 with a one-line error for a bad profile."""
     try:
@@ -193,4 +251,11 @@ def main(args: argparse.Namespace) -> int:
         render(profile)
     if getattr(args, "plot", None):
         print(f"plot written to {plot(profile, args.plot)}")
+    if getattr(args, "routes", None):
+        try:
+            processes, rows = load_routes(args.routes)
+        except ValueError as exc:
+            print(f"artune show: {exc}", file=sys.stderr)
+            return 2
+        render_routes(profile, processes, rows)
     return 0

@@ -14,7 +14,8 @@ from artune.profile import save
 
 
 def _args(profile: Path, **kw: object) -> argparse.Namespace:
-    return argparse.Namespace(profile=str(profile), plot=kw.get("plot"), json=kw.get("json", False))
+    return argparse.Namespace(profile=str(profile), plot=kw.get("plot"), json=kw.get("json", False),
+                              routes=kw.get("routes"))
 
 
 def test_human_bytes() -> None:
@@ -88,3 +89,38 @@ def test_show_names_the_points_the_validation_rerouted(tmp_path: Path, capsys) -
     assert "bfloat16/eager 4K: nvrar -> symm_one_shot" in out
     assert "bfloat16/eager 8K: nvrar(ctas=8) -> nvrar(ctas=16)" in out  # parameters only
     assert "64K:" not in out
+
+
+def test_show_routes_next_to_what_the_profile_says(tmp_path: Path, capsys) -> None:
+    """``--routes DIR``: the plugin's route trace (one file per process, calls summed), each
+    row marked where the backend that took it is not the profile's choice."""
+    from artune.integration.sglang import SGLANG_OWN
+
+    p = save(profile_doc(), tmp_path / "p.json")
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    rows = [
+        {"group": "tp:0", "mode": "graph", "dtype": "bfloat16", "nbytes": 4096,
+         "backend": "symm_one_shot", "calls": 64},  # the profile's choice at 4K
+        {"group": "tp:0", "mode": "graph", "dtype": "bfloat16", "nbytes": 65536,
+         "backend": SGLANG_OWN, "calls": 2},  # the profile says symm_one_shot: differs
+        {"group": "tp:0", "mode": "eager", "dtype": "bfloat16", "nbytes": 1 << 30,
+         "backend": SGLANG_OWN, "calls": 1},  # beyond the table: SGLang's own, as it should
+    ]
+    for pid in (1, 2):
+        (routes / f"routes-pid{pid}.json").write_text(json.dumps({"pid": pid, "routes": rows}))
+    assert main(_args(p, routes=str(routes))) == 0
+    out = capsys.readouterr().out
+    assert "routes taken (2 process(es))" in out
+    lines = {ln.split("│")[4].strip(): ln for ln in out.splitlines() if "tp:0" in ln}
+    assert sorted(lines) == ["1G", "4K", "64K"]
+    assert "symm_one_shot" in lines["4K"] and "128" in lines["4K"]  # 64 calls x 2 processes
+    assert "differs" not in lines["4K"]
+    assert "symm_one_shot (differs)" in lines["64K"]
+    assert "not covered" in lines["1G"] and "differs" not in lines["1G"]
+    assert "1 row(s) differ from the profile" in out
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(_args(p, routes=str(empty))) == 2
+    assert "no route trace" in capsys.readouterr().err
