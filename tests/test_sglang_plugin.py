@@ -227,26 +227,6 @@ def _scenario_watch(tp: Any, out: dict[str, Any]) -> None:
         out["faulty"] = str(exc)
 
 
-def _init_with_attention_dp(ps: Any, world: int, rank: int, dp: int) -> None:
-    """``initialize_model_parallel`` with TP = ``world`` and attention data parallelism ``dp``
-    (attention-TP groups of world / dp ranks), in the shape this release takes."""
-    import inspect
-
-    if "tensor_model_parallel_size" in inspect.signature(ps.initialize_model_parallel).parameters:
-        ps.initialize_model_parallel(tensor_model_parallel_size=world,
-                                     attention_data_parallel_size=dp)
-        return
-    from sglang.srt.runtime_context import derive_parallel_widths, get_parallel
-
-    get_parallel().override_permanently(
-        tp_size=world, pp_size=1, attn_cp_size=1, moe_dp_size=1, shared_experts_tp_size=None,
-        tp_rank=rank, pp_rank=0,
-        **derive_parallel_widths(tp_size=world, attn_cp_size=1, attn_dp_size=dp, moe_ep_size=1,
-                                 moe_dp_size=1, dcp_size=1, dcp_enabled=False),
-    )
-    ps.initialize_model_parallel()
-
-
 def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: str) -> None:
     """One TP rank: load the plugin as SGLang does, build SGLang's groups, run ``scenario``."""
     import logging
@@ -278,7 +258,7 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
                                         distributed_init_method=f"tcp://127.0.0.1:{port}",
                                         backend="gloo")
         if scenario == "attn_dp":
-            _init_with_attention_dp(ps, world, rank, dp=2)
+            _init_model_parallel(ps, world, rank, attn_dp=2)
             out["attn_tp_size"] = ps.get_attn_tp_group().world_size
             out["routes"] = sorted(plugin.routes())
             return

@@ -58,20 +58,22 @@ def _capturing() -> bool:
     return bool(torch.cuda.is_current_stream_capturing())
 
 
-def _init_model_parallel(ps: Any, tp: int, rank: int) -> None:
-    """``initialize_model_parallel`` with TP = ``tp``, PP = 1, in the shape this release takes:
+def _init_model_parallel(ps: Any, tp: int, rank: int, attn_dp: int = 1) -> None:
+    """``initialize_model_parallel`` with TP = ``tp``, PP = 1 and attention data parallelism
+    ``attn_dp`` (attention-TP groups of tp / attn_dp ranks), in the shape this release takes:
     widths as arguments (0.5.17) or read from the runtime context (later releases)."""
     params = inspect.signature(ps.initialize_model_parallel).parameters
     if "tensor_model_parallel_size" in params:
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                     attention_data_parallel_size=attn_dp)
         return
     from sglang.srt.runtime_context import derive_parallel_widths, get_parallel
 
     get_parallel().override_permanently(
         tp_size=tp, pp_size=1, attn_cp_size=1, moe_dp_size=1, shared_experts_tp_size=None,
         tp_rank=rank, pp_rank=0,
-        **derive_parallel_widths(tp_size=tp, attn_cp_size=1, attn_dp_size=1, moe_ep_size=1,
-                                 moe_dp_size=1, dcp_size=1, dcp_enabled=False),
+        **derive_parallel_widths(tp_size=tp, attn_cp_size=1, attn_dp_size=attn_dp,
+                                 moe_ep_size=1, moe_dp_size=1, dcp_size=1, dcp_enabled=False),
     )
     ps.initialize_model_parallel()
 
