@@ -10,8 +10,9 @@ from typing import Any
 from _profiles import FP, rec
 from rich.console import Console
 
-from artune.autotune.driver import Driver, _choice_at
+from artune.autotune.driver import Driver, _route
 from artune.autotune.table import VALIDATION, build_profile, build_tables
+from artune.profile import Profile
 
 
 def _driver(ms: list[dict[str, Any]], retimed: list[dict[str, Any]]) -> tuple[Driver, list]:
@@ -31,7 +32,7 @@ def _driver(ms: list[dict[str, Any]], retimed: list[dict[str, Any]]) -> tuple[Dr
 
 
 def _entry(doc: dict[str, Any], dtype: str, mode: str, n: int, within: bool) -> dict[str, Any]:
-    backend, _ = _choice_at(doc["tables"], dtype, mode, n)
+    backend, _ = _route(Profile(doc), dtype, mode, n)
     return {"dtype": dtype, "mode": mode, "nbytes": n, "routed_backend": backend,
             "routed_params": {}, "routed_us": 1.0, "within": within}
 
@@ -42,7 +43,7 @@ def test_a_point_the_retimes_move_is_validated_again_with_the_new_routing() -> N
     ms += [rec("nvrar", 8192, 25.0, mode="eager")]  # the tune read nvrar fastest at 8K only
     ms += [rec("nccl", n, 60.0, mode="eager") for n in sizes]
     doc = build_profile(ms, [], fingerprint=FP, command="artune tune", dry_run=False)
-    assert _choice_at(doc["tables"], "bfloat16", "eager", 8192)[0] == "nvrar"
+    assert _route(Profile(doc), "bfloat16", "eager", 8192)[0] == "nvrar"
     doc["validation"] = [_entry(doc, "bfloat16", "eager", n, within=n != 8192) for n in sizes]
     # side by side, nvrar is the slower one at 8K
     retimed = [dict(rec("nvrar", 8192, 63.0, mode="eager"), source=VALIDATION),

@@ -126,11 +126,6 @@ class Driver:
         self._setup(early)
         self.con.print("set-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.spent.items()),
                        markup=False)
-        if not self.crew.built and not late:
-            self.con.print("[red]no backend can run here; nothing to tune[/red]")
-            self.crew.stop(1)
-            return 1
-
         plan = self._plan(list(self.crew.built))
         late_plan = self._plan(late)  # from the classes: counted in the bar from the start
         progress = ui.Progress(sum(n for *_, n in plan + late_plan), self.con)
@@ -387,12 +382,13 @@ class Driver:
                 cands, behind = [], {}
                 forced = only.get((dtype, mode, nbytes)) if only else None
                 for b, r in sorted(here.items()):
-                    if r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN) or (
-                            forced is not None and b == forced[0]):
+                    if forced is not None and b == forced[0]:
+                        continue  # timed below, with the parameters it was routed with
+                    if r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN):
                         cands.append((b, dict(r.get("params") or {})))
                     else:
                         behind[b] = r["latency_us"]
-                if forced is not None and forced[0] in self.crew.built and forced not in cands:
+                if forced is not None and forced[0] in self.crew.built:
                     cands.append((forced[0], dict(forced[1])))
                 cmd = {
                     "op": "validate", "dtype": dtype, "mode": mode, "nbytes": nbytes,
@@ -421,11 +417,13 @@ class Driver:
         if not self.retimed:
             return
         measurements = self.measurements + self.retimed
-        tables = build_tables(measurements, self.cfg.rel_tol, Profile(doc).fallback())
+        before = Profile(doc)
+        tables = build_tables(measurements, self.cfg.rel_tol, before.fallback())
+        after = Profile(dict(doc, tables=tables))
         moved: dict[tuple[str, str, int], tuple[str, dict[str, Any]]] = {}
         for e in doc["validation"]:
             key = (e["dtype"], e["mode"], e["nbytes"])
-            if _choice_at(doc["tables"], *key) != _choice_at(tables, *key):
+            if _route(before, *key) != _route(after, *key):
                 # the route it had is timed again beside the new one
                 moved[key] = (e["routed_backend"], dict(e.get("routed_params") or {}))
         doc["measurements"], doc["tables"] = measurements, tables
@@ -495,12 +493,12 @@ def _split_late(names: list[str]) -> tuple[list[str], list[str]]:
     return [n for n in names if not flags[n]], [n for n in names if flags[n]]
 
 
-def _choice_at(tables: dict[str, Any], dtype: str, mode: str, nbytes: int) -> Any:
-    """(backend, params) of the range of ``tables`` holding ``nbytes``; None where none does."""
-    for r in tables.get(dtype, {}).get(mode, []):
-        if r["min_bytes"] <= nbytes <= r["max_bytes"]:
-            return r["backend"], params_key(r.get("params") or {})
-    return None
+def _route(profile: Any, dtype: str, mode: str, nbytes: int) -> tuple[str, str] | None:
+    """(backend, params key) that ``select`` gives for a measured point; None if uncovered."""
+    from artune.profile import select
+
+    c = select(profile, nbytes, dtype, mode)
+    return (c.backend, params_key(dict(c.params))) if c.covered else None
 
 
 def _launch_time() -> float | None:
