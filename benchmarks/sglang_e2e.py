@@ -284,20 +284,23 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def _routes_summary(folder: Path) -> dict[str, Any] | None:
-    """What the plugin's route trace (one file per SGLang process) says took the all-reduces:
-    per mode (graph: inside the captured CUDA graphs), backend -> sizes and calls, over all
-    processes. None when no process wrote one."""
-    files = sorted(folder.glob("routes-*.json"))
-    if not files:
+    """What the plugin's route trace (one file per SGLang process, read by ``artune show
+    --routes``'s loader) says took the all-reduces: per mode (graph: inside the captured CUDA
+    graphs), backend -> sizes and calls, over all processes. None when no process wrote one."""
+    from artune.inspect import load_routes
+
+    try:
+        processes, rows = load_routes(str(folder))
+    except ValueError:
         return None
     by_mode: dict[str, dict[str, dict[str, Any]]] = {}
-    for f in files:
-        for row in json.loads(f.read_text())["routes"]:
-            cell = by_mode.setdefault(row["mode"], {}).setdefault(
-                row["backend"], {"sizes": set(), "calls": 0})
-            cell["sizes"].add(row["nbytes"])
-            cell["calls"] += row["calls"]
-    return {"processes": len(files), "by_mode": {
+    for row in rows:
+        cell = by_mode.setdefault(row["mode"], {}).setdefault(
+            row["backend"], {"sizes": [], "calls": 0})
+        if row["nbytes"] not in cell["sizes"]:
+            cell["sizes"].append(row["nbytes"])
+        cell["calls"] += row["calls"]
+    return {"processes": processes, "by_mode": {
         mode: {b: {"sizes": sorted(c["sizes"]), "calls": c["calls"]} for b, c in sorted(m.items())}
         for mode, m in sorted(by_mode.items())}}
 
