@@ -292,6 +292,13 @@ def _trace(group: str, x: Any, backend: str) -> None:
     _TRACE[key] = _TRACE.get(key, 0) + 1
 
 
+def _start_trace() -> None:
+    """Count from now on, when ``ARTUNE_ROUTE_LOG`` names a folder."""
+    global _TRACE
+    if envs.get("ARTUNE_ROUTE_LOG") and _TRACE is None:
+        _TRACE = {}
+
+
 def route_trace() -> list[dict[str, Any]]:
     """The trace so far: one row per (group, mode, dtype, size, backend) with its calls; []
     while tracing is off (``ARTUNE_ROUTE_LOG`` unset)."""
@@ -607,9 +614,7 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         logger.warning("artune %s: preparing the backends failed on rank %d (%s); they build "
                        "on first use", name, gc.rank_in_group, exc)
     route = Route(gc.unique_name, served, router)
-    global _TRACE
-    if envs.get("ARTUNE_ROUTE_LOG") and _TRACE is None:
-        _TRACE = {}
+    _start_trace()
     old = _ROUTES.pop(gc.unique_name, None)
     if old is not None:
         old.router.close()
