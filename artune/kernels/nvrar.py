@@ -369,9 +369,10 @@ class NvrarComm:
                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=plan.warps)
         # Between nodes, block-wide rounds unless forced (``self.spin``): with per-thread
         # polling chosen by ``_spin``'s rule, the 2x2 virtual-node path read 7.6 / 8.0 / 9.7 µs
-        # at 4K / 64K / 256K on 4x H100, against 5.6 / 6.1 / 7.2 with block rounds a session
-        # earlier (benchmarks/results/allreduce_2x2_emulated_h100.md and its history); not yet
-        # timed side by side. On one node the rule stands (the 4x H100 tune measured it).
+        # at 4K / 64K / 256K on 4x H100 (fourth session); with block rounds (and PDL) 5.1 /
+        # 5.6 / 6.8 in the fifth (benchmarks/results/allreduce_2x2_emulated_h100.md), on
+        # different runs, not side by side. On one node the rule stands (the 4x H100 tune
+        # measured it).
         if nodes.nodes > 1:
             spin = ll and bool(self.spin)
         else:
