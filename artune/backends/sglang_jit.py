@@ -91,8 +91,12 @@ def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
         try:
             # Its own process group (``stop`` ends the builders' nvcc too), at low priority:
             # the ranks' host-bound eager timing may run beside it.
+            from artune.envs import NO_MULTICAST_ENV
+
+            # (it only compiles, but anything artune starts keeps NVLink multicast off)
             return subprocess.Popen([python, "-m", _SELF, str(world_size), *dtypes],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=dict(os.environ, **NO_MULTICAST_ENV),
                                     preexec_fn=_background(), start_new_session=True)
         except Exception:  # noqa: BLE001 - the ranks build what they need themselves
             return None
