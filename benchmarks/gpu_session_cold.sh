@@ -4,7 +4,7 @@
 # emptied before each tune), --quick first; then NVRAR and SGLang on 2 of the GPUs.
 #
 #   device run, carry [".devwhl"], on a fresh (not warm) machine:  bash benchmarks/gpu_session_cold.sh
-#   NO_2GPU=1: the tunes only.
+#   NO_2GPU=1: the tunes only. TEST_K=EXPR: then `pytest tests/gpu/test_nvrar_gpu.py -k EXPR`.
 set -uo pipefail
 W=/tmp/artune-gpu-cold
 source benchmarks/gpu_lib.sh
@@ -16,6 +16,11 @@ step quick4 90 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
 rm -rf "$JIT"
 step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
     --results "$W/tune_time_4gpu_full.json" --keep "$W/t4"
+step select 60 python3 benchmarks/select_speed.py --device cuda --calls 50000 \
+    --out "$W/select_speed_gpu_host.md"
+if [ -n "${TEST_K:-}" ]; then
+    step gputest 150 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py -k "$TEST_K"
+fi
 if [ -z "${NO_2GPU:-}" ]; then
 export CUDA_VISIBLE_DEVICES=0,1
 step dev2 90 torchrun --nproc-per-node 2 benchmarks/nvrar_dev.py --pdl both \
@@ -31,3 +36,5 @@ for f in "$W"/tune_time_*.json; do
 done
 grep -h -A8 "^NVRAR vs NCCL\|^programmatic" "$W/dev2.log" 2>/dev/null
 cat "$W/allreduce_2gpu.md" 2>/dev/null
+tail -n 6 "$W/select_speed_gpu_host.md" 2>/dev/null
+tail -n 5 "$W/gputest.log" 2>/dev/null

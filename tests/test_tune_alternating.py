@@ -63,13 +63,39 @@ def test_rounds_alternate_and_a_failing_candidate_is_dropped_alone(monkeypatch) 
     assert res[1] == {"skip": "eager timing raised RuntimeError: b broke"}
     calls = res[0]["calls"]
     for i in (0, 2):
-        assert res[i]["reps"] == 5 and len(res[i]["samples"]) == 1  # one rank
-        assert len(res[i]["samples"][0]) == 5 and all(v > 0 for v in res[i]["samples"][0])
+        # 5 repetitions asked, 6 run: a multiple of the 3 candidates
+        assert res[i]["reps"] == 6 and len(res[i]["samples"]) == 1  # one rank
+        assert len(res[i]["samples"][0]) == 6 and all(v > 0 for v in res[i]["samples"][0])
     # The timed part: one batch of each live candidate per round, in turn, each round starting
     # one candidate later; b's one batch in round 1, then (it fails first in round 2) gone.
-    timed = "".join(order)[-(11 * calls):]
+    timed = "".join(order)[-(13 * calls):]
     batches = [timed[k] for k in range(0, len(timed), calls)]
-    assert all(timed[k * calls:(k + 1) * calls] == batches[k] * calls for k in range(11))
-    assert "".join(batches) == "abc" + "ca" + "ac" + "ca" + "ac"
+    assert all(timed[k * calls:(k + 1) * calls] == batches[k] * calls for k in range(13))
+    assert "".join(batches) == "abc" + "ca" + "ac" + "ca" + "ac" + "ca"
     # estimates, warm-ups, then every repetition: 3 in rounds 1-2 (b fails in 2), 2 after
-    assert comm.agreements == 3 + 3 + 3 + 3 + 2 * 3
+    assert comm.agreements == 3 + 3 + 3 + 3 + 2 * 4
+
+
+def test_every_candidate_takes_every_position_equally_often(monkeypatch) -> None:
+    """9 repetitions of 2 candidates run as 10 rounds, each candidate first in 5: an effect of
+    the position in a round must not become a bias between their medians."""
+    import artune.autotune.crew as crew_mod
+
+    order: list[str] = []
+
+    class Timer(crew_mod.Timer):  # one call per batch: the order of batches is the order
+        def sample(self, reps: int) -> list[float]:
+            order.append(self.fn.__name__)
+            return [1.0] * reps
+
+    def a() -> None: ...
+
+    def b() -> None: ...
+
+    monkeypatch.setattr(crew_mod, "Timer", Timer)
+    crew, _ = _crew()
+    res = crew._measure_alternating([a, b], {"nbytes": 4096, "reps": 9, "warmup": 1})
+    assert [r["reps"] for r in res] == [10, 10]
+    rounds = [order[k:k + 2] for k in range(0, len(order), 2)]
+    assert len(rounds) == 10 and all(sorted(r) == ["a", "b"] for r in rounds)
+    assert sum(r[0] == "a" for r in rounds) == sum(r[0] == "b" for r in rounds) == 5
