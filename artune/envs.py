@@ -71,6 +71,19 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
+    "ARTUNE_SGLANG_WARM": (
+        True,
+        _bool,
+        "`artune tune`: build SGLang's custom all-reduce JIT modules in the background while "
+        "the ranks start (0: the ranks build them when they first need them).",
+    ),
+    "ARTUNE_PREIMPORT": (
+        True,
+        _bool,
+        "`artune tune`: import the modules a backend's set-up needs that take seconds (SGLang's "
+        "parallel_state) in a background thread while the ranks start, and wait for them before "
+        "anything is timed (0: import them when the backend is set up).",
+    ),
     "ARTUNE_SGLANG_HOME": (
         None,
         str,

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from artune.autotune.config import TuneConfig
+    from artune.autotune.preimport import Preimport
     from artune.router import Router
 
 #: Timed repetitions of one measurement stop short of this much wall time (at least MIN_REPS).
@@ -67,7 +68,8 @@ def _exc_text(exc: BaseException) -> str:
 class Crew:
     """One rank's executor; see the module docstring."""
 
-    def __init__(self, cfg: TuneConfig, ctx: GroupContext, comm: Comm) -> None:
+    def __init__(self, cfg: TuneConfig, ctx: GroupContext, comm: Comm,
+                 preimport: Preimport | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.comm = comm
@@ -80,6 +82,9 @@ class Crew:
         self.setup_seconds: dict[str, float] = {}
         #: wall seconds inside trials by step (gate, capture, timing) on this rank
         self.trial_seconds: dict[str, float] = {}
+        #: slow imports running in the background since the rank started (waited for before
+        #: anything is timed)
+        self._preimport = preimport
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -103,6 +108,7 @@ class Crew:
         op = cmd["op"]
         if op == "setup":
             return self._setup(cmd["names"])
+        self._join_preimport()  # (after the first set-up, a no-op)
         if op == "trial":
             return self._trial(cmd, decide)
         if op == "router":
@@ -210,7 +216,16 @@ class Crew:
             for part, sec in getattr(self.built.get(name), "setup_parts", {}).items():
                 self.setup_seconds[f"build {name}: {part}"] = sec
         self._prepare([n for n in names if n in self.built])
+        self._join_preimport()
         return skipped if self.ctx.rank == 0 else None
+
+    def _join_preimport(self) -> None:
+        """Wait for the background imports (before anything is timed: an import holding the
+        interpreter lock would slow host-bound eager calls)."""
+        pre, self._preimport = self._preimport, None
+        if pre is not None:
+            self.setup_seconds["wait for background imports"] = pre.wait()
+            self.setup_seconds["background imports (overlapped)"] = pre.seconds
 
     def _prepare(self, names: list[str]) -> None:
         """Let each backend of ``names`` build ahead what its default parameters use (NVRAR:

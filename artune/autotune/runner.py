@@ -24,6 +24,7 @@ from artune import envs
 from artune.autotune.comm import Comm, Heartbeat, HostCollectiveError
 from artune.autotune.config import TuneConfig, storage_url
 from artune.autotune.crew import Crew, actual_nbytes
+from artune.autotune.preimport import Preimport
 from artune.backends import BACKENDS
 from artune.backends.base import GroupContext
 
@@ -88,9 +89,11 @@ def run_rank(cfg: TuneConfig) -> int:
     register_extra_backends(cfg.extra_backends)
     timeout_s = float(envs.get("ARTUNE_COLLECTIVE_TIMEOUT_S"))
     timeout = _dt.timedelta(seconds=timeout_s)
+    preimport = None
     if cfg.device == "cuda":
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
+        preimport = Preimport.start(candidates(cfg), device)
         dist.init_process_group("nccl", timeout=timeout, device_id=device)
     else:
         device = torch.device("cpu")
@@ -110,7 +113,7 @@ def run_rank(cfg: TuneConfig) -> int:
         max_bytes=max(actual_nbytes(s, d) for s in cfg.sizes for d in cfg.dtypes),
         group_name=world.group_name,
     )
-    crew = Crew(cfg, ctx, comm)
+    crew = Crew(cfg, ctx, comm, preimport)
     code = 1
     try:
         if env.rank == 0:
@@ -122,14 +125,19 @@ def run_rank(cfg: TuneConfig) -> int:
     except HostCollectiveError as exc:
         print(f"artune tune: {exc}", file=sys.stderr, flush=True)
     finally:
-        crew.close()
+        if code != 0:
+            crew.close()
         if heartbeat is not None:
             heartbeat.stop()
     if code == 0:
         # Every rank is done with the store and the groups before any leaves (rank 0 hosts the
         # store: a peer still talking to it when it exits dies in C++ teardown with "terminate
         # called without an active exception", seen in CI). After the barrier nothing is left
-        # to say, and process-exit destructors of c10d's threads are skipped.
+        # to say, and process-exit destructors of c10d's threads are skipped. So is closing
+        # the backends: every rank is past its last collective, and what they hold (NCCL and
+        # SGLang's groups, NVSHMEM, IPC mappings) goes with the process. (The 2-3 s between
+        # the profile being written and `artune tune` returning on 4x H100 included closing
+        # them one by one.)
         try:
             dist.barrier(group=cpu_group)
         except Exception as exc:  # noqa: BLE001 - the tune's work is saved; report and leave

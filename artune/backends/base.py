@@ -11,6 +11,9 @@ will see, and then answers the same few questions as every other backend:
                                     searches only these);
 - ``late_setup``                    (class attribute, optional) set up after the others in a
                                     tune (its set-up waits on builds outside artune);
+- ``slow_imports``                  (class attribute, optional) modules its set-up imports that
+                                    take seconds; a tune imports them in the background while
+                                    the ranks start;
 - ``admits(params, nbytes, ctx)``   (class method, optional) whether one combination of those
                                     choices is a distinct, valid parameter set (the tuner never
                                     spends a trial on one it rejects);
@@ -87,6 +90,10 @@ class Backend(ABC):
     #: ``artune tune`` starts in the background): a tune sets it up and measures it after the
     #: other backends, so that those builds run while the others are measured.
     late_setup: ClassVar[bool] = False
+    #: Modules ``available``/``create`` import that take seconds (SGLang's parallel_state: 5-7 s
+    #: on 4x H100): ``artune tune`` imports them in a background thread while its ranks start
+    #: and set up the other backends, and waits for it before timing anything.
+    slow_imports: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: GroupContext) -> None:
         self.ctx = ctx

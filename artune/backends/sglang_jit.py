@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from artune import envs
+
 __all__ = ["modules", "start", "stop", "main"]
 
 _MOD = "sglang.kernels.ops.communication.all_reduce"
@@ -75,7 +77,7 @@ def start(world_size: int, dtypes: Sequence[str], python: str = sys.executable,
     goes to ``log_path`` (appended) when given."""
     import importlib.util
 
-    if os.environ.get("ARTUNE_SGLANG_WARM", "1") == "0":
+    if not envs.get("ARTUNE_SGLANG_WARM"):
         return None
     try:
         if importlib.util.find_spec("sglang") is None:

@@ -139,6 +139,7 @@ class SglangBackend(Backend):
     name = "sglang"
     needs_cuda = True
     late_setup = True  # initialize_model_parallel waits on SGLang's JIT builds (sglang_jit)
+    slow_imports = ("sglang.srt.distributed.parallel_state",)
 
     @classmethod
     def available(cls, ctx: GroupContext) -> str | None:
