@@ -19,7 +19,7 @@ from typing import Any
 from artune.autotune.table import best_per_backend
 from artune.profile import Profile, ProfileError, load
 
-__all__ = ["main", "render", "plot", "human_bytes", "load_routes", "render_routes"]
+__all__ = ["main", "render", "plot", "human_bytes", "fmt_us", "load_routes", "render_routes"]
 
 
 def human_bytes(n: int) -> str:
@@ -128,11 +128,20 @@ def render(profile: Profile, console: Any = None) -> None:
                     f"{_route(*now, same)}", markup=False, highlight=False)
         for v in validation:
             if not v.get("within"):
+                gap = v.get("gap_us")
+                how = (f" (gap {gap:+.1f} µs, {v.get('gap_from', 'medians')})"
+                       if gap is not None else "")
                 console.print(
                     f"  [red]{v['dtype']}/{v['mode']} {human_bytes(v['nbytes'])}: routed "
-                    f"{v['routed_backend']} {v['routed_us']:.1f} µs vs {v['best_backend']} "
-                    f"{v['best_us']:.1f} µs[/red]"
+                    f"{v['routed_backend']} {fmt_us(v.get('routed_us'))} µs vs "
+                    f"{v.get('best_backend')} {fmt_us(v.get('best_us'))} µs{how}"
+                    f"{' - ' + str(v['error']) if v.get('error') else ''}[/red]"
                 )
+
+
+def fmt_us(v: Any) -> str:
+    """µs with one decimal, '-' for None."""
+    return "-" if v is None else f"{v:.1f}"
 
 
 def _route(backend: str, params: Any, with_params: bool) -> str:

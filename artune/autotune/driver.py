@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from artune.autotune.search import (
     study_name,
 )
 from artune.autotune.table import VALIDATION
+from artune.autotune.timing import summarize
 
 __all__ = ["Driver", "VALIDATE_MARGIN"]
 
@@ -474,9 +476,47 @@ class Driver:
             entry["error"] = results[0].get("skip") if routed is None else "no candidate timed"
             return entry
         r_us, b_us = routed["latency_us"], fastest["latency_us"]
-        noise = max(routed["spread_us"] or 0.0, fastest["spread_us"] or 0.0)
-        entry["within"] = bool(r_us <= b_us * (1 + rel_tol) or r_us - b_us <= noise)
+        best_res = results[1 + _index_of(timed, fastest)]
+        paired = paired_gap(results[0], best_res) if mode == "eager" else None
+        if paired is not None:
+            # Eager candidates ran in alternating rounds: the round-by-round difference
+            # cancels the host's drift, which the two medians each carry.
+            gap, noise = paired
+            entry["gap_from"] = "paired rounds"
+        else:
+            gap = r_us - b_us
+            noise = max(routed["spread_us"] or 0.0, fastest["spread_us"] or 0.0)
+            entry["gap_from"] = "medians"
+        entry["gap_us"], entry["gap_spread_us"] = gap, noise
+        entry["within"] = bool(gap <= b_us * rel_tol or gap <= noise)
         return entry
+
+
+def _index_of(timed: list[dict[str, Any] | None], m: dict[str, Any]) -> int:
+    """Position of the record ``m`` in ``timed`` (by identity)."""
+    return next(i for i, t in enumerate(timed) if t is m)
+
+
+def paired_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
+    """(median, interquartile range) over rounds of a's minus b's slowest-rank µs, for two
+    results of the same alternating rounds (``Crew._measure_alternating``: ``samples`` per rank,
+    one value per round); None when they do not cover the same rounds."""
+    sa, sb = a.get("samples"), b.get("samples")
+    if not sa or not sb or len(sa) != len(sb):
+        return None
+    rounds = len(sa[0])
+    if rounds < 4 or any(len(r) != rounds for r in (*sa, *sb)):
+        return None
+    diffs = []
+    for k in range(rounds):
+        va = [r[k] for r in sa if not math.isnan(r[k])]
+        vb = [r[k] for r in sb if not math.isnan(r[k])]
+        if va and vb:
+            diffs.append(max(va) - max(vb))
+    if len(diffs) < 4:
+        return None
+    med, iqr = summarize(diffs)
+    return med, iqr
 
 
 def _split_late(names: list[str]) -> tuple[list[str], list[str]]:

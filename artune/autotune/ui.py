@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from artune.inspect import fmt_us, human_bytes
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -62,14 +64,13 @@ class Progress:
         self._p.update(self._task, total=(task.total or 0) + n)
 
 
-def _h(n: int) -> str:
-    from artune.inspect import human_bytes
-
-    return human_bytes(n)
-
-
-def _us(v: Any) -> str:
-    return "-" if v is None else f"{v:.1f}"
+def _gap(e: dict[str, Any]) -> str:
+    """The routed call's gap to the fastest, as the validation judged it (± its spread)."""
+    gap = e.get("gap_us")
+    if gap is None:
+        return "-"
+    spread = e.get("gap_spread_us")
+    return f"{gap:+.1f}" + (f" ±{spread:.1f}" if spread else "")
 
 
 def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console) -> None:
@@ -80,7 +81,7 @@ def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console
         return
     t = Table(
         title=f"validation: routed all-reduce vs the fastest candidate (tolerance {rel_tol:.0%} "
-        "or the measured spread)",
+        "or the measured spread; eager gaps are round-by-round differences)",
         title_justify="left",
     )
     for col, just in (
@@ -90,17 +91,19 @@ def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console
         ("routed µs", "right"),
         ("fastest", "left"),
         ("fastest µs", "right"),
+        ("gap µs", "right"),
         ("ok", "center"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for e in entries:
         t.add_row(
             f"{e['dtype']}/{e['mode']}",
-            _h(e["nbytes"]),
+            human_bytes(e["nbytes"]),
             str(e.get("routed_backend")),
-            _us(e.get("routed_us")),
+            fmt_us(e.get("routed_us")),
             str(e.get("best_backend")),
-            _us(e.get("best_us")),
+            fmt_us(e.get("best_us")),
+            _gap(e),
             "[green]yes[/green]" if e.get("within") else "[red]NO[/red]",
         )
     con.print(t)

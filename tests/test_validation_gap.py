@@ -1,0 +1,87 @@
+"""How the validation pass judges the routed call against the fastest candidate
+(Driver._entry): eager candidates timed in the same alternating rounds are compared round by
+round (host drift cancels), graph ones by their medians."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from artune.autotune.driver import Driver, paired_gap
+from artune.profile import Choice
+
+
+def _res(*per_rank: list[float]) -> dict[str, Any]:
+    return {"samples": [list(r) for r in per_rank], "calls": 10, "reps": len(per_rank[0])}
+
+
+def _driver() -> Driver:
+    d = Driver.__new__(Driver)
+    d.cfg = SimpleNamespace(n_reps=10)  # type: ignore[assignment]
+    d.retimed = []
+    return d
+
+
+# host speed drifting from round to round
+_DRIFT = [30.0, 33.0, 36.0, 39.0, 30.0, 33.0, 36.0, 39.0, 31.0, 38.0]
+
+
+def test_paired_gap_is_the_round_by_round_difference_of_the_slowest_ranks() -> None:
+    a = _res([10, 12, 11, 13], [11, 11, 14, 12])  # slowest rank per round: 11 12 14 13
+    b = _res([10, 10, 10, 10], [9, 11, 12, 10])   # 10 11 12 10
+    gap, spread = paired_gap(a, b)  # type: ignore[misc]
+    assert gap == pytest.approx(1.5)  # differences 1 1 2 3
+    assert spread == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("a,b", [
+    (_res([1, 2, 3, 4]), _res([1, 2, 3])),                  # a round missing
+    (_res([1, 2, 3]), _res([1, 2, 3])),                     # too few rounds
+    (_res([1, 2, 3, 4]), _res([1, 2, 3, 4], [1, 2, 3, 4])),  # ranks differ
+    ({"skip": "broke"}, _res([1, 2, 3, 4])),
+])
+def test_paired_gap_needs_the_same_rounds(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert paired_gap(a, b) is None
+
+
+def test_eager_points_are_judged_on_round_by_round_differences() -> None:
+    # two ranks; the host drifts between rounds by up to 10 µs, the routed call is 0.5 µs
+    # (about 1.4%) above the direct call of the same backend in the same round, plus jitter
+    rng = random.Random(7)
+    drift = [rng.uniform(30.0, 40.0) for _ in range(10)]
+    direct = _res(*[[d + rng.gauss(0, 0.2) for d in drift] for _ in range(2)])
+    routed = _res(*[[d + 0.5 + rng.gauss(0, 0.2) for d in drift] for _ in range(2)])
+    e = _driver()._entry("bfloat16", "eager", 4096, Choice("nccl", {}),
+                         [("nccl", {})], [routed, direct], 0.03)
+    by_round = sorted(max(r[k] for r in routed["samples"]) - max(r[k] for r in direct["samples"])
+                      for k in range(10))
+    assert e["gap_from"] == "paired rounds"
+    assert e["gap_us"] == pytest.approx((by_round[4] + by_round[5]) / 2)
+    assert 0.2 < e["gap_us"] < 0.8 and e["within"] is True
+    # the difference of the two medians carries the drift's noise, the paired one does not
+    assert abs(e["routed_us"] - e["best_us"] - 0.5) > abs(e["gap_us"] - 0.5)
+
+
+def test_a_real_gap_is_still_a_miss_and_graph_points_use_medians() -> None:
+    routed = _res([v + 2.0 for v in _DRIFT])  # 2 µs (5-7%) in every round
+    direct = _res(list(_DRIFT))
+    e = _driver()._entry("bfloat16", "eager", 4096, Choice("nccl", {}),
+                         [("nccl", {})], [routed, direct], 0.03)
+    assert e["gap_us"] == pytest.approx(2.0) and e["within"] is False
+    g = _driver()._entry("bfloat16", "graph", 4096, Choice("nccl", {}),
+                         [("nccl", {})], [routed, direct], 0.03)
+    assert g["gap_from"] == "medians"
+    assert g["gap_us"] == pytest.approx(g["routed_us"] - g["best_us"])
+
+
+def test_the_fastest_of_several_candidates_is_the_one_paired() -> None:
+    routed = _res([v + 0.2 for v in _DRIFT])
+    slow = _res([v + 9.0 for v in _DRIFT])
+    fast = _res(list(_DRIFT))
+    e = _driver()._entry("bfloat16", "eager", 4096, Choice("symm_one_shot", {}),
+                         [("nccl", {}), ("symm_one_shot", {})], [routed, slow, fast], 0.03)
+    assert e["best_backend"] == "symm_one_shot"
+    assert e["gap_us"] == pytest.approx(0.2) and e["within"] is True
