@@ -15,7 +15,9 @@ exactly the measured batch sizes. Configs:
 - ``artune_compile`` artune with ``enable_torch_compile=True``;
 - ``default_compile`` SGLang as released with ``enable_torch_compile=True``;
 - ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
-  the engine-to-engine noise the "within 1%" comparison has to be read against.
+  the engine-to-engine noise the "within 1%" comparison has to be read against;
+- ``artune_again``   ``artune`` in another engine: with both pairs, the report also compares
+  the mean of the two artune engines with the mean of the two default ones.
 
 Per batch size (requests of ``--input-len`` token ids, ``--new-tokens`` greedy tokens, EOS
 ignored) it times ``--reps`` pairs of generates, one producing 1 token (prefill) and one
@@ -99,6 +101,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_compile": {"artune": True, "kw": {"enable_torch_compile": True}},
     "default_compile": {"artune": False, "kw": {"enable_torch_compile": True}},
     "default_again": {"artune": False, "kw": {}},
+    "artune_again": {"artune": True, "kw": {}},
 }
 TOP_K = 20
 CHECK_REQUESTS = 4
@@ -422,6 +425,7 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
                     doc["comparisons"].setdefault(name, {})["pct_lower_than_nccl"] = rel
                     lines.append(f"{name} lower than nccl by: " + "  ".join(
                         f"bs{bs} {p:.1f}%" for bs, p in sorted(rel.items())))
+        lines += _pooled(runs, doc["comparisons"])
         dc, ac = runs.get("default_compile"), runs.get("artune_compile")
         if dc and ac and dc.get("batches") and ac.get("batches"):  # the plugin under compile
             vd = {b["batch"]: b["step_ms"] for b in dc["batches"]}
@@ -470,6 +474,31 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
     if len(settings) > 1:
         lines.append(f"WARNING: the configs ran with different settings: {sorted(settings)}")
     return lines
+
+
+def _pooled(runs: dict[str, Any], comparisons: dict[str, Any]) -> list[str]:
+    """artune vs default over two engines each (mean ms/step per batch size), beside each
+    pair's engine-to-engine difference; nothing unless all four configs have numbers."""
+    pairs = {name: runs.get(name) for name in ("default", "default_again", "artune",
+                                               "artune_again")}
+    if not all(r and r.get("batches") for r in pairs.values()):
+        return []
+    step = {name: {b["batch"]: b["step_ms"] for b in r["batches"]}  # type: ignore[union-attr]
+            for name, r in pairs.items()}
+    batches = sorted(set.intersection(*(set(v) for v in step.values())))
+    mean = {k: {bs: (step[k][bs] + step[f"{k}_again"][bs]) / 2 for bs in batches}
+            for k in ("default", "artune")}
+    rel = {bs: (mean["artune"][bs] / mean["default"][bs] - 1) * 100 for bs in batches}
+    noise = {k: {bs: abs(step[k][bs] / step[f"{k}_again"][bs] - 1) * 100 for bs in batches}
+             for k in ("default", "artune")}
+    comparisons["pooled"] = {"pct_artune_vs_default": rel, "engine_to_engine_pct": noise}
+    return [
+        "artune vs default, mean of two engines each (ms/step, %): "
+        + "  ".join(f"bs{bs} {rel[bs]:+.1f}%" for bs in batches),
+        "  engine to engine (|first / second - 1|): default "
+        + " ".join(f"bs{bs} {noise['default'][bs]:.1f}%" for bs in batches)
+        + "; artune " + " ".join(f"bs{bs} {noise['artune'][bs]:.1f}%" for bs in batches),
+    ]
 
 
 def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, list[str]]:

@@ -58,3 +58,25 @@ def test_routes_summary_adds_up_every_process(tmp_path: Path) -> None:
     assert got == {"processes": 2, "by_mode": {"graph": {
         "nvrar": {"sizes": [524288], "calls": 16},
         "sglang (own)": {"sizes": [4096, 8192], "calls": 132}}}}
+
+
+def test_pooled_compares_two_engines_each_beside_their_engine_to_engine_noise() -> None:
+    mod = _module()
+
+    def run(*steps: float) -> dict[str, Any]:
+        return {"batches": [{"batch": bs, "step_ms": s}
+                            for bs, s in zip((1, 4), steps, strict=True)]}
+
+    runs = {"default": run(2.0, 3.0), "default_again": run(2.2, 3.0),
+            "artune": run(2.1, 2.9), "artune_again": run(2.1, 3.1)}
+    comparisons: dict[str, Any] = {}
+    lines = mod._pooled(runs, comparisons)
+    rel = comparisons["pooled"]["pct_artune_vs_default"]
+    assert rel[1] == pytest.approx(0.0) and rel[4] == pytest.approx(0.0)
+    noise = comparisons["pooled"]["engine_to_engine_pct"]
+    assert noise["default"][1] == pytest.approx(100 * (1 - 2.0 / 2.2))
+    assert noise["artune"][4] == pytest.approx(100 * (1 - 2.9 / 3.1))
+    assert "bs1 +0.0%" in lines[0]
+    # without the second artune engine there is nothing to pool
+    del runs["artune_again"]
+    assert mod._pooled(runs, {}) == []
