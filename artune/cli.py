@@ -74,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reps", type=int, default=None,
                    help="timed repetitions per measurement (default 9; 5 with --quick)")
     t.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
-    t.add_argument("--rel-tol", type=float, default=0.03,
+    t.add_argument("--rel-tol", type=_fraction, default=0.03,
                    help="backends closer than this (or the measured spread) count as tied")
+    t.add_argument("--incumbent-margin", type=_fraction, default=0.10,
+                   help="SGLang's own all-reduce keeps every size where no backend measures "
+                   "faster than it by more than this fraction (default 0.10; 0: the fastest "
+                   "wins)")
     t.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip re-timing the routed all-reduce after the table is built")
     t.add_argument("--seed", type=int, default=0, help="seed of the inputs and the sampler")
@@ -145,6 +149,7 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
         warmup=args.warmup,
         validate=args.validate,
         rel_tol=args.rel_tol,
+        incumbent_margin=args.incumbent_margin,
         seed=args.seed,
         extra_backends=extra,
         command=command,
@@ -152,6 +157,17 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
     if args.sizes:
         cfg.sizes = parse_sizes(args.sizes)
     return cfg
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1 (e.g. 0.1 for 10%)")
+    return v
 
 
 def _no_gpu_message() -> str:

@@ -19,7 +19,8 @@ from typing import Any
 from artune.autotune.table import best_per_backend
 from artune.profile import Profile, ProfileError, load
 
-__all__ = ["main", "render", "plot", "human_bytes", "fmt_us", "load_routes", "render_routes"]
+__all__ = ["main", "render", "plot", "human_bytes", "fmt_us", "validation_count", "load_routes",
+           "render_routes"]
 
 
 def human_bytes(n: int) -> str:
@@ -109,11 +110,8 @@ def render(profile: Profile, console: Any = None) -> None:
             console.print(line, markup=False, highlight=False)
     validation = d.get("validation") or []
     if validation:
-        ok = sum(1 for v in validation if v.get("within"))
-        console.print(
-            f"[bold]validation[/bold]: routed all-reduce within tolerance of the fastest "
-            f"candidate at {ok}/{len(validation)} points"
-        )
+        console.print(f"[bold]validation[/bold]: {validation_count(validation)}",
+                      highlight=False)
         moved = [v for v in validation if v.get("rerouted_from")]
         if moved:
             console.print(
@@ -127,7 +125,7 @@ def render(profile: Profile, console: Any = None) -> None:
                     f"{_route(was['backend'], was.get('params'), same)} -> "
                     f"{_route(*now, same)}", markup=False, highlight=False)
         for v in validation:
-            if not v.get("within"):
+            if not v.get("within") and not v.get("kept_incumbent"):
                 gap = v.get("gap_us")
                 how = (f" (gap {gap:+.1f} µs, {v.get('gap_from', 'medians')})"
                        if gap is not None else "")
@@ -137,6 +135,19 @@ def render(profile: Profile, console: Any = None) -> None:
                     f"{v.get('best_backend')} {fmt_us(v.get('best_us'))} µs{how}"
                     f"{' - ' + str(v['error']) if v.get('error') else ''}[/red]"
                 )
+
+
+def validation_count(entries: list[dict[str, Any]]) -> str:
+    """'routed all-reduce within tolerance of the fastest candidate at N/M points' (and how many
+    of the others were kept on SGLang's own all-reduce on purpose)."""
+    ok = sum(1 for v in entries if v.get("within"))
+    kept = sum(1 for v in entries if not v.get("within") and v.get("kept_incumbent"))
+    text = (f"routed all-reduce within tolerance of the fastest candidate at {ok}/{len(entries)} "
+            "points")
+    if kept:
+        text += (f"; {kept} more routed to SGLang's own all-reduce, which no candidate beat by "
+                 "more than the incumbent margin")
+    return text
 
 
 def fmt_us(v: Any) -> str:

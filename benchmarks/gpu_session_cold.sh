@@ -18,6 +18,8 @@ step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
     --results "$W/tune_time_4gpu_full.json" --keep "$W/t4"
 step select 60 python3 benchmarks/select_speed.py --device cuda --calls 50000 \
     --out "$W/select_speed_gpu_host.md"
+step router 90 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K,1M \
+    --out "$W/router_eager_4gpu.md"
 if [ -n "${TEST_K:-}" ]; then
     step gputest 150 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py -k "$TEST_K"
 fi
@@ -37,4 +39,5 @@ done
 grep -h -A8 "^NVRAR vs NCCL\|^programmatic" "$W/dev2.log" 2>/dev/null
 cat "$W/allreduce_2gpu.md" 2>/dev/null
 tail -n 6 "$W/select_speed_gpu_host.md" 2>/dev/null
+tail -n 12 "$W/router_eager_4gpu.md" 2>/dev/null || tail -n 20 "$W/router.log"
 tail -n 5 "$W/gputest.log" 2>/dev/null

@@ -71,6 +71,8 @@ def _run(kind: str, extra: list[str], folder: Path) -> dict[str, Any]:
             validation_rerouted=sum(1 for v in doc["validation"] if v.get("rerouted_from")),
             skipped=len(doc["skipped"]),
             validation_within=sum(1 for v in doc["validation"] if v.get("within")),
+            validation_kept_incumbent=sum(1 for v in doc["validation"]
+                                          if not v.get("within") and v.get("kept_incumbent")),
             validation_points=len(doc["validation"]),
             backends=sorted({m["backend"] for m in doc["measurements"]}),
             seconds_by_phase=doc.get("tune_seconds"),

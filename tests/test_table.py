@@ -100,3 +100,33 @@ def test_validation_retimes_outrank_the_tune() -> None:
     assert best[8192]["nvrar"]["latency_us"] == 26.0
     t = build_tables(ms)["bfloat16"]["eager"]
     assert _backends(t) == [(1, 5792, "symm_one_shot"), (5793, 8192, "nvrar")]
+
+
+def test_sglang_keeps_sizes_nothing_beats_by_the_incumbent_margin() -> None:
+    # nvrar 5% faster than SGLang's own at 512K (kept), 20% faster at 1M (taken), NCCL far
+    # behind; SGLang not measured at 2M (the fastest wins there)
+    ms = [rec("sglang", 512 << 10, 9.0), rec("nvrar", 512 << 10, 8.55),
+          rec("sglang", 1 << 20, 12.0), rec("nvrar", 1 << 20, 9.6),
+          rec("nvrar", 2 << 20, 15.0)]
+    ms += [rec("nccl", s, 20.0) for s in (512 << 10, 1 << 20, 2 << 20)]
+    t = build_tables(ms, incumbent_margin=0.10)["bfloat16"]["graph"]
+    assert [r["backend"] for r in t] == ["sglang", "nvrar"]
+    assert t[0]["max_bytes"] < 1 << 20 and t[1]["min_bytes"] <= 1 << 20
+    # margin 0: the fastest wins everywhere (the rule of the tables without the incumbent)
+    t0 = build_tables(ms)["bfloat16"]["graph"]
+    assert [r["backend"] for r in t0] == ["nvrar"]
+
+
+def test_the_incumbent_margin_counts_the_incumbents_spread() -> None:
+    # 12% faster than SGLang's median, but SGLang's own spread is 1.5 µs (15%): kept
+    per = {"sglang": rec("sglang", 4096, 10.0, spread=1.5), "nvrar": rec("nvrar", 4096, 8.8)}
+    assert pick_winners({4096: per}, incumbent_margin=0.10)[4096]["backend"] == "sglang"
+    per["sglang"] = rec("sglang", 4096, 10.0, spread=0.1)
+    assert pick_winners({4096: per}, incumbent_margin=0.10)[4096]["backend"] == "nvrar"
+
+
+def test_profile_records_the_incumbent_rule() -> None:
+    doc = build_profile([rec("nccl", 4096, 10.0)], [], fingerprint=FP, command="t",
+                        dry_run=False, incumbent_margin=0.1)
+    assert doc["incumbent"] == {"backend": "sglang", "margin": 0.1}
+    validate(doc)

@@ -20,7 +20,7 @@ def _res(*per_rank: list[float]) -> dict[str, Any]:
 
 def _driver() -> Driver:
     d = Driver.__new__(Driver)
-    d.cfg = SimpleNamespace(n_reps=10)  # type: ignore[assignment]
+    d.cfg = SimpleNamespace(n_reps=10, incumbent_margin=0.10)  # type: ignore[assignment]
     d.retimed = []
     return d
 
@@ -85,3 +85,19 @@ def test_the_fastest_of_several_candidates_is_the_one_paired() -> None:
                          [("nccl", {}), ("symm_one_shot", {})], [routed, slow, fast], 0.03)
     assert e["best_backend"] == "symm_one_shot"
     assert e["gap_us"] == pytest.approx(0.2) and e["within"] is True
+
+
+def test_a_point_left_to_sglang_within_the_incumbent_margin_is_marked_not_passed() -> None:
+    sglang = _res([9.0] * 10)
+    nvrar = _res([8.6] * 10)  # 4.4% faster: beyond the 3% tolerance, within the 10% margin
+    e = _driver()._entry("bfloat16", "graph", 512 << 10, Choice("sglang", {}),
+                         [("nvrar", {}), ("sglang", {})], [sglang, nvrar, sglang], 0.03)
+    assert e["within"] is False and e["kept_incumbent"] is True
+    far = _res([7.0] * 10)  # 22% faster: a miss, whatever routed there
+    e = _driver()._entry("bfloat16", "graph", 512 << 10, Choice("sglang", {}),
+                         [("nvrar", {}), ("sglang", {})], [sglang, far, sglang], 0.03)
+    assert e["within"] is False and "kept_incumbent" not in e
+    # another backend routed there is never "kept"
+    e = _driver()._entry("bfloat16", "graph", 512 << 10, Choice("nccl", {}),
+                         [("nvrar", {}), ("nccl", {})], [sglang, nvrar, sglang], 0.03)
+    assert "kept_incumbent" not in e

@@ -135,6 +135,9 @@ class TuneConfig:
     warmup: int | None = None
     validate: bool = True
     rel_tol: float = 0.03
+    #: how much faster than SGLang's own all-reduce another backend must measure to take a size
+    #: from it (artune.autotune.table.INCUMBENT_MARGIN)
+    incumbent_margin: float = 0.10
     seed: int = 0
     extra_backends: dict[str, str] = field(default_factory=dict)
     command: str = "artune tune"

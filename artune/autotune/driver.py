@@ -23,7 +23,7 @@ from artune.autotune.search import (
     params_key,
     study_name,
 )
-from artune.autotune.table import VALIDATION
+from artune.autotune.table import INCUMBENT, VALIDATION
 from artune.autotune.timing import summarize
 
 __all__ = ["Driver", "VALIDATE_MARGIN"]
@@ -155,6 +155,7 @@ class Driver:
             command=cfg.command,
             dry_run=cfg.dry_run,
             rel_tol=cfg.rel_tol,
+            incumbent_margin=cfg.incumbent_margin,
         )
         save(doc, out)
         in_trials = dict(self.crew.trial_seconds)
@@ -420,7 +421,8 @@ class Driver:
             return
         measurements = self.measurements + self.retimed
         before = Profile(doc)
-        tables = build_tables(measurements, self.cfg.rel_tol, before.fallback())
+        tables = build_tables(measurements, self.cfg.rel_tol, before.fallback(),
+                              self.cfg.incumbent_margin)
         after = Profile(dict(doc, tables=tables))
         moved: dict[tuple[str, str, int], tuple[str, dict[str, Any]]] = {}
         for e in doc["validation"]:
@@ -489,6 +491,11 @@ class Driver:
             entry["gap_from"] = "medians"
         entry["gap_us"], entry["gap_spread_us"] = gap, noise
         entry["within"] = bool(gap <= b_us * rel_tol or gap <= noise)
+        if (not entry["within"] and choice.backend == INCUMBENT
+                and fastest["backend"] != INCUMBENT
+                and gap <= self.cfg.incumbent_margin * r_us):
+            # routed to SGLang's own all-reduce on purpose (table.INCUMBENT_MARGIN)
+            entry["kept_incumbent"] = True
         return entry
 
 

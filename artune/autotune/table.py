@@ -8,11 +8,16 @@ Input: the harness's measurement records, one per (backend, params, dtype, mode,
 Rules (issue #2): per size the fastest backend (its best parameter set) wins; where several are
 within the measured noise of the fastest (the larger of their spreads, and never less than
 ``rel_tol`` of the fastest), the one chosen for the next smaller size is kept, else the one that
-wins the next larger size, else the fallback (NCCL), else the fastest. Where the validation pass
-re-timed candidates side by side (``"source": "validation"``), only those re-times compete at
-that size. Each measured size owns the byte range up to the geometric midpoint to the next
-measured size; the first range starts at 1 byte, the last ends at the largest measured size
-(beyond it: the fallback). Adjacent ranges with the same backend and parameters are merged.
+wins the next larger size, else the fallback (NCCL), else the fastest. SGLang's own all-reduce
+(``INCUMBENT``, what a server runs without artune) keeps every size where no backend beats it by
+more than ``incumbent_margin`` (default 10%): on 4x H100 NVRAR measured 5% faster than it at
+512 KiB in CUDA graphs, yet a served model whose 512 KiB all-reduces went to NVRAR decoded 4.7%
+and 4.9% slower per step in two engines (benchmarks/results/sglang_e2e_tp4_h100.json, batch
+64). Where the validation pass re-timed candidates side by side (``"source": "validation"``),
+only those re-times compete at that size. Each measured size owns the byte range up to the
+geometric midpoint to the next measured size; the first range starts at 1 byte, the last ends
+at the largest measured size (beyond it: the fallback). Adjacent ranges with the same backend
+and parameters are merged.
 """
 
 from __future__ import annotations
@@ -28,10 +33,15 @@ from artune.backends import DEFAULT_BACKEND
 from artune.profile import SCHEMA_VERSION, validate
 from artune.topology import fingerprint_id
 
-__all__ = ["best_per_backend", "pick_winners", "build_tables", "build_profile", "VALIDATION"]
+__all__ = ["best_per_backend", "pick_winners", "build_tables", "build_profile", "VALIDATION",
+           "INCUMBENT", "INCUMBENT_MARGIN"]
 
 #: ``source`` of a measurement made by the validation pass (see ``best_per_backend``).
 VALIDATION = "validation"
+#: The candidate a profile only routes away from on clear evidence: SGLang's own all-reduce.
+INCUMBENT = "sglang"
+#: How much faster (relative to the incumbent) another backend must measure to take a size.
+INCUMBENT_MARGIN = 0.10
 
 Record = Mapping[str, Any]
 
@@ -78,14 +88,27 @@ def _competing(per_backend: Mapping[str, Record]) -> Mapping[str, Record]:
     return retimed or per_backend
 
 
+def keeps_incumbent(per_backend: Mapping[str, Record], margin: float) -> bool:
+    """Whether the incumbent was measured here and no backend beats it by more than ``margin``
+    (relative to its latency) and its spread."""
+    inc = per_backend.get(INCUMBENT)
+    if inc is None:
+        return False
+    best = min(r["latency_us"] for r in per_backend.values())
+    lat = inc["latency_us"]
+    return best >= lat - max(margin * lat, inc.get("spread_us") or 0.0)
+
+
 def pick_winners(
-    per_size: Mapping[int, Mapping[str, Record]], rel_tol: float = 0.03, fallback: str = "nccl"
+    per_size: Mapping[int, Mapping[str, Record]], rel_tol: float = 0.03, fallback: str = "nccl",
+    incumbent_margin: float = 0.0,
 ) -> dict[int, Record]:
     """nbytes -> the chosen measurement, by the rules in the module docstring.
 
-    Sizes are walked in ascending order; among backends tied with the fastest, the one chosen
-    for the previous size is kept (so alternating noise cannot split a range), else the one
-    that wins the next size outright, else the fallback, else the fastest.
+    Sizes are walked in ascending order; the incumbent keeps the sizes where nothing beats it
+    by more than ``incumbent_margin``; elsewhere, among backends tied with the fastest, the one
+    chosen for the previous size is kept (so alternating noise cannot split a range), else the
+    one that wins the next size outright, else the fallback, else the fastest.
     """
     sizes = [s for s in sorted(per_size) if per_size[s]]
     raw = {s: _tied(per_size[s], rel_tol) for s in sizes}
@@ -94,7 +117,9 @@ def pick_winners(
     for i, s in enumerate(sizes):
         best, tied = raw[s]
         choice = best
-        if len(tied) > 1:
+        if incumbent_margin > 0 and keeps_incumbent(per_size[s], incumbent_margin):
+            choice = INCUMBENT
+        elif len(tied) > 1:
             nxt = raw[sizes[i + 1]][0] if i + 1 < len(sizes) else None
             if prev in tied:
                 choice = prev
@@ -147,13 +172,14 @@ def _ranges(
 
 
 def build_tables(
-    measurements: Iterable[Record], rel_tol: float = 0.03, fallback: str = DEFAULT_BACKEND
+    measurements: Iterable[Record], rel_tol: float = 0.03, fallback: str = DEFAULT_BACKEND,
+    incumbent_margin: float = 0.0,
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """dtype -> mode -> sorted, disjoint, merged ranges (the profile's "tables")."""
     tables: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for (dtype, mode), per_size in sorted(best_per_backend(measurements).items()):
         winners = pick_winners({n: _competing(per) for n, per in per_size.items()}, rel_tol,
-                               fallback)
+                               fallback, incumbent_margin)
         if winners:
             tables.setdefault(dtype, {})[mode] = _ranges(per_size, winners, fallback)
     return tables
@@ -168,6 +194,7 @@ def build_profile(
     dry_run: bool,
     validation: list[dict[str, Any]] | None = None,
     rel_tol: float = 0.03,
+    incumbent_margin: float = 0.0,
 ) -> dict[str, Any]:
     """A complete, validated profile document (save it with ``artune.profile.save``)."""
     measurements = [dict(m) for m in measurements]
@@ -181,7 +208,8 @@ def build_profile(
         "fingerprint": fingerprint,
         "fingerprint_id": fingerprint_id(fingerprint),
         "rel_tol": rel_tol,
-        "tables": build_tables(measurements, rel_tol, fallback),
+        "incumbent": {"backend": INCUMBENT, "margin": incumbent_margin},
+        "tables": build_tables(measurements, rel_tol, fallback, incumbent_margin),
         "measurements": measurements,
         "skipped": [dict(s) for s in skipped],
         "validation": list(validation or []),

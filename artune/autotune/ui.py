@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from artune.inspect import fmt_us, human_bytes
+from artune.inspect import fmt_us, human_bytes, validation_count
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -104,11 +104,11 @@ def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console
             str(e.get("best_backend")),
             fmt_us(e.get("best_us")),
             _gap(e),
-            "[green]yes[/green]" if e.get("within") else "[red]NO[/red]",
+            "[green]yes[/green]" if e.get("within")
+            else "[yellow]kept[/yellow]" if e.get("kept_incumbent") else "[red]NO[/red]",
         )
     con.print(t)
-    ok = sum(1 for e in entries if e.get("within"))
-    con.print(f"validation: routed within tolerance at {ok}/{len(entries)} points")
+    con.print(f"validation: {validation_count(entries)}", markup=False)
 
 
 def print_summary(doc: dict[str, Any], path: str, seconds: float, con: Console) -> None:

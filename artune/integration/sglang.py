@@ -485,7 +485,8 @@ def _without(profile: Profile, excluded: Mapping[str, str]) -> Profile:
 
     data = dict(profile.data)
     rel_tol = float(profile.data.get("rel_tol") or 0.03)
-    data["tables"] = build_tables(measurements, rel_tol, profile.fallback())
+    margin = float((profile.data.get("incumbent") or {}).get("margin") or 0.0)
+    data["tables"] = build_tables(measurements, rel_tol, profile.fallback(), margin)
     data["derived_without"] = dict(excluded)
     return Profile(validate(data, profile.path), profile.path)
 
