@@ -5,21 +5,26 @@
 #
 #   device run, carry [".devwhl"], on a fresh (not warm) machine:  bash benchmarks/gpu_session_cold.sh
 #   NO_2GPU=1: the tunes only. TEST_K=EXPR: then `pytest tests/gpu/test_nvrar_gpu.py -k EXPR`.
+#   NO_QUICK=1: the full tune only. NO_EXTRA=1: not select_speed and router_eager either.
 set -uo pipefail
 W=/tmp/artune-gpu-cold
 source benchmarks/gpu_lib.sh
 JIT=${TVM_FFI_CACHE_DIR:-$HOME/.cache/tvm-ffi}
 echo "SGLang JIT cache before the first tune: $(du -sh "$JIT" 2>/dev/null || echo absent)" | tee "$W/jit.txt"
+if [ -z "${NO_QUICK:-}" ]; then
 rm -rf "$JIT"
 step quick4 90 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
     --results "$W/tune_time_4gpu_quick.json" --keep "$W/q4"
+fi
 rm -rf "$JIT"
 step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 --only full \
     --results "$W/tune_time_4gpu_full.json" --keep "$W/t4"
+if [ -z "${NO_EXTRA:-}" ]; then
 step select 60 python3 benchmarks/select_speed.py --device cuda --calls 50000 \
     --out "$W/select_speed_gpu_host.md"
 step router 90 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K,1M \
     --out "$W/router_eager_4gpu.md"
+fi
 if [ -n "${TEST_K:-}" ]; then
     step gputest 150 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py -k "$TEST_K"
 fi

@@ -18,7 +18,7 @@ from artune.profile import Profile
 def _driver(ms: list[dict[str, Any]], retimed: list[dict[str, Any]]) -> tuple[Driver, list]:
     d = Driver.__new__(Driver)
     d.measurements, d.retimed = ms, retimed
-    d.cfg = SimpleNamespace(rel_tol=0.03)  # type: ignore[assignment]
+    d.cfg = SimpleNamespace(rel_tol=0.03, incumbent_margin=0.10)  # type: ignore[assignment]
     d.con = Console(file=io.StringIO(), width=120)
     calls: list[dict[tuple[str, str, int], Any] | None] = []
 
@@ -90,3 +90,47 @@ def test_retimes_that_move_nothing_validate_nothing_again() -> None:
     assert calls == [] and doc["validation"] == before
     assert build_tables(doc["measurements"]) == doc["tables"]
     assert doc["tables"]["bfloat16"]["graph"][0]["points"][0]["latency_us"] == 10.5
+
+
+def test_validation_retimes_a_far_behind_backend_that_its_neighbours_route_to() -> None:
+    """One slow eager measurement (a host hiccup: symm_one_shot 87 µs at 24K between 34 µs
+    neighbours on 4x H100) must not keep that backend out of the validation's re-times."""
+    from artune.autotune.driver import _neighbour_routes
+    from artune.autotune.table import best_per_backend
+
+    sizes = (16384, 24576, 32768)
+    ms = [rec("symm_one_shot", n, 87.0 if n == 24576 else 34.0, mode="eager") for n in sizes]
+    ms += [rec("symm_two_shot", n, 45.0, mode="eager") for n in sizes]
+    ms += [rec("nccl", n, 60.0, mode="eager") for n in sizes]
+    doc = build_profile(ms, [], fingerprint=FP, command="t", dry_run=False)
+    near = _neighbour_routes(doc, best_per_backend(doc["measurements"]))
+    assert near[("bfloat16", "eager", 24576)] == {"symm_one_shot"}
+    assert near[("bfloat16", "eager", 16384)] == {"symm_two_shot"}  # 24K's winner
+
+    sent: list[dict[str, Any]] = []
+
+    class _Crew:
+        built = {"symm_one_shot": object(), "symm_two_shot": object(), "nccl": object()}
+        router: Any = None
+
+        def send(self, cmd: dict[str, Any]) -> Any:
+            if cmd["op"] == "router":
+                self.router = SimpleNamespace(choose=lambda x, mode: SimpleNamespace(
+                    backend="symm_two_shot", params={}))
+                return None
+            sent.append(cmd)
+            return [{"samples": [[40.0] * 4], "calls": 10, "reps": 4} for _ in cmd["entries"]]
+
+        def input(self, dtype: str, nbytes: int) -> None:
+            return None
+
+    d = Driver.__new__(Driver)
+    d.cfg = SimpleNamespace(rel_tol=0.03, n_reps=4, n_warmup=1,  # type: ignore[assignment]
+                            incumbent_margin=0.1)
+    d.crew, d.retimed = _Crew(), []  # type: ignore[assignment]
+    d.con = Console(file=io.StringIO(), width=120)
+    d._validate(doc)
+    at = {c["nbytes"]: [e["backend"] for e in c["entries"]] for c in sent}
+    # the routed call first, then the close candidate and the neighbours' backend; NCCL, far
+    # behind and routed nowhere near, keeps its tune measurement
+    assert at[24576] == [None, "symm_one_shot", "symm_two_shot"]

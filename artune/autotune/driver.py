@@ -374,6 +374,7 @@ class Driver:
         points = [(k, n, per) for k, per_size in sorted(best.items())
                   for n, per in sorted(per_size.items())
                   if only is None or (*k, n) in only]
+        neighbours = _neighbour_routes(doc, best)
         progress = ui.Progress(len(points), self.con)
         with progress.running():
             for (dtype, mode), nbytes, per_backend in points:
@@ -387,7 +388,10 @@ class Driver:
                 for b, r in sorted(here.items()):
                     if forced is not None and b == forced[0]:
                         continue  # timed below, with the parameters it was routed with
-                    if r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN):
+                    # ... unless it is routed at a neighbouring size: one slow eager
+                    # measurement (a host hiccup) must not decide a size on its own
+                    if (r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN)
+                            or b in neighbours.get((dtype, mode, nbytes), ())):
                         cands.append((b, dict(r.get("params") or {})))
                     else:
                         behind[b] = r["latency_us"]
@@ -538,6 +542,24 @@ def _split_late(names: list[str]) -> tuple[list[str], list[str]]:
 
     flags = {n: late(n) for n in names}
     return [n for n in names if not flags[n]], [n for n in names if flags[n]]
+
+
+def _neighbour_routes(doc: dict[str, Any], best: dict[tuple[str, str], dict[int, Any]]
+                      ) -> dict[tuple[str, str, int], set[str]]:
+    """(dtype, mode, nbytes) -> the backends the tables route the measured sizes just below
+    and just above it to."""
+    from artune.profile import Profile
+
+    profile = Profile(doc)
+    out: dict[tuple[str, str, int], set[str]] = {}
+    for (dtype, mode), per_size in best.items():
+        sizes = sorted(per_size)
+        routes = [_route(profile, dtype, mode, n) for n in sizes]
+        for i, n in enumerate(sizes):
+            out[(dtype, mode, n)] = {r[0] for r in (routes[i - 1] if i else None,
+                                                    routes[i + 1] if i + 1 < len(sizes)
+                                                    else None) if r is not None}
+    return out
 
 
 def _route(profile: Any, dtype: str, mode: str, nbytes: int) -> tuple[str, str] | None:

@@ -90,13 +90,14 @@ def _competing(per_backend: Mapping[str, Record]) -> Mapping[str, Record]:
 
 def keeps_incumbent(per_backend: Mapping[str, Record], margin: float) -> bool:
     """Whether the incumbent was measured here and no backend beats it by more than ``margin``
-    (relative to its latency) and its spread."""
+    of its latency. (Its spread does not widen the margin: a 4x H100 quick tune measured
+    SGLang's eager path at 64-75 µs with spreads of half that, against 32-43 µs for
+    symm_one_shot, and a margin widened by that spread kept it.)"""
     inc = per_backend.get(INCUMBENT)
     if inc is None:
         return False
     best = min(r["latency_us"] for r in per_backend.values())
-    lat = inc["latency_us"]
-    return best >= lat - max(margin * lat, inc.get("spread_us") or 0.0)
+    return best >= inc["latency_us"] * (1 - margin)
 
 
 def pick_winners(
