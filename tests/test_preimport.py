@@ -3,6 +3,7 @@ for them before it times anything."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -46,10 +47,18 @@ def test_slow_imports_lists_installed_modules_of_the_named_backends(slow_modules
     assert slow_imports(["gloo"]) == []
 
 
-def test_imports_run_in_a_thread_and_a_failure_is_kept_not_raised(slow_modules: Path) -> None:
+def test_imports_run_in_a_thread_and_a_failure_is_kept_not_raised(
+        slow_modules: Path, caplog: pytest.LogCaptureFixture) -> None:
     pre = Preimport.start(["slowimp"])
     assert pre is not None
-    assert pre.wait() > 0.0
+    log = logging.getLogger("artune")  # (it does not propagate to the root logger)
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="artune"):
+            assert pre.wait(30.0) > 0.0
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "background import of artune_brokenmod failed" in caplog.text
     import artune_slowmod  # type: ignore[import-not-found]
 
     assert artune_slowmod.THREAD == "artune-preimport"
@@ -83,7 +92,8 @@ def test_crew_waits_for_the_imports_before_any_timed_command(monkeypatch) -> Non
     class _Pre:
         seconds = 1.5
 
-        def wait(self) -> float:
+        def wait(self, timeout_s: float | None = None) -> float:
+            assert timeout_s is not None and timeout_s > 0  # bounded
             events.append("wait")
             return 0.25
 
@@ -108,7 +118,7 @@ def test_a_set_up_ends_with_the_wait(monkeypatch) -> None:
     class _Pre:
         seconds = 0.0
 
-        def wait(self) -> float:
+        def wait(self, timeout_s: float | None = None) -> float:
             events.append("wait")
             return 0.0
 
@@ -119,3 +129,12 @@ def test_a_set_up_ends_with_the_wait(monkeypatch) -> None:
     crew.execute({"op": "setup", "names": []})
     assert events == ["prepare", "wait"]
 
+
+
+def test_a_wait_past_its_bound_raises_naming_the_modules(slow_modules: Path) -> None:
+    (slow_modules / "artune_slowmod.py").write_text("import time\ntime.sleep(1.5)\n")
+    pre = Preimport.start(["slowimp"])
+    assert pre is not None
+    with pytest.raises(RuntimeError, match="artune_slowmod.*did not finish within 0 s"):
+        pre.wait(0.2)
+    pre.wait(30.0)  # (let it finish before the fixture removes the module)

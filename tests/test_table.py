@@ -132,3 +132,20 @@ def test_profile_records_the_incumbent_rule() -> None:
                         dry_run=False, incumbent_margin=0.1)
     assert doc["incumbent"] == {"backend": "sglang", "margin": 0.1}
     validate(doc)
+
+
+def test_the_incumbent_wins_sizes_by_its_margin_only_never_through_a_tie() -> None:
+    # kept at 4K (symm 5% faster); at 8K SGLang is twice as slow but so noisy that the tie rules
+    # alone would keep the previous size's choice: it must not
+    per = {4096: {"sglang": rec("sglang", 4096, 40.0),
+                  "symm_one_shot": rec("symm_one_shot", 4096, 38.0)},
+           8192: {"sglang": rec("sglang", 8192, 64.0, spread=35.0),
+                  "symm_one_shot": rec("symm_one_shot", 8192, 32.0, spread=2.0)}}
+    w = pick_winners(per, incumbent_margin=0.10)
+    assert {n: r["backend"] for n, r in w.items()} == {4096: "sglang", 8192: "symm_one_shot"}
+    # the same through the next size: SGLang fastest at 16K does not pull 8K over
+    per[16384] = {"sglang": rec("sglang", 16384, 10.0),
+                  "symm_one_shot": rec("symm_one_shot", 16384, 30.0)}
+    del per[4096]
+    w = pick_winners(per, incumbent_margin=0.10)
+    assert {n: r["backend"] for n, r in w.items()} == {8192: "symm_one_shot", 16384: "sglang"}

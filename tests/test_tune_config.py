@@ -135,3 +135,11 @@ def test_timer_on_cpu_counts_calls() -> None:
     assert n["calls"] == 4 * (2 + 3)
     with pytest.raises(ValueError, match="mode"):
         Timer(fn, mode="lazy", device=torch.device("cpu"), calls=1)
+
+
+def test_incumbent_margin_from_the_command_line() -> None:
+    assert _cfg("--device", "cpu").incumbent_margin == pytest.approx(0.10)
+    assert _cfg("--device", "cpu", "--incumbent-margin", "0").incumbent_margin == 0.0
+    for bad in ("1.5", "-0.1", "ten"):
+        with pytest.raises(SystemExit):
+            _cfg("--device", "cpu", "--incumbent-margin", bad)

@@ -61,8 +61,6 @@ def test_eager_points_are_judged_on_round_by_round_differences() -> None:
     assert e["gap_from"] == "paired rounds"
     assert e["gap_us"] == pytest.approx((by_round[4] + by_round[5]) / 2)
     assert 0.2 < e["gap_us"] < 0.8 and e["within"] is True
-    # the difference of the two medians carries the drift's noise, the paired one does not
-    assert abs(e["routed_us"] - e["best_us"] - 0.5) > abs(e["gap_us"] - 0.5)
 
 
 def test_a_real_gap_is_still_a_miss_and_graph_points_use_medians() -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from artune import backends as _backends
+from artune import envs
 from artune.autotune import gate
 from artune.autotune.comm import Comm
 from artune.autotune.timing import Timer, calls_for, estimate_us, summarize
@@ -224,7 +225,8 @@ class Crew:
         interpreter lock would slow host-bound eager calls)."""
         pre, self._preimport = self._preimport, None
         if pre is not None:
-            self.setup_seconds["wait for background imports"] = pre.wait()
+            timeout_s = float(envs.get("ARTUNE_COLLECTIVE_TIMEOUT_S"))
+            self.setup_seconds["wait for background imports"] = pre.wait(timeout_s)
             self.setup_seconds["background imports (overlapped)"] = pre.seconds
 
     def _prepare(self, names: list[str]) -> None:
@@ -462,7 +464,8 @@ class Crew:
                 timers[i] = t
         got: dict[int, list[list[float]]] = {i: [] for i in timers}  # per repetition, per rank
         # Every candidate takes every position in a round equally often: the number of rounds
-        # is rounded up to a multiple of the candidates. With 9 rounds of 2, the first
+        # is rounded up to a multiple of the candidates (while none is dropped; after a drop
+        # the rotation goes on over the rest). With 9 rounds of 2, the first
         # candidate (the routed call) took the first position 5 times and its rival 4, so their
         # medians came from different positions, and any effect of the position (the first
         # runs right after the agreement collective) became a bias between them. (On 4x H100

@@ -180,8 +180,10 @@ class Driver:
         save(doc, out)
         if "validation" in doc:
             ui.print_validation(doc["validation"], cfg.rel_tol, self.con)
-        self.crew.stop(0)
         ui.print_summary(doc, str(out), time.perf_counter() - t0, self.con)
+        # Last: once the others have their stop, they leave without closing anything (runner),
+        # so nothing after this may fail on rank 0 alone.
+        self.crew.stop(0)
         return 0
 
     def _setup(self, names: list[str]) -> None:
@@ -389,8 +391,9 @@ class Driver:
                 for b, r in sorted(here.items()):
                     if forced is not None and b == forced[0]:
                         continue  # timed below, with the parameters it was routed with
-                    # ... unless it is routed at a neighbouring size: one slow eager
-                    # measurement (a host hiccup) must not decide a size on its own
+                    # ... unless it is routed here or at a neighbouring size: one slow eager
+                    # measurement (a host hiccup) must not decide a size on its own, and a
+                    # size the incumbent rule keeps must keep a re-time of the incumbent
                     if (r["latency_us"] <= fastest_us * (1 + VALIDATE_MARGIN)
                             or b in neighbours.get((dtype, mode, nbytes), ())):
                         cands.append((b, dict(r.get("params") or {})))
@@ -521,9 +524,8 @@ def paired_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | No
         return None
     diffs = []
     for k in range(rounds):
-        va = [r[k] for r in sa if not math.isnan(r[k])]
-        vb = [r[k] for r in sb if not math.isnan(r[k])]
-        if va and vb:
+        va, vb = [r[k] for r in sa], [r[k] for r in sb]
+        if not any(math.isnan(v) for v in va + vb):  # a round some rank lacks is left out
             diffs.append(max(va) - max(vb))
     if len(diffs) < 4:
         return None
@@ -547,8 +549,8 @@ def _split_late(names: list[str]) -> tuple[list[str], list[str]]:
 
 def _neighbour_routes(doc: dict[str, Any], best: dict[tuple[str, str], dict[int, Any]]
                       ) -> dict[tuple[str, str, int], set[str]]:
-    """(dtype, mode, nbytes) -> the backends the tables route the measured sizes just below
-    and just above it to."""
+    """(dtype, mode, nbytes) -> the backends the tables route that size and the measured sizes
+    just below and just above it to."""
     from artune.profile import Profile
 
     profile = Profile(doc)
@@ -557,7 +559,7 @@ def _neighbour_routes(doc: dict[str, Any], best: dict[tuple[str, str], dict[int,
         sizes = sorted(per_size)
         routes = [_route(profile, dtype, mode, n) for n in sizes]
         for i, n in enumerate(sizes):
-            out[(dtype, mode, n)] = {r[0] for r in (routes[i - 1] if i else None,
+            out[(dtype, mode, n)] = {r[0] for r in (routes[i - 1] if i else None, routes[i],
                                                     routes[i + 1] if i + 1 < len(sizes)
                                                     else None) if r is not None}
     return out

@@ -23,11 +23,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from artune import envs
+from artune.log import logger
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["Preimport", "slow_imports"]
+
+#: Imported on the main thread before the background thread starts: what both SGLang's import
+#: and artune's own backends pull in (Triton, torch's symmetric memory, CUDA Python).
+_SHARED = ("triton.language", "torch.distributed._symmetric_memory", "cuda.bindings.driver")
 
 
 def slow_imports(names: Iterable[str]) -> list[str]:
@@ -74,11 +79,12 @@ class Preimport:
         # Packages both this thread and the main thread's set-up import, imported here first:
         # two threads importing one package's modules in different orders can each get the
         # other's half-initialised module (Python breaks such an import deadlock that way).
-        try:
-            if importlib.util.find_spec("triton") is not None:
-                importlib.import_module("triton.language")
-        except Exception:  # noqa: BLE001, S110 - the backends that need it report it
-            pass
+        for shared in _SHARED:
+            try:
+                if importlib.util.find_spec(shared.split(".", 1)[0]) is not None:
+                    importlib.import_module(shared)
+            except Exception:  # noqa: BLE001, S112 - the backends that need it report it
+                continue
         self = cls(modules, device)
         self._thread.start()
         return self
@@ -96,8 +102,18 @@ class Preimport:
                 self.failed[m] = f"{type(exc).__name__}: {exc}"
         self.seconds = time.perf_counter() - t0
 
-    def wait(self) -> float:
-        """Block until the imports are done; the seconds spent waiting here."""
+    def wait(self, timeout_s: float | None = None) -> float:
+        """Block until the imports are done (at most ``timeout_s``: then raise, naming them);
+        the seconds spent waiting here. Imports that failed are logged (their backend's
+        set-up imports them again and reports why)."""
         t0 = time.perf_counter()
-        self._thread.join()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise RuntimeError(
+                f"artune tune: the background import of {', '.join(self.modules)} did not finish "
+                f"within {timeout_s:.0f} s (ARTUNE_PREIMPORT=0 imports them in the set-up "
+                "instead)")
+        for m, why in self.failed.items():
+            logger.info("background import of %s failed (%s); its backend's set-up imports it "
+                        "again", m, why)
         return time.perf_counter() - t0

@@ -118,9 +118,13 @@ def pick_winners(
     for i, s in enumerate(sizes):
         best, tied = raw[s]
         choice = best
-        if incumbent_margin > 0 and keeps_incumbent(per_size[s], incumbent_margin):
-            choice = INCUMBENT
-        elif len(tied) > 1:
+        if incumbent_margin > 0:
+            if keeps_incumbent(per_size[s], incumbent_margin):
+                choice = INCUMBENT
+            # otherwise the incumbent wins nothing through a tie: a wide spread of its own
+            # would let the neighbour rules keep it where it is clearly slower
+            tied = tied - {INCUMBENT}
+        if choice != INCUMBENT and len(tied) > 1:
             nxt = raw[sizes[i + 1]][0] if i + 1 < len(sizes) else None
             if prev in tied:
                 choice = prev
