@@ -11,11 +11,21 @@ as the integration calls it). Every (backend, size) is checked against an fp32 r
 it is timed; a wrong result is reported, never timed. Latency: each rank's median over
 repetitions of a graph replay of many calls; the slowest rank counts. ``--ranks-per-node``
 groups the GPUs into virtual nodes (emulation of the inter-node path; labelled as such).
+
+``--context-gemm K,N`` times each all-reduce the way a decode step runs it: every call in the
+captured graph is preceded by a GEMM ``[M, K] x [K, N]`` (M = size / (N x element size), the
+batch of a decode step whose hidden size is N; e.g. ``3584,4096`` for Llama-3.1-8B's
+down-projection at TP=4), and the table reports the graph's time per call minus that of the
+GEMMs alone, measured the same way. On 4x H100 NVRAR cost about 3 µs more per all-reduce at
+128K-512K inside a served model than this benchmark shows without the GEMMs (docs/nvrar.md);
+this is the setting that should show it. (Added after the sixth session's last GPU call: not
+yet run on a GPU.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -89,6 +99,19 @@ def _time(fn: Any, capture: Any, x: torch.Tensor, mode: str, reps: int, cpu_grou
     return max(meds)
 
 
+def _gemm(kn: tuple[int, int], nbytes: int, dtype: torch.dtype,
+          device: torch.device) -> Any:
+    """The decode-step GEMM before an all-reduce of ``nbytes``: [M, K] x [K, N] into a buffer of
+    its own (the all-reduce's input stays the checked one; stream order still runs the GEMM
+    first), M = nbytes / (N x element size), at least 1."""
+    k, n = kn
+    m = max(1, -(-nbytes // (n * torch.empty((), dtype=dtype).element_size())))
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    w = torch.randn(k, n, device=device, dtype=dtype) / k**0.5
+    c = torch.empty(m, n, device=device, dtype=dtype)
+    return lambda: torch.mm(a, w, out=c)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=",".join(f"{1 << k}" for k in range(12, 27)),
@@ -99,8 +122,14 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="also time the routed dispatch")
     ap.add_argument("--ranks-per-node", type=int, default=0, help="virtual nodes (emulation)")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--context-gemm", default=None, metavar="K,N",
+                    help="precede every call with an [M,K]x[K,N] GEMM, M = size / (N * elsize), "
+                    "and report the all-reduce's share (see the module docstring)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    gemm_kn = tuple(int(v) for v in args.context_gemm.split(",")) if args.context_gemm else None
+    if gemm_kn is not None and (len(gemm_kn) != 2 or min(gemm_kn) < 1):
+        raise SystemExit("--context-gemm takes K,N: two positive integers, e.g. 3584,4096")
     for k, v in NO_MULTICAST_ENV.items():
         if os.environ.get(k) != v:
             raise SystemExit(f"set {k}={v} before running (NVLink multicast must stay off)")
@@ -144,6 +173,11 @@ def main() -> None:
             x = random_input(numel, dtype, ctx.device, seed=nbytes + rank)
             ref = x.float().clone()
             dist.all_reduce(ref)
+            gemm, gemm_us = None, 0.0
+            if gemm_kn is not None:
+                gemm = _gemm(gemm_kn, nbytes, dtype, ctx.device)
+                gemm_us = _time(gemm, contextlib.nullcontext, x, mode, args.reps, cpu_group)
+                results[(mode, "gemm alone", nbytes)] = gemm_us
             for col in columns:
                 if col == "routed":
                     assert router is not None
@@ -164,9 +198,15 @@ def main() -> None:
                     results[(mode, col, nbytes)] = "WRONG"
                     notes.append(f"{col} {mode} {_h(nbytes)}: {err}")
                     continue
-                results[(mode, col, nbytes)] = _time(
-                    lambda f=fn_x, xc=xc: f(xc), capture, xc, mode, args.reps, cpu_group
-                )
+                if gemm is None:
+                    results[(mode, col, nbytes)] = _time(
+                        lambda f=fn_x, xc=xc: f(xc), capture, xc, mode, args.reps, cpu_group
+                    )
+                else:
+                    results[(mode, col, nbytes)] = _time(
+                        lambda f=fn_x, xc=xc, g=gemm: (g(), f(xc)), capture, xc, mode,
+                        args.reps, cpu_group,
+                    ) - gemm_us
                 if not torch.equal(xc, x):
                     notes.append(f"{col} {mode} {_h(nbytes)}: wrote into its input while timed")
             if rank == 0:
@@ -185,17 +225,25 @@ def main() -> None:
             "number of calls for every backend (64 up to 8 MiB, then 512 MiB / size).",
             "",
         ]
+        if gemm_kn is not None:
+            lines += [f"In context: every call after a [M, {gemm_kn[0]}] x [{gemm_kn[0]}, "
+                      f"{gemm_kn[1]}] GEMM (M = size / {gemm_kn[1]} elements); each column is "
+                      "the time per call minus 'gemm alone'.", ""]
+            columns_shown = ["gemm alone", *columns]
+        else:
+            columns_shown = list(columns)
         for mode in modes:
-            hdr = ["size", *columns, "best", "best vs NCCL"]
+            hdr = ["size", *columns_shown, "best", "best vs NCCL"]
             lines += [f"## {mode}", "", "| " + " | ".join(hdr) + " |",
                       "|" + "---|" * len(hdr)]
             for nbytes in sizes:
                 row = [_h(nbytes)]
-                vals = {c: results.get((mode, c, nbytes), "n/a") for c in columns}
-                for c in columns:
+                vals = {c: results.get((mode, c, nbytes), "n/a") for c in columns_shown}
+                for c in columns_shown:
                     v = vals[c]
                     row.append(f"{v:.1f}" if isinstance(v, float) else str(v))
-                nums = {c: v for c, v in vals.items() if isinstance(v, float) and c != "routed"}
+                nums = {c: v for c, v in vals.items()
+                        if isinstance(v, float) and c not in ("routed", "gemm alone")}
                 best = min(nums, key=lambda c: nums[c]) if nums else "-"
                 nccl = nums.get("nccl")
                 row.append(best)
