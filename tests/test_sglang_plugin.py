@@ -150,6 +150,14 @@ def _scenario_serve(tp: Any, rank: int, out: dict[str, Any]) -> None:
         return
     out["served_backends"] = route.profile.backends_used()
     counts = _count_calls(route)
+    decides = [0]
+    inner_decide = route.router.decide
+
+    def counted_decide(*a: Any, **k: Any) -> Any:
+        decides[0] += 1
+        return inner_decide(*a, **k)
+
+    route.router.decide = counted_decide  # type: ignore[method-assign]
 
     def data(n: int, dtype: torch.dtype) -> torch.Tensor:
         g = torch.Generator().manual_seed(rank)
@@ -169,10 +177,13 @@ def _scenario_serve(tp: Any, rank: int, out: dict[str, Any]) -> None:
         x = data(n, dtype)
         keep = x.clone()
         before = dict(counts)
+        d0 = decides[0]
         method = tp._resolve_outplace_all_reduce_method(x)
         row: dict[str, Any] = {"resolve": method}
         if method == plugin.ARTUNE_METHOD:
             y = tp._all_reduce_out_place(x, method)
+            # the out-of-place call takes the decision the resolve made: one per all-reduce
+            row["decides"] = decides[0] - d0
             row["outplace_ok"] = bool(torch.equal(y.double(), expect(n, dtype)))
             row["input_kept"] = bool(torch.equal(x, keep))
             y = tp._all_reduce_out_place(x, "auto")  # how torch.compile'd graphs arrive
@@ -389,8 +400,9 @@ def test_routes_profile_sizes_to_artune_and_the_rest_to_sglang(version: str,
     for r in res:
         c = r["checks"]
         covered = c["covered_f32_8k"]
-        assert covered == {"resolve": "artune", "outplace_ok": True, "input_kept": True,
-                           "auto_ok": True, "inplace_ok": True, "artune_calls": 3}, covered
+        assert covered == {"resolve": "artune", "decides": 1, "outplace_ok": True,
+                           "input_kept": True, "auto_ok": True, "inplace_ok": True,
+                           "artune_calls": 3}, covered
         # Beyond the profile's sizes, and a dtype it lacks: SGLang's own choice, exact too.
         for label in ("uncovered_f32_1m", "lacking_f16_8k"):
             assert c[label]["resolve"] is None, c[label]
