@@ -5,7 +5,7 @@
 
 The tune's validation pass found the routed eager call (``Router.all_reduce``: the decision
 lookup, then the backend) 1-3.5 µs above the same backend called directly at host-bound sizes
-on 4x H100, where ``benchmarks/select_speed.py`` puts the router's own Python at 0.5-0.7 µs
+on 4x H100, where ``benchmarks/select_speed.py`` puts the router's own Python at 0.5-0.8 µs
 on the same host in a tight loop. This times, in alternating rounds (the order rotating, a
 multiple of the variants), eager calls of:
 

@@ -116,6 +116,13 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     assert built["symm_one_shot"].asked == 1 and built["symm_one_shot"].calls == 5
     assert built["symm_two_shot"].asked == 1 and built["symm_two_shot"].calls == 0
     assert built["nccl"].calls == 5
+    # all_reduce's inlined lookup builds decide()'s key: a decided shape never resolves again
+    resolved = []
+    inner = router._resolve
+    router._resolve = lambda x, mode: resolved.append(mode) or inner(x, mode)  # type: ignore
+    router.all_reduce(small, "graph")
+    assert resolved == [] and built["symm_one_shot"].calls == 6
+    router._resolve = inner  # type: ignore[method-assign]
     # A non-contiguous tensor of the same size is decided on its own.
     strided = torch.zeros(4096, dtype=torch.bfloat16)[::2]
     router.choose(strided, "graph")
@@ -126,6 +133,6 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     built["symm_one_shot"].supports = lambda x, params=None: True  # type: ignore[method-assign]
     assert router.choose(small, "graph").backend == "nccl"
     router.all_reduce(small, "graph")
-    assert built["symm_one_shot"].calls == 5 and built["nccl"].calls == 6
+    assert built["symm_one_shot"].calls == 6 and built["nccl"].calls == 6
     router.detach()
     assert router.backends == {} and not router._decided

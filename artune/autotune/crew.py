@@ -463,20 +463,13 @@ class Crew:
             else:
                 timers[i] = t
         got: dict[int, list[list[float]]] = {i: [] for i in timers}  # per repetition, per rank
-        # Every candidate takes every position in a round equally often: the number of rounds
-        # is rounded up to a multiple of the candidates (while none is dropped; after a drop
-        # the rotation goes on over the rest). With 9 rounds of 2, the first
-        # candidate (the routed call) took the first position 5 times and its rival 4, so their
-        # medians came from different positions, and any effect of the position (the first
-        # runs right after the agreement collective) became a bias between them. (On 4x H100
-        # the routed call read 1-3 us above the same backend called directly at 11 eager
-        # points, where the router adds well under 1 us.)
+        # Each round starts with the next candidate, and the rounds are a multiple of the
+        # candidates, so every candidate takes every position equally often (while none is
+        # dropped): an effect of the position (the first runs right after the agreement
+        # collective) is no bias between them.
         rounds = -(-reps // max(1, len(timers))) * max(1, len(timers))
         try:
             for rep in range(rounds):
-                # each round starts with the next candidate: a fixed order would charge any
-                # effect of the position in a round (the first runs right after the agreement
-                # collective) to the same candidate every time
                 order = list(timers)
                 k = rep % len(order) if order else 0
                 for i in order[k:] + order[:k]:

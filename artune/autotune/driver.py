@@ -23,7 +23,7 @@ from artune.autotune.search import (
     params_key,
     study_name,
 )
-from artune.autotune.table import INCUMBENT, VALIDATION
+from artune.autotune.table import INCUMBENT, VALIDATION, keeps_incumbent
 from artune.autotune.timing import summarize
 
 __all__ = ["Driver", "VALIDATE_MARGIN"]
@@ -466,10 +466,12 @@ class Driver:
                                nbytes=nbytes, reps=self.cfg.n_reps)
 
         routed = stat(results[0], choice.backend, dict(choice.params))
-        timed = [stat(res, b, p) for (b, p), res in zip(cands, results[1:], strict=True)]
-        ok = [m for m in timed if m is not None]
+        # (record, raw result) of each candidate that was timed
+        timed = [(m, res) for (b, p), res in zip(cands, results[1:], strict=True)
+                 if (m := stat(res, b, p)) is not None]
+        ok = [m for m, _ in timed]
         self.retimed += [dict(m, source=VALIDATION) for m in ok]
-        fastest = min(ok, key=lambda m: m["latency_us"]) if ok else None
+        fastest, best_res = min(timed, key=lambda t: t[0]["latency_us"], default=(None, None))
         entry: dict[str, Any] = {
             "dtype": dtype, "mode": mode, "nbytes": nbytes,
             "routed_backend": choice.backend, "routed_params": dict(choice.params),
@@ -486,7 +488,7 @@ class Driver:
             entry["error"] = results[0].get("skip") if routed is None else "no candidate timed"
             return entry
         r_us, b_us = routed["latency_us"], fastest["latency_us"]
-        best_res = results[1 + _index_of(timed, fastest)]
+        assert best_res is not None
         paired = paired_gap(results[0], best_res) if mode == "eager" else None
         if paired is not None:
             # Eager candidates ran in alternating rounds: the round-by-round difference
@@ -499,17 +501,11 @@ class Driver:
             entry["gap_from"] = "medians"
         entry["gap_us"], entry["gap_spread_us"] = gap, noise
         entry["within"] = bool(gap <= b_us * rel_tol or gap <= noise)
-        if (not entry["within"] and choice.backend == INCUMBENT
-                and fastest["backend"] != INCUMBENT
-                and gap <= self.cfg.incumbent_margin * r_us):
-            # routed to SGLang's own all-reduce on purpose (table.INCUMBENT_MARGIN)
+        if (not entry["within"] and choice.backend == INCUMBENT and self.cfg.incumbent_margin
+                and keeps_incumbent({m["backend"]: m for m in ok}, self.cfg.incumbent_margin)):
+            # routed to SGLang's own all-reduce on purpose: the table's rule, on these re-times
             entry["kept_incumbent"] = True
         return entry
-
-
-def _index_of(timed: list[dict[str, Any] | None], m: dict[str, Any]) -> int:
-    """Position of the record ``m`` in ``timed`` (by identity)."""
-    return next(i for i, t in enumerate(timed) if t is m)
 
 
 def paired_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:

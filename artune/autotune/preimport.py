@@ -46,13 +46,17 @@ def slow_imports(names: Iterable[str]) -> list[str]:
         except Exception:  # noqa: BLE001, S112 - its set-up reports why it cannot load
             continue
         for m in mods:
-            try:
-                found = importlib.util.find_spec(m.split(".", 1)[0]) is not None
-            except (ImportError, ValueError):
-                found = False
-            if found and m not in out:
+            if m not in out and _installed(m):
                 out.append(m)
     return out
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module``'s top-level package is installed (nothing imported)."""
+    try:
+        return importlib.util.find_spec(module.split(".", 1)[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class Preimport:
@@ -79,10 +83,9 @@ class Preimport:
         # Packages both this thread and the main thread's set-up import, imported here first:
         # two threads importing one package's modules in different orders can each get the
         # other's half-initialised module (Python breaks such an import deadlock that way).
-        for shared in _SHARED:
+        for shared in filter(_installed, _SHARED):
             try:
-                if importlib.util.find_spec(shared.split(".", 1)[0]) is not None:
-                    importlib.import_module(shared)
+                importlib.import_module(shared)
             except Exception:  # noqa: BLE001, S112 - the backends that need it report it
                 continue
         self = cls(modules, device)

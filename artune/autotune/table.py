@@ -12,8 +12,8 @@ wins the next larger size, else the fallback (NCCL), else the fastest. SGLang's 
 (``INCUMBENT``, what a server runs without artune) keeps every size where no backend beats it by
 more than ``incumbent_margin`` (default 10%): on 4x H100 NVRAR measured 5% faster than it at
 512 KiB in CUDA graphs, yet a served model whose 512 KiB all-reduces went to NVRAR decoded 4.7%
-and 4.9% slower per step in two engines (benchmarks/results/sglang_e2e_tp4_h100.json, batch
-64). Where the validation pass re-timed candidates side by side (``"source": "validation"``),
+and 4.9% slower per step in two engines (benchmarks/results/sglang_e2e_tp4_h100_nvrar_512k.json,
+batch 64). Where the validation pass re-timed candidates side by side (``"source": "validation"``),
 only those re-times compete at that size. Each measured size owns the byte range up to the
 geometric midpoint to the next measured size; the first range starts at 1 byte, the last ends
 at the largest measured size (beyond it: the fallback). Adjacent ranges with the same backend

@@ -238,7 +238,7 @@ def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, name: str) ->
 
 #: The decision ``_around_resolve`` made, handed to the ``_all_reduce_out_place`` call that
 #: SGLang makes next with the same tensor: (group, weak reference to the tensor, hit). Saves
-#: every eager all-reduce a second decision and its capture-state probe (0.6-0.9 µs each on a
+#: every eager all-reduce a second decision and its capture-state probe (0.5-0.9 µs each on a
 #: 4x H100 host, benchmarks/results/router_eager_4gpu_h100.md). Taken once, then cleared.
 _RESOLVED: tuple[str, Any, Hit] | None = None
 
