@@ -112,6 +112,20 @@ def _gemm(kn: tuple[int, int], nbytes: int, dtype: torch.dtype,
     return lambda: torch.mm(a, w, out=c)
 
 
+def _variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``BACKEND:K=V[,K=V]`` -> (backend, params); integer values become ints."""
+    name, _, rest = text.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise SystemExit(f"--variant {text!r}: expected BACKEND:KEY=VALUE[,KEY=VALUE]")
+        params[k] = int(v) if v.lstrip("-").isdigit() else v
+    if not name or not params:
+        raise SystemExit(f"--variant {text!r}: expected BACKEND:KEY=VALUE[,KEY=VALUE]")
+    return name, params
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=",".join(f"{1 << k}" for k in range(12, 27)),
@@ -125,8 +139,12 @@ def main() -> None:
     ap.add_argument("--context-gemm", default=None, metavar="K,N",
                     help="precede every call with an [M,K]x[K,N] GEMM, M = size / (N * elsize), "
                     "and report the all-reduce's share (see the module docstring)")
+    ap.add_argument("--variant", action="append", default=[], metavar="BACKEND:K=V[,K=V]",
+                    help="also time BACKEND with these parameters over its defaults (a column "
+                    "of its own; repeatable), e.g. nvrar:ctas=8")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    variants = {v: _variant(v) for v in args.variant}
     gemm_kn = tuple(int(v) for v in args.context_gemm.split(",")) if args.context_gemm else None
     if gemm_kn is not None and (len(gemm_kn) != 2 or min(gemm_kn) < 1):
         raise SystemExit("--context-gemm takes K,N: two positive integers, e.g. 3584,4096")
@@ -158,6 +176,11 @@ def main() -> None:
         except (BackendUnavailable, ImportError, RuntimeError) as exc:
             notes.append(f"{name}: not run ({str(exc).splitlines()[0][:160]})")
     columns = list(built)
+    for label, (name, _) in variants.items():
+        if name in built:
+            columns.append(label)
+        else:
+            notes.append(f"{label}: not run ({name} is not built)")
     router = None
     if args.profile:
         from artune.profile import load
@@ -184,11 +207,13 @@ def main() -> None:
                     fn_x = router.all_reduce
                     capture = router.capture
                 else:
-                    b = built[col]
-                    if not b.supports(x):
+                    name, params = variants.get(col, (col, None))
+                    b = built[name]
+                    if not b.supports(x, params):
                         results[(mode, col, nbytes)] = "n/a"
                         continue
-                    fn_x = b.all_reduce
+                    fn_x = b.all_reduce if params is None else (
+                        lambda t, b=b, p=params: b.all_reduce(t, p))
                     capture = b.capture
                 # Each backend gets its own copy of the input: one that writes into its input
                 # (SGLang's in-graph two-shot does, 2026-11-26) must not poison the next column.

@@ -8,10 +8,13 @@ export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
 OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W
 rm -rf "$W"; mkdir -p "$OUT" "$W"
 T0=$(date +%s)
+if [ ! -f /tmp/site/.artune-installed ]; then  # a warm machine keeps it from an earlier script
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .devwhl/*.whl || exit 1
 # Byte-compile as a normal pip install does (otherwise the first, timed tune pays for it).
 python3 -m compileall -q -j 16 /tmp/site > /dev/null 2>&1
+touch /tmp/site/.artune-installed
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
 
@@ -21,7 +24,8 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $W/NAME.log,
     timeout -k 10 "$limit" "$@" >"$W/$name.log" 2>&1
     local rc=$?
     echo "$name rc=$rc $(( $(date +%s) - t ))s (at $(( $(date +%s) - T0 ))s)" | tee -a "$W/steps.txt"
-    cat "$W/card.txt" "$W/steps.txt" > "$OUT/steps.txt"
+    cat "$W/card.txt" "$W/steps.txt" > "$OUT/steps-${W##*/}.txt"
     cp "$W"/tune_time_*.json "$W"/*.md "$W"/*.json "$OUT"/ 2>/dev/null
-    tar czf "$OUT/logs.tgz" --exclude='triton-cache-*' --exclude='*.db' -C "$W" . 2>/dev/null
+    tar czf "$OUT/logs-${W##*/}.tgz" --exclude='triton-cache-*' --exclude='*.db' -C "$W" . \
+        2>/dev/null
 }

@@ -23,7 +23,7 @@ if [ -n "${KERNELS_ONLY:-}" ]; then
     ARTUNE_NVRAR_PDL=1 step bench4pdl 45 torchrun --nproc-per-node 4 $A --backends nccl,sglang,nvrar \
         --sizes 4K,16K,64K,256K,1M --out "$W/allreduce_4gpu_pdl.md"
     step test_nvrar 280 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py
-    cat "$OUT/steps.txt"
+    cat "$W/steps.txt"
     grep -h -A14 "^NVRAR vs NCCL\|^one-shot protocols\|^one-shot breakdown\|^programmatic" \
         "$W/dev4.log" "$W/diag4.log" 2>/dev/null
     cat "$W/allreduce_4gpu.md" "$W/allreduce_4gpu_pdl.md" 2>/dev/null
@@ -62,9 +62,9 @@ unset CUDA_VISIBLE_DEVICES
 step test_nvrar 150 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py
 fi
 
-cat "$OUT/steps.txt"
+cat "$W/steps.txt"
 for f in "$OUT"/allreduce_*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
 for f in "$OUT"/tune_time_*.json; do
     [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['kind'], r['wall_s'], 's rc', r['returncode'], r.get('measurements'), r.get('validation_within'), '/', r.get('validation_points')) for r in d['runs']]" "$f"
 done
-ls "$OUT"   # tune logs and Optuna storages are in logs.tgz
+ls "$OUT"   # tune logs and Optuna storages are in logs-*.tgz

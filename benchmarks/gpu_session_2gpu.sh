@@ -45,7 +45,7 @@ check)  # the final code: NVRAR's 2-rank sweep and a timed --quick tune (its val
         --results "$W/tune_time_2gpu_quick.json" --keep "$W/q2"
     ;;
 esac
-cat "$OUT/steps.txt"
+cat "$W/steps.txt"
 grep -h -A12 "^NVRAR vs NCCL\|^one-shot waits\|^one-shot protocols" "$W/dev2.log" 2>/dev/null
 grep -h -A6 "^one-shot breakdown" "$W/diag2.log" 2>/dev/null
 [ -f "$W/allreduce_2gpu.md" ] && cat "$W/allreduce_2gpu.md"

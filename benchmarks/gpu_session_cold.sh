@@ -37,7 +37,7 @@ step bench2 60 torchrun --nproc-per-node 2 benchmarks/allreduce.py --backends nc
 unset CUDA_VISIBLE_DEVICES
 fi
 tail -n 4 "$W"/q4/*.sglang-jit.log "$W"/t4/*.sglang-jit.log 2>/dev/null
-cat "$W/jit.txt" "$OUT/steps.txt"
+cat "$W/jit.txt" "$W/card.txt" "$W/steps.txt"
 for f in "$W"/tune_time_*.json; do
     [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['kind'], r['wall_s'], 's rc', r['returncode'], r.get('validation_within'), '/', r.get('validation_points'), {k: v for k, v in r['seconds_by_phase'].items() if ':' not in k or 'sglang' in k}) for r in d['runs']]" "$f"
 done

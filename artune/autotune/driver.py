@@ -579,8 +579,32 @@ def _host_state() -> dict[str, Any]:
         cpus: int | None = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = None
+    busiest = sorted(thread_cpu_s().items(), key=lambda kv: -kv[1])[:8]
     return {"cpus_allowed": cpus, "cpu_count": os.cpu_count(),
-            "python_threads": sorted(t.name for t in threading.enumerate())}
+            "python_threads": sorted(t.name for t in threading.enumerate()),
+            "busiest_threads_cpu_s": [[n, round(v, 2)] for n, v in busiest]}
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) each of this process's threads has used, by thread name
+    (threads of one name summed; native threads included: NCCL's, NVSHMEM's proxy, ...).
+    Empty where /proc is not there."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _launch_time() -> float | None:

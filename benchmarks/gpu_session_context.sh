@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Two questions on 4 GPUs, after (or without) gpu_session_cold.sh on the same machine:
+# 1. Does an all-reduce cost more between GEMMs than back to back, and does NVRAR's CTA count
+#    matter there? (`allreduce.py --context-gemm`, Llama-3.1-8B's down-projection at TP=4,
+#    against the same sizes without the GEMMs, NVRAR at its defaults and at 8/16/32 CTAs.)
+# 2. Are host-bound eager calls slower once a process holds what a tune's rank holds (NVSHMEM,
+#    SGLang)? (`router_eager.py` with and without `--also nvrar,nvshmem_reduce,sglang`.)
+#
+#   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_context.sh
+set -uo pipefail
+W=/tmp/artune-gpu-context
+source benchmarks/gpu_lib.sh
+mkdir -p "$W/res"
+SIZES=${SIZES:-8K,32K,128K,512K}
+V="--variant nvrar:ctas=8 --variant nvrar:ctas=16 --variant nvrar:ctas=32"
+step allreduce_context 150 torchrun --nproc-per-node 4 benchmarks/allreduce.py --backends nccl,sglang,nvrar \
+    $V --sizes "$SIZES" --context-gemm 3584,4096 --out "$W/res/allreduce_context.md"
+step allreduce_nocontext 120 torchrun --nproc-per-node 4 benchmarks/allreduce.py --backends nccl,sglang,nvrar \
+    $V --sizes "$SIZES" --out "$W/res/allreduce_nocontext.md"
+step router_eager_plain 60 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K \
+    --out "$W/res/router_eager_plain.md"
+step router_eager_also 90 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K \
+    --also nvrar,nvshmem_reduce,sglang --out "$W/res/router_eager_also.md"
+cat "$W/card.txt" "$W/steps.txt"
+for f in allreduce_context allreduce_nocontext router_eager_plain router_eager_also; do
+    echo "== $f"; grep -v '^$' "$W/res/$f.md" 2>/dev/null | tail -n 14 || tail -n 15 "$W/$f.log"
+done
