@@ -205,6 +205,9 @@ class NvrarComm:
         #: Programmatic dependent launch for the peer-address kernels (``nvrar_prims.pdl_begin``;
         #: ARTUNE_NVRAR_PDL): needs sm_90+, never under the interpreter.
         self.pdl = bool(envs.get("ARTUNE_NVRAR_PDL")) and not interpret and _pdl_capable(device)
+        #: The lamport one-shot's gather: per thread (True) or over tiles
+        #: (ARTUNE_NVRAR_LAMPORT_FLAT).
+        self.lamport_flat = bool(envs.get("ARTUNE_NVRAR_LAMPORT_FLAT"))
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -343,8 +346,9 @@ class NvrarComm:
         kwargs = dict(W=self.nodes.world, BLOCK=plan.block, WP=wp, MAXC=MAX_CTAS,
                       INTERPRET=self.interpret, num_warps=plan.warps)
         kwargs["SPIN"] = spin = self._spin(plan, wp * plan.block // 4)
+        kwargs["FLAT"] = flat = self.lamport_flat
         kwargs.update(self._pdl())
-        key = ("lamport", x.dtype, plan.block, plan.warps, spin, self.pdl)
+        key = ("lamport", x.dtype, plan.block, plan.warps, spin, self.pdl, flat)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:

@@ -25,15 +25,18 @@ import triton
 import triton.language as tl
 
 from artune.kernels.nvrar_prims import (
+    ERR_MARK,
     LANES_SENTINEL,
     call_state,
     empty_lanes,
     end_call,
     load_chunk,
+    now_ns,
     pdl_begin,
     pick,
     ptr_as,
     record_error,
+    spin_lamport4,
     store_chunk,
     wait_ll,
 )
@@ -55,6 +58,16 @@ def _bits(x_ptr, start, n, Q: tl.constexpr):
     """Elements [start, start + Q) of ``x`` as uint64 bits (zeros past ``n``, -0.0 as +0.0)."""
     v = load_chunk(x_ptr, start, n, Q).to(tl.uint16, bitcast=True)
     return tl.where(v == 0x8000, 0, v).to(tl.uint64)
+
+
+@triton.jit
+def _words(x_ptr, start, n, Q: tl.constexpr):
+    """Elements [start, start + 4Q) of ``x`` as Q lamport words (quarter k in lane k)."""
+    w = _bits(x_ptr, start, n, Q)
+    w |= _bits(x_ptr, start + Q, n, Q) << 16
+    w |= _bits(x_ptr, start + 2 * Q, n, Q) << 32
+    w |= _bits(x_ptr, start + 3 * Q, n, Q) << 48
+    return w
 
 
 @triton.jit
@@ -81,11 +94,11 @@ def oneshot_lamport_kernel(
     WP: tl.constexpr,  # W rounded up to a power of two
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
-    SPIN: tl.constexpr,  # per-thread PTX polling instead of block rounds
+    SPIN: tl.constexpr,  # per-thread PTX polling instead of block rounds (tile gather)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
+    FLAT: tl.constexpr = True,  # per-thread gather (_gather_flat) instead of [WP, Q] tiles
 ):
     pdl_begin(PDL, INTERPRET)
-    DT: tl.constexpr = x_ptr.dtype.element_ty
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
     # which the same thread holds: packing needs no layout conversion (as LL's halves).
     Q: tl.constexpr = BLOCK // 4
@@ -98,22 +111,39 @@ def oneshot_lamport_kernel(
     # not after a timeout on this rank (limit 0): its waits no longer hold it back, so its
     # pushes could overwrite data a slower peer has not read yet, which no flag would reveal.
     # The peers time out instead, and every rank reports the failure.
-    for c in range(pid, tl.where(limit > 0, nchunks, 0), G):
-        w = _bits(x_ptr, c * BLOCK, n, Q)
-        w |= _bits(x_ptr, c * BLOCK + Q, n, Q) << 16
-        w |= _bits(x_ptr, c * BLOCK + 2 * Q, n, Q) << 32
-        w |= _bits(x_ptr, c * BLOCK + 3 * Q, n, Q) << 48
+    # (The loop bound does not depend on the error word: the input loads need not wait for it,
+    # only the stores do, through their mask.)
+    go = (tl.arange(0, Q) >= 0) & (limit > 0)
+    for c in range(pid, nchunks, G):
+        w = _words(x_ptr, c * BLOCK, n, Q)
         for i in tl.static_range(1, W):
             dst = (rank + i) % W
             slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
             slot += (par * W + rank) * slot_bytes
-            tl.store(ptr_as(slot, tl.uint64) + c * Q + tl.arange(0, Q), w)
+            tl.store(ptr_as(slot, tl.uint64) + c * Q + tl.arange(0, Q), w, mask=go)
+
+    mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
+    if FLAT:
+        _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
+                     nchunks, W, BLOCK, INTERPRET)
+    else:
+        _gather_tile(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, epoch, rank,
+                     pid, G, nchunks, W, BLOCK, WP, INTERPRET, SPIN)
+    end_call(ctr_ptr, epoch, pid, G, MAXC)
+
+
+@triton.jit
+def _gather_tile(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, epoch, rank, pid,
+                 G, nchunks, W: tl.constexpr, BLOCK: tl.constexpr, WP: tl.constexpr,
+                 INTERPRET: tl.constexpr, SPIN: tl.constexpr):
+    """Wait, sum and clear with each chunk as a [WP, Q] tile of words (one row per source)."""
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    Q: tl.constexpr = BLOCK // 4
 
     # wait for all W-1 peers' chunks at once ([WP, Q] words), sum the W inputs (one reduction
     # tree, the same on every rank), then put the sentinel back into the words read
     rows = tl.arange(0, WP)[:, None]
     live = (rows < W) & (rows != rank) & (tl.arange(0, Q)[None, :] >= 0)
-    mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
     for c in range(pid, nchunks, G):
         pw = ptr_as(mine, tl.uint64) + rows * (slot_bytes // 8) + c * Q + tl.arange(0, Q)[None, :]
         w, _same, pending = wait_ll(pw, pw, live, epoch.to(tl.uint32), limit, False, INTERPRET,
@@ -130,4 +160,120 @@ def oneshot_lamport_kernel(
             store_chunk(y_ptr, c * BLOCK + k * Q, n, s.to(DT), Q)
         tl.store(pw, _sentinel_words(w), mask=live)
 
-    end_call(ctr_ptr, epoch, pid, G, MAXC)
+
+@triton.jit
+def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
+                 nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """Wait, sum and clear with every source's words as a 1-D [Q] vector of the same layout:
+    each thread polls, sums and clears only its own words (no reduction across threads, no
+    layout conversion). On the GPU a thread polls up to four sources' words in one loop
+    (``spin_lamport4``) against one deadline for the whole call, so a timed-out wait makes the
+    later ones return at once; the timeout record is written by the threads that saw a stale
+    word (predicated stores), with no block-wide count."""
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    Q: tl.constexpr = BLOCK // 4
+    STRIDE = slot_bytes // 8
+    offs = tl.arange(0, Q)
+    deadline = now_ns(INTERPRET) + limit
+    me = tl.zeros([Q], tl.int32) + rank
+    for c in range(pid, nchunks, G):
+        own = _words(x_ptr, c * BLOCK, n, Q)
+        base = ptr_as(mine, tl.uint64) + c * Q + offs
+        w0, w1, w2, w3 = _poll4(base, STRIDE, 0, W, rank, limit, deadline, INTERPRET)
+        if W > 4:
+            w4, w5, w6, w7 = _poll4(base, STRIDE, 4, W, rank, limit, deadline, INTERPRET)
+        else:
+            w4, w5, w6, w7 = w0, w0, w0, w0
+        # the sum in rank order, the same on every rank (this rank's own words in its place)
+        bad = tl.zeros([Q], tl.int32)
+        a0 = tl.zeros([Q], tl.float32)
+        a1 = tl.zeros([Q], tl.float32)
+        a2 = tl.zeros([Q], tl.float32)
+        a3 = tl.zeros([Q], tl.float32)
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w0, own, me, 0, DT)
+        if W > 1:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w1, own, me, 1, DT)
+        if W > 2:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w2, own, me, 2, DT)
+        if W > 3:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w3, own, me, 3, DT)
+        if W > 4:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w4, own, me, 4, DT)
+        if W > 5:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w5, own, me, 5, DT)
+        if W > 6:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w6, own, me, 6, DT)
+        if W > 7:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w7, own, me, 7, DT)
+        start = c * BLOCK
+        store_chunk(y_ptr, start, n, a0.to(DT), Q)
+        store_chunk(y_ptr, start + Q, n, a1.to(DT), Q)
+        store_chunk(y_ptr, start + 2 * Q, n, a2.to(DT), Q)
+        store_chunk(y_ptr, start + 3 * Q, n, a3.to(DT), Q)
+        # the timeout record (step 0, the first stale source, this CTA), by the threads that saw
+        # one; the stores poison the later calls of this rank
+        code = ERR_MARK | ((bad - 1).to(tl.int64) << 16) | pid.to(tl.int64)
+        z = tl.zeros([Q], tl.int64)
+        tl.store(err_dev + z, code, mask=bad > 0)
+        tl.store(err_host.to(tl.pointer_type(tl.int64)) + z, code, mask=bad > 0)
+        if INTERPRET:  # block rounds wait per source: later waits must not wait again
+            limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
+        # back to empty: the sentinel over every source's words but this rank's
+        empty = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
+        for i in tl.static_range(W):
+            tl.store(base + i * STRIDE, empty, mask=me != i)
+
+
+@triton.jit
+def _poll4(base, STRIDE, FIRST: tl.constexpr, W: tl.constexpr, rank, limit, deadline,
+           INTERPRET: tl.constexpr):
+    """The words of sources FIRST..FIRST+3 (0 for sources beyond W and for this rank), each
+    once it arrived or the wait ran out (then as last read)."""
+    p0 = base + FIRST * STRIDE
+    p1 = base + (FIRST + 1) * STRIDE
+    p2 = base + (FIRST + 2) * STRIDE
+    p3 = base + (FIRST + 3) * STRIDE
+    if INTERPRET:
+        w0 = _poll1(p0, FIRST, W, rank, limit, INTERPRET)
+        w1 = _poll1(p1, FIRST + 1, W, rank, limit, INTERPRET)
+        w2 = _poll1(p2, FIRST + 2, W, rank, limit, INTERPRET)
+        w3 = _poll1(p3, FIRST + 3, W, rank, limit, INTERPRET)
+    else:
+        bits = 0
+        for i in tl.static_range(4):
+            if FIRST + i < W:
+                bits = bits | tl.where(FIRST + i == rank, 0, 1 << i)
+        # sources beyond W: this rank's own slot, never loaded (its bit is clear)
+        if FIRST + 1 >= W:
+            p1 = base
+        if FIRST + 2 >= W:
+            p2 = base
+        if FIRST + 3 >= W:
+            p3 = base
+        w0, w1, w2, w3 = spin_lamport4(p0, p1, p2, p3, bits, deadline)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _poll1(p, SRC: tl.constexpr, W: tl.constexpr, rank, limit, INTERPRET: tl.constexpr):
+    """Under the interpreter: source SRC's words by block rounds (``wait_ll``), 0 when not live."""
+    if SRC < W:
+        live = (tl.zeros(p.shape, tl.int32) + rank) != SRC
+        w, _same, _pending = wait_ll(p, p, live, 0, limit, False, INTERPRET, False, True)
+    else:
+        w = tl.zeros(p.shape, tl.uint64)
+    return w
+
+
+@triton.jit
+def _add(a0, a1, a2, a3, bad, w, own, me, SRC: tl.constexpr, DT: tl.constexpr):
+    """Add source SRC's four lanes (this rank's own words where SRC is this rank) to the sums;
+    ``bad`` becomes SRC + 1 where the word never arrived (the first such source)."""
+    v = tl.where(me == SRC, own, w)
+    stale = (me != SRC) & empty_lanes(v)
+    bad = tl.where(stale & (bad == 0), SRC + 1, bad)
+    a0 += _lane(v, 0, DT).to(tl.float32)
+    a1 += _lane(v, 1, DT).to(tl.float32)
+    a2 += _lane(v, 2, DT).to(tl.float32)
+    a3 += _lane(v, 3, DT).to(tl.float32)
+    return a0, a1, a2, a3, bad

@@ -28,6 +28,7 @@ __all__ = [
     "ld_acquire",
     "wait_ll",
     "spin_ll",
+    "spin_lamport4",
     "empty_lanes",
     "LANES_SENTINEL",
     "wait_signal",
@@ -148,6 +149,56 @@ def spin_ll(p, live, epoch, deadline, LAMPORT: tl.constexpr = False):
         [p.to(tl.int64, bitcast=True), zi + epoch.to(tl.int32, bitcast=True),
          zi.to(tl.int64) + deadline, zi + live.to(tl.int32)],
         dtype=tl.uint64,
+        is_pure=False,
+        pack=1,
+    )
+
+
+def _spin4_ptx() -> str:
+    """One thread's poll of four lamport words at once, as inline PTX: $0-$3 = the words at
+    addresses $4-$7. Bit i of $8 marks word i live (a word not live is 0 and never loaded). Each
+    round loads every live word that has not arrived (the loads are issued back to back, so one
+    round costs one memory latency, not four), then drops the ones that arrived (no 16-bit lane
+    is the sentinel 0x8000); done when none is left, or when %globaltimer reaches the deadline $9
+    (the stale words are returned as last read). Labels and registers are local to the braces."""
+    lines = ["{", ".reg .pred %arw<4>;", ".reg .pred %arq;", ".reg .b64 %arv<3>;",
+             ".reg .b32 %arb;"]
+    for i in range(4):
+        lines += [f"mov.u64 ${i}, 0;", f"and.b32 %arb, $8, {1 << i};",
+                  f"setp.ne.u32 %arw{i}, %arb, 0;"]
+    lines.append("ARTUNE_L4_POLL:")
+    lines += [f"@%arw{i} ld.volatile.global.u64 ${i}, [${4 + i}];" for i in range(4)]
+    for i in range(4):
+        lines += [f"xor.b64 %arv0, ${i}, 0x8000800080008000;",
+                  "sub.u64 %arv1, %arv0, 0x0001000100010001;",
+                  "not.b64 %arv0, %arv0;", "and.b64 %arv1, %arv1, %arv0;",
+                  "and.b64 %arv1, %arv1, 0x8000800080008000;",
+                  "setp.eq.u64 %arq, %arv1, 0;",
+                  f"@%arq setp.ne.u32 %arw{i}, 0, 0;"]
+    lines += ["or.pred %arq, %arw0, %arw1;", "or.pred %arq, %arq, %arw2;",
+              "or.pred %arq, %arq, %arw3;", "@!%arq bra ARTUNE_L4_DONE;",
+              "mov.u64 %arv2, %globaltimer;", "setp.lt.s64 %arq, %arv2, $9;",
+              "@%arq bra ARTUNE_L4_POLL;", "ARTUNE_L4_DONE:", "}"]
+    return "\n".join(lines)
+
+
+_SPIN_LAMPORT4_PTX = tl.constexpr(_spin4_ptx())
+
+
+@triton.jit
+def spin_lamport4(p0, p1, p2, p3, live_bits, deadline):
+    """Each thread polls its four lamport words at ``p0``-``p3`` (uint64 pointers of one shape)
+    together (``_spin4_ptx``): bit i of ``live_bits`` (int32) marks ``pi`` live. Returns the four
+    words (0 where not live; a stale word as last read when ``deadline`` (int64 %globaltimer ns)
+    passed first). GPU only (inline PTX)."""
+    zi = tl.zeros(p0.shape, tl.int32)
+    return tl.inline_asm_elementwise(
+        _SPIN_LAMPORT4_PTX,
+        "=l,=l,=l,=l,l,l,l,l,r,l",
+        [p0.to(tl.int64, bitcast=True), p1.to(tl.int64, bitcast=True),
+         p2.to(tl.int64, bitcast=True), p3.to(tl.int64, bitcast=True), zi + live_bits,
+         zi.to(tl.int64) + deadline],
+        dtype=(tl.uint64, tl.uint64, tl.uint64, tl.uint64),
         is_pure=False,
         pack=1,
     )
