@@ -4,15 +4,16 @@
 # 2; then the 4-rank GPU sweep with the new default.
 #
 #   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_lamport.sh
-#   SIZES=...: the 4-GPU sizes; TEST_K=EXPR: the pytest selection (default: sweep_4_ranks).
+#   SIZES=...: the 4-GPU sizes; TEST_K=EXPR: the pytest selection (default: sweep_4_ranks);
+#   FLATS="1": the per-thread gather only.
 set -uo pipefail
 W=/tmp/artune-gpu-lamport
 source benchmarks/gpu_lib.sh
 mkdir -p "$W/res"
 SIZES=${SIZES:-4K,16K,64K,128K,256K,384K}
 LP="nvrar:algo=oneshot,proto=lamport,ctas=128,block"
-V="--variant ${LP}=256 --variant ${LP}=512 --variant ${LP}=1024"
-for flat in 1 0; do
+V="--variant ${LP}=256 --variant ${LP}=512 --variant ${LP}=1024 --variant ${LP}=512,warps=2"
+for flat in ${FLATS:-1 0}; do
     export ARTUNE_NVRAR_LAMPORT_FLAT=$flat
     step "lamport_flat${flat}_4gpu" 120 torchrun --nproc-per-node 4 benchmarks/allreduce.py \
         --backends nccl,sglang,nvrar $V --sizes "$SIZES" --out "$W/res/lamport_flat${flat}_4gpu.md"

@@ -673,6 +673,34 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
         assert s.key != before.key, p
 
 
+def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
+    """The per-thread gather clears each word after reading it, so a word held by two threads
+    could be cleared before the second has polled it (on 4x H100 with 256-element chunks and
+    4 warps a wait ran out that way): the launch caps the warps at block / 128 (one thread per
+    8-byte word at least). Words of consecutive elements only where n % 4 == 0 (the same on
+    every rank), and the tile gather keeps the plan's warps."""
+    from artune.kernels.nvrar import Plan
+
+    nd = Nodes(1, 4)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [(r + 1) << 20 for r in range(4)], torch.device("cpu"), timeout_s=1.0)
+    for block, warps, want in [(256, 4, 2), (512, 4, 4), (1024, 4, 4), (256, 1, 1),
+                               (512, 8, 4), (2048, 8, 8)]:
+        for numel, vec in [(4096, True), (4098, False)]:
+            x = torch.zeros(numel, dtype=torch.bfloat16)
+            s = comm.spec(x, torch.empty_like(x),
+                          Plan(algo="oneshot", proto="lamport", block=block, ctas=8, warps=warps))
+            assert s.kwargs["num_warps"] == want and want * 32 * 4 <= block, (block, warps)
+            assert s.kwargs["FLAT"] is True and s.kwargs["VEC"] is vec
+            assert want in s.key and vec in s.key[-1:]
+    comm.lamport_flat = False
+    x = torch.zeros(4096, dtype=torch.bfloat16)
+    s = comm.spec(x, torch.empty_like(x),
+                  Plan(algo="oneshot", proto="lamport", block=256, ctas=8, warps=4))
+    assert s.kwargs["num_warps"] == 4 and s.kwargs["FLAT"] is False and s.kwargs["VEC"] is False
+
+
 def test_a_message_above_the_built_size_names_the_fix() -> None:
     """Buffers are sized when the backend is built (they cannot grow during CUDA-graph
     capture): a larger message is refused with the setting that fixes it, before any launch."""

@@ -250,10 +250,17 @@ class NvrarComm:
                 else ""
             )
             raise ValueError(f"artune nvrar all_reduce({nbytes} B, {plan}): {bad}{fix}")
-        y = torch.empty_like(x) if out is None else out
         if n == 0:
-            return y
+            return torch.empty_like(x) if out is None else out
+        # The kernels may read x and write y in 8-byte words: a view starting off that alignment
+        # is copied (a fresh tensor is aligned), so every rank runs the same kernel layout.
+        if x.data_ptr() % 16:
+            x = x.clone()
+        y = torch.empty_like(x) if out is None or out.data_ptr() % 16 else out
         self._launch(self.spec(x, y, plan))
+        if out is not None and y is not out:
+            out.copy_(y)
+            return out
         return y
 
     def _common(self) -> tuple[Any, ...]:
@@ -343,12 +350,22 @@ class NvrarComm:
         args = (x, y, n, *self.world_bases, self.offsets["lamport"], self.layout.lamport_slot,
                 *self._common())
         wp = 1 << (self.nodes.world - 1).bit_length()
+        flat = self.lamport_flat
+        # The per-thread gather needs every word of a chunk held by exactly one thread: with
+        # more threads than words Triton gives a word to several, and one of them could clear
+        # it before another has polled it (seen on 4x H100 with 256-element chunks and 4 warps:
+        # a wait that ran out). So at most block / 4 threads.
+        warps = max(1, min(plan.warps, plan.block // 128)) if flat else plan.warps
+        # Words of four consecutive elements (8-byte loads and stores) where every rank's n
+        # allows it: the wire layout must be the same on every rank, and n is.
+        vec = flat and n % 4 == 0
         kwargs = dict(W=self.nodes.world, BLOCK=plan.block, WP=wp, MAXC=MAX_CTAS,
-                      INTERPRET=self.interpret, num_warps=plan.warps)
+                      INTERPRET=self.interpret, num_warps=warps)
         kwargs["SPIN"] = spin = self._spin(plan, wp * plan.block // 4)
-        kwargs["FLAT"] = flat = self.lamport_flat
+        kwargs["FLAT"] = flat
+        kwargs["VEC"] = vec
         kwargs.update(self._pdl())
-        key = ("lamport", x.dtype, plan.block, plan.warps, spin, self.pdl, flat)
+        key = ("lamport", x.dtype, plan.block, warps, spin, self.pdl, flat, vec)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:

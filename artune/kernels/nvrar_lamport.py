@@ -70,6 +70,40 @@ def _words(x_ptr, start, n, Q: tl.constexpr):
     return w
 
 
+#: The low 15 bits of every 16-bit lane.
+_LOW15 = tl.constexpr(0x7FFF7FFF7FFF7FFF)
+
+
+@triton.jit
+def _vec_words(x_ptr, c, n, Q: tl.constexpr):
+    """Words c*Q .. c*Q + Q - 1 of ``x`` read as 8-byte words of four consecutive elements
+    (``x`` 8-byte aligned, n a multiple of 4; zeros past n), with every -0.0 lane made +0.0.
+    Exact per lane, no carry between lanes: with t = w ^ sentinels, ((t & LOW15) + LOW15) | t
+    has bit 15 of a lane set iff that lane of t is non-zero, i.e. iff the lane of w is not
+    0x8000; flipping bit 15 of the other lanes turns 0x8000 into 0."""
+    idx = c * Q + tl.arange(0, Q)
+    p = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
+    w = tl.load(p + idx, mask=idx < n // 4, other=0)
+    s = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
+    low = tl.full([Q], _LOW15, tl.uint64)
+    t = w ^ s
+    nonzero = (((t & low) + low) | t) & s
+    return w ^ (nonzero ^ s)
+
+
+@triton.jit
+def _vec_store(y_ptr, c, n, a0, a1, a2, a3, Q: tl.constexpr):
+    """The four lane sums as words of four consecutive elements at words c*Q .. of ``y``."""
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    w = a0.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64)
+    w |= a1.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 16
+    w |= a2.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 32
+    w |= a3.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 48
+    idx = c * Q + tl.arange(0, Q)
+    p = tl.multiple_of(y_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
+    tl.store(p + idx, w, mask=idx < n // 4)
+
+
 @triton.jit
 def _lane(w, k: tl.constexpr, DT: tl.constexpr):
     """Quarter ``k`` of the packed words ``w`` as dtype ``DT``."""
@@ -97,10 +131,12 @@ def oneshot_lamport_kernel(
     SPIN: tl.constexpr,  # per-thread PTX polling instead of block rounds (tile gather)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
     FLAT: tl.constexpr = True,  # per-thread gather (_gather_flat) instead of [WP, Q] tiles
+    VEC: tl.constexpr = False,  # words of 4 consecutive elements (FLAT, n % 4 == 0, x, y 8-aligned)
 ):
     pdl_begin(PDL, INTERPRET)
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
-    # which the same thread holds: packing needs no layout conversion (as LL's halves).
+    # which the same thread holds: packing needs no layout conversion (as LL's halves). With
+    # VEC, of four consecutive elements: x and y are then read and written as 8-byte words.
     Q: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -115,7 +151,10 @@ def oneshot_lamport_kernel(
     # only the stores do, through their mask.)
     go = (tl.arange(0, Q) >= 0) & (limit > 0)
     for c in range(pid, nchunks, G):
-        w = _words(x_ptr, c * BLOCK, n, Q)
+        if VEC:
+            w = _vec_words(x_ptr, c, n, Q)
+        else:
+            w = _words(x_ptr, c * BLOCK, n, Q)
         for i in tl.static_range(1, W):
             dst = (rank + i) % W
             slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
@@ -125,7 +164,7 @@ def oneshot_lamport_kernel(
     mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
     if FLAT:
         _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
-                     nchunks, W, BLOCK, INTERPRET)
+                     nchunks, W, BLOCK, INTERPRET, VEC)
     else:
         _gather_tile(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, epoch, rank,
                      pid, G, nchunks, W, BLOCK, WP, INTERPRET, SPIN)
@@ -163,7 +202,8 @@ def _gather_tile(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ep
 
 @triton.jit
 def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
-                 nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+                 nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+                 VEC: tl.constexpr):
     """Wait, sum and clear with every source's words as a 1-D [Q] vector of the same layout:
     each thread polls, sums and clears only its own words (no reduction across threads, no
     layout conversion). On the GPU a thread polls up to four sources' words in one loop
@@ -177,7 +217,10 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
     deadline = now_ns(INTERPRET) + limit
     me = tl.zeros([Q], tl.int32) + rank
     for c in range(pid, nchunks, G):
-        own = _words(x_ptr, c * BLOCK, n, Q)
+        if VEC:
+            own = _vec_words(x_ptr, c, n, Q)
+        else:
+            own = _words(x_ptr, c * BLOCK, n, Q)
         base = ptr_as(mine, tl.uint64) + c * Q + offs
         w0, w1, w2, w3 = _poll4(base, STRIDE, 0, W, rank, limit, deadline, INTERPRET)
         if W > 4:
@@ -205,11 +248,14 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
             a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w6, own, me, 6, DT)
         if W > 7:
             a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w7, own, me, 7, DT)
-        start = c * BLOCK
-        store_chunk(y_ptr, start, n, a0.to(DT), Q)
-        store_chunk(y_ptr, start + Q, n, a1.to(DT), Q)
-        store_chunk(y_ptr, start + 2 * Q, n, a2.to(DT), Q)
-        store_chunk(y_ptr, start + 3 * Q, n, a3.to(DT), Q)
+        if VEC:
+            _vec_store(y_ptr, c, n, a0, a1, a2, a3, Q)
+        else:
+            start = c * BLOCK
+            store_chunk(y_ptr, start, n, a0.to(DT), Q)
+            store_chunk(y_ptr, start + Q, n, a1.to(DT), Q)
+            store_chunk(y_ptr, start + 2 * Q, n, a2.to(DT), Q)
+            store_chunk(y_ptr, start + 3 * Q, n, a3.to(DT), Q)
         # the timeout record (step 0, the first stale source, this CTA), by the threads that saw
         # one; the stores poison the later calls of this rank
         code = ERR_MARK | ((bad - 1).to(tl.int64) << 16) | pid.to(tl.int64)
