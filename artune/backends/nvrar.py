@@ -63,35 +63,27 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
     """NVRAR's untuned parameters for a message of ``nbytes`` (bf16 element counts).
 
     The fastest plans measured, CUDA graph, bf16 (docs/nvrar.md):
-    - more than 2 GPUs on one node: the 4x H100 full tune of 2026-11-26
-      (profiles/6eeb601b655cf21c.json, every plan with the kernels' own wait choice): LL
-      one-shot up to 8 KiB (4.0 us at 4 KiB, lamport 4.4), lamport one-shot with 256-element
-      chunks up to 64 KiB (3.8 us at 16 KiB against LL's 4.0; 4.3 at 64 KiB against 4.9), with
-      512-element chunks up to 256 KiB (7.7 us at 256 KiB; LL one-shot 10.6 and two-shot LL
-      14.3 in benchmarks/nvrar_dev.py), two-shot LL with 256-element chunks up to 512 KiB
-      (9.2 us against 12.4 for lamport);
-    - 2 GPUs (2x H200, benchmarks/results/nvrar_dev_2gpu_*h200.json): LL one-shot up to
-      256 KiB;
+    - one node: the lamport one-shot with its per-thread gather and 512-element chunks, up to
+      384 KiB on more than 2 GPUs and 256 KiB on 2 (4x H100, 2026-11-26, seventh session,
+      benchmarks/results/allreduce_lamport_4gpu_h100.md: 2.4 / 2.5 / 2.9 / 3.5 / 5.2 / 6.5 us
+      at 4K / 16K / 64K / 128K / 256K / 384K, against 3.7 / 2.5 / 3.0 / 3.5 / 5.2 / 8.3 for
+      the previous defaults; 2 GPUs: 2.2 / 2.3 / 2.5 / 3.4 us at 4K / 16K / 64K / 256K);
+      256-element chunks were as fast up to 16K and slower above. fp32 takes "lamport" as LL;
+    - more than 2 GPUs, up to 512 KiB: two-shot LL with 256-element chunks (9.2 us at 512 KiB
+      in the 4x H100 full tune of profiles/6eeb601b655cf21c.json, against 12.4 for lamport);
     - above, and between nodes: two-shot, LL up to 512 KiB, then the signal protocol with
       blocks growing with the message. Four warps beat one or two at every small size measured.
-    Sizes between the measured ones take the nearer rule.
     """
     elems = max(1, nbytes // 2)
     world = ranks_per_node * nodes
     shard = -(-elems // ranks_per_node)
-    if nodes == 1 and world > 2 and 8 << 10 < nbytes <= 256 << 10:
-        block = _fit(256 if nbytes <= 64 << 10 else 512, elems)
+    if nodes == 1 and nbytes <= ((256 << 10) if world <= 2 else (384 << 10)):
+        block = _fit(512, elems)
         return {"algo": "oneshot", "proto": "lamport", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
-    if nodes == 1 and world > 2 and 256 << 10 < nbytes <= 512 << 10:
+    if nodes == 1 and world > 2 and nbytes <= 512 << 10:
         return {"algo": "twoshot", "proto": "ll", "block": 256,
                 "ctas": _ctas_for(-(-shard // 256), 128), "warps": 4, "inter": "auto"}
-    oneshot_max = (256 << 10) if world <= 2 else (8 << 10)
-    if nodes == 1 and nbytes <= oneshot_max:
-        block = _fit(512 if (nbytes <= 8 << 10 and world > 2) or nbytes > 64 << 10 else 256,
-                     elems)
-        return {"algo": "oneshot", "proto": "ll", "block": block,
-                "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
     if nbytes <= 512 << 10:
         block = _fit(512, elems)
         return {"algo": "twoshot", "proto": "ll", "block": block,
