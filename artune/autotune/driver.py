@@ -570,9 +570,11 @@ def _route(profile: Any, dtype: str, mode: str, nbytes: int) -> tuple[str, str] 
 
 
 def _host_state() -> dict[str, Any]:
-    """What rank 0's process shared its CPU with at the end of the tune: the CPUs it may run on
-    and its Python threads. (Host-bound eager calls read 35-40 µs inside the 4x H100 tunes and
-    20-27 µs in benchmarks/router_eager.py on the same host: this is where to look first.)"""
+    """What rank 0's process shared its CPU with at the end of the tune: the CPUs it may run on,
+    its Python threads and the threads that used the most CPU time. (Kept because eager calls
+    are host-bound: on 4x H100 a tune's eager calls read 32-45 µs, and benchmarks/router_eager.py
+    33 µs on the same machine, with or without NVSHMEM and SGLang built; no helper thread used
+    CPU time worth naming, benchmarks/results/gpu_session_2026-11-26g.md.)"""
     import threading
 
     try:
