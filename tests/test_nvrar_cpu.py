@@ -170,7 +170,7 @@ def test_lowered_caps_keep_the_default_admitted_and_measured(
                 assert lay.check_message(nbytes, c["algo"], c["proto"]) is None, (nbytes, c)
 
 
-@pytest.mark.parametrize("world,per_node,limit", [(4, 4, 24), (2, 2, 24), (8, 8, 24), (4, 2, 28)])
+@pytest.mark.parametrize("world,per_node,limit", [(4, 4, 30), (2, 2, 29), (8, 8, 30), (4, 2, 28)])
 def test_search_space_compiles_few_kernels_over_a_full_tune(world: int, per_node: int,
                                                              limit: int) -> None:
     """Each distinct (algorithm, protocol, block, warps[, transport]) is a Triton compile on
@@ -183,7 +183,7 @@ def test_search_space_compiles_few_kernels_over_a_full_tune(world: int, per_node
     for nbytes in parse_sizes("1K:256M"):
         combos = [c for c in combinations(NvrarBackend.search_space(nbytes, ctx))
                   if NvrarBackend.admits(c, nbytes, ctx)]
-        assert 1 <= len(combos) <= 36, (nbytes, len(combos))
+        assert 1 <= len(combos) <= 45, (nbytes, len(combos))
         assert NvrarBackend.default_params(nbytes, ctx) in [
             {k: v for k, v in c.items() if k in NvrarBackend.default_params(nbytes, ctx)}
             for c in combos
@@ -390,6 +390,10 @@ ONE_NODE_CASES: list[Case] = [
     (998, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 4}),
     (2500, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 2}),
     (1001, "float32", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),  # as LL
+    (4099, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 3}),
+    (2000, "float16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (7, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 4}),
+    (1001, "float32", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),  # as LL
 ]
 
 
@@ -405,6 +409,7 @@ SIX_CASES: list[Case] = [
     (1003, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
     (3001, "bfloat16", {"algo": "twoshot", "proto": "ll", "block": 256, "ctas": 3}),
     (777, "float32", {"algo": "twoshot", "proto": "signal", "block": 256, "ctas": 2}),
+    (3000, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
 ]
 
 
@@ -437,11 +442,11 @@ def test_virtual_nodes_emulated(nodes: int, local: int) -> None:
 @pytest.mark.slow
 def test_slots_are_reused_safely_over_many_calls() -> None:
     plans = [("oneshot", "ll"), ("twoshot", "ll"), ("oneshot", "lamport"), ("twoshot", "signal"),
-             ("oneshot", "lamport")]
+             ("oneshot", "lamport"), ("twoshot", "lamport")]
     cases: list[Case] = [
         (300 + 7 * i, "bfloat16",
-         {"algo": plans[i % 5][0], "proto": plans[i % 5][1], "block": 256, "ctas": 2})
-        for i in range(15)
+         {"algo": plans[i % 6][0], "proto": plans[i % 6][1], "block": 256, "ctas": 2})
+        for i in range(18)
     ]
     _check(_emulate(1, 3, cases), cases)
 
@@ -460,6 +465,19 @@ def test_a_skipped_call_times_out_with_the_named_error(dtype: str, proto: str) -
         _, code, raised = results[rank][0]
         assert code != 0 and raised is not None
         assert f"rank {rank} waited 0.5 s for rank 2 in the one-shot exchange" in raised
+
+
+@needs_triton
+@pytest.mark.slow
+def test_a_skipped_two_shot_lamport_call_names_the_reduce_scatter() -> None:
+    cases: list[Case] = [(3000, "bfloat16", {"algo": "twoshot", "proto": "lamport",
+                                             "block": 256, "ctas": 2})]
+    results = _emulate(1, 3, cases, skip=2, timeout_s=0.5)
+    assert results[2][0] is None
+    for rank in (0, 1):
+        _, code, raised = results[rank][0]
+        assert code != 0 and raised is not None
+        assert f"rank {rank} waited 0.5 s for rank 2 in the intra-node reduce-scatter" in raised
 
 
 @needs_triton
@@ -569,6 +587,8 @@ GUARD_CASES: list[Case] = [
     (4 * 4096 + 17, "float16", {"algo": "twoshot", "proto": "signal", "block": 4096, "ctas": 2}),
     (4 * 1024 + 3, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 3}),
     (999, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (16 * 1024 + 5, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 3}),
+    (4 * 1024, "float16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 4}),
 ]
 
 
@@ -676,8 +696,8 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
 def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
     """The per-thread gather clears each word after reading it, so a word held by two threads
     could be cleared before the second has polled it (on 4x H100 with 256-element chunks and
-    4 warps a wait ran out that way): the launch caps the warps at block / 128 (one thread per
-    8-byte word at least). Words of consecutive elements only where n % 4 == 0 (the same on
+    4 warps a wait ran out that way): the launch runs block / 128 warps, one thread per 8-byte
+    word. Words of consecutive elements only where n % 4 == 0 (the same on
     every rank), and the tile gather keeps the plan's warps."""
     from artune.kernels.nvrar import Plan
 
@@ -685,13 +705,13 @@ def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
     lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
     comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
                      [(r + 1) << 20 for r in range(4)], torch.device("cpu"), timeout_s=1.0)
-    for block, warps, want in [(256, 4, 2), (512, 4, 4), (1024, 4, 4), (256, 1, 1),
-                               (512, 8, 4), (2048, 8, 8)]:
+    for block, warps, want in [(256, 4, 2), (512, 4, 4), (1024, 4, 8), (256, 1, 2),
+                               (512, 8, 4), (2048, 8, 16)]:
         for numel, vec in [(4096, True), (4098, False)]:
             x = torch.zeros(numel, dtype=torch.bfloat16)
             s = comm.spec(x, torch.empty_like(x),
                           Plan(algo="oneshot", proto="lamport", block=block, ctas=8, warps=warps))
-            assert s.kwargs["num_warps"] == want and want * 32 * 4 <= block, (block, warps)
+            assert s.kwargs["num_warps"] == want and want * 32 * 4 == block, (block, warps)
             assert s.kwargs["FLAT"] is True and s.kwargs["VEC"] is vec
             assert want in s.key and vec in s.key[-1:]
     comm.lamport_flat = False

@@ -47,6 +47,20 @@ def _caps(ctx: GroupContext) -> tuple[int, int]:
     return (one if ctx.nodes == 1 else 0), ll
 
 
+#: The two-shot lamport is tried only above this size: below it the one-shot (one hop, not two)
+#: is the faster lamport algorithm, and the search space stays small.
+_LAMPORT2_MIN = 256 << 10
+
+
+def _lamport2_fits(nbytes: int, ctx: GroupContext) -> bool:
+    """Whether the two-shot lamport takes ``nbytes`` on ``ctx`` (one node, slot halves)."""
+    from artune.kernels.nvrar_layout import Layout, Nodes
+
+    one, ll = _caps(ctx)
+    layout = Layout(Nodes(ctx.nodes, ctx.ranks_per_node), ctx.max_bytes, one, ll)
+    return 0 < nbytes <= ll and bool(one) and layout.lamport2_fits(nbytes)
+
+
 def _ctas_for(chunks: int, cap: int) -> int:
     """The smallest CTA count of the search space covering ``chunks`` chunks, at most ``cap``."""
     return next((c for c in _CTAS if c >= min(chunks, cap)), _CTAS[-1])
@@ -133,12 +147,14 @@ class NvrarBackend(Backend):
         """A few neighbours of ``default_params``: the other algorithm and protocols where they
         take the size, the block halved and doubled, the CTA cap halved and doubled; warps and
         ``inter`` as in the defaults. ``admits`` drops the combinations that are not plans (a
-        one-shot signal, a two-shot lamport). Every distinct (algorithm, protocol, block, warps)
-        is a Triton compile (the CTA count is not), so the space stays small on purpose: over
-        the 37 sizes of a full tune, 1 KiB..256 MiB, it holds 24 distinct kernels per dtype on
-        one node (2, 4 or 8 ranks) and 28 on 2x2 virtual nodes (tests/test_nvrar_cpu.py counts
-        them), at most 36 admitted combinations per size, against 90 and 120 kernels for the
-        full product of choices it replaced (6 blocks x 5 warps x algorithm/protocol/transport).
+        one-shot signal, a lamport plan beyond its capacity). Every distinct (algorithm,
+        protocol, block, warps) is a Triton compile (the CTA count is not), so the space stays
+        small on purpose: over
+        the 37 sizes of a full tune, 1 KiB..256 MiB, it holds 30 distinct kernels per dtype on
+        one node of 4 or 8 ranks (29 on 2, 28 on 2x2 virtual nodes; tests/test_nvrar_cpu.py
+        counts them), at most 45 admitted combinations per size, against 90 and 120 kernels
+        for the full product of choices it replaced (6 blocks x 5 warps x
+        algorithm/protocol/transport).
         """
         from artune.kernels.nvrar_layout import BLOCKS
 
@@ -148,7 +164,8 @@ class NvrarBackend(Backend):
         algos = [d["algo"]] + [a for a in ("oneshot", "twoshot")
                                if a != d["algo"] and (a == "twoshot" or 0 < nbytes <= one)]
         # LL's cap bounds the two-shot only (the one-shot's slots are sized by its own cap)
-        takes = {"ll": nbytes <= max(ll, one), "lamport": 0 < nbytes <= one, "signal": True}
+        takes = {"ll": nbytes <= max(ll, one),
+                 "lamport": 0 < nbytes <= one or _lamport2_fits(nbytes, ctx), "signal": True}
         protos = [d["proto"]] + [p for p in ("ll", "lamport", "signal")
                                  if p != d["proto"] and takes[p]]
         top = max(BLOCKS[0], elems)
@@ -167,13 +184,17 @@ class NvrarBackend(Backend):
 
     @classmethod
     def admits(cls, params: Params, nbytes: int, ctx: GroupContext) -> bool:
-        """The one-shot has no signal protocol (it would run as LL), lamport is one-shot only,
-        and the two-shot LL stops at its cap: those combinations of ``search_space`` get no
-        trial."""
+        """The one-shot has no signal protocol (it would run as LL), each lamport algorithm
+        stops at its capacity (the two-shot one runs on one node only, and only above
+        ``_LAMPORT2_MIN``), and the two-shot LL stops at its cap: those combinations of
+        ``search_space`` get no trial."""
         algo, proto = params.get("algo"), params.get("proto")
+        one, ll = _caps(ctx)
         return not ((algo == "oneshot" and proto == "signal")
-                    or (algo == "twoshot" and proto == "lamport")
-                    or (algo == "twoshot" and proto == "ll" and nbytes > _caps(ctx)[1]))
+                    or (algo == "oneshot" and proto == "lamport" and nbytes > one)
+                    or (algo == "twoshot" and proto == "lamport"
+                        and (nbytes <= _LAMPORT2_MIN or not _lamport2_fits(nbytes, ctx)))
+                    or (algo == "twoshot" and proto == "ll" and nbytes > ll))
 
     @classmethod
     def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:

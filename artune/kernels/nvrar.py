@@ -74,8 +74,8 @@ class Plan:
     ``algo``: "oneshot" (one node: push to all, sum all) or "twoshot" (reduce-scatter, then
     recursive doubling between nodes when there are several, then all-gather);
     ``proto``: "ll" (flag in every 8-byte word), "signal" (data, fence, 64-bit signal; two-shot
-    only, one-shot takes it as LL) or "lamport" (one-shot only: the data is its own flag, half
-    LL's bytes; its sentinel is 16-bit, so fp32 takes it as LL); ``block``: elements per CTA
+    only, one-shot takes it as LL) or "lamport" (the data is its own flag, half LL's bytes; one
+    node only; its sentinel is 16-bit, so fp32 takes it as LL); ``block``: elements per CTA
     chunk; ``ctas``: at most this many CTAs; ``warps``: warps per CTA; ``inter``: inter-node
     transport, "nvshmem" (put / put-with-signal), "p2p" (stores through peer addresses; every
     rank must be NVLink-reachable) or "auto" (p2p where every rank is reachable, else nvshmem).
@@ -351,11 +351,7 @@ class NvrarComm:
                 *self._common())
         wp = 1 << (self.nodes.world - 1).bit_length()
         flat = self.lamport_flat
-        # The per-thread gather needs every word of a chunk held by exactly one thread: with
-        # more threads than words Triton gives a word to several, and one of them could clear
-        # it before another has polled it (seen on 4x H100 with 256-element chunks and 4 warps:
-        # a wait that ran out). So at most block / 4 threads.
-        warps = max(1, min(plan.warps, plan.block // 128)) if flat else plan.warps
+        warps = _lamport_warps(plan.block) if flat else plan.warps
         # Words of four consecutive elements (8-byte loads and stores) where every rank's n
         # allows it: the wire layout must be the same on every rank, and n is.
         vec = flat and n % 4 == 0
@@ -368,9 +364,28 @@ class NvrarComm:
         key = ("lamport", x.dtype, plan.block, warps, spin, self.pdl, flat, vec)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
+    def _lamport2(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:
+        from artune.kernels.nvrar_lamport import twoshot_lamport_kernel
+
+        assert self.world_bases is not None
+        w = self.nodes.world
+        shard = round_up(cdiv(n, w), plan.block)
+        grid = min(plan.ctas, shard // plan.block, self.max_grid)
+        args = (x, y, n, shard, *self.world_bases, self.offsets["lamport"],
+                self.layout.lamport_slot, self.layout.lamport_ag, *self._common())
+        warps = _lamport_warps(plan.block)
+        vec = n % 4 == 0
+        kwargs: dict[str, Any] = dict(W=w, BLOCK=plan.block, MAXC=MAX_CTAS,
+                                      INTERPRET=self.interpret, num_warps=warps, VEC=vec)
+        kwargs.update(self._pdl())
+        key = ("lamport2", x.dtype, plan.block, warps, self.pdl, vec)
+        return _Spec(twoshot_lamport_kernel, key, grid, args, kwargs)
+
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
         nodes, off = self.nodes, self.offsets
-        ll = plan.proto == "ll"
+        if plan.proto == "lamport" and x.element_size() == 2 and nodes.nodes == 1:
+            return self._lamport2(x, y, n, plan)
+        ll = plan.proto in ("ll", "lamport")  # fp32 takes lamport as LL
         shard = round_up(cdiv(n, nodes.local), SHARD_ALIGN)
         grid = min(plan.ctas, cdiv(shard, plan.block), self.max_grid)
         use_shmem = nodes.nodes > 1 and (
@@ -424,6 +439,17 @@ class NvrarComm:
 
             self._sigset = signal_set_op()
         return self._sigset
+
+
+def _lamport_warps(block: int) -> int:
+    """Warps of a lamport kernel with the per-thread gather: one thread per 8-byte word of a
+    chunk (block / 4 threads), whatever the plan's ``warps``. More threads than words would give
+    a word to several threads, and one could clear it before another has polled it (seen on
+    4x H100: 256-element chunks with 4 warps, a wait that ran out); fewer would give a thread
+    several words, which Triton 3.6 moves between layouts through shared memory (offline sm_90
+    builds: 9-11 bar.sync per call at 1024-2048-element chunks with 4 warps, 1 with one word
+    per thread)."""
+    return max(1, min(32, block // 128))
 
 
 def _pdl_capable(device: Any) -> bool:

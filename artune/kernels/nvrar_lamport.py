@@ -41,7 +41,7 @@ from artune.kernels.nvrar_prims import (
     wait_ll,
 )
 
-__all__ = ["oneshot_lamport_kernel", "SENTINEL16"]
+__all__ = ["oneshot_lamport_kernel", "twoshot_lamport_kernel", "SENTINEL16"]
 
 #: What an empty receive slot holds in every 16-bit element (the bits of -0.0).
 SENTINEL16 = 0x8000
@@ -84,11 +84,67 @@ def _vec_words(x_ptr, c, n, Q: tl.constexpr):
     idx = c * Q + tl.arange(0, Q)
     p = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
     w = tl.load(p + idx, mask=idx < n // 4, other=0)
-    s = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
-    low = tl.full([Q], _LOW15, tl.uint64)
+    return _plus_zero(w)
+
+
+@triton.jit
+def _plus_zero(w):
+    """The uint64 words ``w`` with every 16-bit lane 0x8000 (-0.0) made 0 (see _vec_words)."""
+    s = tl.full(w.shape, LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
+    low = tl.full(w.shape, _LOW15, tl.uint64)
     t = w ^ s
     nonzero = (((t & low) + low) | t) & s
     return w ^ (nonzero ^ s)
+
+
+@triton.jit
+def _load_words(x_ptr, g, n, Q: tl.constexpr, VEC: tl.constexpr):
+    """Chunk ``g`` (elements g*4Q ..) of ``x`` as Q lamport words, -0.0 sent as +0.0."""
+    if VEC:
+        w = _vec_words(x_ptr, g, n, Q)
+    else:
+        w = _words(x_ptr, g * 4 * Q, n, Q)
+    return w
+
+
+@triton.jit
+def _pack(a0, a1, a2, a3, DT: tl.constexpr):
+    """Four lane values (any float dtype) rounded to DT and packed into words, -0.0 as +0.0
+    (what every rank stores for these elements, the owner included: identical bits)."""
+    w = a0.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64)
+    w |= a1.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 16
+    w |= a2.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 32
+    w |= a3.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 48
+    return _plus_zero(w)
+
+
+@triton.jit
+def _store_words(y_ptr, g, n, w, Q: tl.constexpr, VEC: tl.constexpr):
+    """Lamport words ``w`` into chunk ``g`` of ``y`` (elements below n only)."""
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    if VEC:
+        idx = g * Q + tl.arange(0, Q)
+        p = tl.multiple_of(y_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
+        tl.store(p + idx, w, mask=idx < n // 4)
+    else:
+        start = g * 4 * Q
+        store_chunk(y_ptr, start, n, _lane(w, 0, DT), Q)
+        store_chunk(y_ptr, start + Q, n, _lane(w, 1, DT), Q)
+        store_chunk(y_ptr, start + 2 * Q, n, _lane(w, 2, DT), Q)
+        store_chunk(y_ptr, start + 3 * Q, n, _lane(w, 3, DT), Q)
+
+
+@triton.jit
+def _record_bad(err_dev, err_host, bad, STEP: tl.constexpr, pid, quiet):
+    """The timeout record (STEP, the first stale source ``bad`` - 1, this CTA), written by the
+    threads that saw one and are not ``quiet`` (predicated stores: no block-wide step); it
+    poisons this rank's later calls. A thread that already recorded an earlier step of this
+    call passes ``quiet`` so that the first wait that ran out is the one reported."""
+    code = ERR_MARK | (STEP << 32) | ((bad - 1).to(tl.int64) << 16) | pid.to(tl.int64)
+    z = tl.zeros(bad.shape, tl.int64)
+    write = (bad > 0) & (quiet == 0)
+    tl.store(err_dev + z, code, mask=write)
+    tl.store(err_host.to(tl.pointer_type(tl.int64)) + z, code, mask=write)
 
 
 @triton.jit
@@ -216,6 +272,8 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
     offs = tl.arange(0, Q)
     deadline = now_ns(INTERPRET) + limit
     me = tl.zeros([Q], tl.int32) + rank
+    # quiet: a poisoned instance keeps its first record; so does a thread that recorded one
+    failed = tl.zeros([Q], tl.int32) + (limit == 0).to(tl.int32)
     for c in range(pid, nchunks, G):
         if VEC:
             own = _vec_words(x_ptr, c, n, Q)
@@ -256,12 +314,8 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
             store_chunk(y_ptr, start + Q, n, a1.to(DT), Q)
             store_chunk(y_ptr, start + 2 * Q, n, a2.to(DT), Q)
             store_chunk(y_ptr, start + 3 * Q, n, a3.to(DT), Q)
-        # the timeout record (step 0, the first stale source, this CTA), by the threads that saw
-        # one; the stores poison the later calls of this rank
-        code = ERR_MARK | ((bad - 1).to(tl.int64) << 16) | pid.to(tl.int64)
-        z = tl.zeros([Q], tl.int64)
-        tl.store(err_dev + z, code, mask=bad > 0)
-        tl.store(err_host.to(tl.pointer_type(tl.int64)) + z, code, mask=bad > 0)
+        _record_bad(err_dev, err_host, bad, 0, pid, failed)  # STEP_ONESHOT
+        failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
         # back to empty: the sentinel over every source's words but this rank's
@@ -323,3 +377,158 @@ def _add(a0, a1, a2, a3, bad, w, own, me, SRC: tl.constexpr, DT: tl.constexpr):
     a2 += _lane(v, 2, DT).to(tl.float32)
     a3 += _lane(v, 3, DT).to(tl.float32)
     return a0, a1, a2, a3, bad
+
+
+@triton.jit(do_not_specialize=["n", "shard", "limit_ns", "rank"])
+def twoshot_lamport_kernel(
+    x_ptr,  # *DT [n] input (16-bit dtype, any contiguous tensor)
+    y_ptr,  # *DT [n] output
+    n,  # elements
+    shard,  # elements per shard: cdiv(n, W) rounded up to BLOCK
+    b0, b1, b2, b3, b4, b5, b6, b7,  # symmetric buffer base of rank i, as this GPU addresses it
+    region,  # byte offset of the lamport region
+    slot_bytes,  # bytes of one [parity][src] slot
+    ag_bytes,  # byte offset of the all-gather half inside a slot
+    ctr_ptr,  # *int32 [MAX_CTAS] epoch counters (all equal between calls)
+    err_dev,  # *int64 device error word (non-zero: poisoned, waits are skipped)
+    err_host,  # int64 address of the host-mapped error word
+    limit_ns,  # bound on each wait
+    rank,
+    W: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per chunk (a multiple of 4)
+    MAXC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PDL: tl.constexpr = False,
+    VEC: tl.constexpr = False,  # words of 4 consecutive elements (n % 4 == 0, x, y 8-aligned)
+):
+    """Two-shot all-reduce on one node with the lamport protocol (the data its own flag):
+
+    1. reduce-scatter: chunk c of shard j goes, as lamport words, to rank j's slot
+       [parity][this rank] (first half); rank j waits for its W - 1 peers' words of chunk c,
+       sums the W contributions in rank order (fp32), rounds to the dtype (-0.0 as +0.0), and
+       clears what it read;
+    2. all-gather: that result chunk goes to every peer's slot [parity][rank j] (second half,
+       from ``ag_bytes``) and to y; every rank waits for the other shards' chunks, writes them to
+       y and clears them.
+
+    Every CTA owns chunks c = pid, pid + G, ... of every shard on every rank, so it only waits
+    for the same CTA index elsewhere; each thread polls, sums and clears only its own words (as
+    the one-shot's per-thread gather). Slot reuse: a peer writes slot half [p][q] of this rank in
+    calls k and k + 2 only, and it starts call k + 2 only after it has this rank's all-gather
+    data of call k + 1, which this rank sends after its call k (clearing included) finished.
+    """
+    pdl_begin(PDL, INTERPRET)
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    Q: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch, limit, par, _ = call_state(ctr_ptr, err_dev, limit_ns, pid)
+    cps = shard // BLOCK  # chunks per shard
+    STRIDE = slot_bytes // 8
+    offs = tl.arange(0, Q)
+    go = (offs >= 0) & (limit > 0)  # no pushes after a timeout on this rank (see one-shot)
+    me = tl.zeros([Q], tl.int32) + rank
+    deadline = now_ns(INTERPRET) + limit
+    empty = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
+    mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
+
+    # 1a. reduce-scatter pushes: every other rank's shard, chunk by chunk
+    for c in range(pid, cps, G):
+        for i in tl.static_range(1, W):
+            dst = (rank + i) % W
+            w = _load_words(x_ptr, dst * cps + c, n, Q, VEC)
+            slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
+            slot += (par * W + rank) * slot_bytes
+            tl.store(ptr_as(slot, tl.uint64) + c * Q + offs, w, mask=go)
+
+    # 1b. this rank's shard: wait, sum, clear; 2a. push the result everywhere, and to y
+    # quiet: a poisoned instance keeps its first record; so does a thread that recorded one
+    failed = tl.zeros([Q], tl.int32) + (limit == 0).to(tl.int32)
+    for c in range(pid, cps, G):
+        own = _load_words(x_ptr, rank * cps + c, n, Q, VEC)
+        base = ptr_as(mine, tl.uint64) + c * Q + offs
+        w0, w1, w2, w3 = _poll4(base, STRIDE, 0, W, rank, limit, deadline, INTERPRET)
+        if W > 4:
+            w4, w5, w6, w7 = _poll4(base, STRIDE, 4, W, rank, limit, deadline, INTERPRET)
+        else:
+            w4, w5, w6, w7 = w0, w0, w0, w0
+        bad = tl.zeros([Q], tl.int32)
+        a0 = tl.zeros([Q], tl.float32)
+        a1 = tl.zeros([Q], tl.float32)
+        a2 = tl.zeros([Q], tl.float32)
+        a3 = tl.zeros([Q], tl.float32)
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w0, own, me, 0, DT)
+        if W > 1:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w1, own, me, 1, DT)
+        if W > 2:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w2, own, me, 2, DT)
+        if W > 3:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w3, own, me, 3, DT)
+        if W > 4:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w4, own, me, 4, DT)
+        if W > 5:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w5, own, me, 5, DT)
+        if W > 6:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w6, own, me, 6, DT)
+        if W > 7:
+            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w7, own, me, 7, DT)
+        _record_bad(err_dev, err_host, bad, 1, pid, failed)  # STEP_RS
+        failed = failed | (bad > 0).to(tl.int32)
+        if INTERPRET:  # block rounds wait per source: later waits must not wait again
+            limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
+        for i in tl.static_range(W):
+            tl.store(base + i * STRIDE, empty, mask=me != i)
+        r = _pack(a0, a1, a2, a3, DT)
+        for i in tl.static_range(1, W):
+            dst = (rank + i) % W
+            slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region + ag_bytes
+            slot += (par * W + rank) * slot_bytes
+            tl.store(ptr_as(slot, tl.uint64) + c * Q + offs, r, mask=go)
+        _store_words(y_ptr, rank * cps + c, n, r, Q, VEC)
+
+    # 2b. the other shards: wait, write to y, clear
+    for c in range(pid, cps, G):
+        base = ptr_as(mine + ag_bytes, tl.uint64) + c * Q + offs
+        v0, v1, v2, v3 = _poll4(base, STRIDE, 0, W, rank, limit, deadline, INTERPRET)
+        bad = tl.zeros([Q], tl.int32)
+        bad = _put_shard(y_ptr, n, v0, me, bad, 0, W, cps, c, Q, VEC)
+        bad = _put_shard(y_ptr, n, v1, me, bad, 1, W, cps, c, Q, VEC)
+        bad = _put_shard(y_ptr, n, v2, me, bad, 2, W, cps, c, Q, VEC)
+        bad = _put_shard(y_ptr, n, v3, me, bad, 3, W, cps, c, Q, VEC)
+        if W > 4:
+            v4, v5, v6, v7 = _poll4(base, STRIDE, 4, W, rank, limit, deadline, INTERPRET)
+            bad = _put_shard(y_ptr, n, v4, me, bad, 4, W, cps, c, Q, VEC)
+            bad = _put_shard(y_ptr, n, v5, me, bad, 5, W, cps, c, Q, VEC)
+            bad = _put_shard(y_ptr, n, v6, me, bad, 6, W, cps, c, Q, VEC)
+            bad = _put_shard(y_ptr, n, v7, me, bad, 7, W, cps, c, Q, VEC)
+        _record_bad(err_dev, err_host, bad, 2, pid, failed)  # STEP_AG
+        failed = failed | (bad > 0).to(tl.int32)
+        if INTERPRET:
+            limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
+        for i in tl.static_range(W):
+            tl.store(base + i * STRIDE, empty, mask=me != i)
+
+    end_call(ctr_ptr, epoch, pid, G, MAXC)
+
+
+@triton.jit
+def _put_shard(y_ptr, n, v, me, bad, SRC: tl.constexpr, W: tl.constexpr, cps, c,
+               Q: tl.constexpr, VEC: tl.constexpr):
+    """Shard SRC's chunk c (words ``v``, from rank SRC) into y, unless SRC is beyond W or this
+    rank; ``bad`` becomes SRC + 1 where a word never arrived (the first such source)."""
+    if SRC < W:
+        live = me != SRC
+        stale = live & empty_lanes(v)
+        bad = tl.where(stale & (bad == 0), SRC + 1, bad)
+        g = SRC * cps + c
+        if VEC:
+            idx = g * Q + tl.arange(0, Q)
+            p = tl.multiple_of(y_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
+            tl.store(p + idx, v, mask=live & (idx < n // 4))
+        else:
+            DT: tl.constexpr = y_ptr.dtype.element_ty
+            start = g * 4 * Q
+            for k in tl.static_range(4):
+                e = start + k * Q + tl.arange(0, Q)
+                tl.store(y_ptr + e, _lane(v, k, DT), mask=live & (e < n))
+    return bad

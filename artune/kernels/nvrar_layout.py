@@ -10,7 +10,9 @@ region          shape                          written by
 ==============  =============================  ==================================================
 ``oneshot``     [parity][W src] LL slots       every rank, one-shot push (``nvrar_oneshot``)
 ``lamport``     [parity][W src] 16-bit slots   every rank, one-shot push (``nvrar_lamport``);
-                                               the sentinel 0x8000 where empty (``init_buffer``)
+                                               the sentinel 0x8000 where empty (``init_buffer``);
+                                               two-shot lamport: reduce-scatter chunks in the
+                                               first half of a slot, all-gather in the second
 ``rs_ll/sig``   [L src] shard slots            node peers, reduce-scatter push
 ``ag_ll/sig``   [L src] shard slots            node peers, all-gather push
 ``rd_ll/sig``   [parity][step] shard slots     the inter-node partner of each step
@@ -170,6 +172,18 @@ class Layout:
         return round_up(self.oneshot_bytes + 2 * BLOCK_MAX, _ALIGN) if self.oneshot_bytes else 0
 
     @property
+    def lamport_ag(self) -> int:
+        """Byte offset of the all-gather half of a lamport slot (two-shot lamport: the first half
+        receives reduce-scatter chunks, the second all-gather chunks)."""
+        return (self.lamport_slot // 2) // _ALIGN * _ALIGN
+
+    def lamport2_fits(self, nbytes: int) -> bool:
+        """Whether a two-shot lamport message of ``nbytes`` (16-bit elements) fits the slot
+        halves whatever the block: a shard is cdiv(elements, W) rounded up to a chunk."""
+        shard = round_up(cdiv(nbytes // 2, self.nodes.world), BLOCK_MAX)
+        return self.nodes.nodes == 1 and 2 * shard <= self.lamport_ag
+
+    @property
     def ll_slot(self) -> int:
         return 2 * _shard_bytes(self.ll_bytes, self.nodes.local)
 
@@ -225,7 +239,15 @@ class Layout:
         if nbytes > self.max_bytes:
             return f"{nbytes} B exceeds the buffers' capacity of {self.max_bytes} B"
         if proto == "lamport" and algo != "oneshot":
-            return "proto='lamport' is a one-shot protocol (algo='oneshot')"
+            if self.nodes.nodes > 1:
+                return "a two-shot with proto='lamport' runs on one node only"
+            if nbytes > self.ll_bytes:  # fp32 takes it as LL
+                return f"{nbytes} B exceeds the LL capacity of {self.ll_bytes} B"
+            if not self.lamport2_fits(nbytes):
+                return (f"{nbytes} B exceeds the two-shot lamport capacity (twice the one-shot "
+                        f"capacity of {self.oneshot_bytes} B times {self.nodes.world} ranks, "
+                        f"halved, less a chunk per shard)")
+            return None
         if algo == "oneshot":
             if self.nodes.nodes > 1:
                 return "one-shot runs on one node only (ranks_per_node < world size)"
