@@ -49,7 +49,7 @@ def _caps(ctx: GroupContext) -> tuple[int, int]:
 
 #: The two-shot lamport is tried only above this size: below it the one-shot (one hop, not two)
 #: is the faster lamport algorithm, and the search space stays small.
-_LAMPORT2_MIN = 256 << 10
+_LAMPORT2_MIN = 64 << 10
 
 
 def _lamport2_fits(nbytes: int, ctx: GroupContext) -> bool:
@@ -76,25 +76,40 @@ def _fit(block: int, elems: int) -> int:
 def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]:
     """NVRAR's untuned parameters for a message of ``nbytes`` (bf16 element counts).
 
-    The fastest plans measured, CUDA graph, bf16 (docs/nvrar.md):
-    - one node: the lamport one-shot with its per-thread gather and 512-element chunks, up to
-      384 KiB on more than 2 GPUs and 256 KiB on 2 (4x H100, 2026-11-26, seventh session,
-      benchmarks/results/allreduce_lamport_4gpu_h100.md: 2.4 / 2.5 / 2.9 / 3.5 / 5.2 / 6.5 us
-      at 4K / 16K / 64K / 128K / 256K / 384K, against 3.7 / 2.5 / 3.0 / 3.5 / 5.2 / 8.3 for
-      the previous defaults; 2 GPUs: 2.2 / 2.3 / 2.5 / 3.4 us at 4K / 16K / 64K / 256K);
-      256-element chunks were as fast up to 16K and slower above. fp32 takes "lamport" as LL;
-    - more than 2 GPUs, up to 512 KiB: two-shot LL with 256-element chunks (9.2 us at 512 KiB
-      in the 4x H100 full tune of profiles/6eeb601b655cf21c.json, against 12.4 for lamport);
-    - above, and between nodes: two-shot, LL up to 512 KiB, then the signal protocol with
-      blocks growing with the message. Four warps beat one or two at every small size measured.
+    The fastest plans measured, CUDA graph, bf16 (docs/nvrar.md, seventh session, 4x H100,
+    benchmarks/results/allreduce_lamport*_4gpu_h100.md):
+    - one node, up to 128 KiB (256 KiB on 2 GPUs): the lamport one-shot with its per-thread
+      gather and 512-element chunks: 2.4 / 2.5 / 2.9 / 3.5 us at 4K / 16K / 64K / 128K on 4
+      GPUs (the two-shot lamport: 3.9 / 4.0 at 64K / 128K); 2 GPUs: 2.2 / 2.3 / 2.5 / 3.4 us
+      at 4K / 16K / 64K / 256K;
+    - more than 2 GPUs on one node, above that up to 2 MiB: the lamport two-shot, 512-element
+      chunks up to 512 KiB, 1024 up to 1 MiB, then 2048: 4.2 / 4.6 / 5.1 / 6.9 / 11.8 us at
+      256K / 384K / 512K / 1M / 2M (the one-shot: 5.2 / 6.5 / 7.4 / 12.4 / -; SGLang's custom
+      all-reduce 4.8 / 5.9 / 9.0 / 12.2 / 17.1). Its capacity comes from the one-shot's slots
+      (``default_params`` falls back where it does not fit). fp32 takes "lamport" as LL;
+    - otherwise, and between nodes: ``_twoshot_plan``.
+    Lamport kernels run one thread per 8-byte word of a chunk whatever ``warps`` says (block /
+    128 warps; ``artune.kernels.nvrar._lamport_warps``); the plans keep 4, the others' default.
     """
     elems = max(1, nbytes // 2)
     world = ranks_per_node * nodes
     shard = -(-elems // ranks_per_node)
-    if nodes == 1 and nbytes <= ((256 << 10) if world <= 2 else (384 << 10)):
+    if nodes == 1 and nbytes <= ((256 << 10) if world <= 2 else (128 << 10)):
         block = _fit(512, elems)
         return {"algo": "oneshot", "proto": "lamport", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
+    if nodes == 1 and world > 2 and nbytes <= 2 << 20:
+        block = 512 if nbytes <= 512 << 10 else 1024 if nbytes <= 1 << 20 else 2048
+        return {"algo": "twoshot", "proto": "lamport", "block": block,
+                "ctas": _ctas_for(-(-shard // block), 128), "warps": 4, "inter": "auto"}
+    return _twoshot_plan(nbytes, nodes, world, elems, shard)
+
+
+def _twoshot_plan(nbytes: int, nodes: int, world: int, elems: int, shard: int) -> dict[str, Any]:
+    """The LL/signal two-shot (hierarchical between nodes): LL up to 512 KiB (on one node of
+    more than 2 GPUs with 256-element chunks: 9.2 us at 512 KiB in the sixth session's 4x H100
+    tune), then the signal protocol with blocks growing with the message. Four warps beat one
+    or two at every small size measured."""
     if nodes == 1 and world > 2 and nbytes <= 512 << 10:
         return {"algo": "twoshot", "proto": "ll", "block": 256,
                 "ctas": _ctas_for(-(-shard // 256), 128), "warps": 4, "inter": "auto"}
@@ -150,8 +165,8 @@ class NvrarBackend(Backend):
         one-shot signal, a lamport plan beyond its capacity). Every distinct (algorithm,
         protocol, block, warps) is a Triton compile (the CTA count is not), so the space stays
         small on purpose: over
-        the 37 sizes of a full tune, 1 KiB..256 MiB, it holds 30 distinct kernels per dtype on
-        one node of 4 or 8 ranks (29 on 2, 28 on 2x2 virtual nodes; tests/test_nvrar_cpu.py
+        the 37 sizes of a full tune, 1 KiB..256 MiB, it holds 27-29 distinct bf16 kernels on
+        one node of 2, 4 or 8 ranks and 28 on 2x2 virtual nodes (tests/test_nvrar_cpu.py
         counts them), at most 45 admitted combinations per size, against 90 and 120 kernels
         for the full product of choices it replaced (6 blocks x 5 warps x
         algorithm/protocol/transport).
@@ -201,9 +216,12 @@ class NvrarBackend(Backend):
         params = default_plan(nbytes, ctx.nodes, ctx.ranks_per_node)
         one, ll = _caps(ctx)
         if params["algo"] == "oneshot" and nbytes > one:
-            params["algo"] = "twoshot"
-        if params["proto"] == "lamport" and params["algo"] != "oneshot":
-            params["proto"] = "ll"
+            params.update(algo="twoshot")
+        if (params["algo"] == "twoshot" and params["proto"] == "lamport"
+                and (nbytes <= _LAMPORT2_MIN or not _lamport2_fits(nbytes, ctx))):
+            elems = max(1, nbytes // 2)
+            params = _twoshot_plan(nbytes, ctx.nodes, ctx.world_size, elems,
+                                   -(-elems // ctx.ranks_per_node))
         if params["algo"] == "twoshot" and params["proto"] == "ll" and nbytes > ll:
             params["proto"] = "signal"
         if ctx.nodes == 1:

@@ -76,7 +76,8 @@ class Plan:
     ``proto``: "ll" (flag in every 8-byte word), "signal" (data, fence, 64-bit signal; two-shot
     only, one-shot takes it as LL) or "lamport" (the data is its own flag, half LL's bytes; one
     node only; its sentinel is 16-bit, so fp32 takes it as LL); ``block``: elements per CTA
-    chunk; ``ctas``: at most this many CTAs; ``warps``: warps per CTA; ``inter``: inter-node
+    chunk; ``ctas``: at most this many CTAs; ``warps``: warps per CTA (16-bit lamport kernels
+    run block / 128, one thread per word, whatever it says); ``inter``: inter-node
     transport, "nvshmem" (put / put-with-signal), "p2p" (stores through peer addresses; every
     rank must be NVLink-reachable) or "auto" (p2p where every rank is reachable, else nvshmem).
     """
