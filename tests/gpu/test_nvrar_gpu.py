@@ -70,8 +70,10 @@ def _plans(be: Any, nbytes: int, dtype: torch.dtype) -> list[dict[str, Any] | No
             {"algo": "twoshot", "proto": "ll", "block": 512, "ctas": 32, "warps": 4},
             {"algo": "twoshot", "proto": "signal", "block": 2048, "ctas": 32, "warps": 4},
         ]
-        if dtype != torch.float32:  # the data-as-flag one-shot takes 16-bit dtypes only
+        if dtype != torch.float32:  # the data-as-flag kernels take 16-bit dtypes only
             cands.append({"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 32,
+                          "warps": 4})
+            cands.append({"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 32,
                           "warps": 4})
     else:
         inters = ("nvshmem", "p2p") if dtype == torch.bfloat16 else ("p2p",)
