@@ -146,6 +146,32 @@ def test_defaults_are_valid_plans_inside_the_search_space(world: int, per_node: 
     assert set(NvrarBackend.search_space(4096, ctx)["block"]) <= set(BLOCKS)
 
 
+def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One node of 4: the lamport one-shot up to 128 KiB, the lamport two-shot above it up to
+    2 MiB (blocks 512 / 1024 / 2048), the signal two-shot beyond; 2 GPUs keep the one-shot up
+    to 256 KiB and never default to the two-shot lamport; virtual nodes never use lamport.
+    With a one-shot capacity too small for the two-shot lamport's slot halves, the LL/signal
+    two-shot takes its sizes (docs/nvrar.md, "Two-shot lamport")."""
+    ctx = _ctx(4, 4, 256 << 20)
+    want = {4 << 10: ("oneshot", "lamport", 512), 128 << 10: ("oneshot", "lamport", 512),
+            192 << 10: ("twoshot", "lamport", 512), 512 << 10: ("twoshot", "lamport", 512),
+            1 << 20: ("twoshot", "lamport", 1024), 2 << 20: ("twoshot", "lamport", 2048),
+            4 << 20: ("twoshot", "signal", 4096)}
+    for nbytes, (algo, proto, block) in want.items():
+        d = NvrarBackend.default_params(nbytes, ctx)
+        assert (d["algo"], d["proto"], d["block"]) == (algo, proto, block), (nbytes, d)
+    for nbytes in (4 << 10, 256 << 10, 1 << 20):
+        d2 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20))
+        assert d2["proto"] != "lamport" or d2["algo"] == "oneshot", (nbytes, d2)
+        assert (d2["algo"] == "oneshot") == (nbytes <= 256 << 10), (nbytes, d2)
+        d22 = NvrarBackend.default_params(nbytes, _ctx(4, 2, 256 << 20))
+        assert d22["proto"] != "lamport", (nbytes, d22)
+    monkeypatch.setenv("ARTUNE_NVRAR_ONESHOT_MAX_BYTES", str(64 << 10))
+    for nbytes in (512 << 10, 2 << 20):
+        d = NvrarBackend.default_params(nbytes, ctx)
+        assert d["algo"] == "twoshot" and d["proto"] in ("ll", "signal"), (nbytes, d)
+
+
 @pytest.mark.parametrize("one,ll", [(1 << 20, 4096), (16 << 10, 4 << 20), (4096, 4096),
                                     (0, 64 << 10)])
 @pytest.mark.parametrize("world,per_node", [(2, 2), (4, 4), (3, 3), (4, 2)])
