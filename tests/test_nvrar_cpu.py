@@ -511,12 +511,15 @@ def test_a_skipped_two_shot_lamport_call_names_the_reduce_scatter() -> None:
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("proto", ["ll", "lamport"])
-def test_a_peer_late_past_the_timeout_fails_everywhere_never_silently(proto: str) -> None:
+@pytest.mark.parametrize("algo,proto", [("oneshot", "ll"), ("oneshot", "lamport"),
+                                        ("twoshot", "lamport")])
+def test_a_peer_late_past_the_timeout_fails_everywhere_never_silently(algo: str,
+                                                                      proto: str) -> None:
     """Rank 2 comes to the first call after the others gave up on it, then keeps up. The
     others are out of step from then on (their waits are off); rank 2 must not take their later
-    calls' data for its own without a word: it times out too and raises."""
-    cases: list[Case] = [(600, "bfloat16", {"algo": "oneshot", "proto": proto, "block": 256,
+    calls' data for its own without a word, nor (two-shot) their shard sums that lack its part:
+    it times out too and raises."""
+    cases: list[Case] = [(600, "bfloat16", {"algo": algo, "proto": proto, "block": 256,
                                             "ctas": 1})] * 4
     results = _emulate(1, 3, cases, timeout_s=0.2, stall=(2, 6.0))
     for rank in (0, 1):
@@ -748,6 +751,30 @@ def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
     s = comm.spec(x, torch.empty_like(x),
                   Plan(algo="oneshot", proto="lamport", block=256, ctas=8, warps=4))
     assert s.kwargs["num_warps"] == 4 and s.kwargs["FLAT"] is False and s.kwargs["VEC"] is False
+
+
+def test_lamport_blocks_above_one_word_per_thread_and_wrong_outputs_are_refused() -> None:
+    """A lamport chunk of more than 4096 elements would give a thread two words (and Triton two
+    layouts, each polling: see LAMPORT_BLOCK_MAX); the plan is refused with the reason and the
+    tuner never tries it. An ``out`` that does not match ``x`` is refused before any launch."""
+    from artune.kernels.nvrar import Plan
+
+    bad = Plan(algo="twoshot", proto="lamport", block=8192, ctas=8)
+    assert "at most 4096" in (bad.problem() or "")
+    assert Plan(algo="twoshot", proto="lamport", block=4096, ctas=8).problem() is None
+    ctx = _ctx(8, 8, 256 << 20)
+    assert not NvrarBackend.admits({"algo": "twoshot", "proto": "lamport", "block": 8192,
+                                    "ctas": 8}, 4 << 20, ctx)
+    nd = Nodes(1, 2)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [1 << 20, 2 << 20], torch.device("cpu"), timeout_s=1.0)
+    x = torch.zeros(1000, dtype=torch.bfloat16)
+    plan = Plan(algo="oneshot", proto="lamport", block=256, ctas=2)
+    for out in (torch.empty(999, dtype=torch.bfloat16), torch.empty(1000, dtype=torch.float16),
+                torch.empty(2000, dtype=torch.bfloat16)[::2]):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            comm.all_reduce(x, plan, out=out)
 
 
 def test_a_message_above_the_built_size_names_the_fix() -> None:

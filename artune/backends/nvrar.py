@@ -203,9 +203,12 @@ class NvrarBackend(Backend):
         stops at its capacity (the two-shot one runs on one node only, and only above
         ``_LAMPORT2_MIN``), and the two-shot LL stops at its cap: those combinations of
         ``search_space`` get no trial."""
+        from artune.kernels.nvrar_layout import LAMPORT_BLOCK_MAX
+
         algo, proto = params.get("algo"), params.get("proto")
         one, ll = _caps(ctx)
         return not ((algo == "oneshot" and proto == "signal")
+                    or (proto == "lamport" and params.get("block", 0) > LAMPORT_BLOCK_MAX)
                     or (algo == "oneshot" and proto == "lamport" and nbytes > one)
                     or (algo == "twoshot" and proto == "lamport"
                         and (nbytes <= _LAMPORT2_MIN or not _lamport2_fits(nbytes, ctx)))
@@ -215,13 +218,13 @@ class NvrarBackend(Backend):
     def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
         params = default_plan(nbytes, ctx.nodes, ctx.ranks_per_node)
         one, ll = _caps(ctx)
+        elems = max(1, nbytes // 2)
+        shard = -(-elems // ctx.ranks_per_node)
         if params["algo"] == "oneshot" and nbytes > one:
-            params.update(algo="twoshot")
+            params = _twoshot_plan(nbytes, ctx.nodes, ctx.world_size, elems, shard)
         if (params["algo"] == "twoshot" and params["proto"] == "lamport"
                 and (nbytes <= _LAMPORT2_MIN or not _lamport2_fits(nbytes, ctx))):
-            elems = max(1, nbytes // 2)
-            params = _twoshot_plan(nbytes, ctx.nodes, ctx.world_size, elems,
-                                   -(-elems // ctx.ranks_per_node))
+            params = _twoshot_plan(nbytes, ctx.nodes, ctx.world_size, elems, shard)
         if params["algo"] == "twoshot" and params["proto"] == "ll" and nbytes > ll:
             params["proto"] = "signal"
         if ctx.nodes == 1:
@@ -244,7 +247,20 @@ class NvrarBackend(Backend):
         self.buf: torch.Tensor | None = _nvshmem.alloc((self.layout.total_bytes,), torch.uint8)
         init_buffer(self.buf, self.layout)  # no valid epoch anywhere; lamport slots empty
         torch.cuda.synchronize(ctx.device)
-        dist.barrier(group=ctx.cpu_group)  # nobody writes into a peer's buffer before it is zeroed
+        # Every rank must lay out its buffer and pack its words the same way (the settings come
+        # from each process's environment); the exchange is also the barrier after which peers
+        # may write into this buffer (it is zeroed).
+        mine = {"ARTUNE_NVRAR_ONESHOT_MAX_BYTES": one, "ARTUNE_NVRAR_LL_MAX_BYTES": ll,
+                "ARTUNE_NVRAR_LAMPORT_FLAT": bool(envs.get("ARTUNE_NVRAR_LAMPORT_FLAT"))}
+        seen: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(seen, mine, group=ctx.cpu_group)
+        differ = sorted({k for s in seen for k in mine if s[k] != mine[k]})
+        if differ:
+            _nvshmem.free(self.buf)
+            raise BackendUnavailable(
+                f"{self.name}: the ranks disagree on {', '.join(differ)} (per rank: "
+                f"{[[s[k] for k in differ] for s in seen]}); set them alike on every rank"
+            )
         bases = [int(bindings.ptr(self.buf.data_ptr(), pe)) for pe in range(ctx.world_size)]
         try:
             self.comm: NvrarComm | None = NvrarComm(

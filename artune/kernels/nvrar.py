@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from artune import envs
 from artune.kernels.nvrar_layout import (
     BLOCKS,
+    LAMPORT_BLOCK_MAX,
     MAX_CTAS,
     SHARD_ALIGN,
     Layout,
@@ -40,6 +41,7 @@ __all__ = ["Plan", "NvrarComm", "NvrarTimeoutError", "ALGOS", "PROTOS", "INTERS"
 
 ALGOS = ("oneshot", "twoshot")
 PROTOS = ("ll", "signal", "lamport")
+
 INTERS = ("auto", "nvshmem", "p2p")
 _MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
 #: LL words per thread up to which a wait polls per thread (NvrarComm._spin).
@@ -103,6 +105,9 @@ class Plan:
             return f"warps={self.warps} is not a power of two in 1..32"
         if self.inter not in INTERS:
             return f"inter={self.inter!r} is not one of {INTERS}"
+        if self.proto == "lamport" and self.block > LAMPORT_BLOCK_MAX:
+            return (f"block={self.block} with proto='lamport': at most {LAMPORT_BLOCK_MAX} (its "
+                    f"kernels run one thread per 8-byte word, at most 1024 threads)")
         return None
 
 
@@ -251,6 +256,12 @@ class NvrarComm:
                 else ""
             )
             raise ValueError(f"artune nvrar all_reduce({nbytes} B, {plan}): {bad}{fix}")
+        if out is not None and (out.dtype != x.dtype or out.numel() != n
+                                or out.device != x.device or not out.is_contiguous()):
+            raise ValueError(
+                f"artune nvrar all_reduce: out must be a contiguous {x.dtype} tensor of "
+                f"{n} elements on {x.device}, not {out.dtype} x {out.numel()} on {out.device}"
+            )
         if n == 0:
             return torch.empty_like(x) if out is None else out
         # The kernels may read x and write y in 8-byte words: a view starting off that alignment

@@ -138,8 +138,9 @@ def _store_words(y_ptr, g, n, w, Q: tl.constexpr, VEC: tl.constexpr):
 def _record_bad(err_dev, err_host, bad, STEP: tl.constexpr, pid, quiet):
     """The timeout record (STEP, the first stale source ``bad`` - 1, this CTA), written by the
     threads that saw one and are not ``quiet`` (predicated stores: no block-wide step); it
-    poisons this rank's later calls. A thread that already recorded an earlier step of this
-    call passes ``quiet`` so that the first wait that ran out is the one reported."""
+    poisons this rank's later calls. ``quiet``: threads that recorded already in this call,
+    or all of them when the instance was poisoned before it; another thread or CTA may still
+    write a later record over an earlier one (which record the host reads is not ordered)."""
     code = ERR_MARK | (STEP << 32) | ((bad - 1).to(tl.int64) << 16) | pid.to(tl.int64)
     z = tl.zeros(bad.shape, tl.int64)
     write = (bad > 0) & (quiet == 0)
@@ -474,16 +475,19 @@ def twoshot_lamport_kernel(
             a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w7, own, me, 7, DT)
         _record_bad(err_dev, err_host, bad, 1, pid, failed)  # STEP_RS
         failed = failed | (bad > 0).to(tl.int32)
+        # a thread whose wait ran out forwards nothing: its sums lack a peer's part, and the
+        # peers must time out on them (naming this rank) rather than take them
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
         for i in tl.static_range(W):
             tl.store(base + i * STRIDE, empty, mask=me != i)
         r = _pack(a0, a1, a2, a3, DT)
+        forward = go & (failed == 0)
         for i in tl.static_range(1, W):
             dst = (rank + i) % W
             slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region + ag_bytes
             slot += (par * W + rank) * slot_bytes
-            tl.store(ptr_as(slot, tl.uint64) + c * Q + offs, r, mask=go)
+            tl.store(ptr_as(slot, tl.uint64) + c * Q + offs, r, mask=forward)
         _store_words(y_ptr, rank * cps + c, n, r, Q, VEC)
 
     # 2b. the other shards: wait, write to y, clear

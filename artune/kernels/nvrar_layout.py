@@ -34,6 +34,7 @@ from dataclasses import dataclass
 __all__ = [
     "BLOCKS",
     "BLOCK_MAX",
+    "LAMPORT_BLOCK_MAX",
     "STEP_ONESHOT",
     "STEP_RS",
     "STEP_AG",
@@ -47,6 +48,11 @@ __all__ = [
 #: Chunk sizes (elements per CTA chunk) the kernels are built for.
 BLOCKS = (256, 512, 1024, 2048, 4096, 8192)
 BLOCK_MAX = max(BLOCKS)
+#: The largest chunk of a lamport plan: one thread per 8-byte word, at most 1024 threads. With
+#: more words than threads Triton 3.6 puts a thread's words in two layouts and runs the poll in
+#: both, so a word could be cleared by one thread while another still polls it (an offline sm_90
+#: build at 8192 showed it; every block up to 4096 compiles to one layout).
+LAMPORT_BLOCK_MAX = 4096
 #: Counter slots per rank (>= the largest grid); all equal between calls.
 MAX_CTAS = 256
 #: Shard boundaries are multiples of this many elements (16-byte aligned for every dtype).
