@@ -69,12 +69,6 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "kernel first waits for the previous grid, only the launch overlaps); 0 turns it off. "
         "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both).",
     ),
-    "ARTUNE_NVRAR_LAMPORT_FLAT": (
-        True,
-        _bool,
-        "NVRAR's lamport one-shot gathers per thread (each thread polls, sums and clears only its "
-        "own words); 0: the earlier gather over [sources, words] tiles (for comparisons).",
-    ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_WARM": (

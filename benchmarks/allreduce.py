@@ -18,8 +18,11 @@ batch of a decode step whose hidden size is N; e.g. ``3584,4096`` for Llama-3.1-
 down-projection at TP=4), and the table reports the graph's time per call minus that of the
 GEMMs alone, measured the same way. On 4x H100 NVRAR cost about 3 µs more per all-reduce at
 128K-512K inside a served model than this benchmark shows without the GEMMs (docs/nvrar.md);
-this is the setting that should show it. (Added after the sixth session's last GPU call: not
-yet run on a GPU.)
+this is the setting that should show it. It did not (4x H100, seventh session:
+`allreduce_context_4gpu_h100.md`, docs/nvrar.md "Between GEMMs").
+
+``--variant BACKEND:K=V[,K=V]`` (repeatable) adds a column: the backend with those parameters
+over its defaults, e.g. ``nvrar:algo=twoshot,proto=lamport,block=1024,ctas=128``.
 """
 
 from __future__ import annotations

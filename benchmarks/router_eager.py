@@ -17,8 +17,9 @@ and reports per variant the slowest rank's median µs per call and the median ov
 its difference from ``direct`` in the same round.
 
 ``--also nvrar,nvshmem_reduce,sglang`` builds those backends too (never called), so the process
-holds what a tune's rank holds (NVSHMEM and its threads, SGLang's modules): host-bound eager
-calls read 35-40 µs inside the 4x H100 tunes and 20-27 µs here. The busiest threads of rank 0
+holds what a tune's rank holds (NVSHMEM and its threads, SGLang's modules). On 4x H100
+(2026-11-26, seventh session, `router_eager_also_4gpu_h100.md`) it made no difference: 32-33 µs
+per direct call either way, as inside that machine's tunes. The busiest threads of rank 0
 during the timed rounds are printed with the table.
 """
 

@@ -484,29 +484,29 @@ def test_slots_are_reused_safely_over_many_calls() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,proto", [("float32", "ll"), ("bfloat16", "lamport")])
 def test_a_skipped_call_times_out_with_the_named_error(dtype: str, proto: str) -> None:
-    cases: list[Case] = [(600, dtype, {"algo": "oneshot", "proto": proto, "block": 256,
-                                       "ctas": 1})]
-    # 0.5 emulated seconds = 500 polls: long enough for both callers to have pushed (spawned
-    # processes start up to a second apart), so the only missing peer is the skipping one.
-    results = _emulate(1, 3, cases, skip=2, timeout_s=0.5)
-    assert results[2][0] is None
-    for rank in (0, 1):
-        _, code, raised = results[rank][0]
-        assert code != 0 and raised is not None
-        assert f"rank {rank} waited 0.5 s for rank 2 in the one-shot exchange" in raised
+    _skipped_call_names(
+        (600, dtype, {"algo": "oneshot", "proto": proto, "block": 256, "ctas": 1}),
+        "the one-shot exchange")
 
 
 @needs_triton
 @pytest.mark.slow
 def test_a_skipped_two_shot_lamport_call_names_the_reduce_scatter() -> None:
-    cases: list[Case] = [(3000, "bfloat16", {"algo": "twoshot", "proto": "lamport",
-                                             "block": 256, "ctas": 2})]
-    results = _emulate(1, 3, cases, skip=2, timeout_s=0.5)
+    _skipped_call_names(
+        (3000, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
+        "the intra-node reduce-scatter")
+
+
+def _skipped_call_names(case: Case, step: str) -> None:
+    """Rank 2 of 3 skips the call: ranks 0 and 1 raise, naming rank 2 and ``step``. 0.5
+    emulated seconds = 500 polls: long enough for both callers to have pushed (spawned
+    processes start up to a second apart), so the only missing peer is the skipping one."""
+    results = _emulate(1, 3, [case], skip=2, timeout_s=0.5)
     assert results[2][0] is None
     for rank in (0, 1):
         _, code, raised = results[rank][0]
         assert code != 0 and raised is not None
-        assert f"rank {rank} waited 0.5 s for rank 2 in the intra-node reduce-scatter" in raised
+        assert f"rank {rank} waited 0.5 s for rank 2 in {step}" in raised
 
 
 @needs_triton
@@ -729,8 +729,7 @@ def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
     """The per-thread gather clears each word after reading it, so a word held by two threads
     could be cleared before the second has polled it (on 4x H100 with 256-element chunks and
     4 warps a wait ran out that way): the launch runs block / 128 warps, one thread per 8-byte
-    word. Words of consecutive elements only where n % 4 == 0 (the same on
-    every rank), and the tile gather keeps the plan's warps."""
+    word. Words of consecutive elements only where n % 4 == 0 (the same on every rank)."""
     from artune.kernels.nvrar import Plan
 
     nd = Nodes(1, 4)
@@ -744,13 +743,8 @@ def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
             s = comm.spec(x, torch.empty_like(x),
                           Plan(algo="oneshot", proto="lamport", block=block, ctas=8, warps=warps))
             assert s.kwargs["num_warps"] == want and want * 32 * 4 == block, (block, warps)
-            assert s.kwargs["FLAT"] is True and s.kwargs["VEC"] is vec
+            assert s.kwargs["VEC"] is vec
             assert want in s.key and vec in s.key[-1:]
-    comm.lamport_flat = False
-    x = torch.zeros(4096, dtype=torch.bfloat16)
-    s = comm.spec(x, torch.empty_like(x),
-                  Plan(algo="oneshot", proto="lamport", block=256, ctas=8, warps=4))
-    assert s.kwargs["num_warps"] == 4 and s.kwargs["FLAT"] is False and s.kwargs["VEC"] is False
 
 
 def test_lamport_blocks_above_one_word_per_thread_and_wrong_outputs_are_refused() -> None:

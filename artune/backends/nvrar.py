@@ -250,8 +250,7 @@ class NvrarBackend(Backend):
         # Every rank must lay out its buffer and pack its words the same way (the settings come
         # from each process's environment); the exchange is also the barrier after which peers
         # may write into this buffer (it is zeroed).
-        mine = {"ARTUNE_NVRAR_ONESHOT_MAX_BYTES": one, "ARTUNE_NVRAR_LL_MAX_BYTES": ll,
-                "ARTUNE_NVRAR_LAMPORT_FLAT": bool(envs.get("ARTUNE_NVRAR_LAMPORT_FLAT"))}
+        mine = {"ARTUNE_NVRAR_ONESHOT_MAX_BYTES": one, "ARTUNE_NVRAR_LL_MAX_BYTES": ll}
         seen: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(seen, mine, group=ctx.cpu_group)
         differ = sorted({k for s in seen for k in mine if s[k] != mine[k]})

@@ -41,7 +41,6 @@ __all__ = ["Plan", "NvrarComm", "NvrarTimeoutError", "ALGOS", "PROTOS", "INTERS"
 
 ALGOS = ("oneshot", "twoshot")
 PROTOS = ("ll", "signal", "lamport")
-
 INTERS = ("auto", "nvshmem", "p2p")
 _MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
 #: LL words per thread up to which a wait polls per thread (NvrarComm._spin).
@@ -211,9 +210,6 @@ class NvrarComm:
         #: Programmatic dependent launch for the peer-address kernels (``nvrar_prims.pdl_begin``;
         #: ARTUNE_NVRAR_PDL): needs sm_90+, never under the interpreter.
         self.pdl = bool(envs.get("ARTUNE_NVRAR_PDL")) and not interpret and _pdl_capable(device)
-        #: The lamport one-shot's gather: per thread (True) or over tiles
-        #: (ARTUNE_NVRAR_LAMPORT_FLAT).
-        self.lamport_flat = bool(envs.get("ARTUNE_NVRAR_LAMPORT_FLAT"))
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -361,19 +357,14 @@ class NvrarComm:
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
         args = (x, y, n, *self.world_bases, self.offsets["lamport"], self.layout.lamport_slot,
                 *self._common())
-        wp = 1 << (self.nodes.world - 1).bit_length()
-        flat = self.lamport_flat
-        warps = _lamport_warps(plan.block) if flat else plan.warps
+        warps = _lamport_warps(plan.block)
         # Words of four consecutive elements (8-byte loads and stores) where every rank's n
         # allows it: the wire layout must be the same on every rank, and n is.
-        vec = flat and n % 4 == 0
-        kwargs = dict(W=self.nodes.world, BLOCK=plan.block, WP=wp, MAXC=MAX_CTAS,
-                      INTERPRET=self.interpret, num_warps=warps)
-        kwargs["SPIN"] = spin = self._spin(plan, wp * plan.block // 4)
-        kwargs["FLAT"] = flat
-        kwargs["VEC"] = vec
+        vec = n % 4 == 0
+        kwargs: dict[str, Any] = dict(W=self.nodes.world, BLOCK=plan.block, MAXC=MAX_CTAS,
+                                      INTERPRET=self.interpret, num_warps=warps, VEC=vec)
         kwargs.update(self._pdl())
-        key = ("lamport", x.dtype, plan.block, warps, spin, self.pdl, flat, vec)
+        key = ("lamport", x.dtype, plan.block, warps, self.pdl, vec)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _lamport2(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:

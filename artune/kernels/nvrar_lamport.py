@@ -1,4 +1,5 @@
-"""NVRAR one-shot with the data as its own flag (``proto="lamport"``), for 16-bit dtypes.
+"""NVRAR with the data as its own flag (``proto="lamport"``), for 16-bit dtypes: a one-shot
+and, on one node, a two-shot (``twoshot_lamport_kernel``, described there).
 
 Like the LL one-shot (``nvrar_oneshot``), every rank pushes its input to every peer's receive
 slot ``[parity][my rank]`` in one NVLink hop and sums all W inputs in fp32 in rank order. But
@@ -13,9 +14,11 @@ Why clearing after the read is safe with two parities: a peer writes slot ``[p][
 rank in calls k and k + 2 only, and starts call k + 2 only after it has this rank's data of
 call k + 1, which this rank pushes after its call k (clearing included) has finished.
 
-Arrival is checked per 8-byte word (4 elements) by the LL waits of ``nvrar_prims``
-(``wait_ll(..., LAMPORT=True)``): no 16-bit lane may equal 0x8000; the writer stores whole
-chunks (zeros past ``n``), so every polled word is written. Grid and chunks as in
+Arrival is checked per 8-byte word (4 elements): no 16-bit lane may equal 0x8000; the writer
+stores whole chunks (zeros past ``n``), so every polled word is written. Each thread polls,
+sums and clears only its own words (``_gather_sum``: one PTX loop over up to four sources,
+``nvrar_prims.spin_lamport4``; block rounds of ``wait_ll`` under the interpreter), so the
+kernels run one thread per word (``nvrar._lamport_warps``). Grid and chunks as in
 ``nvrar_oneshot``; launched by ``artune.kernels.nvrar.NvrarComm``.
 """
 
@@ -35,7 +38,6 @@ from artune.kernels.nvrar_prims import (
     pdl_begin,
     pick,
     ptr_as,
-    record_error,
     spin_lamport4,
     store_chunk,
     wait_ll,
@@ -45,12 +47,6 @@ __all__ = ["oneshot_lamport_kernel", "twoshot_lamport_kernel", "SENTINEL16"]
 
 #: What an empty receive slot holds in every 16-bit element (the bits of -0.0).
 SENTINEL16 = 0x8000
-
-
-@triton.jit
-def _sentinel_words(like):
-    """Words of four sentinel lanes, shaped like ``like`` (uint64)."""
-    return tl.full(like.shape, LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
 
 
 @triton.jit
@@ -149,19 +145,6 @@ def _record_bad(err_dev, err_host, bad, STEP: tl.constexpr, pid, quiet):
 
 
 @triton.jit
-def _vec_store(y_ptr, c, n, a0, a1, a2, a3, Q: tl.constexpr):
-    """The four lane sums as words of four consecutive elements at words c*Q .. of ``y``."""
-    DT: tl.constexpr = y_ptr.dtype.element_ty
-    w = a0.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64)
-    w |= a1.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 16
-    w |= a2.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 32
-    w |= a3.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 48
-    idx = c * Q + tl.arange(0, Q)
-    p = tl.multiple_of(y_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
-    tl.store(p + idx, w, mask=idx < n // 4)
-
-
-@triton.jit
 def _lane(w, k: tl.constexpr, DT: tl.constexpr):
     """Quarter ``k`` of the packed words ``w`` as dtype ``DT``."""
     return ((w >> (16 * k)) & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
@@ -182,13 +165,10 @@ def oneshot_lamport_kernel(
     rank,
     W: tl.constexpr,
     BLOCK: tl.constexpr,  # elements per chunk (a multiple of 4)
-    WP: tl.constexpr,  # W rounded up to a power of two
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
-    SPIN: tl.constexpr,  # per-thread PTX polling instead of block rounds (tile gather)
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
-    FLAT: tl.constexpr = True,  # per-thread gather (_gather_flat) instead of [WP, Q] tiles
-    VEC: tl.constexpr = False,  # words of 4 consecutive elements (FLAT, n % 4 == 0, x, y 8-aligned)
+    VEC: tl.constexpr = False,  # words of 4 consecutive elements (n % 4 == 0, x, y 8-aligned)
 ):
     pdl_begin(PDL, INTERPRET)
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
@@ -208,10 +188,7 @@ def oneshot_lamport_kernel(
     # only the stores do, through their mask.)
     go = (tl.arange(0, Q) >= 0) & (limit > 0)
     for c in range(pid, nchunks, G):
-        if VEC:
-            w = _vec_words(x_ptr, c, n, Q)
-        else:
-            w = _words(x_ptr, c * BLOCK, n, Q)
+        w = _load_words(x_ptr, c, n, Q, VEC)
         for i in tl.static_range(1, W):
             dst = (rank + i) % W
             slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
@@ -219,42 +196,9 @@ def oneshot_lamport_kernel(
             tl.store(ptr_as(slot, tl.uint64) + c * Q + tl.arange(0, Q), w, mask=go)
 
     mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
-    if FLAT:
-        _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
-                     nchunks, W, BLOCK, INTERPRET, VEC)
-    else:
-        _gather_tile(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, epoch, rank,
-                     pid, G, nchunks, W, BLOCK, WP, INTERPRET, SPIN)
+    _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
+                 nchunks, W, BLOCK, INTERPRET, VEC)
     end_call(ctr_ptr, epoch, pid, G, MAXC)
-
-
-@triton.jit
-def _gather_tile(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, epoch, rank, pid,
-                 G, nchunks, W: tl.constexpr, BLOCK: tl.constexpr, WP: tl.constexpr,
-                 INTERPRET: tl.constexpr, SPIN: tl.constexpr):
-    """Wait, sum and clear with each chunk as a [WP, Q] tile of words (one row per source)."""
-    DT: tl.constexpr = y_ptr.dtype.element_ty
-    Q: tl.constexpr = BLOCK // 4
-
-    # wait for all W-1 peers' chunks at once ([WP, Q] words), sum the W inputs (one reduction
-    # tree, the same on every rank), then put the sentinel back into the words read
-    rows = tl.arange(0, WP)[:, None]
-    live = (rows < W) & (rows != rank) & (tl.arange(0, Q)[None, :] >= 0)
-    for c in range(pid, nchunks, G):
-        pw = ptr_as(mine, tl.uint64) + rows * (slot_bytes // 8) + c * Q + tl.arange(0, Q)[None, :]
-        w, _same, pending = wait_ll(pw, pw, live, epoch.to(tl.uint32), limit, False, INTERPRET,
-                                    SPIN, True)
-        if pending > 0:
-            stale = live & empty_lanes(w)
-            peer = tl.min(tl.where(stale, rows + tl.zeros(w.shape, tl.int32), WP), axis=None)
-            record_error(err_dev, err_host, 0, peer, pid)
-            limit = limit * 0
-        for k in tl.static_range(4):
-            own = _lane(_bits(x_ptr, c * BLOCK + k * Q, n, Q), 0, DT)
-            v = tl.where(rows == rank, own.to(tl.float32)[None, :], _lane(w, k, DT).to(tl.float32))
-            s = tl.sum(tl.where(rows < W, v, 0.0), axis=0)
-            store_chunk(y_ptr, c * BLOCK + k * Q, n, s.to(DT), Q)
-        tl.store(pw, _sentinel_words(w), mask=live)
 
 
 @triton.jit
@@ -276,53 +220,59 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
     # quiet: a poisoned instance keeps its first record; so does a thread that recorded one
     failed = tl.zeros([Q], tl.int32) + (limit == 0).to(tl.int32)
     for c in range(pid, nchunks, G):
-        if VEC:
-            own = _vec_words(x_ptr, c, n, Q)
-        else:
-            own = _words(x_ptr, c * BLOCK, n, Q)
+        own = _load_words(x_ptr, c, n, Q, VEC)
         base = ptr_as(mine, tl.uint64) + c * Q + offs
-        w0, w1, w2, w3 = _poll4(base, STRIDE, 0, W, rank, limit, deadline, INTERPRET)
-        if W > 4:
-            w4, w5, w6, w7 = _poll4(base, STRIDE, 4, W, rank, limit, deadline, INTERPRET)
-        else:
-            w4, w5, w6, w7 = w0, w0, w0, w0
         # the sum in rank order, the same on every rank (this rank's own words in its place)
-        bad = tl.zeros([Q], tl.int32)
-        a0 = tl.zeros([Q], tl.float32)
-        a1 = tl.zeros([Q], tl.float32)
-        a2 = tl.zeros([Q], tl.float32)
-        a3 = tl.zeros([Q], tl.float32)
-        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w0, own, me, 0, DT)
-        if W > 1:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w1, own, me, 1, DT)
-        if W > 2:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w2, own, me, 2, DT)
-        if W > 3:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w3, own, me, 3, DT)
-        if W > 4:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w4, own, me, 4, DT)
-        if W > 5:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w5, own, me, 5, DT)
-        if W > 6:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w6, own, me, 6, DT)
-        if W > 7:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w7, own, me, 7, DT)
-        if VEC:
-            _vec_store(y_ptr, c, n, a0, a1, a2, a3, Q)
-        else:
-            start = c * BLOCK
-            store_chunk(y_ptr, start, n, a0.to(DT), Q)
-            store_chunk(y_ptr, start + Q, n, a1.to(DT), Q)
-            store_chunk(y_ptr, start + 2 * Q, n, a2.to(DT), Q)
-            store_chunk(y_ptr, start + 3 * Q, n, a3.to(DT), Q)
+        a0, a1, a2, a3, bad = _gather_sum(base, STRIDE, own, me, W, rank, limit, deadline,
+                                          INTERPRET, DT)
+        _store_words(y_ptr, c, n, _pack(a0, a1, a2, a3, DT), Q, VEC)
         _record_bad(err_dev, err_host, bad, 0, pid, failed)  # STEP_ONESHOT
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        # back to empty: the sentinel over every source's words but this rank's
-        empty = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
-        for i in tl.static_range(W):
-            tl.store(base + i * STRIDE, empty, mask=me != i)
+        _clear(base, STRIDE, me, W)  # back to empty: every source's words but this rank's
+
+
+@triton.jit
+def _gather_sum(base, STRIDE, own, me, W: tl.constexpr, rank, limit, deadline,
+                INTERPRET: tl.constexpr, DT: tl.constexpr):
+    """Wait for the W - 1 peers' words at ``base`` (source i at ``base + i * STRIDE``) and sum
+    all W sources in rank order, this rank's ``own`` words in its place, lane by lane in fp32.
+    Returns the four lane sums and ``bad`` (the first source whose word never arrived, + 1)."""
+    w0, w1, w2, w3 = _poll4(base, STRIDE, 0, W, rank, limit, deadline, INTERPRET)
+    if W > 4:
+        w4, w5, w6, w7 = _poll4(base, STRIDE, 4, W, rank, limit, deadline, INTERPRET)
+    else:
+        w4, w5, w6, w7 = w0, w0, w0, w0
+    bad = tl.zeros(own.shape, tl.int32)
+    a0 = tl.zeros(own.shape, tl.float32)
+    a1 = tl.zeros(own.shape, tl.float32)
+    a2 = tl.zeros(own.shape, tl.float32)
+    a3 = tl.zeros(own.shape, tl.float32)
+    a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w0, own, me, 0, DT)
+    if W > 1:
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w1, own, me, 1, DT)
+    if W > 2:
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w2, own, me, 2, DT)
+    if W > 3:
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w3, own, me, 3, DT)
+    if W > 4:
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w4, own, me, 4, DT)
+    if W > 5:
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w5, own, me, 5, DT)
+    if W > 6:
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w6, own, me, 6, DT)
+    if W > 7:
+        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w7, own, me, 7, DT)
+    return a0, a1, a2, a3, bad
+
+
+@triton.jit
+def _clear(base, STRIDE, me, W: tl.constexpr):
+    """The sentinel back over every source's words at ``base`` but this rank's (``me``)."""
+    empty = tl.full(me.shape, LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
+    for i in tl.static_range(W):
+        tl.store(base + i * STRIDE, empty, mask=me != i)
 
 
 @triton.jit
@@ -430,7 +380,6 @@ def twoshot_lamport_kernel(
     go = (offs >= 0) & (limit > 0)  # no pushes after a timeout on this rank (see one-shot)
     me = tl.zeros([Q], tl.int32) + rank
     deadline = now_ns(INTERPRET) + limit
-    empty = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
     mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
 
     # 1a. reduce-scatter pushes: every other rank's shard, chunk by chunk
@@ -448,39 +397,15 @@ def twoshot_lamport_kernel(
     for c in range(pid, cps, G):
         own = _load_words(x_ptr, rank * cps + c, n, Q, VEC)
         base = ptr_as(mine, tl.uint64) + c * Q + offs
-        w0, w1, w2, w3 = _poll4(base, STRIDE, 0, W, rank, limit, deadline, INTERPRET)
-        if W > 4:
-            w4, w5, w6, w7 = _poll4(base, STRIDE, 4, W, rank, limit, deadline, INTERPRET)
-        else:
-            w4, w5, w6, w7 = w0, w0, w0, w0
-        bad = tl.zeros([Q], tl.int32)
-        a0 = tl.zeros([Q], tl.float32)
-        a1 = tl.zeros([Q], tl.float32)
-        a2 = tl.zeros([Q], tl.float32)
-        a3 = tl.zeros([Q], tl.float32)
-        a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w0, own, me, 0, DT)
-        if W > 1:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w1, own, me, 1, DT)
-        if W > 2:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w2, own, me, 2, DT)
-        if W > 3:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w3, own, me, 3, DT)
-        if W > 4:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w4, own, me, 4, DT)
-        if W > 5:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w5, own, me, 5, DT)
-        if W > 6:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w6, own, me, 6, DT)
-        if W > 7:
-            a0, a1, a2, a3, bad = _add(a0, a1, a2, a3, bad, w7, own, me, 7, DT)
+        a0, a1, a2, a3, bad = _gather_sum(base, STRIDE, own, me, W, rank, limit, deadline,
+                                          INTERPRET, DT)
         _record_bad(err_dev, err_host, bad, 1, pid, failed)  # STEP_RS
         failed = failed | (bad > 0).to(tl.int32)
         # a thread whose wait ran out forwards nothing: its sums lack a peer's part, and the
         # peers must time out on them (naming this rank) rather than take them
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        for i in tl.static_range(W):
-            tl.store(base + i * STRIDE, empty, mask=me != i)
+        _clear(base, STRIDE, me, W)
         r = _pack(a0, a1, a2, a3, DT)
         forward = go & (failed == 0)
         for i in tl.static_range(1, W):
@@ -509,8 +434,7 @@ def twoshot_lamport_kernel(
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        for i in tl.static_range(W):
-            tl.store(base + i * STRIDE, empty, mask=me != i)
+        _clear(base, STRIDE, me, W)
 
     end_call(ctr_ptr, epoch, pid, G, MAXC)
 

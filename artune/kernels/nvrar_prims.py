@@ -112,16 +112,6 @@ _SPIN_LL_PTX = tl.constexpr(_spin_ptx(
     "mov.b64 {%artw0, %artw1}, $0;\nsetp.eq.u32 %artp1, %artw1, $2;\n",
     "%artp", "%artt"))
 
-# Lamport words (nvrar_lamport): four 16-bit lanes, each the sentinel 0x8000 until written ($2,
-# the epoch, unused): arrived once none of the lanes is 0x8000. Lanes equal to 0x8000 are the
-# zero lanes of t = w ^ 0x8000...: (t - 0x0001...) & ~t & 0x8000... is non-zero iff t has one.
-_SPIN_LAMPORT_PTX = tl.constexpr(_spin_ptx(
-    "ARTUNE_LP",
-    ".reg .pred %artq<3>;\n.reg .b64 %artv<3>;\n",
-    "xor.b64 %artv0, $0, 0x8000800080008000;\nsub.u64 %artv1, %artv0, 0x0001000100010001;\n"
-    "not.b64 %artv2, %artv0;\nand.b64 %artv1, %artv1, %artv2;\n"
-    "and.b64 %artv1, %artv1, 0x8000800080008000;\nsetp.eq.u64 %artq1, %artv1, 0;\n",
-    "%artq", "%artv2"))
 # 64-bit lane patterns as int64 values (Triton constants are signed), bitcast where used.
 LANES_SENTINEL = tl.constexpr(0x8000800080008000 - (1 << 64))
 _LANES_ONE = tl.constexpr(0x0001000100010001)
@@ -137,14 +127,14 @@ def empty_lanes(w):
 
 
 @triton.jit
-def spin_ll(p, live, epoch, deadline, LAMPORT: tl.constexpr = False):
+def spin_ll(p, live, epoch, deadline):
     """Each thread polls its own LL words at ``p`` (uint64 pointers) where ``live`` until their
-    flags equal ``epoch`` (uint32; LAMPORT: until no lane is the sentinel) or %globaltimer
-    reaches ``deadline`` (int64 ns): no block-wide reduction per poll. Returns the words (0
-    where not live). GPU only (inline PTX)."""
+    flags equal ``epoch`` (uint32) or %globaltimer reaches ``deadline`` (int64 ns): no
+    block-wide reduction per poll. Returns the words (0 where not live). GPU only (inline PTX;
+    lamport words are polled by ``spin_lamport4``)."""
     zi = tl.zeros(p.shape, tl.int32)
     return tl.inline_asm_elementwise(
-        _SPIN_LAMPORT_PTX if LAMPORT else _SPIN_LL_PTX,
+        _SPIN_LL_PTX,
         "=l,l,r,l,r",
         [p.to(tl.int64, bitcast=True), zi + epoch.to(tl.int32, bitcast=True),
          zi.to(tl.int64) + deadline, zi + live.to(tl.int32)],
@@ -213,9 +203,11 @@ def wait_ll(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.cons
 
     ``SPIN`` (GPU only): every thread polls its own words in a PTX loop (``spin_ll``) and the
     block counts stale words once at the end, instead of a block-wide reduction per poll.
-    ``LAMPORT``: the words are lamport words (``empty_lanes``); ``epoch`` is unused."""
+    ``LAMPORT``: the words are lamport words (``empty_lanes``); ``epoch`` is unused (block
+    rounds only: the lamport kernels poll per thread with ``spin_lamport4``)."""
+    tl.static_assert(not (SPIN and LAMPORT), "lamport words poll per thread in spin_lamport4")
     if SPIN and not INTERPRET:
-        va, vb, pending = _spin_wait(pa, pb, live, epoch, limit_ns, TWO, LAMPORT)
+        va, vb, pending = _spin_wait(pa, pb, live, epoch, limit_ns, TWO)
     else:
         va, vb, pending = _poll_wait(pa, pb, live, epoch, limit_ns, TWO, INTERPRET, LAMPORT)
     return va, vb, pending
@@ -231,13 +223,13 @@ def _stale(v, live, epoch, LAMPORT: tl.constexpr):
 
 
 @triton.jit
-def _spin_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, LAMPORT: tl.constexpr):
+def _spin_wait(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr):
     deadline = now_ns(False) + limit_ns
-    va = spin_ll(pa, live, epoch, deadline, LAMPORT)
-    _, pending = _stale(va, live, epoch, LAMPORT)
+    va = spin_ll(pa, live, epoch, deadline)
+    _, pending = _stale(va, live, epoch, False)
     if TWO:
-        vb = spin_ll(pb, live, epoch, deadline, LAMPORT)
-        _, more = _stale(vb, live, epoch, LAMPORT)
+        vb = spin_ll(pb, live, epoch, deadline)
+        _, more = _stale(vb, live, epoch, False)
         pending += more
     else:
         vb = va
