@@ -11,6 +11,11 @@
 #   cold Triton cache (tune_time.py), then the backends side by side again with the full
 #   tune's profile routing (the routed column).
 #   NO_DEV=1 / NO_BENCH=1 leave out the first or the last of these.
+# verify: NVRAR's final kernels (eighth session): every backend beside NVRAR's lamport one-shot
+#   and two-shot plans, 4K..16M, then the NVRAR GPU tests that fit 2 GPUs.
+# serve: a full tune (cold Triton cache, timed), then SGLang end to end at TP=2 with its profile
+#   (CONFIGS, default nccl,artune_nccl,default,artune) in the time left; the profile and the
+#   results come back. MERGE=FILE / CONFIGS=... for a second call (the torch.compile configs).
 set -uo pipefail
 W=/tmp/artune-gpu-2gpu
 source benchmarks/gpu_lib.sh
@@ -38,6 +43,34 @@ tunes)
     [ -z "${NO_BENCH:-}" ] && step bench2r 70 $TR $A "${PROF[@]}" --sizes $SIZES --out "$W/allreduce_2gpu.md"
     step quick2 90 python3 benchmarks/tune_time.py --nproc-per-node 2 --only quick \
         --results "$W/tune_time_2gpu_quick.json" --keep "$W/q2"
+    ;;
+verify)
+    ONE="nvrar:algo=oneshot,proto=lamport,ctas=128,block"
+    TWO="nvrar:algo=twoshot,proto=lamport,ctas=128,block"
+    step bench2 240 $TR $A --variant ${ONE}=512 --variant ${TWO}=512 --variant ${TWO}=1024 \
+        --variant ${TWO}=2048 --sizes 4K,16K,64K,128K,256K,512K,1M,2M,4M,16M \
+        --out "$W/allreduce_2gpu.md"
+    step test_nvrar2 280 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py \
+        -k "sweep_2_ranks or soak or times_out"
+    ;;
+serve)
+    if [ -z "${MERGE:-}" ]; then
+        step tune2 230 python3 benchmarks/tune_time.py --nproc-per-node 2 --only full \
+            --results "$W/tune_time_2gpu_full.json" --keep "$W/t2"
+        P2=$W/t2/full.json
+        [ -f "$P2" ] && cp "$P2" "$W/profile_2gpu_full.json"
+    else
+        P2=${PROFILE:?PROFILE=the profile of the first serve call}
+    fi
+    LEFT=$(( 585 - ($(date +%s) - T0) ))
+    if [ -f "$P2" ] && [ "$LEFT" -gt 150 ]; then
+        CONFIGS=${CONFIGS:-nccl,artune_nccl,default,artune} BUDGET_S=$LEFT \
+            bash benchmarks/gpu_session_sglang.sh "$P2" 2 > "$W/e2e.log" 2>&1
+        echo "e2e exit $? (at $(( $(date +%s) - T0 ))s)" | tee -a "$W/steps.txt"
+        cat "$W/card.txt" "$W/steps.txt" > "$OUT/steps-${W##*/}.txt"
+    fi
+    tail -n 16 "$W/e2e.log" 2>/dev/null
+    grep -A 3 "^validation: routed all-reduce within" "$W"/t2/*.log 2>/dev/null | cut -c1-220
     ;;
 check)  # the final code: NVRAR's 2-rank sweep and a timed --quick tune (its validation pass)
     step test_nvrar_sweep2 100 python3 -m pytest -q -x -s tests/gpu/test_nvrar_gpu.py -k sweep_2
