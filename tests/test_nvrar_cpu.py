@@ -149,7 +149,8 @@ def test_defaults_are_valid_plans_inside_the_search_space(world: int, per_node: 
 def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch) -> None:
     """One node of 4: the lamport one-shot up to 128 KiB, the lamport two-shot above it up to
     2 MiB (blocks 512 / 1024 / 2048), the signal two-shot beyond; 2 GPUs keep the one-shot up
-    to 256 KiB and never default to the two-shot lamport; virtual nodes never use lamport.
+    to 256 KiB, then the two-shot lamport (1024-element chunks) while it fits; virtual nodes
+    never use lamport.
     With a one-shot capacity too small for the two-shot lamport's slot halves, the LL/signal
     two-shot takes its sizes (docs/nvrar.md, "Two-shot lamport")."""
     ctx = _ctx(4, 4, 256 << 20)
@@ -160,10 +161,13 @@ def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch
     for nbytes, (algo, proto, block) in want.items():
         d = NvrarBackend.default_params(nbytes, ctx)
         assert (d["algo"], d["proto"], d["block"]) == (algo, proto, block), (nbytes, d)
-    for nbytes in (4 << 10, 256 << 10, 1 << 20):
+    want2 = {4 << 10: ("oneshot", "lamport", 512), 256 << 10: ("oneshot", "lamport", 512),
+             512 << 10: ("twoshot", "lamport", 1024), 1 << 20: ("twoshot", "lamport", 1024),
+             2 << 20: ("twoshot", "signal", 4096)}  # 2 MiB: beyond the slot halves on 2 GPUs
+    for nbytes, (algo, proto, block) in want2.items():
         d2 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20))
-        assert d2["proto"] != "lamport" or d2["algo"] == "oneshot", (nbytes, d2)
-        assert (d2["algo"] == "oneshot") == (nbytes <= 256 << 10), (nbytes, d2)
+        assert (d2["algo"], d2["proto"], d2["block"]) == (algo, proto, block), (nbytes, d2)
+    for nbytes in (4 << 10, 256 << 10, 1 << 20):
         d22 = NvrarBackend.default_params(nbytes, _ctx(4, 2, 256 << 20))
         assert d22["proto"] != "lamport", (nbytes, d22)
     monkeypatch.setenv("ARTUNE_NVRAR_ONESHOT_MAX_BYTES", str(64 << 10))

@@ -82,10 +82,13 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
       gather and 512-element chunks: 2.4 / 2.5 / 2.9 / 3.5 us at 4K / 16K / 64K / 128K on 4
       GPUs (the two-shot lamport: 3.9 / 4.0 at 64K / 128K); 2 GPUs: 2.2 / 2.3 / 2.5 / 3.4 us
       at 4K / 16K / 64K / 256K;
-    - more than 2 GPUs on one node, above that up to 2 MiB: the lamport two-shot, 512-element
+    - one node, above that up to 2 MiB: the lamport two-shot. More than 2 GPUs: 512-element
       chunks up to 512 KiB, 1024 up to 1 MiB, then 2048: 4.2 / 4.6 / 5.1 / 6.9 / 11.8 us at
       256K / 384K / 512K / 1M / 2M (the one-shot: 5.2 / 6.5 / 7.4 / 12.4 / -; SGLang's custom
-      all-reduce 4.8 / 5.9 / 9.0 / 12.2 / 17.1). Its capacity comes from the one-shot's slots
+      all-reduce 4.8 / 5.9 / 9.0 / 12.2 / 17.1). 2 GPUs (eighth session,
+      benchmarks/results/allreduce_2gpu_h100.md): 1024-element chunks, 4.2 / 5.8 us at 512K /
+      1M against 10.1 / 11.7 for the LL/signal two-shot (the one-shot: 4.6 / 6.9; SGLang 3.7
+      / 5.2); 2 MiB does not fit its slots there. Its capacity comes from the one-shot's slots
       (``default_params`` falls back where it does not fit). fp32 takes "lamport" as LL;
     - otherwise, and between nodes: ``_twoshot_plan``.
     Lamport kernels run one thread per 8-byte word of a chunk whatever ``warps`` says (block /
@@ -98,8 +101,11 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
         block = _fit(512, elems)
         return {"algo": "oneshot", "proto": "lamport", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
-    if nodes == 1 and world > 2 and nbytes <= 2 << 20:
-        block = 512 if nbytes <= 512 << 10 else 1024 if nbytes <= 1 << 20 else 2048
+    if nodes == 1 and nbytes <= 2 << 20:
+        if world <= 2:
+            block = 1024
+        else:
+            block = 512 if nbytes <= 512 << 10 else 1024 if nbytes <= 1 << 20 else 2048
         return {"algo": "twoshot", "proto": "lamport", "block": block,
                 "ctas": _ctas_for(-(-shard // block), 128), "warps": 4, "inter": "auto"}
     return _twoshot_plan(nbytes, nodes, world, elems, shard)
