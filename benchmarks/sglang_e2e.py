@@ -17,7 +17,12 @@ exactly the measured batch sizes. Configs:
 - ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
   the engine-to-engine noise the "within 1%" comparison has to be read against;
 - ``artune_again``   ``artune`` in another engine: with both pairs, the report also compares
-  the mean of the two artune engines with the mean of the two default ones.
+  the mean of the two artune engines with the mean of the two default ones;
+- ``artune_inert``   the plugin with the profile re-derived from SGLang's own measurements
+  alone: every size keeps SGLang's own all-reduce and only the fallback backend is built (no
+  symmetric memory, no NVSHMEM), the hooks and the per-forward fault check stay. Against
+  ``default`` and ``artune`` it tells whether a gap between those two comes from the plugin's
+  presence or from the backends it builds.
 
 Per batch size (requests of ``--input-len`` token ids, ``--new-tokens`` greedy tokens, EOS
 ignored) it times ``--reps`` pairs of generates, one producing 1 token (prefill) and one
@@ -102,6 +107,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default_compile": {"artune": False, "kw": {"enable_torch_compile": True}},
     "default_again": {"artune": False, "kw": {}},
     "artune_again": {"artune": True, "kw": {}},
+    "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
 }
 TOP_K = 20
 CHECK_REQUESTS = 4
@@ -386,6 +392,20 @@ def _logit_spread(rows: list[dict[str, Any]]) -> float:
     return min(gaps, default=0.0)
 
 
+def _profile_of_only(path: str, backend: str, folder: Path) -> str:
+    """A copy of the profile at ``path`` whose tables are re-derived from ``backend``'s
+    measurements alone (the plugin's own re-derivation), written into ``folder``."""
+    from artune.integration.sglang import _without
+    from artune.profile import load
+
+    profile = load(path)
+    others = {m["backend"] for m in profile.data.get("measurements") or []} - {backend}
+    derived = _without(profile, dict.fromkeys(sorted(others), f"only {backend} (artune_inert)"))
+    out = folder / f"profile_only_{backend}.json"
+    out.write_text(json.dumps(derived.data, indent=1))
+    return str(out)
+
+
 def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
     runs = doc["configs"]
     lines = []
@@ -588,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("ARTUNE_PROFILE", None)
         if CONFIGS[config]["artune"]:
             env["ARTUNE_PROFILE"] = args.profile
+            if CONFIGS[config].get("only"):
+                env["ARTUNE_PROFILE"] = _profile_of_only(args.profile, CONFIGS[config]["only"],
+                                                         Path(model_dir))
         res_file = Path(model_dir) / f"{config}.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", config,
                "--worker-out", str(res_file), "--model-dir", model_dir,

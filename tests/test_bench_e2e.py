@@ -80,3 +80,24 @@ def test_pooled_compares_two_engines_each_beside_their_engine_to_engine_noise() 
     # without the second artune engine there is nothing to pool
     del runs["artune_again"]
     assert mod._pooled(runs, {}) == []
+
+
+def test_inert_profile_keeps_sglangs_own_everywhere_and_builds_only_the_fallback(
+        tmp_path: Path) -> None:
+    """``artune_inert``: the 2x H100 reference profile re-derived from SGLang's own
+    measurements routes every measured size, graph and eager, to SGLang's own all-reduce."""
+    import torch
+
+    from artune.profile import load, select
+
+    mod = _module()
+    ref = Path(__file__).resolve().parents[1] / "artune" / "profiles" / "4b6998f7355af1ed.json"
+    full = load(ref)
+    assert len(full.backends_used()) > 1  # the original routes elsewhere too
+    inert = load(mod._profile_of_only(str(ref), "sglang", tmp_path))
+    assert inert.backends_used() == ["sglang"]
+    sizes = sorted({m["nbytes"] for m in full.data["measurements"]})
+    for mode in ("graph", "eager"):
+        for n in sizes:
+            assert select(inert, n, torch.bfloat16, mode).backend == "sglang", (mode, n)
+    assert inert.data["derived_without"] and "sglang" not in inert.data["derived_without"]
