@@ -22,7 +22,11 @@ exactly the measured batch sizes. Configs:
   alone: every size keeps SGLang's own all-reduce and only the fallback backend is built (no
   symmetric memory, no NVSHMEM), the hooks and the per-forward fault check stay. Against
   ``default`` and ``artune`` it tells whether a gap between those two comes from the plugin's
-  presence or from the backends it builds.
+  presence or from the backends it builds;
+- ``artune_without_sglang`` the profile re-derived without SGLang's own measurements (what the
+  plugin routes when SGLang's custom all-reduce is off, ``artune_nccl``), with that custom
+  all-reduce left on: every config setting as in ``default``, so against it the only
+  difference is whose kernels run the routed all-reduces.
 
 Per batch size (requests of ``--input-len`` token ids, ``--new-tokens`` greedy tokens, EOS
 ignored) it times ``--reps`` pairs of generates, one producing 1 token (prefill) and one
@@ -108,6 +112,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default_again": {"artune": False, "kw": {}},
     "artune_again": {"artune": True, "kw": {}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
+    "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
 }
 TOP_K = 20
 CHECK_REQUESTS = 4
@@ -392,16 +397,19 @@ def _logit_spread(rows: list[dict[str, Any]]) -> float:
     return min(gaps, default=0.0)
 
 
-def _profile_of_only(path: str, backend: str, folder: Path) -> str:
-    """A copy of the profile at ``path`` whose tables are re-derived from ``backend``'s
-    measurements alone (the plugin's own re-derivation), written into ``folder``."""
+def _derived_profile(path: str, folder: Path, only: str | None = None,
+                     drop: str | None = None) -> str:
+    """A copy of the profile at ``path`` whose tables are re-derived (the plugin's own
+    re-derivation) from the measurements of backend ``only`` alone, or of every backend but
+    ``drop``; written into ``folder``, its path returned."""
     from artune.integration.sglang import _without
     from artune.profile import load
 
     profile = load(path)
-    others = {m["backend"] for m in profile.data.get("measurements") or []} - {backend}
-    derived = _without(profile, dict.fromkeys(sorted(others), f"only {backend} (artune_inert)"))
-    out = folder / f"profile_only_{backend}.json"
+    measured = {m["backend"] for m in profile.data.get("measurements") or []}
+    excluded = sorted(measured - {only}) if only else [drop] if drop else []
+    derived = _without(profile, dict.fromkeys(excluded, "left out by sglang_e2e.py"))
+    out = folder / f"profile_{'only' if only else 'without'}_{only or drop}.json"
     out.write_text(json.dumps(derived.data, indent=1))
     return str(out)
 
@@ -608,9 +616,10 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("ARTUNE_PROFILE", None)
         if CONFIGS[config]["artune"]:
             env["ARTUNE_PROFILE"] = args.profile
-            if CONFIGS[config].get("only"):
-                env["ARTUNE_PROFILE"] = _profile_of_only(args.profile, CONFIGS[config]["only"],
-                                                         Path(model_dir))
+            if CONFIGS[config].get("only") or CONFIGS[config].get("drop"):
+                env["ARTUNE_PROFILE"] = _derived_profile(
+                    args.profile, Path(model_dir), only=CONFIGS[config].get("only"),
+                    drop=CONFIGS[config].get("drop"))
         res_file = Path(model_dir) / f"{config}.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", config,
                "--worker-out", str(res_file), "--model-dir", model_dir,

@@ -82,10 +82,11 @@ def test_pooled_compares_two_engines_each_beside_their_engine_to_engine_noise() 
     assert mod._pooled(runs, {}) == []
 
 
-def test_inert_profile_keeps_sglangs_own_everywhere_and_builds_only_the_fallback(
+def test_derived_profiles_of_the_bisection_configs(
         tmp_path: Path) -> None:
     """``artune_inert``: the 2x H100 reference profile re-derived from SGLang's own
-    measurements routes every measured size, graph and eager, to SGLang's own all-reduce."""
+    measurements routes every measured size, graph and eager, to SGLang's own all-reduce;
+    ``artune_without_sglang``: re-derived without them, no size keeps SGLang's own."""
     import torch
 
     from artune.profile import load, select
@@ -94,10 +95,16 @@ def test_inert_profile_keeps_sglangs_own_everywhere_and_builds_only_the_fallback
     ref = Path(__file__).resolve().parents[1] / "artune" / "profiles" / "4b6998f7355af1ed.json"
     full = load(ref)
     assert len(full.backends_used()) > 1  # the original routes elsewhere too
-    inert = load(mod._profile_of_only(str(ref), "sglang", tmp_path))
+    inert = load(mod._derived_profile(str(ref), tmp_path, only="sglang"))
     assert inert.backends_used() == ["sglang"]
     sizes = sorted({m["nbytes"] for m in full.data["measurements"]})
     for mode in ("graph", "eager"):
         for n in sizes:
             assert select(inert, n, torch.bfloat16, mode).backend == "sglang", (mode, n)
     assert inert.data["derived_without"] and "sglang" not in inert.data["derived_without"]
+    # artune_without_sglang: no size keeps SGLang's own; the decode sizes go to NVRAR in graphs
+    without = load(mod._derived_profile(str(ref), tmp_path, drop="sglang"))
+    assert "sglang" not in without.backends_used()
+    assert without.data["derived_without"] == {"sglang": "left out by sglang_e2e.py"}
+    for n in (8 << 10, 32 << 10, 128 << 10, 512 << 10):
+        assert select(without, n, torch.bfloat16, "graph").backend == "nvrar", n
