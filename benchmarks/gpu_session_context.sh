@@ -7,6 +7,8 @@
 #    SGLang)? (`router_eager.py` with and without `--also nvrar,nvshmem_reduce,sglang`.)
 #
 #   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_context.sh
+#   NO_EAGER=1 leaves out question 2; PDL_OFF=1 adds the GEMM run with ARTUNE_NVRAR_PDL=0 (does
+#   NVRAR's programmatic dependent launch change its cost after a GEMM?).
 set -uo pipefail
 W=/tmp/artune-gpu-context
 source benchmarks/gpu_lib.sh
@@ -17,11 +19,15 @@ step allreduce_context 150 torchrun --nproc-per-node 4 benchmarks/allreduce.py -
     $V --sizes "$SIZES" --context-gemm 3584,4096 --out "$W/res/allreduce_context.md"
 step allreduce_nocontext 120 torchrun --nproc-per-node 4 benchmarks/allreduce.py --backends nccl,sglang,nvrar \
     $V --sizes "$SIZES" --out "$W/res/allreduce_nocontext.md"
-step router_eager_plain 60 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K \
+[ -n "${PDL_OFF:-}" ] && ARTUNE_NVRAR_PDL=0 step allreduce_context_pdl_off 150 torchrun \
+    --nproc-per-node 4 benchmarks/allreduce.py --backends nccl,sglang,nvrar $V --sizes "$SIZES" \
+    --context-gemm 3584,4096 --out "$W/res/allreduce_context_pdl_off.md"
+[ -z "${NO_EAGER:-}" ] && step router_eager_plain 60 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K \
     --out "$W/res/router_eager_plain.md"
-step router_eager_also 90 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K \
+[ -z "${NO_EAGER:-}" ] && step router_eager_also 90 torchrun --nproc-per-node 4 benchmarks/router_eager.py --sizes 4K,64K \
     --also nvrar,nvshmem_reduce,sglang --out "$W/res/router_eager_also.md"
 cat "$W/card.txt" "$W/steps.txt"
-for f in allreduce_context allreduce_nocontext router_eager_plain router_eager_also; do
+for f in allreduce_context allreduce_nocontext allreduce_context_pdl_off router_eager_plain \
+        router_eager_also; do
     echo "== $f"; grep -v '^$' "$W/res/$f.md" 2>/dev/null | tail -n 14 || tail -n 15 "$W/$f.log"
 done
