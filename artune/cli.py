@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show which backend took each all-reduce of a served model (the "
                    "folder the SGLang plugin wrote with ARTUNE_ROUTE_LOG=DIR)")
     s.add_argument("--force", action="store_true",
-                   help="accept a profile made on another topology")
+                   help="no effect: show reads a profile of any topology (accepted so that "
+                   "the options of launch can be reused)")
 
     la = sub.add_parser("launch", help="run sglang.launch_server with the profile active",
                         description="Everything after `--` goes to sglang.launch_server.")

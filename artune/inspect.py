@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from artune.autotune.table import best_per_backend
 from artune.profile import Profile, ProfileError, load
 
-__all__ = ["main", "render", "plot", "human_bytes", "fmt_us", "validation_count", "load_routes",
+__all__ = ["main", "render", "plot", "plot_path", "human_bytes", "fmt_us", "validation_count", "load_routes",
            "render_routes"]
 
 
@@ -197,9 +199,28 @@ def plot(profile: Profile, path: str) -> str:
         f"— {profile.data.get('created')}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
+
+
+def plot_path(path: str) -> str:
+    """``path`` as ``plot`` will write it (``.png`` added when it has no suffix), or a
+    ValueError saying why it cannot be written (checked before anything is drawn)."""
+    from matplotlib.figure import Figure
+
+    p = Path(path)
+    if not p.suffix:
+        p = p.with_name(p.name + ".png")
+    kinds = Figure().canvas.get_supported_filetypes()
+    if p.suffix[1:].lower() not in kinds:
+        raise ValueError(f"--plot {path}: matplotlib cannot write {p.suffix!r} files; use one "
+                         f"of {', '.join('.' + k for k in sorted(kinds))}")
+    if not p.parent.is_dir():
+        raise ValueError(f"--plot {path}: folder {str(p.parent)!r} does not exist")
+    return str(p)
 
 
 def load_routes(folder: str) -> tuple[int, list[dict[str, Any]]]:
@@ -264,13 +285,30 @@ def main(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         print(f"artune show: {exc}", file=sys.stderr)
         return 2
-    if getattr(args, "json", False):
-        json.dump(profile.data, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        render(profile)
+    target = None
     if getattr(args, "plot", None):
-        print(f"plot written to {plot(profile, args.plot)}")
+        try:
+            target = plot_path(args.plot)
+        except ValueError as exc:
+            print(f"artune show: {exc}", file=sys.stderr)
+            return 2
+    try:
+        if getattr(args, "json", False):
+            json.dump(profile.data, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        else:
+            render(profile)
+    except BrokenPipeError:  # `artune show P --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if target is not None:
+        try:
+            # on stderr: with --json, stdout holds the JSON document alone
+            print(f"plot written to {plot(profile, target)}", file=sys.stderr)
+        except (ProfileError, OSError) as exc:
+            print(f"artune show: cannot draw the plot: {exc}", file=sys.stderr)
+            return 2
     if getattr(args, "routes", None):
         try:
             processes, rows = load_routes(args.routes)

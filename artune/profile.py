@@ -195,11 +195,15 @@ def validate(data: Any, path: Path | str | None = None) -> dict[str, Any]:
         raise _fail(path, f"top level must be a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise _fail(
-            path,
-            f"schema_version {version!r} is not supported by this artune (it reads "
-            f"{SCHEMA_VERSION}); re-run `artune tune` to make a new profile",
-        )
+        if "schema_version" not in data:
+            raise _fail(path, "has no schema_version: not an artune profile; make one with "
+                              "`artune tune`")
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+            fix = "it was made by a newer artune: upgrade artune to read it"
+        else:
+            fix = "re-run `artune tune` to make a new profile"
+        raise _fail(path, f"schema_version {version!r} is not supported by this artune (it "
+                          f"reads {SCHEMA_VERSION}); {fix}")
     for key in ("fingerprint", "tables"):
         if not isinstance(data.get(key), dict):
             raise _fail(path, f"missing or invalid field {key!r}")
@@ -242,7 +246,9 @@ def load(path: str | os.PathLike[str]) -> Profile:
     """Read and validate a profile; ProfileError (with the path and the reason) otherwise."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _fail(p, "is not a text file (not UTF-8): not a profile") from None
     except FileNotFoundError:
         raise _fail(p, "file not found; make one with `artune tune --out PATH`") from None
     except OSError as exc:
@@ -267,6 +273,18 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (setting it, even
+    back at once, races with threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(data: Mapping[str, Any] | Profile, path: str | os.PathLike[str]) -> Path:
     """Write a profile atomically (temp file in the same folder, fsync, rename): a reader sees
     the old file or the new one, never half of one."""
@@ -276,6 +294,8 @@ def save(data: Mapping[str, Any] | Profile, path: str | os.PathLike[str]) -> Pat
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        # mkstemp makes the file private (0600); a profile is read by whoever serves with it
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(_finite(doc), f, indent=1, sort_keys=False, allow_nan=False)
             f.write("\n")

@@ -63,8 +63,35 @@ def test_truncated_and_non_json(tmp_path: Path) -> None:
 def test_wrong_schema_version(tmp_path: Path) -> None:
     doc = profile_doc()
     doc["schema_version"] = 99
-    with pytest.raises(ProfileError, match="schema_version 99 is not supported.*re-run"):
+    with pytest.raises(ProfileError, match="schema_version 99 is not supported.*upgrade artune"):
         load(_write(tmp_path, doc))
+
+
+def test_old_missing_or_binary_schema(tmp_path: Path) -> None:
+    doc = profile_doc()
+    doc["schema_version"] = 0
+    with pytest.raises(ProfileError, match="schema_version 0 is not supported.*re-run"):
+        load(_write(tmp_path, doc))
+    del doc["schema_version"]
+    with pytest.raises(ProfileError, match="has no schema_version: not an artune profile"):
+        load(_write(tmp_path, doc))
+    binary = tmp_path / "p.json.optuna.db"
+    binary.write_bytes(b"SQLite format 3\x00\xff\xfe\x80")
+    with pytest.raises(ProfileError, match="not a text file"):
+        load(binary)
+
+
+def test_saved_profile_is_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
+    """A profile is made once by an admin and read by whoever serves: not private (the
+    temporary file it is renamed from is made 0600)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        p = save(profile_doc(), tmp_path / "p.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
 
 
 def _ranges(doc: dict) -> list[dict]:

@@ -61,6 +61,28 @@ def test_show_plot_writes_png(tmp_path: Path) -> None:
     assert width > 600 and height > 300
 
 
+def test_show_json_with_plot_keeps_stdout_json_alone(tmp_path: Path, capsys) -> None:
+    p = save(profile_doc(), tmp_path / "p.json")
+    assert main(_args(p, json=True, plot=str(tmp_path / "lat"))) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tables"] == profile_doc()["tables"]
+    assert f"plot written to {tmp_path / 'lat.png'}" in err  # the suffix it got, named
+    assert (tmp_path / "lat.png").is_file()
+
+
+def test_show_refuses_a_plot_it_cannot_write_before_drawing(tmp_path: Path, capsys) -> None:
+    p = save(profile_doc(), tmp_path / "p.json")
+    assert main(_args(p, plot=str(tmp_path / "nodir" / "x.png"))) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(_args(p, plot=str(tmp_path / "x.foo"))) == 2
+    err = capsys.readouterr().err
+    assert "cannot write '.foo' files" in err and ".png" in err
+    empty = profile_doc()
+    empty["measurements"] = []
+    assert main(_args(save(empty, tmp_path / "e.json"), plot=str(tmp_path / "e.png"))) == 2
+    assert "no measurements to plot" in capsys.readouterr().err
+
+
 def test_show_bad_profile_exits_2(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{")
