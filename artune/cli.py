@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,6 +171,17 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _gpu_only(names: list[str], extra: Mapping[str, str]) -> str | None:
+    """Why none of the backends ``names`` can run on CPU processes, or None when one can (a
+    backend added with --extra-backend is taken on trust: its module loads in the ranks)."""
+    from artune.backends import load
+
+    if any(n in extra or not load(n).needs_cuda for n in names):
+        return None
+    return (f"{', '.join(names)} need{'s' if len(names) == 1 else ''} CUDA GPUs; on CPU "
+            "processes only gloo runs (leave out --backends, or add gloo to it)")
+
+
 def _no_gpu_message() -> str:
     return (
         "artune tune: no CUDA GPU is visible here (torch.cuda.is_available() is False). Run it "
@@ -202,7 +213,7 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
         if n == 0:
             print(_no_gpu_message(), file=sys.stderr)
             return 2
-        nproc = args.nproc_per_node or n
+        nproc = args.nproc_per_node if args.nproc_per_node is not None else n
         if nproc > n:
             print(
                 f"artune tune: --nproc-per-node {nproc} but only {n} GPU(s) are visible "
@@ -212,7 +223,11 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
             )
             return 2
     else:
-        nproc = args.nproc_per_node or 2
+        nproc = args.nproc_per_node if args.nproc_per_node is not None else 2
+        gpu_only = _gpu_only(candidates(cfg), cfg.extra_backends)
+        if gpu_only is not None:
+            print(f"artune tune: --device cpu: {gpu_only}", file=sys.stderr)
+            return 2
     if nproc < 2:
         print(f"artune tune: an all-reduce needs at least 2 ranks, not {nproc}", file=sys.stderr)
         return 2
@@ -222,6 +237,10 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
             f"{nproc} ranks",
             file=sys.stderr,
         )
+        return 2
+    if cfg.out is not None and cfg.out.is_dir():
+        print(f"artune tune: --out {cfg.out} is a folder; name the profile file, e.g. "
+              f"--out {cfg.out / 'profile.json'}", file=sys.stderr)
         return 2
     if cfg.out is not None and not cfg.resume:
         path = sqlite_path(storage_url(cfg.out, cfg.storage))

@@ -21,8 +21,8 @@ from typing import Any
 from artune.autotune.table import best_per_backend
 from artune.profile import Profile, ProfileError, load
 
-__all__ = ["main", "render", "plot", "plot_path", "human_bytes", "fmt_us", "validation_count", "load_routes",
-           "render_routes"]
+__all__ = ["main", "render", "plot", "plot_path", "human_bytes", "fmt_us", "validation_count",
+           "load_routes", "render_routes"]
 
 
 def human_bytes(n: int) -> str:

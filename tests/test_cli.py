@@ -67,6 +67,25 @@ def test_bad_arguments_exit_2(shell_env: None, capsys: pytest.CaptureFixture[str
     assert "does not divide" in capsys.readouterr().err
 
 
+def test_refused_before_any_rank_starts(
+    shell_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Mistakes a shell can see are refused before the ranks start (no partial tune whose
+    failure would then advise --resume)."""
+    calls = _no_launch(monkeypatch)
+    assert cli.main(["tune", "--device", "cpu", "--nproc-per-node", "0"]) == 2
+    assert "at least 2 ranks, not 0" in capsys.readouterr().err
+    assert cli.main(["tune", "--device", "cpu", "--backends", "nccl"]) == 2
+    err = capsys.readouterr().err
+    assert "nccl needs CUDA GPUs" in err and "gloo" in err
+    assert cli.main(["tune", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert calls == []
+    assert cli.main(["tune", "--device", "cpu", "--backends", "nccl,gloo"]) == 0
+    assert calls == [(["tune", "--device", "cpu", "--backends", "nccl,gloo"], 2)]
+
+
 def test_existing_storage_without_resume(
     shell_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -124,3 +143,24 @@ def test_nproc_larger_than_real_gpus() -> None:
     n = torch.cuda.device_count()
     r = run_artune("tune", "--nproc-per-node", str(n + 1))
     assert r.returncode == 2 and f"only {n} GPU(s)" in r.stderr
+
+
+def test_rank_0s_usage_error_is_not_followed_by_resume_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 0 explains a usage error (exit 2); a peer that leaves first (exit 1, its group torn
+    down) must not turn that into "rank 1 failed ... rerun with --resume"."""
+    from artune.autotune.launcher import launch
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$RANK" = 0 ] && { sleep 0.5; exit 2; }\nexit 1\n')
+    fake.chmod(0o755)
+    assert launch(["tune"], 2, python=str(fake)) == 2
+    assert "--resume" not in capsys.readouterr().err
+    # a peer that fails on its own while rank 0 runs on: named, with the advice
+    slow = tmp_path / "python_slow"
+    slow.write_text('#!/bin/sh\n[ "$RANK" = 0 ] && { sleep 30; exit 0; }\nexit 1\n')
+    slow.chmod(0o755)
+    assert launch(["tune"], 2, python=str(slow), grace_s=1.0) == 1
+    err = capsys.readouterr().err
+    assert "rank 1" in err and "--resume" in err

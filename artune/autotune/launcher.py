@@ -26,6 +26,8 @@ __all__ = ["launch", "free_port", "GRACE_S"]
 #: Seconds the surviving ranks get between SIGTERM and SIGKILL.
 GRACE_S = 10.0
 _POLL_S = 0.1
+#: How long a failed job waits for rank 0 to exit too (and say why) before naming a rank.
+_RANK0_GRACE_S = 3.0
 
 
 def free_port() -> int:
@@ -121,8 +123,17 @@ def launch(
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
+                if codes[0] is None:
+                    # Rank 0 explains usage errors (exit 2), and the others may leave first
+                    # when it tears the job's group down: give it a moment to say so.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        procs[0].wait(timeout=_RANK0_GRACE_S)
+                    codes = [p.poll() for p in procs]
+                    failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
                 # Prefer a rank killed by a signal (the cause) over ranks that reacted to it.
                 rank, rc = min(failed, key=lambda f: (f[1] >= 0, f[0]))
+                if codes[0] == 2 and rc >= 0:  # rank 0's usage error, not a killed peer
+                    rank, rc = 0, 2
                 others = sum(1 for c in codes if c is None)
                 _stop(procs, grace_s)
                 if rc == 2 and rank == 0:
