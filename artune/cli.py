@@ -50,9 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: a dry run of the whole pipeline with gloo on CPU processes")
     t.add_argument("--sizes", default=None,
                    help="LO:HI (powers of two with midpoints), LO:HI:FACTOR, or a list 4K,64K,1M "
-                   "(default 1K:256M; 1K:256M:4 with --quick; 1K:1M on --device cpu)")
-    t.add_argument("--dtypes", default="bfloat16", help="comma list (bfloat16,float16,float32)")
-    t.add_argument("--modes", default="graph,eager", help="comma list of graph,eager")
+                   "(default 1K:256M; 1K:256M:4 with --quick; on --device cpu 1K:1M, and "
+                   "1K:256K:4 with --quick)")
+    t.add_argument("--dtypes", default="bfloat16",
+                   help="comma list of bfloat16, float16, float32 (or bf16, fp16, fp32; "
+                   "default bfloat16)")
+    t.add_argument("--modes", default="graph,eager",
+                   help="comma list of graph, eager (default both)")
     t.add_argument("--backends", default=None,
                    help="comma list (default: every registered backend for the device)")
     t.add_argument("--include-sglang", action=argparse.BooleanOptionalAction, default=None,
@@ -73,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --quick)")
     t.add_argument("--reps", type=int, default=None,
                    help="timed repetitions per measurement (default 9; 5 with --quick)")
-    t.add_argument("--warmup", type=int, default=None, help="untimed repetitions first")
+    t.add_argument("--warmup", type=int, default=None,
+                   help="untimed repetitions first (default 2; 1 with --quick)")
     t.add_argument("--rel-tol", type=_fraction, default=0.03,
-                   help="backends closer than this (or the measured spread) count as tied")
+                   help="backends closer than this fraction (or the measured spread) count as "
+                   "tied (default 0.03)")
     t.add_argument("--incumbent-margin", type=_fraction, default=0.10,
                    help="SGLang's own all-reduce keeps every size where no backend measures "
                    "faster than it by more than this fraction (default 0.10; 0: the fastest "
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the options of launch can be reused)")
 
     la = sub.add_parser("launch", help="run sglang.launch_server with the profile active",
+                        usage="artune launch [--profile PATH] [--force] -- SGLANG_SERVER_ARGS",
                         description="Everything after `--` goes to sglang.launch_server.")
     la.add_argument("--profile", default=None, help="profile JSON (default: ARTUNE_PROFILE)")
     la.add_argument("--force", action="store_true",

@@ -129,6 +129,14 @@ def test_no_profile_at_all_names_the_remedy(tmp_path: Path) -> None:
     assert "--profile" in err and "artune tune --nproc-per-node 2" in err
 
 
+def test_tp_1_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """No --tp: one GPU, no tensor-parallel all-reduce (not "tune with --nproc-per-node 1",
+    which tune refuses)."""
+    code, err, started = _run(tmp_path, None, ["--model-path", "m"])
+    assert code == 2 and started is None
+    assert "TP=1" in err and "--tp N" in err and "--nproc-per-node 1" not in err
+
+
 def test_unreadable_profile_fails_before_start(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema_version": 1, "tables": ')

@@ -156,6 +156,10 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
     except ValueError as exc:
         return _fail(f"cannot read the TP size from the server arguments: {exc}")
 
+    if tp < 2:
+        return _fail(f"the server arguments give TP={tp}: a single GPU has no tensor-parallel "
+                     "all-reduce to route. Pass --tp N (N > 1) to serve with tensor "
+                     "parallelism, or run `python -m sglang.launch_server` directly")
     given = getattr(args, "profile", None) or envs.get("ARTUNE_PROFILE")
     path = Path(given) if given else _find_profile(tp, per_node)
     if path is None:
