@@ -95,3 +95,20 @@ def test_storage_url_elsewhere_holds_the_studies(tmp_path: Path, cpu_env: dict[s
     assert "gloo|bfloat16|eager|4096" in names
     again = run_artune(*args, "--resume", env=cpu_env)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stdout + again.stderr
+
+
+def test_resume_with_fewer_sizes_describes_only_those(tmp_path: Path, cpu_env: dict[str, str]
+                                                      ) -> None:
+    """A resumed tune's profile covers what its own command asks for: measurements stored by
+    the first run at other sizes are left out, and the run says how many."""
+    out = tmp_path / "p.json"
+    base = ("tune", "--device", "cpu", "--quick", "--modes", "eager", "--out", str(out))
+    first = run_artune(*base, "--sizes", "4K,64K", env=cpu_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert {m["nbytes"] for m in load(out).data["measurements"]} == {4096, 65536}
+    again = run_artune(*base, "--sizes", "4K", "--resume", env=cpu_env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    text = " ".join(again.stdout.split())
+    assert "stored measurements of other sizes, dtypes, modes or backends" in text
+    assert {m["nbytes"] for m in load(out).data["measurements"]} == {4096}
+    assert not select(load(out), 65536, "bfloat16", "eager").covered

@@ -79,6 +79,13 @@ class Driver:
                 pass
             raise
 
+    def _planned(self, m: dict[str, Any]) -> bool:
+        """Whether a stored measurement is of a size, dtype, mode and backend this tune asks
+        for (a resumed tune's profile describes the command that made it)."""
+        cfg = self.cfg
+        return (m.get("nbytes") in cfg.sizes and m.get("dtype") in cfg.dtypes
+                and m.get("mode") in cfg.modes and m.get("backend") in candidates(cfg))
+
     def _run(self, t0: float) -> int:
         t_start = time.time()
         from artune.topology import fingerprint, fingerprint_id
@@ -102,10 +109,17 @@ class Driver:
             return 2
         resumed = store.load() if cfg.resume else Resumed()
         if cfg.resume:
+            kept = [m for m in resumed.measurements if self._planned(m)]
+            left = len(resumed.measurements) - len(kept)
             self.con.print(
-                f"resuming from {url}: {len(resumed.measurements)} measurements and "
+                f"resuming from {url}: {len(kept)} measurements and "
                 f"{len(resumed.skipped)} exclusions kept"
+                + (f"; {left} stored measurements of other sizes, dtypes, modes or backends "
+                   "than this command asks for are left out of the profile" if left else "")
+                if resumed.measurements or resumed.skipped else
+                f"--resume: {url} holds no measurements yet; starting from the beginning"
             )
+            resumed.measurements = kept
         self.measurements += resumed.measurements
         for s in resumed.skipped:
             self._add_skip(s)
