@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "build_parser", "tune_config"]
 
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                   "float": "float32"}
 
@@ -164,6 +165,11 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
     )
     if args.sizes:
         cfg.sizes = parse_sizes(args.sizes)
+        width = max(_DTYPE_BYTES[d] for d in dtypes)
+        odd = [n for n in cfg.sizes if n % width]
+        if odd:
+            raise ValueError(f"--sizes: {', '.join(map(str, odd))} B is not a whole number of "
+                             f"{width}-byte elements ({', '.join(dtypes)})")
     return cfg
 
 

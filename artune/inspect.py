@@ -74,7 +74,12 @@ def render(profile: Profile, console: Any = None) -> None:
     spent = d.get("tune_seconds") or {}
     phases = {k: v for k, v in spent.items() if k != "total" and ":" not in k}
     if phases:
-        total = f"{spent['total']:.1f} s: " if "total" in spent else ""
+        total = ""
+        if "total" in spent and "start ranks" in spent:
+            total = (f"{spent['total'] + spent['start ranks']:.1f} s "
+                     f"({spent['total']:.1f} s after the ranks started): ")
+        elif "total" in spent:
+            total = f"{spent['total']:.1f} s: "
         console.print("  tune time: " + total
                       + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
                       soft_wrap=True, markup=False, highlight=False)

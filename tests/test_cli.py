@@ -81,6 +81,10 @@ def test_refused_before_any_rank_starts(
     assert "nccl needs CUDA GPUs" in err and "gloo" in err
     assert cli.main(["tune", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert cli.main(["tune", "--device", "cpu", "--sizes", "3,4K"]) == 2
+    assert "3 B is not a whole number of 2-byte elements" in capsys.readouterr().err
+    assert cli.main(["tune", "--device", "cpu", "--sizes", "1K:2M:x"]) == 2
+    assert "the factor 'x' is not a whole number" in capsys.readouterr().err
     assert calls == []
     assert cli.main(["tune", "--device", "cpu", "--backends", "nccl,gloo"]) == 0
     assert calls == [(["tune", "--device", "cpu", "--backends", "nccl,gloo"], 2)]

@@ -63,7 +63,11 @@ def parse_sizes(text: str) -> list[int]:
         lo, hi = parse_size(parts[0]), parse_size(parts[1])
         if hi < lo:
             raise ValueError(f"bad size range {text!r}: {hi} < {lo}")
-        factor = int(parts[2]) if len(parts) == 3 else 2
+        try:
+            factor = int(parts[2]) if len(parts) == 3 else 2
+        except ValueError:
+            raise ValueError(f"bad size range {text!r}: the factor {parts[2]!r} is not a whole "
+                             "number") from None
         if factor < 2:
             raise ValueError(f"bad size range {text!r}: the factor must be at least 2")
         out: list[int] = []
