@@ -134,8 +134,14 @@ def render(profile: Profile, console: Any = None) -> None:
         for v in validation:
             if not v.get("within") and not v.get("kept_incumbent"):
                 gap = v.get("gap_us")
-                how = (f" (gap {gap:+.1f} µs, {v.get('gap_from', 'medians')})"
-                       if gap is not None else "")
+                if gap is None:
+                    how = ""
+                elif v.get("gap_from") == "paired rounds":
+                    # the gap is the median of same-round differences; the two medians above
+                    # come from all rounds and can even differ the other way
+                    how = f" (median same-round gap {gap:+.1f} µs)"
+                else:
+                    how = f" (gap {gap:+.1f} µs, {v.get('gap_from', 'medians')})"
                 console.print(
                     f"  [red]{v['dtype']}/{v['mode']} {human_bytes(v['nbytes'])}: routed "
                     f"{v['routed_backend']} {fmt_us(v.get('routed_us'))} µs vs "
@@ -175,6 +181,7 @@ def plot(profile: Profile, path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     panels = sorted(best_per_backend(profile.data.get("measurements") or []).items())
     if not panels:
@@ -192,6 +199,7 @@ def plot(profile: Profile, path: str) -> str:
             ys = [p["latency_us"] for p in r.get("points", [])]
             ax.plot(xs, ys, "o", color=colors.get(r["backend"], "k"), ms=6, mec="k", mew=0.8)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(int(v))))
         ax.set_yscale("log")
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("latency (µs, slowest rank's median)")
