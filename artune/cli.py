@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
     """A ``TuneConfig`` from parsed ``tune`` arguments; ValueError naming a bad one."""
-    from artune.autotune.config import TuneConfig, parse_extra_backend, parse_sizes
+    from artune.autotune.config import TuneConfig, parse_extra_backend, parse_size, parse_sizes
     from artune.backends import BACKENDS
     from artune.profile import DTYPES, MODES
 
@@ -164,12 +164,17 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
         command=command,
     )
     if args.sizes:
-        cfg.sizes = parse_sizes(args.sizes)
+        sizes = parse_sizes(args.sizes)
+        # the sizes written out (a list, or a range's ends) must be whole elements; a range's
+        # own midpoints that are not (3 B between 2 and 4) are left out
+        parts = args.sizes.split(":")
+        written = sizes if len(parts) == 1 else [parse_size(p) for p in parts[:2]]
         width = max(_DTYPE_BYTES[d] for d in dtypes)
-        odd = [n for n in cfg.sizes if n % width]
+        odd = [n for n in written if n % width]
         if odd:
             raise ValueError(f"--sizes: {', '.join(map(str, odd))} B is not a whole number of "
                              f"{width}-byte elements ({', '.join(dtypes)})")
+        cfg.sizes = [n for n in sizes if n % width == 0]
     return cfg
 
 

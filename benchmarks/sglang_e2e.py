@@ -407,6 +407,8 @@ def _derived_profile(path: str, folder: Path, only: str | None = None,
 
     profile = load(path)
     measured = {m["backend"] for m in profile.data.get("measurements") or []}
+    if only and only not in measured:
+        raise SystemExit(f"{path}: no measurements of {only!r} to derive a profile from")
     excluded = sorted(measured - {only}) if only else [drop] if drop else []
     derived = _without(profile, dict.fromkeys(excluded, "left out by sglang_e2e.py"))
     out = folder / f"profile_{'only' if only else 'without'}_{only or drop}.json"

@@ -161,6 +161,12 @@ def test_rank_0s_usage_error_is_not_followed_by_resume_advice(
     fake.chmod(0o755)
     assert launch(["tune"], 2, python=str(fake)) == 2
     assert "--resume" not in capsys.readouterr().err
+    # a peer that fails on its own, rank 0 failing next on the lost peer: the peer is named
+    both = tmp_path / "python_both"
+    both.write_text('#!/bin/sh\n[ "$RANK" = 0 ] && { sleep 0.5; exit 1; }\nexit 1\n')
+    both.chmod(0o755)
+    assert launch(["tune"], 2, python=str(both)) == 1
+    assert "rank 1 " in capsys.readouterr().err
     # a peer that fails on its own while rank 0 runs on: named, with the advice
     slow = tmp_path / "python_slow"
     slow.write_text('#!/bin/sh\n[ "$RANK" = 0 ] && { sleep 30; exit 0; }\nexit 1\n')
@@ -168,3 +174,16 @@ def test_rank_0s_usage_error_is_not_followed_by_resume_advice(
     assert launch(["tune"], 2, python=str(slow), grace_s=1.0) == 1
     err = capsys.readouterr().err
     assert "rank 1" in err and "--resume" in err
+
+
+def test_size_ranges_keep_their_whole_element_midpoints() -> None:
+    """A range's own midpoints that are not whole elements are left out (3 B between 2 and 4
+    in bf16; 6 B between 4 and 8 in fp32); the sizes written out must be whole elements."""
+    def sizes(*argv: str) -> list[int]:
+        args = cli.build_parser().parse_args(["tune", "--device", "cpu", *argv])
+        return cli.tune_config(args, "artune tune").sizes
+
+    assert sizes("--sizes", "2:16") == [2, 4, 6, 8, 12, 16]
+    assert sizes("--sizes", "4:16", "--dtypes", "fp32") == [4, 8, 12, 16]
+    with pytest.raises(ValueError, match="2 B is not a whole number of 4-byte elements"):
+        sizes("--sizes", "2:16", "--dtypes", "bf16,fp32")

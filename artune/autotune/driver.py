@@ -80,11 +80,12 @@ class Driver:
             raise
 
     def _planned(self, m: dict[str, Any]) -> bool:
-        """Whether a stored measurement is of a size, dtype, mode and backend this tune asks
-        for (a resumed tune's profile describes the command that made it)."""
+        """Whether a stored measurement (or exclusion) is of a size, dtype, mode and backend
+        this tune asks for (a resumed tune's profile describes the command that made it)."""
         cfg = self.cfg
         return (m.get("nbytes") in cfg.sizes and m.get("dtype") in cfg.dtypes
-                and m.get("mode") in cfg.modes and m.get("backend") in candidates(cfg))
+                and m.get("mode") in (*cfg.modes, None)  # None: an exclusion of both modes
+                and m.get("backend") in candidates(cfg))
 
     def _run(self, t0: float) -> int:
         t_start = time.time()
@@ -110,16 +111,17 @@ class Driver:
         resumed = store.load() if cfg.resume else Resumed()
         if cfg.resume:
             kept = [m for m in resumed.measurements if self._planned(m)]
+            kept_skips = [s for s in resumed.skipped if self._planned(s)]
             left = len(resumed.measurements) - len(kept)
             self.con.print(
                 f"resuming from {url}: {len(kept)} measurements and "
-                f"{len(resumed.skipped)} exclusions kept"
+                f"{len(kept_skips)} exclusions kept"
                 + (f"; {left} stored measurements of other sizes, dtypes, modes or backends "
                    "than this command asks for are left out of the profile" if left else "")
                 if resumed.measurements or resumed.skipped else
                 f"--resume: {url} holds no measurements yet; starting from the beginning"
             )
-            resumed.measurements = kept
+            resumed.measurements, resumed.skipped = kept, kept_skips
         self.measurements += resumed.measurements
         for s in resumed.skipped:
             self._add_skip(s)

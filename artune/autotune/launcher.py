@@ -123,17 +123,17 @@ def launch(
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                if codes[0] is None:
-                    # Rank 0 explains usage errors (exit 2), and the others may leave first
-                    # when it tears the job's group down: give it a moment to say so.
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        procs[0].wait(timeout=_RANK0_GRACE_S)
-                    codes = [p.poll() for p in procs]
-                    failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-                # Prefer a rank killed by a signal (the cause) over ranks that reacted to it.
+                # Prefer a rank killed by a signal (the cause) over ranks that reacted to it;
+                # among the others, the first seen failing.
                 rank, rc = min(failed, key=lambda f: (f[1] >= 0, f[0]))
-                if codes[0] == 2 and rc >= 0:  # rank 0's usage error, not a killed peer
-                    rank, rc = 0, 2
+                if codes[0] is None and rc >= 0:
+                    # Rank 0 explains usage errors (exit 2), and the others may leave first
+                    # when it tears the job's group down: give it a moment to say so. (A rank
+                    # 0 that fails otherwise meanwhile, e.g. on the lost peer, is not blamed.)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        if procs[0].wait(timeout=_RANK0_GRACE_S) == 2:
+                            rank, rc = 0, 2
+                    codes = [p.poll() for p in procs]
                 others = sum(1 for c in codes if c is None)
                 _stop(procs, grace_s)
                 if rc == 2 and rank == 0:
