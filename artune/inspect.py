@@ -11,6 +11,7 @@ folder) and shows which backend took each all-reduce, next to what the profile s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -305,16 +306,16 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"artune show: {exc}", file=sys.stderr)
             return 2
+    console = _console()
     try:
         if getattr(args, "json", False):
             json.dump(profile.data, sys.stdout, indent=1)
             sys.stdout.write("\n")
             sys.stdout.flush()
         else:
-            render(profile)
-    except BrokenPipeError:  # `artune show P --json | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+            render(profile, console)
+    except BrokenPipeError:  # `artune show P | head`: the reader has what it wanted
+        _drop_stdout(console)
     if target is not None:
         try:
             # on stderr: with --json, stdout holds the JSON document alone
@@ -328,5 +329,28 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"artune show: {exc}", file=sys.stderr)
             return 2
-        render_routes(profile, processes, rows)
+        try:
+            render_routes(profile, processes, rows, console)
+        except BrokenPipeError:
+            _drop_stdout(console)
     return 0
+
+
+def _console() -> Any:
+    """rich's Console for ``show``, whose broken pipe raises BrokenPipeError (rich's own
+    default exits with status 1 there)."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    # Piped output (files, READMEs, tests) must not truncate backend names to a terminal width.
+    return _Console(width=None if sys.stdout.isatty() else 140)
+
+
+def _drop_stdout(console: Any) -> None:
+    """The reader of stdout has gone: send what is left there to /dev/null."""
+    console.quiet = True
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
