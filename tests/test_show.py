@@ -146,3 +146,23 @@ def test_show_routes_next_to_what_the_profile_says(tmp_path: Path, capsys) -> No
     empty.mkdir()
     assert main(_args(p, routes=str(empty))) == 2
     assert "no route trace" in capsys.readouterr().err
+
+
+def test_show_reader_going_away_is_not_an_error(tmp_path: Path) -> None:
+    """`artune show P --json --plot x.png | head -1`: status 0, the plot drawn all the same
+    (the reference profile's JSON is far larger than a pipe's buffer)."""
+    import subprocess
+    import sys
+
+    from conftest import artune_env
+
+    ref = Path(__file__).resolve().parents[1] / "artune" / "profiles" / "6eeb601b655cf21c.json"
+    png = tmp_path / "x.png"
+    p = subprocess.Popen([sys.executable, "-m", "artune.cli", "show", str(ref), "--json",
+                          "--plot", str(png)], env=artune_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert p.stdout is not None and p.stdout.readline().strip() == b"{"
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err.decode()
+    assert b"Traceback" not in err and png.is_file()
