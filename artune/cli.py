@@ -297,7 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["launch"] and "--" in argv:
         i = argv.index("--")
         argv, forwarded = argv[:i], argv[i + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:1] == ["launch"]:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}. The SGLang server "
+                         "arguments go after `--`: artune launch [--profile PATH] -- "
+                         f"{' '.join(unknown)}")
+    else:
+        args = parser.parse_args(argv)
     if args.command == "tune":
         return _tune(args, argv[1:])
     if args.command == "show":

@@ -187,3 +187,13 @@ def test_size_ranges_keep_their_whole_element_midpoints() -> None:
     assert sizes("--sizes", "4:16", "--dtypes", "fp32") == [4, 8, 12, 16]
     with pytest.raises(ValueError, match="2 B is not a whole number of 4-byte elements"):
         sizes("--sizes", "2:16", "--dtypes", "bf16,fp32")
+
+
+def test_launch_without_dashdash_says_where_sglangs_arguments_go(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["launch", "--model-path", "m", "--tp", "2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "go after `--`" in err
+    assert "artune launch [--profile PATH] -- --model-path m --tp 2" in err
