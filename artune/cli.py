@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "build_parser", "tune_config"]
 
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                   "float": "float32"}
 
@@ -116,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
     """A ``TuneConfig`` from parsed ``tune`` arguments; ValueError naming a bad one."""
     from artune.autotune.config import TuneConfig, parse_extra_backend, parse_size, parse_sizes
+    from artune.autotune.crew import element_size
     from artune.backends import BACKENDS
     from artune.profile import DTYPES, MODES
 
@@ -169,7 +169,7 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
         # own midpoints that are not (3 B between 2 and 4) are left out
         parts = args.sizes.split(":")
         written = sizes if len(parts) == 1 else [parse_size(p) for p in parts[:2]]
-        width = max(_DTYPE_BYTES[d] for d in dtypes)
+        width = max(element_size(d) for d in dtypes)
         odd = [n for n in written if n % width]
         if odd:
             raise ValueError(f"--sizes: {', '.join(map(str, odd))} B is not a whole number of "

@@ -79,14 +79,6 @@ class Driver:
                 pass
             raise
 
-    def _planned(self, m: dict[str, Any]) -> bool:
-        """Whether a stored measurement (or exclusion) is of a size, dtype, mode and backend
-        this tune asks for (a resumed tune's profile describes the command that made it)."""
-        cfg = self.cfg
-        return (m.get("nbytes") in cfg.sizes and m.get("dtype") in cfg.dtypes
-                and m.get("mode") in (*cfg.modes, None)  # None: an exclusion of both modes
-                and m.get("backend") in candidates(cfg))
-
     def _run(self, t0: float) -> int:
         t_start = time.time()
         from artune.topology import fingerprint, fingerprint_id
@@ -110,8 +102,17 @@ class Driver:
             return 2
         resumed = store.load() if cfg.resume else Resumed()
         if cfg.resume:
-            kept = [m for m in resumed.measurements if self._planned(m)]
-            kept_skips = [s for s in resumed.skipped if self._planned(s)]
+            # the profile of a resumed tune describes the command that resumed it: what was
+            # stored for other sizes, dtypes, modes or backends stays out
+            sizes, backends = set(cfg.sizes), set(candidates(cfg))
+            modes = {*cfg.modes, None}  # None: an exclusion of both modes
+
+            def planned(m: dict[str, Any]) -> bool:
+                return (m.get("nbytes") in sizes and m.get("dtype") in cfg.dtypes
+                        and m.get("mode") in modes and m.get("backend") in backends)
+
+            kept = [m for m in resumed.measurements if planned(m)]
+            kept_skips = [s for s in resumed.skipped if planned(s)]
             left = len(resumed.measurements) - len(kept)
             self.con.print(
                 f"resuming from {url}: {len(kept)} measurements and "
