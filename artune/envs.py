@@ -69,6 +69,14 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "kernel first waits for the previous grid, only the launch overlaps); 0 turns it off. "
         "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both).",
     ),
+    "ARTUNE_FORWARD_CHECK": (
+        True,
+        _bool,
+        "1: the SGLang plugin reads every routed backend's fault record (a wait its device code "
+        "gave up) before each model forward pass and stops the rank on one; 0: no check, a "
+        "fault then surfaces at that backend's next eager call only (CUDA-graph replays go on "
+        "with wrong sums meanwhile).",
+    ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_WARM": (

@@ -26,7 +26,10 @@ exactly the measured batch sizes. Configs:
 - ``artune_without_sglang`` the profile re-derived without SGLang's own measurements (what the
   plugin routes when SGLang's custom all-reduce is off, ``artune_nccl``), with that custom
   all-reduce left on: every config setting as in ``default``, so against it the only
-  difference is whose kernels run the routed all-reduces.
+  difference is whose kernels run the routed all-reduces;
+- ``artune_inert_again`` ``artune_inert`` in another engine;
+- ``artune_inert_nocheck`` ``artune_inert`` with ``ARTUNE_FORWARD_CHECK=0``: the hooks on the
+  all-reduce path stay, the per-forward fault check goes.
 
 Per batch size (requests of ``--input-len`` token ids, ``--new-tokens`` greedy tokens, EOS
 ignored) it times ``--reps`` pairs of generates, one producing 1 token (prefill) and one
@@ -113,6 +116,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_again": {"artune": True, "kw": {}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
+    "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},
+    "artune_inert_nocheck": {"artune": True, "kw": {}, "only": "sglang",
+                             "env": {"ARTUNE_FORWARD_CHECK": "0"}},
 }
 TOP_K = 20
 CHECK_REQUESTS = 4
@@ -622,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                 env["ARTUNE_PROFILE"] = _derived_profile(
                     args.profile, Path(model_dir), only=CONFIGS[config].get("only"),
                     drop=CONFIGS[config].get("drop"))
+        env.update(CONFIGS[config].get("env", {}))
         res_file = Path(model_dir) / f"{config}.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", config,
                "--worker-out", str(res_file), "--model-dir", model_dir,

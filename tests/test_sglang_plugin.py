@@ -425,6 +425,19 @@ def test_a_backend_fault_stops_the_next_forward_pass(current: str, tmp_path: Pat
         assert "stops this rank before its next forward pass" in r["faulty"]
 
 
+def test_forward_check_off_leaves_the_forward_pass_alone(current: str, tmp_path: Path) -> None:
+    """ARTUNE_FORWARD_CHECK=0: no hook on the forward pass (a recorded fault goes unnoticed
+    there), and the plugin says so."""
+    prof = _write_profile(tmp_path / "p.json")
+    res = _run(current, tmp_path, scenario="watch",
+               env={"ARTUNE_PROFILE": str(prof), "ARTUNE_FORWARD_CHECK": "0"})
+    for r in res:
+        assert "error" not in r, r["error"] + r["stderr"][-3000:]
+        assert r["watching"] is False
+        assert r["healthy"] == "forward 1" and r["faulty"] == "ran", r
+        assert "ARTUNE_FORWARD_CHECK=0" in r["stderr"]
+
+
 def test_before_forward_passes_healthy_routes_and_names_the_fault() -> None:
     doc = build_profile([_rec("gloo", 4 * KB, 9.0)], [],
                         fingerprint=topology.fingerprint(2, 2, device="cpu"), command="t",

@@ -421,11 +421,16 @@ def watch_forward() -> bool:
     the pass whose wait ran out (and, with SGLang's overlap scheduler, the one launched
     meanwhile) has already produced its tokens. Hooked (SGLang's HookRegistry) here, after
     ``initialize_model_parallel``, only where SGLang's model runner is already loaded: the
-    model's processes. True when the check is in place."""
+    model's processes; not at all with ARTUNE_FORWARD_CHECK=0. True when the check is in
+    place."""
     import sys
 
     if _WATCHING:
         return True
+    if not envs.get("ARTUNE_FORWARD_CHECK"):
+        logger.warning("artune: ARTUNE_FORWARD_CHECK=0: backend faults are not checked before "
+                       "each forward pass; they surface at their next eager call only")
+        return False
     runner = getattr(sys.modules.get(MR), "ModelRunner", None)
     if runner is None or not callable(getattr(runner, "forward", None)):
         logger.info("artune: SGLang's model runner is not loaded in this process; backend "
