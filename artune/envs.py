@@ -77,6 +77,14 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "fault then surfaces at that backend's next eager call only (CUDA-graph replays go on "
         "with wrong sums meanwhile).",
     ),
+    "ARTUNE_NVRAR_CLEAR_AHEAD": (
+        False,
+        _bool,
+        "1: NVRAR's lamport slots get three parities (1.5x that region of the NVSHMEM heap) and "
+        "each lamport call empties the slots the previous one read while it waits for its "
+        "peers, instead of at its own end. Not yet measured on GPUs; every rank must set it "
+        "alike (checked when the backend is built).",
+    ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_WARM": (

@@ -98,6 +98,13 @@ def test_layout_regions_are_disjoint_aligned_and_sized() -> None:
     assert "exceeds" in (lay.check_message((1 << 20) + 2, "twoshot", "signal") or "")
     hier = Layout(Nodes(2, 2), 1 << 20, 0, 1 << 18)
     assert "one node only" in (hier.check_message(64, "oneshot", "ll") or "")
+    # three lamport parities (ARTUNE_NVRAR_CLEAR_AHEAD): that region alone grows, by half
+    three = Layout(Nodes(1, 4), 1 << 20, 1 << 16, 1 << 18, 3)
+    assert three.region("lamport")[1] == 3 * lay.region("lamport")[1] // 2
+    assert three.total_bytes - lay.total_bytes == lay.region("lamport")[1] // 2
+    assert three.lamport_ag == lay.lamport_ag
+    with pytest.raises(ValueError, match="lamport_parities=4"):
+        Layout(Nodes(1, 4), 1 << 20, 1 << 16, 1 << 18, 4)
 
 
 def test_plan_validation_and_error_messages() -> None:
@@ -314,12 +321,12 @@ def _input(rank: int, numel: int, dtype: str, call: int) -> torch.Tensor:
 
 def _rank_main(
     rank: int, nodes: int, local: int, max_bytes: int, folder: str, cases: list[Case],
-    skip: int, timeout_s: float, stall: tuple[int, float], q: Any,
+    skip: int, timeout_s: float, stall: tuple[int, float], parities: int, q: Any,
 ) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         nd = Nodes(nodes, local)
-        lay = Layout(nd, max_bytes, max_bytes if nodes == 1 else 0, max_bytes)
+        lay = Layout(nd, max_bytes, max_bytes if nodes == 1 else 0, max_bytes, parities)
         bufs = [
             torch.from_file(str(Path(folder) / f"rank{r}"), shared=True,
                             size=lay.total_bytes, dtype=torch.uint8)
@@ -373,9 +380,10 @@ def _spawn_ranks(world: int, target: Any, args_of: Any) -> list[Any]:
 
 def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16,
              skip: int = -1, timeout_s: float = 60.0,
-             stall: tuple[int, float] = (-1, 0.0)) -> list[list[Any]]:
+             stall: tuple[int, float] = (-1, 0.0), parities: int = 2) -> list[list[Any]]:
     world = nodes * local
-    lay = Layout(Nodes(nodes, local), max_bytes, max_bytes if nodes == 1 else 0, max_bytes)
+    lay = Layout(Nodes(nodes, local), max_bytes, max_bytes if nodes == 1 else 0, max_bytes,
+                 parities)
     fresh = torch.empty(lay.total_bytes, dtype=torch.uint8)
     init_buffer(fresh, lay)
     with tempfile.TemporaryDirectory(prefix="artune-nvrar-emu-") as folder:
@@ -383,7 +391,8 @@ def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16
             (Path(folder) / f"rank{r}").write_bytes(fresh.numpy().tobytes())
         return _spawn_ranks(
             world, _rank_main,
-            lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s, stall),
+            lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s, stall,
+                       parities),
         )
 
 
@@ -482,6 +491,38 @@ def test_slots_are_reused_safely_over_many_calls() -> None:
         for i in range(18)
     ]
     _check(_emulate(1, 3, cases), cases)
+
+
+#: Lamport calls of every size order: one-shots and two-shots after each other (each lamport
+#: call empties what the one before it read, whatever its kind and size), runs of one kind
+#: longer than the three parities, other plans in between (they leave the lamport epochs alone).
+AHEAD_CASES: list[Case] = [
+    (4099, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 3}),
+    (5, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (3000, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 2}),
+    (2001, "float16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 4}),
+    (2999, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 1}),
+    (2000, "float16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (999, "float16", {"algo": "oneshot", "proto": "ll", "block": 256, "ctas": 2}),
+    (3001, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 3}),
+    (777, "bfloat16", {"algo": "twoshot", "proto": "signal", "block": 256, "ctas": 2}),
+    (3001, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 1}),
+    (1, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (3003, "float16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 2}),
+    (4099, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 3}),
+    (1001, "float32", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),  # LL
+    (4097, "float16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_clear_ahead_three_parities_emulated(world: int) -> None:
+    """ARTUNE_NVRAR_CLEAR_AHEAD (Layout.lamport_parities=3): every lamport call empties the slots
+    its predecessor read instead of its own; the sums and bits stay right over every order."""
+    _check(_emulate(1, world, AHEAD_CASES, parities=3), AHEAD_CASES)
+    _check(_emulate(1, world, ONE_NODE_CASES, parities=3), ONE_NODE_CASES)
 
 
 @needs_triton
@@ -727,6 +768,39 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
         s = comm.spec(x, y, p)
         assert s.kwargs["PDL"] is True and s.kwargs["launch_pdl"] is True, p
         assert s.key != before.key, p
+
+
+def test_clear_ahead_reaches_the_lamport_kernels_only() -> None:
+    """Three parities: both lamport kernels get AHEAD, the pending-clear table and their own
+    epoch counters (lamport calls only), under another compiled-variant key; every other kernel
+    keeps the shared counters and no AHEAD."""
+    from artune.kernels.nvrar import Plan
+
+    nd = Nodes(1, 2)
+    specs = {}
+    for parities in (2, 3):
+        lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18, parities)
+        comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                         [1 << 20, 2 << 20], torch.device("cpu"), timeout_s=1.0)
+        x = torch.zeros(1000, dtype=torch.bfloat16)
+        plans = [Plan(algo="oneshot", proto="lamport", block=256, ctas=2),
+                 Plan(algo="twoshot", proto="lamport", block=256, ctas=2),
+                 Plan(algo="oneshot", proto="ll", block=256, ctas=2),
+                 Plan(algo="twoshot", proto="signal", block=256, ctas=2)]
+        specs[parities] = (comm, [comm.spec(x, torch.empty_like(x), p) for p in plans])
+    two, three = specs[2], specs[3]
+    for k, (a, b) in enumerate(zip(two[1], three[1], strict=True)):
+        lamport = k < 2
+        assert b.kwargs.get("AHEAD", False) is lamport and a.kwargs.get("AHEAD", False) is False
+        assert (a.key != b.key) is lamport
+        counters = [t for t in b.args if isinstance(t, torch.Tensor) and t.dtype == torch.int32]
+        if lamport:
+            assert any(t is three[0].lctr for t in counters)
+            assert any(t is three[0].pend for t in counters)
+            assert not any(t is three[0].ctr for t in counters)
+        else:
+            assert any(t is three[0].ctr for t in counters)
+            assert not any(t is three[0].lctr for t in counters)
 
 
 def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:

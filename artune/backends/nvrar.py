@@ -249,14 +249,16 @@ class NvrarBackend(Backend):
         _nvshmem.ensure_initialized(ctx)
         one, ll = _caps(ctx)
         self.nodes = Nodes(ctx.nodes, ctx.ranks_per_node)
-        self.layout = Layout(self.nodes, ctx.max_bytes, one, ll)
+        ahead = bool(envs.get("ARTUNE_NVRAR_CLEAR_AHEAD"))
+        self.layout = Layout(self.nodes, ctx.max_bytes, one, ll, 3 if ahead else 2)
         self.buf: torch.Tensor | None = _nvshmem.alloc((self.layout.total_bytes,), torch.uint8)
         init_buffer(self.buf, self.layout)  # no valid epoch anywhere; lamport slots empty
         torch.cuda.synchronize(ctx.device)
         # Every rank must lay out its buffer and pack its words the same way (the settings come
         # from each process's environment); the exchange is also the barrier after which peers
         # may write into this buffer (it is zeroed).
-        mine = {"ARTUNE_NVRAR_ONESHOT_MAX_BYTES": one, "ARTUNE_NVRAR_LL_MAX_BYTES": ll}
+        mine = {"ARTUNE_NVRAR_ONESHOT_MAX_BYTES": one, "ARTUNE_NVRAR_LL_MAX_BYTES": ll,
+                "ARTUNE_NVRAR_CLEAR_AHEAD": ahead}
         seen: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(seen, mine, group=ctx.cpu_group)
         differ = sorted({k for s in seen for k in mine if s[k] != mine[k]})

@@ -189,6 +189,12 @@ class NvrarComm:
             self.world_bases = None
         self.p2p_everywhere = all(b != 0 for b in self.bases)
         self.ctr = torch.zeros(MAX_CTAS, dtype=torch.int32, device=device)
+        #: Three lamport parities (``layout.lamport_parities``): each lamport call empties the
+        #: slots the previous one read (``nvrar_lamport._ahead``), counting lamport calls on
+        #: their own epoch counters, with what each parity's call left to clear in ``pend``.
+        self.ahead = layout.lamport_parities == 3
+        self.lctr = torch.zeros(MAX_CTAS, dtype=torch.int32, device=device)
+        self.pend = torch.zeros(12, dtype=torch.int32, device=device)
         self.err_dev = torch.zeros(1, dtype=torch.int64, device=device)
         pin = device.type == "cuda"
         self.err_host = torch.zeros(1, dtype=torch.int64, pin_memory=pin)
@@ -271,8 +277,14 @@ class NvrarComm:
             return out
         return y
 
-    def _common(self) -> tuple[Any, ...]:
-        return (self.ctr, self.err_dev, self.err_host.data_ptr(), self.limit_ns, self.rank)
+    def _common(self, ctr: Any = None) -> tuple[Any, ...]:
+        return (self.ctr if ctr is None else ctr, self.err_dev, self.err_host.data_ptr(),
+                self.limit_ns, self.rank)
+
+    def _lamport_common(self) -> tuple[Any, ...]:
+        """A lamport kernel's ``pend`` and common arguments: with three parities its epochs
+        count lamport calls only."""
+        return (self.pend, *self._common(self.lctr if self.ahead else None))
 
     def _launch(self, spec: _Spec) -> None:
         """Launch, compiling first on the first use of the kernel in this process.
@@ -356,15 +368,16 @@ class NvrarComm:
         assert self.world_bases is not None
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
         args = (x, y, n, *self.world_bases, self.offsets["lamport"], self.layout.lamport_slot,
-                *self._common())
+                *self._lamport_common())
         warps = _lamport_warps(plan.block)
         # Words of four consecutive elements (8-byte loads and stores) where every rank's n
         # allows it: the wire layout must be the same on every rank, and n is.
         vec = n % 4 == 0
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BLOCK=plan.block, MAXC=MAX_CTAS,
-                                      INTERPRET=self.interpret, num_warps=warps, VEC=vec)
+                                      INTERPRET=self.interpret, num_warps=warps, VEC=vec,
+                                      AHEAD=self.ahead)
         kwargs.update(self._pdl())
-        key = ("lamport", x.dtype, plan.block, warps, self.pdl, vec)
+        key = ("lamport", x.dtype, plan.block, warps, self.pdl, self.ahead, vec)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _lamport2(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:
@@ -375,13 +388,14 @@ class NvrarComm:
         shard = round_up(cdiv(n, w), plan.block)
         grid = min(plan.ctas, shard // plan.block, self.max_grid)
         args = (x, y, n, shard, *self.world_bases, self.offsets["lamport"],
-                self.layout.lamport_slot, self.layout.lamport_ag, *self._common())
+                self.layout.lamport_slot, self.layout.lamport_ag, *self._lamport_common())
         warps = _lamport_warps(plan.block)
         vec = n % 4 == 0
         kwargs: dict[str, Any] = dict(W=w, BLOCK=plan.block, MAXC=MAX_CTAS,
-                                      INTERPRET=self.interpret, num_warps=warps, VEC=vec)
+                                      INTERPRET=self.interpret, num_warps=warps, VEC=vec,
+                                      AHEAD=self.ahead)
         kwargs.update(self._pdl())
-        key = ("lamport2", x.dtype, plan.block, warps, self.pdl, vec)
+        key = ("lamport2", x.dtype, plan.block, warps, self.pdl, self.ahead, vec)
         return _Spec(twoshot_lamport_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:

@@ -158,6 +158,7 @@ def oneshot_lamport_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,  # symmetric buffer base of rank i, as this GPU addresses it
     region,  # byte offset of the lamport region
     slot_bytes,  # bytes of one [parity][src] slot
+    pend_ptr,  # *int32 [3][4] AHEAD: the words each lamport parity's call left to clear
     ctr_ptr,  # *int32 [MAX_CTAS] epoch counters (all equal between calls)
     err_dev,  # *int64 device error word (non-zero: poisoned, waits are skipped)
     err_host,  # int64 address of the host-mapped error word
@@ -169,6 +170,7 @@ def oneshot_lamport_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
     VEC: tl.constexpr = False,  # words of 4 consecutive elements (n % 4 == 0, x, y 8-aligned)
+    AHEAD: tl.constexpr = False,  # three parities; clear the previous call's slots (_ahead)
 ):
     pdl_begin(PDL, INTERPRET)
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
@@ -178,6 +180,7 @@ def oneshot_lamport_kernel(
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     epoch, limit, par, _ = call_state(ctr_ptr, err_dev, limit_ns, pid)
+    par = _parity(epoch, par, AHEAD)
     nchunks = tl.cdiv(n, BLOCK)
 
     # push this rank's chunks (whole chunks: zeros past n) into every peer's slot [par][rank];
@@ -195,16 +198,74 @@ def oneshot_lamport_kernel(
             slot += (par * W + rank) * slot_bytes
             tl.store(ptr_as(slot, tl.uint64) + c * Q + tl.arange(0, Q), w, mask=go)
 
-    mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
-    _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
-                 nchunks, W, BLOCK, INTERPRET, VEC)
-    end_call(ctr_ptr, epoch, pid, G, MAXC)
+    base = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region
+    if AHEAD:  # while the peers' words travel: empty what the previous lamport call read
+        _ahead(base, slot_bytes, pend_ptr, epoch, par, nchunks * Q, 0, 0, rank, pid, G, W, Q)
+    _gather_flat(x_ptr, y_ptr, n, base + par * W * slot_bytes, slot_bytes, err_dev, err_host,
+                 limit, rank, pid, G, nchunks, W, BLOCK, INTERPRET, VEC, AHEAD)
+    end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
+
+
+#: AHEAD: the lamport epoch counters wrap at this multiple of 3, so that consecutive calls
+#: always take consecutive parities (2**32 is not a multiple of 3).
+LAMPORT_WRAP = tl.constexpr(3 << 28)
+
+
+@triton.jit
+def _parity(epoch, par, AHEAD: tl.constexpr):
+    """The lamport slot parity of this call: ``par`` (epoch & 1) with two parities, epoch % 3
+    with three (AHEAD; the epoch is then in 1..LAMPORT_WRAP)."""
+    if AHEAD:
+        par = (epoch % 3).to(tl.int64)
+    return par
+
+
+@triton.jit
+def _next_epoch(epoch, AHEAD: tl.constexpr):
+    """What end_call stores: the epoch, wrapped at LAMPORT_WRAP with three parities."""
+    if AHEAD:
+        epoch = epoch % LAMPORT_WRAP
+    return epoch
+
+
+@triton.jit
+def _ahead(base, slot_bytes, pend_ptr, epoch, par, a, boff, b, rank, pid, G,
+           W: tl.constexpr, Q: tl.constexpr):
+    """Three parities (``AHEAD``): the sentinel back over the words the previous lamport call
+    read, instead of at the end of that call, and this call's own words recorded for the next.
+
+    ``pend[p]`` = (a, boff, b): a call of parity p read words [0, a) and [boff, boff + b) of
+    every peer's slot [p][src]. Call k empties those of call k - 1 (parity (k - 1) % 3), spread
+    over its CTAs. Safe: a peer next writes them in call k + 2, which it starts only after its
+    call k + 1 has this rank's data of call k + 1, sent after this call ended. (Call k + 1's
+    slots, which a fast peer may be filling now, have the third parity.) The lamport epochs
+    count lamport calls only (their own counters), so other plans between them change
+    nothing. Empty ``pend`` before the first call: nothing to clear."""
+    prev = (epoch + 2) % 3  # (epoch - 1) mod 3, epoch >= 1
+    pa = tl.load(pend_ptr + prev * 4)
+    pboff = tl.load(pend_ptr + prev * 4 + 1)
+    pb = tl.load(pend_ptr + prev * 4 + 2)
+    if pid == 0:  # read only by the next lamport call, after this one ended
+        k = tl.arange(0, 4)
+        rec = tl.where(k == 0, a, tl.where(k == 1, boff, tl.where(k == 2, b, 0)))
+        tl.store(pend_ptr + par * 4 + k, rec.to(tl.int32))
+    offs = tl.arange(0, Q)
+    empty = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
+    slots = ptr_as(base + prev.to(tl.int64) * W * slot_bytes, tl.uint64)
+    STRIDE = slot_bytes // 8
+    for w in range(pid * Q, pa, G * Q):
+        for i in tl.static_range(W):
+            tl.store(slots + i * STRIDE + w + offs, empty, mask=(w + offs < pa) & (rank != i))
+    for w in range(pid * Q, pb, G * Q):
+        for i in tl.static_range(W):
+            tl.store(slots + i * STRIDE + pboff + w + offs, empty,
+                     mask=(w + offs < pb) & (rank != i))
 
 
 @triton.jit
 def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
                  nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
-                 VEC: tl.constexpr):
+                 VEC: tl.constexpr, AHEAD: tl.constexpr):
     """Wait, sum and clear with every source's words as a 1-D [Q] vector of the same layout:
     each thread polls, sums and clears only its own words (no reduction across threads, no
     layout conversion). On the GPU a thread polls up to four sources' words in one loop
@@ -230,7 +291,8 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        _clear(base, STRIDE, me, W)  # back to empty: every source's words but this rank's
+        if not AHEAD:  # (AHEAD: the next lamport call empties them)
+            _clear(base, STRIDE, me, W)  # back to empty: every source's words but this rank's
 
 
 @triton.jit
@@ -340,6 +402,7 @@ def twoshot_lamport_kernel(
     region,  # byte offset of the lamport region
     slot_bytes,  # bytes of one [parity][src] slot
     ag_bytes,  # byte offset of the all-gather half inside a slot
+    pend_ptr,  # *int32 [3][4] AHEAD: the words each lamport parity's call left to clear
     ctr_ptr,  # *int32 [MAX_CTAS] epoch counters (all equal between calls)
     err_dev,  # *int64 device error word (non-zero: poisoned, waits are skipped)
     err_host,  # int64 address of the host-mapped error word
@@ -351,6 +414,7 @@ def twoshot_lamport_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr = False,
     VEC: tl.constexpr = False,  # words of 4 consecutive elements (n % 4 == 0, x, y 8-aligned)
+    AHEAD: tl.constexpr = False,  # three parities; clear the previous call's slots (_ahead)
 ):
     """Two-shot all-reduce on one node with the lamport protocol (the data its own flag):
 
@@ -374,13 +438,15 @@ def twoshot_lamport_kernel(
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     epoch, limit, par, _ = call_state(ctr_ptr, err_dev, limit_ns, pid)
+    par = _parity(epoch, par, AHEAD)
     cps = shard // BLOCK  # chunks per shard
     STRIDE = slot_bytes // 8
     offs = tl.arange(0, Q)
     go = (offs >= 0) & (limit > 0)  # no pushes after a timeout on this rank (see one-shot)
     me = tl.zeros([Q], tl.int32) + rank
     deadline = now_ns(INTERPRET) + limit
-    mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
+    base_all = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region
+    mine = base_all + par * W * slot_bytes
 
     # 1a. reduce-scatter pushes: every other rank's shard, chunk by chunk
     for c in range(pid, cps, G):
@@ -390,6 +456,9 @@ def twoshot_lamport_kernel(
             slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
             slot += (par * W + rank) * slot_bytes
             tl.store(ptr_as(slot, tl.uint64) + c * Q + offs, w, mask=go)
+    if AHEAD:  # while the chunks travel: empty what the previous lamport call read
+        _ahead(base_all, slot_bytes, pend_ptr, epoch, par, cps * Q, ag_bytes // 8, cps * Q,
+               rank, pid, G, W, Q)
 
     # 1b. this rank's shard: wait, sum, clear; 2a. push the result everywhere, and to y
     # quiet: a poisoned instance keeps its first record; so does a thread that recorded one
@@ -405,7 +474,8 @@ def twoshot_lamport_kernel(
         # peers must time out on them (naming this rank) rather than take them
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        _clear(base, STRIDE, me, W)
+        if not AHEAD:
+            _clear(base, STRIDE, me, W)
         r = _pack(a0, a1, a2, a3, DT)
         forward = go & (failed == 0)
         for i in tl.static_range(1, W):
@@ -434,9 +504,10 @@ def twoshot_lamport_kernel(
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        _clear(base, STRIDE, me, W)
+        if not AHEAD:
+            _clear(base, STRIDE, me, W)
 
-    end_call(ctr_ptr, epoch, pid, G, MAXC)
+    end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
 
 
 @triton.jit

@@ -9,7 +9,8 @@ Regions (``ll`` = LL words: 8 bytes per 4 payload bytes; ``sig`` = raw payload):
 region          shape                          written by
 ==============  =============================  ==================================================
 ``oneshot``     [parity][W src] LL slots       every rank, one-shot push (``nvrar_oneshot``)
-``lamport``     [parity][W src] 16-bit slots   every rank, one-shot push (``nvrar_lamport``);
+``lamport``     [parity][W src] 16-bit slots   every rank, one-shot push (``nvrar_lamport``;
+                                               2 parities, 3 with ``lamport_parities=3``);
                                                the sentinel 0x8000 where empty (``init_buffer``);
                                                two-shot lamport: reduce-scatter chunks in the
                                                first half of a slot, all-gather in the second
@@ -165,6 +166,13 @@ class Layout:
     max_bytes: int  # largest message (any algorithm)
     oneshot_bytes: int  # largest one-shot message (0: no one-shot region)
     ll_bytes: int  # largest two-shot/hierarchical LL message
+    #: lamport slot parities: 2, or 3 where each lamport call empties the previous one's slots
+    #: (ARTUNE_NVRAR_CLEAR_AHEAD; ``nvrar_lamport._ahead``)
+    lamport_parities: int = 2
+
+    def __post_init__(self) -> None:
+        if self.lamport_parities not in (2, 3):
+            raise ValueError(f"Layout: lamport_parities={self.lamport_parities} (2 or 3)")
 
     # ---- slot sizes (bytes) ----
     @property
@@ -213,7 +221,8 @@ class Layout:
         local = n.local if n.local > 1 else 0
         return [
             ("oneshot", 2 * n.world * self.oneshot_slot if n.nodes == 1 else 0),
-            ("lamport", 2 * n.world * self.lamport_slot if n.nodes == 1 else 0),
+            ("lamport", self.lamport_parities * n.world * self.lamport_slot
+             if n.nodes == 1 else 0),
             ("rs_ll", local * self.ll_slot),
             ("ag_ll", local * self.ll_slot),
             ("rd_ll", 2 * steps * self.ll_slot),
