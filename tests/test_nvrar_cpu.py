@@ -321,7 +321,8 @@ def _input(rank: int, numel: int, dtype: str, call: int) -> torch.Tensor:
 
 def _rank_main(
     rank: int, nodes: int, local: int, max_bytes: int, folder: str, cases: list[Case],
-    skip: int, timeout_s: float, stall: tuple[int, float], parities: int, q: Any,
+    skip: int, timeout_s: float, stall: tuple[int, float, int], parities: int,
+    lamport_epoch: int, q: Any,
 ) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -334,13 +335,14 @@ def _rank_main(
         ]
         comm = NvrarComm(rank, nd, lay, bufs[rank], [b.data_ptr() for b in bufs],
                          torch.device("cpu"), timeout_s=timeout_s, interpret=True)
+        comm.lctr.fill_(lamport_epoch)  # where the lamport epoch counters start (three parities)
         out: list[Any] = []
         for call, (numel, dtype, fields) in enumerate(cases):
             if rank == skip:
                 out.append(None)
                 continue
-            if rank == stall[0] and call == 0:
-                time.sleep(stall[1])  # late for the first call, then on time
+            if rank == stall[0] and call == stall[2]:
+                time.sleep(stall[1])  # late for that call, then on time
             x = _input(rank, numel, dtype, call)
             x0 = x.clone()
             y = comm.all_reduce(x, Plan(**fields))
@@ -380,7 +382,8 @@ def _spawn_ranks(world: int, target: Any, args_of: Any) -> list[Any]:
 
 def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16,
              skip: int = -1, timeout_s: float = 60.0,
-             stall: tuple[int, float] = (-1, 0.0), parities: int = 2) -> list[list[Any]]:
+             stall: tuple[int, float, int] = (-1, 0.0, 0), parities: int = 2,
+             lamport_epoch: int = 0) -> list[list[Any]]:
     world = nodes * local
     lay = Layout(Nodes(nodes, local), max_bytes, max_bytes if nodes == 1 else 0, max_bytes,
                  parities)
@@ -392,7 +395,7 @@ def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16
         return _spawn_ranks(
             world, _rank_main,
             lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s, stall,
-                       parities),
+                       parities, lamport_epoch),
         )
 
 
@@ -527,6 +530,22 @@ def test_clear_ahead_three_parities_emulated(world: int) -> None:
 
 @needs_triton
 @pytest.mark.slow
+def test_clear_ahead_parities_stay_consecutive_where_the_epochs_wrap() -> None:
+    """The lamport epoch counters wrap at a multiple of 3 (LAMPORT_WRAP), so the calls around
+    the wrap still take consecutive parities. (A wrap at 2**32 would give two calls in a row the
+    same parity; the second would read the first one's words, which nobody cleared yet.) The
+    counters start 3 below the wrap, so the fourth call is the first after it, and rank 1 comes
+    late to it: rank 0 must wait for its words rather than take stale ones."""
+    from artune.kernels.nvrar_lamport import LAMPORT_WRAP
+
+    wrap = int(getattr(LAMPORT_WRAP, "value", LAMPORT_WRAP))
+    assert wrap < 2**31
+    _check(_emulate(1, 2, AHEAD_CASES, parities=3, lamport_epoch=wrap - 3, timeout_s=30.0,
+                    stall=(1, 2.0, 3)), AHEAD_CASES)
+
+
+@needs_triton
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,proto", [("float32", "ll"), ("bfloat16", "lamport")])
 def test_a_skipped_call_times_out_with_the_named_error(dtype: str, proto: str) -> None:
     _skipped_call_names(
@@ -566,7 +585,7 @@ def test_a_peer_late_past_the_timeout_fails_everywhere_never_silently(algo: str,
     it times out too and raises."""
     cases: list[Case] = [(600, "bfloat16", {"algo": algo, "proto": proto, "block": 256,
                                             "ctas": 1})] * 4
-    results = _emulate(1, 3, cases, timeout_s=0.2, stall=(2, 6.0))
+    results = _emulate(1, 3, cases, timeout_s=0.2, stall=(2, 6.0, 0))
     for rank in (0, 1):
         assert all(raised for _, _, raised in results[rank]), f"rank {rank} did not raise"
     assert results[2][-1][2] is not None, "the late rank finished every call without an error"
