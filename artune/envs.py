@@ -54,7 +54,8 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         1 << 20,
         int,
         "Largest message NVRAR's one-shot algorithm takes; sizes its receive slots "
-        "(LL 4 x and lamport 2 x world size x this many bytes of NVSHMEM heap per rank).",
+        "(LL 4 x and lamport 2 x world size x this many bytes of NVSHMEM heap per rank; "
+        "lamport 3 x with ARTUNE_NVRAR_CLEAR_AHEAD).",
     ),
     "ARTUNE_NVRAR_LL_MAX_BYTES": (
         4 << 20,

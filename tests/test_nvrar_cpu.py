@@ -528,6 +528,30 @@ def test_clear_ahead_three_parities_emulated(world: int) -> None:
     _check(_emulate(1, world, ONE_NODE_CASES, parities=3), ONE_NODE_CASES)
 
 
+#: Calls above AHEAD_MAX_WORDS per source (70001 bf16 elements: 17501 words) empty their own
+#: slots at their end and leave nothing to their successor; the small ones between defer.
+AHEAD_BIG_CASES: list[Case] = [
+    (70001, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 4}),
+    (300, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
+    (70001, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 4}),
+    (70000, "float16", {"algo": "oneshot", "proto": "lamport", "block": 2048, "ctas": 8}),
+    (3000, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (70001, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 2}),
+    (301, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
+    (299, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
+    (70001, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 4}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+def test_clear_ahead_large_calls_clear_their_own_slots() -> None:
+    from artune.kernels.nvrar_lamport import AHEAD_MAX_WORDS
+
+    assert 70000 // 4 > int(getattr(AHEAD_MAX_WORDS, "value", AHEAD_MAX_WORDS)) > 3000
+    _check(_emulate(1, 2, AHEAD_BIG_CASES, max_bytes=1 << 18, parities=3), AHEAD_BIG_CASES)
+
+
 @needs_triton
 @pytest.mark.slow
 def test_clear_ahead_parities_stay_consecutive_where_the_epochs_wrap() -> None:
@@ -555,17 +579,26 @@ def test_a_skipped_call_times_out_with_the_named_error(dtype: str, proto: str) -
 
 @needs_triton
 @pytest.mark.slow
-def test_a_skipped_two_shot_lamport_call_names_the_reduce_scatter() -> None:
+@pytest.mark.parametrize("parities", [2, 3])
+def test_a_skipped_two_shot_lamport_call_names_the_reduce_scatter(parities: int) -> None:
     _skipped_call_names(
         (3000, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
-        "the intra-node reduce-scatter")
+        "the intra-node reduce-scatter", parities)
 
 
-def _skipped_call_names(case: Case, step: str) -> None:
+@needs_triton
+@pytest.mark.slow
+def test_a_skipped_lamport_call_times_out_with_clear_ahead() -> None:
+    _skipped_call_names(
+        (600, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
+        "the one-shot exchange", parities=3)
+
+
+def _skipped_call_names(case: Case, step: str, parities: int = 2) -> None:
     """Rank 2 of 3 skips the call: ranks 0 and 1 raise, naming rank 2 and ``step``. 0.5
     emulated seconds = 500 polls: long enough for both callers to have pushed (spawned
     processes start up to a second apart), so the only missing peer is the skipping one."""
-    results = _emulate(1, 3, [case], skip=2, timeout_s=0.5)
+    results = _emulate(1, 3, [case], skip=2, timeout_s=0.5, parities=parities)
     assert results[2][0] is None
     for rank in (0, 1):
         _, code, raised = results[rank][0]
@@ -575,17 +608,18 @@ def _skipped_call_names(case: Case, step: str) -> None:
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,proto", [("oneshot", "ll"), ("oneshot", "lamport"),
-                                        ("twoshot", "lamport")])
-def test_a_peer_late_past_the_timeout_fails_everywhere_never_silently(algo: str,
-                                                                      proto: str) -> None:
+@pytest.mark.parametrize("algo,proto,parities", [
+    ("oneshot", "ll", 2), ("oneshot", "lamport", 2), ("twoshot", "lamport", 2),
+    ("oneshot", "lamport", 3), ("twoshot", "lamport", 3)])
+def test_a_peer_late_past_the_timeout_fails_everywhere_never_silently(
+        algo: str, proto: str, parities: int) -> None:
     """Rank 2 comes to the first call after the others gave up on it, then keeps up. The
     others are out of step from then on (their waits are off); rank 2 must not take their later
     calls' data for its own without a word, nor (two-shot) their shard sums that lack its part:
     it times out too and raises."""
     cases: list[Case] = [(600, "bfloat16", {"algo": algo, "proto": proto, "block": 256,
                                             "ctas": 1})] * 4
-    results = _emulate(1, 3, cases, timeout_s=0.2, stall=(2, 6.0, 0))
+    results = _emulate(1, 3, cases, timeout_s=0.2, stall=(2, 6.0, 0), parities=parities)
     for rank in (0, 1):
         assert all(raised for _, _, raised in results[rank]), f"rank {rank} did not raise"
     assert results[2][-1][2] is not None, "the late rank finished every call without an error"

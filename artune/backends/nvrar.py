@@ -250,24 +250,24 @@ class NvrarBackend(Backend):
         one, ll = _caps(ctx)
         self.nodes = Nodes(ctx.nodes, ctx.ranks_per_node)
         ahead = bool(envs.get("ARTUNE_NVRAR_CLEAR_AHEAD"))
-        self.layout = Layout(self.nodes, ctx.max_bytes, one, ll, 3 if ahead else 2)
-        self.buf: torch.Tensor | None = _nvshmem.alloc((self.layout.total_bytes,), torch.uint8)
-        init_buffer(self.buf, self.layout)  # no valid epoch anywhere; lamport slots empty
-        torch.cuda.synchronize(ctx.device)
         # Every rank must lay out its buffer and pack its words the same way (the settings come
-        # from each process's environment); the exchange is also the barrier after which peers
-        # may write into this buffer (it is zeroed).
+        # from each process's environment), and agree before the collective allocation: ranks
+        # asking NVSHMEM for different sizes would not fail cleanly.
         mine = {"ARTUNE_NVRAR_ONESHOT_MAX_BYTES": one, "ARTUNE_NVRAR_LL_MAX_BYTES": ll,
                 "ARTUNE_NVRAR_CLEAR_AHEAD": ahead}
         seen: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(seen, mine, group=ctx.cpu_group)
         differ = sorted({k for s in seen for k in mine if s[k] != mine[k]})
         if differ:
-            _nvshmem.free(self.buf)
             raise BackendUnavailable(
                 f"{self.name}: the ranks disagree on {', '.join(differ)} (per rank: "
                 f"{[[s[k] for k in differ] for s in seen]}); set them alike on every rank"
             )
+        self.layout = Layout(self.nodes, ctx.max_bytes, one, ll, 3 if ahead else 2)
+        self.buf: torch.Tensor | None = _nvshmem.alloc((self.layout.total_bytes,), torch.uint8)
+        init_buffer(self.buf, self.layout)  # no valid epoch anywhere; lamport slots empty
+        torch.cuda.synchronize(ctx.device)
+        dist.barrier(group=ctx.cpu_group)  # from here peers may write into this buffer
         bases = [int(bindings.ptr(self.buf.data_ptr(), pe)) for pe in range(ctx.world_size)]
         try:
             self.comm: NvrarComm | None = NvrarComm(

@@ -199,16 +199,22 @@ def oneshot_lamport_kernel(
             tl.store(ptr_as(slot, tl.uint64) + c * Q + tl.arange(0, Q), w, mask=go)
 
     base = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region
+    tail = True
     if AHEAD:  # while the peers' words travel: empty what the previous lamport call read
-        _ahead(base, slot_bytes, pend_ptr, epoch, par, nchunks * Q, 0, 0, rank, pid, G, W, Q)
+        tail = _ahead(base, slot_bytes, pend_ptr, epoch, par, nchunks * Q, 0, 0, rank, pid, G,
+                      W, Q)
     _gather_flat(x_ptr, y_ptr, n, base + par * W * slot_bytes, slot_bytes, err_dev, err_host,
-                 limit, rank, pid, G, nchunks, W, BLOCK, INTERPRET, VEC, AHEAD)
+                 limit, rank, pid, G, nchunks, W, BLOCK, INTERPRET, VEC, AHEAD, tail)
     end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
 
 
 #: AHEAD: the lamport epoch counters wrap at this multiple of 3, so that consecutive calls
 #: always take consecutive parities (2**32 is not a multiple of 3).
 LAMPORT_WRAP = tl.constexpr(3 << 28)
+#: AHEAD: a call that read more words than this per source slot (a 128 KiB message on one
+#: node) empties them at its own end, as without AHEAD: the next call, maybe a small one on a
+#: small grid, would otherwise pay for clearing them.
+AHEAD_MAX_WORDS = tl.constexpr(16384)
 
 
 @triton.jit
@@ -233,6 +239,8 @@ def _ahead(base, slot_bytes, pend_ptr, epoch, par, a, boff, b, rank, pid, G,
            W: tl.constexpr, Q: tl.constexpr):
     """Three parities (``AHEAD``): the sentinel back over the words the previous lamport call
     read, instead of at the end of that call, and this call's own words recorded for the next.
+    Returns whether this call must empty its own words at its end after all (True above
+    AHEAD_MAX_WORDS per source; then it records nothing to clear).
 
     ``pend[p]`` = (a, boff, b): a call of parity p read words [0, a) and [boff, boff + b) of
     every peer's slot [p][src]. Call k empties those of call k - 1 (parity (k - 1) % 3), spread
@@ -245,10 +253,11 @@ def _ahead(base, slot_bytes, pend_ptr, epoch, par, a, boff, b, rank, pid, G,
     pa = tl.load(pend_ptr + prev * 4)
     pboff = tl.load(pend_ptr + prev * 4 + 1)
     pb = tl.load(pend_ptr + prev * 4 + 2)
+    tail = a + b > AHEAD_MAX_WORDS
     if pid == 0:  # read only by the next lamport call, after this one ended
         k = tl.arange(0, 4)
         rec = tl.where(k == 0, a, tl.where(k == 1, boff, tl.where(k == 2, b, 0)))
-        tl.store(pend_ptr + par * 4 + k, rec.to(tl.int32))
+        tl.store(pend_ptr + par * 4 + k, tl.where(tail, 0, rec).to(tl.int32))
     offs = tl.arange(0, Q)
     empty = tl.full([Q], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
     slots = ptr_as(base + prev.to(tl.int64) * W * slot_bytes, tl.uint64)
@@ -260,12 +269,13 @@ def _ahead(base, slot_bytes, pend_ptr, epoch, par, a, boff, b, rank, pid, G,
         for i in tl.static_range(W):
             tl.store(slots + i * STRIDE + pboff + w + offs, empty,
                      mask=(w + offs < pb) & (rank != i))
+    return tail
 
 
 @triton.jit
 def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
                  nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
-                 VEC: tl.constexpr, AHEAD: tl.constexpr):
+                 VEC: tl.constexpr, AHEAD: tl.constexpr, tail):
     """Wait, sum and clear with every source's words as a 1-D [Q] vector of the same layout:
     each thread polls, sums and clears only its own words (no reduction across threads, no
     layout conversion). On the GPU a thread polls up to four sources' words in one loop
@@ -291,7 +301,9 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        if not AHEAD:  # (AHEAD: the next lamport call empties them)
+        if AHEAD:  # unless too many: the next lamport call empties them (_ahead)
+            _clear(base, STRIDE, me, W, tail)
+        else:
             _clear(base, STRIDE, me, W)  # back to empty: every source's words but this rank's
 
 
@@ -330,11 +342,15 @@ def _gather_sum(base, STRIDE, own, me, W: tl.constexpr, rank, limit, deadline,
 
 
 @triton.jit
-def _clear(base, STRIDE, me, W: tl.constexpr):
-    """The sentinel back over every source's words at ``base`` but this rank's (``me``)."""
+def _clear(base, STRIDE, me, W: tl.constexpr, only_if=None):
+    """The sentinel back over every source's words at ``base`` but this rank's (``me``); with
+    ``only_if`` (a runtime flag), only where it holds."""
     empty = tl.full(me.shape, LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
     for i in tl.static_range(W):
-        tl.store(base + i * STRIDE, empty, mask=me != i)
+        if only_if is None:
+            tl.store(base + i * STRIDE, empty, mask=me != i)
+        else:
+            tl.store(base + i * STRIDE, empty, mask=(me != i) & only_if)
 
 
 @triton.jit
@@ -456,9 +472,10 @@ def twoshot_lamport_kernel(
             slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region
             slot += (par * W + rank) * slot_bytes
             tl.store(ptr_as(slot, tl.uint64) + c * Q + offs, w, mask=go)
+    tail = True
     if AHEAD:  # while the chunks travel: empty what the previous lamport call read
-        _ahead(base_all, slot_bytes, pend_ptr, epoch, par, cps * Q, ag_bytes // 8, cps * Q,
-               rank, pid, G, W, Q)
+        tail = _ahead(base_all, slot_bytes, pend_ptr, epoch, par, cps * Q, ag_bytes // 8,
+                      cps * Q, rank, pid, G, W, Q)
 
     # 1b. this rank's shard: wait, sum, clear; 2a. push the result everywhere, and to y
     # quiet: a poisoned instance keeps its first record; so does a thread that recorded one
@@ -474,7 +491,9 @@ def twoshot_lamport_kernel(
         # peers must time out on them (naming this rank) rather than take them
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        if not AHEAD:
+        if AHEAD:
+            _clear(base, STRIDE, me, W, tail)
+        else:
             _clear(base, STRIDE, me, W)
         r = _pack(a0, a1, a2, a3, DT)
         forward = go & (failed == 0)
@@ -504,7 +523,9 @@ def twoshot_lamport_kernel(
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        if not AHEAD:
+        if AHEAD:
+            _clear(base, STRIDE, me, W, tail)
+        else:
             _clear(base, STRIDE, me, W)
 
     end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)

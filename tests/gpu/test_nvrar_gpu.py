@@ -332,11 +332,11 @@ def test_compile_and_soak() -> None:
           f"{res[0]['soak_s']:.2f} s")
 
 
-def _timeout(ctx: Any, bound_s: float) -> dict[str, Any]:
+def _timeout(ctx: Any, bound_s: float, dtype: str) -> dict[str, Any]:
     from artune.kernels.nvrar import NvrarTimeoutError
 
     be = _make(ctx, ctx.world_size, timeout_s=bound_s)
-    x = torch.randn(4096, device=ctx.device)
+    x = torch.randn(4096, device=ctx.device).to(getattr(torch, dtype))
     be.all_reduce(x)  # one good call first (compiles; all ranks in step)
     torch.cuda.synchronize()
     out: dict[str, Any] = {}
@@ -361,10 +361,11 @@ def _timeout(ctx: Any, bound_s: float) -> dict[str, Any]:
 
 @requires_nvshmem(2)
 @pytest.mark.gpu
-def test_skipped_call_times_out_with_a_named_error() -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # LL one-shot, lamport one-shot
+def test_skipped_call_times_out_with_a_named_error(dtype: str) -> None:
     bound = 1.0
     world = min(3, torch.cuda.device_count())
-    res = run_on_gpus(world, _timeout, bound, max_bytes=MAX_BYTES, timeout_s=120)
+    res = run_on_gpus(world, _timeout, bound, dtype, max_bytes=MAX_BYTES, timeout_s=120)
     last = world - 1
     for rank in range(last):
         r = res[rank]
