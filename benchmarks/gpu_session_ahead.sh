@@ -4,7 +4,8 @@
 #
 #   device run, carry [".devwhl"]:  NPROC=4 bash benchmarks/gpu_session_ahead.sh
 #
-# 1. NVRAR's GPU tests with it on (TEST_K, default the NPROC-rank sweep, the soak, the timeout);
+# 1. NVRAR's GPU tests with it on (TEST_K, default: the skewed lamport graph with it off and on,
+#    the NPROC-rank sweep, the soak, the timeouts);
 # 2. benchmarks/nvrar_ahead.py: NVRAR with it off and on in one process, same-size sequences and
 #    a small call after a large one (the switch's worst case), alternating rounds;
 # 3. SGLang's own all-reduce and NVRAR (defaults) in CUDA graphs with it on (allreduce.py): is
@@ -16,7 +17,7 @@ source benchmarks/gpu_lib.sh
 N=${NPROC:-4}
 SIZES=${SIZES:-4K,16K,64K,128K,256K,512K,1M,2M}
 ARTUNE_NVRAR_CLEAR_AHEAD=1 step gputest_ahead 300 python3 -m pytest -q -s \
-    tests/gpu/test_nvrar_gpu.py -k "${TEST_K:-sweep_${N}_ranks or soak or times_out}"
+    tests/gpu/test_nvrar_gpu.py -k "${TEST_K:-skewed or sweep_${N}_ranks or soak or times_out}"
 step nvrar_ahead 180 torchrun --nproc-per-node "$N" benchmarks/nvrar_ahead.py \
     --out "$W/nvrar_ahead_${N}gpu.md"
 ARTUNE_NVRAR_CLEAR_AHEAD=1 step allreduce_ahead 120 torchrun --nproc-per-node "$N" \

@@ -376,6 +376,56 @@ def test_skipped_call_times_out_with_a_named_error(dtype: str) -> None:
         assert r["second"] is not None  # poisoned: every later call raises too
 
 
+#: Lamport one-shots and two-shots of different sizes and grids back to back (elements, plan).
+_SKEW_SEQ: list[tuple[int, dict[str, Any]]] = [
+    (4096, {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 2}),
+    (131072, {"algo": "twoshot", "proto": "lamport", "block": 1024, "ctas": 8}),
+    (65536, {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 16}),
+    (8192, {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 4}),
+    (262144, {"algo": "twoshot", "proto": "lamport", "block": 1024, "ctas": 16}),
+    (2048, {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
+]
+
+
+def _skewed(ctx: Any, ahead: str) -> list[str]:
+    """The lamport sequence above captured in one graph, one rank held back before each call in
+    turn (``torch.cuda._sleep``), replayed 200 times: the ranks drift a call apart, so a rank
+    that clears or reuses slots a peer is still filling fails here, not in the eager sweep."""
+    os.environ["ARTUNE_NVRAR_CLEAR_AHEAD"] = ahead
+    be = _make(ctx, ctx.world_size)
+    assert be.comm.ahead == (ahead == "1")
+    dev = ctx.device
+    xs = [torch.randn(n, device=dev).to(torch.bfloat16) for n, _ in _SKEW_SEQ]
+    for x, (_, p) in zip(xs, _SKEW_SEQ, strict=True):  # compile and meet, eagerly
+        be.all_reduce(x, p)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    ys = []
+    with be.capture(), torch.cuda.graph(graph):
+        for i, (x, (_, p)) in enumerate(zip(xs, _SKEW_SEQ, strict=True)):
+            if i % ctx.world_size == ctx.rank:
+                torch.cuda._sleep(50_000)  # ~25-30 µs late to this call
+            ys.append(be.all_reduce(x, p))
+    for _ in range(200):
+        graph.replay()
+    torch.cuda.synchronize()
+    be.check()
+    failures = [bad for x, y, (n, p) in zip(xs, ys, _SKEW_SEQ, strict=True)
+                if (bad := _check_one(be, x, y, f"skewed graph, clear-ahead={ahead}, {n} "
+                                                 f"elements {p}"))]
+    be.close()
+    return failures
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+@pytest.mark.parametrize("ahead", ["0", "1"])
+def test_skewed_lamport_sequence_in_a_graph(ahead: str) -> None:
+    world = min(4, torch.cuda.device_count())
+    failures = run_on_gpus(world, _skewed, ahead, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
+    assert failures[0] == [], "\n".join(failures[0][:20])
+
+
 @requires_nvshmem(4)
 @pytest.mark.gpu
 def test_virtual_nodes_2x2() -> None:
