@@ -33,9 +33,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nvrar_dev import _agree, _bytes, _h, _slowest  # noqa: E402
-
-from artune.envs import NO_MULTICAST_ENV  # noqa: E402
+from nvrar_dev import _bytes, _correct, _h, _slowest, start  # noqa: E402
 
 
 def _workloads(sizes: list[int], large: int) -> list[tuple[str, list[int]]]:
@@ -64,14 +62,10 @@ def _check(be: Any, xs: list[torch.Tensor]) -> bool:
         ref, scale = x.float(), x.float().abs()
         dist.all_reduce(ref)
         dist.all_reduce(scale)
-        ok &= bool(((y.float() - ref).abs() <= 2 ** -6 * scale + 1e-6).all().item())
-        bits = y.view(torch.int16).to(torch.int32)
-        first = bits.clone()
-        dist.broadcast(first, src=0)
-        ok &= torch.equal(bits, first)
+        ok &= _correct(y, ref, scale, None)
     torch.cuda.synchronize()
     be.check()
-    return _agree(ok, None)
+    return ok
 
 
 def main() -> None:
@@ -82,16 +76,7 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    for k, v in NO_MULTICAST_ENV.items():
-        if os.environ.get(k) != v:
-            raise SystemExit(f"nvrar_ahead: set {k}={v} (NVLink multicast must stay off)")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    torch.cuda.set_device(local)
-    device = torch.device("cuda", local)
-    dist.init_process_group("nccl", device_id=device)
-    cpu = dist.new_group(backend="gloo")
-    os.environ.setdefault("ARTUNE_TIMEOUT_S", "60")
+    rank, world, device, cpu = start("nvrar_ahead")
 
     from artune.backends.base import GroupContext
     from artune.backends.nvrar import NvrarBackend

@@ -83,6 +83,22 @@ def plans_for(nbytes: int, nodes: int, quick: bool) -> list[dict[str, Any]]:
     return out
 
 
+def start(tool: str) -> tuple[int, int, torch.device, Any]:
+    """A torchrun rank's start: refuse unless NVLink multicast is off, bind this rank's GPU,
+    NCCL and a gloo group. Returns (rank, world size, device, the gloo group)."""
+    for k, v in NO_MULTICAST_ENV.items():
+        if os.environ.get(k) != v:
+            raise SystemExit(f"{tool}: set {k}={v} (NVLink multicast must stay off)")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    dist.init_process_group("nccl", device_id=device)
+    cpu = dist.new_group(backend="gloo")
+    os.environ.setdefault("ARTUNE_TIMEOUT_S", "60")  # first-use compiles stay well inside it
+    return rank, world, device, cpu
+
+
 def _run_local(fn: Any, be: Any) -> tuple[Any, str | None]:
     """(result, None) or (None, the error) of one synchronised call."""
     try:
@@ -240,18 +256,8 @@ def main() -> None:
                          "(the default plan whole, without its waits, without pushes and waits; "
                          "a one-store Triton kernel and a one-element torch op beside it)")
     args = ap.parse_args()
-    for k, v in NO_MULTICAST_ENV.items():
-        if os.environ.get(k) != v:
-            raise SystemExit(f"nvrar_dev: set {k}={v} (NVLink multicast must stay off)")
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    torch.cuda.set_device(local)
-    device = torch.device("cuda", local)
-    dist.init_process_group("nccl", device_id=device)
-    cpu = dist.new_group(backend="gloo")
+    rank, world, device, cpu = start("nvrar_dev")
     per_node = args.ranks_per_node or world
-    os.environ.setdefault("ARTUNE_TIMEOUT_S", "60")  # first-use compiles stay well inside it
 
     from artune.backends.base import GroupContext
     from artune.backends.nvrar import NvrarBackend

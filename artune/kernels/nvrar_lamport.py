@@ -301,10 +301,9 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        if AHEAD:  # unless too many: the next lamport call empties them (_ahead)
-            _clear(base, STRIDE, me, W, tail)
-        else:
-            _clear(base, STRIDE, me, W)  # back to empty: every source's words but this rank's
+        # back to empty: every source's words but this rank's (AHEAD: the next lamport call
+        # empties them, unless there are too many)
+        _clear(base, STRIDE, me, W, AHEAD, tail)
 
 
 @triton.jit
@@ -342,15 +341,15 @@ def _gather_sum(base, STRIDE, own, me, W: tl.constexpr, rank, limit, deadline,
 
 
 @triton.jit
-def _clear(base, STRIDE, me, W: tl.constexpr, only_if=None):
+def _clear(base, STRIDE, me, W: tl.constexpr, AHEAD: tl.constexpr, tail):
     """The sentinel back over every source's words at ``base`` but this rank's (``me``); with
-    ``only_if`` (a runtime flag), only where it holds."""
+    ``AHEAD``, only where ``tail`` (``_ahead``'s answer) says this call clears its own."""
     empty = tl.full(me.shape, LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
     for i in tl.static_range(W):
-        if only_if is None:
-            tl.store(base + i * STRIDE, empty, mask=me != i)
+        if AHEAD:
+            tl.store(base + i * STRIDE, empty, mask=(me != i) & tail)
         else:
-            tl.store(base + i * STRIDE, empty, mask=(me != i) & only_if)
+            tl.store(base + i * STRIDE, empty, mask=me != i)
 
 
 @triton.jit
@@ -491,10 +490,7 @@ def twoshot_lamport_kernel(
         # peers must time out on them (naming this rank) rather than take them
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        if AHEAD:
-            _clear(base, STRIDE, me, W, tail)
-        else:
-            _clear(base, STRIDE, me, W)
+        _clear(base, STRIDE, me, W, AHEAD, tail)
         r = _pack(a0, a1, a2, a3, DT)
         forward = go & (failed == 0)
         for i in tl.static_range(1, W):
@@ -523,10 +519,7 @@ def twoshot_lamport_kernel(
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)
-        if AHEAD:
-            _clear(base, STRIDE, me, W, tail)
-        else:
-            _clear(base, STRIDE, me, W)
+        _clear(base, STRIDE, me, W, AHEAD, tail)
 
     end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
 
