@@ -101,3 +101,21 @@ def test_each_build_outcome_lands_in_the_log(tmp_path: Path,
     lines = sorted(log.read_text().splitlines())
     assert [ln.split(":")[1].strip() for ln in lines] == ["communicator", "ipc", "kernel"]
     assert all("ModuleNotFoundError" in ln for ln in lines), lines
+
+
+def test_the_driver_waits_for_every_build_after_one_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed build must not end the others: the builds die with the driver, so the driver
+    waits for all of them before it exits (it once returned at the first failure)."""
+    waited: list[str] = []
+
+    class Build:
+        def __init__(self, argv: list[str], **_: object) -> None:
+            self.name = argv[argv.index("--one") + 1]
+
+        def wait(self) -> int:
+            waited.append(self.name)
+            return 1 if self.name == "ipc" else 0  # the first one fails
+
+    monkeypatch.setattr(sglang_jit.subprocess, "Popen", Build)
+    assert sglang_jit.main(["2", "bfloat16", "float16"]) == 1
+    assert waited == sglang_jit.modules(2, ["bfloat16", "float16"])

@@ -147,7 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          stdin=subprocess.DEVNULL, preexec_fn=_background())
         for name in modules(world, dtypes)
     ]
-    return 0 if all(p.wait() == 0 for p in procs) else 1
+    # Wait for every build (not ``all(...)``, which stops at the first failure): the driver's
+    # exit would end the builds still running, since they die with their parent.
+    codes = [p.wait() for p in procs]
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 if __name__ == "__main__":
