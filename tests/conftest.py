@@ -207,3 +207,12 @@ def cpu_env() -> dict[str, str]:
 def gloo_job() -> Callable[..., list[Any]]:
     """``run_gloo`` as a fixture: ``gloo_job(fn, 2, *args)``."""
     return run_gloo
+
+
+@pytest.fixture(autouse=True)
+def _log_once_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``log_once`` remembers its keys per process: each test starts with none seen, so a test
+    that checks a one-time message does not depend on which tests ran before it."""
+    import artune.log
+
+    monkeypatch.setattr(artune.log, "_seen", set())

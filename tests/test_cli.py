@@ -163,7 +163,9 @@ def test_rank_0s_usage_error_is_not_followed_by_resume_advice(
     assert "--resume" not in capsys.readouterr().err
     # a peer that fails on its own, rank 0 failing next on the lost peer: the peer is named
     both = tmp_path / "python_both"
-    both.write_text('#!/bin/sh\n[ "$RANK" = 0 ] && { sleep 0.5; exit 1; }\nexit 1\n')
+    # (rank 0 fails 2 s later, well inside the launcher's grace for it, and far enough
+    # apart that one poll of a stalled launcher cannot see both at once)
+    both.write_text('#!/bin/sh\n[ "$RANK" = 0 ] && { sleep 2; exit 1; }\nexit 1\n')
     both.chmod(0o755)
     assert launch(["tune"], 2, python=str(both)) == 1
     assert "rank 1 " in capsys.readouterr().err

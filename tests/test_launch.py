@@ -30,10 +30,13 @@ FAKE_SERVER = textwrap.dedent("""
               "env": {k: os.environ.get(k) for k in (
                   "ARTUNE_PROFILE", "ARTUNE_STRICT", "NCCL_NVLS_ENABLE",
                   "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "SGLANG_PLUGINS")}}
-    with open(os.environ["FAKE_SERVER_REPORT"], "w") as f:
-        json.dump(report, f)
-    if "--sleep" in sys.argv:
+    if "--sleep" in sys.argv:  # the handler first: the report says the server is ready
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))
+    path = os.environ["FAKE_SERVER_REPORT"]
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f)
+    os.replace(path + ".tmp", path)  # whole or absent for the test that waits on it
+    if "--sleep" in sys.argv:
         time.sleep(60)
     sys.exit(int(os.environ.get("FAKE_SERVER_EXIT", "0")))
 """)
@@ -108,7 +111,6 @@ def test_signals_reach_the_server(tmp_path: Path) -> None:
         while not report.exists() and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.1)
         assert report.exists(), p.communicate(timeout=5)
-        time.sleep(0.2)  # the report is written before the handler is installed
         assert json.loads(report.read_text())["pid"] == p.pid  # exec: the same process
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 42  # the server's handler ran and chose the exit code

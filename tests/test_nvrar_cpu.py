@@ -319,6 +319,19 @@ def _input(rank: int, numel: int, dtype: str, call: int) -> torch.Tensor:
     return x
 
 
+def _start_together(folder: Path, rank: int, world: int, limit_s: float = 300.0) -> None:
+    """A file barrier before the first call: spawned ranks finish importing up to seconds
+    apart on a loaded machine, which would eat into the short timeouts and stalls the tests
+    set (a rank could time out on a peer still importing, not on the one the test holds
+    back)."""
+    (folder / f"ready{rank}").touch()
+    deadline = time.monotonic() + limit_s
+    while not all((folder / f"ready{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: peers not ready after {limit_s:.0f} s")
+        time.sleep(0.01)
+
+
 def _rank_main(
     rank: int, nodes: int, local: int, max_bytes: int, folder: str, cases: list[Case],
     skip: int, timeout_s: float, stall: tuple[int, float, int], parities: int,
@@ -336,6 +349,7 @@ def _rank_main(
         comm = NvrarComm(rank, nd, lay, bufs[rank], [b.data_ptr() for b in bufs],
                          torch.device("cpu"), timeout_s=timeout_s, interpret=True)
         comm.lctr.fill_(lamport_epoch)  # where the lamport epoch counters start (three parities)
+        _start_together(Path(folder), rank, nd.world)
         out: list[Any] = []
         for call, (numel, dtype, fields) in enumerate(cases):
             if rank == skip:
@@ -595,9 +609,10 @@ def test_a_skipped_lamport_call_times_out_with_clear_ahead() -> None:
 
 
 def _skipped_call_names(case: Case, step: str, parities: int = 2) -> None:
-    """Rank 2 of 3 skips the call: ranks 0 and 1 raise, naming rank 2 and ``step``. 0.5
-    emulated seconds = 500 polls: long enough for both callers to have pushed (spawned
-    processes start up to a second apart), so the only missing peer is the skipping one."""
+    """Rank 2 of 3 skips the call: ranks 0 and 1 raise, naming rank 2 and ``step``. The
+    ranks start the call together (``_start_together``), and 0.5 emulated seconds = 500
+    polls is long enough for both callers to have pushed, so the only missing peer is the
+    skipping one."""
     results = _emulate(1, 3, [case], skip=2, timeout_s=0.5, parities=parities)
     assert results[2][0] is None
     for rank in (0, 1):

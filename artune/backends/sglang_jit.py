@@ -123,6 +123,13 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
+def _line(text: str) -> None:
+    """One line to stderr in one write: the builds share the log (opened for appending), and
+    ``print`` may write the text and its newline separately, which interleaves lines."""
+    sys.stderr.flush()
+    os.write(2, (text + "\n").encode())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``WORLD DTYPE...``: build every module at once (a process each); ``--one NAME WORLD``:
     build one. Exit 0 when all were built, 1 otherwise (each failure printed)."""
@@ -135,11 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _builder(name, world)()
         except Exception as exc:  # noqa: BLE001 - a failed warm-up only costs the ranks time
-            print(f"artune sglang_jit: {name}: {type(exc).__name__}: {exc}".splitlines()[0],
-                  file=sys.stderr, flush=True)
+            _line(f"artune sglang_jit: {name}: {type(exc).__name__}: {exc}".splitlines()[0])
             return 1
-        print(f"artune sglang_jit: {name} ready after {time.monotonic() - t0:.1f} s",
-              file=sys.stderr, flush=True)
+        _line(f"artune sglang_jit: {name} ready after {time.monotonic() - t0:.1f} s")
         return 0
     world, dtypes = int(args[0]), args[1:] or ["bfloat16"]
     procs = [
