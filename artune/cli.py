@@ -5,8 +5,9 @@
     artune show PROFILE [--plot FILE.png] [--json] [--force]
     artune launch [--profile PATH] [--force] -- <sglang.launch_server arguments>
 
-``artune tune`` from a shell starts one rank per GPU itself; under torchrun or srun (RANK set) it
-runs as one rank. The subcommands' modules are imported only when used.
+``artune tune`` from a shell starts one rank per GPU itself; under torchrun (RANK set) or as a
+task of an srun step of several tasks it runs as one rank. The subcommands' modules are
+imported only when used.
 """
 
 from __future__ import annotations
@@ -218,7 +219,12 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
     except ValueError as exc:
         print(f"artune tune: {exc}", file=sys.stderr)
         return 2
-    if rank_env() is not None:
+    try:
+        in_job = rank_env() is not None
+    except ValueError as exc:  # a Slurm step whose variables do not add up
+        print(f"artune tune: {exc}", file=sys.stderr)
+        return 2
+    if in_job:
         from artune.autotune.runner import run_rank
 
         return run_rank(cfg)

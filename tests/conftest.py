@@ -170,7 +170,7 @@ def artune_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a CLI subprocess: this checkout and tests/ on the path, no GPUs."""
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT"):
+                "MASTER_PORT", "SLURM_STEP_NUM_TASKS"):  # (the tests may run inside an srun)
         env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]

@@ -16,7 +16,7 @@ from artune import cli
 @pytest.fixture
 def shell_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """As if started from a shell: no launcher variables."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(key, raising=False)
 
 

@@ -534,7 +534,7 @@ AHEAD_CASES: list[Case] = [
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_clear_ahead_three_parities_emulated(world: int) -> None:
     """ARTUNE_NVRAR_CLEAR_AHEAD (Layout.lamport_parities=3): every lamport call empties the slots
     its predecessor read instead of its own; the sums and bits stay right over every order."""

@@ -1,9 +1,11 @@
 """One rank of ``artune tune``: join the group, then drive (rank 0) or follow (the others).
 
-Started once per GPU by ``artune tune`` itself, by torchrun, or by srun -- anything that sets
-RANK, WORLD_SIZE, LOCAL_RANK (and LOCAL_WORLD_SIZE), MASTER_ADDR and MASTER_PORT::
+Started once per GPU by ``artune tune`` itself, by torchrun -- anything that sets RANK,
+WORLD_SIZE, LOCAL_RANK (and LOCAL_WORLD_SIZE), MASTER_ADDR and MASTER_PORT -- or by srun, whose
+own variables say the same (``artune.autotune.slurm``)::
 
     torchrun --nproc-per-node 4 -m artune.cli tune --quick
+    srun --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 artune tune
 
 Rank 0 owns the Optuna storage and the plan: for each dtype, size, backend and mode it picks the
 parameter set to try, all ranks gate and time it together (``crew.Crew``), and rank 0 stores the
@@ -37,17 +39,51 @@ class RankEnv:
     world_size: int
     local_rank: int
     local_world_size: int
+    #: where rank 0 listens, when not in MASTER_ADDR / MASTER_PORT (a Slurm step)
+    master_addr: str | None = None
+    master_port: int | None = None
 
 
 def rank_env() -> RankEnv | None:
-    """This process's place in the job from the launcher's variables; None outside a job."""
+    """This process's place in the job from the launcher's variables (torchrun's, else a Slurm
+    step's of several tasks); None outside a job. A Slurm step whose variables cannot be read
+    is a ValueError."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
+        from artune.autotune import slurm
+
+        st = slurm.step(os.environ)
+        if st is None:
+            return None
+        return RankEnv(st.rank, st.world_size, st.local_rank, st.local_world_size,
+                       st.master_addr, st.master_port)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", rank)))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE",
                                                                          world)))
     return RankEnv(rank, world, local_rank, local_world)
+
+
+def _init_method(env: RankEnv) -> str:
+    """torch.distributed's rendezvous: the environment's (torchrun), or the Slurm step's host."""
+    if env.master_addr is None:
+        return "env://"
+    return f"tcp://{env.master_addr}:{env.master_port}"
+
+
+def _cuda_index(env: RankEnv) -> int:
+    """This rank's GPU: its local rank among the GPUs every task of the node sees. A task that
+    sees fewer (Slurm's --gpus-per-task binds one each) would describe another machine than the
+    one SGLang's ranks see: refused, with the fix."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if env.local_rank >= n:
+        raise ValueError(
+            f"rank {env.rank} is local rank {env.local_rank} but sees {n} GPU(s): every rank "
+            "must see all of its node's GPUs, as SGLang's ranks do (with srun: --gpus-per-node "
+            "N, not --gpus-per-task; CUDA_VISIBLE_DEVICES the same on every rank)"
+        )
+    return env.local_rank
 
 
 def register_extra_backends(extra: dict[str, str]) -> None:
@@ -91,13 +127,20 @@ def run_rank(cfg: TuneConfig) -> int:
     timeout = _dt.timedelta(seconds=timeout_s)
     preimport = None
     if cfg.device == "cuda":
-        device = torch.device("cuda", env.local_rank)
+        try:
+            index = _cuda_index(env)
+        except ValueError as exc:  # every rank of the node finds the same: none waits
+            print(f"artune tune: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         preimport = Preimport.start(candidates(cfg), device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", init_method=_init_method(env), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout, device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", init_method=_init_method(env), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     heartbeat = _start_heartbeat(env, timeout_s)
     comm = Comm(cpu_group, env.rank, env.world_size, timeout_s, heartbeat)
@@ -167,7 +210,8 @@ def _start_heartbeat(env: RankEnv, timeout_s: float) -> Heartbeat | None:
     """A heartbeat in the rendezvous store (None where it cannot be reached)."""
     import torch.distributed as dist
 
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    addr = env.master_addr or os.environ.get("MASTER_ADDR")
+    port = env.master_port or os.environ.get("MASTER_PORT")
     if not addr or not port:
         return None
     try:
