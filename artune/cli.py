@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="artune",
         description="Measure every all-reduce backend, keep the fastest per size, route to it.",
     )
+    from artune import __version__
+    from artune.profile import SCHEMA_VERSION
+
+    p.add_argument("--version", action="version",
+                   version=f"artune {__version__} (profile schema {SCHEMA_VERSION})")
     sub = p.add_subparsers(dest="command", required=True, metavar="{tune,show,launch}")
 
     t = sub.add_parser(

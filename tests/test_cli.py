@@ -199,3 +199,15 @@ def test_launch_without_dashdash_says_where_sglangs_arguments_go(
     err = capsys.readouterr().err
     assert "go after `--`" in err
     assert "artune launch [--profile PATH] -- --model-path m --tp 2" in err
+
+
+def test_version_names_the_package_and_the_profile_schema(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from artune import __version__
+    from artune.profile import SCHEMA_VERSION
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"artune {__version__} (profile schema {SCHEMA_VERSION})")
