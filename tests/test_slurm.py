@@ -43,12 +43,25 @@ def _step_env(**kw: str) -> dict[str, str]:
 
 def test_a_task_of_a_step_is_a_rank_with_the_first_node_as_rendezvous() -> None:
     st = slurm.step(_step_env())
+    assert st is not None and 20000 <= st.master_port < 30000
     assert st == slurm.Step(rank=5, world_size=8, local_rank=1, local_world_size=4,
-                            master_addr="gpu07", master_port=20000 + 123456 % 10000)
-    # every task of the job derives the same port; MASTER_ADDR / MASTER_PORT win when set
-    assert slurm.step(_step_env(SLURM_PROCID="0", SLURM_NODEID="0")).master_port == st.master_port
+                            master_addr="gpu07", master_port=st.master_port, hosts_store=False)
+    # every task of the step derives the same port; another step of the job another one
+    first = slurm.step(_step_env(SLURM_PROCID="0", SLURM_NODEID="0", SLURM_LOCALID="0"))
+    assert first is not None and first.master_port == st.master_port
+    other = slurm.step(_step_env(SLURM_STEP_ID="1"))
+    assert other is not None and other.master_port != st.master_port
+    # the store's host is the first task of the first node, whichever rank it is (srun -m
+    # arbitrary may put task 0 elsewhere)
+    assert first.hosts_store
+    elsewhere = slurm.step(_step_env(SLURM_PROCID="3", SLURM_NODEID="0", SLURM_LOCALID="0"))
+    assert elsewhere is not None and elsewhere.hosts_store
+    # MASTER_ADDR / MASTER_PORT win when set; rank 0 hosts there, as under torchrun
     given = slurm.step(_step_env(MASTER_ADDR="10.0.0.7", MASTER_PORT="29555"))
     assert given is not None and (given.master_addr, given.master_port) == ("10.0.0.7", 29555)
+    assert not given.hosts_store
+    given0 = slurm.step(_step_env(MASTER_ADDR="10.0.0.7", SLURM_PROCID="0"))
+    assert given0 is not None and given0.hosts_store
 
 
 def test_no_step_or_one_task_is_not_a_job_of_ranks() -> None:
@@ -65,31 +78,37 @@ def test_steps_that_do_not_add_up_are_named() -> None:
         slurm.step(_step_env(SLURM_NODEID="2"))
     with pytest.raises(ValueError, match="NODELIST"):
         slurm.step({k: v for k, v in _step_env().items() if k != "SLURM_STEP_NODELIST"})
+    with pytest.raises(ValueError, match="lists 8 tasks but SLURM_STEP_NUM_TASKS is 6"):
+        slurm.step(_step_env(SLURM_STEP_NUM_TASKS="6"))
+    with pytest.raises(ValueError, match="no host"):
+        slurm.step(_step_env(SLURM_STEP_NODELIST=",,"))
 
 
 def _free_job_port() -> tuple[str, int]:
-    """A job id whose derived port is free here now."""
-    for port in range(20000 + 4321, 30000):
+    """A job id whose derived port (step 0) is free here now."""
+    for job in range(4321, 4421):
+        port = slurm.port_for(str(job), "0")
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        return str(port - 20000), port
-    pytest.skip("no free port in the range job ids map to")
+        return str(job), port
+    pytest.skip("no free port among the ones these job ids map to")
 
 
 @pytest.mark.slow
 def test_srun_tasks_run_a_cpu_tune_together(tmp_path: Path) -> None:
     """Two tasks of one step, as srun starts them (its variables only, no RANK): they join as
-    ranks 0 and 1 through the derived port and write one profile."""
+    ranks 0 and 1 through the derived port and write one profile. Task 1 is the node's first
+    task here (as srun -m arbitrary may place them), so it hosts the store, not rank 0."""
     job, _ = _free_job_port()
     out = tmp_path / "srun.json"
     procs = []
     for task in range(2):
-        env = artune_env({"CUDA_VISIBLE_DEVICES": "", "SLURM_JOB_ID": job,
+        env = artune_env({"CUDA_VISIBLE_DEVICES": "", "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
                           "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(task),
-                          "SLURM_LOCALID": str(task), "SLURM_NODEID": "0",
+                          "SLURM_LOCALID": str(1 - task), "SLURM_NODEID": "0",
                           "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost"})
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "artune.cli", "tune", "--device", "cpu", "--quick",
@@ -128,7 +147,10 @@ def test_a_rank_that_sees_too_few_gpus_is_told_the_fix(monkeypatch: pytest.Monke
     from artune.autotune import runner
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    env = runner.RankEnv(rank=3, world_size=4, local_rank=3, local_world_size=4)
-    with pytest.raises(ValueError, match="sees 1 GPU.*--gpus-per-node"):
-        runner._cuda_index(env)
-    assert runner._cuda_index(runner.RankEnv(0, 4, 0, 4)) == 0
+    # every rank of the node is refused alike, local rank 0 too (none is left waiting)
+    for local in range(4):
+        env = runner.RankEnv(rank=4 + local, world_size=8, local_rank=local, local_world_size=4)
+        with pytest.raises(ValueError, match="4 ranks on this node.*sees 1 GPU.*--gpus-per-node"):
+            runner._cuda_index(env)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert runner._cuda_index(runner.RankEnv(7, 8, 3, 4)) == 3

@@ -39,9 +39,11 @@ class RankEnv:
     world_size: int
     local_rank: int
     local_world_size: int
-    #: where rank 0 listens, when not in MASTER_ADDR / MASTER_PORT (a Slurm step)
+    #: where the rendezvous store listens, when not in MASTER_ADDR / MASTER_PORT (a Slurm
+    #: step), and whether this rank hosts it (there: not always rank 0)
     master_addr: str | None = None
     master_port: int | None = None
+    hosts_store: bool = False
 
 
 def rank_env() -> RankEnv | None:
@@ -55,7 +57,7 @@ def rank_env() -> RankEnv | None:
         if st is None:
             return None
         return RankEnv(st.rank, st.world_size, st.local_rank, st.local_world_size,
-                       st.master_addr, st.master_port)
+                       st.master_addr, st.master_port, st.hosts_store)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", rank)))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE",
@@ -63,11 +65,18 @@ def rank_env() -> RankEnv | None:
     return RankEnv(rank, world, local_rank, local_world)
 
 
-def _init_method(env: RankEnv) -> str:
-    """torch.distributed's rendezvous: the environment's (torchrun), or the Slurm step's host."""
+def _rendezvous(env: RankEnv, timeout: _dt.timedelta) -> dict[str, object]:
+    """``init_process_group``'s rendezvous arguments: the environment's (torchrun, artune's
+    launcher: rank 0 hosts the store), or a store on the Slurm step's first node, hosted by
+    the task there."""
+    import torch.distributed as dist
+
     if env.master_addr is None:
-        return "env://"
-    return f"tcp://{env.master_addr}:{env.master_port}"
+        return {"init_method": "env://"}
+    assert env.master_port is not None
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.hosts_store, timeout=timeout)
+    return {"store": store}
 
 
 def _cuda_index(env: RankEnv) -> int:
@@ -77,11 +86,12 @@ def _cuda_index(env: RankEnv) -> int:
     import torch
 
     n = torch.cuda.device_count()
-    if env.local_rank >= n:
+    if env.local_world_size > n:  # (alike on every rank of the node: none is left waiting)
         raise ValueError(
-            f"rank {env.rank} is local rank {env.local_rank} but sees {n} GPU(s): every rank "
-            "must see all of its node's GPUs, as SGLang's ranks do (with srun: --gpus-per-node "
-            "N, not --gpus-per-task; CUDA_VISIBLE_DEVICES the same on every rank)"
+            f"rank {env.rank}: {env.local_world_size} ranks on this node (LOCAL_WORLD_SIZE, "
+            f"or the Slurm step's tasks per node) but it sees {n} GPU(s): every rank must see "
+            "all of its node's GPUs, as SGLang's ranks do (with srun: --gpus-per-node N, not "
+            "--gpus-per-task; CUDA_VISIBLE_DEVICES the same on every rank)"
         )
     return env.local_rank
 
@@ -135,12 +145,13 @@ def run_rank(cfg: TuneConfig) -> int:
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         preimport = Preimport.start(candidates(cfg), device)
-        dist.init_process_group("nccl", init_method=_init_method(env), rank=env.rank,
-                                world_size=env.world_size, timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout, device_id=device,
+                                **_rendezvous(env, timeout))  # type: ignore[arg-type]
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", init_method=_init_method(env), rank=env.rank,
-                                world_size=env.world_size, timeout=timeout)
+        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout, **_rendezvous(env, timeout))  # type: ignore[arg-type]
     cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     heartbeat = _start_heartbeat(env, timeout_s)
     comm = Comm(cpu_group, env.rank, env.world_size, timeout_s, heartbeat)

@@ -5,10 +5,14 @@
 ``srun`` starts one task per rank but sets only its own variables (``SLURM_PROCID``,
 ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_STEP_TASKS_PER_NODE``,
 ``SLURM_STEP_NODELIST``, ...), not RANK / WORLD_SIZE / MASTER_ADDR. ``step()`` reads them: the
-rank is the task, the rendezvous host the step's first node, and the port is derived from the
-job id so that every task of the step picks the same one without talking first
-(``MASTER_PORT``, when set, wins). A step of one task is not a job of ranks: ``artune tune``
-started that way launches one rank per GPU itself, as from a shell. The batch script of an
+rank is the task; the rendezvous store is hosted by the first task of the step's first node
+(``SLURM_NODEID`` 0, ``SLURM_LOCALID`` 0: on that host whatever the task distribution, which
+task 0 is not under ``-m arbitrary``), on a port derived from the job and step ids so that
+every task picks the same one without talking first and concurrent steps differ
+(``MASTER_ADDR`` / ``MASTER_PORT``, when set, win, rank 0 hosting there as under torchrun:
+e.g. where node names do not resolve).
+A step of one task is not a job of ranks: ``artune tune`` started that way launches one rank
+per GPU itself, as from a shell. The batch script of an
 ``sbatch`` job is task 0 of the job but not of a step (no ``SLURM_STEP_NUM_TASKS``), so a tune
 started there also launches its own ranks on that node.
 """
@@ -16,6 +20,7 @@ started there also launches its own ranks on that node.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import product
@@ -37,6 +42,8 @@ class Step:
     local_world_size: int
     master_addr: str
     master_port: int
+    #: whether this task hosts the rendezvous store (the first task of the first node)
+    hosts_store: bool
 
 
 def hostnames(nodelist: str) -> list[str]:
@@ -98,9 +105,9 @@ def tasks_per_node(spec: str) -> list[int]:
     return out
 
 
-def port_for(job_id: str) -> int:
-    """The rendezvous port every task of a job derives alike from its id."""
-    return _PORT_BASE + int(job_id) % _PORT_SPAN if job_id.isdigit() else _PORT_BASE
+def port_for(job_id: str, step_id: str = "") -> int:
+    """The rendezvous port every task of a step derives alike from the job and step ids."""
+    return _PORT_BASE + zlib.crc32(f"{job_id}.{step_id}".encode()) % _PORT_SPAN
 
 
 def step(environ: Mapping[str, str]) -> Step | None:
@@ -122,14 +129,23 @@ def step(environ: Mapping[str, str]) -> Step | None:
         if not nodelist:
             raise ValueError("neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
         hosts = hostnames(nodelist)
+        if not hosts:
+            raise ValueError(f"no host in the node list {nodelist!r}")
     except (KeyError, ValueError) as exc:
         raise ValueError(f"cannot read this Slurm step's variables: {exc}") from exc
+    if sum(per_node) != world:
+        raise ValueError(f"SLURM_STEP_TASKS_PER_NODE lists {sum(per_node)} tasks but "
+                         f"SLURM_STEP_NUM_TASKS is {world}")
     if not 0 <= node < len(per_node):
         raise ValueError(f"SLURM_NODEID={node} but SLURM_STEP_TASKS_PER_NODE lists "
                          f"{len(per_node)} node(s)")
     if len(set(per_node)) > 1:
         raise ValueError(f"the step runs {per_node} tasks on its nodes: artune's node groups "
                          "need the same number on every node (srun --ntasks-per-node)")
-    addr = environ.get("MASTER_ADDR") or hosts[0]
-    port = int(environ.get("MASTER_PORT") or port_for(environ.get("SLURM_JOB_ID", "")))
-    return Step(rank, world, local_rank, per_node[node], addr, port)
+    port = int(environ.get("MASTER_PORT") or port_for(environ.get("SLURM_JOB_ID", ""),
+                                                      environ.get("SLURM_STEP_ID", "")))
+    if environ.get("MASTER_ADDR"):  # the user's address: rank 0 hosts there, as under torchrun
+        return Step(rank, world, local_rank, per_node[node], environ["MASTER_ADDR"], port,
+                    hosts_store=rank == 0)
+    return Step(rank, world, local_rank, per_node[node], hosts[0], port,
+                hosts_store=node == 0 and local_rank == 0)
