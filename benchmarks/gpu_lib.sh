@@ -2,7 +2,9 @@
 # logged command whose result is copied to $OUT at once, so a call cut short still returns it).
 # Needs: W (work folder), OUT. .devwhl holds the wheels the machine lacks: the SGLang 0.5.17 test
 # set of ../shared/device-sglang, optuna (+ alembic, sqlalchemy, colorlog, mako), nvshmem4py-cu13
-# 0.4.1, cuda-python 13.3.1.
+# 0.4.1, cuda-python 13.3.1, and what sglang.launch_server's HTTP server imports beyond the
+# Engine API (jsonschema + jsonschema-specifications, referencing, rpds-py; python-multipart;
+# soundfile + cffi, pycparser).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
 OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W

@@ -2,12 +2,20 @@
 # `artune launch` against a real SGLang 0.5.17 server on the GPU machine (issue #4's launcher):
 # refusals, health, generate, the plugin's routes, SIGTERM (benchmarks/launch_check.py).
 #
-#   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_launch.sh artune/profiles/<id>.json [TP]
+#   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_launch.sh [PROFILE] [TP]
 #
-# One server start (~80-90 s on a fresh machine); the report comes back in $OUT.
+# PROFILE defaults to the reference profile whose fingerprint is this machine's with TP ranks
+# (artune/profiles/<id>.json, as `artune launch` computes it); TP defaults to every GPU.
+# One server start (~80-90 s on a fresh machine); the report and the server's log come back in
+# $OUT as the checks run.
 set -uo pipefail
-PROFILE=${1:?usage: gpu_session_launch.sh PROFILE [TP]}
-TP=${2:-2}
 source benchmarks/sglang_site.sh
-timeout -k 10 480 python3 benchmarks/launch_check.py --tp "$TP" --profile "$PROFILE" \
-    --out "$OUT/launch_check_tp${TP}.md" 2>&1 | tail -n 30
+TP=${2:-$(nvidia-smi -L | wc -l)}
+PROFILE=${1:-artune/profiles/$(python3 -c "from artune import topology as t; \
+print(t.fingerprint_id(t.fingerprint($TP, $TP)))").json}
+[ -f "$PROFILE" ] || { echo "no profile $PROFILE for this machine at TP=$TP"; ls artune/profiles; exit 2; }
+# launch_server imports more than the Engine API (its HTTP server: jsonschema, soundfile,
+# python-multipart, all in .devwhl): fail here in seconds, not after the refusal checks
+python3 -c "import sglang.srt.entrypoints.http_server" || exit 1
+timeout -k 10 500 python3 benchmarks/launch_check.py --tp "$TP" --profile "$PROFILE" \
+    --out "$OUT/launch_check_tp${TP}.md" 2>&1 | tail -n 40
