@@ -154,3 +154,28 @@ def test_a_rank_that_sees_too_few_gpus_is_told_the_fix(monkeypatch: pytest.Monke
             runner._cuda_index(env)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert runner._cuda_index(runner.RankEnv(7, 8, 3, 4)) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", [0, 1])
+def test_a_task_whose_peer_never_comes_fails_in_bounded_time_naming_itself(
+        tmp_path: Path, task: int) -> None:
+    """One task of a two-task step starts alone: the store's host (task 0 here) waits for its
+    peer, the other cannot reach a store; each exits 1 within the collective timeout with an
+    error naming its rank and the rendezvous address."""
+    import time
+
+    job, port = _free_job_port()
+    env = artune_env({"CUDA_VISIBLE_DEVICES": "", "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
+                      "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": str(task),
+                      "SLURM_LOCALID": str(task), "SLURM_NODEID": "0",
+                      "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost",
+                      "ARTUNE_COLLECTIVE_TIMEOUT_S": "4"})
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "artune.cli", "tune", "--device", "cpu", "--quick",
+                        "--out", str(tmp_path / "alone.json")], env=env, capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"rank {task} of 2: joining the job at localhost:{port} failed" in r.stderr, r.stderr
+    assert took < 60

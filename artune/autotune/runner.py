@@ -145,13 +145,21 @@ def run_rank(cfg: TuneConfig) -> int:
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         preimport = Preimport.start(candidates(cfg), device)
-        dist.init_process_group("nccl", rank=env.rank, world_size=env.world_size,
-                                timeout=timeout, device_id=device,
-                                **_rendezvous(env, timeout))  # type: ignore[arg-type]
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size,
-                                timeout=timeout, **_rendezvous(env, timeout))  # type: ignore[arg-type]
+    try:
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", rank=env.rank,
+                                world_size=env.world_size, timeout=timeout,
+                                device_id=device if cfg.device == "cuda" else None,
+                                **_rendezvous(env, timeout))  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - a peer or the store never came: say where
+        where = (f"{env.master_addr}:{env.master_port}" if env.master_addr else
+                 f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"artune tune: rank {env.rank} of {env.world_size}: joining the job at {where} "
+              f"failed within {timeout_s:.0f} s (ARTUNE_COLLECTIVE_TIMEOUT_S): "
+              f"{type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        os._exit(1)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     heartbeat = _start_heartbeat(env, timeout_s)
     comm = Comm(cpu_group, env.rank, env.world_size, timeout_s, heartbeat)
