@@ -65,9 +65,6 @@ class Router:
         self._fallback_choice = Choice(self.fallback, {}, covered=False)
         #: (nbytes, dtype, mode, device index, contiguous) -> Decision
         self._decided: dict[tuple[Any, ...], Decision] = {}
-        #: the same key -> (backend, its bound all_reduce, params), for the decisions a built
-        #: backend takes: ``all_reduce``'s lookup, one tuple instead of three attribute chains
-        self._hot: dict[tuple[Any, ...], tuple[Backend, Callable[..., Any], Any]] = {}
         if self.fallback not in built:
             raise BackendUnavailable(
                 f"the fallback backend {self.fallback!r} could not be built on this group"
@@ -160,20 +157,13 @@ class Router:
         return self._resolve(x, mode)[0]
 
     def all_reduce(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        # The common case first (in eager mode every call pays it, on host-bound calls of
-        # 20-50 µs): one lookup with ``decide``'s key, then the backend's bound method.
-        hot = self._hot.get((x.nbytes, x.dtype, mode or current_mode(), x.get_device(),
-                             x.is_contiguous()))
-        if hot is not None and not hot[0].closed:
-            return hot[1](x, hot[2])
-        return self._all_reduce_first(x, mode)
-
-    def _all_reduce_first(self, x: torch.Tensor, mode: str | None) -> torch.Tensor:
-        """``all_reduce`` of a shape not yet in the hot table (or whose backend closed)."""
+        # The common case, inlined (in eager mode this is on the critical path): one cached
+        # lookup, the same key as ``decide``'s.
         key = (x.nbytes, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous())
+        d = self._decided.get(key)
+        if d is not None and d.backend is not None and not d.backend.closed:
+            return d.backend.all_reduce(x, d.choice.params)
         choice, backend = self._resolve(x, key[2])
-        if len(self._hot) < _MAX_DECIDED:
-            self._hot[key] = (backend, backend.all_reduce, choice.params)
         return backend.all_reduce(x, choice.params)
 
     @contextlib.contextmanager
@@ -195,11 +185,9 @@ class Router:
     def detach(self) -> None:
         """Drop the backends without closing them (their owner closes them)."""
         self._decided.clear()
-        self._hot.clear()
         self.backends = {}
 
     def close(self) -> None:
         self._decided.clear()
-        self._hot.clear()
         for b in self.backends.values():
             b.close()

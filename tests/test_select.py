@@ -131,10 +131,10 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     # when its supports() does not look at ``closed``.
     built["symm_one_shot"].closed = True
     built["symm_one_shot"].supports = lambda x, params=None: True  # type: ignore[method-assign]
-    router.all_reduce(small, "graph")  # the remembered hot entry is not used
+    router.all_reduce(small, "graph")  # the remembered decision is not used
     assert built["symm_one_shot"].calls == 6 and built["nccl"].calls == 6
     assert router.choose(small, "graph").backend == "nccl"
     router.all_reduce(small, "graph")
     assert built["symm_one_shot"].calls == 6 and built["nccl"].calls == 7
     router.detach()
-    assert router.backends == {} and not router._decided and not router._hot
+    assert router.backends == {} and not router._decided
