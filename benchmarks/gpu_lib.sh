@@ -5,8 +5,9 @@
 # 0.4.1, cuda-python 13.3.1, and what sglang.launch_server's HTTP server imports beyond the
 # Engine API (jsonschema + jsonschema-specifications, referencing, rpds-py; python-multipart;
 # soundfile + cffi, pycparser); and, in place of the wheel set's flashinfer stub (only
-# flashinfer.sampling), a catch-all one (sglang_smoke_stub_flashinfer 0.0.2: every submodule
-# imports, every use raises), since the HTTP server imports flashinfer.prefill and others.
+# flashinfer.sampling), sglang_smoke_stub_flashinfer 0.0.2: any other submodule imports (the
+# HTTP server imports flashinfer.prefill), except those SGLang and sgl_kernel probe with
+# try/except import to pick a kernel (norm, comm, fused_moe, gemm, ...); every use raises.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
 OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W
