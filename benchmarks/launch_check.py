@@ -12,10 +12,12 @@ What it checks, in order, each a row of the report:
 3. ``POST /generate`` with token ids (4 requests, greedy, ``--new-tokens`` each, EOS ignored)
    returns that many tokens per request, and the same ids again on a second identical request
    (greedy decoding is deterministic on one server);
-4. the plugin routed in every TP rank: its "routing with" line is in the server's log, and the
-   route trace (``ARTUNE_ROUTE_LOG``) names the backend of every graph and eager all-reduce;
+4. the plugin routed in every TP rank: its "routing with" line (logged by the group's rank 0)
+   is in the server's log, and every TP rank wrote a route trace (``ARTUNE_ROUTE_LOG``) naming
+   the backend of each graph and eager all-reduce (the report lists the trace);
 5. SIGTERM to the launcher's PID (``artune launch`` execs the server: the same process) stops
-   the server within 60 s, its exit status is reported, and the GPUs' memory is released.
+   the server within 60 s, its exit status is reported (SGLang 0.5.17 ends its own process tree
+   with SIGKILL after draining: -9), and the GPUs' memory is released.
 
 Writes a Markdown report with the card and date (``--out``) and prints it; exit code 0 only if
 every check passed.
@@ -178,14 +180,16 @@ def main() -> int:
     text = log_path.read_text(errors="replace")
     routed = [ln.strip() for ln in text.splitlines() if "routing with" in ln]
     try:
-        _, rows = load_routes(str(trace))
+        processes, rows = load_routes(str(trace))
     except ValueError:
-        rows = []
+        processes, rows = 0, []
     modes = sorted({r["mode"] for r in rows})
     backends = sorted({f"{r['mode']}:{r['backend']}" for r in rows})
-    check("plugin routed in every TP rank", len(routed) >= args.tp and bool(rows),
-          f"{len(routed)} 'routing with' lines; trace: {', '.join(backends) or 'none'}"
-          f" ({len(rows)} rows, modes {modes})")
+    # The plugin logs "routing with" once per group (its rank 0); every TP rank that routed
+    # writes its own trace file.
+    check("plugin routed in every TP rank", bool(routed) and processes >= args.tp and bool(rows),
+          f"{len(routed)} 'routing with' line(s); route traces from {processes} process(es): "
+          f"{', '.join(backends) or 'none'} ({len(rows)} rows, modes {modes})")
 
     card = _card()
     lines = [f"# `artune launch` with a real SGLang server — {dt.date.today()}", "",
@@ -195,7 +199,12 @@ def main() -> int:
              "| check | passed | detail |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if ok else 'NO'} | {detail} |" for name, ok, detail in checks]
     if routed:
-        lines += ["", "Plugin line (first rank): `" + routed[0][:300] + "`"]
+        lines += ["", "Plugin line (the group's rank 0): `" + routed[0][:300] + "`"]
+    if rows:
+        lines += ["", f"Route trace, summed over {processes} process(es):", "",
+                  "| group | mode | dtype | bytes | backend | calls |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['group']} | {r['mode']} | {r['dtype']} | {r['nbytes']} | {r['backend']} "
+                  f"| {r['calls']} |" for r in rows]
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
