@@ -462,14 +462,6 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
                     lines.append(f"{name} lower than nccl by: " + "  ".join(
                         f"bs{bs} {p:.1f}%" for bs, p in sorted(rel.items())))
         lines += _pooled(runs, doc["comparisons"])
-        dc, ac = runs.get("default_compile"), runs.get("artune_compile")
-        if dc and ac and dc.get("batches") and ac.get("batches"):  # the plugin under compile
-            vd = {b["batch"]: b["step_ms"] for b in dc["batches"]}
-            rel = {b["batch"]: (b["step_ms"] / vd[b["batch"]] - 1) * 100
-                   for b in ac["batches"] if b["batch"] in vd}
-            doc["comparisons"]["artune_compile"]["pct_vs_default_compile"] = rel
-            lines.append("artune_compile vs default_compile (ms/step, %): "
-                         + "  ".join(f"bs{bs} {p:+.1f}%" for bs, p in sorted(rel.items())))
         ref = base.get("top_logprobs")
         noise = None
         spread = _logit_spread(ref) if ref else 0.0
@@ -494,6 +486,7 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
                          f"{cmp['max_abs_dlogprob']:.2e} (tolerance {limit:.2e}), top-k overlap "
                          f">= {cmp['min_topk_overlap']:.0%}, top-1 agree {cmp['top1_agree']:.0%}"
                          f" -> {'OK' if cmp['ok'] else 'MISMATCH or inconclusive'}")
+    lines += _compile_pair(runs, doc["comparisons"], tol)
     for name, r in runs.items():
         for mode, backends in ((r.get("routes") or {}).get("by_mode") or {}).items():
             lines.append(f"{name}: all-reduces in {mode} mode by backend (all ranks): " + "; ".join(
@@ -509,6 +502,36 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
                 if r.get("settings")}
     if len(settings) > 1:
         lines.append(f"WARNING: the configs ran with different settings: {sorted(settings)}")
+    return lines
+
+
+def _compile_pair(runs: dict[str, Any], comparisons: dict[str, Any], tol: float) -> list[str]:
+    """artune_compile against default_compile (the plugin under torch.compile, same compile
+    settings): ms/step per batch size and first-step logprobs; with or without a ``default``
+    run beside them."""
+    dc, ac = runs.get("default_compile"), runs.get("artune_compile")
+    if not (dc and ac and dc.get("batches") and ac.get("batches")):
+        return []
+    vd = {b["batch"]: b["step_ms"] for b in dc["batches"]}
+    rel = {b["batch"]: (b["step_ms"] / vd[b["batch"]] - 1) * 100
+           for b in ac["batches"] if b["batch"] in vd}
+    out = comparisons.setdefault("artune_compile", {})
+    out["pct_vs_default_compile"] = rel
+    lines = ["artune_compile vs default_compile (ms/step, %): "
+             + "  ".join(f"bs{bs} {p:+.1f}%" for bs, p in sorted(rel.items()))]
+    ref, other = dc.get("top_logprobs"), ac.get("top_logprobs")
+    if ref and other:
+        cmp = _compare(ref, other)
+        spread = _logit_spread(ref)
+        cmp["tolerance"] = tol
+        cmp["ok"] = (cmp["max_abs_dlogprob"] <= tol and cmp["min_topk_overlap"] >= 0.5
+                     and spread >= 1e-2)
+        out["logits_vs_default_compile"] = cmp
+        lines.append(f"logprobs artune_compile vs default_compile ({cmp['positions']} positions):"
+                     f" max|Δ| {cmp['max_abs_dlogprob']:.2e} (tolerance {tol:.2e}), top-k "
+                     f"overlap >= {cmp['min_topk_overlap']:.0%}, top-1 agree "
+                     f"{cmp['top1_agree']:.0%} -> "
+                     f"{'OK' if cmp['ok'] else 'MISMATCH or inconclusive'}")
     return lines
 
 

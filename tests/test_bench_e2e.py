@@ -108,3 +108,30 @@ def test_derived_profiles_of_the_bisection_configs(
     assert without.data["derived_without"] == {"sglang": "left out by sglang_e2e.py"}
     for n in (8 << 10, 32 << 10, 128 << 10, 512 << 10):
         assert select(without, n, torch.bfloat16, "graph").backend == "nvrar", n
+
+
+def test_compile_pair_is_compared_without_a_default_run() -> None:
+    """artune_compile against default_compile: timing and logprobs, with no ``default`` run in
+    the file (an earlier summary could only compare them beside one)."""
+    mod = _module()
+
+    def run(steps: tuple[float, float], top0: float) -> dict[str, Any]:
+        rows = [{"ids": [5, 6], "top": [[[top0, 5], [-3.0, 9]], [[-0.2, 6], [-4.0, 2]]]}]
+        return {"batches": [{"batch": bs, "step_ms": s, "spread_ms": 0.01, "decode_tok_s": 1.0}
+                            for bs, s in zip((1, 4), steps, strict=True)],
+                "top_logprobs": rows}
+
+    doc = {"tp": 2, "card": {"gpu": "G", "gpus": 2}, "date": "d", "reps": 5, "new_tokens": 8,
+           "configs": {"default_compile": run((2.0, 4.0), -0.10),
+                       "artune_compile": run((2.1, 3.9), -0.12)}}
+    lines = mod._summarize(doc, 0.05)
+    got = doc["comparisons"]["artune_compile"]
+    assert got["pct_vs_default_compile"][1] == pytest.approx(5.0)
+    assert got["pct_vs_default_compile"][4] == pytest.approx(-2.5)
+    assert got["logits_vs_default_compile"]["max_abs_dlogprob"] == pytest.approx(0.02)
+    assert got["logits_vs_default_compile"]["ok"] is True
+    assert any("bs1 +5.0%  bs4 -2.5%" in ln for ln in lines)
+    # a logprob gap beyond the tolerance is reported as such
+    doc["configs"]["artune_compile"] = run((2.1, 3.9), -0.30)
+    mod._summarize(doc, 0.05)
+    assert doc["comparisons"]["artune_compile"]["logits_vs_default_compile"]["ok"] is False
