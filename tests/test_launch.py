@@ -89,6 +89,10 @@ def test_starts_the_server_with_the_profile_and_no_multicast(tmp_path: Path) -> 
     assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
     assert env["SGLANG_PLUGINS"] == "other,artune"  # a whitelist must not drop the plugin
     assert env["ARTUNE_STRICT"] is None
+    # one line says what starts with which profile, before the server's own output
+    line = next(ln for ln in err.splitlines() if ln.startswith("artune launch: profile"))
+    assert str(prof) in line and "matches this machine at TP=2" in line
+    assert topology.fingerprint_id(profile_mod.load(prof).fingerprint) in line
 
 
 def test_signals_reach_the_server(tmp_path: Path) -> None:

@@ -206,6 +206,14 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
 
     env = server_env(path.resolve(), force)
     cmd = [*server, *sargs]
+    if not errors:
+        topo = prof.fingerprint.get("topology", {})
+        what = f"{topo.get('world_size')}x {topo.get('gpu') or topo.get('device')}"
+        shown = " ".join(["python", *server[1:]] if server[0] == sys.executable else server)
+        print(f"artune launch: profile {path} ({what}, fingerprint "
+              f"{topology.fingerprint_id(prof.fingerprint)}, made {prof.data.get('created', '?')})"
+              f" matches this machine at TP={tp}; starting {shown} with NVLink multicast off",
+              file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
