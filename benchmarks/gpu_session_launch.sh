@@ -7,8 +7,8 @@
 # PROFILE defaults to the reference profile whose fingerprint is this machine's with TP ranks
 # (artune/profiles/<id>.json, as `artune launch` computes it; a `--quick` tune makes one where
 # there is none); TP defaults to every GPU.
-# One server start (~80-90 s on a fresh machine); the report and the server's log come back in
-# $OUT as the checks run.
+# One server start (75 s, and 159 s the first time on a fresh 2x H100 machine, eleventh
+# session); the report and the server's log come back in $OUT as the checks run.
 set -uo pipefail
 source benchmarks/sglang_site.sh
 TP=${2:-$(nvidia-smi -L | wc -l)}

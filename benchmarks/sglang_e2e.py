@@ -475,17 +475,10 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
         for name, r in runs.items():
             if name == "default" or not ref or not r.get("top_logprobs"):
                 continue
-            cmp = _compare(ref, r["top_logprobs"])
             limit = max(tol, 4 * noise["max_abs_dlogprob"]) if noise else tol
-            cmp["tolerance"] = limit
-            cmp["ok"] = (cmp["max_abs_dlogprob"] <= limit and cmp["min_topk_overlap"] >= 0.5
-                         and spread >= 1e-2)
+            cmp, line = _judge(ref, r["top_logprobs"], limit, f"{name} vs default")
             doc["comparisons"].setdefault(name, {})["logits"] = cmp
-            lines.append(f"logprobs {name} vs default ({cmp['positions']} positions, "
-                         f"{cmp['decode_positions']} decode): max|Δ| "
-                         f"{cmp['max_abs_dlogprob']:.2e} (tolerance {limit:.2e}), top-k overlap "
-                         f">= {cmp['min_topk_overlap']:.0%}, top-1 agree {cmp['top1_agree']:.0%}"
-                         f" -> {'OK' if cmp['ok'] else 'MISMATCH or inconclusive'}")
+            lines.append(line)
     lines += _compile_pair(runs, doc["comparisons"], tol)
     for name, r in runs.items():
         for mode, backends in ((r.get("routes") or {}).get("by_mode") or {}).items():
@@ -521,18 +514,25 @@ def _compile_pair(runs: dict[str, Any], comparisons: dict[str, Any], tol: float)
              + "  ".join(f"bs{bs} {p:+.1f}%" for bs, p in sorted(rel.items()))]
     ref, other = dc.get("top_logprobs"), ac.get("top_logprobs")
     if ref and other:
-        cmp = _compare(ref, other)
-        spread = _logit_spread(ref)
-        cmp["tolerance"] = tol
-        cmp["ok"] = (cmp["max_abs_dlogprob"] <= tol and cmp["min_topk_overlap"] >= 0.5
-                     and spread >= 1e-2)
+        cmp, line = _judge(ref, other, tol, "artune_compile vs default_compile")
         out["logits_vs_default_compile"] = cmp
-        lines.append(f"logprobs artune_compile vs default_compile ({cmp['positions']} positions):"
-                     f" max|Δ| {cmp['max_abs_dlogprob']:.2e} (tolerance {tol:.2e}), top-k "
-                     f"overlap >= {cmp['min_topk_overlap']:.0%}, top-1 agree "
-                     f"{cmp['top1_agree']:.0%} -> "
-                     f"{'OK' if cmp['ok'] else 'MISMATCH or inconclusive'}")
+        lines.append(line)
     return lines
+
+
+def _judge(ref: list[dict[str, Any]], other: list[dict[str, Any]], limit: float,
+           what: str) -> tuple[dict[str, Any], str]:
+    """``_compare`` judged: within ``limit``, top-k overlap at least half, and logits that are
+    not flat (else inconclusive); the comparison and its summary line."""
+    cmp = _compare(ref, other)
+    cmp["tolerance"] = limit
+    cmp["ok"] = (cmp["max_abs_dlogprob"] <= limit and cmp["min_topk_overlap"] >= 0.5
+                 and _logit_spread(ref) >= 1e-2)
+    line = (f"logprobs {what} ({cmp['positions']} positions, {cmp['decode_positions']} decode): "
+            f"max|Δ| {cmp['max_abs_dlogprob']:.2e} (tolerance {limit:.2e}), top-k overlap >= "
+            f"{cmp['min_topk_overlap']:.0%}, top-1 agree {cmp['top1_agree']:.0%} -> "
+            f"{'OK' if cmp['ok'] else 'MISMATCH or inconclusive'}")
+    return cmp, line
 
 
 def _pooled(runs: dict[str, Any], comparisons: dict[str, Any]) -> list[str]:

@@ -211,9 +211,9 @@ def oneshot_lamport_kernel(
 #: AHEAD: the lamport epoch counters wrap at this multiple of 3, so that consecutive calls
 #: always take consecutive parities (2**32 is not a multiple of 3).
 LAMPORT_WRAP = tl.constexpr(3 << 28)
-#: AHEAD: a call that read more words than this per source slot (a 128 KiB message on one
-#: node) empties them at its own end, as without AHEAD: the next call, maybe a small one on a
-#: small grid, would otherwise pay for clearing them.
+#: AHEAD: a call that read more words than this per source slot (a one-shot message above
+#: 128 KiB; one of exactly 128 KiB still defers) empties them at its own end, as without AHEAD:
+#: the next call, maybe a small one on a small grid, would otherwise pay for clearing them.
 AHEAD_MAX_WORDS = tl.constexpr(16384)
 
 
