@@ -53,6 +53,17 @@ to the same numbers for ``nccl`` vs ``default`` (two correct all-reduces that su
 orders: the size of honest bf16 differences). For the artune configs it also keeps the plugin's
 log lines and whether the plugin reported routing.
 
+Paired mode (``--paired A,B``, e.g. ``default,artune`` or ``default_compile,artune_compile``):
+the two configs' engines run side by side on the same GPUs (``--paired-mem`` each), and per
+batch size the parent asks for one rep at a time, alternating which engine goes first (A B,
+B A, ...). Round r compares B's rep with A's, taken seconds apart, so a machine whose speed
+drifts over minutes (engine-to-engine differences of 2-11 % on one 4x H100 machine, twelfth
+session) moves both alike. Reported per batch size: the median of the per-round percentages
+and its distribution-free 95 % interval from order statistics (``--reps 10`` or more; with
+fewer than 6 rounds the interval is the full range), judged against ``--band`` (±1 %): within,
+slower, faster, no slower, or not resolved. ``default,default_again`` measures what the method
+resolves when nothing differs. The logprob check runs in both engines after the timing.
+
 Writes ``--out`` (JSON: card, date, versions, environment, raw reps and the summary, rewritten
 after every config; configs already in an existing file are kept, so a run may be split over
 several calls) and prints a table. The NVLink multicast switches stay off in every engine
@@ -66,13 +77,16 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,25 +232,28 @@ def _top_logprobs(engine: Any, args: argparse.Namespace) -> list[dict[str, Any]]
     return rows
 
 
-def _time_batch(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, Any]:
+def _generate(engine: Any, prompts: list[list[int]], tokens: int) -> float:
+    """Seconds for one greedy generate of ``tokens`` tokens per prompt (EOS ignored)."""
+    sp = {"max_new_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+    t0 = time.perf_counter()
+    res = engine.generate(input_ids=prompts, sampling_params=sp)
+    dt = time.perf_counter() - t0
+    got = [len(r["output_ids"]) for r in res]
+    if got != [tokens] * len(prompts):
+        raise RuntimeError(f"bs {len(prompts)}: asked {tokens} tokens per request, got {got}")
+    return dt
+
+
+def _one_rep(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, float]:
+    """One timed rep: the 1-token call, then the N-token call."""
     prompts = _prompts(bs, args.input_len)
-    n = args.new_tokens
+    t1 = _generate(engine, prompts, 1)
+    return {"t1_s": t1, "tn_s": _generate(engine, prompts, args.new_tokens)}
 
-    def gen(tokens: int) -> float:
-        sp = {"max_new_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
-        t0 = time.perf_counter()
-        res = engine.generate(input_ids=prompts, sampling_params=sp)
-        dt = time.perf_counter() - t0
-        got = [len(r["output_ids"]) for r in res]
-        if got != [tokens] * bs:
-            raise RuntimeError(f"bs {bs}: asked {tokens} tokens per request, got {got}")
-        return dt
 
-    gen(min(n, 32))  # warm-up at this batch size
-    reps = []
-    for _ in range(args.reps):
-        t1 = gen(1)
-        reps.append({"t1_s": t1, "tn_s": gen(n)})
+def _batch_row(bs: int, reps: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """A batch size's numbers from its reps: each rep's step is (t_N - median t_1) / (N - 1)
+    (written into the rep), then their median, spread and the throughputs."""
     t1_med = statistics.median(r["t1_s"] for r in reps)
     for r in reps:
         r["step_ms"] = (r["tn_s"] - t1_med) / (n - 1) * 1e3
@@ -247,6 +264,12 @@ def _time_batch(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, Any
         "batch": bs, "reps": reps, "step_ms": med, "spread_ms": max(steps) - min(steps),
         "decode_tok_s": bs / (med / 1e3), "e2e_tok_s": bs * n / tn_med,
     }
+
+
+def _time_batch(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, Any]:
+    _generate(engine, _prompts(bs, args.input_len), min(args.new_tokens, 32))  # warm-up
+    reps = [_one_rep(engine, args, bs) for _ in range(args.reps)]
+    return _batch_row(bs, reps, args.new_tokens)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -282,6 +305,16 @@ def worker(args: argparse.Namespace) -> int:
         result["routes"] = _routes_summary(routes_dir)
         save()
     print(f"[e2e] {config}: engine up in {result['startup_s']} s", flush=True)
+    if args.result_fd is not None:  # paired mode: the parent says what to time, rep by rep
+        with os.fdopen(args.result_fd, "w", buffering=1) as results:
+            def emit(obj: dict[str, Any]) -> None:
+                results.write(json.dumps(obj) + "\n")
+            emit({"ready": True, **result})
+            try:
+                _serve(engine, args, sys.stdin, emit)
+            finally:
+                engine.shutdown()
+        return 0
     try:
         result["batches"] = []
         for bs in args.batch_sizes:
@@ -301,6 +334,36 @@ def worker(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _serve(engine: Any, args: argparse.Namespace, commands: Any,
+           emit: Callable[[dict[str, Any]], None]) -> None:
+    """Paired mode's worker loop: one command per line from the parent, one JSON answer each
+    (``emit``), until ``quit`` or the end of input. ``warm BS``: an untimed generate at that
+    batch size; ``rep BS``: one timed rep (``_one_rep``); ``check``: the logprob check's norms,
+    then the top-k logprobs. A command that fails answers ``{"error": ...}``; the loop goes on
+    (the parent decides)."""
+    for line in commands:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "quit":
+            return
+        try:
+            if cmd[0] == "warm" and len(cmd) == 2:
+                bs = int(cmd[1])
+                _generate(engine, _prompts(bs, args.input_len), min(args.new_tokens, 32))
+                emit({"warm": bs})
+            elif cmd[0] == "rep" and len(cmd) == 2:
+                emit(_one_rep(engine, args, int(cmd[1])))
+            elif cmd == ["check"]:
+                _set_norms(engine)
+                emit({"norms": {"layers": NORM_WEIGHT, "final": FINAL_NORM_WEIGHT},
+                      "top_logprobs": _top_logprobs(engine, args)})
+            else:
+                emit({"error": f"unknown command {line.strip()!r}"})
+        except Exception as exc:  # noqa: BLE001 - answered; the parent records and decides
+            emit({"error": f"{type(exc).__name__}: {exc}"[:500]})
 
 
 def _routes_summary(folder: Path) -> dict[str, Any] | None:
@@ -480,6 +543,7 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             doc["comparisons"].setdefault(name, {})["logits"] = cmp
             lines.append(line)
     lines += _compile_pair(runs, doc["comparisons"], tol)
+    lines += _paired_lines(doc)
     for name, r in runs.items():
         for mode, backends in ((r.get("routes") or {}).get("by_mode") or {}).items():
             lines.append(f"{name}: all-reduces in {mode} mode by backend (all ranks): " + "; ".join(
@@ -588,6 +652,233 @@ def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
     return rc, notes
 
 
+# ---------------------------------------------------------------------------------------------
+# Paired mode: two engines side by side on the same GPUs, reps alternating between them
+
+
+class _Served:
+    """One config's engine in its own worker process, timing what the parent asks (paired
+    mode). Commands go down the worker's stdin; answers come back as JSON lines on a pipe of
+    their own, since the worker's stdout carries the engine's logs."""
+
+    def __init__(self, config: str, cmd: list[str], env: dict[str, str]) -> None:
+        r, w = os.pipe()
+        self.config = config
+        self.notes: list[str] = []
+        self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.proc = subprocess.Popen(
+            [*cmd, "--result-fd", str(w)], env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            bufsize=1, pass_fds=(w,))
+        os.close(w)
+        threading.Thread(target=self._pump_log, daemon=True).start()
+        threading.Thread(target=self._pump_answers, args=(r,), daemon=True).start()
+
+    def _pump_log(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if "[artune" in line and len(self.notes) < 100:
+                self.notes.append(line.rstrip())
+
+    def _pump_answers(self, fd: int) -> None:
+        with os.fdopen(fd) as answers:
+            for line in answers:
+                try:
+                    self.answers.put(json.loads(line))
+                except ValueError:
+                    self.answers.put({"error": f"unreadable answer {line[:200]!r}"})
+        self.answers.put(None)  # the worker closed its end: it has ended
+
+    def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
+        """Send ``command`` (None: wait for the engine start's answer) and return the answer;
+        TimeoutError or RuntimeError naming the config and the command otherwise."""
+        what = command or "the engine start"
+        if command is not None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            except OSError as exc:
+                raise RuntimeError(f"{self.config}: worker gone before {what!r} "
+                                   f"(exit {self.proc.poll()})") from exc
+        try:
+            answer = self.answers.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            raise TimeoutError(f"{self.config}: no answer to {what!r} within {timeout:.0f} s"
+                               ) from None
+        if answer is None:
+            raise RuntimeError(f"{self.config}: the worker ended (exit {self.proc.wait()}) "
+                               f"before answering {what!r}")
+        if "error" in answer:
+            raise RuntimeError(f"{self.config}: {what}: {answer['error']}")
+        return answer
+
+    def close(self, timeout: float = 90.0) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"[e2e] {self.config}: worker did not stop within {timeout:.0f} s: killed",
+                  flush=True)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of ``xs``: the order statistics
+    [x_(k), x_(n+1-k)] with the largest k whose coverage 1 - 2 P(Bin(n, 1/2) <= k - 1) is at
+    least ``level``; k = 1 (the full range) when none is. Returns (low, high, coverage)."""
+    xs = sorted(xs)
+    n = len(xs)
+    if not n:
+        raise ValueError("no values")
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
+
+
+def _verdict(low: float, high: float, band: float) -> str:
+    """What an interval of B-vs-A percentages shows against a ±band (%)."""
+    if -band <= low and high <= band:
+        return f"within ±{band:g}%"
+    if low > band:
+        return f"slower by more than {band:g}%"
+    if high < -band:
+        return f"faster by more than {band:g}%"
+    if high <= band:
+        return f"no slower than +{band:g}%"
+    if low >= -band:
+        return f"no faster than -{band:g}%"
+    return f"not resolved (interval wider than ±{band:g}% both ways)"
+
+
+def _paired_stats(a_row: dict[str, Any], b_row: dict[str, Any], band: float) -> dict[str, Any]:
+    """Round by round, B's step against A's (rep r of each, taken back to back): the
+    percentages, their median, its interval and what that shows against ±band."""
+    pct = [(rb["step_ms"] / ra["step_ms"] - 1) * 100
+           for ra, rb in zip(a_row["reps"], b_row["reps"], strict=True)]
+    low, high, cover = _median_ci(pct)
+    return {"rounds": len(pct), "pct": pct, "median_pct": statistics.median(pct),
+            "interval_pct": [low, high], "coverage": cover, "verdict": _verdict(low, high, band)}
+
+
+def _run_paired(args: argparse.Namespace, names: tuple[str, str],
+                spawn: Callable[[str], _Served], deadline: float | None,
+                answer_s: float = 180.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both engines up side by side, then per batch size an untimed warm-up in each and
+    ``args.reps`` rounds of one rep per engine, the order alternating (A B, B A, ...), then the
+    logprob check in each. Only rounds both engines finished count. Returns the configs'
+    results (as the one-engine mode writes them) and the paired statistics."""
+    a, b = names
+    results: dict[str, dict[str, Any]] = {
+        n: {"config": n, "paired_with": b if n == a else a, "settings": {
+            "tp": args.tp, "input_len": args.input_len, "new_tokens": args.new_tokens,
+            "reps": args.reps, "batch_sizes": args.batch_sizes, "mem": args.paired_mem,
+            "paired": True}} for n in names}
+    reps: dict[str, dict[int, list[dict[str, Any]]]] = {
+        n: {bs: [] for bs in args.batch_sizes} for n in names}
+    served: dict[str, _Served] = {}
+
+    def left() -> float:
+        return math.inf if deadline is None else deadline - time.monotonic()
+
+    stopped = None
+    try:
+        for n in names:
+            served[n] = spawn(n)
+            ready = served[n].ask(None, min(args.timeout, left() - 15))
+            ready.pop("ready", None)
+            results[n].update({k: v for k, v in ready.items() if k != "settings"})
+            print(f"[e2e] {n}: up beside the other engine", flush=True)
+        for bs in args.batch_sizes:
+            for n in names:
+                served[n].ask(f"warm {bs}", min(answer_s, left()))
+            for r in range(args.reps):
+                if left() < 60:
+                    stopped = f"budget: stopped at bs {bs} after {r} rounds"
+                    break
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    reps[n][bs].append(served[n].ask(f"rep {bs}", min(answer_s, left())))
+            print(f"[e2e] paired bs {bs}: {len(reps[b][bs])} rounds", flush=True)
+            if stopped:
+                break
+        if not stopped:
+            for n in names:
+                results[n].update(served[n].ask("check", min(answer_s, left())))
+    except (TimeoutError, RuntimeError) as exc:
+        stopped = str(exc)
+        print(f"[e2e] paired run stopped: {stopped}", flush=True)
+    finally:
+        for proc in served.values():
+            proc.close()
+    paired: dict[str, Any] = {"a": a, "b": b, "band_pct": args.band, "by_batch": {}}
+    for n in names:
+        results[n]["batches"] = []
+        if stopped:
+            results[n]["error"] = stopped
+        if CONFIGS[n]["artune"] and n in served:
+            results[n]["artune_log"] = served[n].notes
+            results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
+    for bs in args.batch_sizes:
+        rounds = min(len(reps[a][bs]), len(reps[b][bs]))
+        if not rounds:
+            continue
+        rows = {n: _batch_row(bs, reps[n][bs][:rounds], args.new_tokens) for n in names}
+        for n in names:
+            results[n]["batches"].append(rows[n])
+        paired["by_batch"][str(bs)] = _paired_stats(rows[a], rows[b], args.band)
+    return results, paired
+
+
+def _paired_lines(doc: dict[str, Any]) -> list[str]:
+    p = doc.get("paired")
+    if not p or not p.get("by_batch"):
+        return []
+    lines = [f"paired: {p['b']} vs {p['a']}, two engines side by side, order alternating; "
+             f"median of the per-round % and its distribution-free interval:"]
+    for bs, st in sorted(p["by_batch"].items(), key=lambda kv: int(kv[0])):
+        low, high = st["interval_pct"]
+        lines.append(f"  bs{bs}: {st['median_pct']:+.2f}% [{low:+.2f}, {high:+.2f}] "
+                     f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}")
+    return lines
+
+
+def _worker_env(args: argparse.Namespace, config: str, model_dir: str) -> dict[str, str]:
+    """A config's worker environment: no multicast, its profile (or none), its settings."""
+    env = dict(os.environ, **NO_MULTICAST_ENV)
+    env.pop("ARTUNE_PROFILE", None)
+    if CONFIGS[config]["artune"]:
+        env["ARTUNE_PROFILE"] = args.profile
+        if CONFIGS[config].get("only") or CONFIGS[config].get("drop"):
+            env["ARTUNE_PROFILE"] = _derived_profile(
+                args.profile, Path(model_dir), only=CONFIGS[config].get("only"),
+                drop=CONFIGS[config].get("drop"))
+    env.update(CONFIGS[config].get("env", {}))
+    return env
+
+
+def _worker_cmd(args: argparse.Namespace, config: str, model_dir: str, res_file: Path,
+                mem: float | None = None) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--worker", config,
+            "--worker-out", str(res_file), "--model-dir", model_dir,
+            "--tp", str(args.tp), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+            "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
+            "--reps", str(args.reps), "--mem", str(args.mem if mem is None else mem),
+            "--log-level", args.log_level]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tp", type=int, default=4)
@@ -610,7 +901,17 @@ def main(argv: list[str] | None = None) -> int:
                    "finished batch sizes are kept), later configs are skipped")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/...)")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--paired", default=None, metavar="A,B",
+                   help="two configs as engines side by side on the same GPUs, the reps "
+                   "alternating between them (A B, B A, ...); reports B against A round by "
+                   "round with a distribution-free interval of the median (--configs is not "
+                   "used). Use --reps 10 or more: below 6 rounds the interval is the full range")
+    p.add_argument("--paired-mem", type=float, default=0.35,
+                   help="mem_fraction_static of each engine in paired mode (they share the GPUs)")
+    p.add_argument("--band", type=float, default=1.0,
+                   help="paired mode: the ± band in %% the interval is judged against")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -621,7 +922,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or not args.batch_sizes or min(args.batch_sizes) < 1:
         p.error("--reps and every --batch-sizes entry must be at least 1")
 
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    configs = [c.strip() for c in (args.paired or args.configs).split(",") if c.strip()]
+    if args.paired and (len(configs) != 2 or configs[0] == configs[1]):
+        p.error(f"--paired takes two different configs, got {args.paired!r}")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         p.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
@@ -639,25 +942,26 @@ def main(argv: list[str] | None = None) -> int:
     doc.setdefault("configs", {})
 
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    out.parent.mkdir(parents=True, exist_ok=True)
     baseline = _gpu_mem_used()
     model_dir = tempfile.mkdtemp(prefix="artune_e2e_llama_")
     (Path(model_dir) / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
+    if args.paired:
+        def spawn(config: str) -> _Served:
+            cmd = _worker_cmd(args, config, model_dir, Path(model_dir) / f"{config}.json",
+                              mem=args.paired_mem)
+            print(f"[e2e] {config}: starting ({' '.join(cmd[2:])})", flush=True)
+            return _Served(config, cmd, _worker_env(args, config, model_dir))
+
+        results, paired = _run_paired(args, (configs[0], configs[1]), spawn, deadline)
+        _wait_gpus_released(baseline)
+        doc["configs"].update(results)
+        doc["paired"] = paired
+        configs = []  # nothing left for the one-engine loop below
     for config in configs:
-        env = dict(os.environ, **NO_MULTICAST_ENV)
-        env.pop("ARTUNE_PROFILE", None)
-        if CONFIGS[config]["artune"]:
-            env["ARTUNE_PROFILE"] = args.profile
-            if CONFIGS[config].get("only") or CONFIGS[config].get("drop"):
-                env["ARTUNE_PROFILE"] = _derived_profile(
-                    args.profile, Path(model_dir), only=CONFIGS[config].get("only"),
-                    drop=CONFIGS[config].get("drop"))
-        env.update(CONFIGS[config].get("env", {}))
+        env = _worker_env(args, config, model_dir)
         res_file = Path(model_dir) / f"{config}.json"
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", config,
-               "--worker-out", str(res_file), "--model-dir", model_dir,
-               "--tp", str(args.tp), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
-               "--input-len", str(args.input_len), "--new-tokens", str(args.new_tokens),
-               "--reps", str(args.reps), "--mem", str(args.mem), "--log-level", args.log_level]
+        cmd = _worker_cmd(args, config, model_dir, res_file)
         limit = args.timeout
         if deadline is not None:
             limit = min(limit, deadline - time.monotonic() - 15)
@@ -683,7 +987,6 @@ def main(argv: list[str] | None = None) -> int:
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         doc["configs"][config] = res
         doc["summary"] = _summarize(doc, args.tol)
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))  # after every config: partial runs survive
     lines = doc["summary"] = _summarize(doc, args.tol)
     out.write_text(json.dumps(doc, indent=1))

@@ -135,3 +135,245 @@ def test_compile_pair_is_compared_without_a_default_run() -> None:
     doc["configs"]["artune_compile"] = run((2.1, 3.9), -0.30)
     mod._summarize(doc, 0.05)
     assert doc["comparisons"]["artune_compile"]["logits_vs_default_compile"]["ok"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired mode: two engines side by side, reps alternating
+
+
+def test_median_interval_from_order_statistics() -> None:
+    mod = _module()
+    xs = [float(x) for x in (7, 1, 9, 3, 5, 2, 8, 4, 10, 6)]
+    low, high, cover = mod._median_ci(xs)
+    # n = 10: k = 2 covers 1 - 2 * 11 / 1024; k = 3 (1 - 2 * 56 / 1024 = 0.89) is below 95 %
+    assert (low, high) == (2.0, 9.0) and cover == pytest.approx(1 - 22 / 1024)
+    # n = 5: no interval reaches 95 %: the full range, with what it covers
+    assert mod._median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
+    with pytest.raises(ValueError):
+        mod._median_ci([])
+
+
+@pytest.mark.parametrize(("low", "high", "says"), [
+    (-0.5, 0.8, "within ±1%"), (1.2, 3.0, "slower by more than 1%"),
+    (-4.0, -1.5, "faster by more than 1%"), (-3.0, 0.9, "no slower than +1%"),
+    (-0.2, 2.5, "no faster than -1%"), (-2.0, 2.0, "not resolved"),
+])
+def test_verdict_against_the_band(low: float, high: float, says: str) -> None:
+    assert _module()._verdict(low, high, 1.0).startswith(says)
+
+
+class _StepEngine:
+    """A stand-in engine on a stand-in clock: prefill 30 ms, then ``step`` ms per decode step
+    plus a drift shared by every engine (the machine getting slower as the run goes on)."""
+
+    def __init__(self, clock: list[float], step_ms: float, fail_at: int | None = None) -> None:
+        self.clock, self.step_ms, self.calls, self.fail_at = clock, step_ms, 0, fail_at
+
+    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any],
+                 **_: Any) -> list[dict[str, Any]]:
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise RuntimeError("engine fault")
+        n = sampling_params["max_new_tokens"]
+        drift = 1 + 0.01 * self.clock[0]  # 1 % slower per simulated second, for everyone
+        self.clock[0] += 0.030 + (n - 1) * self.step_ms * drift / 1e3
+        return [{"output_ids": [0] * n} for _ in input_ids]
+
+
+def test_serve_answers_each_command_and_goes_on_after_a_failing_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _module()
+    clock = [0.0]
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
+    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    args = argparse.Namespace(new_tokens=101, input_len=4)
+    engine = _StepEngine(clock, 2.0, fail_at=4)
+    answers: list[dict[str, Any]] = []
+    mod._serve(engine, args, iter(["warm 4\n", "rep 4\n", "rep 4\n", "bogus\n", "check\n",
+                                   "quit\n", "rep 4\n"]), answers.append)
+    assert answers[0] == {"warm": 4}
+    assert answers[1]["t1_s"] == pytest.approx(0.030)
+    assert answers[1]["tn_s"] > 0.030 + 100 * 2.0e-3  # decode steps, with the drift
+    assert answers[2]["error"].startswith("RuntimeError: engine fault")  # 4th generate fails
+    assert "unknown command 'bogus'" in answers[3]["error"]
+    assert answers[4]["top_logprobs"] == [{"ids": [1], "top": []}]
+    assert len(answers) == 5  # nothing after quit
+
+
+class _FakeServed:
+    """``_Served``'s interface over an in-process ``_serve`` loop (no subprocess)."""
+
+    log: list[tuple[str, str]] = []
+
+    def __init__(self, config: str, mod: Any, args: argparse.Namespace, engine: Any,
+                 start_error: str | None = None) -> None:
+        self.config, self.mod, self.args, self.engine = config, mod, args, engine
+        self.start_error, self.closed = start_error, False
+        self.notes = ["[artune INFO] routing with p.json"] if "artune" in config else []
+
+    def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
+        if command is None:
+            if self.start_error:
+                raise RuntimeError(f"{self.config}: {self.start_error}")
+            return {"ready": True, "startup_s": 1.0, "engine_kwargs": {"tp_size": 2}}
+        _FakeServed.log.append((self.config, command))
+        got: list[dict[str, Any]] = []
+        self.mod._serve(self.engine, self.args, [command], got.append)
+        if "error" in got[0]:
+            raise RuntimeError(f"{self.config}: {command}: {got[0]['error']}")
+        return got[0]
+
+    def close(self, timeout: float = 90.0) -> None:
+        self.closed = True
+
+
+def _paired_args(**kw: Any) -> argparse.Namespace:
+    base = dict(tp=2, input_len=4, new_tokens=101, reps=10, batch_sizes=[1, 16],
+                paired_mem=0.35, band=1.0, timeout=300.0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """B is 2 % slower than A; the machine drifts 1 % per second, i.e. by more than that over
+    the run. Rounds alternate A B / B A, and the per-round comparison shows +2 %, beyond the
+    1 % band, with both engines' reps kept as the one-engine mode keeps them."""
+    mod = _module()
+    clock = [0.0]
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic=lambda: clock[0]))
+    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
+    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    args = _paired_args()
+    engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.04)}
+    _FakeServed.log = []
+    made: dict[str, _FakeServed] = {}
+
+    def spawn(name: str) -> _FakeServed:
+        made[name] = _FakeServed(name, mod, args, engines[name])
+        return made[name]
+
+    results, paired = mod._run_paired(args, ("default", "artune"), spawn, deadline=None)
+    reps = [(c, cmd) for c, cmd in _FakeServed.log if cmd == "rep 16"]
+    assert reps[:4] == [("default", "rep 16"), ("artune", "rep 16"),
+                        ("artune", "rep 16"), ("default", "rep 16")]
+    assert [c for c, cmd in _FakeServed.log if cmd.startswith("warm")] == ["default", "artune"] * 2
+    assert all(s.closed for s in made.values())
+    for bs in ("1", "16"):
+        st = paired["by_batch"][bs]
+        assert st["rounds"] == 10 and st["verdict"] == "slower by more than 1%"
+        assert st["interval_pct"][0] <= 2.0 + 0.2 and st["interval_pct"][1] >= 2.0 - 0.2
+        assert st["median_pct"] == pytest.approx(2.0, abs=0.3)
+    # unpaired, the drift alone moves a config's own reps by more than the 2 %
+    steps = [r["step_ms"] for r in results["default"]["batches"][1]["reps"]]
+    assert max(steps) / min(steps) - 1 > 0.02
+    assert results["artune"]["artune_routed"] is True and "error" not in results["artune"]
+    assert results["artune"]["top_logprobs"] == [{"ids": [1], "top": []}]
+    assert results["default"]["settings"]["paired"] is True
+    lines = mod._paired_lines({"paired": paired})
+    assert "artune vs default" in lines[0] and "bs16: +2.0" in lines[2]
+
+
+def test_paired_run_that_fails_keeps_the_finished_rounds_and_names_the_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _module()
+    clock = [0.0]
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic=lambda: clock[0]))
+    args = _paired_args(reps=6, batch_sizes=[4])
+    # B's 6th generate fails: warm-up (1), then rounds 1-2 (2 generates each): in round 3
+    engines = {"default": _StepEngine(clock, 2.0), "default_again": _StepEngine(clock, 2.0, 6)}
+    made: list[_FakeServed] = []
+
+    def spawn(name: str) -> _FakeServed:
+        made.append(_FakeServed(name, mod, args, engines[name]))
+        return made[-1]
+
+    results, paired = mod._run_paired(args, ("default", "default_again"), spawn, None)
+    assert "default_again: rep 4: RuntimeError: engine fault" in results["default"]["error"]
+    assert paired["by_batch"]["4"]["rounds"] == 2  # only rounds both engines finished
+    assert len(results["default"]["batches"][0]["reps"]) == 2
+    assert all(s.closed for s in made)
+    # an engine that never comes up: the other one is closed, nothing is timed
+    made.clear()
+
+    def spawn_fail(name: str) -> _FakeServed:
+        made.append(_FakeServed(name, mod, args, engines[name],
+                                start_error="the worker ended (exit 3)" if made else None))
+        return made[-1]
+
+    results, paired = mod._run_paired(args, ("default", "default_again"), spawn_fail, None)
+    assert results["default"]["error"] == "default_again: the worker ended (exit 3)"
+    assert paired["by_batch"] == {} and all(s.closed for s in made)
+
+
+def test_served_worker_process_round_trip_timeout_and_death(tmp_path: Path) -> None:
+    """``_Served`` against a real child process speaking the protocol: answers on the result
+    pipe (the child's stdout stays a log), a command it does not answer times out, and its
+    death is reported with its exit code."""
+    import os
+    import sys
+
+    mod = _module()
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, os, sys\n"
+        "fd = int(sys.argv[sys.argv.index('--result-fd') + 1])\n"
+        "out = os.fdopen(fd, 'w', buffering=1)\n"
+        "print('engine log line', flush=True)\n"
+        "out.write(json.dumps({'ready': True, 'startup_s': 0.1}) + '\\n')\n"
+        "for line in sys.stdin:\n"
+        "    cmd = line.split()\n"
+        "    if cmd[0] == 'rep':\n"
+        "        out.write(json.dumps({'t1_s': 0.01, 'tn_s': 0.5}) + '\\n')\n"
+        "    elif cmd[0] == 'die':\n"
+        "        sys.exit(7)\n"
+        "    elif cmd[0] == 'quit':\n"
+        "        break\n")
+    served = mod._Served("default", [sys.executable, str(child)], dict(os.environ))
+    assert served.ask(None, 30)["ready"] is True
+    assert served.ask("rep 4", 30) == {"t1_s": 0.01, "tn_s": 0.5}
+    with pytest.raises(TimeoutError, match="default: no answer to 'silent 1' within 1 s"):
+        served.ask("silent 1", 1)
+    with pytest.raises(RuntimeError, match=r"default: the worker ended \(exit 7\)"):
+        served.ask("die", 30)
+    served.close(timeout=10)
+    assert served.proc.returncode == 7
+
+
+def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import json
+
+    mod = _module()
+    clock = [0.0]
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic=lambda: clock[0]))
+    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
+    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    monkeypatch.setattr(mod, "_gpu_mem_used", lambda: [])
+    monkeypatch.delenv("ARTUNE_PROFILE", raising=False)
+    spawned: list[tuple[str, list[str], dict[str, str]]] = []
+    wargs = argparse.Namespace(new_tokens=256, input_len=128)
+
+    def served(config: str, cmd: list[str], env: dict[str, str]) -> _FakeServed:
+        spawned.append((config, cmd, env))
+        return _FakeServed(config, mod, wargs, _StepEngine(clock, 2.0))
+
+    monkeypatch.setattr(mod, "_Served", served)
+    out = tmp_path / "e2e.json"
+    rc = mod.main(["--paired", "default,default_again", "--tp", "2", "--reps", "6",
+                   "--batch-sizes", "4", "--out", str(out)])
+    assert rc == 0
+    assert [c for c, _, _ in spawned] == ["default", "default_again"]
+    cmd = spawned[0][1]
+    assert cmd[cmd.index("--mem") + 1] == "0.35" and "ARTUNE_PROFILE" not in spawned[0][2]
+    doc = json.loads(out.read_text())
+    assert set(doc["configs"]) == {"default", "default_again"}
+    st = doc["paired"]["by_batch"]["4"]
+    assert st["rounds"] == 6 and st["verdict"] == "within ±1%"
+    assert any(line.startswith("paired: default_again vs default") for line in doc["summary"])
+    with pytest.raises(SystemExit):
+        mod.main(["--paired", "default", "--out", str(out)])
