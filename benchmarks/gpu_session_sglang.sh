@@ -2,6 +2,8 @@
 # The SGLang end-to-end GPU call (issue #4), after gpu_session.sh produced and committed a profile.
 #
 #   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_sglang.sh artune/profiles/<id>.json [TP]
+#   two engines side by side, reps alternating (sglang_e2e.py --paired; not yet run on a GPU):
+#                                   PAIRED=default,artune bash benchmarks/gpu_session_sglang.sh ...
 #
 # One engine per config and subprocess (~60-80 s each on a fresh machine, more with
 # torch.compile): TP=4 with five configs needs about 8 minutes. The configs run in one call,
