@@ -61,8 +61,15 @@ drifts over minutes (engine-to-engine differences of 2-11 % on one 4x H100 machi
 session) moves both alike. Reported per batch size: the median of the per-round percentages
 and its distribution-free 95 % interval from order statistics (``--reps 10`` or more; with
 fewer than 6 rounds the interval is the full range), judged against ``--band`` (±1 %): within,
-slower, faster, no slower, or not resolved. ``default,default_again`` measures what the method
-resolves when nothing differs. The logprob check runs in both engines after the timing.
+slower, faster, no slower, or not resolved (also when the rounds are too few for a 95 %
+interval). Both engines get the same KV pool (``max_total_tokens``: twice the largest batch's
+tokens) and ``sleep_on_idle`` (the idle one waits on its sockets instead of spinning). Pairing
+cancels drift, not what is fixed to an engine instance or to which one started first: run
+``default,default_again`` (what the method resolves when nothing differs) and both orders
+(``A,B`` and ``B,A``), and trust a verdict the orders agree on. The rounds where A went first
+and where B did are also reported apart. The results are written after every batch size; a
+worker that does not answer a rep within a minute is killed. The logprob check runs in both
+engines after the timing.
 
 Writes ``--out`` (JSON: card, date, versions, environment, raw reps and the summary, rewritten
 after every config; configs already in an existing file are kept, so a run may be split over
@@ -165,6 +172,12 @@ def _engine_kwargs(args: argparse.Namespace, model_dir: str, config: str) -> dic
         kw["cuda_graph_bs"] = bss
     if "disable_prefill_cuda_graph" in fields:
         kw["disable_prefill_cuda_graph"] = True
+    if getattr(args, "paired_engine", False):
+        # Side by side with another engine: the same KV pool in both (else the first one's is
+        # sized from an empty GPU and the second's from what is left), and an idle scheduler
+        # that waits on its sockets instead of spinning while the other engine is timed.
+        kw["max_total_tokens"] = 2 * max(bss) * (args.input_len + args.new_tokens)
+        kw["sleep_on_idle"] = True
     kw.update(CONFIGS[config]["kw"])
     if kw.get("enable_torch_compile"):
         kw["torch_compile_max_bs"] = max(bss)
@@ -764,82 +777,116 @@ def _verdict(low: float, high: float, band: float) -> str:
     return f"not resolved (interval wider than ±{band:g}% both ways)"
 
 
-def _paired_stats(a_row: dict[str, Any], b_row: dict[str, Any], band: float) -> dict[str, Any]:
+def _paired_stats(a_row: dict[str, Any], b_row: dict[str, Any], band: float,
+                  level: float = 0.95) -> dict[str, Any]:
     """Round by round, B's step against A's (rep r of each, taken back to back): the
-    percentages, their median, its interval and what that shows against ±band."""
+    percentages, their median, its interval and what that shows against ±band; and the medians
+    of the rounds where A went first and where B did (an order effect shows as a gap)."""
     pct = [(rb["step_ms"] / ra["step_ms"] - 1) * 100
            for ra, rb in zip(a_row["reps"], b_row["reps"], strict=True)]
-    low, high, cover = _median_ci(pct)
+    low, high, cover = _median_ci(pct, level)
+    verdict = (_verdict(low, high, band) if cover >= level else
+               f"not resolved ({len(pct)} rounds: too few for a {level:.0%} interval)")
     return {"rounds": len(pct), "pct": pct, "median_pct": statistics.median(pct),
-            "interval_pct": [low, high], "coverage": cover, "verdict": _verdict(low, high, band)}
+            "interval_pct": [low, high], "coverage": cover, "verdict": verdict,
+            "a_first_median_pct": statistics.median(pct[0::2]),
+            "b_first_median_pct": statistics.median(pct[1::2]) if len(pct) > 1 else None}
+
+
+#: Seconds a worker gets to answer one warm-up or rep (one takes about a second) and the check.
+REP_ANSWER_S = 60.0
+CHECK_ANSWER_S = 120.0
+#: Seconds of a paired run's budget kept for stopping both engines and writing the results.
+PAIRED_RESERVE_S = 45.0
 
 
 def _run_paired(args: argparse.Namespace, names: tuple[str, str],
                 spawn: Callable[[str], _Served], deadline: float | None,
-                answer_s: float = 180.0) -> tuple[dict[str, Any], dict[str, Any]]:
+                save: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both engines up side by side, then per batch size an untimed warm-up in each and
     ``args.reps`` rounds of one rep per engine, the order alternating (A B, B A, ...), then the
     logprob check in each. Only rounds both engines finished count. Returns the configs'
-    results (as the one-engine mode writes them) and the paired statistics."""
+    results (as the one-engine mode writes them) and the paired statistics; ``save`` gets them
+    after every batch size, so a run cut short keeps what it finished."""
     a, b = names
-    results: dict[str, dict[str, Any]] = {
-        n: {"config": n, "paired_with": b if n == a else a, "settings": {
-            "tp": args.tp, "input_len": args.input_len, "new_tokens": args.new_tokens,
-            "reps": args.reps, "batch_sizes": args.batch_sizes, "mem": args.paired_mem,
-            "paired": True}} for n in names}
     reps: dict[str, dict[int, list[dict[str, Any]]]] = {
         n: {bs: [] for bs in args.batch_sizes} for n in names}
+    info: dict[str, dict[str, Any]] = {n: {} for n in names}
     served: dict[str, _Served] = {}
+    state: dict[str, str | None] = {"stopped": None, "check_error": None}
 
     def left() -> float:
-        return math.inf if deadline is None else deadline - time.monotonic()
+        return math.inf if deadline is None else deadline - time.monotonic() - PAIRED_RESERVE_S
 
-    stopped = None
-    try:
+    def ask(n: str, command: str | None, limit: float) -> dict[str, Any]:
+        if left() <= 0:
+            raise TimeoutError(f"budget: no time left for {command or 'the engine start'!r}")
+        return served[n].ask(command, min(limit, left()))
+
+    def collect() -> tuple[dict[str, Any], dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {}
         for n in names:
-            served[n] = spawn(n)
-            ready = served[n].ask(None, min(args.timeout, left() - 15))
-            ready.pop("ready", None)
-            results[n].update({k: v for k, v in ready.items() if k != "settings"})
-            print(f"[e2e] {n}: up beside the other engine", flush=True)
+            results[n] = {"config": n, "paired_with": b if n == a else a, **info[n],
+                          "settings": {"tp": args.tp, "input_len": args.input_len,
+                                       "new_tokens": args.new_tokens, "reps": args.reps,
+                                       "batch_sizes": args.batch_sizes,
+                                       "mem": args.paired_mem, "paired": True},
+                          "batches": []}
+            for key in ("stopped", "check_error"):
+                if state[key]:
+                    results[n]["error" if key == "stopped" else key] = state[key]
+            if CONFIGS[n]["artune"] and n in served:
+                results[n]["artune_log"] = served[n].notes
+                results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
+        paired: dict[str, Any] = {"a": a, "b": b, "band_pct": args.band, "by_batch": {}}
         for bs in args.batch_sizes:
+            rounds = min(len(reps[a][bs]), len(reps[b][bs]))
+            if not rounds:
+                continue
+            rows = {n: _batch_row(bs, [dict(r) for r in reps[n][bs][:rounds]], args.new_tokens)
+                    for n in names}
             for n in names:
-                served[n].ask(f"warm {bs}", min(answer_s, left()))
+                results[n]["batches"].append(rows[n])
+            paired["by_batch"][str(bs)] = _paired_stats(rows[a], rows[b], args.band)
+        return results, paired
+
+    timed_out: set[str] = set()
+    current = a
+    try:
+        for current in names:
+            served[current] = spawn(current)
+            ready = ask(current, None, args.timeout)
+            ready.pop("ready", None)
+            info[current] = {k: v for k, v in ready.items() if k != "settings"}
+            print(f"[e2e] {current}: up beside the other engine", flush=True)
+        for bs in args.batch_sizes:
+            for current in names:
+                ask(current, f"warm {bs}", REP_ANSWER_S)
             for r in range(args.reps):
-                if left() < 60:
-                    stopped = f"budget: stopped at bs {bs} after {r} rounds"
-                    break
-                for n in (names if r % 2 == 0 else names[::-1]):
-                    reps[n][bs].append(served[n].ask(f"rep {bs}", min(answer_s, left())))
+                for current in (names if r % 2 == 0 else names[::-1]):
+                    reps[current][bs].append(ask(current, f"rep {bs}", REP_ANSWER_S))
             print(f"[e2e] paired bs {bs}: {len(reps[b][bs])} rounds", flush=True)
-            if stopped:
+            if save is not None:
+                save(*collect())
+        for current in names:
+            try:
+                info[current].update(ask(current, "check", CHECK_ANSWER_S))
+            except RuntimeError as exc:  # the timings stand without the check
+                state["check_error"] = str(exc)[:500]
+                print(f"[e2e] logprob check failed: {exc}", flush=True)
                 break
-        if not stopped:
-            for n in names:
-                results[n].update(served[n].ask("check", min(answer_s, left())))
-    except (TimeoutError, RuntimeError) as exc:
-        stopped = str(exc)
-        print(f"[e2e] paired run stopped: {stopped}", flush=True)
+    except TimeoutError as exc:
+        timed_out.add(current)
+        state["stopped"] = str(exc)
+        print(f"[e2e] paired run stopped: {exc}", flush=True)
+    except RuntimeError as exc:
+        state["stopped"] = str(exc)
+        print(f"[e2e] paired run stopped: {exc}", flush=True)
     finally:
-        for proc in served.values():
-            proc.close()
-    paired: dict[str, Any] = {"a": a, "b": b, "band_pct": args.band, "by_batch": {}}
-    for n in names:
-        results[n]["batches"] = []
-        if stopped:
-            results[n]["error"] = stopped
-        if CONFIGS[n]["artune"] and n in served:
-            results[n]["artune_log"] = served[n].notes
-            results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
-    for bs in args.batch_sizes:
-        rounds = min(len(reps[a][bs]), len(reps[b][bs]))
-        if not rounds:
-            continue
-        rows = {n: _batch_row(bs, reps[n][bs][:rounds], args.new_tokens) for n in names}
-        for n in names:
-            results[n]["batches"].append(rows[n])
-        paired["by_batch"][str(bs)] = _paired_stats(rows[a], rows[b], args.band)
-    return results, paired
+        for n, proc in served.items():  # a worker that did not answer in time is not waited for
+            proc.close(timeout=0 if n in timed_out else 30)
+    return collect()
 
 
 def _paired_lines(doc: dict[str, Any]) -> list[str]:
@@ -912,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="paired mode: the ± band in %% the interval is judged against")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--paired-engine", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -949,14 +997,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.paired:
         def spawn(config: str) -> _Served:
             cmd = _worker_cmd(args, config, model_dir, Path(model_dir) / f"{config}.json",
-                              mem=args.paired_mem)
+                              mem=args.paired_mem) + ["--paired-engine"]
             print(f"[e2e] {config}: starting ({' '.join(cmd[2:])})", flush=True)
             return _Served(config, cmd, _worker_env(args, config, model_dir))
 
-        results, paired = _run_paired(args, (configs[0], configs[1]), spawn, deadline)
+        def save(results: dict[str, Any], paired: dict[str, Any]) -> None:
+            doc["configs"].update(results)
+            doc["paired"] = paired
+            doc["summary"] = _summarize(doc, args.tol)
+            out.write_text(json.dumps(doc, indent=1))
+
+        save(*_run_paired(args, (configs[0], configs[1]), spawn, deadline, save))
         _wait_gpus_released(baseline)
-        doc["configs"].update(results)
-        doc["paired"] = paired
         configs = []  # nothing left for the one-engine loop below
     for config in configs:
         env = _worker_env(args, config, model_dir)
@@ -986,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
             res["artune_routed"] = any("routing with" in n for n in notes)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         doc["configs"][config] = res
+        if config in {(doc.get("paired") or {}).get(k) for k in ("a", "b")}:
+            doc.pop("paired")  # its statistics were of the engine this run replaced
         doc["summary"] = _summarize(doc, args.tol)
         out.write_text(json.dumps(doc, indent=1))  # after every config: partial runs survive
     lines = doc["summary"] = _summarize(doc, args.tol)

@@ -225,7 +225,7 @@ class _FakeServed:
         return got[0]
 
     def close(self, timeout: float = 90.0) -> None:
-        self.closed = True
+        self.closed, self.close_timeout = True, timeout
 
 
 def _paired_args(**kw: Any) -> argparse.Namespace:
@@ -377,3 +377,85 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
     assert any(line.startswith("paired: default_again vs default") for line in doc["summary"])
     with pytest.raises(SystemExit):
         mod.main(["--paired", "default", "--out", str(out)])
+
+
+def test_paired_verdict_needs_a_full_interval_and_order_medians_are_kept() -> None:
+    mod = _module()
+
+    def row(*steps: float) -> dict[str, Any]:
+        return {"reps": [{"step_ms": x} for x in steps]}
+
+    few = mod._paired_stats(row(2.0, 2.0, 2.0), row(2.002, 2.0, 2.002), 1.0)
+    assert few["rounds"] == 3 and few["coverage"] < 0.95
+    assert few["verdict"] == "not resolved (3 rounds: too few for a 95% interval)"
+    # A first in rounds 0, 2, 4, ...: B reads +1 % there and -1 % where it went first
+    st = mod._paired_stats(row(*[2.0] * 10), row(*[2.02, 1.98] * 5), 2.0)
+    assert st["a_first_median_pct"] == pytest.approx(1.0)
+    assert st["b_first_median_pct"] == pytest.approx(-1.0)
+    assert st["verdict"] == "within ±2%"
+
+
+def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answering(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _module()
+    clock = [0.0]
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic=lambda: clock[0]))
+    args = _paired_args(reps=6, batch_sizes=[1, 4, 16])
+    made: dict[str, _FakeServed] = {}
+
+    class Hangs(_FakeServed):
+        def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
+            if command == "rep 16":
+                raise TimeoutError(f"{self.config}: no answer to {command!r} within 60 s")
+            return super().ask(command, timeout)
+
+    def spawn(name: str) -> _FakeServed:
+        cls = Hangs if name == "artune" else _FakeServed
+        made[name] = cls(name, mod, args, _StepEngine(clock, 2.0))
+        return made[name]
+
+    saved: list[list[str]] = []
+    results, paired = mod._run_paired(
+        args, ("default", "artune"), spawn, None,
+        save=lambda res, pd: saved.append(sorted(pd["by_batch"])))
+    assert saved == [["1"], ["1", "4"]]  # after each finished batch size
+    assert sorted(paired["by_batch"]) == ["1", "4"]
+    assert "artune: no answer to 'rep 16'" in results["default"]["error"]
+    assert made["artune"].close_timeout == 0 and made["default"].close_timeout == 30
+
+
+def test_paired_check_failure_keeps_the_timings(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _module()
+    clock = [0.0]
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic=lambda: clock[0]))
+
+    def norms_fail(engine: Any) -> None:
+        raise RuntimeError("update_weights_from_tensor failed")
+
+    monkeypatch.setattr(mod, "_set_norms", norms_fail)
+    args = _paired_args(reps=6, batch_sizes=[4])
+    results, paired = mod._run_paired(
+        args, ("default", "artune"),
+        lambda n: _FakeServed(n, mod, args, _StepEngine(clock, 2.0)), None)
+    assert "error" not in results["default"] and paired["by_batch"]["4"]["rounds"] == 6
+    assert "update_weights_from_tensor failed" in results["artune"]["check_error"]
+
+
+def test_paired_run_stops_for_the_budget_keeping_finished_rounds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _module()
+    clock = [0.0]
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic=lambda: clock[0]))
+    args = _paired_args(reps=10, batch_sizes=[1, 64])
+    # each 101-token generate costs ~0.23 s of the stand-in clock: the budget ends in bs 64
+    deadline = mod.PAIRED_RESERVE_S + 8.0
+    results, paired = mod._run_paired(
+        args, ("default", "artune"),
+        lambda n: _FakeServed(n, mod, args, _StepEngine(clock, 2.0)), deadline)
+    assert results["default"]["error"].startswith("budget: no time left")
+    assert paired["by_batch"]["1"]["rounds"] == 10
+    assert 0 < paired["by_batch"]["64"]["rounds"] < 10
+    assert "not resolved" in paired["by_batch"]["64"]["verdict"]  # too few rounds for 95 %
