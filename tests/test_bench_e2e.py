@@ -459,3 +459,36 @@ def test_paired_run_stops_for_the_budget_keeping_finished_rounds(
     assert paired["by_batch"]["1"]["rounds"] == 10
     assert 0 < paired["by_batch"]["64"]["rounds"] < 10
     assert "not resolved" in paired["by_batch"]["64"]["verdict"]  # too few rounds for 95 %
+
+
+def test_paired_engines_get_the_same_kv_pool_and_sleep_on_idle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a stand-in ServerArgs: the fields SGLang 0.5.17 has (server_args.py) are set; a
+    release without them gets them dropped, with a line saying so."""
+    import dataclasses
+    import sys
+    import types
+
+    mod = _module()
+
+    def server_args(*extra: str) -> None:
+        names = ["model_path", "load_format", "skip_tokenizer_init", "tp_size",
+                 "attention_backend", "sampling_backend", "mem_fraction_static", "dtype",
+                 "disable_cuda_graph", "random_seed", "log_level", "cuda_graph_bs", *extra]
+        cls = dataclasses.make_dataclass("ServerArgs", [(n, Any, None) for n in names])
+        fake = types.ModuleType("sglang.srt.server_args")
+        fake.ServerArgs = cls  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "sglang.srt.server_args", fake)
+
+    args = argparse.Namespace(batch_sizes=[1, 64, 4], tp=4, mem=0.35, log_level="warning",
+                              input_len=128, new_tokens=256, paired_engine=True)
+    server_args("max_total_tokens", "sleep_on_idle")
+    kw = mod._engine_kwargs(args, "/m", "default")
+    assert kw["max_total_tokens"] == 2 * 64 * (128 + 256) and kw["sleep_on_idle"] is True
+    assert kw["cuda_graph_bs"] == [1, 4, 64] and kw["mem_fraction_static"] == 0.35
+    args.paired_engine = False
+    assert "max_total_tokens" not in mod._engine_kwargs(args, "/m", "default")
+    args.paired_engine = True
+    server_args()
+    kw = mod._engine_kwargs(args, "/m", "default")
+    assert "max_total_tokens" not in kw and "sleep_on_idle" not in kw
