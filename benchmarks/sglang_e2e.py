@@ -84,10 +84,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
-import queue
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,6 +95,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_paired import Served, batch_row, paired_lines, run_paired  # noqa: E402
+
 from artune import envs as artune_envs  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
 
@@ -264,25 +264,10 @@ def _one_rep(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, float]
     return {"t1_s": t1, "tn_s": _generate(engine, prompts, args.new_tokens)}
 
 
-def _batch_row(bs: int, reps: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    """A batch size's numbers from its reps: each rep's step is (t_N - median t_1) / (N - 1)
-    (written into the rep), then their median, spread and the throughputs."""
-    t1_med = statistics.median(r["t1_s"] for r in reps)
-    for r in reps:
-        r["step_ms"] = (r["tn_s"] - t1_med) / (n - 1) * 1e3
-    steps = [r["step_ms"] for r in reps]
-    med = statistics.median(steps)
-    tn_med = statistics.median(r["tn_s"] for r in reps)
-    return {
-        "batch": bs, "reps": reps, "step_ms": med, "spread_ms": max(steps) - min(steps),
-        "decode_tok_s": bs / (med / 1e3), "e2e_tok_s": bs * n / tn_med,
-    }
-
-
 def _time_batch(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, Any]:
     _generate(engine, _prompts(bs, args.input_len), min(args.new_tokens, 32))  # warm-up
     reps = [_one_rep(engine, args, bs) for _ in range(args.reps)]
-    return _batch_row(bs, reps, args.new_tokens)
+    return batch_row(bs, reps, args.new_tokens)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -556,7 +541,7 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             doc["comparisons"].setdefault(name, {})["logits"] = cmp
             lines.append(line)
     lines += _compile_pair(runs, doc["comparisons"], tol)
-    lines += _paired_lines(doc)
+    lines += paired_lines(doc)
     for name, r in runs.items():
         for mode, backends in ((r.get("routes") or {}).get("by_mode") or {}).items():
             lines.append(f"{name}: all-reduces in {mode} mode by backend (all ranks): " + "; ".join(
@@ -665,243 +650,6 @@ def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
     return rc, notes
 
 
-# ---------------------------------------------------------------------------------------------
-# Paired mode: two engines side by side on the same GPUs, reps alternating between them
-
-
-class _Served:
-    """One config's engine in its own worker process, timing what the parent asks (paired
-    mode). Commands go down the worker's stdin; answers come back as JSON lines on a pipe of
-    their own, since the worker's stdout carries the engine's logs."""
-
-    def __init__(self, config: str, cmd: list[str], env: dict[str, str]) -> None:
-        r, w = os.pipe()
-        self.config = config
-        self.notes: list[str] = []
-        self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.proc = subprocess.Popen(
-            [*cmd, "--result-fd", str(w)], env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-            bufsize=1, pass_fds=(w,))
-        os.close(w)
-        threading.Thread(target=self._pump_log, daemon=True).start()
-        threading.Thread(target=self._pump_answers, args=(r,), daemon=True).start()
-
-    def _pump_log(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if "[artune" in line and len(self.notes) < 100:
-                self.notes.append(line.rstrip())
-
-    def _pump_answers(self, fd: int) -> None:
-        with os.fdopen(fd) as answers:
-            for line in answers:
-                try:
-                    self.answers.put(json.loads(line))
-                except ValueError:
-                    self.answers.put({"error": f"unreadable answer {line[:200]!r}"})
-        self.answers.put(None)  # the worker closed its end: it has ended
-
-    def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
-        """Send ``command`` (None: wait for the engine start's answer) and return the answer;
-        TimeoutError or RuntimeError naming the config and the command otherwise."""
-        what = command or "the engine start"
-        if command is not None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(command + "\n")
-                self.proc.stdin.flush()
-            except OSError as exc:
-                raise RuntimeError(f"{self.config}: worker gone before {what!r} "
-                                   f"(exit {self.proc.poll()})") from exc
-        try:
-            answer = self.answers.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
-            raise TimeoutError(f"{self.config}: no answer to {what!r} within {timeout:.0f} s"
-                               ) from None
-        if answer is None:
-            raise RuntimeError(f"{self.config}: the worker ended (exit {self.proc.wait()}) "
-                               f"before answering {what!r}")
-        if "error" in answer:
-            raise RuntimeError(f"{self.config}: {what}: {answer['error']}")
-        return answer
-
-    def close(self, timeout: float = 90.0) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            print(f"[e2e] {self.config}: worker did not stop within {timeout:.0f} s: killed",
-                  flush=True)
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """A distribution-free interval for the median of ``xs``: the order statistics
-    [x_(k), x_(n+1-k)] with the largest k whose coverage 1 - 2 P(Bin(n, 1/2) <= k - 1) is at
-    least ``level``; k = 1 (the full range) when none is. Returns (low, high, coverage)."""
-    xs = sorted(xs)
-    n = len(xs)
-    if not n:
-        raise ValueError("no values")
-
-    def coverage(k: int) -> float:
-        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
-
-    k = 1
-    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
-        k += 1
-    return xs[k - 1], xs[n - k], coverage(k)
-
-
-def _verdict(low: float, high: float, band: float) -> str:
-    """What an interval of B-vs-A percentages shows against a ±band (%)."""
-    if -band <= low and high <= band:
-        return f"within ±{band:g}%"
-    if low > band:
-        return f"slower by more than {band:g}%"
-    if high < -band:
-        return f"faster by more than {band:g}%"
-    if high <= band:
-        return f"no slower than +{band:g}%"
-    if low >= -band:
-        return f"no faster than -{band:g}%"
-    return f"not resolved (interval wider than ±{band:g}% both ways)"
-
-
-def _paired_stats(a_row: dict[str, Any], b_row: dict[str, Any], band: float,
-                  level: float = 0.95) -> dict[str, Any]:
-    """Round by round, B's step against A's (rep r of each, taken back to back): the
-    percentages, their median, its interval and what that shows against ±band; and the medians
-    of the rounds where A went first and where B did (an order effect shows as a gap)."""
-    pct = [(rb["step_ms"] / ra["step_ms"] - 1) * 100
-           for ra, rb in zip(a_row["reps"], b_row["reps"], strict=True)]
-    low, high, cover = _median_ci(pct, level)
-    verdict = (_verdict(low, high, band) if cover >= level else
-               f"not resolved ({len(pct)} rounds: too few for a {level:.0%} interval)")
-    return {"rounds": len(pct), "pct": pct, "median_pct": statistics.median(pct),
-            "interval_pct": [low, high], "coverage": cover, "verdict": verdict,
-            "a_first_median_pct": statistics.median(pct[0::2]),
-            "b_first_median_pct": statistics.median(pct[1::2]) if len(pct) > 1 else None}
-
-
-#: Seconds a worker gets to answer one warm-up or rep (one takes about a second) and the check.
-REP_ANSWER_S = 60.0
-CHECK_ANSWER_S = 120.0
-#: Seconds of a paired run's budget kept for stopping both engines and writing the results.
-PAIRED_RESERVE_S = 45.0
-
-
-def _run_paired(args: argparse.Namespace, names: tuple[str, str],
-                spawn: Callable[[str], _Served], deadline: float | None,
-                save: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both engines up side by side, then per batch size an untimed warm-up in each and
-    ``args.reps`` rounds of one rep per engine, the order alternating (A B, B A, ...), then the
-    logprob check in each. Only rounds both engines finished count. Returns the configs'
-    results (as the one-engine mode writes them) and the paired statistics; ``save`` gets them
-    after every batch size, so a run cut short keeps what it finished."""
-    a, b = names
-    reps: dict[str, dict[int, list[dict[str, Any]]]] = {
-        n: {bs: [] for bs in args.batch_sizes} for n in names}
-    info: dict[str, dict[str, Any]] = {n: {} for n in names}
-    served: dict[str, _Served] = {}
-    state: dict[str, str | None] = {"stopped": None, "check_error": None}
-
-    def left() -> float:
-        return math.inf if deadline is None else deadline - time.monotonic() - PAIRED_RESERVE_S
-
-    def ask(n: str, command: str | None, limit: float) -> dict[str, Any]:
-        if left() <= 0:
-            raise TimeoutError(f"budget: no time left for {command or 'the engine start'!r}")
-        return served[n].ask(command, min(limit, left()))
-
-    def collect() -> tuple[dict[str, Any], dict[str, Any]]:
-        results: dict[str, dict[str, Any]] = {}
-        for n in names:
-            results[n] = {"config": n, "paired_with": b if n == a else a, **info[n],
-                          "settings": {"tp": args.tp, "input_len": args.input_len,
-                                       "new_tokens": args.new_tokens, "reps": args.reps,
-                                       "batch_sizes": args.batch_sizes,
-                                       "mem": args.paired_mem, "paired": True},
-                          "batches": []}
-            for key in ("stopped", "check_error"):
-                if state[key]:
-                    results[n]["error" if key == "stopped" else key] = state[key]
-            if CONFIGS[n]["artune"] and n in served:
-                results[n]["artune_log"] = served[n].notes
-                results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
-        paired: dict[str, Any] = {"a": a, "b": b, "band_pct": args.band, "by_batch": {}}
-        for bs in args.batch_sizes:
-            rounds = min(len(reps[a][bs]), len(reps[b][bs]))
-            if not rounds:
-                continue
-            rows = {n: _batch_row(bs, [dict(r) for r in reps[n][bs][:rounds]], args.new_tokens)
-                    for n in names}
-            for n in names:
-                results[n]["batches"].append(rows[n])
-            paired["by_batch"][str(bs)] = _paired_stats(rows[a], rows[b], args.band)
-        return results, paired
-
-    timed_out: set[str] = set()
-    current = a
-    try:
-        for current in names:
-            served[current] = spawn(current)
-            ready = ask(current, None, args.timeout)
-            ready.pop("ready", None)
-            info[current] = {k: v for k, v in ready.items() if k != "settings"}
-            print(f"[e2e] {current}: up beside the other engine", flush=True)
-        for bs in args.batch_sizes:
-            for current in names:
-                ask(current, f"warm {bs}", REP_ANSWER_S)
-            for r in range(args.reps):
-                for current in (names if r % 2 == 0 else names[::-1]):
-                    reps[current][bs].append(ask(current, f"rep {bs}", REP_ANSWER_S))
-            print(f"[e2e] paired bs {bs}: {len(reps[b][bs])} rounds", flush=True)
-            if save is not None:
-                save(*collect())
-        for current in names:
-            try:
-                info[current].update(ask(current, "check", CHECK_ANSWER_S))
-            except RuntimeError as exc:  # the timings stand without the check
-                state["check_error"] = str(exc)[:500]
-                print(f"[e2e] logprob check failed: {exc}", flush=True)
-                break
-    except TimeoutError as exc:
-        timed_out.add(current)
-        state["stopped"] = str(exc)
-        print(f"[e2e] paired run stopped: {exc}", flush=True)
-    except RuntimeError as exc:
-        state["stopped"] = str(exc)
-        print(f"[e2e] paired run stopped: {exc}", flush=True)
-    finally:
-        for n, proc in served.items():  # a worker that did not answer in time is not waited for
-            proc.close(timeout=0 if n in timed_out else 30)
-    return collect()
-
-
-def _paired_lines(doc: dict[str, Any]) -> list[str]:
-    p = doc.get("paired")
-    if not p or not p.get("by_batch"):
-        return []
-    lines = [f"paired: {p['b']} vs {p['a']}, two engines side by side, order alternating; "
-             f"median of the per-round % and its distribution-free interval:"]
-    for bs, st in sorted(p["by_batch"].items(), key=lambda kv: int(kv[0])):
-        low, high = st["interval_pct"]
-        lines.append(f"  bs{bs}: {st['median_pct']:+.2f}% [{low:+.2f}, {high:+.2f}] "
-                     f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}")
-    return lines
-
-
 def _worker_env(args: argparse.Namespace, config: str, model_dir: str) -> dict[str, str]:
     """A config's worker environment: no multicast, its profile (or none), its settings."""
     env = dict(os.environ, **NO_MULTICAST_ENV)
@@ -995,11 +743,11 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = tempfile.mkdtemp(prefix="artune_e2e_llama_")
     (Path(model_dir) / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
     if args.paired:
-        def spawn(config: str) -> _Served:
+        def spawn(config: str) -> Served:
             cmd = _worker_cmd(args, config, model_dir, Path(model_dir) / f"{config}.json",
                               mem=args.paired_mem) + ["--paired-engine"]
             print(f"[e2e] {config}: starting ({' '.join(cmd[2:])})", flush=True)
-            return _Served(config, cmd, _worker_env(args, config, model_dir))
+            return Served(config, cmd, _worker_env(args, config, model_dir))
 
         def save(results: dict[str, Any], paired: dict[str, Any]) -> None:
             doc["configs"].update(results)
@@ -1007,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
             doc["summary"] = _summarize(doc, args.tol)
             out.write_text(json.dumps(doc, indent=1))
 
-        save(*_run_paired(args, (configs[0], configs[1]), spawn, deadline, save))
+        save(*run_paired(args, (configs[0], configs[1]), spawn, deadline, save,
+                         artune={c for c in configs if CONFIGS[c]["artune"]}))
         _wait_gpus_released(baseline)
         configs = []  # nothing left for the one-engine loop below
     for config in configs:

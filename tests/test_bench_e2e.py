@@ -1,4 +1,5 @@
-"""benchmarks/sglang_e2e.py's timing of one batch size, with a stand-in engine and clock."""
+"""benchmarks/sglang_e2e.py (and its paired mode, benchmarks/e2e_paired.py) with stand-in
+engines and clocks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,21 @@ def _module() -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _paired() -> Any:
+    """benchmarks/e2e_paired.py, as sglang_e2e.py imports it."""
+    import sys
+
+    _module()
+    return sys.modules["e2e_paired"]
+
+
+def _clock_both(monkeypatch: pytest.MonkeyPatch, mod: Any, clock: list[float]) -> None:
+    """A stand-in clock in sglang_e2e.py and in its paired part."""
+    fake = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0])
+    monkeypatch.setattr(mod, "time", fake)
+    monkeypatch.setattr(_paired(), "time", fake)
 
 
 def test_one_slow_prefill_call_does_not_move_its_reps_decode_step(
@@ -142,15 +158,15 @@ def test_compile_pair_is_compared_without_a_default_run() -> None:
 
 
 def test_median_interval_from_order_statistics() -> None:
-    mod = _module()
+    pm = _paired()
     xs = [float(x) for x in (7, 1, 9, 3, 5, 2, 8, 4, 10, 6)]
-    low, high, cover = mod._median_ci(xs)
+    low, high, cover = pm.median_ci(xs)
     # n = 10: k = 2 covers 1 - 2 * 11 / 1024; k = 3 (1 - 2 * 56 / 1024 = 0.89) is below 95 %
     assert (low, high) == (2.0, 9.0) and cover == pytest.approx(1 - 22 / 1024)
     # n = 5: no interval reaches 95 %: the full range, with what it covers
-    assert mod._median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
+    assert pm.median_ci([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
     with pytest.raises(ValueError):
-        mod._median_ci([])
+        pm.median_ci([])
 
 
 @pytest.mark.parametrize(("low", "high", "says"), [
@@ -159,7 +175,7 @@ def test_median_interval_from_order_statistics() -> None:
     (-0.2, 2.5, "no faster than -1%"), (-2.0, 2.0, "not resolved"),
 ])
 def test_verdict_against_the_band(low: float, high: float, says: str) -> None:
-    assert _module()._verdict(low, high, 1.0).startswith(says)
+    assert _paired().verdict(low, high, 1.0).startswith(says)
 
 
 class _StepEngine:
@@ -202,7 +218,7 @@ def test_serve_answers_each_command_and_goes_on_after_a_failing_one(
 
 
 class _FakeServed:
-    """``_Served``'s interface over an in-process ``_serve`` loop (no subprocess)."""
+    """``Served``'s interface over an in-process ``_serve`` loop (no subprocess)."""
 
     log: list[tuple[str, str]] = []
 
@@ -242,8 +258,7 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
     1 % band, with both engines' reps kept as the one-engine mode keeps them."""
     mod = _module()
     clock = [0.0]
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
-                                                     monotonic=lambda: clock[0]))
+    _clock_both(monkeypatch, mod, clock)
     monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
     monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
     args = _paired_args()
@@ -255,7 +270,8 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
         made[name] = _FakeServed(name, mod, args, engines[name])
         return made[name]
 
-    results, paired = mod._run_paired(args, ("default", "artune"), spawn, deadline=None)
+    results, paired = mod.run_paired(args, ("default", "artune"), spawn, deadline=None,
+                                     artune={"artune"})
     reps = [(c, cmd) for c, cmd in _FakeServed.log if cmd == "rep 16"]
     assert reps[:4] == [("default", "rep 16"), ("artune", "rep 16"),
                         ("artune", "rep 16"), ("default", "rep 16")]
@@ -272,7 +288,7 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
     assert results["artune"]["artune_routed"] is True and "error" not in results["artune"]
     assert results["artune"]["top_logprobs"] == [{"ids": [1], "top": []}]
     assert results["default"]["settings"]["paired"] is True
-    lines = mod._paired_lines({"paired": paired})
+    lines = mod.paired_lines({"paired": paired})
     assert "artune vs default" in lines[0] and "bs16: +2.0" in lines[2]
 
 
@@ -280,8 +296,7 @@ def test_paired_run_that_fails_keeps_the_finished_rounds_and_names_the_config(
         monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _module()
     clock = [0.0]
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
-                                                     monotonic=lambda: clock[0]))
+    _clock_both(monkeypatch, mod, clock)
     args = _paired_args(reps=6, batch_sizes=[4])
     # B's 6th generate fails: warm-up (1), then rounds 1-2 (2 generates each): in round 3
     engines = {"default": _StepEngine(clock, 2.0), "default_again": _StepEngine(clock, 2.0, 6)}
@@ -291,7 +306,7 @@ def test_paired_run_that_fails_keeps_the_finished_rounds_and_names_the_config(
         made.append(_FakeServed(name, mod, args, engines[name]))
         return made[-1]
 
-    results, paired = mod._run_paired(args, ("default", "default_again"), spawn, None)
+    results, paired = mod.run_paired(args, ("default", "default_again"), spawn, None)
     assert "default_again: rep 4: RuntimeError: engine fault" in results["default"]["error"]
     assert paired["by_batch"]["4"]["rounds"] == 2  # only rounds both engines finished
     assert len(results["default"]["batches"][0]["reps"]) == 2
@@ -304,13 +319,13 @@ def test_paired_run_that_fails_keeps_the_finished_rounds_and_names_the_config(
                                 start_error="the worker ended (exit 3)" if made else None))
         return made[-1]
 
-    results, paired = mod._run_paired(args, ("default", "default_again"), spawn_fail, None)
+    results, paired = mod.run_paired(args, ("default", "default_again"), spawn_fail, None)
     assert results["default"]["error"] == "default_again: the worker ended (exit 3)"
     assert paired["by_batch"] == {} and all(s.closed for s in made)
 
 
 def test_served_worker_process_round_trip_timeout_and_death(tmp_path: Path) -> None:
-    """``_Served`` against a real child process speaking the protocol: answers on the result
+    """``Served`` against a real child process speaking the protocol: answers on the result
     pipe (the child's stdout stays a log), a command it does not answer times out, and its
     death is reported with its exit code."""
     import os
@@ -332,7 +347,7 @@ def test_served_worker_process_round_trip_timeout_and_death(tmp_path: Path) -> N
         "        sys.exit(7)\n"
         "    elif cmd[0] == 'quit':\n"
         "        break\n")
-    served = mod._Served("default", [sys.executable, str(child)], dict(os.environ))
+    served = mod.Served("default", [sys.executable, str(child)], dict(os.environ))
     assert served.ask(None, 30)["ready"] is True
     assert served.ask("rep 4", 30) == {"t1_s": 0.01, "tn_s": 0.5}
     with pytest.raises(TimeoutError, match="default: no answer to 'silent 1' within 1 s"):
@@ -349,8 +364,7 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
 
     mod = _module()
     clock = [0.0]
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
-                                                     monotonic=lambda: clock[0]))
+    _clock_both(monkeypatch, mod, clock)
     monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
     monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
     monkeypatch.setattr(mod, "_gpu_mem_used", lambda: [])
@@ -362,7 +376,7 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
         spawned.append((config, cmd, env))
         return _FakeServed(config, mod, wargs, _StepEngine(clock, 2.0))
 
-    monkeypatch.setattr(mod, "_Served", served)
+    monkeypatch.setattr(mod, "Served", served)
     out = tmp_path / "e2e.json"
     rc = mod.main(["--paired", "default,default_again", "--tp", "2", "--reps", "6",
                    "--batch-sizes", "4", "--out", str(out)])
@@ -380,16 +394,15 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
 
 
 def test_paired_verdict_needs_a_full_interval_and_order_medians_are_kept() -> None:
-    mod = _module()
 
     def row(*steps: float) -> dict[str, Any]:
         return {"reps": [{"step_ms": x} for x in steps]}
 
-    few = mod._paired_stats(row(2.0, 2.0, 2.0), row(2.002, 2.0, 2.002), 1.0)
+    few = _paired().paired_stats(row(2.0, 2.0, 2.0), row(2.002, 2.0, 2.002), 1.0)
     assert few["rounds"] == 3 and few["coverage"] < 0.95
     assert few["verdict"] == "not resolved (3 rounds: too few for a 95% interval)"
     # A first in rounds 0, 2, 4, ...: B reads +1 % there and -1 % where it went first
-    st = mod._paired_stats(row(*[2.0] * 10), row(*[2.02, 1.98] * 5), 2.0)
+    st = _paired().paired_stats(row(*[2.0] * 10), row(*[2.02, 1.98] * 5), 2.0)
     assert st["a_first_median_pct"] == pytest.approx(1.0)
     assert st["b_first_median_pct"] == pytest.approx(-1.0)
     assert st["verdict"] == "within ±2%"
@@ -399,8 +412,7 @@ def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answerin
         monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _module()
     clock = [0.0]
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
-                                                     monotonic=lambda: clock[0]))
+    _clock_both(monkeypatch, mod, clock)
     args = _paired_args(reps=6, batch_sizes=[1, 4, 16])
     made: dict[str, _FakeServed] = {}
 
@@ -416,7 +428,7 @@ def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answerin
         return made[name]
 
     saved: list[list[str]] = []
-    results, paired = mod._run_paired(
+    results, paired = mod.run_paired(
         args, ("default", "artune"), spawn, None,
         save=lambda res, pd: saved.append(sorted(pd["by_batch"])))
     assert saved == [["1"], ["1", "4"]]  # after each finished batch size
@@ -428,15 +440,14 @@ def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answerin
 def test_paired_check_failure_keeps_the_timings(monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _module()
     clock = [0.0]
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
-                                                     monotonic=lambda: clock[0]))
+    _clock_both(monkeypatch, mod, clock)
 
     def norms_fail(engine: Any) -> None:
         raise RuntimeError("update_weights_from_tensor failed")
 
     monkeypatch.setattr(mod, "_set_norms", norms_fail)
     args = _paired_args(reps=6, batch_sizes=[4])
-    results, paired = mod._run_paired(
+    results, paired = mod.run_paired(
         args, ("default", "artune"),
         lambda n: _FakeServed(n, mod, args, _StepEngine(clock, 2.0)), None)
     assert "error" not in results["default"] and paired["by_batch"]["4"]["rounds"] == 6
@@ -447,12 +458,11 @@ def test_paired_run_stops_for_the_budget_keeping_finished_rounds(
         monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _module()
     clock = [0.0]
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
-                                                     monotonic=lambda: clock[0]))
+    _clock_both(monkeypatch, mod, clock)
     args = _paired_args(reps=10, batch_sizes=[1, 64])
     # each 101-token generate costs ~0.23 s of the stand-in clock: the budget ends in bs 64
-    deadline = mod.PAIRED_RESERVE_S + 8.0
-    results, paired = mod._run_paired(
+    deadline = _paired().PAIRED_RESERVE_S + 8.0
+    results, paired = mod.run_paired(
         args, ("default", "artune"),
         lambda n: _FakeServed(n, mod, args, _StepEngine(clock, 2.0)), deadline)
     assert results["default"]["error"].startswith("budget: no time left")
