@@ -37,6 +37,16 @@ def batch_row(bs: int, reps: list[dict[str, Any]], n: int) -> dict[str, Any]:
     }
 
 
+def echo_log(stream: Any, notes: list[str]) -> None:
+    """Echo a worker's output (its engine's included) line by line, keeping the first 100 of
+    the artune plugin's log lines in ``notes``; returns at the end of the stream."""
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if "[artune" in line and len(notes) < 100:
+            notes.append(line.rstrip())
+
+
 class Served:
     """One config's engine in its own worker process, timing what the parent asks (paired
     mode). Commands go down the worker's stdin; answers come back as JSON lines on a pipe of
@@ -52,16 +62,9 @@ class Served:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
             bufsize=1, pass_fds=(w,))
         os.close(w)
-        threading.Thread(target=self._pump_log, daemon=True).start()
+        threading.Thread(target=echo_log, args=(self.proc.stdout, self.notes),
+                         daemon=True).start()
         threading.Thread(target=self._pump_answers, args=(r,), daemon=True).start()
-
-    def _pump_log(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if "[artune" in line and len(self.notes) < 100:
-                self.notes.append(line.rstrip())
 
     def _pump_answers(self, fd: int) -> None:
         with os.fdopen(fd) as answers:

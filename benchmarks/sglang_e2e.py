@@ -57,8 +57,8 @@ Paired mode (``--paired A,B``, e.g. ``default,artune`` or ``default_compile,artu
 the two configs' engines run side by side on the same GPUs (``--paired-mem`` each), and per
 batch size the parent asks for one rep at a time, alternating which engine goes first (A B,
 B A, ...). Round r compares B's rep with A's, taken seconds apart, so a machine whose speed
-drifts over minutes (engine-to-engine differences of 2-11 % on one 4x H100 machine, twelfth
-session) moves both alike. Reported per batch size: the median of the per-round percentages
+drifts over minutes (engines of one config differed by up to 11 % on one 4x H100 machine,
+twelfth session) moves both alike. Reported per batch size: the median of the per-round percentages
 and its distribution-free 95 % interval from order statistics (``--reps 10`` or more; with
 fewer than 6 rounds the interval is the full range), judged against ``--band`` (±1 %): within,
 slower, faster, no slower, or not resolved (also when the rounds are too few for a 95 %
@@ -96,7 +96,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_paired import Served, batch_row, paired_lines, run_paired  # noqa: E402
+from e2e_paired import Served, batch_row, echo_log, paired_lines, run_paired  # noqa: E402
 
 from artune import envs as artune_envs  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
@@ -264,8 +264,13 @@ def _one_rep(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, float]
     return {"t1_s": t1, "tn_s": _generate(engine, prompts, args.new_tokens)}
 
 
+def _warm(engine: Any, args: argparse.Namespace, bs: int) -> None:
+    """An untimed generate at this batch size (its first use after the engine start)."""
+    _generate(engine, _prompts(bs, args.input_len), min(args.new_tokens, 32))
+
+
 def _time_batch(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, Any]:
-    _generate(engine, _prompts(bs, args.input_len), min(args.new_tokens, 32))  # warm-up
+    _warm(engine, args, bs)
     reps = [_one_rep(engine, args, bs) for _ in range(args.reps)]
     return batch_row(bs, reps, args.new_tokens)
 
@@ -349,9 +354,8 @@ def _serve(engine: Any, args: argparse.Namespace, commands: Any,
             return
         try:
             if cmd[0] == "warm" and len(cmd) == 2:
-                bs = int(cmd[1])
-                _generate(engine, _prompts(bs, args.input_len), min(args.new_tokens, 32))
-                emit({"warm": bs})
+                _warm(engine, args, int(cmd[1]))
+                emit({"warm": int(cmd[1])})
             elif cmd[0] == "rep" and len(cmd) == 2:
                 emit(_one_rep(engine, args, int(cmd[1])))
             elif cmd == ["check"]:
@@ -628,16 +632,7 @@ def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", bufsize=1)
     notes: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if "[artune" in line and len(notes) < 100:
-                notes.append(line.rstrip())
-
-    reader = threading.Thread(target=pump, daemon=True)
+    reader = threading.Thread(target=echo_log, args=(proc.stdout, notes), daemon=True)
     reader.start()
     try:
         rc = proc.wait(timeout=timeout)
