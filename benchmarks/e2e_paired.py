@@ -148,13 +148,14 @@ def verdict(low: float, high: float, band: float) -> str:
     return f"not resolved (interval wider than ±{band:g}% both ways)"
 
 
-def paired_stats(a_row: dict[str, Any], b_row: dict[str, Any], band: float,
-                  level: float = 0.95) -> dict[str, Any]:
-    """Round by round, B's step against A's (rep r of each, taken back to back): the
-    percentages, their median, its interval and what that shows against ±band; and the medians
-    of the rounds where A went first and where B did (an order effect shows as a gap)."""
-    pct = [(rb["step_ms"] / ra["step_ms"] - 1) * 100
-           for ra, rb in zip(a_row["reps"], b_row["reps"], strict=True)]
+def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float,
+                 level: float = 0.95) -> dict[str, Any]:
+    """Round by round, the test config's step against the base's (rep r of each, taken back
+    to back): the percentages, their median, its interval and what that shows against ±band;
+    and the medians of the even rounds (the engine started first went first) and of the odd
+    ones (an order effect shows as a gap)."""
+    pct = [(rt["step_ms"] / rb["step_ms"] - 1) * 100
+           for rb, rt in zip(base_row["reps"], test_row["reps"], strict=True)]
     low, high, cover = median_ci(pct, level)
     says = (verdict(low, high, band) if cover >= level else
             f"not resolved ({len(pct)} rounds: too few for a {level:.0%} interval)")
@@ -162,6 +163,13 @@ def paired_stats(a_row: dict[str, Any], b_row: dict[str, Any], band: float,
             "interval_pct": [low, high], "coverage": cover, "verdict": says,
             "a_first_median_pct": statistics.median(pct[0::2]),
             "b_first_median_pct": statistics.median(pct[1::2]) if len(pct) > 1 else None}
+
+
+def orient(a: str, b: str, artune: frozenset[str] | set[str]) -> tuple[str, str]:
+    """(base, test) of a pair started in the order a, b: the artune config is the one
+    measured against the other whichever started first, so runs in both orders read alike;
+    otherwise b against a."""
+    return (b, a) if a in artune and b not in artune else (a, b)
 
 
 #: Seconds a worker gets to answer one warm-up or rep (one takes about a second) and the check.
@@ -212,7 +220,9 @@ def run_paired(args: argparse.Namespace, names: tuple[str, str],
             if n in artune and n in served:
                 results[n]["artune_log"] = served[n].notes
                 results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
-        paired: dict[str, Any] = {"a": a, "b": b, "band_pct": args.band, "by_batch": {}}
+        base, test = orient(a, b, artune)
+        paired: dict[str, Any] = {"a": a, "b": b, "base": base, "test": test,
+                                  "band_pct": args.band, "by_batch": {}}
         for bs in args.batch_sizes:
             rounds = min(len(reps[a][bs]), len(reps[b][bs]))
             if not rounds:
@@ -221,7 +231,7 @@ def run_paired(args: argparse.Namespace, names: tuple[str, str],
                     for n in names}
             for n in names:
                 results[n]["batches"].append(rows[n])
-            paired["by_batch"][str(bs)] = paired_stats(rows[a], rows[b], args.band)
+            paired["by_batch"][str(bs)] = paired_stats(rows[base], rows[test], args.band)
         return results, paired
 
     timed_out: set[str] = set()
@@ -245,9 +255,11 @@ def run_paired(args: argparse.Namespace, names: tuple[str, str],
         for current in names:
             try:
                 info[current].update(ask(current, "check", CHECK_ANSWER_S))
-            except RuntimeError as exc:  # the timings stand without the check
+            except (RuntimeError, TimeoutError) as exc:  # the timings stand without the check
                 state["check_error"] = str(exc)[:500]
                 print(f"[e2e] logprob check failed: {exc}", flush=True)
+                if isinstance(exc, TimeoutError):
+                    timed_out.add(current)
                 break
     except TimeoutError as exc:
         timed_out.add(current)
@@ -266,10 +278,87 @@ def paired_lines(doc: dict[str, Any]) -> list[str]:
     p = doc.get("paired")
     if not p or not p.get("by_batch"):
         return []
-    lines = [f"paired: {p['b']} vs {p['a']}, two engines side by side, order alternating; "
+    lines = [f"paired: {p.get('test', p['b'])} vs {p.get('base', p['a'])}, two engines side by "
+             f"side ({p['a']} started first), order alternating; "
              f"median of the per-round % and its distribution-free interval:"]
     for bs, st in sorted(p["by_batch"].items(), key=lambda kv: int(kv[0])):
         low, high = st["interval_pct"]
         lines.append(f"  bs{bs}: {st['median_pct']:+.2f}% [{low:+.2f}, {high:+.2f}] "
                      f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}")
     return lines
+
+
+def file_stats(doc: dict[str, Any], band: float = 1.0) -> dict[str, Any] | None:
+    """A paired results file's statistics, recomputed from its reps and oriented as
+    ``orient`` says (files written before the orientation read B against A); None for a file
+    of the one-engine mode."""
+    p = doc.get("paired")
+    if not p:
+        return None
+    a, b = p["a"], p["b"]
+    configs = doc.get("configs", {})
+    base, test = orient(a, b, {n for n in (a, b) if "artune_routed" in configs.get(n, {})})
+    rows = {n: {row["batch"]: row for row in configs.get(n, {}).get("batches", [])}
+            for n in (a, b)}
+    by_batch = {}
+    for bs in sorted(set(rows[a]) & set(rows[b])):
+        k = min(len(rows[a][bs]["reps"]), len(rows[b][bs]["reps"]))
+        by_batch[bs] = paired_stats({"reps": rows[base][bs]["reps"][:k]},
+                                    {"reps": rows[test][bs]["reps"][:k]}, band)
+    return {"a": a, "base": base, "test": test, "by_batch": by_batch}
+
+
+def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
+    """A markdown table of paired results files, one row per file and batch size, then per
+    pair of configs and batch size the hull of the files' intervals and what it shows: a
+    claim about two configs holds only if it holds in every pair of engines, since two
+    engines of one config differ by more than one engine's reps do. Where both configs were
+    started first in some file, the order-balanced median (the mean of the two start orders'
+    mean medians) is given too: a point estimate, free of an effect of the start order."""
+    lines = ["| file | test vs base | started first | bs | rounds | median % | interval % "
+             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+    hull: dict[tuple[str, str, int], list[float]] = {}
+    first: dict[tuple[str, str, int], dict[bool, list[float]]] = {}
+    for path in paths:
+        with open(path) as f:
+            st = file_stats(json.load(f), band)
+        if st is None:
+            lines.append(f"| {os.path.basename(path)} | not a paired run | | | | | | |")
+            continue
+        for bs, s in st["by_batch"].items():
+            low, high = s["interval_pct"]
+            lines.append(f"| {os.path.basename(path)} | {st['test']} vs {st['base']} | "
+                         f"{st['a']} | {bs} | {s['rounds']} | {s['median_pct']:+.2f} | "
+                         f"[{low:+.2f}, {high:+.2f}] | {s['verdict']} |")
+            h = hull.setdefault((st["test"], st["base"], bs), [low, high, 0])
+            h[0], h[1], h[2] = min(h[0], low), max(h[1], high), h[2] + 1
+            first.setdefault((st["test"], st["base"], bs), {True: [], False: []})[
+                st["a"] == st["test"]].append(s["median_pct"])
+    if hull:
+        lines += ["", "| test vs base | bs | engine pairs | hull of the intervals % | verdict "
+                  "| order-balanced median % |", "|---|---|---|---|---|---|"]
+        for key, (low, high, n) in sorted(hull.items()):
+            test, base, bs = key
+            orders = first[key]
+            balanced = "-"
+            if orders[True] and orders[False]:
+                mean = (statistics.fmean(orders[True]) + statistics.fmean(orders[False])) / 2
+                balanced = f"{mean:+.2f}"
+            lines.append(f"| {test} vs {base} | {bs} | {n:g} | [{low:+.2f}, {high:+.2f}] | "
+                         f"{verdict(low, high, band)} | {balanced} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Paired results files side by side, each oriented artune against the other "
+                    "config, and per pair of configs what all their engine pairs show together.")
+    p.add_argument("files", nargs="+", help="results JSON files of sglang_e2e.py --paired")
+    p.add_argument("--band", type=float, default=1.0, help="the ± band in %% (default 1)")
+    args = p.parse_args(argv)
+    print("\n".join(across_lines(args.files, args.band)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,7 +42,7 @@ LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 MODE=(--configs "${CONFIGS:-default,nccl,artune_nccl,artune,artune_compile}")
 [ -n "${PAIRED:-}" ] && MODE=(--paired "$PAIRED" --reps "${REPS:-10}")
 timeout -k 10 $(( LEFT + 15 )) python3 benchmarks/sglang_e2e.py --tp "$TP" --profile "$PROFILE" \
-    "${MODE[@]}" --batch-sizes 1,4,16,64 \
+    "${MODE[@]}" --batch-sizes "${BATCH_SIZES:-1,4,16,64}" \
     --timeout "${TIMEOUT_S:-240}" --budget-s "$LEFT" --out "$R" 2>&1 | tee "$OUT/sglang_e2e.log"
 echo "exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s (full log: $OUT/sglang_e2e.log)"
 python3 -c "import json,sys; print('\n'.join(json.load(open(sys.argv[1])).get('summary', [])))" \

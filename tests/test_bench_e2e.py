@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -292,6 +293,29 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
     assert "artune vs default" in lines[0] and "bs16: +2.0" in lines[2]
 
 
+def test_paired_run_started_artune_first_still_reports_artune_against_the_other(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started in the order artune, default (the engine started first gets the GPUs' memory
+    first): the statistics still read artune against default, so a run in each order can be
+    put side by side; an A/A pair reads the second against the first."""
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
+    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    args = _paired_args(batch_sizes=[4])
+    engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.04)}
+    _, paired = mod.run_paired(args, ("artune", "default"),
+                               lambda n: _FakeServed(n, mod, args, engines[n]), None,
+                               artune={"artune"})
+    assert (paired["a"], paired["base"], paired["test"]) == ("artune", "default", "artune")
+    assert paired["by_batch"]["4"]["median_pct"] == pytest.approx(2.0, abs=0.3)
+    line = mod.paired_lines({"paired": paired})[0]
+    assert line.startswith("paired: artune vs default") and "(artune started first)" in line
+    assert _paired().orient("default", "default_again", set()) == ("default", "default_again")
+    assert _paired().orient("default", "artune", {"artune"}) == ("default", "artune")
+
+
 def test_paired_run_that_fails_keeps_the_finished_rounds_and_names_the_config(
         monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _module()
@@ -471,6 +495,36 @@ def test_paired_run_stops_for_the_budget_keeping_finished_rounds(
     assert "not resolved" in paired["by_batch"]["64"]["verdict"]  # too few rounds for 95 %
 
 
+def test_paired_budget_ending_in_the_check_keeps_the_timings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """All rounds done, then the budget ends while the logprob check runs: the timings stand
+    (no "error"), the check's absence is said, and the engine that did not answer is not
+    waited for."""
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
+    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    args = _paired_args(reps=6, batch_sizes=[4])
+    made: dict[str, _FakeServed] = {}
+
+    class CheckTimesOut(_FakeServed):
+        def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
+            if command == "check":
+                raise TimeoutError(f"{self.config}: no answer to 'check' within 1 s")
+            return super().ask(command, timeout)
+
+    def spawn(n: str) -> _FakeServed:
+        made[n] = CheckTimesOut(n, mod, args, _StepEngine(clock, 2.0))
+        return made[n]
+
+    results, paired = mod.run_paired(args, ("default", "artune"), spawn, None)
+    assert paired["by_batch"]["4"]["rounds"] == 6
+    assert all("error" not in r for r in results.values())
+    assert "no answer to 'check'" in results["default"]["check_error"]
+    assert made["default"].close_timeout == 0 and made["artune"].close_timeout == 30
+
+
 def test_paired_engines_get_the_same_kv_pool_and_sleep_on_idle(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """With a stand-in ServerArgs: the fields SGLang 0.5.17 has (server_args.py) are set; a
@@ -502,3 +556,39 @@ def test_paired_engines_get_the_same_kv_pool_and_sleep_on_idle(
     server_args()
     kw = mod._engine_kwargs(args, "/m", "default")
     assert "max_total_tokens" not in kw and "sleep_on_idle" not in kw
+
+
+def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: Path) -> None:
+    """Two engine pairs of artune vs default, one started each way, each with a +1 % start
+    order effect (the engine started first is faster) on top of artune being 0.5 % slower:
+    each file reads artune against default (the second was written B against A, before the
+    orientation), the hull spans both, and the order-balanced median takes the effect out.
+    A one-engine file is named as such."""
+    pm = _paired()
+
+    def doc(first: str, second: str, step: dict[str, float]) -> dict[str, Any]:
+        def reps(n: str) -> list[dict[str, float]]:
+            return [{"step_ms": step[n] * (1 + 0.001 * (i % 3))} for i in range(12)]
+        return {"paired": {"a": first, "b": second},
+                "configs": {n: {"batches": [{"batch": 4, "reps": reps(n)}],
+                                **({"artune_routed": True} if n == "artune" else {})}
+                            for n in (first, second)}}
+
+    files = []
+    for i, (first, second, step) in enumerate([
+            ("default", "artune", {"default": 2.0, "artune": 2.0 * 1.015}),
+            ("artune", "default", {"artune": 2.0 * 1.005, "default": 2.0 * 1.01})]):
+        f = tmp_path / f"p{i}.json"
+        f.write_text(json.dumps(doc(first, second, step)))
+        files.append(str(f))
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"configs": {}}))
+    lines = pm.across_lines([*files, str(one)])
+    rows = [x for x in lines if x.startswith("| p")]
+    assert all("| artune vs default |" in x for x in rows)
+    assert "| +1.50 |" in rows[0] and "| -0.50 |" in rows[1]  # start order effect of ±1 %
+    assert any("one.json | not a paired run" in x for x in lines)
+    across = [x for x in lines if x.startswith("| artune vs default | 4 | 2 |")]
+    assert len(across) == 1 and across[0].endswith("| +0.50 |")
+    assert "[-0.50, +1.50]" in across[0] and "no faster than -1%" in across[0]
+    assert pm.main([*files]) == 0
