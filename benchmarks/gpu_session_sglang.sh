@@ -2,7 +2,7 @@
 # The SGLang end-to-end GPU call (issue #4), after gpu_session.sh produced and committed a profile.
 #
 #   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_sglang.sh artune/profiles/<id>.json [TP]
-#   two engines side by side, reps alternating (sglang_e2e.py --paired; not yet run on a GPU):
+#   two engines side by side, reps alternating (sglang_e2e.py --paired; ~270-360 s a call warm):
 #                                   PAIRED=default,artune bash benchmarks/gpu_session_sglang.sh ...
 #
 # One engine per config and subprocess (~60-80 s each on a fresh machine, more with
@@ -37,10 +37,11 @@ LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 # the backstop.
 # CONFIGS picks configs; MERGE=FILE starts from an earlier results file (its configs are kept).
 # PAIRED=A,B runs those two configs' engines side by side, reps alternating (REPS rounds per
-# batch size, default 10), instead of CONFIGS one after another.
+# batch size, default 30: 10 left two slow reps setting the interval on 4x H100), instead of
+# CONFIGS one after another. BATCH_SIZES (default 1,4,16,64) trims a compiled pair to fit.
 [ -n "${MERGE:-}" ] && cp "$MERGE" "$R"
 MODE=(--configs "${CONFIGS:-default,nccl,artune_nccl,artune,artune_compile}")
-[ -n "${PAIRED:-}" ] && MODE=(--paired "$PAIRED" --reps "${REPS:-10}")
+[ -n "${PAIRED:-}" ] && MODE=(--paired "$PAIRED" --reps "${REPS:-30}")
 timeout -k 10 $(( LEFT + 15 )) python3 benchmarks/sglang_e2e.py --tp "$TP" --profile "$PROFILE" \
     "${MODE[@]}" --batch-sizes "${BATCH_SIZES:-1,4,16,64}" \
     --timeout "${TIMEOUT_S:-240}" --budget-s "$LEFT" --out "$R" 2>&1 | tee "$OUT/sglang_e2e.log"
