@@ -212,6 +212,49 @@ def test_survivor_names_the_dead_rank_within_bound() -> None:
     assert r0["seconds"] < 40
 
 
+def _raw_collective_after_a_death(rank: int, world: int) -> dict[str, Any]:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from artune.autotune.comm import Comm
+    from artune.autotune.runner import RankEnv, _start_heartbeat
+
+    cpu = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=20))
+    hb = _start_heartbeat(RankEnv(rank, world, rank, world), 20.0)
+    comm = Comm(cpu, rank, world, 20.0, hb)
+    comm.barrier("start")
+    try:
+        # Every peer alive: an error of the tune's own is not blamed on a peer.
+        own = comm.stopped_by_peer(ValueError("a bug of the tune's own"))
+        comm.barrier("checked")
+        if rank == 1:
+            os._exit(9)
+        t0 = time.monotonic()
+        try:  # a collective outside Comm, as the gate's and the backends' are
+            dist.all_reduce(torch.ones(4), group=cpu)
+            dist.all_reduce(torch.ones(4), group=cpu)
+        except Exception as exc:  # noqa: BLE001 - what runner.py catches
+            return {"own": own, "says": comm.stopped_by_peer(exc),
+                    "seconds": time.monotonic() - t0}
+        return {"own": own, "says": "no error", "seconds": time.monotonic() - t0}
+    finally:
+        if hb is not None:
+            hb.stop()
+
+
+def test_survivor_of_a_raw_collective_names_the_dead_rank() -> None:
+    """Found under a real Slurm (srun -n 2, one task SIGKILLed): the gate's own
+    dist.all_reduce broke with gloo's "Connection reset by peer" traceback, naming no rank, as
+    nothing but Comm's collectives named the dead. Now the rank's error names it."""
+    r0, _ = run_gloo(_raw_collective_after_a_death, 2, may_die=frozenset({1}), timeout_s=90)
+    assert r0["own"] is None
+    assert r0["says"] is not None and "rank(s) 1 stopped" in r0["says"], r0
+    assert r0["says"].startswith("rank 0: a collective of the tune failed")
+    assert "--resume" in r0["says"] and r0["seconds"] < 40
+
+
 def test_interrupted_run_stops_all_ranks_and_resumes(
     tmp_path: Path, cpu_env: dict[str, str]
 ) -> None:

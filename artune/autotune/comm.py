@@ -49,8 +49,12 @@ class Heartbeat:
         return self
 
     def _beat(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self.store.set(f"artune/hb/{self.rank}", repr(time.time()))
+        except Exception:  # noqa: BLE001 - the store went with rank 0 or the launcher
+            # Stop beating: each further attempt would log c10d's "sendBytes failed" warning
+            # with its C++ stack (seen under srun once rank 0 was killed).
+            self._stop.set()
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -105,14 +109,29 @@ class Comm:
         except HostCollectiveError:
             raise
         except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistBackendError
-            raise HostCollectiveError(self._explain(what, exc)) from exc
+            raise HostCollectiveError(
+                self._explain(f"host collective {what!r}", exc, self.peers_gone())) from exc
 
-    def _explain(self, what: str, exc: BaseException) -> str:
-        if self.heartbeat is not None:
-            time.sleep(min(HEARTBEAT_STALE_S + HEARTBEAT_S, self.timeout_s))
-            stale = self.heartbeat.stale_ranks()
-        else:
-            stale = []
+    def peers_gone(self) -> list[int] | None:
+        """After a failure: wait until a rank that died with it has missed its heartbeats, then
+        the ranks that did ([] when none did or there is no heartbeat; None when the store
+        itself is gone, i.e. rank 0 or the launcher died)."""
+        if self.heartbeat is None:
+            return []
+        time.sleep(min(HEARTBEAT_STALE_S + HEARTBEAT_S, self.timeout_s))
+        return self.heartbeat.stale_ranks()
+
+    def stopped_by_peer(self, exc: BaseException) -> str | None:
+        """The error to print when ``exc``, raised by something other than this class's
+        collectives (a backend's or the gate's own ``torch.distributed`` call), came from a
+        rank that died: it names that rank. None when every peer is alive: then ``exc`` is
+        the tune's own fault and its traceback says more."""
+        stale = self.peers_gone()
+        if stale == []:
+            return None
+        return self._explain("a collective of the tune", exc, stale)
+
+    def _explain(self, failed: str, exc: BaseException, stale: list[int] | None) -> str:
         if stale is None:
             who = "the rendezvous store is unreachable: rank 0 (or the launcher) died"
         elif stale:
@@ -120,7 +139,7 @@ class Comm:
         else:
             who = "a peer rank died or did not answer"
         return (
-            f"rank {self.rank}: host collective {what!r} failed: {who} "
+            f"rank {self.rank}: {failed} failed: {who} "
             f"(bound: ARTUNE_COLLECTIVE_TIMEOUT_S={self.timeout_s:g}s). Cause: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
             "Measurements so far are kept: rerun with --resume."

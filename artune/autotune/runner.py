@@ -186,6 +186,13 @@ def run_rank(cfg: TuneConfig) -> int:
             code = crew.serve()
     except HostCollectiveError as exc:
         print(f"artune tune: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        # A raw collective (a backend's, the gate's) broken by a rank that died: under srun or
+        # torchrun no launcher names it, so this rank does. Anything else keeps its traceback.
+        says = comm.stopped_by_peer(exc)
+        if says is None:
+            raise
+        print(f"artune tune: {says}", file=sys.stderr, flush=True)
     finally:
         if code != 0:
             crew.close()
