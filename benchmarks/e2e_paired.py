@@ -9,6 +9,7 @@ the worker's command loop (``_serve``) stays beside the engine code in ``sglang_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -149,26 +150,55 @@ def verdict(low: float, high: float, band: float) -> str:
 
 
 def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float,
-                 level: float = 0.95) -> dict[str, Any]:
-    """Round by round, the test config's step against the base's (rep r of each, taken back
-    to back): the percentages, their median, its interval and what that shows against ±band;
-    and the medians of the even rounds (the engine started first went first) and of the odd
-    ones (an order effect shows as a gap)."""
+                 base_first: list[bool], level: float = 0.95) -> dict[str, Any]:
+    """Round by round, the test config's step against the base's (rep r of each, taken
+    seconds apart): the percentages, their median, its interval and what that shows against
+    ±band; and the medians of the rounds where the base's rep came first and of those where
+    the test's did (``base_first``, per round: an order effect shows as a gap)."""
     pct = [(rt["step_ms"] / rb["step_ms"] - 1) * 100
            for rb, rt in zip(base_row["reps"], test_row["reps"], strict=True)]
     low, high, cover = median_ci(pct, level)
     says = (verdict(low, high, band) if cover >= level else
             f"not resolved ({len(pct)} rounds: too few for a {level:.0%} interval)")
+    first = [x for x, bf in zip(pct, base_first, strict=False) if bf]
+    second = [x for x, bf in zip(pct, base_first, strict=False) if not bf]
     return {"rounds": len(pct), "pct": pct, "median_pct": statistics.median(pct),
             "interval_pct": [low, high], "coverage": cover, "verdict": says,
-            "a_first_median_pct": statistics.median(pct[0::2]),
-            "b_first_median_pct": statistics.median(pct[1::2]) if len(pct) > 1 else None}
+            "base_first_median_pct": statistics.median(first) if first else None,
+            "test_first_median_pct": statistics.median(second) if second else None}
+
+
+def round_order(names: tuple[str, ...] | list[str], r: int) -> list[str]:
+    """The engines' order in round r: rotated by r, so each takes each place equally often
+    (two engines: A B, B A, ...)."""
+    k = r % len(names)
+    return [*names[k:], *names[:k]]
+
+
+def pairs_stats(names: tuple[str, ...] | list[str], rows: dict[str, dict[int, dict[str, Any]]],
+                artune: frozenset[str] | set[str], band: float) -> list[dict[str, Any]]:
+    """Every pair of engines, oriented (``orient``), per batch size both have: the rounds all
+    engines finished (``rows[name][bs]["reps"]``, equally many), compared round by round."""
+    out = []
+    for i, j in itertools.combinations(range(len(names)), 2):
+        base, test = orient(names[i], names[j], artune)
+        by_batch = {}
+        for bs in sorted(set(rows[base]) & set(rows[test])):
+            k = min(len(rows[base][bs]["reps"]), len(rows[test][bs]["reps"]))
+            if not k:
+                continue
+            order = [round_order(names, r) for r in range(k)]
+            by_batch[str(bs)] = paired_stats(
+                {"reps": rows[base][bs]["reps"][:k]}, {"reps": rows[test][bs]["reps"][:k]},
+                band, [o.index(base) < o.index(test) for o in order])
+        out.append({"first": names[i], "base": base, "test": test, "by_batch": by_batch})
+    return out
 
 
 def orient(a: str, b: str, artune: frozenset[str] | set[str]) -> tuple[str, str]:
-    """(base, test) of a pair started in the order a, b: the artune config is the one
+    """(base, test) of two engines started in the order a, b: the artune config is the one
     measured against the other whichever started first, so runs in both orders read alike;
-    otherwise b against a."""
+    otherwise b against a (``default_again`` against ``default``)."""
     return (b, a) if a in artune and b not in artune else (a, b)
 
 
@@ -179,18 +209,18 @@ CHECK_ANSWER_S = 120.0
 PAIRED_RESERVE_S = 45.0
 
 
-def run_paired(args: argparse.Namespace, names: tuple[str, str],
-                spawn: Callable[[str], Served], deadline: float | None,
-                save: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
-                artune: frozenset[str] | set[str] = frozenset(),
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both engines up side by side, then per batch size an untimed warm-up in each and
-    ``args.reps`` rounds of one rep per engine, the order alternating (A B, B A, ...), then the
-    logprob check in each. Only rounds both engines finished count. Returns the configs'
-    results (as the one-engine mode writes them) and the paired statistics; ``save`` gets them
-    after every batch size, so a run cut short keeps what it finished. For the configs in
-    ``artune`` (the plugin loaded) the plugin's log lines are kept."""
-    a, b = names
+def run_paired(args: argparse.Namespace, names: tuple[str, ...],
+               spawn: Callable[[str], Served], deadline: float | None,
+               save: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+               artune: frozenset[str] | set[str] = frozenset(),
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All engines up side by side (two or more, started in the order of ``names``), then per
+    batch size an untimed warm-up in each and ``args.reps`` rounds of one rep per engine, the
+    order rotating (``round_order``), then the logprob check in each. Only rounds every engine
+    finished count. Returns the configs' results (as the one-engine mode writes them) and the
+    statistics of every pair of engines; ``save`` gets them after every batch size, so a run
+    cut short keeps what it finished. For the configs in ``artune`` (the plugin loaded) the
+    plugin's log lines are kept."""
     reps: dict[str, dict[int, list[dict[str, Any]]]] = {
         n: {bs: [] for bs in args.batch_sizes} for n in names}
     info: dict[str, dict[str, Any]] = {n: {} for n in names}
@@ -208,7 +238,7 @@ def run_paired(args: argparse.Namespace, names: tuple[str, str],
     def collect() -> tuple[dict[str, Any], dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
         for n in names:
-            results[n] = {"config": n, "paired_with": b if n == a else a, **info[n],
+            results[n] = {"config": n, "paired_with": [m for m in names if m != n], **info[n],
                           "settings": {"tp": args.tp, "input_len": args.input_len,
                                        "new_tokens": args.new_tokens, "reps": args.reps,
                                        "batch_sizes": args.batch_sizes,
@@ -220,36 +250,36 @@ def run_paired(args: argparse.Namespace, names: tuple[str, str],
             if n in artune and n in served:
                 results[n]["artune_log"] = served[n].notes
                 results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
-        base, test = orient(a, b, artune)
-        paired: dict[str, Any] = {"a": a, "b": b, "base": base, "test": test,
-                                  "band_pct": args.band, "by_batch": {}}
+        rows: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
         for bs in args.batch_sizes:
-            rounds = min(len(reps[a][bs]), len(reps[b][bs]))
+            rounds = min(len(reps[n][bs]) for n in names)
             if not rounds:
                 continue
-            rows = {n: batch_row(bs, [dict(r) for r in reps[n][bs][:rounds]], args.new_tokens)
-                    for n in names}
             for n in names:
-                results[n]["batches"].append(rows[n])
-            paired["by_batch"][str(bs)] = paired_stats(rows[base], rows[test], args.band)
+                rows[n][bs] = batch_row(bs, [dict(r) for r in reps[n][bs][:rounds]],
+                                        args.new_tokens)
+                results[n]["batches"].append(rows[n][bs])
+        paired = {"engines": list(names), "band_pct": args.band,
+                  "pairs": pairs_stats(names, rows, artune, args.band)}
         return results, paired
 
     timed_out: set[str] = set()
-    current = a
+    current = names[0]
     try:
         for current in names:
             served[current] = spawn(current)
             ready = ask(current, None, args.timeout)
             ready.pop("ready", None)
             info[current] = {k: v for k, v in ready.items() if k != "settings"}
-            print(f"[e2e] {current}: up beside the other engine", flush=True)
+            print(f"[e2e] {current}: up beside the other engine(s)", flush=True)
         for bs in args.batch_sizes:
             for current in names:
                 ask(current, f"warm {bs}", REP_ANSWER_S)
             for r in range(args.reps):
-                for current in (names if r % 2 == 0 else names[::-1]):
+                for current in round_order(names, r):
                     reps[current][bs].append(ask(current, f"rep {bs}", REP_ANSWER_S))
-            print(f"[e2e] paired bs {bs}: {len(reps[b][bs])} rounds", flush=True)
+            print(f"[e2e] side by side, bs {bs}: {min(len(reps[n][bs]) for n in names)} "
+                  "rounds", flush=True)
             if save is not None:
                 save(*collect())
         for current in names:
@@ -276,45 +306,48 @@ def run_paired(args: argparse.Namespace, names: tuple[str, str],
 
 def paired_lines(doc: dict[str, Any]) -> list[str]:
     p = doc.get("paired")
-    if not p or not p.get("by_batch"):
+    if not p or not any(pair["by_batch"] for pair in p.get("pairs", [])):
         return []
-    lines = [f"paired: {p.get('test', p['b'])} vs {p.get('base', p['a'])}, two engines side by "
-             f"side ({p['a']} started first), order alternating; "
-             f"median of the per-round % and its distribution-free interval:"]
-    for bs, st in sorted(p["by_batch"].items(), key=lambda kv: int(kv[0])):
-        low, high = st["interval_pct"]
-        lines.append(f"  bs{bs}: {st['median_pct']:+.2f}% [{low:+.2f}, {high:+.2f}] "
-                     f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}")
+    lines = [f"side by side: {len(p['engines'])} engines ({', '.join(p['engines'])}, in start "
+             f"order), the order rotating round by round; test vs base, median of the "
+             f"per-round % and its distribution-free interval:"]
+    for pair in p["pairs"]:
+        lines.append(f"  {pair['test']} vs {pair['base']}:")
+        for bs, st in sorted(pair["by_batch"].items(), key=lambda kv: int(kv[0])):
+            low, high = st["interval_pct"]
+            lines.append(f"    bs{bs}: {st['median_pct']:+.2f}% [{low:+.2f}, {high:+.2f}] "
+                         f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}")
     return lines
 
 
 def file_stats(doc: dict[str, Any], band: float = 1.0) -> dict[str, Any] | None:
-    """A paired results file's statistics, recomputed from its reps and oriented as
-    ``orient`` says (files written before the orientation read B against A); None for a file
-    of the one-engine mode."""
+    """A side-by-side results file's statistics of every pair of engines, recomputed from its
+    reps and oriented as ``orient`` says (files of two engines written before ``engines`` and
+    the orientation existed read B against A); None for a file of the one-engine mode."""
     p = doc.get("paired")
     if not p:
         return None
-    a, b = p["a"], p["b"]
+    names = list(p.get("engines") or (p["a"], p["b"]))
     configs = doc.get("configs", {})
-    base, test = orient(a, b, {n for n in (a, b) if "artune_routed" in configs.get(n, {})})
+    artune = {n for n in names if "artune_routed" in configs.get(n, {})}
     rows = {n: {row["batch"]: row for row in configs.get(n, {}).get("batches", [])}
-            for n in (a, b)}
-    by_batch = {}
-    for bs in sorted(set(rows[a]) & set(rows[b])):
-        k = min(len(rows[a][bs]["reps"]), len(rows[b][bs]["reps"]))
-        by_batch[bs] = paired_stats({"reps": rows[base][bs]["reps"][:k]},
-                                    {"reps": rows[test][bs]["reps"][:k]}, band)
-    return {"a": a, "base": base, "test": test, "by_batch": by_batch}
+            for n in names}
+    return {"engines": names, "pairs": pairs_stats(names, rows, artune, band)}
+
+
+def config_of(engine: str) -> str:
+    """The config an engine runs: ``default_again`` is another engine of ``default``."""
+    return engine.removesuffix("_again")
 
 
 def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
-    """A markdown table of paired results files, one row per file and batch size, then per
-    pair of configs and batch size the hull of the files' intervals and what it shows: a
-    claim about two configs holds only if it holds in every pair of engines, since two
-    engines of one config differ by more than one engine's reps do. Where both configs were
-    started first in some file, the order-balanced median (the mean of the two start orders'
-    mean medians) is given too: a point estimate, free of an effect of the start order."""
+    """A markdown table of side-by-side results files, one row per pair of engines and batch
+    size, then per pair of configs (``config_of``) and batch size the hull of the engine
+    pairs' intervals and what it shows: a claim about two configs holds only if it holds in
+    every pair of engines, since two engines of one config differ by more than one engine's
+    reps do. Where each config was started first in some pair, the order-balanced median (the
+    mean of the two start orders' mean medians) is given too: a point estimate, free of an
+    effect of the start order."""
     lines = ["| file | test vs base | started first | bs | rounds | median % | interval % "
              "| verdict |", "|---|---|---|---|---|---|---|---|"]
     hull: dict[tuple[str, str, int], list[float]] = {}
@@ -323,20 +356,22 @@ def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
         with open(path) as f:
             st = file_stats(json.load(f), band)
         if st is None:
-            lines.append(f"| {os.path.basename(path)} | not a paired run | | | | | | |")
+            lines.append(f"| {os.path.basename(path)} | not a side-by-side run | | | | | | |")
             continue
-        for bs, s in st["by_batch"].items():
-            low, high = s["interval_pct"]
-            lines.append(f"| {os.path.basename(path)} | {st['test']} vs {st['base']} | "
-                         f"{st['a']} | {bs} | {s['rounds']} | {s['median_pct']:+.2f} | "
-                         f"[{low:+.2f}, {high:+.2f}] | {s['verdict']} |")
-            h = hull.setdefault((st["test"], st["base"], bs), [low, high, 0])
-            h[0], h[1], h[2] = min(h[0], low), max(h[1], high), h[2] + 1
-            first.setdefault((st["test"], st["base"], bs), {True: [], False: []})[
-                st["a"] == st["test"]].append(s["median_pct"])
+        for pair in st["pairs"]:
+            for bs, s in pair["by_batch"].items():
+                low, high = s["interval_pct"]
+                lines.append(f"| {os.path.basename(path)} | {pair['test']} vs {pair['base']} | "
+                             f"{pair['first']} | {bs} | {s['rounds']} | {s['median_pct']:+.2f} "
+                             f"| [{low:+.2f}, {high:+.2f}] | {s['verdict']} |")
+                key = (config_of(pair["test"]), config_of(pair["base"]), int(bs))
+                h = hull.setdefault(key, [low, high, 0])
+                h[0], h[1], h[2] = min(h[0], low), max(h[1], high), h[2] + 1
+                first.setdefault(key, {True: [], False: []})[
+                    pair["first"] == pair["test"]].append(s["median_pct"])
     if hull:
-        lines += ["", "| test vs base | bs | engine pairs | hull of the intervals % | verdict "
-                  "| order-balanced median % |", "|---|---|---|---|---|---|"]
+        lines += ["", "| test vs base (configs) | bs | engine pairs | hull of the intervals % "
+                  "| verdict | order-balanced median % |", "|---|---|---|---|---|---|"]
         for key, (low, high, n) in sorted(hull.items()):
             test, base, bs = key
             orders = first[key]

@@ -2,7 +2,7 @@
 # The SGLang end-to-end GPU call (issue #4), after gpu_session.sh produced and committed a profile.
 #
 #   device run, carry [".devwhl"]:  bash benchmarks/gpu_session_sglang.sh artune/profiles/<id>.json [TP]
-#   two engines side by side, reps alternating (sglang_e2e.py --paired; ~270-360 s a call warm):
+#   engines side by side, reps in turn (sglang_e2e.py --paired; two: ~270-360 s a call warm):
 #                                   PAIRED=default,artune bash benchmarks/gpu_session_sglang.sh ...
 #
 # One engine per config and subprocess (~60-80 s each on a fresh machine, more with
@@ -36,12 +36,17 @@ LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 # The script kills a worker at its own deadline (keeping its finished batch sizes); timeout is
 # the backstop.
 # CONFIGS picks configs; MERGE=FILE starts from an earlier results file (its configs are kept).
-# PAIRED=A,B runs those two configs' engines side by side, reps alternating (REPS rounds per
-# batch size, default 30: 10 left two slow reps setting the interval on 4x H100), instead of
-# CONFIGS one after another. BATCH_SIZES (default 1,4,16,64) trims a compiled pair to fit.
+# PAIRED=A,B[,...] runs those configs' engines side by side, one rep from each in turn (REPS
+# rounds per batch size, default 30 for two engines: 10 left two slow reps setting the
+# interval on 4x H100; 20 for more, to fit the call: four engines need ~160 s of starts warm),
+# instead of CONFIGS one after another. PAIRED=default,artune,default_again,artune_again gives
+# two engines of each config. BATCH_SIZES (default 1,4,16,64) trims a compiled run to fit.
 [ -n "${MERGE:-}" ] && cp "$MERGE" "$R"
 MODE=(--configs "${CONFIGS:-default,nccl,artune_nccl,artune,artune_compile}")
-[ -n "${PAIRED:-}" ] && MODE=(--paired "$PAIRED" --reps "${REPS:-30}")
+if [ -n "${PAIRED:-}" ]; then
+    ENGINES=$(( $(tr -cd , <<< "$PAIRED" | wc -c) + 1 ))
+    MODE=(--paired "$PAIRED" --reps "${REPS:-$([ "$ENGINES" -gt 2 ] && echo 20 || echo 30)}")
+fi
 timeout -k 10 $(( LEFT + 15 )) python3 benchmarks/sglang_e2e.py --tp "$TP" --profile "$PROFILE" \
     "${MODE[@]}" --batch-sizes "${BATCH_SIZES:-1,4,16,64}" \
     --timeout "${TIMEOUT_S:-240}" --budget-s "$LEFT" --out "$R" 2>&1 | tee "$OUT/sglang_e2e.log"

@@ -18,6 +18,7 @@ exactly the measured batch sizes. Configs:
   the engine-to-engine noise the "within 1%" comparison has to be read against;
 - ``artune_again``   ``artune`` in another engine: with both pairs, the report also compares
   the mean of the two artune engines with the mean of the two default ones;
+- ``default_compile_again``, ``artune_compile_again``: the compiled configs in another engine;
 - ``artune_inert``   the plugin with the profile re-derived from SGLang's own measurements
   alone: every size keeps SGLang's own all-reduce and only the fallback backend is built (no
   symmetric memory, no NVSHMEM), the hooks and the per-forward fault check stay. Against
@@ -53,29 +54,30 @@ to the same numbers for ``nccl`` vs ``default`` (two correct all-reduces that su
 orders: the size of honest bf16 differences). For the artune configs it also keeps the plugin's
 log lines and whether the plugin reported routing.
 
-Paired mode (``--paired A,B``, e.g. ``default,artune`` or ``default_compile,artune_compile``):
-the two configs' engines run side by side on the same GPUs (``--paired-mem`` each), and per
-batch size the parent asks for one rep at a time, alternating which engine goes first (A B,
-B A, ...). Round r compares one engine's rep with the other's, taken seconds apart (the
-artune config against the other whichever started first; B against A when neither or both
-are artune configs), so a machine whose speed
-drifts over minutes (engines of one config differed by up to 11 % on one 4x H100 machine,
-twelfth session) moves both alike. Reported per batch size: the median of the per-round percentages
-and its distribution-free 95 % interval from order statistics (``--reps 10`` or more; with
-fewer than 6 rounds the interval is the full range), judged against ``--band`` (±1 %): within,
-slower, faster, no slower, or not resolved (also when the rounds are too few for a 95 %
-interval). Both engines get the same KV pool (``max_total_tokens``: twice the largest batch's
-tokens) and ``sleep_on_idle`` (the idle one waits on its sockets instead of spinning). Pairing
-cancels drift, not what is fixed to an engine instance or to which one started first: run
-``default,default_again`` (what the method resolves when nothing differs) and both orders
-(``A,B`` and ``B,A``), and trust a verdict the orders agree on. The rounds where A went first
-and where B did are also reported apart. The results are written after every batch size; a
-worker that does not answer a rep within a minute is killed. The logprob check runs in both
-engines after the timing (a check cut short by the budget leaves the timings standing). On 4x
-H100 at TP=4 (thirteenth session) 30 rounds resolved ±0.7 %, while two engines of one config
-differed by 0.6 % (uncompiled, bs 1) to 6 % (compiled): ``python benchmarks/e2e_paired.py
-FILE...`` lays several engine pairs side by side, with the hull of their intervals and the
-median balanced over the two start orders.
+Paired mode (``--paired A,B[,...]``, e.g. ``default,artune``, ``default_compile,artune_compile``
+or ``default,artune,default_again,artune_again``): the configs' engines run side by side on the
+same GPUs (``--paired-mem`` each), and per batch size the parent asks for one rep at a time from
+each, the order rotating round by round (A B, B A, ...; A B C D, B C D A, ...). Round r
+compares every pair of engines' reps, taken seconds apart (the artune config against the
+other whichever started first; the later against the earlier when neither or both are artune
+configs), so a machine whose speed drifts over minutes (engines of one config differed by up
+to 11 % on one 4x H100 machine, twelfth session) moves both alike. Reported per pair and batch
+size: the median of the per-round percentages and its distribution-free 95 % interval from
+order statistics (``--reps 20`` or more; with fewer than 6 rounds the interval is the full
+range), judged against ``--band`` (±1 %): within, slower, faster, no slower, or not resolved
+(also when the rounds are too few for a 95 % interval), and the medians of the rounds where
+each of the two went first. Every engine gets the same KV pool (``max_total_tokens``: twice the
+largest batch's tokens) and ``sleep_on_idle`` (an idle one waits on its sockets instead of
+spinning). Pairing cancels drift, not what is fixed to an engine instance or to the start
+order: on 4x H100 at TP=4 (thirteenth session) 30 rounds resolved ±0.7 %, while two engines of
+one config differed by 0.6 % (uncompiled, bs 1) to 6 % (compiled). So run two engines of each
+config (``default,artune,default_again,artune_again``: the two A/A pairs show the engine
+effect, the four cross pairs the config effect in both start orders), and read the files
+together: ``python benchmarks/e2e_paired.py FILE...`` gives each pair's interval, their hull
+per pair of configs and the median balanced over the start orders. The results are written
+after every batch size; a worker that does not answer a rep within a minute is killed. The
+logprob check runs in every engine after the timing (a check cut short by the budget leaves the
+timings standing).
 
 Writes ``--out`` (JSON: card, date, versions, environment, raw reps and the summary, rewritten
 after every config; configs already in an existing file are kept, so a run may be split over
@@ -141,6 +143,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default_compile": {"artune": False, "kw": {"enable_torch_compile": True}},
     "default_again": {"artune": False, "kw": {}},
     "artune_again": {"artune": True, "kw": {}},
+    "default_compile_again": {"artune": False, "kw": {"enable_torch_compile": True}},
+    "artune_compile_again": {"artune": True, "kw": {"enable_torch_compile": True}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},
@@ -697,11 +701,13 @@ def main(argv: list[str] | None = None) -> int:
                    "finished batch sizes are kept), later configs are skipped")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/...)")
     p.add_argument("--log-level", default="warning")
-    p.add_argument("--paired", default=None, metavar="A,B",
-                   help="two configs as engines side by side on the same GPUs, the reps "
-                   "alternating between them (A B, B A, ...); reports B against A round by "
-                   "round with a distribution-free interval of the median (--configs is not "
-                   "used). Use --reps 10 or more: below 6 rounds the interval is the full range")
+    p.add_argument("--paired", default=None, metavar="A,B[,...]",
+                   help="two or more configs as engines side by side on the same GPUs, one rep "
+                   "from each in turn, the order rotating (A B, B A, ...); reports every pair "
+                   "round by round with a distribution-free interval of the median (--configs "
+                   "is not used). default,artune,default_again,artune_again gives two engines "
+                   "of each. Use --reps 20 or more: below 6 rounds the interval is the full "
+                   "range")
     p.add_argument("--paired-mem", type=float, default=0.35,
                    help="mem_fraction_static of each engine in paired mode (they share the GPUs)")
     p.add_argument("--band", type=float, default=1.0,
@@ -720,8 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reps and every --batch-sizes entry must be at least 1")
 
     configs = [c.strip() for c in (args.paired or args.configs).split(",") if c.strip()]
-    if args.paired and (len(configs) != 2 or configs[0] == configs[1]):
-        p.error(f"--paired takes two different configs, got {args.paired!r}")
+    if args.paired and (len(configs) < 2 or len(set(configs)) != len(configs)):
+        p.error(f"--paired takes two or more different configs, got {args.paired!r}")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         p.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
@@ -756,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["summary"] = _summarize(doc, args.tol)
             out.write_text(json.dumps(doc, indent=1))
 
-        save(*run_paired(args, (configs[0], configs[1]), spawn, deadline, save,
+        save(*run_paired(args, tuple(configs), spawn, deadline, save,
                          artune={c for c in configs if CONFIGS[c]["artune"]}))
         _wait_gpus_released(baseline)
         configs = []  # nothing left for the one-engine loop below
@@ -788,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
             res["artune_routed"] = any("routing with" in n for n in notes)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         doc["configs"][config] = res
-        if config in {(doc.get("paired") or {}).get(k) for k in ("a", "b")}:
+        p_doc = doc.get("paired") or {}
+        if config in (p_doc.get("engines") or (p_doc.get("a"), p_doc.get("b"))):
             doc.pop("paired")  # its statistics were of the engine this run replaced
         doc["summary"] = _summarize(doc, args.tol)
         out.write_text(json.dumps(doc, indent=1))  # after every config: partial runs survive

@@ -245,6 +245,12 @@ class _FakeServed:
         self.closed, self.close_timeout = True, timeout
 
 
+def _pair(paired: dict[str, Any]) -> dict[str, Any]:
+    """The one pair of a two-engine run's statistics."""
+    assert len(paired["pairs"]) == 1
+    return paired["pairs"][0]
+
+
 def _paired_args(**kw: Any) -> argparse.Namespace:
     base = dict(tp=2, input_len=4, new_tokens=101, reps=10, batch_sizes=[1, 16],
                 paired_mem=0.35, band=1.0, timeout=300.0)
@@ -279,7 +285,7 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
     assert [c for c, cmd in _FakeServed.log if cmd.startswith("warm")] == ["default", "artune"] * 2
     assert all(s.closed for s in made.values())
     for bs in ("1", "16"):
-        st = paired["by_batch"][bs]
+        st = _pair(paired)["by_batch"][bs]
         assert st["rounds"] == 10 and st["verdict"] == "slower by more than 1%"
         assert st["interval_pct"][0] <= 2.0 + 0.2 and st["interval_pct"][1] >= 2.0 - 0.2
         assert st["median_pct"] == pytest.approx(2.0, abs=0.3)
@@ -290,7 +296,8 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
     assert results["artune"]["top_logprobs"] == [{"ids": [1], "top": []}]
     assert results["default"]["settings"]["paired"] is True
     lines = mod.paired_lines({"paired": paired})
-    assert "artune vs default" in lines[0] and "bs16: +2.0" in lines[2]
+    assert "2 engines (default, artune, in start order)" in lines[0]
+    assert lines[1] == "  artune vs default:" and "bs16: +2.0" in lines[3]
 
 
 def test_paired_run_started_artune_first_still_reports_artune_against_the_other(
@@ -308,10 +315,12 @@ def test_paired_run_started_artune_first_still_reports_artune_against_the_other(
     _, paired = mod.run_paired(args, ("artune", "default"),
                                lambda n: _FakeServed(n, mod, args, engines[n]), None,
                                artune={"artune"})
-    assert (paired["a"], paired["base"], paired["test"]) == ("artune", "default", "artune")
-    assert paired["by_batch"]["4"]["median_pct"] == pytest.approx(2.0, abs=0.3)
-    line = mod.paired_lines({"paired": paired})[0]
-    assert line.startswith("paired: artune vs default") and "(artune started first)" in line
+    assert paired["engines"] == ["artune", "default"]
+    assert (_pair(paired)["first"], _pair(paired)["base"], _pair(paired)["test"]) == (
+        "artune", "default", "artune")
+    assert _pair(paired)["by_batch"]["4"]["median_pct"] == pytest.approx(2.0, abs=0.3)
+    lines = mod.paired_lines({"paired": paired})
+    assert "(artune, default, in start order)" in lines[0] and lines[1] == "  artune vs default:"
     assert _paired().orient("default", "default_again", set()) == ("default", "default_again")
     assert _paired().orient("default", "artune", {"artune"}) == ("default", "artune")
 
@@ -332,7 +341,7 @@ def test_paired_run_that_fails_keeps_the_finished_rounds_and_names_the_config(
 
     results, paired = mod.run_paired(args, ("default", "default_again"), spawn, None)
     assert "default_again: rep 4: RuntimeError: engine fault" in results["default"]["error"]
-    assert paired["by_batch"]["4"]["rounds"] == 2  # only rounds both engines finished
+    assert _pair(paired)["by_batch"]["4"]["rounds"] == 2  # only rounds both engines finished
     assert len(results["default"]["batches"][0]["reps"]) == 2
     assert all(s.closed for s in made)
     # an engine that never comes up: the other one is closed, nothing is timed
@@ -345,7 +354,7 @@ def test_paired_run_that_fails_keeps_the_finished_rounds_and_names_the_config(
 
     results, paired = mod.run_paired(args, ("default", "default_again"), spawn_fail, None)
     assert results["default"]["error"] == "default_again: the worker ended (exit 3)"
-    assert paired["by_batch"] == {} and all(s.closed for s in made)
+    assert _pair(paired)["by_batch"] == {} and all(s.closed for s in made)
 
 
 def test_served_worker_process_round_trip_timeout_and_death(tmp_path: Path) -> None:
@@ -410,9 +419,9 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
     assert cmd[cmd.index("--mem") + 1] == "0.35" and "ARTUNE_PROFILE" not in spawned[0][2]
     doc = json.loads(out.read_text())
     assert set(doc["configs"]) == {"default", "default_again"}
-    st = doc["paired"]["by_batch"]["4"]
+    st = _pair(doc["paired"])["by_batch"]["4"]
     assert st["rounds"] == 6 and st["verdict"] == "within ±1%"
-    assert any(line.startswith("paired: default_again vs default") for line in doc["summary"])
+    assert "  default_again vs default:" in doc["summary"]
     with pytest.raises(SystemExit):
         mod.main(["--paired", "default", "--out", str(out)])
 
@@ -422,14 +431,17 @@ def test_paired_verdict_needs_a_full_interval_and_order_medians_are_kept() -> No
     def row(*steps: float) -> dict[str, Any]:
         return {"reps": [{"step_ms": x} for x in steps]}
 
-    few = _paired().paired_stats(row(2.0, 2.0, 2.0), row(2.002, 2.0, 2.002), 1.0)
+    few = _paired().paired_stats(row(2.0, 2.0, 2.0), row(2.002, 2.0, 2.002), 1.0,
+                                 [True, False, True])
     assert few["rounds"] == 3 and few["coverage"] < 0.95
     assert few["verdict"] == "not resolved (3 rounds: too few for a 95% interval)"
-    # A first in rounds 0, 2, 4, ...: B reads +1 % there and -1 % where it went first
-    st = _paired().paired_stats(row(*[2.0] * 10), row(*[2.02, 1.98] * 5), 2.0)
-    assert st["a_first_median_pct"] == pytest.approx(1.0)
-    assert st["b_first_median_pct"] == pytest.approx(-1.0)
+    # the base first in rounds 0, 2, 4, ...: the test reads +1 % there, -1 % where it was first
+    st = _paired().paired_stats(row(*[2.0] * 10), row(*[2.02, 1.98] * 5), 2.0,
+                                [True, False] * 5)
+    assert st["base_first_median_pct"] == pytest.approx(1.0)
+    assert st["test_first_median_pct"] == pytest.approx(-1.0)
     assert st["verdict"] == "within ±2%"
+    assert _paired().round_order(["a", "b", "c"], 4) == ["b", "c", "a"]
 
 
 def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answering(
@@ -454,9 +466,9 @@ def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answerin
     saved: list[list[str]] = []
     results, paired = mod.run_paired(
         args, ("default", "artune"), spawn, None,
-        save=lambda res, pd: saved.append(sorted(pd["by_batch"])))
+        save=lambda res, pd: saved.append(sorted(_pair(pd)["by_batch"])))
     assert saved == [["1"], ["1", "4"]]  # after each finished batch size
-    assert sorted(paired["by_batch"]) == ["1", "4"]
+    assert sorted(_pair(paired)["by_batch"]) == ["1", "4"]
     assert "artune: no answer to 'rep 16'" in results["default"]["error"]
     assert made["artune"].close_timeout == 0 and made["default"].close_timeout == 30
 
@@ -474,7 +486,7 @@ def test_paired_check_failure_keeps_the_timings(monkeypatch: pytest.MonkeyPatch)
     results, paired = mod.run_paired(
         args, ("default", "artune"),
         lambda n: _FakeServed(n, mod, args, _StepEngine(clock, 2.0)), None)
-    assert "error" not in results["default"] and paired["by_batch"]["4"]["rounds"] == 6
+    assert "error" not in results["default"] and _pair(paired)["by_batch"]["4"]["rounds"] == 6
     assert "update_weights_from_tensor failed" in results["artune"]["check_error"]
 
 
@@ -490,9 +502,9 @@ def test_paired_run_stops_for_the_budget_keeping_finished_rounds(
         args, ("default", "artune"),
         lambda n: _FakeServed(n, mod, args, _StepEngine(clock, 2.0)), deadline)
     assert results["default"]["error"].startswith("budget: no time left")
-    assert paired["by_batch"]["1"]["rounds"] == 10
-    assert 0 < paired["by_batch"]["64"]["rounds"] < 10
-    assert "not resolved" in paired["by_batch"]["64"]["verdict"]  # too few rounds for 95 %
+    assert _pair(paired)["by_batch"]["1"]["rounds"] == 10
+    assert 0 < _pair(paired)["by_batch"]["64"]["rounds"] < 10
+    assert "not resolved" in _pair(paired)["by_batch"]["64"]["verdict"]  # too few rounds for 95 %
 
 
 def test_paired_budget_ending_in_the_check_keeps_the_timings(
@@ -519,7 +531,7 @@ def test_paired_budget_ending_in_the_check_keeps_the_timings(
         return made[n]
 
     results, paired = mod.run_paired(args, ("default", "artune"), spawn, None)
-    assert paired["by_batch"]["4"]["rounds"] == 6
+    assert _pair(paired)["by_batch"]["4"]["rounds"] == 6
     assert all("error" not in r for r in results.values())
     assert "no answer to 'check'" in results["default"]["check_error"]
     assert made["default"].close_timeout == 0 and made["artune"].close_timeout == 30
@@ -587,8 +599,48 @@ def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: P
     rows = [x for x in lines if x.startswith("| p")]
     assert all("| artune vs default |" in x for x in rows)
     assert "| +1.50 |" in rows[0] and "| -0.50 |" in rows[1]  # start order effect of ±1 %
-    assert any("one.json | not a paired run" in x for x in lines)
+    assert any("one.json | not a side-by-side run" in x for x in lines)
     across = [x for x in lines if x.startswith("| artune vs default | 4 | 2 |")]
     assert len(across) == 1 and across[0].endswith("| +0.50 |")
     assert "[-0.50, +1.50]" in across[0] and "no faster than -1%" in across[0]
     assert pm.main([*files]) == 0
+
+
+def test_four_engines_side_by_side_give_every_pair_and_group_by_config(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two engines of each config (the second default engine 1 % slower than the first, artune
+    2 % slower than the first default): the order rotates over the four, all six pairs are
+    reported (artune against default where the configs differ, the later against the earlier
+    otherwise), and read back from the file the four cross pairs form one group whose hull
+    spans the engine effect, beside the two A/A groups."""
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
+    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    args = _paired_args(batch_sizes=[4], reps=12)
+    names = ("default", "artune", "default_again", "artune_again")
+    steps = {"default": 2.0, "artune": 2.04, "default_again": 2.02, "artune_again": 2.04}
+    _FakeServed.log = []
+    results, paired = mod.run_paired(
+        args, names, lambda n: _FakeServed(n, mod, args, _StepEngine(clock, steps[n])), None,
+        artune={"artune", "artune_again"})
+    reps = [c for c, cmd in _FakeServed.log if cmd == "rep 4"]
+    assert reps[:8] == [*names, "artune", "default_again", "artune_again", "default"]
+    got = {(q["test"], q["base"]): q["by_batch"]["4"]["median_pct"] for q in paired["pairs"]}
+    assert set(got) == {("artune", "default"), ("default_again", "default"),
+                        ("artune_again", "default"), ("artune", "default_again"),
+                        ("artune_again", "default_again"), ("artune_again", "artune")}
+    assert got[("artune", "default")] == pytest.approx(2.0, abs=0.3)
+    assert got[("artune", "default_again")] == pytest.approx(1.0, abs=0.3)
+    assert got[("default_again", "default")] == pytest.approx(1.0, abs=0.3)
+    assert got[("artune_again", "artune")] == pytest.approx(0.0, abs=0.3)
+    assert results["default"]["paired_with"] == ["artune", "default_again", "artune_again"]
+    f = tmp_path / "four.json"
+    f.write_text(json.dumps({"paired": paired, "configs": results}))
+    lines = _paired().across_lines([str(f)])
+    assert sum(x.startswith("| four.json |") for x in lines) == 6
+    # the four cross pairs in one group: from +1 % (against the slower default) to +2 %
+    assert any(x.startswith("| artune vs default | 4 | 4 | [+0.") for x in lines), lines
+    assert any(x.startswith("| default vs default | 4 | 1 |") for x in lines)
+    assert any(x.startswith("| artune vs artune | 4 | 1 |") for x in lines)
