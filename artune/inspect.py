@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -140,7 +141,7 @@ def render(profile: Profile, console: Any = None) -> None:
                 elif v.get("gap_from") == "paired rounds":
                     # the gap is the median of same-round differences; the two medians above
                     # come from all rounds and can even differ the other way
-                    how = f" (median same-round gap {gap:+.1f} µs)"
+                    how = f" (median same-round gap {gap:+.1f} µs{_controls_text(v)})"
                 else:
                     how = f" (gap {gap:+.1f} µs, {v.get('gap_from', 'medians')})"
                 console.print(
@@ -161,7 +162,23 @@ def validation_count(entries: list[dict[str, Any]]) -> str:
     if kept:
         text += (f"; {kept} more routed to SGLang's own all-reduce, which no candidate beat by "
                  "more than the incumbent margin")
+    router = [v["router_gap_us"][0] for v in entries if v.get("router_gap_us")]
+    control = [abs(v["control_gap_us"][0]) for v in entries if v.get("control_gap_us")]
+    if router and control:
+        text += (f"; eager, median over {len(router)} points: the router's own cost "
+                 f"{statistics.median(router):+.2f} µs, two identical calls read "
+                 f"{statistics.median(control):.2f} µs apart (A/A)")
     return text
+
+
+def _controls_text(v: dict[str, Any]) -> str:
+    """', router +0.4, A/A -1.2' from an eager validation entry's control timings."""
+    out = ""
+    if v.get("router_gap_us"):
+        out += f", router {v['router_gap_us'][0]:+.1f}"
+    if v.get("control_gap_us"):
+        out += f", A/A {v['control_gap_us'][0]:+.1f}"
+    return out
 
 
 def fmt_us(v: Any) -> str:

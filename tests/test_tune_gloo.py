@@ -53,6 +53,10 @@ def test_cpu_dry_run_tune_end_to_end(tmp_path: Path, cpu_env: dict[str, str]) ->
     val = prof.data["validation"]
     assert len(val) == 4 and all(v["routed_backend"] == "gloo" for v in val)
     assert all(v["routed_us"] > 0 and v["best_us"] > 0 for v in val)
+    # eager points carry the controls (the router's own cost, an A/A pair), graph ones do not
+    for v in val:
+        has = "router_gap_us" in v and "control_gap_us" in v
+        assert has == (v["mode"] == "eager"), v
     host = prof.data["tune_host"]  # rank 0's CPUs and Python threads at the end
     assert host["cpu_count"] >= 1 and "MainThread" in host["python_threads"]
 

@@ -99,3 +99,40 @@ def test_a_point_left_to_sglang_within_the_incumbent_margin_is_marked_not_passed
     e = _driver()._entry("bfloat16", "graph", 512 << 10, Choice("nccl", {}),
                          [("nvrar", {}), ("nccl", {})], [sglang, nvrar, sglang], 0.03)
     assert "kept_incumbent" not in e
+
+
+def test_eager_controls_time_the_routed_backend_directly_and_again() -> None:
+    """The validation's eager controls: the routed backend called directly beside the routed
+    call (a candidate already, else an extra timing) and a twin of that call; none in graph
+    mode or where the routed backend is not built."""
+    from artune.autotune.driver import _control_gaps, _controls
+
+    built = {"nccl": object(), "symm": object()}
+    choice = Choice("symm", {"a": 1})
+    assert _controls("eager", choice, [("nccl", {}), ("symm", {"a": 1})], built) == (1, 1)
+    assert _controls("eager", choice, [("symm", {"a": 2})], built) == (2, None)
+    assert _controls("graph", choice, [("symm", {"a": 1})], built) == (0, None)
+    assert _controls("eager", Choice("nvrar", {}), [], built) == (0, None)
+
+    rng = random.Random(3)
+    drift = [rng.uniform(30.0, 40.0) for _ in range(12)]
+    direct = _res(*[[d + rng.gauss(0, 0.05) for d in drift] for _ in range(2)])
+    twin = _res(*[[d + rng.gauss(0, 0.05) for d in drift] for _ in range(2)])
+    routed = _res(*[[d + 0.4 + rng.gauss(0, 0.05) for d in drift] for _ in range(2)])
+    gaps = _control_gaps(routed, direct, twin)
+    assert gaps["router_gap_us"][0] == pytest.approx(0.4, abs=0.15)
+    assert gaps["control_gap_us"][0] == pytest.approx(0.0, abs=0.15)
+    assert _control_gaps({"skip": "raised"}, direct, twin) == {
+        "control_gap_us": gaps["control_gap_us"]}
+
+
+def test_validation_count_gives_the_router_cost_and_the_a_a_reading() -> None:
+    from artune.inspect import validation_count
+
+    entries = [{"within": True, "router_gap_us": [0.4, 0.1], "control_gap_us": [-1.0, 0.5]},
+               {"within": False, "router_gap_us": [0.6, 0.1], "control_gap_us": [2.0, 0.5]},
+               {"within": True}]
+    text = validation_count(entries)
+    assert text.startswith("routed all-reduce within tolerance of the fastest candidate at 2/3")
+    assert "eager, median over 2 points: the router's own cost +0.50 µs" in text
+    assert "two identical calls read 1.50 µs apart (A/A)" in text

@@ -418,15 +418,21 @@ class Driver:
                         behind[b] = r["latency_us"]
                 if forced is not None and forced[0] in self.crew.built:
                     cands.append((forced[0], dict(forced[1])))
+                choice = router.choose(self.crew.input(dtype, nbytes), mode)
+                n_extra, direct_at = _controls(mode, choice, cands, self.crew.built)
                 cmd = {
                     "op": "validate", "dtype": dtype, "mode": mode, "nbytes": nbytes,
                     "reps": self.cfg.n_reps, "warmup": self.cfg.n_warmup,
                     "entries": [{"backend": None}]
-                    + [{"backend": b, "params": p} for b, p in cands],
+                    + [{"backend": b, "params": p} for b, p in cands]
+                    + [{"backend": choice.backend, "params": dict(choice.params)}] * n_extra,
                 }
                 results = self.crew.send(cmd)
-                choice = router.choose(self.crew.input(dtype, nbytes), mode)
-                entry = self._entry(dtype, mode, nbytes, choice, cands, results, rel_tol)
+                timed, extra = results[:1 + len(cands)], results[1 + len(cands):]
+                entry = self._entry(dtype, mode, nbytes, choice, cands, timed, rel_tol)
+                if n_extra:
+                    direct = timed[1 + direct_at] if direct_at is not None else extra[0]
+                    entry.update(_control_gaps(timed[0], direct, extra[-1]))
                 entry["not_retimed"] = behind
                 entries.append(entry)
                 progress.advance()
@@ -523,6 +529,34 @@ class Driver:
             # routed to SGLang's own all-reduce on purpose: the table's rule, on these re-times
             entry["kept_incumbent"] = True
         return entry
+
+
+def _controls(mode: str, choice: Any, cands: list[tuple[str, dict[str, Any]]],
+              built: dict[str, Any]) -> tuple[int, int | None]:
+    """The extra eager timings of the routed backend called directly: (how many, the index
+    in ``cands`` of the candidate that is that call already, or None). The direct call (that
+    candidate, else an extra) and its twin (an extra) give the router's own cost (routed vs
+    direct) and what the method reads between two identical callables (direct vs twin), in
+    the same alternating rounds. None in graph mode, where the router is not on the replay."""
+    if mode != "eager" or choice.backend not in built:
+        return 0, None
+    call = (choice.backend, dict(choice.params))
+    at = next((i for i, c in enumerate(cands) if c == call), None)
+    return (1 if at is not None else 2), at
+
+
+def _control_gaps(routed: dict[str, Any], direct: dict[str, Any],
+                  twin: dict[str, Any]) -> dict[str, list[float]]:
+    """``router_gap_us`` (the routed call minus the routed backend called directly) and
+    ``control_gap_us`` (the direct call minus its twin: zero but for the method), each
+    [median, interquartile range] of the round-by-round differences; absent where a timing
+    failed."""
+    out: dict[str, list[float]] = {}
+    for key, a, b in (("router_gap_us", routed, direct), ("control_gap_us", direct, twin)):
+        g = paired_gap(a, b)
+        if g is not None:
+            out[key] = [g[0], g[1]]
+    return out
 
 
 def paired_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
