@@ -87,6 +87,15 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "us faster at 4K-128K on 2 GPUs, no faster on 4; every rank must set it alike (checked "
         "when the backend is built).",
     ),
+    "ARTUNE_VALIDATE_CONTROLS": (
+        False,
+        _bool,
+        "1: at each eager point the tune's validation pass also times the routed backend called "
+        "directly and a twin of that call, in the same rounds: the router's own cost and what "
+        "the timing reads between two identical calls (A/A), per point (router_gap_us, "
+        "control_gap_us) and as medians. One or two more timings per eager point (read on "
+        "rank 0).",
+    ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_WARM": (

@@ -53,10 +53,8 @@ def test_cpu_dry_run_tune_end_to_end(tmp_path: Path, cpu_env: dict[str, str]) ->
     val = prof.data["validation"]
     assert len(val) == 4 and all(v["routed_backend"] == "gloo" for v in val)
     assert all(v["routed_us"] > 0 and v["best_us"] > 0 for v in val)
-    # eager points carry the controls (the router's own cost, an A/A pair), graph ones do not
-    for v in val:
-        has = "router_gap_us" in v and "control_gap_us" in v
-        assert has == (v["mode"] == "eager"), v
+    # the controls (ARTUNE_VALIDATE_CONTROLS) are off by default
+    assert not any("router_gap_us" in v or "control_gap_us" in v for v in val)
     host = prof.data["tune_host"]  # rank 0's CPUs and Python threads at the end
     assert host["cpu_count"] >= 1 and "MainThread" in host["python_threads"]
 
@@ -116,3 +114,23 @@ def test_resume_with_fewer_sizes_describes_only_those(tmp_path: Path, cpu_env: d
     assert "stored measurements of other sizes, dtypes, modes or backends" in text
     assert {m["nbytes"] for m in load(out).data["measurements"]} == {4096}
     assert not select(load(out), 65536, "bfloat16", "eager").covered
+
+
+def test_validation_controls_on_time_the_router_and_an_a_a_pair(
+        tmp_path: Path, cpu_env: dict[str, str]) -> None:
+    """ARTUNE_VALIDATE_CONTROLS=1: each eager validation point also carries the routed
+    backend's direct call against the routed one (the router's own cost) and against a twin
+    of itself (A/A); graph points, where the router is not on the replay, do not."""
+    out = tmp_path / "controls.json"
+    r = run_artune("tune", "--device", "cpu", "--quick", "--sizes", "4K,16K", "--out", str(out),
+                   env=dict(cpu_env, ARTUNE_VALIDATE_CONTROLS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    val = load(out).data["validation"]
+    assert {v["mode"] for v in val} == {"eager", "graph"}
+    for v in val:
+        if v["mode"] == "graph":
+            assert "router_gap_us" not in v and "control_gap_us" not in v
+        else:
+            assert len(v["router_gap_us"]) == 2 and len(v["control_gap_us"]) == 2, v
+            assert v["control_gap_us"][1] >= 0  # an interquartile range
+    assert "two identical calls read" in r.stdout.replace("\n", " ")

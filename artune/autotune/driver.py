@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from artune import envs
 from artune.autotune import ui
 from artune.autotune.config import TuneConfig
 from artune.autotune.crew import Crew, actual_nbytes, record_from
@@ -395,6 +396,7 @@ class Driver:
                   for n, per in sorted(per_size.items())
                   if only is None or (*k, n) in only]
         neighbours = _neighbour_routes(doc, best)
+        controls_on = envs.get("ARTUNE_VALIDATE_CONTROLS")
         progress = ui.Progress(len(points), self.con)
         with progress.running():
             for (dtype, mode), nbytes, per_backend in points:
@@ -419,7 +421,8 @@ class Driver:
                 if forced is not None and forced[0] in self.crew.built:
                     cands.append((forced[0], dict(forced[1])))
                 choice = router.choose(self.crew.input(dtype, nbytes), mode)
-                n_extra, direct_at = _controls(mode, choice, cands, self.crew.built)
+                n_extra, direct_at = (_controls(mode, choice, cands, self.crew.built)
+                                      if controls_on else (0, None))
                 cmd = {
                     "op": "validate", "dtype": dtype, "mode": mode, "nbytes": nbytes,
                     "reps": self.cfg.n_reps, "warmup": self.cfg.n_warmup,
