@@ -384,14 +384,68 @@ def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
     return lines
 
 
+def plot_intervals(paths: list[str], out: str, band: float = 1.0) -> int:
+    """A forest plot of ``across_lines``'s rows: one panel per pair of configs, batch sizes
+    down the side, each engine pair's median and interval as a point and a bar (filled where
+    the test engine was started first), the ±band shaded. Returns how many bars it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[tuple[str, str], list[tuple[int, str, bool, dict[str, Any]]]] = {}
+    for path in paths:
+        with open(path) as f:
+            st = file_stats(json.load(f), band)
+        for pair in (st or {}).get("pairs", []):
+            key = (config_of(pair["test"]), config_of(pair["base"]))
+            for bs, s in pair["by_batch"].items():
+                stem = os.path.basename(path).removesuffix(".json").removeprefix("sglang_e2e_")
+                label = f"{stem}: {pair['test']} vs {pair['base']}"
+                rows.setdefault(key, []).append((int(bs), label, pair["first"] == pair["test"], s))
+    if not rows:
+        raise ValueError("no side-by-side results in the files given")
+    heights = [len(v) for _, v in sorted(rows.items())]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 0.9 * len(rows) + 0.25 * sum(heights)),
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    drawn = 0
+    for ax, ((test, base), items) in zip(axes[:, 0], sorted(rows.items()), strict=True):
+        items.sort(key=lambda t: (t[0], t[1]))
+        ax.axvspan(-band, band, color="0.9", zorder=0)
+        ax.axvline(0, color="0.5", lw=0.8)
+        ticks = []
+        for y, (bs, label, test_first, s) in enumerate(items):
+            low, high = s["interval_pct"]
+            ax.plot([low, high], [y, y], color=f"C{[1, 4, 16, 64].index(bs) % 10}"
+                    if bs in (1, 4, 16, 64) else "C5", lw=2)
+            ax.plot(s["median_pct"], y, "o", color="k",
+                    mfc="k" if test_first else "w", ms=5)
+            ticks.append(f"bs {bs}  {label}")
+            drawn += 1
+        ax.set_yticks(range(len(items)), ticks, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{test} vs {base}", fontsize=9)
+        ax.set_xlabel(f"step time %: median, 95 % interval per engine pair (shaded ±{band:g} %;"
+                      " filled: test engine started first)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return drawn
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Paired results files side by side, each oriented artune against the other "
                     "config, and per pair of configs what all their engine pairs show together.")
     p.add_argument("files", nargs="+", help="results JSON files of sglang_e2e.py --paired")
     p.add_argument("--band", type=float, default=1.0, help="the ± band in %% (default 1)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw every engine pair's interval (one panel per pair of configs)")
     args = p.parse_args(argv)
     print("\n".join(across_lines(args.files, args.band)))
+    if args.plot:
+        n = plot_intervals(args.files, args.plot, args.band)
+        print(f"plot: {args.plot} ({n} intervals)")
     return 0
 
 

@@ -604,6 +604,12 @@ def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: P
     assert len(across) == 1 and across[0].endswith("| +0.50 |")
     assert "[-0.50, +1.50]" in across[0] and "no faster than -1%" in across[0]
     assert pm.main([*files]) == 0
+    png = tmp_path / "intervals.png"
+    assert pm.main([*files, "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert pm.plot_intervals(files, str(tmp_path / "again.png")) == 2  # one bar per pair
+    with pytest.raises(ValueError, match="no side-by-side results"):
+        pm.plot_intervals([str(one)], str(tmp_path / "none.png"))
 
 
 def test_four_engines_side_by_side_give_every_pair_and_group_by_config(
