@@ -271,6 +271,13 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
         print(f"artune tune: --out {cfg.out} is a folder; name the profile file, e.g. "
               f"--out {cfg.out / 'profile.json'}", file=sys.stderr)
         return 2
+    if cfg.out is not None:
+        try:  # where the profile (and its storage) will go must be a folder that can exist
+            cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"artune tune: --out {cfg.out}: cannot make its folder {cfg.out.parent}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
     if cfg.out is not None and not cfg.resume:
         path = sqlite_path(storage_url(cfg.out, cfg.storage))
         if path is not None and path.exists():

@@ -81,6 +81,9 @@ def test_refused_before_any_rank_starts(
     assert "nccl needs CUDA GPUs" in err and "gloo" in err
     assert cli.main(["tune", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # a file where --out needs a folder
+    assert cli.main(["tune", "--device", "cpu", "--out", str(tmp_path / "a-file" / "p.json")]) == 2
+    assert "cannot make its folder" in capsys.readouterr().err
     assert cli.main(["tune", "--device", "cpu", "--sizes", "3,4K"]) == 2
     assert "3 B is not a whole number of 2-byte elements" in capsys.readouterr().err
     assert cli.main(["tune", "--device", "cpu", "--sizes", "1K:2M:x"]) == 2

@@ -236,8 +236,16 @@ def _raw_collective_after_a_death(rank: int, world: int) -> dict[str, Any]:
             dist.all_reduce(torch.ones(4), group=cpu)
             dist.all_reduce(torch.ones(4), group=cpu)
         except Exception as exc:  # noqa: BLE001 - what runner.py catches
-            return {"own": own, "says": comm.stopped_by_peer(exc),
-                    "seconds": time.monotonic() - t0}
+            says, seconds = comm.stopped_by_peer(exc), time.monotonic() - t0
+            # a peer is dead now, but an error raised outside torch.distributed is still the
+            # tune's own: not blamed on the peer, and no wait for its heartbeat
+            t1 = time.monotonic()
+            try:
+                raise RuntimeError("a bug of the tune's own")
+            except RuntimeError as bug:
+                mine = comm.stopped_by_peer(bug)
+            return {"own": own, "says": says, "seconds": seconds, "mine": mine,
+                    "mine_s": time.monotonic() - t1}
         return {"own": own, "says": "no error", "seconds": time.monotonic() - t0}
     finally:
         if hb is not None:
@@ -253,6 +261,57 @@ def test_survivor_of_a_raw_collective_names_the_dead_rank() -> None:
     assert r0["says"] is not None and "rank(s) 1 stopped" in r0["says"], r0
     assert r0["says"].startswith("rank 0: a collective of the tune failed")
     assert "--resume" in r0["says"] and r0["seconds"] < 40
+    assert r0["mine"] is None and r0["mine_s"] < 1.0
+
+
+class _Store:
+    """A stand-in rendezvous store whose writes fail while ``down`` is set."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.down = False
+
+    def set(self, key: str, value: str) -> None:
+        if self.down:
+            raise RuntimeError("sendBytes failed")
+        self.data[key] = value.encode()
+
+    def get(self, key: str) -> bytes:
+        return self.data[key]
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self.data for k in keys)
+
+
+def test_heartbeat_rides_out_a_blip_and_stops_once_the_store_stays_gone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from artune.autotune import comm
+
+    clock = [0.0]
+    monkeypatch.setattr(comm.time, "monotonic", lambda: clock[0])
+    store = _Store()
+    hb = comm.Heartbeat(store, 1, 3)
+    hb._beat()
+    store.down = True
+    for t in (1.0, 3.0):  # failing for less than HEARTBEAT_STALE_S: keeps beating
+        clock[0] = t
+        hb._beat()
+    assert not hb._stop.is_set()
+    store.down = False
+    clock[0] = 4.0
+    hb._beat()  # back: the failure clock restarts
+    store.down = True
+    for t in (5.0, 5.0 + comm.HEARTBEAT_STALE_S):
+        clock[0] = t
+        hb._beat()
+    assert not hb._stop.is_set()
+    clock[0] = 5.1 + comm.HEARTBEAT_STALE_S
+    hb._beat()
+    assert hb._stop.is_set()
+    # rank 0 never beat, rank 2 did just now: 0 is stale, and the store is not "gone"
+    store.down = False
+    comm.Heartbeat(store, 2, 3)._beat()
+    assert comm.Heartbeat(store, 1, 3).stale_ranks() == [0]
 
 
 def test_interrupted_run_stops_all_ranks_and_resumes(

@@ -9,6 +9,7 @@ write a heartbeat into the rendezvous store, see ``Heartbeat``).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +23,22 @@ __all__ = ["Comm", "HostCollectiveError", "Heartbeat"]
 #: Seconds between heartbeats; a rank silent for HEARTBEAT_STALE_S is reported as dead.
 HEARTBEAT_S = 1.0
 HEARTBEAT_STALE_S = 5.0
+
+
+def raised_in_distributed(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.distributed's (a DistError) or was raised in a frame of
+    torch.distributed (gloo's transport errors arrive as a bare RuntimeError from
+    ``work.wait()``)."""
+    from torch.distributed import DistError
+
+    if isinstance(exc, DistError):
+        return True
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and f"torch{os.sep}distributed{os.sep}" in last
 
 
 class HostCollectiveError(RuntimeError):
@@ -41,6 +58,7 @@ class Heartbeat:
         self.rank = rank
         self.world_size = world_size
         self._stop = threading.Event()
+        self._failing_since: float | None = None  # monotonic time of the first failed write
         self._thread = threading.Thread(target=self._loop, name="artune-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -51,26 +69,37 @@ class Heartbeat:
     def _beat(self) -> None:
         try:
             self.store.set(f"artune/hb/{self.rank}", repr(time.time()))
-        except Exception:  # noqa: BLE001 - the store went with rank 0 or the launcher
-            # Stop beating: each further attempt would log c10d's "sendBytes failed" warning
-            # with its C++ stack (seen under srun once rank 0 was killed).
-            self._stop.set()
+            self._failing_since = None
+        except Exception:  # noqa: BLE001 - a slow store, or it went with rank 0 / the launcher
+            # Keep trying through a blip (a live rank that stopped beating would be named dead
+            # by its peers); stop once it has failed for as long as peers wait before calling
+            # a rank stale: each attempt logs c10d's "sendBytes failed" with its C++ stack
+            # (seen every second under srun once rank 0 was killed).
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+            elif now - self._failing_since > HEARTBEAT_STALE_S:
+                self._stop.set()
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             self._beat()
 
     def stale_ranks(self) -> list[int] | None:
-        """Ranks whose last heartbeat is older than HEARTBEAT_STALE_S; None when the store
-        itself is unreachable (it lives with rank 0 or the launcher)."""
+        """Ranks whose last heartbeat is older than HEARTBEAT_STALE_S, or that never wrote one;
+        None when the store itself is unreachable (it lives with rank 0 or the launcher)."""
         now = time.time()
         stale = []
         try:
             for r in range(self.world_size):
                 if r == self.rank:
                     continue
-                # The store's own timeout bounds this; a missing key raises too.
-                last = float(self.check_store.get(f"artune/hb/{r}").decode())
+                key = f"artune/hb/{r}"
+                if not self.check_store.check([key]):  # never beat: as good as stale
+                    stale.append(r)
+                    continue
+                # The store's own timeout bounds this.
+                last = float(self.check_store.get(key).decode())
                 if now - last > HEARTBEAT_STALE_S:
                     stale.append(r)
         except Exception:  # noqa: BLE001 - an unreachable store is an answer too
@@ -122,10 +151,14 @@ class Comm:
         return self.heartbeat.stale_ranks()
 
     def stopped_by_peer(self, exc: BaseException) -> str | None:
-        """The error to print when ``exc``, raised by something other than this class's
-        collectives (a backend's or the gate's own ``torch.distributed`` call), came from a
-        rank that died: it names that rank. None when every peer is alive: then ``exc`` is
-        the tune's own fault and its traceback says more."""
+        """The error to print when ``exc`` was raised inside a ``torch.distributed`` call other
+        than this class's collectives (a backend's or the gate's own) and a peer has stopped:
+        it names that peer. None otherwise, at once for an error raised anywhere else (the
+        tune's own fault: its traceback says more; a rank-0 error stops the other ranks,
+        whose heartbeats then go stale too) and after the heartbeat wait when every peer is
+        alive."""
+        if not raised_in_distributed(exc):
+            return None
         stale = self.peers_gone()
         if stale == []:
             return None
