@@ -93,8 +93,9 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "1: at each eager point the tune's validation pass also times the routed backend called "
         "directly and a twin of that call, in the same rounds: the router's own cost and what "
         "the timing reads between two identical calls (A/A), per point (router_gap_us, "
-        "control_gap_us) and as medians. One or two more timings per eager point (read on "
-        "rank 0).",
+        "control_gap_us) and as medians. One or two more timings per eager point, in the same "
+        "rounds as the candidates' re-times (which feed the tables), so those rounds differ "
+        "from a run without (read on rank 0).",
     ),
     "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
     "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),

@@ -164,10 +164,15 @@ def validation_count(entries: list[dict[str, Any]]) -> str:
                  "more than the incumbent margin")
     router = [v["router_gap_us"][0] for v in entries if v.get("router_gap_us")]
     control = [abs(v["control_gap_us"][0]) for v in entries if v.get("control_gap_us")]
-    if router and control:
-        text += (f"; eager, median over {len(router)} points: the router's own cost "
-                 f"{statistics.median(router):+.2f} µs, two identical calls read "
-                 f"{statistics.median(control):.2f} µs apart (A/A)")
+    if router or control:
+        parts = []
+        if router:
+            parts.append(f"the router's own cost {statistics.median(router):+.2f} µs "
+                         f"(median of {len(router)} points)")
+        if control:
+            parts.append(f"two identical calls read {statistics.median(control):.2f} µs apart "
+                         f"(A/A, median of {len(control)})")
+        text += "; eager: " + ", ".join(parts)
     return text
 
 

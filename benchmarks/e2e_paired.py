@@ -169,16 +169,26 @@ def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float
 
 
 def round_order(names: tuple[str, ...] | list[str], r: int) -> list[str]:
-    """The engines' order in round r: rotated by r, so each takes each place equally often
-    (two engines: A B, B A, ...)."""
-    k = r % len(names)
-    return [*names[k:], *names[:k]]
+    """The engines' order in round r: rounds 2k and 2k+1 take the rotation by k and its
+    reverse, so over each two rounds every engine goes before every other once (two engines:
+    A B, B A, B A, A B, ...), and over 2N rounds each takes each place equally often."""
+    k = (r // 2) % len(names)
+    order = [*names[k:], *names[:k]]
+    return order if r % 2 == 0 else order[::-1]
+
+
+def _alternating(names: tuple[str, ...] | list[str], r: int) -> list[str]:
+    """The order of the first two-engine files (before ``round_order``): A B, B A, A B, ..."""
+    return list(names) if r % 2 == 0 else list(names)[::-1]
 
 
 def pairs_stats(names: tuple[str, ...] | list[str], rows: dict[str, dict[int, dict[str, Any]]],
-                artune: frozenset[str] | set[str], band: float) -> list[dict[str, Any]]:
+                artune: frozenset[str] | set[str], band: float,
+                order_of: Callable[[Any, int], list[str]] = round_order,
+                ) -> list[dict[str, Any]]:
     """Every pair of engines, oriented (``orient``), per batch size both have: the rounds all
-    engines finished (``rows[name][bs]["reps"]``, equally many), compared round by round."""
+    engines finished (``rows[name][bs]["reps"]``, equally many), compared round by round
+    (``order_of(names, r)``: the order the engines ran in round r)."""
     out = []
     for i, j in itertools.combinations(range(len(names)), 2):
         base, test = orient(names[i], names[j], artune)
@@ -187,7 +197,7 @@ def pairs_stats(names: tuple[str, ...] | list[str], rows: dict[str, dict[int, di
             k = min(len(rows[base][bs]["reps"]), len(rows[test][bs]["reps"]))
             if not k:
                 continue
-            order = [round_order(names, r) for r in range(k)]
+            order = [order_of(names, r) for r in range(k)]
             by_batch[str(bs)] = paired_stats(
                 {"reps": rows[base][bs]["reps"][:k]}, {"reps": rows[test][bs]["reps"][:k]},
                 band, [o.index(base) < o.index(test) for o in order])
@@ -216,11 +226,11 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """All engines up side by side (two or more, started in the order of ``names``), then per
     batch size an untimed warm-up in each and ``args.reps`` rounds of one rep per engine, the
-    order rotating (``round_order``), then the logprob check in each. Only rounds every engine
-    finished count. Returns the configs' results (as the one-engine mode writes them) and the
-    statistics of every pair of engines; ``save`` gets them after every batch size, so a run
-    cut short keeps what it finished. For the configs in ``artune`` (the plugin loaded) the
-    plugin's log lines are kept."""
+    order changing round by round (``round_order``), then the logprob check in each. Only
+    rounds every engine finished count. Returns the configs' results (as the one-engine mode
+    writes them) and the statistics of every pair of engines; ``save`` gets them after every
+    batch size, so a run cut short keeps what it finished. For the configs in ``artune`` (the
+    plugin loaded) the plugin's log lines are kept."""
     reps: dict[str, dict[int, list[dict[str, Any]]]] = {
         n: {bs: [] for bs in args.batch_sizes} for n in names}
     info: dict[str, dict[str, Any]] = {n: {} for n in names}
@@ -304,19 +314,30 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
     return collect()
 
 
+def sign_note(low: float, high: float, says: str) -> str:
+    """' (above 0)' / ' (below 0)' where the interval excludes zero and the verdict against
+    the band does not already say which way (within the band, no faster, no slower)."""
+    if says.startswith(("slower", "faster")):
+        return ""
+    return " (above 0)" if low > 0 else " (below 0)" if high < 0 else ""
+
+
 def paired_lines(doc: dict[str, Any]) -> list[str]:
     p = doc.get("paired")
+    if p and "pairs" not in p:  # a file of the first two-engine runs: recomputed
+        p = dict(p, engines=[p["a"], p["b"]], pairs=(file_stats(doc) or {}).get("pairs", []))
     if not p or not any(pair["by_batch"] for pair in p.get("pairs", [])):
         return []
     lines = [f"side by side: {len(p['engines'])} engines ({', '.join(p['engines'])}, in start "
-             f"order), the order rotating round by round; test vs base, median of the "
-             f"per-round % and its distribution-free interval:"]
+             f"order), each rotation of the order followed by its reverse; test vs base, median "
+             f"of the per-round % and its distribution-free interval:"]
     for pair in p["pairs"]:
         lines.append(f"  {pair['test']} vs {pair['base']}:")
         for bs, st in sorted(pair["by_batch"].items(), key=lambda kv: int(kv[0])):
             low, high = st["interval_pct"]
             lines.append(f"    bs{bs}: {st['median_pct']:+.2f}% [{low:+.2f}, {high:+.2f}] "
-                         f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}")
+                         f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}"
+                         f"{sign_note(low, high, st['verdict'])}")
     return lines
 
 
@@ -332,7 +353,8 @@ def file_stats(doc: dict[str, Any], band: float = 1.0) -> dict[str, Any] | None:
     artune = {n for n in names if "artune_routed" in configs.get(n, {})}
     rows = {n: {row["batch"]: row for row in configs.get(n, {}).get("batches", [])}
             for n in names}
-    return {"engines": names, "pairs": pairs_stats(names, rows, artune, band)}
+    order_of = round_order if "engines" in p else _alternating
+    return {"engines": names, "pairs": pairs_stats(names, rows, artune, band, order_of)}
 
 
 def config_of(engine: str) -> str:
@@ -363,7 +385,8 @@ def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
                 low, high = s["interval_pct"]
                 lines.append(f"| {os.path.basename(path)} | {pair['test']} vs {pair['base']} | "
                              f"{pair['first']} | {bs} | {s['rounds']} | {s['median_pct']:+.2f} "
-                             f"| [{low:+.2f}, {high:+.2f}] | {s['verdict']} |")
+                             f"| [{low:+.2f}, {high:+.2f}] | {s['verdict']}"
+                             f"{sign_note(low, high, s['verdict'])} |")
                 key = (config_of(pair["test"]), config_of(pair["base"]), int(bs))
                 h = hull.setdefault(key, [low, high, 0])
                 h[0], h[1], h[2] = min(h[0], low), max(h[1], high), h[2] + 1
@@ -379,8 +402,9 @@ def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
             if orders[True] and orders[False]:
                 mean = (statistics.fmean(orders[True]) + statistics.fmean(orders[False])) / 2
                 balanced = f"{mean:+.2f}"
+            says = verdict(low, high, band)
             lines.append(f"| {test} vs {base} | {bs} | {n:g} | [{low:+.2f}, {high:+.2f}] | "
-                         f"{verdict(low, high, band)} | {balanced} |")
+                         f"{says}{sign_note(low, high, says)} | {balanced} |")
     return lines
 
 

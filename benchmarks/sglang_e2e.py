@@ -57,7 +57,9 @@ log lines and whether the plugin reported routing.
 Paired mode (``--paired A,B[,...]``, e.g. ``default,artune``, ``default_compile,artune_compile``
 or ``default,artune,default_again,artune_again``): the configs' engines run side by side on the
 same GPUs (``--paired-mem`` each), and per batch size the parent asks for one rep at a time from
-each, the order rotating round by round (A B, B A, ...; A B C D, B C D A, ...). Round r
+each, the order changing round by round: a rotation, then its reverse (A B, B A, B A, A B,
+...; A B C D, D C B A, B C D A, A D C B, ...), so every engine goes before every other
+equally often (use an even ``--reps``). Round r
 compares every pair of engines' reps, taken seconds apart (the artune config against the
 other whichever started first; the later against the earlier when neither or both are artune
 configs), so a machine whose speed drifts over minutes (engines of one config differed by up
@@ -703,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--paired", default=None, metavar="A,B[,...]",
                    help="two or more configs as engines side by side on the same GPUs, one rep "
-                   "from each in turn, the order rotating (A B, B A, ...); reports every pair "
+                   "from each in turn, the order balanced over each two rounds; reports every pair "
                    "round by round with a distribution-free interval of the median (--configs "
                    "is not used). default,artune,default_again,artune_again gives two engines "
                    "of each. Use --reps 20 or more: below 6 rounds the interval is the full "

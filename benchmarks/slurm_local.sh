@@ -9,9 +9,15 @@ CPUS=${CPUS:-8}
 NODES=${NODES:-1}
 command -v slurmd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
     slurmd slurmctld slurm-client munge >/dev/null
+if [ -f /etc/slurm/slurm.conf ] && ! grep -q "^ClusterName=artunecheck$" /etc/slurm/slurm.conf \
+        && [ -z "${FORCE:-}" ]; then
+    echo "/etc/slurm/slurm.conf is not this script's (ClusterName=artunecheck): a real Slurm" \
+        "may be set up here; FORCE=1 overwrites it" >&2
+    exit 2
+fi
 H=$(hostname)
 if [ "$NODES" -gt 1 ]; then
-    NAMES=$(seq -f "n%g" 1 "$NODES" | tr '\n' ' ')
+    NAMES=$(seq -f "n%g" 1 "$NODES" | paste -sd' ')
     SPOOL=/var/spool/slurmd-%n PID=/run/slurmd-%n.pid LOG=/var/log/slurmd-%n.log
 else
     NAMES=$H SPOOL=/var/spool/slurmd PID=/run/slurmd.pid LOG=/var/log/slurmd.log
@@ -50,7 +56,7 @@ echo "PartitionName=debug Nodes=$(echo $NAMES | tr ' ' ',') Default=YES MaxTime=
 } > /etc/slurm/slurm.conf
 mkdir -p /var/spool/slurmctld-artune /run/munge /var/log/munge /etc/munge
 for n in $NAMES; do mkdir -p "${SPOOL//%n/$n}"; done
-if [ "$NODES" -gt 1 ] && ! grep -q "^127.0.0.1 $(echo $NAMES)\$" /etc/hosts; then
+if [ "$NODES" -gt 1 ] && ! grep -qx "127.0.0.1 $NAMES" /etc/hosts; then
     echo "127.0.0.1 $NAMES" >> /etc/hosts
 fi
 [ -f /etc/munge/munge.key ] || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null

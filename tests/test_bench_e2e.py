@@ -441,7 +441,22 @@ def test_paired_verdict_needs_a_full_interval_and_order_medians_are_kept() -> No
     assert st["base_first_median_pct"] == pytest.approx(1.0)
     assert st["test_first_median_pct"] == pytest.approx(-1.0)
     assert st["verdict"] == "within ±2%"
-    assert _paired().round_order(["a", "b", "c"], 4) == ["b", "c", "a"]
+    order = _paired().round_order
+    assert [order(["a", "b"], r) for r in range(4)] == [["a", "b"], ["b", "a"]] * 1 + [
+        ["b", "a"], ["a", "b"]]
+    assert order(["a", "b", "c"], 4) == ["c", "a", "b"] and order(["a", "b", "c"], 3) == [
+        "a", "c", "b"]
+    # over every two rounds each engine goes before each other once; over 2N rounds each
+    # takes each place twice
+    names = ["a", "b", "c", "d"]
+    rounds = [order(names, r) for r in range(8)]
+    for x in names:
+        assert sorted(o.index(x) for o in rounds) == [0, 0, 1, 1, 2, 2, 3, 3]
+        for y in names:
+            if x != y:
+                for k in range(0, 8, 2):
+                    pair = rounds[k:k + 2]
+                    assert sum(o.index(x) < o.index(y) for o in pair) == 1
 
 
 def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answering(
@@ -604,6 +619,8 @@ def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: P
     assert len(across) == 1 and across[0].endswith("| +0.50 |")
     assert "[-0.50, +1.50]" in across[0] and "no faster than -1%" in across[0]
     assert pm.main([*files]) == 0
+    old = json.loads(Path(files[1]).read_text())  # no "pairs": recomputed for the summary
+    assert pm.paired_lines(old)[1] == "  artune vs default:"
     png = tmp_path / "intervals.png"
     assert pm.main([*files, "--plot", str(png)]) == 0
     assert png.stat().st_size > 0 and png.read_bytes()[:4] == b"\x89PNG"
@@ -632,7 +649,7 @@ def test_four_engines_side_by_side_give_every_pair_and_group_by_config(
         args, names, lambda n: _FakeServed(n, mod, args, _StepEngine(clock, steps[n])), None,
         artune={"artune", "artune_again"})
     reps = [c for c, cmd in _FakeServed.log if cmd == "rep 4"]
-    assert reps[:8] == [*names, "artune", "default_again", "artune_again", "default"]
+    assert reps[:8] == [*names, *names[::-1]]  # a rotation, then its reverse
     got = {(q["test"], q["base"]): q["by_batch"]["4"]["median_pct"] for q in paired["pairs"]}
     assert set(got) == {("artune", "default"), ("default_again", "default"),
                         ("artune_again", "default"), ("artune", "default_again"),

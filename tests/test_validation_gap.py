@@ -134,5 +134,7 @@ def test_validation_count_gives_the_router_cost_and_the_a_a_reading() -> None:
                {"within": True}]
     text = validation_count(entries)
     assert text.startswith("routed all-reduce within tolerance of the fastest candidate at 2/3")
-    assert "eager, median over 2 points: the router's own cost +0.50 µs" in text
-    assert "two identical calls read 1.50 µs apart (A/A)" in text
+    assert "eager: the router's own cost +0.50 µs (median of 2 points)" in text
+    assert "two identical calls read 1.50 µs apart (A/A, median of 2)" in text
+    entries.append({"within": True, "control_gap_us": [0.2, 0.1]})  # its routed timing failed
+    assert "(A/A, median of 3)" in validation_count(entries)
