@@ -179,6 +179,12 @@ def test_verdict_against_the_band(low: float, high: float, says: str) -> None:
     assert _paired().verdict(low, high, 1.0).startswith(says)
 
 
+def _no_check(monkeypatch: pytest.MonkeyPatch, mod: Any) -> None:
+    """The worker's logprob check stubbed out (no engine weights to set or read)."""
+    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
+    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+
+
 class _StepEngine:
     """A stand-in engine on a stand-in clock: prefill 30 ms, then ``step`` ms per decode step
     plus a drift shared by every engine (the machine getting slower as the run goes on)."""
@@ -202,8 +208,7 @@ def test_serve_answers_each_command_and_goes_on_after_a_failing_one(
     mod = _module()
     clock = [0.0]
     monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
-    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    _no_check(monkeypatch, mod)
     args = argparse.Namespace(new_tokens=101, input_len=4)
     engine = _StepEngine(clock, 2.0, fail_at=4)
     answers: list[dict[str, Any]] = []
@@ -224,9 +229,9 @@ class _FakeServed:
     log: list[tuple[str, str]] = []
 
     def __init__(self, config: str, mod: Any, args: argparse.Namespace, engine: Any,
-                 start_error: str | None = None) -> None:
+                 start_error: str | None = None, silent_on: str | None = None) -> None:
         self.config, self.mod, self.args, self.engine = config, mod, args, engine
-        self.start_error, self.closed = start_error, False
+        self.start_error, self.silent_on, self.closed = start_error, silent_on, False
         self.notes = ["[artune INFO] routing with p.json"] if "artune" in config else []
 
     def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
@@ -234,6 +239,8 @@ class _FakeServed:
             if self.start_error:
                 raise RuntimeError(f"{self.config}: {self.start_error}")
             return {"ready": True, "startup_s": 1.0, "engine_kwargs": {"tp_size": 2}}
+        if command == self.silent_on:  # as Served.ask says of a worker that does not answer
+            raise TimeoutError(f"{self.config}: no answer to {command!r} within {timeout:.0f} s")
         _FakeServed.log.append((self.config, command))
         got: list[dict[str, Any]] = []
         self.mod._serve(self.engine, self.args, [command], got.append)
@@ -266,8 +273,7 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
     mod = _module()
     clock = [0.0]
     _clock_both(monkeypatch, mod, clock)
-    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
-    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    _no_check(monkeypatch, mod)
     args = _paired_args()
     engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.04)}
     _FakeServed.log = []
@@ -308,8 +314,7 @@ def test_paired_run_started_artune_first_still_reports_artune_against_the_other(
     mod = _module()
     clock = [0.0]
     _clock_both(monkeypatch, mod, clock)
-    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
-    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    _no_check(monkeypatch, mod)
     args = _paired_args(batch_sizes=[4])
     engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.04)}
     _, paired = mod.run_paired(args, ("artune", "default"),
@@ -398,8 +403,7 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
     mod = _module()
     clock = [0.0]
     _clock_both(monkeypatch, mod, clock)
-    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
-    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    _no_check(monkeypatch, mod)
     monkeypatch.setattr(mod, "_gpu_mem_used", lambda: [])
     monkeypatch.delenv("ARTUNE_PROFILE", raising=False)
     spawned: list[tuple[str, list[str], dict[str, str]]] = []
@@ -467,15 +471,9 @@ def test_paired_run_saves_each_batch_size_and_kills_a_worker_that_stops_answerin
     args = _paired_args(reps=6, batch_sizes=[1, 4, 16])
     made: dict[str, _FakeServed] = {}
 
-    class Hangs(_FakeServed):
-        def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
-            if command == "rep 16":
-                raise TimeoutError(f"{self.config}: no answer to {command!r} within 60 s")
-            return super().ask(command, timeout)
-
     def spawn(name: str) -> _FakeServed:
-        cls = Hangs if name == "artune" else _FakeServed
-        made[name] = cls(name, mod, args, _StepEngine(clock, 2.0))
+        made[name] = _FakeServed(name, mod, args, _StepEngine(clock, 2.0),
+                                 silent_on="rep 16" if name == "artune" else None)
         return made[name]
 
     saved: list[list[str]] = []
@@ -530,19 +528,12 @@ def test_paired_budget_ending_in_the_check_keeps_the_timings(
     mod = _module()
     clock = [0.0]
     _clock_both(monkeypatch, mod, clock)
-    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
-    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    _no_check(monkeypatch, mod)
     args = _paired_args(reps=6, batch_sizes=[4])
     made: dict[str, _FakeServed] = {}
 
-    class CheckTimesOut(_FakeServed):
-        def ask(self, command: str | None, timeout: float) -> dict[str, Any]:
-            if command == "check":
-                raise TimeoutError(f"{self.config}: no answer to 'check' within 1 s")
-            return super().ask(command, timeout)
-
     def spawn(n: str) -> _FakeServed:
-        made[n] = CheckTimesOut(n, mod, args, _StepEngine(clock, 2.0))
+        made[n] = _FakeServed(n, mod, args, _StepEngine(clock, 2.0), silent_on="check")
         return made[n]
 
     results, paired = mod.run_paired(args, ("default", "artune"), spawn, None)
@@ -639,8 +630,7 @@ def test_four_engines_side_by_side_give_every_pair_and_group_by_config(
     mod = _module()
     clock = [0.0]
     _clock_both(monkeypatch, mod, clock)
-    monkeypatch.setattr(mod, "_set_norms", lambda engine: None)
-    monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
+    _no_check(monkeypatch, mod)
     args = _paired_args(batch_sizes=[4], reps=12)
     names = ("default", "artune", "default_again", "artune_again")
     steps = {"default": 2.0, "artune": 2.04, "default_again": 2.02, "artune_again": 2.04}
