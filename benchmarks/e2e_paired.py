@@ -1,9 +1,13 @@
-"""The paired mode of ``sglang_e2e.py``: two engines side by side on the same GPUs, one rep
-from each in turn, B against A round by round (see that file's docstring for why and how to
-run it); and ``batch_row``, the per-batch-size numbers both modes report.
+"""The paired mode of ``sglang_e2e.py``: two or more engines side by side on the same GPUs,
+one rep from each in turn, every pair of engines compared round by round (see that file's
+docstring for why and how to run it); and ``batch_row``, the per-batch-size numbers both modes
+report.
 
 The parent side lives here (the worker processes, the schedule of rounds, the statistics);
 the worker's command loop (``_serve``) stays beside the engine code in ``sglang_e2e.py``.
+Run on its own, it reads results files of that mode together:
+
+    python benchmarks/e2e_paired.py benchmarks/results/sglang_e2e_*paired*.json [--plot F.png]
 """
 
 from __future__ import annotations
@@ -215,7 +219,7 @@ def orient(a: str, b: str, artune: frozenset[str] | set[str]) -> tuple[str, str]
 #: Seconds a worker gets to answer one warm-up or rep (one takes about a second) and the check.
 REP_ANSWER_S = 60.0
 CHECK_ANSWER_S = 120.0
-#: Seconds of a paired run's budget kept for stopping both engines and writing the results.
+#: Seconds of a paired run's budget kept for stopping the engines and writing the results.
 PAIRED_RESERVE_S = 45.0
 
 
