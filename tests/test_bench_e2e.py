@@ -607,8 +607,20 @@ def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: P
     assert "| +1.50 |" in rows[0] and "| -0.50 |" in rows[1]  # start order effect of ±1 %
     assert any("one.json | not a side-by-side run" in x for x in lines)
     across = [x for x in lines if x.startswith("| artune vs default | 4 | 2 |")]
-    assert len(across) == 1 and across[0].endswith("| +0.50 |")
+    cover = pm.median_ci([0.0] * 12)[2]
+    assert len(across) == 1 and "| +0.50 | [+0.50, +0.50] (" in across[0]
+    # the two orders' hulls ([+1.5] and [-0.5]) lie 2 points apart: no verdict from it
+    assert f"({1 - 2 * (1 - cover):.1%}) | none: the start orders' hulls are 2.00 points" \
+        in across[0]
     assert "[-0.50, +1.50]" in across[0] and "no faster than -1%" in across[0]
+    # the balanced interval: the mean of each start order's hull ends, at the Bonferroni level
+    assert pm.balanced_interval({True: [(-1.0, 0.5, 0.96), (-0.2, 0.9, 0.97)],
+                                 False: [(0.4, 2.0, 0.95)]}) == pytest.approx((-0.3, 1.45, 0.88))
+    assert pm.orders_apart({True: [(-1.0, 0.5, 0.96)], False: [(0.4, 2.0, 0.95)]}) is None
+    assert pm.orders_apart({True: [(-6.9, -5.5, 0.96)], False: [(-0.4, 1.1, 0.95)]}
+                           ) == pytest.approx(5.1)
+    with pytest.raises(ValueError, match="each start order"):
+        pm.balanced_interval({True: [(0.0, 1.0, 0.95)], False: []})
     assert pm.main([*files]) == 0
     old = json.loads(Path(files[1]).read_text())  # no "pairs": recomputed for the summary
     assert pm.paired_lines(old)[1] == "  artune vs default:"
