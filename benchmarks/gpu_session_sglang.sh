@@ -38,9 +38,11 @@ LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 # CONFIGS picks configs; MERGE=FILE starts from an earlier results file (its configs are kept).
 # PAIRED=A,B[,...] runs those configs' engines side by side, one rep from each in turn (REPS
 # rounds per batch size, default 30 for two engines: 10 left two slow reps setting the
-# interval on 4x H100; 20 for more, to fit the call: four engines need ~160 s of starts warm),
-# instead of CONFIGS one after another. PAIRED=default,artune,default_again,artune_again gives
-# two engines of each config. BATCH_SIZES (default 1,4,16,64) trims a compiled run to fit.
+# interval on 4x H100; 20 for more), instead of CONFIGS one after another.
+# PAIRED=default,artune,default_again,artune_again gives two engines of each config: on a fresh
+# 4x H100 machine one call held bs 1 and 4 and 6 rounds of bs 16 (2026-11-27), so give such a
+# call BATCH_SIZES=1,4 and the next 16,64. BATCH_SIZES (default 1,4,16,64) also trims a
+# compiled run to fit.
 [ -n "${MERGE:-}" ] && cp "$MERGE" "$R"
 MODE=(--configs "${CONFIGS:-default,nccl,artune_nccl,artune,artune_compile}")
 if [ -n "${PAIRED:-}" ]; then
