@@ -245,9 +245,18 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
         return math.inf if deadline is None else deadline - time.monotonic() - PAIRED_RESERVE_S
 
     def ask(n: str, command: str | None, limit: float) -> dict[str, Any]:
-        if left() <= 0:
-            raise TimeoutError(f"budget: no time left for {command or 'the engine start'!r}")
-        return served[n].ask(command, min(limit, left()))
+        what = command or "the engine start"
+        budget = left()
+        if budget <= 0:
+            raise TimeoutError(f"budget: no time left for {what!r}")
+        try:
+            return served[n].ask(command, min(limit, budget))
+        except TimeoutError as exc:
+            if budget >= limit:
+                raise  # the worker's own time ran out, not the call's
+            # the call's budget cut the wait short: say so, not "no answer within 0 s"
+            raise TimeoutError(f"budget: the time ran out waiting for {n}'s answer to "
+                               f"{what!r} ({budget:.1f} s were left)") from exc
 
     def collect() -> tuple[dict[str, Any], dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}

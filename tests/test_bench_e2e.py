@@ -520,6 +520,30 @@ def test_paired_run_stops_for_the_budget_keeping_finished_rounds(
     assert "not resolved" in _pair(paired)["by_batch"]["64"]["verdict"]  # too few rounds for 95 %
 
 
+def test_paired_budget_ending_during_a_wait_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget runs out while a worker is being waited for (the wait cut to what was
+    left): the error says the budget ran out, naming the engine and the command, not that
+    the worker gave no answer within 0 s; that worker is not waited for at the end."""
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    args = _paired_args(reps=10, batch_sizes=[1, 64])
+    made: dict[str, _FakeServed] = {}
+
+    def spawn(n: str) -> _FakeServed:
+        # artune's worker stops answering in bs 64, once less than a rep's limit is left
+        made[n] = _FakeServed(n, mod, args, _StepEngine(clock, 2.0),
+                              silent_on="rep 64" if n == "artune" else None)
+        return made[n]
+
+    deadline = _paired().PAIRED_RESERVE_S + 8.0
+    results, paired = mod.run_paired(args, ("default", "artune"), spawn, deadline)
+    error = results["default"]["error"]
+    assert error.startswith("budget: the time ran out waiting for artune's answer to 'rep 64'")
+    assert "s were left)" in error and "within 0 s" not in error
+    assert made["artune"].close_timeout == 0 and made["default"].close_timeout == 30
+
+
 def test_paired_budget_ending_in_the_check_keeps_the_timings(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """All rounds done, then the budget ends while the logprob check runs: the timings stand
