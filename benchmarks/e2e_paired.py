@@ -386,9 +386,8 @@ def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
     order that is the same size both ways."""
     lines = ["| file | test vs base | started first | bs | rounds | median % | interval % "
              "| verdict |", "|---|---|---|---|---|---|---|---|"]
-    hull: dict[tuple[str, str, int], list[float]] = {}
-    first: dict[tuple[str, str, int], dict[bool, list[float]]] = {}
-    intervals: dict[tuple[str, str, int], dict[bool, list[tuple[float, float, float]]]] = {}
+    # per (test config, base config, bs): the engine pairs' stats, by whether test went first
+    groups: dict[tuple[str, str, int], dict[bool, list[dict[str, Any]]]] = {}
     for path in paths:
         with open(path) as f:
             st = file_stats(json.load(f), band)
@@ -403,68 +402,70 @@ def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
                              f"| [{low:+.2f}, {high:+.2f}] | {s['verdict']}"
                              f"{sign_note(low, high, s['verdict'])} |")
                 key = (config_of(pair["test"]), config_of(pair["base"]), int(bs))
-                h = hull.setdefault(key, [low, high, 0])
-                h[0], h[1], h[2] = min(h[0], low), max(h[1], high), h[2] + 1
-                test_first = pair["first"] == pair["test"]
-                first.setdefault(key, {True: [], False: []})[test_first].append(s["median_pct"])
-                intervals.setdefault(key, {True: [], False: []})[test_first].append(
-                    (low, high, s["coverage"]))
-    if hull:
+                groups.setdefault(key, {True: [], False: []})[
+                    pair["first"] == pair["test"]].append(s)
+    if groups:
         lines += ["", "| test vs base (configs) | bs | engine pairs | hull of the intervals % "
                   "| verdict | order-balanced median % | order-balanced interval % (at least) "
                   "| its verdict |", "|---|---|---|---|---|---|---|---|"]
-        for key, (low, high, n) in sorted(hull.items()):
-            test, base, bs = key
-            orders = first[key]
+        for (test, base, bs), orders in sorted(groups.items()):
+            low, high = _hull(orders[True] + orders[False])
+            n = len(orders[True]) + len(orders[False])
             balanced, b_iv, b_says = "-", "-", "-"
             if orders[True] and orders[False]:
-                mean = (statistics.fmean(orders[True]) + statistics.fmean(orders[False])) / 2
+                mean = sum(statistics.fmean(x["median_pct"] for x in orders[o])
+                           for o in (True, False)) / 2
                 balanced = f"{mean:+.2f}"
-                b_low, b_high, b_level = balanced_interval(intervals[key])
+                b_low, b_high, b_level = balanced_interval(orders)
                 b_iv = f"[{b_low:+.2f}, {b_high:+.2f}] ({b_level:.1%})"
-                apart = orders_apart(intervals[key])
-                b_says = (verdict(b_low, b_high, band) + sign_note(
-                    b_low, b_high, verdict(b_low, b_high, band)) if apart is None else
-                    f"none: the start orders' hulls are {apart:.2f} points apart (an engine's "
-                    "own effect, as likely as the order's)")
+                apart = orders_apart(orders)
+                if apart is None:
+                    b_says = verdict(b_low, b_high, band)
+                    b_says += sign_note(b_low, b_high, b_says)
+                else:
+                    b_says = (f"none: the start orders' hulls are {apart:.2f} points apart (an "
+                              "engine's own effect, as likely as the order's)")
             says = verdict(low, high, band)
-            lines.append(f"| {test} vs {base} | {bs} | {n:g} | [{low:+.2f}, {high:+.2f}] | "
+            lines.append(f"| {test} vs {base} | {bs} | {n} | [{low:+.2f}, {high:+.2f}] | "
                          f"{says}{sign_note(low, high, says)} | {balanced} | {b_iv} | {b_says} |")
     return lines
 
 
-def orders_apart(by_order: dict[bool, list[tuple[float, float, float]]]) -> float | None:
-    """How far apart (percentage points) the hulls of the two start orders' intervals lie;
-    None where they overlap. Apart, the orders' effects differ by more than their intervals
-    allow, and with one engine pair per order nothing tells an effect of the start order from
-    one engine's own (two engines of one config differed by 6 % on 4x H100, 2026-11-26): the
+def _hull(stats: list[dict[str, Any]]) -> tuple[float, float]:
+    """The smallest interval holding every one of these engine pairs' intervals."""
+    if not stats:
+        raise ValueError("an interval of each start order is needed")
+    return (min(x["interval_pct"][0] for x in stats), max(x["interval_pct"][1] for x in stats))
+
+
+def orders_apart(by_order: dict[bool, list[dict[str, Any]]]) -> float | None:
+    """How far apart (percentage points) the hulls of the two start orders' intervals lie
+    (``by_order``: engine pairs' stats by whether the test engine started first); None where
+    they overlap. Apart, the orders' effects differ by more than their intervals allow, and
+    with one engine pair per order nothing tells an effect of the start order from one
+    engine's own (two engines of one config differed by 6 % on 4x H100, 2026-11-26): the
     balanced interval's premise is then not shown, and no verdict is drawn from it."""
-    hulls = [(min(lo for lo, _, _ in by_order[o]), max(hi for _, hi, _ in by_order[o]))
-             for o in (True, False)]
-    gap = max(hulls[0][0], hulls[1][0]) - min(hulls[0][1], hulls[1][1])
+    (lo_t, hi_t), (lo_f, hi_f) = _hull(by_order[True]), _hull(by_order[False])
+    gap = max(lo_t, lo_f) - min(hi_t, hi_f)
     return gap if gap > 0 else None
 
 
-def balanced_interval(by_order: dict[bool, list[tuple[float, float, float]]],
+def balanced_interval(by_order: dict[bool, list[dict[str, Any]]],
                       ) -> tuple[float, float, float]:
-    """An interval for the order-balanced effect, from the engine pairs' (low, high, coverage)
-    intervals grouped by which config was started first (both groups non-empty).
+    """An interval for the order-balanced effect, from the engine pairs' stats
+    (``interval_pct``, ``coverage``) grouped by whether the test engine started first (both
+    groups non-empty): (low, high, level).
 
     If the start order adds about as much to a test-first pair's median effect as it takes
     from a base-first pair's (on 4x H100, 2026-11-26 and 27, the engine started second often
-    ran a little slower), half the sum of one pair's effect of each order is free of it. When every
-    interval covers its own pair's effect, the hull of each order's intervals covers each of
-    its pairs' effects, and the mean of the two hulls' ends covers that half sum for any one
-    pair of each order. All intervals cover at once with probability at least 1 minus the sum
-    of their misses (Bonferroni): that is the level returned, (low, high, level)."""
-    ends = []
-    for order in (True, False):
-        ivs = by_order[order]
-        if not ivs:
-            raise ValueError("an interval of each start order is needed")
-        ends.append((min(lo for lo, _, _ in ivs), max(hi for _, hi, _ in ivs)))
-    level = 1 - sum(1 - c for ivs in by_order.values() for _, _, c in ivs)
-    return (ends[0][0] + ends[1][0]) / 2, (ends[0][1] + ends[1][1]) / 2, level
+    ran a little slower), half the sum of one pair's effect of each order is free of it.
+    When every interval covers its own pair's effect, the hull of each order's intervals
+    covers each of its pairs' effects, and the mean of the two hulls' ends covers that half
+    sum for any one pair of each order. All intervals cover at once with probability at least
+    1 minus the sum of their misses (Bonferroni): that is the level returned."""
+    (lo_t, hi_t), (lo_f, hi_f) = _hull(by_order[True]), _hull(by_order[False])
+    level = 1 - sum(1 - x["coverage"] for o in (True, False) for x in by_order[o])
+    return (lo_t + lo_f) / 2, (hi_t + hi_f) / 2, level
 
 
 def plot_intervals(paths: list[str], out: str, band: float = 1.0) -> int:

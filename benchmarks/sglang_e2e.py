@@ -76,7 +76,8 @@ one config differed by 0.6 % (uncompiled, bs 1) to 6 % (compiled). So run two en
 config (``default,artune,default_again,artune_again``: the two A/A pairs show the engine
 effect, the four cross pairs the config effect in both start orders), and read the files
 together: ``python benchmarks/e2e_paired.py FILE...`` gives each pair's interval, their hull
-per pair of configs and the median balanced over the start orders. The results are written
+per pair of configs, and the effect balanced over the start orders (median and interval; no
+verdict where the two orders' hulls do not overlap). The results are written
 after every batch size; a worker that does not answer a rep within a minute is killed. The
 logprob check runs in every engine after the timing (a check cut short by the budget leaves the
 timings standing).

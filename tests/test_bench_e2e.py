@@ -638,13 +638,15 @@ def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: P
         in across[0]
     assert "[-0.50, +1.50]" in across[0] and "no faster than -1%" in across[0]
     # the balanced interval: the mean of each start order's hull ends, at the Bonferroni level
-    assert pm.balanced_interval({True: [(-1.0, 0.5, 0.96), (-0.2, 0.9, 0.97)],
-                                 False: [(0.4, 2.0, 0.95)]}) == pytest.approx((-0.3, 1.45, 0.88))
-    assert pm.orders_apart({True: [(-1.0, 0.5, 0.96)], False: [(0.4, 2.0, 0.95)]}) is None
-    assert pm.orders_apart({True: [(-6.9, -5.5, 0.96)], False: [(-0.4, 1.1, 0.95)]}
-                           ) == pytest.approx(5.1)
+    def iv(low: float, high: float, cover: float = 0.95) -> dict[str, Any]:
+        return {"interval_pct": [low, high], "coverage": cover}
+
+    assert pm.balanced_interval({True: [iv(-1.0, 0.5, 0.96), iv(-0.2, 0.9, 0.97)],
+                                 False: [iv(0.4, 2.0)]}) == pytest.approx((-0.3, 1.45, 0.88))
+    assert pm.orders_apart({True: [iv(-1.0, 0.5)], False: [iv(0.4, 2.0)]}) is None
+    assert pm.orders_apart({True: [iv(-6.9, -5.5)], False: [iv(-0.4, 1.1)]}) == pytest.approx(5.1)
     with pytest.raises(ValueError, match="each start order"):
-        pm.balanced_interval({True: [(0.0, 1.0, 0.95)], False: []})
+        pm.balanced_interval({True: [iv(0.0, 1.0)], False: []})
     assert pm.main([*files]) == 0
     old = json.loads(Path(files[1]).read_text())  # no "pairs": recomputed for the summary
     assert pm.paired_lines(old)[1] == "  artune vs default:"
@@ -654,6 +656,37 @@ def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: P
     assert pm.plot_intervals(files, str(tmp_path / "again.png")) == 2  # one bar per pair
     with pytest.raises(ValueError, match="no side-by-side results"):
         pm.plot_intervals([str(one)], str(tmp_path / "none.png"))
+
+
+def test_across_files_balanced_verdict_where_the_start_orders_agree(tmp_path: Path) -> None:
+    """Two engine pairs whose intervals overlap (per-round effects of artune spread evenly
+    over 0 to +0.6 % with the default started first, -0.2 to +0.4 % with artune first): the
+    balanced interval is the mean of the two orders' ends, and its verdict is drawn."""
+    pm = _paired()
+
+    def doc(first: str, pcts: list[float]) -> dict[str, Any]:
+        steps = {"default": [2.0] * len(pcts), "artune": [2.0 * (1 + p / 100) for p in pcts]}
+        second = "artune" if first == "default" else "default"
+        return {"paired": {"engines": [first, second], "a": first, "b": second},
+                "configs": {n: {"batches": [{"batch": 4, "reps": [{"step_ms": x}
+                                                                  for x in steps[n]]}],
+                                **({"artune_routed": True} if n == "artune" else {})}
+                            for n in ("default", "artune")}}
+
+    files = []
+    for first, lo, hi in (("default", 0.0, 0.6), ("artune", -0.2, 0.4)):
+        pcts = [lo + (hi - lo) * i / 29 for i in range(30)]
+        f = tmp_path / f"{first}_first.json"
+        f.write_text(json.dumps(doc(first, pcts)))
+        files.append(str(f))
+    across = [x for x in pm.across_lines(files) if x.startswith("| artune vs default | 4 | 2 |")]
+    assert len(across) == 1
+    cells = [c.strip() for c in across[0].split("|")]
+    low_d, high_d = pm.median_ci([0.6 * i / 29 for i in range(30)])[:2]
+    low_a, high_a = pm.median_ci([-0.2 + 0.6 * i / 29 for i in range(30)])[:2]
+    assert low_d < high_a  # the two orders' intervals overlap
+    assert cells[7].startswith(f"[{(low_d + low_a) / 2:+.2f}, {(high_d + high_a) / 2:+.2f}]")
+    assert cells[6] == "+0.20" and cells[8] == "within ±1% (above 0)"
 
 
 def test_four_engines_side_by_side_give_every_pair_and_group_by_config(

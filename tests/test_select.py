@@ -138,3 +138,30 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     assert built["symm_one_shot"].calls == 6 and built["nccl"].calls == 7
     router.detach()
     assert router.backends == {} and not router._decided
+
+
+def test_select_speed_benchmark_runs_with_both_kinds_of_backend(
+        tmp_path, monkeypatch) -> None:
+    """benchmarks/select_speed.py (few calls): the host-work backend returns a copy of its
+    input, and the results file has the rows of both kinds of backend."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "select_speed.py"
+    spec = importlib.util.spec_from_file_location("select_speed", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = torch.arange(2048, dtype=torch.bfloat16)
+    y = mod._HostWork(None).all_reduce(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    out = tmp_path / "speed.md"
+    monkeypatch.setattr(sys, "argv", ["select_speed.py", "--calls", "4096", "--out", str(out)])
+    mod.main()
+    text = out.read_text()
+    assert "| median of 5 |" in text
+    for what in ("return at once", "a one-shot call's host-side tensor work"):
+        assert f"| {what} | router.all_reduce(x, 'eager') |" in text
