@@ -6,6 +6,8 @@ The autotuner's validation pass, the torch custom op and the SGLang plugin all c
     router = Router.build(profile, ctx)        # builds every backend the profile routes to
     router.prepare()                           # optional, collective: compile ahead
     y = router.all_reduce(x)                   # out of place; mode from the capturing stream
+    backend, call = router.lookup(x)           # or: the call prepared for x's shape, then
+    y = call(x)                                # call it (what all_reduce does)
     router.close()
 """
 
@@ -25,7 +27,7 @@ from artune.profile import Choice, Profile, select
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Router", "Decision", "current_mode"]
+__all__ = ["Router", "Decision", "Bound", "bind", "current_mode"]
 
 #: Decisions remembered per router (distinct message shapes of a served model are few).
 _MAX_DECIDED = 4096
@@ -37,6 +39,22 @@ class Decision(NamedTuple):
     choice: Choice  # select()'s answer (covered=False where the profile has nothing)
     backend: Backend | None  # the built backend that takes the message; None when none does
     why: str | None  # why none does ("not covered by the profile", "not built", "not usable")
+
+
+class Bound(NamedTuple):
+    """A built backend and its all-reduce prepared for one message shape (``bind``)."""
+
+    backend: Backend
+    call: Callable[[torch.Tensor], torch.Tensor]
+
+
+def bind(backend: Backend, x: torch.Tensor, params: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``backend.bind(x, params)`` where the backend has it, else its ``all_reduce`` with
+    ``params`` bound."""
+    prepare = getattr(backend, "bind", None)
+    if prepare is not None:
+        return prepare(x, params)
+    return functools.partial(backend.all_reduce, params=params)
 
 
 def current_mode() -> str:
@@ -65,6 +83,8 @@ class Router:
         self._fallback_choice = Choice(self.fallback, {}, covered=False)
         #: (nbytes, dtype, mode, device index, contiguous) -> Decision
         self._decided: dict[tuple[Any, ...], Decision] = {}
+        #: (shape, dtype, mode, device index, contiguous) -> Bound
+        self._bound: dict[tuple[Any, ...], Bound] = {}
         if self.fallback not in built:
             raise BackendUnavailable(
                 f"the fallback backend {self.fallback!r} could not be built on this group"
@@ -157,14 +177,28 @@ class Router:
         return self._resolve(x, mode)[0]
 
     def all_reduce(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-        # The common case, inlined (in eager mode this is on the critical path): one cached
-        # lookup, the same key as ``decide``'s.
-        key = (x.nbytes, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous())
-        d = self._decided.get(key)
-        if d is not None and d.backend is not None and not d.backend.closed:
-            return d.backend.all_reduce(x, d.choice.params)
+        # The common case, inlined (in eager mode this is on the critical path): one lookup of
+        # the call the chosen backend prepared for this shape (``Backend.bind``), which does
+        # less per call than ``backend.all_reduce`` would.
+        hit = self._bound.get(
+            (x.shape, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous()))
+        if hit is not None and not hit[0].closed:
+            return hit[1](x)
+        return self.lookup(x, mode)[1](x)
+
+    def lookup(self, x: torch.Tensor, mode: str | None = None) -> Bound:
+        """(the backend that takes ``x``, its call prepared for x's shape): the profile's
+        choice, or the fallback when that backend is absent or does not take ``x``. Bound once
+        per (shape, dtype, mode, device, contiguity), then looked up."""
+        key = (x.shape, x.dtype, mode or current_mode(), x.get_device(), x.is_contiguous())
+        hit = self._bound.get(key)
+        if hit is not None and not hit[0].closed:
+            return hit
         choice, backend = self._resolve(x, key[2])
-        return backend.all_reduce(x, choice.params)
+        hit = Bound(backend, bind(backend, x, choice.params))
+        if len(self._bound) < _MAX_DECIDED:
+            self._bound[key] = hit
+        return hit
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -185,9 +219,11 @@ class Router:
     def detach(self) -> None:
         """Drop the backends without closing them (their owner closes them)."""
         self._decided.clear()
+        self._bound.clear()
         self.backends = {}
 
     def close(self) -> None:
         self._decided.clear()
+        self._bound.clear()
         for b in self.backends.values():
             b.close()

@@ -551,6 +551,9 @@ class _FakeBackend:
     def supports(self, x: Any, params: Any = None) -> bool:
         return bool(x.is_contiguous())
 
+    def all_reduce(self, x: Any, params: Any = None) -> Any:
+        return x * 2
+
     def failure(self) -> str | None:
         return None
 
@@ -569,8 +572,13 @@ def test_route_hands_sglang_and_uncovered_sizes_back() -> None:
     router = Router(prof, object(), {"gloo": gloo})  # type: ignore[arg-type, dict-item]
     route = plugin.Route("tp:0", prof, router)
     assert route.pick(torch.zeros(1024)) is None  # 4 KiB: SGLang's own measured fastest
-    hit = route.pick(torch.zeros(16 * KB))  # 64 KiB: gloo
-    assert hit is not None and hit[0] is gloo
+    hit = route.pick(torch.ones(16 * KB))  # 64 KiB: gloo, its call bound for the shape
+    assert hit is not None and hit[0] is gloo and torch.equal(hit[1](torch.ones(16 * KB)),
+                                                              torch.full((16 * KB,), 2.0))
+    assert route.pick(torch.zeros(16 * KB)) is hit  # remembered
+    gloo.closed = True  # a closed backend's remembered hit is not used: decided again
+    assert route.pick(torch.zeros(16 * KB)) is not hit
+    gloo.closed = False
     assert route.pick(torch.zeros(1 << 20)) is None  # beyond the table
     assert route.pick(torch.zeros(1024, dtype=torch.float16)) is None  # dtype not in the table
     assert route.pick(torch.zeros(32 * KB)[::2]) is None  # the backend does not take it

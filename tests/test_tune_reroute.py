@@ -136,3 +136,59 @@ def test_validation_retimes_a_far_behind_backend_that_its_neighbours_route_to() 
     # the routed call first, then the close candidate and the neighbours' backend; NCCL, far
     # behind and routed nowhere near, keeps its tune measurement
     assert at[24576] == [None, "symm_one_shot", "symm_two_shot"]
+
+
+def test_a_route_the_validation_confirmed_keeps_its_size_through_a_tie() -> None:
+    """At a crossover (4x H100, eager 1.5M: two-shot clearly ahead in the tune, level with
+    one-shot in the side-by-side re-time), the tie rule alone would hand the size to the
+    smaller neighbour's backend; the re-time of the route the validation found within
+    tolerance keeps it, so nothing is moved and validated again."""
+    from artune.autotune.table import CONFIRMED
+
+    sizes = (1 << 20, 3 << 19, 1 << 21)
+    ms = [rec("symm_one_shot", 1 << 20, 25.0, mode="eager"),
+          rec("symm_two_shot", 1 << 20, 27.0, mode="eager"),
+          rec("symm_one_shot", 3 << 19, 30.0, mode="eager"),
+          rec("symm_two_shot", 3 << 19, 27.0, mode="eager"),
+          rec("symm_one_shot", 1 << 21, 34.0, mode="eager"),
+          rec("symm_two_shot", 1 << 21, 30.0, mode="eager")]
+    doc = build_profile(ms, [], fingerprint=FP, command="artune tune", dry_run=False)
+    assert _route(Profile(doc), "bfloat16", "eager", 3 << 19)[0] == "symm_two_shot"
+    doc["validation"] = [_entry(doc, "bfloat16", "eager", n, within=True) for n in sizes]
+    tie = [dict(rec("symm_one_shot", 3 << 19, 27.0, mode="eager"), source=VALIDATION),
+           dict(rec("symm_two_shot", 3 << 19, 27.2, mode="eager"), source=VALIDATION)]
+    # without the confirmation the tie goes to the smaller size's backend: moved, re-validated
+    d, calls = _driver(list(ms), [dict(m) for m in tie])
+    moved = dict(doc, validation=[dict(e) for e in doc["validation"]])
+    d._reroute(moved)
+    assert calls == [{("bfloat16", "eager", 3 << 19): ("symm_two_shot", {})}]
+    # confirmed (as Driver._entry marks the routed backend's re-time when within): kept
+    tie[1][CONFIRMED] = True
+    d, calls = _driver(list(ms), tie)
+    d._reroute(doc)
+    assert calls == []
+    assert _route(Profile(doc), "bfloat16", "eager", 3 << 19)[0] == "symm_two_shot"
+    assert build_tables(doc["measurements"]) == doc["tables"]
+
+
+def test_validation_entry_marks_the_routed_backends_retime_confirmed_only_when_within() -> None:
+    from artune.autotune.table import CONFIRMED
+
+    d = Driver.__new__(Driver)
+    d.cfg = SimpleNamespace(n_reps=4, incumbent_margin=0.1)  # type: ignore[assignment]
+    d.retimed = []
+    choice = SimpleNamespace(backend="symm_two_shot", params={})
+    cands = [("symm_one_shot", {}), ("symm_two_shot", {})]
+
+    def res(us: float) -> dict[str, Any]:
+        return {"samples": [[us] * 4, [us] * 4], "calls": 10, "reps": 4}
+
+    e = d._entry("bfloat16", "graph", 4096, choice, cands, [res(10.1), res(10.0), res(10.05)],
+                 0.03)
+    assert e["within"]
+    assert {m["backend"]: m.get(CONFIRMED) for m in d.retimed} == {
+        "symm_one_shot": None, "symm_two_shot": True}
+    e = d._entry("bfloat16", "graph", 8192, choice, cands, [res(13.0), res(10.0), res(13.0)],
+                 0.03)
+    assert not e["within"]
+    assert [m.get(CONFIRMED) for m in d.retimed[2:]] == [None, None]

@@ -24,7 +24,7 @@ from artune.autotune.search import (
     params_key,
     study_name,
 )
-from artune.autotune.table import INCUMBENT, VALIDATION, keeps_incumbent
+from artune.autotune.table import CONFIRMED, INCUMBENT, VALIDATION, keeps_incumbent
 from artune.autotune.timing import summarize
 
 __all__ = ["Driver", "VALIDATE_MARGIN"]
@@ -496,6 +496,7 @@ class Driver:
         timed = [(m, res) for (b, p), res in zip(cands, results[1:], strict=True)
                  if (m := stat(res, b, p)) is not None]
         ok = [m for m, _ in timed]
+        first_retime = len(self.retimed)
         self.retimed += [dict(m, source=VALIDATION) for m in ok]
         fastest, best_res = min(timed, key=lambda t: t[0]["latency_us"], default=(None, None))
         entry: dict[str, Any] = {
@@ -527,6 +528,13 @@ class Driver:
             entry["gap_from"] = "medians"
         entry["gap_us"], entry["gap_spread_us"] = gap, noise
         entry["within"] = bool(gap <= b_us * rel_tol or gap <= noise)
+        if entry["within"]:
+            # The routed backend's re-time says so: where the rebuild finds it tied with
+            # another, it keeps the size (table.pick_winners) instead of trading a confirmed
+            # route for one that only the tie rule picks.
+            for m in self.retimed[first_retime:]:
+                if m["backend"] == choice.backend and m["params"] == dict(choice.params):
+                    m[CONFIRMED] = True
         if (not entry["within"] and choice.backend == INCUMBENT and self.cfg.incumbent_margin
                 and keeps_incumbent({m["backend"]: m for m in ok}, self.cfg.incumbent_margin)):
             # routed to SGLang's own all-reduce on purpose: the table's rule, on these re-times

@@ -7,8 +7,10 @@ Input: the harness's measurement records, one per (backend, params, dtype, mode,
 
 Rules (issue #2): per size the fastest backend (its best parameter set) wins; where several are
 within the measured noise of the fastest (the larger of their spreads, and never less than
-``rel_tol`` of the fastest), the one chosen for the next smaller size is kept, else the one that
-wins the next larger size, else the fallback (NCCL), else the fastest. SGLang's own all-reduce
+``rel_tol`` of the fastest), a route the validation pass confirmed there (a re-time marked
+``"confirmed"``: the routed call measured within tolerance of the fastest) is kept, else the one
+chosen for the next smaller size, else the one that wins the next larger size, else the fallback
+(NCCL), else the fastest. SGLang's own all-reduce
 (``INCUMBENT``, what a server runs without artune) keeps every size where no backend beats it by
 more than ``incumbent_margin`` (default 10%): on 4x H100 NVRAR measured 5% faster than it at
 512 KiB in CUDA graphs, yet a served model whose 512 KiB all-reduces went to NVRAR decoded 4.7%
@@ -34,10 +36,14 @@ from artune.profile import SCHEMA_VERSION, validate
 from artune.topology import fingerprint_id
 
 __all__ = ["best_per_backend", "pick_winners", "build_tables", "build_profile", "VALIDATION",
+           "CONFIRMED",
            "INCUMBENT", "INCUMBENT_MARGIN"]
 
 #: ``source`` of a measurement made by the validation pass (see ``best_per_backend``).
 VALIDATION = "validation"
+#: Set (True) on a validation re-time of the backend the point was routed to, when the routed
+#: call measured within tolerance of the fastest there (see ``pick_winners``).
+CONFIRMED = "confirmed"
 #: The candidate a profile only routes away from on clear evidence: SGLang's own all-reduce.
 INCUMBENT = "sglang"
 #: How much faster (relative to the incumbent) another backend must measure to take a size.
@@ -107,9 +113,10 @@ def pick_winners(
     """nbytes -> the chosen measurement, by the rules in the module docstring.
 
     Sizes are walked in ascending order; the incumbent keeps the sizes where nothing beats it
-    by more than ``incumbent_margin``; elsewhere, among backends tied with the fastest, the one
-    chosen for the previous size is kept (so alternating noise cannot split a range), else the
-    one that wins the next size outright, else the fallback, else the fastest.
+    by more than ``incumbent_margin``; elsewhere, among backends tied with the fastest, one the
+    validation confirmed there is kept (a re-time must not move a route it found within
+    tolerance), else the one chosen for the previous size (so alternating noise cannot split a
+    range), else the one that wins the next size outright, else the fallback, else the fastest.
     """
     sizes = [s for s in sorted(per_size) if per_size[s]]
     raw = {s: _tied(per_size[s], rel_tol) for s in sizes}
@@ -126,7 +133,10 @@ def pick_winners(
             tied = tied - {INCUMBENT}
         if choice != INCUMBENT and len(tied) > 1:
             nxt = raw[sizes[i + 1]][0] if i + 1 < len(sizes) else None
-            if prev in tied:
+            confirmed = sorted(b for b in tied if per_size[s][b].get(CONFIRMED))
+            if confirmed:
+                choice = confirmed[0]
+            elif prev in tied:
                 choice = prev
             elif nxt in tied:
                 choice = nxt

@@ -20,6 +20,11 @@ will see, and then answers the same few questions as every other backend:
 - ``supports(x, params) -> bool``   whether it takes this tensor (dtype, size, alignment);
 - ``all_reduce(x, params) -> Tensor`` the sum over the group, out of place: never mutates ``x``,
                                     same bits on every rank, no allocation when ``out`` is given;
+- ``bind(x, params) -> call``       optional: ``all_reduce`` prepared for tensors of x's shape,
+                                    dtype, device and contiguity (``call(y)`` for such a ``y``),
+                                    with what depends only on those worked out once; the router
+                                    binds once per message shape and then calls (the default
+                                    binds ``params`` to ``all_reduce``);
 - ``capture()``                     context manager entered around CUDA-graph capture;
 - ``prepare(messages)``             optional, collective: build ahead what the first call of each
                                     (dtype, nbytes, params) would build lazily (compiled kernels);
@@ -32,8 +37,9 @@ hot path for an input it said it supports, and never hangs (waits are bounded).
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -134,6 +140,13 @@ class Backend(ABC):
     @abstractmethod
     def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Sum of ``x`` over the group, as a new tensor of x's shape and dtype."""
+
+    def bind(self, x: torch.Tensor,
+             params: Params | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``all_reduce`` with ``params``, prepared for tensors of x's shape, dtype, device and
+        contiguity: the returned call takes any such tensor (the router keeps one per message
+        shape, so per-call work that depends only on those belongs here)."""
+        return functools.partial(self.all_reduce, params=params)
 
     def prepare(self, messages: Sequence[tuple[str, int, Params]]) -> int:
         """Collective (every rank calls it with the same ``messages``): build ahead of time what

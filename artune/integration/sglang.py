@@ -38,11 +38,12 @@ import logging
 import socket
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from artune import envs
 from artune.log import log_once, logger
+from artune.router import bind, current_mode
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +67,8 @@ __all__ = [
     "watch_forward",
 ]
 
-#: A routed call: the backend and its parameters.
-Hit = tuple["Backend", Mapping[str, Any]]
+#: A routed call: the backend and its call prepared for the message's shape (``Router.lookup``).
+Hit = tuple["Backend", Callable[["torch.Tensor"], "torch.Tensor"]]
 
 #: The out-of-place method name the plugin resolves routed sizes to.
 ARTUNE_METHOD = "artune"
@@ -191,6 +192,10 @@ def register() -> None:
 # Routing (the hot path)
 
 
+#: Hits a group remembers (as the router's decisions: a served model's shapes are few).
+_MAX_HITS = 4096
+
+
 @dataclass
 class Route:
     """One group's routing: the profile in force there and the backends built on the group."""
@@ -198,21 +203,32 @@ class Route:
     group_name: str
     profile: Profile
     router: Router
+    #: (shape, dtype, mode, device index, contiguous) -> Hit, for the shapes artune takes
+    _hits: dict[tuple[Any, ...], Hit] = field(default_factory=dict)
 
     def pick(self, x: torch.Tensor) -> Hit | None:
-        """(backend, params) when an artune backend takes ``x``; None for SGLang's own. The
-        router's decision, made once per message shape."""
-        d, new = self.router.decide(x)
-        if d.backend is not None and d.choice.backend != "sglang":  # "sglang": SGLang's own
-            return d.backend, d.choice.params
-        if new:
-            self._explain(d, x)
-        return None
+        """(backend, prepared call) when an artune backend takes ``x``; None for SGLang's own.
+        The router's decision, made and bound once per message shape."""
+        hit = self._hits.get(
+            (x.shape, x.dtype, current_mode(), x.get_device(), x.is_contiguous()))
+        if hit is not None and not hit[0].closed:
+            return hit
+        return self._pick_new(x)
+
+    def _pick_new(self, x: torch.Tensor) -> Hit | None:
+        key = (x.shape, x.dtype, current_mode(), x.get_device(), x.is_contiguous())
+        d, new = self.router.decide(x, key[2])
+        if d.backend is None or d.choice.backend == "sglang":  # "sglang": SGLang's own
+            if new:
+                self._explain(d, x)
+            return None
+        hit = (d.backend, bind(d.backend, x, d.choice.params))
+        if len(self._hits) < _MAX_HITS:
+            self._hits[key] = hit
+        return hit
 
     def _explain(self, d: Decision, x: torch.Tensor) -> None:
         """One log line per kind of size that keeps SGLang's own all-reduce unexpectedly."""
-        from artune.router import current_mode
-
         nbytes, mode = x.numel() * x.element_size(), current_mode()
         if not d.choice.covered:
             log_once(f"sglang:uncovered:{self.group_name}:{x.dtype}:{mode}",
@@ -279,7 +295,7 @@ def _around_out_place(original: Callable[..., Any], self: Any, *args: Any, **kwa
         if hit is not None:
             if _TRACE is not None:
                 _trace(self.unique_name, x, hit[0].name)
-            return hit[0].all_reduce(x, hit[1])
+            return hit[1](x)
         if method == ARTUNE_METHOD:  # resolved to us, but the decision changed: SGLang's own
             if _TRACE is not None:
                 _trace(self.unique_name, x, SGLANG_OWN)
@@ -297,7 +313,7 @@ def _around_in_place(original: Callable[..., Any], self: Any, *args: Any, **kwar
         if _TRACE is not None:
             _trace(self.unique_name, x, hit[0].name if hit is not None else SGLANG_OWN)
         if hit is not None:
-            x.copy_(hit[0].all_reduce(x, hit[1]))
+            x.copy_(hit[1](x))
             return None
     return original(self, *args, **kwargs)
 
@@ -313,7 +329,6 @@ _TRACE: dict[tuple[str, str, str, int, str], int] | None = None
 
 def _trace(group: str, x: Any, backend: str) -> None:
     from artune.profile import dtype_name
-    from artune.router import current_mode
 
     assert _TRACE is not None
     key = (group, current_mode(), dtype_name(x.dtype), x.numel() * x.element_size(), backend)

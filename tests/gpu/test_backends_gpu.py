@@ -153,6 +153,10 @@ def _case(be: Any, ctx: Any, dtype: torch.dtype, nbytes: int, mode: str, gen: An
     try:
         if mode == "eager":
             xs = [_rand(numel, dtype, gen), _rand(numel, dtype, gen, shape2d=True)]
+            if numel > 1:
+                # x's shape again, one element into its storage: the same prepared call
+                # (symm backends bind per shape), but an offset the fused copy cannot take
+                xs.append(_rand(numel + 1, dtype, gen)[1:])
             clones = [x.clone() for x in xs]
             ys = [be.all_reduce(x) for x in xs]  # back to back: no sync between the two
             rounds = [(xs, clones, ys)]
@@ -208,6 +212,12 @@ def _lifecycle(be: Any, ctx: Any) -> list[str]:
         errors.append(f"second close() raised {type(exc).__name__}: {exc}")
     if be.supports(small):
         errors.append("supports() still True after close()")
+    if be.name.startswith("symm_"):
+        try:  # its prepared calls are gone with the buffer: an error, not a stale call
+            be.all_reduce(small)
+            errors.append("all_reduce() after close() did not raise")
+        except Exception:  # noqa: BLE001, S110
+            pass
     return errors
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One 4-GPU call: what preparing each backend's call per message shape (Backend.bind) does to
+# eager all-reduces (issue #2's eager validation misses), old code beside new on one machine.
+#
+#   device run, carry [".devwhl", ".old"]:  bash benchmarks/gpu_session_bind.sh
+#
+# .old: the package and benchmarks/router_eager.py of the commit before (git archive REV artune
+# benchmarks/router_eager.py | tar -x -C .old; .old is in .git/info/exclude). Steps: routed vs
+# direct eager calls (router_eager.py) with the old and the new code in turns (one-shot
+# twice, two-shot once); the
+# backends' GPU tests; a full tune with the validation controls, and `artune show` of it.
+set -uo pipefail
+W=/tmp/artune-gpu-bind
+source benchmarks/gpu_lib.sh
+R=benchmarks/router_eager.py
+for turn in 1 2; do
+    for code in old new; do
+        root=.; [ $code = old ] && root=.old
+        step "eager_${code}_one_$turn" 60 torchrun --nproc-per-node 4 $root/$R \
+            --backend symm_one_shot --sizes 4K,64K,1M --out "$W/router_eager_${code}_one_$turn.md"
+        [ $turn = 1 ] && step "eager_${code}_two_$turn" 60 torchrun --nproc-per-node 4 $root/$R \
+            --backend symm_two_shot --sizes 4M,6M --out "$W/router_eager_${code}_two_$turn.md"
+    done
+done
+step test_backends 150 python3 -m pytest -q -x tests/gpu/test_backends_gpu.py
+ARTUNE_VALIDATE_CONTROLS=1 step tune4 240 python3 benchmarks/tune_time.py --nproc-per-node 4 \
+    --only full --results "$W/tune_time_bind_4gpu.json" --keep "$W/t4"
+[ -f "$W/t4/full.json" ] && cp "$W/t4/full.json" "$OUT/profile_bind_4gpu.json" && \
+    python3 -m artune.cli show "$W/t4/full.json" > "$OUT/profile_bind_4gpu_show.txt" 2>&1
+cat "$W/steps.txt"
+for f in "$W"/router_eager_*.md; do echo "== ${f##*/}"; grep "^|" "$f" | tail -n +3; done
+grep -h "passed\|failed" "$W/test_backends.log" | tail -3
+grep -h "validation\|routed .* vs" "$OUT/profile_bind_4gpu_show.txt" 2>/dev/null | head -30
