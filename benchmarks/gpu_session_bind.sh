@@ -3,6 +3,8 @@
 # eager all-reduces (issue #2's eager validation misses), old code beside new on one machine.
 #
 #   device run, carry [".devwhl", ".old"]:  bash benchmarks/gpu_session_bind.sh
+#   VERIFY=1 (carry [".devwhl"]): the new code only: a full tune with the validation controls
+#   (its profile and `artune show`), a --quick tune as users run it, the 2-GPU tune test.
 #
 # .old: the package and benchmarks/router_eager.py of the commit before (git archive REV artune
 # benchmarks/router_eager.py | tar -x -C .old; .old is in .git/info/exclude). Steps: routed vs
@@ -12,6 +14,20 @@
 set -uo pipefail
 W=/tmp/artune-gpu-bind
 source benchmarks/gpu_lib.sh
+if [ -n "${VERIFY:-}" ]; then
+    ARTUNE_VALIDATE_CONTROLS=1 step tune4 240 python3 benchmarks/tune_time.py \
+        --nproc-per-node 4 --only full --results "$W/tune_time_full_4gpu.json" --keep "$W/t4"
+    [ -f "$W/t4/full.json" ] && cp "$W/t4/full.json" "$OUT/profile_full_4gpu.json" && \
+        python3 -m artune.cli show "$W/t4/full.json" > "$OUT/profile_full_4gpu_show.txt" 2>&1
+    step quick4 90 python3 benchmarks/tune_time.py --nproc-per-node 4 --only quick \
+        --results "$W/tune_time_quick_4gpu.json" --keep "$W/q4"
+    CUDA_VISIBLE_DEVICES=0,1 step test_tune_gpu 120 python3 -m pytest -q -x tests/test_tune_gpu.py
+    cat "$W/steps.txt"
+    grep -h "passed\|failed" "$W/test_tune_gpu.log" | tail -2
+    grep -h "tune time\|validation\|routed .* vs" "$OUT/profile_full_4gpu_show.txt" | head -20
+    grep -h "tune time\|validation:" "$W/quick4.log" | head -4
+    exit 0
+fi
 R=benchmarks/router_eager.py
 for turn in 1 2; do
     for code in old new; do

@@ -192,3 +192,28 @@ def test_validation_entry_marks_the_routed_backends_retime_confirmed_only_when_w
                  0.03)
     assert not e["within"]
     assert [m.get(CONFIRMED) for m in d.retimed[2:]] == [None, None]
+
+
+def test_a_confirmed_route_is_not_handed_to_the_incumbent_by_a_level_retime() -> None:
+    """4x H100, eager 8M: two-shot beat SGLang's own by 20% in the tune and was confirmed by
+    the validation, whose re-time read SGLang's own level with it; the incumbent rule alone
+    would move the size to SGLang's own, which the second validation then read 40% slower."""
+    from artune.autotune.table import CONFIRMED
+
+    ms = [rec("symm_two_shot", 8 << 20, 62.0, mode="eager"),
+          rec("sglang", 8 << 20, 77.0, mode="eager"),
+          rec("nccl", 8 << 20, 81.0, mode="eager")]
+    doc = build_profile(ms, [], fingerprint=FP, command="artune tune", dry_run=False,
+                        incumbent_margin=0.10)
+    assert _route(Profile(doc), "bfloat16", "eager", 8 << 20)[0] == "symm_two_shot"
+    doc["validation"] = [_entry(doc, "bfloat16", "eager", 8 << 20, within=True)]
+    level = [dict(rec("sglang", 8 << 20, 60.0, mode="eager"), source=VALIDATION),
+             dict(rec("symm_two_shot", 8 << 20, 61.0, mode="eager"), source=VALIDATION)]
+    d, calls = _driver(list(ms), [dict(m) for m in level])
+    d._reroute(dict(doc, validation=[dict(e) for e in doc["validation"]]))
+    assert calls == [{("bfloat16", "eager", 8 << 20): ("symm_two_shot", {})}]
+    level[1][CONFIRMED] = True
+    d, calls = _driver(list(ms), level)
+    d._reroute(doc)
+    assert calls == [] and _route(Profile(doc), "bfloat16", "eager", 8 << 20)[0] == "symm_two_shot"
+    assert build_tables(doc["measurements"], incumbent_margin=0.10) == doc["tables"]

@@ -7,19 +7,19 @@ Input: the harness's measurement records, one per (backend, params, dtype, mode,
 
 Rules (issue #2): per size the fastest backend (its best parameter set) wins; where several are
 within the measured noise of the fastest (the larger of their spreads, and never less than
-``rel_tol`` of the fastest), a route the validation pass confirmed there (a re-time marked
-``"confirmed"``: the routed call measured within tolerance of the fastest) is kept, else the one
-chosen for the next smaller size, else the one that wins the next larger size, else the fallback
-(NCCL), else the fastest. SGLang's own all-reduce
-(``INCUMBENT``, what a server runs without artune) keeps every size where no backend beats it by
-more than ``incumbent_margin`` (default 10%): on 4x H100 NVRAR measured 5% faster than it at
-512 KiB in CUDA graphs, yet a served model whose 512 KiB all-reduces went to NVRAR decoded 4.7%
-and 4.9% slower per step in two engines (benchmarks/results/sglang_e2e_tp4_h100_nvrar_512k.json,
-batch 64). Where the validation pass re-timed candidates side by side (``"source": "validation"``),
-only those re-times compete at that size. Each measured size owns the byte range up to the
-geometric midpoint to the next measured size; the first range starts at 1 byte, the last ends
-at the largest measured size (beyond it: the fallback). Adjacent ranges with the same backend
-and parameters are merged.
+``rel_tol`` of the fastest), the one chosen for the next smaller size is kept, else the one that
+wins the next larger size, else the fallback (NCCL), else the fastest. A route the validation pass
+confirmed at a size (a re-time marked ``"confirmed"``: the routed call measured within tolerance
+of the fastest there) keeps it while tied with the fastest, before every other rule. Otherwise
+SGLang's own all-reduce (``INCUMBENT``, what a server runs without artune) keeps every size where
+no backend beats it by more than ``incumbent_margin`` (default 10%): on 4x H100 NVRAR measured
+5% faster than it at 512 KiB in CUDA graphs, yet a served model whose 512 KiB all-reduces went to
+NVRAR decoded 4.7% and 4.9% slower per step in two engines
+(benchmarks/results/sglang_e2e_tp4_h100_nvrar_512k.json, batch 64). Where the validation pass
+re-timed candidates side by side (``"source": "validation"``), only those re-times compete at
+that size. Each measured size owns the byte range up to the geometric midpoint to the next
+measured size; the first range starts at 1 byte, the last ends at the largest measured size
+(beyond it: the fallback). Adjacent ranges with the same backend and parameters are merged.
 """
 
 from __future__ import annotations
@@ -112,11 +112,14 @@ def pick_winners(
 ) -> dict[int, Record]:
     """nbytes -> the chosen measurement, by the rules in the module docstring.
 
-    Sizes are walked in ascending order; the incumbent keeps the sizes where nothing beats it
-    by more than ``incumbent_margin``; elsewhere, among backends tied with the fastest, one the
-    validation confirmed there is kept (a re-time must not move a route it found within
-    tolerance), else the one chosen for the previous size (so alternating noise cannot split a
-    range), else the one that wins the next size outright, else the fallback, else the fastest.
+    Sizes are walked in ascending order. A route the validation confirmed at a size keeps it
+    while tied with the fastest (a re-time must not move a route it found within tolerance:
+    neither the incumbent rule nor the neighbours' choice, each of which moved such a point on
+    4x H100, to a route the second validation found slower). Otherwise the incumbent keeps the
+    sizes where nothing beats it by more than ``incumbent_margin``; elsewhere, among backends
+    tied with the fastest, the one chosen for the previous size is kept (so alternating noise
+    cannot split a range), else the one that wins the next size outright, else the fallback,
+    else the fastest.
     """
     sizes = [s for s in sorted(per_size) if per_size[s]]
     raw = {s: _tied(per_size[s], rel_tol) for s in sizes}
@@ -125,6 +128,11 @@ def pick_winners(
     for i, s in enumerate(sizes):
         best, tied = raw[s]
         choice = best
+        confirmed = sorted(b for b in tied if per_size[s][b].get(CONFIRMED))
+        if confirmed:
+            winners[s] = per_size[s][confirmed[0]]
+            prev = confirmed[0]
+            continue
         if incumbent_margin > 0:
             if keeps_incumbent(per_size[s], incumbent_margin):
                 choice = INCUMBENT
@@ -133,10 +141,7 @@ def pick_winners(
             tied = tied - {INCUMBENT}
         if choice != INCUMBENT and len(tied) > 1:
             nxt = raw[sizes[i + 1]][0] if i + 1 < len(sizes) else None
-            confirmed = sorted(b for b in tied if per_size[s][b].get(CONFIRMED))
-            if confirmed:
-                choice = confirmed[0]
-            elif prev in tied:
+            if prev in tied:
                 choice = prev
             elif nxt in tied:
                 choice = nxt
