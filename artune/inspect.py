@@ -173,6 +173,10 @@ def validation_count(entries: list[dict[str, Any]]) -> str:
             parts.append(f"two identical calls read {statistics.median(control):.2f} µs apart "
                          f"(A/A, median of {len(control)})")
         text += "; eager: " + ", ".join(parts)
+    twice = sum(1 for v in entries if v.get("readings") == 2)
+    if twice:
+        text += (f"; {twice} eager point(s) out of tolerance at the first reading were timed "
+                 "again and judged on both readings' rounds")
     return text
 
 
@@ -183,6 +187,8 @@ def _controls_text(v: dict[str, Any]) -> str:
         out += f", router {v['router_gap_us'][0]:+.1f}"
     if v.get("control_gap_us"):
         out += f", A/A {v['control_gap_us'][0]:+.1f}"
+    if v.get("readings") == 2:
+        out += ", two readings"
     return out
 
 

@@ -5,6 +5,9 @@
 #   device run, carry [".devwhl", ".old"]:  bash benchmarks/gpu_session_bind.sh
 #   VERIFY=1 (carry [".devwhl"]): the new code only: a full tune with the validation controls
 #   (its profile and `artune show`), a --quick tune as users run it, the 2-GPU tune test.
+#   E2E=1 PAIRED=A,B (carry [".devwhl"]): the full tune with controls, then SGLang's engines
+#   side by side with its profile (gpu_session_sglang.sh) in what is left of 585 s; or
+#   E2E=PROFILE: that profile (with ALSO_TUNE=1 the tune still runs first, its profile unused).
 #
 # .old: the package and benchmarks/router_eager.py of the commit before (git archive REV artune
 # benchmarks/router_eager.py | tar -x -C .old; .old is in .git/info/exclude). Steps: routed vs
@@ -14,6 +17,21 @@
 set -uo pipefail
 W=/tmp/artune-gpu-bind
 source benchmarks/gpu_lib.sh
+if [ -n "${E2E:-}" ]; then
+    PROF=$E2E
+    if [ "$E2E" = 1 ] || [ -n "${ALSO_TUNE:-}" ]; then
+        ARTUNE_VALIDATE_CONTROLS=1 step tune4 200 python3 benchmarks/tune_time.py \
+            --nproc-per-node 4 --only full --results "$W/tune_time_full_4gpu.json" --keep "$W/t4"
+        T=$W/t4/full.json
+        [ "$E2E" = 1 ] && PROF=$T
+        [ -f "$T" ] || { cat "$W/steps.txt"; tail -30 "$W/tune4.log"; exit 1; }
+        cp "$T" "$OUT/profile_full_4gpu.json"
+        python3 -m artune.cli show "$T" > "$OUT/profile_full_4gpu_show.txt" 2>&1
+        grep -h "tune time\|validation\|routed .* vs" "$OUT/profile_full_4gpu_show.txt" | head -12
+    fi
+    BUDGET_S=$(( 585 - ($(date +%s) - T0) )) bash benchmarks/gpu_session_sglang.sh "$PROF" 4
+    exit 0
+fi
 if [ -n "${VERIFY:-}" ]; then
     ARTUNE_VALIDATE_CONTROLS=1 step tune4 240 python3 benchmarks/tune_time.py \
         --nproc-per-node 4 --only full --results "$W/tune_time_full_4gpu.json" --keep "$W/t4"

@@ -389,7 +389,6 @@ class Driver:
         self.crew.send({"op": "router", "tables": doc["tables"], "dry_run": doc["dry_run"]})
         router = self.crew.router
         assert router is not None
-        rel_tol = self.cfg.rel_tol
         entries: list[dict[str, Any]] = []
         best = best_per_backend(doc["measurements"])
         points = [(k, n, per) for k, per_size in sorted(best.items())
@@ -430,12 +429,22 @@ class Driver:
                     + [{"backend": b, "params": p} for b, p in cands]
                     + [{"backend": choice.backend, "params": dict(choice.params)}] * n_extra,
                 }
+                point = (dtype, mode, nbytes)
+                first_retime = len(self.retimed)
                 results = self.crew.send(cmd)
-                timed, extra = results[:1 + len(cands)], results[1 + len(cands):]
-                entry = self._entry(dtype, mode, nbytes, choice, cands, timed, rel_tol)
-                if n_extra:
-                    direct = timed[1 + direct_at] if direct_at is not None else extra[0]
-                    entry.update(_control_gaps(timed[0], direct, extra[-1]))
+                entry = self._judge(point, choice, cands, direct_at if n_extra else -1, results)
+                if (mode == "eager" and not entry["within"] and "error" not in entry
+                        and not entry.get("kept_incumbent")):
+                    # Host-bound calls: one reading can catch a burst of host noise (4x H100:
+                    # the router's own cost +0.24 µs over 37 points, +2.2 at one of them, where
+                    # two identical calls read an interquartile range of 5 µs). Time the same
+                    # calls again and judge on both readings' rounds pooled (not the better one).
+                    again = self.crew.send(cmd)
+                    del self.retimed[first_retime:]  # the pooled re-times replace them
+                    pooled = [_pool(a, b) for a, b in zip(results, again, strict=True)]
+                    entry = self._judge(point, choice, cands, direct_at if n_extra else -1,
+                                        pooled)
+                    entry["readings"] = 2
                 entry["not_retimed"] = behind
                 entries.append(entry)
                 progress.advance()
@@ -481,6 +490,19 @@ class Driver:
                     "routed_us": e["routed_us"], "within": e["within"]})
             out.append(e)
         doc["validation"] = out
+
+    def _judge(self, point: tuple[str, str, int], choice: Any,
+               cands: list[tuple[str, dict[str, Any]]], direct_at: int | None,
+               results: list[dict[str, Any]]) -> dict[str, Any]:
+        """The validation entry from one 'validate' command's results: the routed call, then
+        ``cands``, then the controls' extra timings (``direct_at``: -1 without controls, else
+        ``_controls``'s index of the direct call among ``cands``, None for an extra)."""
+        timed, extra = results[:1 + len(cands)], results[1 + len(cands):]
+        entry = self._entry(*point, choice, cands, timed, self.cfg.rel_tol)
+        if direct_at != -1:
+            direct = timed[1 + direct_at] if direct_at is not None else extra[0]
+            entry.update(_control_gaps(timed[0], direct, extra[-1]))
+        return entry
 
     def _entry(self, dtype: str, mode: str, nbytes: int, choice: Any,
                cands: list[tuple[str, dict[str, Any]]], results: list[dict[str, Any]],
@@ -568,6 +590,17 @@ def _control_gaps(routed: dict[str, Any], direct: dict[str, Any],
         if g is not None:
             out[key] = [g[0], g[1]]
     return out
+
+
+def _pool(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two readings of one callable (``Crew`` timing results) as one: each rank's rounds of
+    ``a`` then ``b``. A reading that failed (no ``samples``) is not pooled: the other stands
+    only when ``a`` failed too."""
+    sa, sb = a.get("samples"), b.get("samples")
+    if not sa or not sb or len(sa) != len(sb):
+        return a
+    return dict(a, samples=[list(x) + list(y) for x, y in zip(sa, sb, strict=True)],
+                reps=int(a.get("reps", len(sa[0]))) + int(b.get("reps", len(sb[0]))))
 
 
 def paired_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:
