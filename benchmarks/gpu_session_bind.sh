@@ -7,6 +7,7 @@
 #   (its profile and `artune show`), a --quick tune as users run it, the 2-GPU tune test.
 #   E2E=1 PAIRED=A,B (carry [".devwhl"]): the full tune with controls, then SGLang's engines
 #   side by side with its profile (gpu_session_sglang.sh) in what is left of 585 s; or
+#   TWO=1 (carry [".devwhl"], kind nvidia-h100-x2): a full 2-GPU tune with the controls.
 #   E2E=PROFILE: that profile (with ALSO_TUNE=1 the tune still runs first, its profile unused).
 #
 # .old: the package and benchmarks/router_eager.py of the commit before (git archive REV artune
@@ -17,6 +18,15 @@
 set -uo pipefail
 W=/tmp/artune-gpu-bind
 source benchmarks/gpu_lib.sh
+if [ -n "${TWO:-}" ]; then
+    ARTUNE_VALIDATE_CONTROLS=1 step tune2 150 python3 benchmarks/tune_time.py \
+        --nproc-per-node 2 --only full --results "$W/tune_time_full_2gpu.json" --keep "$W/t2"
+    [ -f "$W/t2/full.json" ] && cp "$W/t2/full.json" "$OUT/profile_full_2gpu.json" && \
+        python3 -m artune.cli show "$W/t2/full.json" > "$OUT/profile_full_2gpu_show.txt" 2>&1
+    cat "$W/steps.txt"
+    grep -h "tune time\|validation\|routed .* vs" "$OUT/profile_full_2gpu_show.txt" | head -12
+    exit 0
+fi
 if [ -n "${E2E:-}" ]; then
     PROF=$E2E
     if [ "$E2E" = 1 ] || [ -n "${ALSO_TUNE:-}" ]; then
