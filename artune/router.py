@@ -54,7 +54,8 @@ def bind(backend: Backend, x: torch.Tensor, params: Any) -> Callable[[torch.Tens
     prepare = getattr(backend, "bind", None)
     if prepare is not None:
         return prepare(x, params)
-    return functools.partial(backend.all_reduce, params=params)
+    all_reduce = backend.all_reduce
+    return lambda t: all_reduce(t, params)
 
 
 def current_mode() -> str:

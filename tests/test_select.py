@@ -140,10 +140,10 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     assert router.backends == {} and not router._decided
 
 
-def test_select_speed_benchmark_runs_with_both_kinds_of_backend(
+def test_select_speed_benchmark_runs_with_every_kind_of_backend(
         tmp_path, monkeypatch) -> None:
-    """benchmarks/select_speed.py (few calls): the host-work backend returns a copy of its
-    input, and the results file has the rows of both kinds of backend."""
+    """benchmarks/select_speed.py (few calls): the host-work backends return a copy of their
+    input, and the results file has the rows of every kind of backend."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -158,10 +158,17 @@ def test_select_speed_benchmark_runs_with_both_kinds_of_backend(
     x = torch.arange(2048, dtype=torch.bfloat16)
     y = mod._HostWork(None).all_reduce(x)
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    prepared = mod._Prepared(None)
+    y = prepared.all_reduce(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    # one prepared call per shape: the same one again, another for another shape
+    assert prepared.bind(x) is prepared.bind(x.clone())
+    assert prepared.bind(x.view(2, 1024)) is not prepared.bind(x)
     out = tmp_path / "speed.md"
     monkeypatch.setattr(sys, "argv", ["select_speed.py", "--calls", "4096", "--out", str(out)])
     mod.main()
     text = out.read_text()
     assert "| median of 5 |" in text
-    for what in ("return at once", "a one-shot call's host-side tensor work"):
+    for what in ("return at once", "a one-shot call's host-side tensor work (no bind)",
+                 "the same work, prepared per shape (bind)"):
         assert f"| {what} | router.all_reduce(x, 'eager') |" in text
