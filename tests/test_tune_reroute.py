@@ -224,20 +224,16 @@ def _reading(per_round: list[float], ranks: int = 2) -> dict[str, Any]:
             "reps": len(per_round)}
 
 
-def test_an_eager_miss_is_timed_again_and_judged_on_both_readings_pooled() -> None:
-    """A first eager reading out of tolerance (a burst of host noise on the routed call) is
-    timed again; the entry is judged on both readings' rounds together, so a second good
-    reading can outvote a bad first one only as far as their pooled median allows, and the
-    re-times the rebuild sees are the pooled ones. Graph points are read once."""
+def _validate_with_readings(eager: list[list[dict[str, Any]]]
+                            ) -> tuple[dict[str, dict[str, Any]], list, Driver]:
+    """Driver._validate over one 4K point per mode, symm_one_shot routed and the only
+    candidate; ``eager`` holds the eager readings in the order they are asked for (routed
+    call, then the candidate), graph points always read routed +3 µs over 20."""
+    from artune.autotune.table import build_profile as _bp
+
     ms = [rec("symm_one_shot", 4096, 20.0, mode=m) for m in ("eager", "graph")]
-    doc = build_profile(ms, [], fingerprint=FP, command="t", dry_run=False)
+    doc = _bp(ms, [], fingerprint=FP, command="t", dry_run=False)
     sent: list[tuple[str, int]] = []
-    eager = [
-        # routed, then the one candidate: routed +3 µs over 20 (15%) in the first reading
-        [_reading([23.0] * 8), _reading([20.0] * 8)],
-        # ... level in the second
-        [_reading([20.0] * 8), _reading([20.0] * 8)],
-    ]
 
     class _Crew:
         built = {"symm_one_shot": object()}
@@ -262,12 +258,45 @@ def test_an_eager_miss_is_timed_again_and_judged_on_both_readings_pooled() -> No
     d.crew, d.retimed = _Crew(), []  # type: ignore[assignment]
     d.con = Console(file=io.StringIO(), width=120)
     entries = {e["mode"]: e for e in d._validate(doc)}
+    return entries, sent, d
+
+
+def test_an_eager_miss_is_timed_again_and_judged_on_both_readings_pooled() -> None:
+    """A first eager reading out of tolerance is timed again and judged on both readings'
+    rounds pooled, with the noise measured within each reading: the shift between two steady
+    readings is not noise. Graph points are read once."""
+    from artune.autotune.table import CONFIRMED
+
+    # routed +3 µs over 20 in every round of the first reading, level in the second: the
+    # pooled median gap is +1.5 µs, 7.5 % over, and neither reading has any spread: a miss
+    entries, sent, d = _validate_with_readings([
+        [_reading([23.0] * 8), _reading([20.0] * 8)],
+        [_reading([20.0] * 8), _reading([20.0] * 8)],
+    ])
     assert sorted(sent) == [("eager", 4096), ("eager", 4096), ("graph", 4096)]
-    assert entries["eager"]["readings"] == 2 and "readings" not in entries["graph"]
-    # pooled: 16 rounds, half +3 and half 0: the median gap is +1.5 µs, beyond 3% of 20 µs but
-    # within the pooled differences' interquartile range (3 µs), the noise the rule allows
-    assert entries["eager"]["gap_us"] == 1.5 and entries["eager"]["within"]
+    e = entries["eager"]
+    assert e["readings"] == 2 and "readings" not in entries["graph"]
+    assert e["gap_us"] == 1.5 and e["gap_spread_us"] == 0.0 and not e["within"]
+    assert e["gap_from"] == "paired rounds of two readings"
     assert not entries["graph"]["within"]
-    # one re-time per candidate and point, the eager one pooled over 16 rounds
+    # one re-time per candidate and point, the eager one over both readings' 16 rounds, its
+    # spread that of a reading (0), not of the pooled rounds (3 µs); not confirmed
     eager_retimes = [m for m in d.retimed if m["mode"] == "eager"]
     assert len(eager_retimes) == 1 and eager_retimes[0]["reps"] == 16
+    assert eager_retimes[0]["spread_us"] == 0.0 and not eager_retimes[0].get(CONFIRMED)
+
+
+def test_a_noisy_first_reading_can_be_outweighed_by_a_second() -> None:
+    """First reading: routed +1.5/+2.5 µs in alternate rounds (median +2, interquartile range
+    1: a miss); second: -1/+1 (median 0, range 2). Pooled: median +1.25 against the larger
+    within-reading range, 2: within, and the routed backend's pooled re-time is confirmed."""
+    from artune.autotune.table import CONFIRMED
+
+    entries, _, d = _validate_with_readings([
+        [_reading([21.5, 22.5] * 4), _reading([20.0] * 8)],
+        [_reading([19.0, 21.0] * 4), _reading([20.0] * 8)],
+    ])
+    e = entries["eager"]
+    assert e["readings"] == 2 and e["gap_us"] == 1.25 and e["gap_spread_us"] == 2.0
+    assert e["within"]
+    assert [m.get(CONFIRMED) for m in d.retimed if m["mode"] == "eager"] == [True]

@@ -438,7 +438,8 @@ class Driver:
                     # Host-bound calls: one reading can catch a burst of host noise (4x H100:
                     # the router's own cost +0.24 µs over 37 points, +2.2 at one of them, where
                     # two identical calls read an interquartile range of 5 µs). Time the same
-                    # calls again and judge on both readings' rounds pooled (not the better one).
+                    # calls again and judge on both readings' rounds pooled (not the better
+                    # one), with the noise measured within each reading (``_pool``).
                     again = self.crew.send(cmd)
                     del self.retimed[first_retime:]  # the pooled re-times replace them
                     pooled = [_pool(a, b) for a, b in zip(results, again, strict=True)]
@@ -510,8 +511,14 @@ class Driver:
         def stat(res: dict[str, Any], b: str, p: dict[str, Any]) -> dict[str, Any] | None:
             if "samples" not in res:
                 return None
-            return record_from(res, backend=b, params=p, dtype=dtype, mode=mode,
-                               nbytes=nbytes, reps=self.cfg.n_reps)
+            rec = record_from(res, backend=b, params=p, dtype=dtype, mode=mode,
+                              nbytes=nbytes, reps=self.cfg.n_reps)
+            if res.get("readings"):  # pooled (``_pool``): the spread within a reading
+                rec["spread_us"] = max(
+                    record_from(r, backend=b, params=p, dtype=dtype, mode=mode,
+                                nbytes=nbytes, reps=self.cfg.n_reps)["spread_us"]
+                    for r in res["readings"])
+            return rec
 
         routed = stat(results[0], choice.backend, dict(choice.params))
         # (record, raw result) of each candidate that was timed
@@ -544,6 +551,14 @@ class Driver:
             # cancels the host's drift, which the two medians each carry.
             gap, noise = paired
             entry["gap_from"] = "paired rounds"
+            within_reading = [g[1] for ra, rb in zip(results[0].get("readings", ()),
+                                                     best_res.get("readings", ()),
+                                                     strict=False)
+                              if (g := paired_gap(ra, rb)) is not None]
+            if within_reading:
+                # two readings pooled: the median over all rounds, the noise within a reading
+                noise = max(within_reading)
+                entry["gap_from"] = "paired rounds of two readings"
         else:
             gap = r_us - b_us
             noise = max(routed["spread_us"] or 0.0, fastest["spread_us"] or 0.0)
@@ -594,13 +609,15 @@ def _control_gaps(routed: dict[str, Any], direct: dict[str, Any],
 
 def _pool(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two readings of one callable (``Crew`` timing results) as one: each rank's rounds of
-    ``a`` then ``b``. A reading that failed (no ``samples``) is not pooled: the other stands
-    only when ``a`` failed too."""
+    ``a`` then ``b``, and the two readings themselves under ``"readings"`` (their spreads are
+    the noise: the pooled rounds' spread would count the shift between the readings as noise
+    too). A reading that failed (no ``samples``) is not pooled: ``a`` stands."""
     sa, sb = a.get("samples"), b.get("samples")
     if not sa or not sb or len(sa) != len(sb):
         return a
     return dict(a, samples=[list(x) + list(y) for x, y in zip(sa, sb, strict=True)],
-                reps=int(a.get("reps", len(sa[0]))) + int(b.get("reps", len(sb[0]))))
+                reps=int(a.get("reps", len(sa[0]))) + int(b.get("reps", len(sb[0]))),
+                readings=[a, b])
 
 
 def paired_gap(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float] | None:

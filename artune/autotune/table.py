@@ -115,7 +115,10 @@ def pick_winners(
     Sizes are walked in ascending order. A route the validation confirmed at a size keeps it
     while tied with the fastest (a re-time must not move a route it found within tolerance:
     neither the incumbent rule nor the neighbours' choice, each of which moved such a point on
-    4x H100, to a route the second validation found slower). Otherwise the incumbent keeps the
+    4x H100, to a route the second validation found slower). This is a policy over the
+    incumbent rule too: a confirmed route other than the incumbent was chosen by the first
+    build, i.e. past the incumbent margin in the tune, and a re-time that reads the two level
+    is no evidence to move back. Otherwise the incumbent keeps the
     sizes where nothing beats it by more than ``incumbent_margin``; elsewhere, among backends
     tied with the fastest, the one chosen for the previous size is kept (so alternating noise
     cannot split a range), else the one that wins the next size outright, else the fallback,

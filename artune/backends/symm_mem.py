@@ -209,6 +209,8 @@ class SymmOneShotBackend(_SymmBackend):
         empty_like = torch.empty_like
 
         def call(t: torch.Tensor) -> torch.Tensor:
+            if self.closed:  # a call kept past close(): never a collective on a freed buffer
+                raise RuntimeError(f"{self.name}: all_reduce after close()")
             out = empty_like(t)  # t is contiguous: so is out
             if (fused is not None and not t.data_ptr() % align
                     and not t.storage_offset() * esize % align):
@@ -254,6 +256,8 @@ class SymmTwoShotBackend(_SymmBackend):
         empty_like = torch.empty_like
 
         def call(t: torch.Tensor) -> torch.Tensor:
+            if self.closed:  # a call kept past close(): never a collective on a freed buffer
+                raise RuntimeError(f"{self.name}: all_reduce after close()")
             out = empty_like(t)  # t is contiguous: so is out
             staged.copy_(t)
             return op(staged, "sum", group, out)

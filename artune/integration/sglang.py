@@ -393,8 +393,11 @@ def _before_destroy(*args: Any, **kwargs: Any) -> None:
 
 def close_all() -> None:
     """Close every route's backends (SGLang tears its groups down next); safe to call twice."""
+    global _RESOLVED
+    _RESOLVED = None  # holds a prepared call (and through it a backend's buffer)
     while _ROUTES:
         _, route = _ROUTES.popitem()
+        route._hits.clear()
         route.router.close()
 
 

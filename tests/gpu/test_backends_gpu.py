@@ -418,3 +418,65 @@ def test_importing_backends_loads_no_gpu_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_symm_one_shot_prepares_one_call_per_shape_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """symm_one_shot's prepared calls (``bind``) on the CPU, its two PyTorch ops stood in for
+    by a two-rank sum (2x): one call per shape, the staging view cut from the buffer in the
+    input's shape, the fused op only where the input's offset alignment allows, nothing kept
+    past close(). The real ops run in the GPU tests above."""
+    from types import SimpleNamespace
+
+    from artune.backends.base import Backend
+    from artune.backends.symm_mem import SymmOneShotBackend, _SymmBackend
+
+    used: list[tuple[str, tuple[int, ...], int]] = []
+
+    def fused(staged: torch.Tensor, x: torch.Tensor, op: str, group: str,
+              out: torch.Tensor) -> torch.Tensor:
+        used.append(("fused", tuple(staged.shape), staged.data_ptr()))
+        staged.copy_(x)
+        return out.copy_(staged * 2)
+
+    def plain(staged: torch.Tensor, op: str, group: str, out: torch.Tensor) -> torch.Tensor:
+        used.append(("plain", tuple(staged.shape), staged.data_ptr()))
+        return out.copy_(staged * 2)
+
+    ns = torch.ops.symm_mem
+    monkeypatch.setattr(ns, "one_shot_all_reduce_copy_out", SimpleNamespace(default=fused),
+                        raising=False)
+    monkeypatch.setattr(ns, "one_shot_all_reduce_out", SimpleNamespace(default=plain),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+
+    class _OnCpu(SymmOneShotBackend):
+        def supports(self, x: torch.Tensor, params: Any = None) -> bool:
+            return not self.closed and x.is_contiguous() and x.dtype in self._dtype_set
+
+    be = _OnCpu.__new__(_OnCpu)
+    Backend.__init__(be, _cpu_ctx())
+    be.group_name, be.capacity, be._fused, be.handle = "g", 1 << 16, True, None
+    be._dtype_set = frozenset({torch.bfloat16, torch.float32})
+    be._bound = {}
+    be.buf = torch.zeros(1 << 16, dtype=torch.uint8)
+    base = be.buf.data_ptr()
+
+    x = torch.randn(4096, dtype=torch.float32).to(torch.bfloat16)
+    y = be.all_reduce(x)
+    assert torch.equal(y, x * 2) and used[-1] == ("fused", (4096,), base)
+    assert be.bind(x) is be.bind(x.clone())  # one prepared call per shape
+    x2 = x.view(8, 512)
+    assert be.bind(x2) is not be.bind(x)
+    y2 = be.all_reduce(x2)
+    assert y2.shape == (8, 512) and torch.equal(y2, x2 * 2) and used[-1][:2] == ("fused", (8, 512))
+    # x's shape one element into its storage (2 bytes): the same prepared call, the plain op
+    off = torch.randn(4097, dtype=torch.float32).to(torch.bfloat16)[1:]
+    assert be.bind(off) is be.bind(x)
+    assert torch.equal(be.all_reduce(off), off * 2) and used[-1][0] == "plain"
+    kept = be.bind(x)
+    _SymmBackend.close(be)
+    with pytest.raises(RuntimeError, match="after close"):
+        kept(x)  # a call kept past close() does not run
+    with pytest.raises((AssertionError, RuntimeError)):
+        be.all_reduce(x)
+    assert not be._bound or all(c is not kept for c in be._bound.values())
