@@ -10,8 +10,9 @@ from typing import Any
 from _profiles import FP, rec
 from rich.console import Console
 
-from artune.autotune.driver import Driver, _route
+from artune.autotune.driver import Driver
 from artune.autotune.table import VALIDATION, build_profile, build_tables
+from artune.autotune.validation import _route
 from artune.profile import Profile
 
 
@@ -95,8 +96,8 @@ def test_retimes_that_move_nothing_validate_nothing_again() -> None:
 def test_validation_retimes_a_far_behind_backend_that_its_neighbours_route_to() -> None:
     """One slow eager measurement (a host hiccup: symm_one_shot 87 µs at 24K between 34 µs
     neighbours on 4x H100) must not keep that backend out of the validation's re-times."""
-    from artune.autotune.driver import _neighbour_routes
     from artune.autotune.table import best_per_backend
+    from artune.autotune.validation import _neighbour_routes
 
     sizes = (16384, 24576, 32768)
     ms = [rec("symm_one_shot", n, 87.0 if n == 24576 else 34.0, mode="eager") for n in sizes]

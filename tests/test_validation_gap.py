@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from artune.autotune.driver import Driver, paired_gap
+from artune.autotune.driver import Driver
+from artune.autotune.validation import paired_gap
 from artune.profile import Choice
 
 
@@ -105,7 +106,7 @@ def test_eager_controls_time_the_routed_backend_directly_and_again() -> None:
     """The validation's eager controls: the routed backend called directly beside the routed
     call (a candidate already, else an extra timing) and a twin of that call; none in graph
     mode or where the routed backend is not built."""
-    from artune.autotune.driver import _control_gaps, _controls
+    from artune.autotune.validation import _control_gaps, _controls
 
     built = {"nccl": object(), "symm": object()}
     choice = Choice("symm", {"a": 1})
