@@ -486,7 +486,7 @@ def _derived_profile(path: str, folder: Path, only: str | None = None,
     """A copy of the profile at ``path`` whose tables are re-derived (the plugin's own
     re-derivation) from the measurements of backend ``only`` alone, or of every backend but
     ``drop``; written into ``folder``, its path returned."""
-    from artune.integration.sglang import _without
+    from artune.integration.sglang_setup import _without
     from artune.profile import load
 
     profile = load(path)

@@ -808,7 +808,8 @@ def test_watch_forward_wraps_a_forward_another_plugin_patched_already(monkeypatc
 def _gather_with_a_dead_peer(rank: int, world: int) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from artune.integration.sglang import PluginError, _gather
+    from artune.integration.sglang import PluginError
+    from artune.integration.sglang_setup import _gather
 
     os.environ["ARTUNE_COLLECTIVE_TIMEOUT_S"] = "5"
     group = dist.new_group(backend="gloo")
