@@ -27,7 +27,7 @@ from artune.profile import Choice, Profile, select
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Router", "Decision", "Bound", "bind", "current_mode"]
+__all__ = ["Router", "Decision", "Bound", "current_mode"]
 
 #: Decisions remembered per router (distinct message shapes of a served model are few).
 _MAX_DECIDED = 4096
@@ -46,16 +46,6 @@ class Bound(NamedTuple):
 
     backend: Backend
     call: Callable[[torch.Tensor], torch.Tensor]
-
-
-def bind(backend: Backend, x: torch.Tensor, params: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``backend.bind(x, params)`` where the backend has it, else its ``all_reduce`` with
-    ``params`` bound."""
-    prepare = getattr(backend, "bind", None)
-    if prepare is not None:
-        return prepare(x, params)
-    all_reduce = backend.all_reduce
-    return lambda t: all_reduce(t, params)
 
 
 def current_mode() -> str:
@@ -196,7 +186,7 @@ class Router:
         if hit is not None and not hit[0].closed:
             return hit
         choice, backend = self._resolve(x, key[2])
-        hit = Bound(backend, bind(backend, x, choice.params))
+        hit = Bound(backend, backend.bind(x, choice.params))
         if len(self._bound) < _MAX_DECIDED:
             self._bound[key] = hit
         return hit

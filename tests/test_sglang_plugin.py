@@ -32,6 +32,7 @@ from conftest import ROOT, TESTS, free_port
 from artune import envs, topology
 from artune import profile as profile_mod
 from artune.autotune.table import build_profile
+from artune.backends.base import Backend
 from artune.integration import sglang as plugin
 
 SGLANG_HOME = Path(envs.get("ARTUNE_SGLANG_HOME") or Path.home() / ".cache/artune/sglang")
@@ -554,6 +555,8 @@ class _FakeBackend:
     def all_reduce(self, x: Any, params: Any = None) -> Any:
         return x * 2
 
+    bind = Backend.bind  # the contract's default: all_reduce with params bound
+
     def failure(self) -> str | None:
         return None
 
@@ -572,6 +575,10 @@ def test_route_hands_sglang_and_uncovered_sizes_back() -> None:
     router = Router(prof, object(), {"gloo": gloo})  # type: ignore[arg-type, dict-item]
     route = plugin.Route("tp:0", prof, router)
     assert route.pick(torch.zeros(1024)) is None  # 4 KiB: SGLang's own measured fastest
+    decided: list[Any] = []
+    inner = router.decide
+    router.decide = lambda *a, **k: decided.append(a) or inner(*a, **k)  # type: ignore
+    assert route.pick(torch.zeros(1024)) is None and decided == []  # remembered, not re-decided
     hit = route.pick(torch.ones(16 * KB))  # 64 KiB: gloo, its call bound for the shape
     assert hit is not None and hit[0] is gloo and torch.equal(hit[1](torch.ones(16 * KB)),
                                                               torch.full((16 * KB,), 2.0))

@@ -93,6 +93,38 @@ def test_retimes_that_move_nothing_validate_nothing_again() -> None:
     assert doc["tables"]["bfloat16"]["graph"][0]["points"][0]["latency_us"] == 10.5
 
 
+def _validating_driver(built: tuple[str, ...], routed: str, reps: int,
+                       reply: Any) -> tuple[Driver, list[dict[str, Any]]]:
+    """A Driver whose validation commands go to a stand-in crew: ``built`` backends, the
+    router choosing ``routed`` everywhere, each 'validate' command answered by
+    ``reply(cmd)``; returns the driver and the commands sent."""
+    sent: list[dict[str, Any]] = []
+
+    class _Crew:
+        router: Any = None
+
+        def __init__(self) -> None:
+            self.built = {b: object() for b in built}
+
+        def send(self, cmd: dict[str, Any]) -> Any:
+            if cmd["op"] == "router":
+                self.router = SimpleNamespace(choose=lambda x, mode: SimpleNamespace(
+                    backend=routed, params={}))
+                return None
+            sent.append(cmd)
+            return reply(cmd)
+
+        def input(self, dtype: str, nbytes: int) -> None:
+            return None
+
+    d = Driver.__new__(Driver)
+    d.cfg = SimpleNamespace(rel_tol=0.03, n_reps=reps, n_warmup=1,  # type: ignore[assignment]
+                            incumbent_margin=0.1)
+    d.crew, d.retimed = _Crew(), []  # type: ignore[assignment]
+    d.con = Console(file=io.StringIO(), width=120)
+    return d, sent
+
+
 def test_validation_retimes_a_far_behind_backend_that_its_neighbours_route_to() -> None:
     """One slow eager measurement (a host hiccup: symm_one_shot 87 µs at 24K between 34 µs
     neighbours on 4x H100) must not keep that backend out of the validation's re-times."""
@@ -110,28 +142,9 @@ def test_validation_retimes_a_far_behind_backend_that_its_neighbours_route_to() 
     assert near[("bfloat16", "eager", 32768)] == {"symm_one_shot", "symm_two_shot"}
     assert near[("bfloat16", "eager", 16384)] == {"symm_one_shot", "symm_two_shot"}
 
-    sent: list[dict[str, Any]] = []
-
-    class _Crew:
-        built = {"symm_one_shot": object(), "symm_two_shot": object(), "nccl": object()}
-        router: Any = None
-
-        def send(self, cmd: dict[str, Any]) -> Any:
-            if cmd["op"] == "router":
-                self.router = SimpleNamespace(choose=lambda x, mode: SimpleNamespace(
-                    backend="symm_two_shot", params={}))
-                return None
-            sent.append(cmd)
-            return [{"samples": [[40.0] * 4], "calls": 10, "reps": 4} for _ in cmd["entries"]]
-
-        def input(self, dtype: str, nbytes: int) -> None:
-            return None
-
-    d = Driver.__new__(Driver)
-    d.cfg = SimpleNamespace(rel_tol=0.03, n_reps=4, n_warmup=1,  # type: ignore[assignment]
-                            incumbent_margin=0.1)
-    d.crew, d.retimed = _Crew(), []  # type: ignore[assignment]
-    d.con = Console(file=io.StringIO(), width=120)
+    d, sent = _validating_driver(
+        ("symm_one_shot", "symm_two_shot", "nccl"), "symm_two_shot", 4,
+        lambda cmd: [{"samples": [[40.0] * 4], "calls": 10, "reps": 4} for _ in cmd["entries"]])
     d._validate(doc)
     at = {c["nbytes"]: [e["backend"] for e in c["entries"]] for c in sent}
     # the routed call first, then the close candidate and the neighbours' backend; NCCL, far
@@ -226,40 +239,20 @@ def _reading(per_round: list[float], ranks: int = 2) -> dict[str, Any]:
 
 
 def _validate_with_readings(eager: list[list[dict[str, Any]]]
-                            ) -> tuple[dict[str, dict[str, Any]], list, Driver]:
+                            ) -> tuple[dict[str, dict[str, Any]], list[tuple[str, int]], Driver]:
     """Driver._validate over one 4K point per mode, symm_one_shot routed and the only
     candidate; ``eager`` holds the eager readings in the order they are asked for (routed
     call, then the candidate), graph points always read routed +3 µs over 20."""
-    from artune.autotune.table import build_profile as _bp
-
     ms = [rec("symm_one_shot", 4096, 20.0, mode=m) for m in ("eager", "graph")]
-    doc = _bp(ms, [], fingerprint=FP, command="t", dry_run=False)
-    sent: list[tuple[str, int]] = []
+    doc = build_profile(ms, [], fingerprint=FP, command="t", dry_run=False)
+    def reply(cmd: dict[str, Any]) -> Any:
+        if cmd["mode"] == "graph":
+            return [_reading([23.0] * 8), _reading([20.0] * 8)]
+        return eager.pop(0)
 
-    class _Crew:
-        built = {"symm_one_shot": object()}
-        router: Any = None
-
-        def send(self, cmd: dict[str, Any]) -> Any:
-            if cmd["op"] == "router":
-                self.router = SimpleNamespace(choose=lambda x, mode: SimpleNamespace(
-                    backend="symm_one_shot", params={}))
-                return None
-            sent.append((cmd["mode"], cmd["nbytes"]))
-            if cmd["mode"] == "graph":
-                return [_reading([23.0] * 8), _reading([20.0] * 8)]
-            return eager.pop(0)
-
-        def input(self, dtype: str, nbytes: int) -> None:
-            return None
-
-    d = Driver.__new__(Driver)
-    d.cfg = SimpleNamespace(rel_tol=0.03, n_reps=8, n_warmup=1,  # type: ignore[assignment]
-                            incumbent_margin=0.1)
-    d.crew, d.retimed = _Crew(), []  # type: ignore[assignment]
-    d.con = Console(file=io.StringIO(), width=120)
+    d, sent = _validating_driver(("symm_one_shot",), "symm_one_shot", 8, reply)
     entries = {e["mode"]: e for e in d._validate(doc)}
-    return entries, sent, d
+    return entries, [(c["mode"], c["nbytes"]) for c in sent], d
 
 
 def test_an_eager_miss_is_timed_again_and_judged_on_both_readings_pooled() -> None:

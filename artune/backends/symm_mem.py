@@ -135,16 +135,23 @@ class _SymmBackend(Backend):
             ) from exc
 
     def supports(self, x: torch.Tensor, params: Params | None = None) -> bool:
+        return x.is_contiguous() and self._refusal(x) is None
+
+    def _refusal(self, x: torch.Tensor) -> str | None:
+        """Why this backend cannot take ``x`` (contiguity aside: ``bind`` copies a strided
+        tensor first), or None."""
         nbytes = x.numel() * x.element_size()
-        return (
-            not self.closed
-            and x.is_cuda
-            and x.device == self.buf.device  # type: ignore[union-attr]
-            and x.dtype in self._dtype_set
-            and x.is_contiguous()
-            and nbytes <= self.capacity
-            and nbytes % max(4, x.element_size()) == 0
-        )
+        if self.closed or self.buf is None:
+            return "all_reduce after close()"
+        if x.device != self.buf.device:
+            return f"the tensor is on {x.device}, the buffer on {self.buf.device}"
+        if x.dtype not in self._dtype_set:
+            return f"PyTorch's kernel takes {sorted(map(str, self._dtype_set))}, not {x.dtype}"
+        if nbytes > self.capacity:
+            return f"{nbytes} B exceed the {self.capacity} B buffer sized at construction"
+        if nbytes % max(4, x.element_size()):
+            return f"{nbytes} B is not a multiple of {max(4, x.element_size())} B"
+        return None
 
     def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         call = self._bound.get((x.shape, x.dtype, x.get_device(), x.is_contiguous()))
@@ -152,22 +159,35 @@ class _SymmBackend(Backend):
 
     def bind(self, x: torch.Tensor, params: Params | None = None) -> Call:
         """The call for tensors of x's shape, dtype, device and contiguity, with the staging
-        view and the op looked up once: building the view alone costs more host time than
-        the router's decision (3.5 µs against 0.3 on the CPU CI machine)."""
+        view and the op looked up once (on 4x H100 an eager one-shot call at 4K went from 30.0
+        to 11.5 µs with it: benchmarks/results/router_eager_bind_4gpu_h100_2026-11-27.md).
+        Raises ValueError, naming the reason, for a tensor ``supports`` refuses for more than
+        its layout (a strided tensor is copied dense first)."""
         key = (x.shape, x.dtype, x.get_device(), x.is_contiguous())
         call = self._bound.get(key)
         if call is None:
-            call = self._prepare(x) if x.numel() and self.supports(x) else self._general
+            call = self._call_for(x)
             if len(self._bound) < _MAX_BOUND:
                 self._bound[key] = call
         return call
 
-    def _prepare(self, x: torch.Tensor) -> Call:
-        """The prepared call for ``x``'s kind of tensor, which ``supports`` takes."""
-        raise NotImplementedError
+    def _call_for(self, x: torch.Tensor) -> Call:
+        import torch
 
-    def _general(self, x: torch.Tensor) -> torch.Tensor:
-        """Any tensor (the ops refuse what ``supports`` does not take, with their error)."""
+        reason = self._refusal(x)
+        if reason is not None:
+            raise ValueError(f"{self.name}: cannot all-reduce {tuple(x.shape)} {x.dtype}: "
+                             f"{reason}")
+        if x.numel() == 0:
+            return lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+        if not x.is_contiguous():
+            dense = self.bind(x.contiguous())
+            return lambda t: dense(t.contiguous())
+        return self._prepare(x)
+
+    def _prepare(self, x: torch.Tensor) -> Call:
+        """The prepared call for contiguous, non-empty tensors like ``x``, which the backend
+        takes."""
         raise NotImplementedError
 
     def _staged(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,26 +240,6 @@ class SymmOneShotBackend(_SymmBackend):
 
         return call
 
-    def _general(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        if x.numel() == 0:
-            return out
-        staged = self._staged(x)
-        nbytes = x.numel() * x.element_size()
-        size_align = _alignment(nbytes)
-        if (
-            self._fused
-            and _alignment(int(x.storage_offset()) * x.element_size()) >= size_align
-            and x.data_ptr() % size_align == 0
-        ):
-            return torch.ops.symm_mem.one_shot_all_reduce_copy_out(
-                staged, x, "sum", self.group_name, out
-            )
-        staged.copy_(x)
-        return torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
-
 
 class SymmTwoShotBackend(_SymmBackend):
     """Two-shot all-reduce over PyTorch symmetric memory (reduce-scatter, then all-gather)."""
@@ -263,13 +263,3 @@ class SymmTwoShotBackend(_SymmBackend):
             return op(staged, "sum", group, out)
 
         return call
-
-    def _general(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        if x.numel() == 0:
-            return out
-        staged = self._staged(x)
-        staged.copy_(x)
-        return torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, out)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from artune import envs
 from artune.log import log_once, logger
-from artune.router import bind, current_mode
+from artune.router import current_mode
 
 if TYPE_CHECKING:
     import torch
@@ -193,6 +193,8 @@ def register() -> None:
 
 #: Hits a group remembers (as the router's decisions: a served model's shapes are few).
 _MAX_HITS = 4096
+#: ``Route._hits``'s answer for a shape not seen yet.
+_UNSEEN: Any = object()
 
 
 @dataclass
@@ -202,26 +204,25 @@ class Route:
     group_name: str
     profile: Profile
     router: Router
-    #: (shape, dtype, mode, device index, contiguous) -> Hit, for the shapes artune takes
-    _hits: dict[tuple[Any, ...], Hit] = field(default_factory=dict)
+    #: (shape, dtype, mode, device index, contiguous) -> Hit, or None for SGLang's own
+    _hits: dict[tuple[Any, ...], Hit | None] = field(default_factory=dict)
 
     def pick(self, x: torch.Tensor) -> Hit | None:
         """(backend, prepared call) when an artune backend takes ``x``; None for SGLang's own.
         The router's decision, made and bound once per message shape."""
-        hit = self._hits.get(
-            (x.shape, x.dtype, current_mode(), x.get_device(), x.is_contiguous()))
-        if hit is not None and not hit[0].closed:
-            return hit
-        return self._pick_new(x)
-
-    def _pick_new(self, x: torch.Tensor) -> Hit | None:
         key = (x.shape, x.dtype, current_mode(), x.get_device(), x.is_contiguous())
+        hit = self._hits.get(key, _UNSEEN)
+        if hit is None or (hit is not _UNSEEN and not hit[0].closed):
+            return hit
+        return self._pick_new(x, key)
+
+    def _pick_new(self, x: torch.Tensor, key: tuple[Any, ...]) -> Hit | None:
         d, new = self.router.decide(x, key[2])
-        if d.backend is None or d.choice.backend == "sglang":  # "sglang": SGLang's own
-            if new:
-                self._explain(d, x)
-            return None
-        hit = (d.backend, bind(d.backend, x, d.choice.params))
+        hit: Hit | None = None
+        if d.backend is not None and d.choice.backend != "sglang":  # "sglang": SGLang's own
+            hit = (d.backend, d.backend.bind(x, d.choice.params))
+        elif new:
+            self._explain(d, x)
         if len(self._hits) < _MAX_HITS:
             self._hits[key] = hit
         return hit
