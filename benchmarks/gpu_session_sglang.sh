@@ -31,6 +31,11 @@ print('; '.join(e) or 'profile matches this machine'); sys.exit(1 if e else 0)" 
     [ -f "$PROFILE" ] || exit 1
 fi
 R="$OUT/sglang_e2e_tp${TP}.json"
+# Anything still on the GPUs (e.g. the engines of a killed earlier call on a warm machine) would
+# slow the engines timed here: name it in the log.
+echo "processes on the GPUs before the engines start:"
+nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader \
+    | sed 's/^/  /' | tee "$OUT/gpu_processes_before.txt"
 LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 [ "$LEFT" -gt 120 ] || { echo "only ${LEFT} s left after the installs"; exit 1; }
 # The script kills a worker at its own deadline (keeping its finished batch sizes); timeout is
