@@ -18,6 +18,7 @@ import json
 import math
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,25 @@ def echo_log(stream: Any, notes: list[str]) -> None:
             notes.append(line.rstrip())
 
 
+def spawn_worker(cmd: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[str]:
+    """Start a worker as the leader of a process group of its own, so that ``kill_worker``
+    reaches everything it started (SGLang's schedulers and detokenizer, inductor's compile
+    workers), not only the worker: a straggler left on the GPUs would slow every engine timed
+    after it."""
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", bufsize=1, start_new_session=True,
+                            **kw)
+
+
+def kill_worker(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the worker's whole process group (what is left of it) and reap the worker."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 class Served:
     """One config's engine in its own worker process, timing what the parent asks (paired
     mode). Commands go down the worker's stdin; answers come back as JSON lines on a pipe of
@@ -62,10 +82,8 @@ class Served:
         self.config = config
         self.notes: list[str] = []
         self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.proc = subprocess.Popen(
-            [*cmd, "--result-fd", str(w)], env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-            bufsize=1, pass_fds=(w,))
+        self.proc = spawn_worker([*cmd, "--result-fd", str(w)], env, stdin=subprocess.PIPE,
+                                 pass_fds=(w,))
         os.close(w)
         threading.Thread(target=echo_log, args=(self.proc.stdout, self.notes),
                          daemon=True).start()
@@ -116,8 +134,7 @@ class Served:
         except subprocess.TimeoutExpired:
             print(f"[e2e] {self.config}: worker did not stop within {timeout:.0f} s: killed",
                   flush=True)
-            self.proc.kill()
-            self.proc.wait()
+        kill_worker(self.proc)  # also whatever it left behind when it did stop
 
 
 def median_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:

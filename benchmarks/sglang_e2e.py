@@ -107,7 +107,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_paired import Served, batch_row, echo_log, paired_lines, run_paired  # noqa: E402
+from e2e_paired import (  # noqa: E402
+    Served,
+    batch_row,
+    echo_log,
+    kill_worker,
+    paired_lines,
+    run_paired,
+    spawn_worker,
+)
 
 from artune import envs as artune_envs  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
@@ -641,19 +649,19 @@ def _pooled(runs: dict[str, Any], comparisons: dict[str, Any]) -> list[str]:
 
 def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, list[str]]:
     """Run one worker, echoing its output (and its engine's) and keeping the plugin's log lines.
-    On timeout the worker is killed; SGLang's schedulers follow it (PR_SET_PDEATHSIG)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", bufsize=1)
+    On timeout (or an interrupt here) the worker's whole process group is killed, what it
+    started included."""
+    proc = spawn_worker(cmd, env)
     notes: list[str] = []
     reader = threading.Thread(target=echo_log, args=(proc.stdout, notes), daemon=True)
     reader.start()
+    rc = 124
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"[e2e] worker timed out after {timeout:.0f} s: killed", flush=True)
-        proc.kill()
-        proc.wait()
-        rc = 124
+    finally:
+        kill_worker(proc)
     reader.join(timeout=10)
     return rc, notes
 

@@ -726,3 +726,76 @@ def test_four_engines_side_by_side_give_every_pair_and_group_by_config(
     assert any(x.startswith("| artune vs default | 4 | 4 | [+0.") for x in lines), lines
     assert any(x.startswith("| default vs default | 4 | 1 |") for x in lines)
     assert any(x.startswith("| artune vs artune | 4 | 1 |") for x in lines)
+
+
+def _grandchild_script(path: Path, pid_file: Path) -> list[str]:
+    """A worker that starts a long sleeper (as an engine starts its schedulers), writes the
+    sleeper's pid to ``pid_file`` and then hangs."""
+    import sys
+
+    path.write_text(
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "print('engine log line', flush=True)\n"
+        "time.sleep(600)\n")
+    return [sys.executable, str(path)]
+
+
+def _wait_for_pid(pid_file: Path) -> int:
+    import time
+
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            return int(pid_file.read_text())
+        time.sleep(0.05)
+    raise AssertionError("the worker never started its sleeper")
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie counts as gone: nothing of it runs)."""
+    import os
+    import time
+
+    for _ in range(100):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    try:
+        os.kill(pid, 9)  # do not leave it behind when the test fails
+    except ProcessLookupError:
+        pass
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_timed_out_worker_takes_what_it_started_with_it(tmp_path: Path) -> None:
+    """A worker killed at its time limit: the processes it started (an engine's schedulers,
+    compile workers) are killed too, not left on the GPUs to slow the next engine."""
+    import os
+
+    mod = _module()
+    pid_file = tmp_path / "sleeper.pid"
+    cmd = _grandchild_script(tmp_path / "worker.py", pid_file)
+    rc, _ = mod._run_worker(cmd, dict(os.environ), timeout=3)
+    assert rc == 124
+    assert _gone(_wait_for_pid(pid_file))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_paired_worker_that_does_not_stop_takes_what_it_started_with_it(
+        tmp_path: Path) -> None:
+    import os
+
+    mod = _module()
+    pid_file = tmp_path / "sleeper.pid"
+    cmd = _grandchild_script(tmp_path / "worker.py", pid_file)
+    served = mod.Served("default_compile", cmd, dict(os.environ))
+    sleeper = _wait_for_pid(pid_file)
+    served.close(timeout=0)
+    assert served.proc.returncode is not None
+    assert _gone(sleeper)
