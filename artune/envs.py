@@ -112,6 +112,12 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "parallel_state) in a background thread while the ranks start, and wait for them before "
         "anything is timed (0: import them when the backend is set up).",
     ),
+    "ARTUNE_LAUNCH_TIME": (
+        None,
+        float,
+        "Set by `artune tune` for the ranks it starts (Unix time of the launch), so that the "
+        "profile's tune time counts the start-up; not a user setting.",
+    ),
     "ARTUNE_SGLANG_HOME": (
         None,
         str,

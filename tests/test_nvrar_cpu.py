@@ -930,3 +930,33 @@ def test_a_message_above_the_built_size_names_the_fix() -> None:
     with pytest.raises(ValueError, match=r"cannot grow during CUDA-graph capture.*"
                                          r"GroupContext.max_bytes >= the largest message"):
         comm.all_reduce(x, Plan(algo="twoshot", proto="signal", block=256, ctas=2))
+
+
+def _close_rank(rank: int, world: int, failed_ranks: tuple[int, ...]) -> list[str]:
+    """NvrarBackend.close on a gloo rank, with a stand-in for the NVRAR instance (its error
+    word) and for the collective NVSHMEM free (recorded, not run)."""
+    import torch.distributed as dist
+
+    from artune.backends import _nvshmem
+
+    freed: list[str] = []
+    _nvshmem.free = lambda t: freed.append("freed")  # type: ignore[assignment]
+    backend = object.__new__(NvrarBackend)
+    backend.ctx = replace(_ctx(world, world), rank=rank, group=dist.group.WORLD,
+                          cpu_group=dist.group.WORLD)
+    code = 1 if rank in failed_ranks else 0
+    backend.comm = type("Comm", (), {"error_code": lambda self: code})()  # type: ignore[assignment]
+    backend.buf = torch.empty(4)  # type: ignore[assignment]
+    backend.close()
+    return freed
+
+
+@pytest.mark.parametrize("failed", [(), (1,)])
+def test_close_frees_on_every_rank_or_on_none(failed: tuple[int, ...]) -> None:
+    """A timeout is recorded only on the rank that waited; the ranks agree before the
+    collective free, so that none frees (and none waits forever on a peer that skips it)
+    when any of them timed out, and all do otherwise."""
+    from conftest import run_gloo
+
+    results = run_gloo(_close_rank, 3, failed)
+    assert results == ([[], [], []] if failed else [["freed"]] * 3)

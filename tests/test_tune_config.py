@@ -70,6 +70,14 @@ def test_cli_config_parsing() -> None:
     assert cfg.modes == ["eager"] and cfg.backends == ["gloo"] and cfg.n_trials == 2
 
 
+def test_modes_are_tuned_graph_first_in_any_order_given() -> None:
+    """An eager study takes its parameter sets from the graph study of its size, which must
+    have run: `--modes eager,graph` tunes what `graph,eager` does (and a repeat counts once)."""
+    assert _cfg("--modes", "eager,graph").modes == ["graph", "eager"]
+    assert _cfg("--modes", "eager,eager").modes == ["eager"]
+    assert _cfg().modes == ["graph", "eager"]
+
+
 def test_include_sglang() -> None:
     """SGLang's own all-reduce is a candidate by default on GPUs; --include-sglang adds it to a
     --backends list, --no-include-sglang drops it."""

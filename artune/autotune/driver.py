@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from artune import envs
 from artune.autotune import ui
 from artune.autotune.config import TuneConfig
 from artune.autotune.crew import Crew, actual_nbytes, record_from
@@ -428,6 +429,6 @@ def thread_cpu_s() -> dict[str, float]:
 def _launch_time() -> float | None:
     """When ``artune tune`` started the ranks (Unix time); None under torchrun or srun."""
     try:
-        return float(os.environ["ARTUNE_LAUNCH_TIME"])
-    except (KeyError, ValueError):
+        return envs.get("ARTUNE_LAUNCH_TIME")
+    except ValueError:
         return None

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from artune import envs
+from artune import agree, envs
 from artune.backends import _nvshmem
 from artune.backends.base import Backend, BackendUnavailable, GroupContext, Params
 from artune.log import logger
@@ -370,17 +370,32 @@ class NvrarBackend(Backend):
         return decode_error(comm.error_code(), comm.rank, comm.nodes, comm.timeout_s)
 
     def close(self) -> None:
-        """Collective: frees the symmetric buffer. After a timeout the buffer is left to
-        ``_nvshmem.finalize`` (a collective free could wait on the peer that never answered)."""
+        """Collective: frees the symmetric buffer, when every rank can. A timeout is recorded
+        only on the rank that waited, so the ranks first agree (bounded, over the CPU group)
+        whether any of them timed out; then none frees, and the buffer is left to
+        ``_nvshmem.finalize``: a collective free could wait forever on a peer that skips it or
+        never answers. If the agreement itself fails (a peer gone), the free is skipped too."""
         comm, buf = self.comm, self.buf
         self.comm = None
         self.buf = None
         if buf is not None:
-            if comm is not None and comm.error_code():
-                logger.warning(
-                    "%s: rank %d timed out earlier; not freeing its NVSHMEM buffer collectively",
-                    self.name, self.ctx.rank,
-                )
+            if self.ctx.device.type == "cuda":  # a timeout still in flight counts too
+                import torch
+
+                torch.cuda.synchronize(self.ctx.device)  # NVRAR's waits are bounded
+            failed = bool(comm is not None and comm.error_code())
+            try:
+                views = agree.gather(self.ctx.cpu_group, failed, f"{self.name} close")
+                timed_out = [r for r, v in enumerate(views) if v]
+            except Exception as exc:  # noqa: BLE001 - never hang or raise in close
+                logger.warning("%s: rank %d: the ranks could not agree on freeing the NVSHMEM "
+                               "buffer (%s); not freeing it", self.name, self.ctx.rank, exc)
             else:
-                _nvshmem.free(buf)
+                if timed_out:
+                    logger.warning(
+                        "%s: rank %d: rank(s) %s timed out earlier; not freeing the NVSHMEM "
+                        "buffer collectively", self.name, self.ctx.rank,
+                        ", ".join(map(str, timed_out)))
+                else:
+                    _nvshmem.free(buf)
         super().close()

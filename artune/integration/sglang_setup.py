@@ -14,7 +14,7 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from artune import envs
+from artune import agree, envs
 from artune.integration.sglang import _ROUTES, PluginError, Route, _start_trace
 from artune.log import log_once, logger
 
@@ -30,27 +30,9 @@ def _profile_hash(profile: Profile) -> str:
 
 
 def _gather(group: Any, obj: Any, what: str) -> list[Any]:
-    """Every rank's ``obj``, over SGLang's CPU group. Bounded (ARTUNE_COLLECTIVE_TIMEOUT_S): a
-    gloo group first meets at a monitored barrier, so that a rank that died or hangs makes the
-    others fail with an error naming it and the step, instead of waiting for gloo's own
-    timeout (30 minutes by default)."""
-    import datetime
-
-    import torch.distributed as dist
-
-    limit = float(envs.get("ARTUNE_COLLECTIVE_TIMEOUT_S"))
-    if dist.get_backend(group) == "gloo":
-        try:
-            dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=limit),
-                                   wait_all_ranks=True)
-        except RuntimeError as exc:
-            raise PluginError(
-                f"artune: rank {dist.get_rank()}: {what}: not every rank of SGLang's group "
-                f"arrived within {limit:.0f} s (ARTUNE_COLLECTIVE_TIMEOUT_S): "
-                f"{str(exc).splitlines()[0]}") from exc
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
+    """Every rank's ``obj`` over SGLang's CPU group, bounded (``artune.agree.gather``): a rank
+    that died or hangs is a PluginError naming the step on the others."""
+    return agree.gather(group, obj, what, PluginError)
 
 
 def _sglang_fast_path(gc: Any) -> bool:
