@@ -76,6 +76,7 @@ class Router:
         self._decided: dict[tuple[Any, ...], Decision] = {}
         #: (shape, dtype, mode, device index, contiguous) -> Bound
         self._bound: dict[tuple[Any, ...], Bound] = {}
+        self.closed = False
         if self.fallback not in built:
             raise BackendUnavailable(
                 f"the fallback backend {self.fallback!r} could not be built on this group"
@@ -88,12 +89,15 @@ class Router:
         ctx: GroupContext,
         names: Iterable[str] | None = None,
         skip: Iterable[str] = ("sglang",),
+        strict: bool = False,
     ) -> Router:
         """Build the backends the profile routes to (or ``names``) plus the fallback.
 
         A backend that cannot be built here is left out with a warning: its ranges go to the
         fallback. Every rank must see the same outcome, so availability must not depend on the
-        rank (the plugin checks this with a collective before serving).
+        rank (the plugin checks this with a collective before serving). ``strict``: raise
+        instead, before any later backend's (collective) construction, so that a rank where one
+        failed goes on to no collective its peers are not in.
         """
         wanted = list(names) if names is not None else profile.backends_used()
         wanted.append(profile.fallback())
@@ -104,6 +108,8 @@ class Router:
             try:
                 built[name] = _backends.load(name).create(ctx)
             except BackendUnavailable as exc:
+                if strict:  # the built ones stay open: closing is collective too
+                    raise
                 logger.warning("%s; its sizes go to %s", exc, profile.fallback())
         return cls(profile, ctx, built)
 
@@ -132,8 +138,9 @@ class Router:
         if d is not None and (d.backend is None or not d.backend.closed):
             return d, False
         d = self._decide(x, key[2])
-        if len(self._decided) < _MAX_DECIDED:
-            self._decided[key] = d
+        if len(self._decided) >= _MAX_DECIDED:  # many shapes (e.g. prefill): start afresh
+            self._decided.clear()
+        self._decided[key] = d
         return d, True
 
     def _decide(self, x: torch.Tensor, mode: str) -> Decision:
@@ -185,10 +192,16 @@ class Router:
         hit = self._bound.get(key)
         if hit is not None and not hit[0].closed:
             return hit
+        if self.closed or not self.backends:
+            raise RuntimeError(
+                f"artune: rank {self.ctx.rank}: all-reduce of {x.nbytes} B on group "
+                f"{self.ctx.group_name or '?'} through a router that was "
+                f"{'closed' if self.closed else 'detached'}: build a new one (Router.build)")
         choice, backend = self._resolve(x, key[2])
         hit = Bound(backend, backend.bind(x, choice.params))
-        if len(self._bound) < _MAX_DECIDED:
-            self._bound[key] = hit
+        if len(self._bound) >= _MAX_DECIDED:
+            self._bound.clear()
+        self._bound[key] = hit
         return hit
 
     @contextlib.contextmanager
@@ -214,6 +227,7 @@ class Router:
         self.backends = {}
 
     def close(self) -> None:
+        self.closed = True
         self._decided.clear()
         self._bound.clear()
         for b in self.backends.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 from _profiles import profile_doc
@@ -141,6 +142,74 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
     assert built["symm_one_shot"].calls == 6 and built["nccl"].calls == 7
     router.detach()
     assert router.backends == {} and not router._decided
+
+
+def test_a_closed_or_detached_router_refuses_with_the_rank_and_group(prof: Profile) -> None:
+    """After close() the router raises, naming the rank, the group and the fix, instead of
+    serving through its closed fallback."""
+    import torch
+
+    from artune.router import Router
+
+    ctx = SimpleNamespace(rank=3, group_name="tp")
+    x = torch.zeros(2048, dtype=torch.bfloat16)
+    for end in ("close", "detach"):
+        built = {n: _Counting(n) for n in ("nccl", "symm_one_shot", "symm_two_shot")}
+        router = Router(prof, ctx, built)  # type: ignore[arg-type]
+        router.all_reduce(x, "graph")
+        getattr(router, end)()
+        with pytest.raises(RuntimeError, match=r"rank 3: .*group tp .*Router\.build"):
+            router.all_reduce(x, "graph")
+        assert built["symm_one_shot"].calls == 1 and built["nccl"].calls == 0
+
+
+def test_strict_build_stops_at_the_first_backend_that_cannot_be_built(
+        prof: Profile, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backends are built by collectives: with ``strict`` a rank where one fails raises at
+    once, before any later backend's construction (which its peers would not be in);
+    without, its sizes go to the fallback."""
+    from artune import backends
+    from artune.backends.base import BackendUnavailable
+    from artune.router import Router
+
+    made: list[str] = []
+
+    def load(name: str):  # noqa: ANN202
+        class Made:
+            @staticmethod
+            def create(ctx):  # noqa: ANN001, ANN205
+                if name == prof.backends_used()[0]:
+                    raise BackendUnavailable(f"{name}: out of memory on this rank")
+                made.append(name)
+                return _Counting(name)
+        return Made
+
+    monkeypatch.setattr(backends, "load", load)
+    with pytest.raises(BackendUnavailable, match="out of memory"):
+        Router.build(prof, object(), strict=True)  # type: ignore[arg-type]
+    assert made == []
+    router = Router.build(prof, object())  # type: ignore[arg-type]
+    assert prof.backends_used()[0] not in router.backends and "nccl" in router.backends
+
+
+def test_a_full_decision_cache_starts_afresh(prof: Profile, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    """Prefill all-reduces come in many shapes: once the per-shape caches are full they are
+    emptied, so that new shapes are remembered again (not decided anew on every call)."""
+    import torch
+
+    from artune import router as router_mod
+
+    monkeypatch.setattr(router_mod, "_MAX_DECIDED", 4)
+    built = {n: _Counting(n) for n in ("nccl", "symm_one_shot", "symm_two_shot")}
+    router = router_mod.Router(prof, object(), built)  # type: ignore[arg-type]
+    shapes = [torch.zeros(1024 + 8 * i, dtype=torch.bfloat16) for i in range(6)]
+    for x in shapes:
+        router.all_reduce(x, "graph")
+    assert len(router._bound) <= 4 and len(router._decided) <= 4
+    asked = built["symm_one_shot"].asked
+    router.all_reduce(shapes[-1], "graph")  # the newest shape is remembered
+    assert built["symm_one_shot"].asked == asked
 
 
 def test_select_speed_benchmark_runs_with_every_kind_of_backend(

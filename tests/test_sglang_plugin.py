@@ -62,22 +62,26 @@ def _rec(backend: str, nbytes: int, lat: float, dtype: str = "float32", mode: st
             "spread_us": 0.1, "reps": 10}
 
 
-def _measurements(extra: str | None = None) -> list[dict[str, Any]]:
+def _measurements(extra: str | None = None, second: str | None = None) -> list[dict[str, Any]]:
     """gloo measured at 1-64 KiB of float32 (eager and graph); ``extra`` measured faster at 4 KiB
-    and above, slower below."""
+    and above, slower below; ``second`` between the two there (the next-fastest)."""
     ms = []
     for mode in ("eager", "graph"):
         for n in (1 * KB, 4 * KB, 16 * KB, 64 * KB):
             ms.append(_rec("gloo", n, 50.0, mode=mode, params={"chunks": 1}))
             if extra:
                 ms.append(_rec(extra, n, 5.0 if n >= 4 * KB else 500.0, mode=mode))
+            if second:
+                ms.append(_rec(second, n, 10.0 if n >= 4 * KB else 500.0, mode=mode))
     return ms
 
 
 def _write_profile(path: Path, world: int = WORLD, extra: str | None = None,
-                   command: str = "artune tune --device cpu (test)") -> Path:
+                   command: str = "artune tune --device cpu (test)",
+                   second: str | None = None) -> Path:
     fp = topology.fingerprint(world, world, device="cpu")
-    doc = build_profile(_measurements(extra), [], fingerprint=fp, command=command, dry_run=True)
+    doc = build_profile(_measurements(extra, second), [], fingerprint=fp, command=command,
+                        dry_run=True)
     profile_mod.save(doc, path)
     return path
 
@@ -524,6 +528,20 @@ def test_sglang_candidate_without_sglangs_fast_path_is_rederived(current: str,
     for r in res:
         assert "error" not in r, r["error"] + r["stderr"][-3000:]
         assert "sglang excluded" in r["stderr"]
+        assert r["served_backends"] == ["gloo"]
+
+
+def test_a_backend_that_takes_over_an_excluded_ones_sizes_is_checked_too(
+        current: str, tmp_path: Path) -> None:
+    # "sglang" fastest from 4 KiB, nvshmem_reduce next: without SGLang's fast path (CPU) its
+    # sizes go to nvshmem_reduce, which was not among the profile's routes and cannot run here
+    # either: it is checked and excluded in turn, and gloo serves.
+    prof = _write_profile(tmp_path / "sg2.json", extra="sglang", second="nvshmem_reduce")
+    assert "nvshmem_reduce" not in profile_mod.load(prof).backends_used()
+    res = _run(current, tmp_path, env={"ARTUNE_PROFILE": str(prof)})
+    for r in res:
+        assert "error" not in r, r["error"] + r["stderr"][-3000:]
+        assert "sglang excluded" in r["stderr"] and "nvshmem_reduce excluded" in r["stderr"]
         assert r["served_backends"] == ["gloo"]
 
 

@@ -167,8 +167,9 @@ class _SymmBackend(Backend):
         call = self._bound.get(key)
         if call is None:
             call = self._call_for(x)
-            if len(self._bound) < _MAX_BOUND:
-                self._bound[key] = call
+            if len(self._bound) >= _MAX_BOUND:  # many shapes (e.g. prefill): start afresh
+                self._bound.clear()
+            self._bound[key] = call
         return call
 
     def _call_for(self, x: torch.Tensor) -> Call:

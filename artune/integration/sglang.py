@@ -223,8 +223,9 @@ class Route:
             hit = (d.backend, d.backend.bind(x, d.choice.params))
         elif new:
             self._explain(d, x)
-        if len(self._hits) < _MAX_HITS:
-            self._hits[key] = hit
+        if len(self._hits) >= _MAX_HITS:  # many shapes (e.g. prefill): start afresh
+            self._hits.clear()
+        self._hits[key] = hit
         return hit
 
     def _explain(self, d: Decision, x: torch.Tensor) -> None:

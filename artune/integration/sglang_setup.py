@@ -61,6 +61,21 @@ def _without(profile: Profile, excluded: Mapping[str, str]) -> Profile:
     return Profile(validate(data, profile.path), profile.path)
 
 
+def _unavailable(backend: str, ctx: Any, gc: Any) -> str | None:
+    """Why ``backend`` cannot serve on this rank's group (None when it can)."""
+    from artune.backends import load as load_backend
+
+    if backend == "sglang":
+        if _sglang_fast_path(gc):
+            return None
+        return ("SGLang's custom all-reduce is off in this server (e.g. "
+                "--disable-custom-all-reduce), so its measured times do not apply")
+    try:
+        return load_backend(backend).available(ctx)
+    except Exception as exc:  # noqa: BLE001 - an unloadable backend is an unavailable one
+        return f"cannot be loaded: {type(exc).__name__}: {exc}"
+
+
 def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | None:
     """Check the profile on SGLang's group ``gc`` and build its route (collective over
     ``gc.cpu_group``: call it on every rank of the group). None when the group keeps SGLang's
@@ -68,7 +83,6 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
     a topology mismatch). Raises PluginError, on every rank alike, when it cannot serve."""
     from artune import profile as profile_mod
     from artune import topology
-    from artune.backends import load as load_backend
     from artune.backends.base import GroupContext
     from artune.router import Router
 
@@ -137,38 +151,36 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         max_bytes=prof.max_bytes(), group_name=getattr(gc.device_group, "group_name", ""),
         extra={"sglang_group": gc, "sglang_group_name": gc.unique_name},
     )
+    # A backend left out sends its sizes to the next-fastest measured one, which may be one
+    # not checked yet: check until the served profile routes only to checked backends.
     excluded: dict[str, str] = {}
-    for backend in prof.backends_used():
-        if backend == "sglang":
-            if not _sglang_fast_path(gc):
-                excluded[backend] = ("SGLang's custom all-reduce is off in this server (e.g. "
-                                     "--disable-custom-all-reduce), so its measured times do "
-                                     "not apply")
-            continue
+    checked: set[str] = set()
+    served = prof
+    while todo := [b for b in served.backends_used() if b not in checked]:
+        checked.update(todo)
+        missing = {b: r for b in todo if (r := _unavailable(b, ctx, gc))}
+        views = _gather(gc.cpu_group, sorted(missing), f"{name}: backend availability")
+        if any(v != views[0] for v in views):
+            raise PluginError(f"artune {name}: ranks disagree on which backends can run: "
+                              + "; ".join(f"rank {r} cannot run {v or 'nothing missing'}"
+                                          for r, v in enumerate(views)))
+        if not missing:
+            break
+        for backend, reason in missing.items():
+            logger.warning("artune %s: %s excluded: %s; its sizes go to the next-fastest "
+                           "measured backend", name, backend, reason)
+        excluded.update(missing)
         try:
-            reason = load_backend(backend).available(ctx)
-        except Exception as exc:  # noqa: BLE001 - an unloadable backend is an unavailable one
-            reason = f"cannot be loaded: {type(exc).__name__}: {exc}"
-        if reason:
-            excluded[backend] = reason
-    views = _gather(gc.cpu_group, sorted(excluded), f"{name}: backend availability")
-    if any(v != views[0] for v in views):
-        raise PluginError(f"artune {name}: ranks disagree on which backends can run: " + "; ".join(
-            f"rank {r} cannot run {v or 'nothing missing'}" for r, v in enumerate(views)))
-    for backend, reason in excluded.items():
-        logger.warning("artune %s: %s excluded: %s; its sizes go to the next-fastest measured "
-                       "backend", name, backend, reason)
-    try:
-        served = _without(prof, excluded)
-    except Exception as exc:  # noqa: BLE001 - deterministic, same on every rank
-        raise PluginError(f"artune {name}: cannot re-derive the profile without "
-                          f"{sorted(excluded)}: {exc}") from exc
+            served = _without(prof, excluded)
+        except Exception as exc:  # noqa: BLE001 - deterministic, same on every rank
+            raise PluginError(f"artune {name}: cannot re-derive the profile without "
+                              f"{sorted(excluded)}: {exc}") from exc
 
     # 4. Build the backends (before any graph capture); every rank must build the same set.
     router: Router | None = None
     error = None
     try:
-        router = Router.build(served, ctx)
+        router = Router.build(served, ctx, strict=True)
     except Exception as exc:  # noqa: BLE001 - BackendUnavailable and worse: told to every rank
         error = f"{type(exc).__name__}: {exc}"
     built = sorted(router.backends) if router is not None else None
