@@ -79,7 +79,9 @@ class Router:
         self.closed = False
         if self.fallback not in built:
             raise BackendUnavailable(
-                f"the fallback backend {self.fallback!r} could not be built on this group"
+                f"artune: rank {getattr(ctx, 'rank', '?')}: the fallback backend "
+                f"{self.fallback!r} could not be built on group "
+                f"{getattr(ctx, 'group_name', '') or '?'} (the warning logged before says why)"
             )
 
     @classmethod
@@ -194,8 +196,8 @@ class Router:
             return hit
         if self.closed or not self.backends:
             raise RuntimeError(
-                f"artune: rank {self.ctx.rank}: all-reduce of {x.nbytes} B on group "
-                f"{self.ctx.group_name or '?'} through a router that was "
+                f"artune: rank {getattr(self.ctx, 'rank', '?')}: all-reduce of {x.nbytes} B on "
+                f"group {getattr(self.ctx, 'group_name', '') or '?'} through a router that was "
                 f"{'closed' if self.closed else 'detached'}: build a new one (Router.build)")
         choice, backend = self._resolve(x, key[2])
         hit = Bound(backend, backend.bind(x, choice.params))

@@ -177,3 +177,8 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} rank={self.ctx.rank}/{self.ctx.world_size}>"
+
+    @property
+    def who(self) -> str:
+        """How errors name this backend's call: the backend and the rank."""
+        return f"artune {self.name} (rank {self.ctx.rank} of {self.ctx.world_size})"

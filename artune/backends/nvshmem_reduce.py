@@ -87,7 +87,8 @@ class NvshmemReduceBackend(Backend):
     def all_reduce(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         import torch
 
-        assert self.src is not None and self.dst is not None, f"{self.name}: call after close()"
+        if self.src is None or self.dst is None:
+            raise RuntimeError(f"{self.who}: all_reduce after close()")
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         n = x.numel()
         if n == 0:

@@ -177,7 +177,7 @@ class _SymmBackend(Backend):
 
         reason = self._refusal(x)
         if reason is not None:
-            raise ValueError(f"{self.name}: cannot all-reduce {tuple(x.shape)} {x.dtype}: "
+            raise ValueError(f"{self.who}: cannot all-reduce {tuple(x.shape)} {x.dtype}: "
                              f"{reason}")
         if x.numel() == 0:
             return lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -194,7 +194,8 @@ class _SymmBackend(Backend):
     def _staged(self, x: torch.Tensor) -> torch.Tensor:
         """The first ``x.nbytes`` of the staging buffer, as ``x``'s dtype and shape."""
         nbytes = x.numel() * x.element_size()
-        assert self.buf is not None, f"{self.name}: all_reduce after close()"
+        if self.buf is None:
+            raise RuntimeError(f"{self.who}: all_reduce after close()")
         return self.buf[:nbytes].view(x.dtype).view(x.shape)
 
     def close(self) -> None:
@@ -231,7 +232,7 @@ class SymmOneShotBackend(_SymmBackend):
 
         def call(t: torch.Tensor) -> torch.Tensor:
             if self.closed:  # a call kept past close(): never a collective on a freed buffer
-                raise RuntimeError(f"{self.name}: all_reduce after close()")
+                raise RuntimeError(f"{self.who}: all_reduce after close()")
             out = empty_like(t)  # t is contiguous: so is out
             if (fused is not None and not t.data_ptr() % align
                     and not t.storage_offset() * esize % align):
@@ -258,7 +259,7 @@ class SymmTwoShotBackend(_SymmBackend):
 
         def call(t: torch.Tensor) -> torch.Tensor:
             if self.closed:  # a call kept past close(): never a collective on a freed buffer
-                raise RuntimeError(f"{self.name}: all_reduce after close()")
+                raise RuntimeError(f"{self.who}: all_reduce after close()")
             out = empty_like(t)  # t is contiguous: so is out
             staged.copy_(t)
             return op(staged, "sum", group, out)
