@@ -1,9 +1,10 @@
-"""``artune``: tune | show | launch.
+"""``artune``: tune | show | launch | env.
 
     artune tune [--nproc-per-node N] [--sizes 1K:256M] [--dtypes bfloat16] [--modes graph,eager]
                 [--backends nccl,...] [--quick] [--resume] [--out PATH] [--device cpu]
-    artune show PROFILE [--plot FILE.png] [--json] [--force]
+    artune show PROFILE [--plot FILE.png] [--json] [--routes DIR] [--force]
     artune launch [--profile PATH] [--force] -- <sglang.launch_server arguments>
+    artune env                     # every ARTUNE_ variable: its value here, default, meaning
 
 ``artune tune`` from a shell starts one rank per GPU itself; under torchrun (RANK set) or as a
 task of an srun step of several tasks it runs as one rank. The subcommands' modules are
@@ -113,9 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="run sglang.launch_server with the profile active",
                         usage="artune launch [--profile PATH] [--force] -- SGLANG_SERVER_ARGS",
                         description="Everything after `--` goes to sglang.launch_server.")
-    la.add_argument("--profile", default=None, help="profile JSON (default: ARTUNE_PROFILE)")
+    la.add_argument("--profile", default=None,
+                    help="profile JSON (default: ARTUNE_PROFILE, else profiles/<fingerprint "
+                    "id>.json for this machine, in the working directory, then the reference "
+                    "profiles shipped with artune)")
     la.add_argument("--force", action="store_true",
                     help="accept a profile made on another topology")
+
+    sub.add_parser("env", help="list every ARTUNE_ environment variable: its value here, its "
+                   "default and what it does")
     return p
 
 
@@ -313,6 +320,21 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
             sglang_jit.stop(warm)
 
 
+def _env() -> int:
+    """Print every variable artune reads (``artune.envs.ENV``): name, value here, meaning."""
+    import os
+    import textwrap
+
+    from artune.envs import ENV
+
+    for name, (default, _, what) in ENV.items():
+        raw = os.environ.get(name)
+        here = f"{raw!r} (set)" if raw not in (None, "") else f"{default!r} (default)"
+        print(f"{name} = {here}")
+        print(textwrap.fill(what, 96, initial_indent="    ", subsequent_indent="    "))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     forwarded: list[str] = []
@@ -334,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from artune import inspect
 
         return int(inspect.main(args))
+    if args.command == "env":
+        return _env()
     if args.command == "launch":
         import importlib
 

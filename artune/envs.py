@@ -47,8 +47,9 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     "ARTUNE_COLLECTIVE_TIMEOUT_S": (
         120.0,
         float,
-        "Bound on the autotuner's host-side collectives; a dead rank makes the others fail "
-        "within it, naming the rank.",
+        "Bound on artune's host-side collectives (the tune's, the SGLang plugin's set-up, a "
+        "backend's collective close); a dead or stuck rank makes the others fail within it, "
+        "naming the rank and the step.",
     ),
     "ARTUNE_NVRAR_ONESHOT_MAX_BYTES": (
         1 << 20,

@@ -214,3 +214,26 @@ def test_version_names_the_package_and_the_profile_schema(
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == (
         f"artune {__version__} (profile schema {SCHEMA_VERSION})")
+
+
+def test_env_lists_every_variable_with_its_value_here(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from artune.envs import ENV
+
+    monkeypatch.setenv("ARTUNE_TIMEOUT_S", "7.5")
+    monkeypatch.delenv("ARTUNE_STRICT", raising=False)
+    assert cli.main(["env"]) == 0
+    out = capsys.readouterr().out
+    for name in ENV:
+        assert f"\n{name} = " in "\n" + out, name
+    assert "ARTUNE_TIMEOUT_S = '7.5' (set)" in out and "ARTUNE_STRICT = True (default)" in out
+
+
+def test_readme_names_every_environment_variable() -> None:
+    """The README's table of variables keeps up with artune.envs (what the code reads)."""
+    from pathlib import Path
+
+    from artune.envs import ENV
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert [n for n in ENV if f"| `{n}` |" not in readme] == []
