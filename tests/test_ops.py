@@ -57,3 +57,47 @@ def test_unregistered_group_names_the_fix() -> None:
 
     with pytest.raises(RuntimeError, match=r"register_router\('nope', \.\.\.\)"):
         torch.ops.artune.all_reduce(torch.ones(4), "nope")
+
+
+def _write_profile(path: Any, world: int) -> str:
+    from artune import profile as profile_mod
+    from artune import topology
+    from artune.autotune.table import build_profile
+
+    ms = [{"backend": "gloo", "params": {}, "dtype": "float32", "mode": "eager", "nbytes": s,
+           "latency_us": 100.0, "spread_us": 1.0} for s in (1024, 65536)]
+    doc = build_profile(ms, [], fingerprint=topology.fingerprint(world, world, device="cpu"),
+                        command="test", dry_run=True)
+    profile_mod.save(doc, path)
+    return str(path)
+
+
+def _setup_rank(rank: int, world: int, path: str, force: bool) -> dict[str, Any]:
+    import artune.integration.ops as ops
+    from artune.integration.group_setup import SetupError
+
+    try:
+        router = ops.setup(path, name="g", force=force)
+    except SetupError as exc:
+        return {"error": str(exc)}
+    try:
+        x = torch.arange(100, dtype=torch.float32) * (rank + 1)
+        return {"sum": torch.ops.artune.all_reduce(x, "g").tolist()}
+    finally:
+        ops.unregister_router("g")
+        router.close()
+
+
+def test_setup_serves_a_profile_on_a_group_after_checking_it(tmp_path: Any) -> None:
+    """``ops.setup``: the profile checked on the group as the SGLang plugin checks it, then the
+    op serves it by name; a profile of another group size is the same error on every rank,
+    unless forced."""
+    good = _write_profile(tmp_path / "p2.json", 2)
+    for res in run_gloo(_setup_rank, 2, good, False):
+        assert res == {"sum": (torch.arange(100, dtype=torch.float32) * 3).tolist()}
+    other = _write_profile(tmp_path / "p4.json", 4)
+    errors = [r["error"] for r in run_gloo(_setup_rank, 2, other, False)]
+    assert len(errors) == 2 and errors[0] == errors[1]
+    assert "another topology" in errors[0] and "world_size" in errors[0]
+    for res in run_gloo(_setup_rank, 2, other, True):
+        assert "sum" in res

@@ -479,7 +479,7 @@ def test_strict_off_turns_a_mismatch_into_sglangs_own_selection(current: str,
     for r in res:
         assert "error" not in r, r["error"]
         assert r["routes"] == []
-        assert "world_size" in r["stderr"] and "keeps its own" in r["stderr"]
+        assert "world_size" in r["stderr"] and "keeps SGLang's own" in r["stderr"]
 
 
 def test_ranks_holding_different_profiles_fail_together(current: str, tmp_path: Path) -> None:
@@ -833,17 +833,17 @@ def test_watch_forward_wraps_a_forward_another_plugin_patched_already(monkeypatc
 def _gather_with_a_dead_peer(rank: int, world: int) -> dict[str, Any]:
     import torch.distributed as dist
 
+    from artune.agree import gather
     from artune.integration.sglang import PluginError
-    from artune.integration.sglang_setup import _gather
 
     os.environ["ARTUNE_COLLECTIVE_TIMEOUT_S"] = "5"
     group = dist.new_group(backend="gloo")
-    both = _gather(group, rank * 10, "TP: warm-up")
+    both = gather(group, rank * 10, "TP: warm-up", PluginError)
     if rank == 1:
         os._exit(9)  # dies before the next exchange, like a crash during set-up
     t0 = time.monotonic()
     try:
-        _gather(group, "mine", "TP: profile exchange")
+        gather(group, "mine", "TP: profile exchange", PluginError)
     except PluginError as exc:
         return {"both": both, "error": str(exc), "seconds": time.monotonic() - t0}
     return {"both": both, "error": None}
