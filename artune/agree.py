@@ -30,5 +30,9 @@ def gather(group: Any, obj: Any, what: str, error: type[Exception] = RuntimeErro
                 f"within {limit:.0f} s (ARTUNE_COLLECTIVE_TIMEOUT_S): "
                 f"{str(exc).splitlines()[0]}") from exc
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    try:
+        dist.all_gather_object(out, obj, group=group)
+    except RuntimeError as exc:
+        raise error(f"artune: rank {dist.get_rank()}: {what}: the exchange failed: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     return out

@@ -91,15 +91,13 @@ class Router:
         ctx: GroupContext,
         names: Iterable[str] | None = None,
         skip: Iterable[str] = ("sglang",),
-        strict: bool = False,
     ) -> Router:
         """Build the backends the profile routes to (or ``names``) plus the fallback.
 
         A backend that cannot be built here is left out with a warning: its ranges go to the
         fallback. Every rank must see the same outcome, so availability must not depend on the
-        rank (the plugin checks this with a collective before serving). ``strict``: raise
-        instead, before any later backend's (collective) construction, so that a rank where one
-        failed goes on to no collective its peers are not in.
+        rank. For serving, ``artune.integration.group_setup.build_router`` builds them one at a
+        time with an agreement of the ranks after each instead.
         """
         wanted = list(names) if names is not None else profile.backends_used()
         wanted.append(profile.fallback())
@@ -110,8 +108,6 @@ class Router:
             try:
                 built[name] = _backends.load(name).create(ctx)
             except BackendUnavailable as exc:
-                if strict:  # the built ones stay open: closing is collective too
-                    raise
                 logger.warning("%s; its sizes go to %s", exc, profile.fallback())
         return cls(profile, ctx, built)
 

@@ -163,35 +163,6 @@ def test_a_closed_or_detached_router_refuses_with_the_rank_and_group(prof: Profi
         assert built["symm_one_shot"].calls == 1 and built["nccl"].calls == 0
 
 
-def test_strict_build_stops_at_the_first_backend_that_cannot_be_built(
-        prof: Profile, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backends are built by collectives: with ``strict`` a rank where one fails raises at
-    once, before any later backend's construction (which its peers would not be in);
-    without, its sizes go to the fallback."""
-    from artune import backends
-    from artune.backends.base import BackendUnavailable
-    from artune.router import Router
-
-    made: list[str] = []
-
-    def load(name: str):  # noqa: ANN202
-        class Made:
-            @staticmethod
-            def create(ctx):  # noqa: ANN001, ANN205
-                if name == prof.backends_used()[0]:
-                    raise BackendUnavailable(f"{name}: out of memory on this rank")
-                made.append(name)
-                return _Counting(name)
-        return Made
-
-    monkeypatch.setattr(backends, "load", load)
-    with pytest.raises(BackendUnavailable, match="out of memory"):
-        Router.build(prof, object(), strict=True)  # type: ignore[arg-type]
-    assert made == []
-    router = Router.build(prof, object())  # type: ignore[arg-type]
-    assert prof.backends_used()[0] not in router.backends and "nccl" in router.backends
-
-
 def test_a_full_decision_cache_starts_afresh(prof: Profile, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
     """Prefill all-reduces come in many shapes: once the per-shape caches are full they are

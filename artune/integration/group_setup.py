@@ -28,7 +28,7 @@ from artune.log import log_once, logger
 if TYPE_CHECKING:
     import torch
 
-    from artune.backends.base import GroupContext
+    from artune.backends.base import Backend, GroupContext
     from artune.profile import Profile
     from artune.router import Router
 
@@ -53,6 +53,8 @@ class GroupSpec:
     extra: dict[str, Any] = field(default_factory=dict)  # GroupContext.extra
     #: what serves the group's all-reduces when the profile does not (for messages)
     keeps: str = "NCCL"
+    #: where the profile comes from, for messages (e.g. " (ARTUNE_PROFILE)")
+    profile_hint: str = ""
 
 
 def profile_hash(profile: Profile) -> str:
@@ -109,7 +111,7 @@ def build_router(
     ``available``)."""
     from artune import profile as profile_mod
     from artune import topology
-    from artune.backends.base import GroupContext
+    from artune.backends.base import BackendUnavailable, GroupContext
     from artune.router import Router
 
     name = spec.name
@@ -134,7 +136,7 @@ def build_router(
     if len({p["hash"] for p in peers}) > 1:
         held = ", ".join(f"rank {r}: {p['hash']} ({p['path']})" for r, p in enumerate(peers))
         raise error(f"artune {name}: ranks hold different profiles ({held}); give every rank "
-                    f"the same file and restart")
+                    f"the same file{spec.profile_hint} and restart")
     assert prof is not None
     hosts = [p["host"] for p in peers]
     per_node = {h: hosts.count(h) for h in hosts}
@@ -167,11 +169,14 @@ def build_router(
             logger.warning("%s; ARTUNE_STRICT=0: this group keeps %s", msg, spec.keeps)
             return None
         for w in warnings:
-            log_once(f"setup:version:{w}", f"artune {name}: version differs from the profile: {w}")
+            log_once(f"setup:version:{name}:{w}",
+                     f"artune {name}: version differs from the profile: {w}")
 
-    # 3. Which backends can run here (the ranks must agree). A backend left out sends its sizes
-    # to the next-fastest measured one, which may be one not checked yet: check until the
-    # served profile routes only to checked backends.
+    # 3. Which backends can run here (the ranks must agree), and 4. build them, one at a time
+    # with an agreement after each (their construction is collective: a rank where one failed
+    # must not go on to the next one's while its peers wait in this one). A backend left out
+    # sends its sizes to the next-fastest measured one, which may be one not checked or built
+    # yet: repeat until the served profile routes only to checked, built backends.
     ctx = GroupContext(
         group=spec.group, cpu_group=spec.cpu_group, rank=spec.rank,
         world_size=spec.world_size, device=spec.device, ranks_per_node=ranks_per_node,
@@ -180,47 +185,90 @@ def build_router(
     check = unavailable or _available
     excluded: dict[str, str] = {}
     checked: set[str] = set()
+    built: dict[str, Backend] = {}
     served = prof
-    while todo := [b for b in served.backends_used() if b not in checked]:
-        checked.update(todo)
-        missing = {b: r for b in todo if (r := check(b, ctx))}
-        views = gather(sorted(missing), "backend availability")
-        if any(v != views[0] for v in views):
-            raise error(f"artune {name}: ranks disagree on which backends can run: " + "; ".join(
-                f"rank {r} cannot run {v or 'nothing missing'}" for r, v in enumerate(views)))
-        if not missing:
-            break
+
+    def exclude(missing: Mapping[str, str]) -> Profile:
         for backend, reason in missing.items():
             logger.warning("artune %s: %s excluded: %s; its sizes go to the next-fastest "
                            "measured backend", name, backend, reason)
         excluded.update(missing)
         try:
-            served = without(prof, excluded)
+            return without(prof, excluded)
         except Exception as exc:  # noqa: BLE001 - deterministic, same on every rank
+            _close(built)
             raise error(f"artune {name}: cannot re-derive the profile without "
                         f"{sorted(excluded)}: {exc}") from exc
 
-    # 4. Build the backends (before any graph capture); every rank must build the same set.
-    router: Router | None = None
-    failure = None
+    while True:
+        todo = [b for b in served.backends_used() if b not in checked]
+        if todo:
+            checked.update(todo)
+            missing = {b: r for b in todo if (r := check(b, ctx))}
+            views = gather(sorted(missing), "backend availability")
+            if any(v != views[0] for v in views):
+                _close(built)
+                raise error(f"artune {name}: ranks disagree on which backends can run: "
+                            + "; ".join(f"rank {r} cannot run {v or 'nothing missing'}"
+                                        for r, v in enumerate(views)))
+            if missing:
+                served = exclude(missing)
+                continue
+        wanted = [b for b in dict.fromkeys([*served.backends_used(), served.fallback()])
+                  if b not in built and b not in excluded and b not in SKIP_BUILD]
+        if not wanted:
+            break
+        for backend in wanted:
+            made, failure = _create(backend, ctx)
+            failures = gather(failure, f"building {backend}")
+            if not any(failures):
+                assert made is not None
+                built[backend] = made
+                continue
+            if all(failures) and backend != served.fallback():
+                # the same on every rank: like an unavailable backend (its sizes move on)
+                served = exclude({backend: f"cannot be built: {failures[0]}"})
+                break
+            # on some ranks only (or the fallback): nothing to serve with. What was built
+            # before is closed on every rank alike; this backend is dropped unclosed where it
+            # was built (its close would be a collective the others do not join).
+            _close(built)
+            raise error(f"artune {name}: building {backend} failed: " + "; ".join(
+                f"rank {r}: {e or 'built'}" for r, e in enumerate(failures)))
     try:
-        router = Router.build(served, ctx, strict=True)
-    except Exception as exc:  # noqa: BLE001 - BackendUnavailable and worse: told to every rank
-        failure = f"{type(exc).__name__}: {exc}"
-    built = sorted(router.backends) if router is not None else None
-    results = gather((built, failure), "backend build")
-    if any(e for _, e in results) or any(b != results[0][0] for b, _ in results):
-        if router is not None:
-            router.close()
-        raise error(f"artune {name}: building the backends failed or differed: " + "; ".join(
-            f"rank {r}: {e or 'built ' + ', '.join(b or [])}" for r, (b, e) in enumerate(results)))
-    assert router is not None
+        router = Router(served, ctx, built)
+    except BackendUnavailable as exc:  # the fallback was excluded: the same on every rank
+        _close(built)
+        raise error(f"artune {name}: {exc}") from exc
     try:  # every rank holds the same backends: compile NVRAR's variants in parallel
         router.prepare()
     except Exception as exc:  # noqa: BLE001 - an optimisation: first calls compile instead
         logger.warning("artune %s: preparing the backends failed on rank %d (%s); they build "
                        "on first use", name, spec.rank, exc)
     return served, router
+
+
+#: Backends a caller serves itself rather than artune building them (SGLang's own).
+SKIP_BUILD = frozenset({"sglang"})
+
+
+def _create(backend: str, ctx: GroupContext) -> tuple[Backend | None, str | None]:
+    """(the backend built on ``ctx``, None) or (None, why it could not be)."""
+    from artune.backends import load as load_backend
+
+    try:
+        return load_backend(backend).create(ctx), None
+    except Exception as exc:  # noqa: BLE001 - BackendUnavailable and worse: agreed on
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _close(built: Mapping[str, Backend]) -> None:
+    """Close the backends every rank built (the same ones, in the same order, on every rank)."""
+    for backend in built.values():
+        try:
+            backend.close()
+        except Exception as exc:  # noqa: BLE001 - the error being raised matters more
+            logger.warning("closing %s after a failed set-up: %s", backend.name, exc)
 
 
 def summary(profile: Profile) -> str:

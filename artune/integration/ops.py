@@ -4,7 +4,7 @@ Works eagerly, inside CUDA-graph capture and under ``torch.compile(fullgraph=Tru
 the group by name (a string crosses the torch boundary; the Router lives in a registry here) and
 has a fake implementation, so the compiler never traces into the communication.
 
-    setup("profiles/<fingerprint id>.json", group, name="tp")   # every rank of the group
+    setup("profiles/<fingerprint id>.json", group, "tp")   # on every rank of the group
     y = torch.ops.artune.all_reduce(x, "tp")        # x: any contiguous bf16/fp16/fp32 tensor
 
 ``setup`` checks the profile on the group as the SGLang plugin does (``group_setup``); a Router
@@ -73,32 +73,41 @@ def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def setup(profile: Any, group: Any = None, name: str | None = None, *,
-          force: bool = False) -> Router:
-    """Serve ``profile`` (a path) on ``group`` (default: the whole world) as
-    ``torch.ops.artune.all_reduce(x, name)`` (``name`` default: the group's name). Collective:
-    every rank of the group calls it. The ranks prove they hold the same profile, the profile
-    is checked against this machine and the group size (``force``: skip that check), the
-    backends it routes to are checked and built on the group; any failure is a
-    ``SetupError`` on every rank (``artune.integration.group_setup``). A device group that is
-    not gloo gets a gloo group over the same ranks for those checks
-    (``torch.distributed.new_group``, which every rank of the default group must call).
-    Returns the Router: ``close()`` it and ``unregister_router(name)`` when done."""
+def setup(profile: Any, group: Any, name: str, *, cpu_group: Any = None,
+          device: torch.device | None = None, force: bool = False) -> Router:
+    """Serve ``profile`` (a path) on ``group`` (None: the whole world) as
+    ``torch.ops.artune.all_reduce(x, name)``. Collective: every rank of the group calls it.
+    The ranks prove they hold the same profile, the profile is checked against this machine
+    and the group size (``force``: skip that check), the backends it routes to are checked and
+    built on the group; any failure is a ``SetupError`` on every rank
+    (``artune.integration.group_setup``).
+
+    ``cpu_group``: a gloo group over the same ranks for those checks; by default one is made
+    with ``torch.distributed.new_group(ranks, use_local_synchronization=True)``, which only
+    the group's ranks call. ``device``: the GPU this rank's all-reduces run on (default: the
+    current CUDA device for an NCCL group, else the CPU). A router already registered as
+    ``name`` is closed first (collective as well). Returns the Router: ``close()`` it and
+    ``unregister_router(name)`` when done."""
     import torch.distributed as dist
 
     from artune.integration.group_setup import GroupSpec, build_router
 
     group = group if group is not None else dist.group.WORLD
-    backend = dist.get_backend(group)
-    cpu_group = group if backend == "gloo" else dist.new_group(
-        dist.get_process_group_ranks(group), backend="gloo")
-    device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
-              else torch.device("cpu"))
-    group_name = getattr(group, "group_name", "") or ""
-    name = name or group_name or "world"
+    if cpu_group is None:
+        cpu_group = group if dist.get_backend(group) == "gloo" else dist.new_group(
+            dist.get_process_group_ranks(group), backend="gloo",
+            use_local_synchronization=True)
+    if device is None:
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if "nccl" in str(dist.get_backend(group)) else torch.device("cpu"))
+    old = _ROUTERS._items.get(name)
+    if old is not None:
+        unregister_router(name)
+        old.close()
     spec = GroupSpec(name=f"group {name!r}", group=group, cpu_group=cpu_group,
                      rank=dist.get_rank(group), world_size=dist.get_world_size(group),
-                     device=device, group_name=group_name, keeps="NCCL")
+                     device=device, group_name=getattr(group, "group_name", "") or "",
+                     keeps="NCCL")
     built = build_router(profile, spec, check_topology=not force)
     assert built is not None  # strict: a mismatch raised
     router = built[1]

@@ -51,7 +51,7 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
         world_size=gc.world_size, device=gc.device,
         group_name=getattr(gc.device_group, "group_name", ""),
         extra={"sglang_group": gc, "sglang_group_name": gc.unique_name},
-        keeps="SGLang's own all-reduce",
+        keeps="SGLang's own all-reduce", profile_hint=" (ARTUNE_PROFILE)",
     )
     built = build_router(path, spec, strict=bool(envs.get("ARTUNE_STRICT")), optional=optional,
                          unavailable=unavailable, error=PluginError)

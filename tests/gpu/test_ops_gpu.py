@@ -35,7 +35,7 @@ def _profile(path: Path, world: int) -> None:
 def _served(ctx: Any, path: str) -> dict[str, Any]:
     import artune.integration.ops as ops
 
-    router = ops.setup(path, ctx.group, name="g")
+    router = ops.setup(path, ctx.group, "g")
     try:
         x = torch.full((4096,), float(ctx.rank + 1), dtype=torch.bfloat16, device=ctx.device)
         eager = torch.ops.artune.all_reduce(x, "g")
