@@ -243,9 +243,11 @@ class NvrarComm:
         import torch
 
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise TypeError(f"artune nvrar all_reduce: dtype {x.dtype} is not bf16/fp16/fp32")
+            raise TypeError(f"artune nvrar all_reduce (rank {self.rank}): dtype {x.dtype} is not "
+                            "bf16/fp16/fp32")
         if not x.is_contiguous():
-            raise ValueError("artune nvrar all_reduce: x must be contiguous (call .contiguous())")
+            raise ValueError(f"artune nvrar all_reduce (rank {self.rank}): x must be contiguous "
+                             "(call .contiguous())")
         n = x.numel()
         nbytes = n * x.element_size()
         bad = self.reason(nbytes, plan)
@@ -257,11 +259,13 @@ class NvrarComm:
                 if capturing or nbytes > self.layout.max_bytes
                 else ""
             )
-            raise ValueError(f"artune nvrar all_reduce({nbytes} B, {plan}): {bad}{fix}")
+            raise ValueError(f"artune nvrar all_reduce({nbytes} B, {plan}) on rank {self.rank}: "
+                             f"{bad}{fix}")
         if out is not None and (out.dtype != x.dtype or out.numel() != n
                                 or out.device != x.device or not out.is_contiguous()):
             raise ValueError(
-                f"artune nvrar all_reduce: out must be a contiguous {x.dtype} tensor of "
+                f"artune nvrar all_reduce (rank {self.rank}): out must be a contiguous {x.dtype} "
+                f"tensor of "
                 f"{n} elements on {x.device}, not {out.dtype} x {out.numel()} on {out.device}"
             )
         if n == 0:
