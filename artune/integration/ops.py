@@ -13,11 +13,14 @@ built by hand can be registered with ``register_router`` instead.
 
 from __future__ import annotations
 
+import datetime
 import weakref
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
+
+from artune import envs
 
 if TYPE_CHECKING:
     from artune.router import Router
@@ -93,10 +96,13 @@ def setup(profile: Any, group: Any, name: str, *, cpu_group: Any = None,
     from artune.integration.group_setup import GroupSpec, build_router
 
     group = group if group is not None else dist.group.WORLD
-    if cpu_group is None:
-        cpu_group = group if dist.get_backend(group) == "gloo" else dist.new_group(
-            dist.get_process_group_ranks(group), backend="gloo",
-            use_local_synchronization=True)
+    if cpu_group is None and dist.get_backend(group) == "gloo":
+        cpu_group = group
+    elif cpu_group is None:  # its collectives time out with artune's bound, not gloo's 30 min
+        limit = float(envs.get("ARTUNE_COLLECTIVE_TIMEOUT_S"))
+        cpu_group = dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                                   timeout=datetime.timedelta(seconds=limit),
+                                   use_local_synchronization=True)
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device())
                   if "nccl" in str(dist.get_backend(group)) else torch.device("cpu"))
