@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from artune import backends as _backends
-from artune.backends.base import Backend, BackendUnavailable, GroupContext
+from artune.backends.base import Backend, BackendUnavailable, GroupContext, remember
 from artune.log import log_once, logger
 from artune.profile import Choice, Profile, select
 
@@ -79,9 +79,8 @@ class Router:
         self.closed = False
         if self.fallback not in built:
             raise BackendUnavailable(
-                f"artune: rank {getattr(ctx, 'rank', '?')}: the fallback backend "
-                f"{self.fallback!r} could not be built on group "
-                f"{getattr(ctx, 'group_name', '') or '?'} (the warning logged before says why)"
+                f"artune: rank {ctx.rank}: the fallback backend {self.fallback!r} could not be "
+                f"built on group {ctx.group_name or '?'} (the warning logged before says why)"
             )
 
     @classmethod
@@ -135,11 +134,7 @@ class Router:
         d = self._decided.get(key)
         if d is not None and (d.backend is None or not d.backend.closed):
             return d, False
-        d = self._decide(x, key[2])
-        if len(self._decided) >= _MAX_DECIDED:  # many shapes (e.g. prefill): start afresh
-            self._decided.clear()
-        self._decided[key] = d
-        return d, True
+        return remember(self._decided, key, self._decide(x, key[2]), _MAX_DECIDED), True
 
     def _decide(self, x: torch.Tensor, mode: str) -> Decision:
         choice = select(self.profile, x.numel() * x.element_size(), x.dtype, mode)
@@ -192,15 +187,12 @@ class Router:
             return hit
         if self.closed or not self.backends:
             raise RuntimeError(
-                f"artune: rank {getattr(self.ctx, 'rank', '?')}: all-reduce of {x.nbytes} B on "
-                f"group {getattr(self.ctx, 'group_name', '') or '?'} through a router that was "
+                f"artune: rank {self.ctx.rank}: all-reduce of {x.nbytes} B on group "
+                f"{self.ctx.group_name or '?'} through a router that was "
                 f"{'closed' if self.closed else 'detached'}: build a new one (Router.build)")
         choice, backend = self._resolve(x, key[2])
-        hit = Bound(backend, backend.bind(x, choice.params))
-        if len(self._bound) >= _MAX_DECIDED:
-            self._bound.clear()
-        self._bound[key] = hit
-        return hit
+        return remember(self._bound, key, Bound(backend, backend.bind(x, choice.params)),
+                        _MAX_DECIDED)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:

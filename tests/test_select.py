@@ -11,6 +11,9 @@ from _profiles import profile_doc
 from artune.backends.base import Backend
 from artune.profile import Profile, select
 
+#: What a Router reads of its GroupContext in these tests (its messages name rank and group).
+_CTX = SimpleNamespace(rank=0, group_name="test")
+
 
 @pytest.fixture()
 def prof() -> Profile:
@@ -108,7 +111,7 @@ def test_router_decides_once_per_shape_and_falls_back_when_unsupported(prof: Pro
 
     built = {n: _Counting(n) for n in ("nccl", "symm_one_shot", "symm_two_shot")}
     built["symm_two_shot"].limit = 0  # refuses everything: its ranges go to NCCL
-    router = Router(prof, object(), built)  # type: ignore[arg-type]
+    router = Router(prof, _CTX, built)  # type: ignore[arg-type]
     small = torch.zeros(2048, dtype=torch.bfloat16)  # 4 KiB: one-shot in the profile
     mid = torch.zeros(131072, dtype=torch.bfloat16)  # 256 KiB: two-shot in the profile
     for _ in range(5):
@@ -173,7 +176,7 @@ def test_a_full_decision_cache_starts_afresh(prof: Profile, monkeypatch: pytest.
 
     monkeypatch.setattr(router_mod, "_MAX_DECIDED", 4)
     built = {n: _Counting(n) for n in ("nccl", "symm_one_shot", "symm_two_shot")}
-    router = router_mod.Router(prof, object(), built)  # type: ignore[arg-type]
+    router = router_mod.Router(prof, _CTX, built)  # type: ignore[arg-type]
     shapes = [torch.zeros(1024 + 8 * i, dtype=torch.bfloat16) for i in range(6)]
     for x in shapes:
         router.all_reduce(x, "graph")

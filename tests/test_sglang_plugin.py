@@ -62,6 +62,9 @@ def _rec(backend: str, nbytes: int, lat: float, dtype: str = "float32", mode: st
             "spread_us": 0.1, "reps": 10}
 
 
+#: What a Router reads of its GroupContext in the pure routing tests (rank and group name).
+_CTX = types.SimpleNamespace(rank=0, group_name="tp:0")
+
 def _measurements(extra: str | None = None, second: str | None = None) -> list[dict[str, Any]]:
     """gloo measured at 1-64 KiB of float32 (eager and graph); ``extra`` measured faster at 4 KiB
     and above, slower below; ``second`` between the two there (the next-fastest)."""
@@ -451,7 +454,7 @@ def test_before_forward_passes_healthy_routes_and_names_the_fault() -> None:
     gloo = _FakeBackend("gloo")
     from artune.router import Router
 
-    route = plugin.Route("tp:0", prof, Router(prof, object(), {"gloo": gloo}))  # type: ignore
+    route = plugin.Route("tp:0", prof, Router(prof, _CTX, {"gloo": gloo}))  # type: ignore
     plugin._ROUTES["tp:0"] = route
     try:
         assert plugin._before_forward(object(), 1) is None
@@ -590,7 +593,7 @@ def test_route_hands_sglang_and_uncovered_sizes_back() -> None:
     gloo = _FakeBackend("gloo")
     from artune.router import Router
 
-    router = Router(prof, object(), {"gloo": gloo})  # type: ignore[arg-type, dict-item]
+    router = Router(prof, _CTX, {"gloo": gloo})  # type: ignore[arg-type, dict-item]
     route = plugin.Route("tp:0", prof, router)
     assert route.pick(torch.zeros(1024)) is None  # 4 KiB: SGLang's own measured fastest
     decided: list[Any] = []

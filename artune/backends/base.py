@@ -40,13 +40,13 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 if TYPE_CHECKING:
     import torch
     import torch.distributed as dist
 
-__all__ = ["Backend", "GroupContext", "Params", "BackendUnavailable"]
+__all__ = ["Backend", "GroupContext", "Params", "BackendUnavailable", "remember"]
 
 Params = Mapping[str, Any]
 
@@ -56,6 +56,20 @@ def _bound_all_reduce(all_reduce: Callable[[torch.Tensor, Params | None], torch.
     """``all_reduce`` with ``params`` bound (a closure: a positional call costs less than a
     ``functools.partial`` with a keyword)."""
     return lambda x: all_reduce(x, params)
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def remember(cache: dict[K, V], key: K, value: V, limit: int) -> V:
+    """Keep ``value`` under ``key`` in a per-shape cache of at most ``limit`` entries; a full
+    cache starts afresh (a served model's shapes are few, but eager prefill sizes vary: a
+    cache that stopped growing would decide every new shape again on every call)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 class BackendUnavailable(RuntimeError):

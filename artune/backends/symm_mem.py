@@ -40,7 +40,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from artune.backends.base import Backend, BackendUnavailable, GroupContext, Params
+from artune.backends.base import Backend, BackendUnavailable, GroupContext, Params, remember
 
 if TYPE_CHECKING:
     import torch
@@ -166,10 +166,7 @@ class _SymmBackend(Backend):
         key = (x.shape, x.dtype, x.get_device(), x.is_contiguous())
         call = self._bound.get(key)
         if call is None:
-            call = self._call_for(x)
-            if len(self._bound) >= _MAX_BOUND:  # many shapes (e.g. prefill): start afresh
-                self._bound.clear()
-            self._bound[key] = call
+            call = remember(self._bound, key, self._call_for(x), _MAX_BOUND)
         return call
 
     def _call_for(self, x: torch.Tensor) -> Call:

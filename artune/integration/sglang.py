@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from artune import envs
+from artune.backends.base import remember
 from artune.log import log_once, logger
 from artune.router import current_mode
 
@@ -223,10 +224,7 @@ class Route:
             hit = (d.backend, d.backend.bind(x, d.choice.params))
         elif new:
             self._explain(d, x)
-        if len(self._hits) >= _MAX_HITS:  # many shapes (e.g. prefill): start afresh
-            self._hits.clear()
-        self._hits[key] = hit
-        return hit
+        return remember(self._hits, key, hit, _MAX_HITS)
 
     def _explain(self, d: Decision, x: torch.Tensor) -> None:
         """One log line per kind of size that keeps SGLang's own all-reduce unexpectedly."""
