@@ -77,12 +77,14 @@ def _setup_rank(rank: int, world: int, path: str, force: bool) -> dict[str, Any]
     from artune.integration.group_setup import SetupError
 
     try:
-        router = ops.setup(path, None, "g", force=force)
+        first = ops.setup(path, None, "g", force=force)
+        router = ops.setup(path, None, "g", force=force)  # again: replaces and closes the first
     except SetupError as exc:
         return {"error": str(exc)}
     try:
         x = torch.arange(100, dtype=torch.float32) * (rank + 1)
-        return {"sum": torch.ops.artune.all_reduce(x, "g").tolist()}
+        return {"sum": torch.ops.artune.all_reduce(x, "g").tolist(),
+                "first_closed": first.closed and ops.get_router("g") is router}
     finally:
         ops.unregister_router("g")
         router.close()
@@ -90,11 +92,12 @@ def _setup_rank(rank: int, world: int, path: str, force: bool) -> dict[str, Any]
 
 def test_setup_serves_a_profile_on_a_group_after_checking_it(tmp_path: Any) -> None:
     """``ops.setup``: the profile checked on the group as the SGLang plugin checks it, then the
-    op serves it by name; a profile of another group size is the same error on every rank,
-    unless forced."""
+    op serves it by name (a second setup under the same name closes the first router); a
+    profile of another group size is the same error on every rank, unless forced."""
     good = _write_profile(tmp_path / "p2.json", 2)
     for res in run_gloo(_setup_rank, 2, good, False):
-        assert res == {"sum": (torch.arange(100, dtype=torch.float32) * 3).tolist()}
+        assert res == {"sum": (torch.arange(100, dtype=torch.float32) * 3).tolist(),
+                       "first_closed": True}
     other = _write_profile(tmp_path / "p4.json", 4)
     errors = [r["error"] for r in run_gloo(_setup_rank, 2, other, False)]
     assert len(errors) == 2 and errors[0] == errors[1]

@@ -43,8 +43,9 @@ class Registry(Generic[T]):
         """Make ``obj`` reachable as ``group_name`` (replaces an earlier one)."""
         self._items[group_name] = obj
 
-    def unregister(self, group_name: str) -> None:
-        self._items.pop(group_name, None)
+    def unregister(self, group_name: str) -> T | None:
+        """Forget ``group_name``; returns what was registered there (None if nothing)."""
+        return self._items.pop(group_name, None)
 
     def get(self, group_name: str) -> T:
         obj = self._items.get(group_name)
@@ -106,9 +107,8 @@ def setup(profile: Any, group: Any, name: str, *, cpu_group: Any = None,
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device())
                   if "nccl" in str(dist.get_backend(group)) else torch.device("cpu"))
-    old = _ROUTERS._items.get(name)
+    old = unregister_router(name)
     if old is not None:
-        unregister_router(name)
         old.close()
     spec = GroupSpec(name=f"group {name!r}", group=group, cpu_group=cpu_group,
                      rank=dist.get_rank(group), world_size=dist.get_world_size(group),
