@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from artune.profile import Profile
     from artune.router import Router
 
-__all__ = ["GroupSpec", "SetupError", "build_router", "profile_hash", "without"]
+__all__ = ["GroupSpec", "SetupError", "build_router", "profile_hash", "unavailable_reason",
+           "without"]
 
 
 class SetupError(RuntimeError):
@@ -82,7 +83,7 @@ def without(profile: Profile, excluded: Mapping[str, str]) -> Profile:
     return Profile(validate(data, profile.path), profile.path)
 
 
-def _available(backend: str, ctx: GroupContext) -> str | None:
+def unavailable_reason(backend: str, ctx: GroupContext) -> str | None:
     """Why ``backend`` cannot serve on this rank (None when it can)."""
     from artune.backends import load as load_backend
 
@@ -182,7 +183,7 @@ def build_router(
         world_size=spec.world_size, device=spec.device, ranks_per_node=ranks_per_node,
         max_bytes=prof.max_bytes(), group_name=spec.group_name, extra=dict(spec.extra),
     )
-    check = unavailable or _available
+    check = unavailable or unavailable_reason
     excluded: dict[str, str] = {}
     checked: set[str] = set()
     built: dict[str, Backend] = {}

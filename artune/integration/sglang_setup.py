@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from artune import envs
-from artune.integration.group_setup import GroupSpec, build_router, summary
+from artune.integration.group_setup import GroupSpec, build_router, summary, unavailable_reason
 from artune.integration.group_setup import without as _without  # noqa: F401 - benchmarks use it
 from artune.integration.sglang import _ROUTES, PluginError, Route, _start_trace
 from artune.log import logger
@@ -33,14 +33,12 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
     ``gc.cpu_group``: call it on every rank of the group). None when the group keeps SGLang's
     own all-reduce (size not in the profile for an ``optional`` group, or ARTUNE_STRICT=0 and
     a topology mismatch). Raises PluginError, on every rank alike, when it cannot serve."""
-    from artune.integration.group_setup import _available
-
     name = f"{gc.unique_name} ({role}, {gc.world_size} ranks)"
     path = envs.get("ARTUNE_PROFILE")
 
     def unavailable(backend: str, ctx: GroupContext) -> str | None:
         if backend != "sglang":
-            return _available(backend, ctx)
+            return unavailable_reason(backend, ctx)
         if _sglang_fast_path(gc):
             return None
         return ("SGLang's custom all-reduce is off in this server (e.g. "
