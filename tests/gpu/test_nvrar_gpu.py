@@ -14,6 +14,7 @@ inputs in fp32 (NCCL), with identical bits on every rank:
   peer stores;
 - torch.compile(fullgraph=True) of a function calling ``torch.ops.artune.nvrar_all_reduce``,
   eagerly and captured in a CUDA graph;
+- lamport kernels whose first use is inside a CUDA-graph capture (odd element counts);
 - a soak of 100,000 consecutive all-reduces in graph replays;
 - a forced timeout: one rank skips the call, the others raise NvrarTimeoutError naming the rank,
   the peer and the step within the configured bound, and every process still shuts down.
@@ -428,6 +429,54 @@ def test_skewed_lamport_sequence_in_a_graph(ahead: str) -> None:
     world = min(4, torch.cuda.device_count())
     failures = run_on_gpus(world, _skewed, ahead, max_bytes=MAX_BYTES, timeout_s=150.0)
     assert failures[0] == [], "\n".join(failures[0][:20])
+
+
+def _first_use_in_capture(ctx: Any) -> list[str]:
+    """Lamport kernels first used inside a CUDA-graph capture, with element counts that are
+    not a multiple of 4 (the VEC=False variants; SGLang's sizes never need them, so a served
+    model's precompile does not cover them): each compiles and meets its peers while the
+    stream captures, then the replays must be right."""
+    be = _make(ctx, ctx.world_size)
+    failures: list[str] = []
+    dev = ctx.device
+    try:
+        plans = [{"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 32, "warps": 4},
+                 {"algo": "twoshot", "proto": "lamport", "block": 1024, "ctas": 32,
+                  "warps": 4}]
+        ns = (4099, 150_001)  # 8 KiB and 300 KiB of bf16, neither a multiple of 4
+        xs = [torch.randn(n, device=dev).to(torch.bfloat16) for n in ns]
+        graph = torch.cuda.CUDAGraph()
+        error = ""
+        try:
+            with be.capture(), torch.cuda.graph(graph):
+                ys = [be.all_reduce(x, p) for x, p in zip(xs, plans, strict=True)]
+        except Exception as exc:  # noqa: BLE001 - reported as the test's failure
+            error = f"capture with a first use failed on rank {ctx.rank}: {exc!r}"
+        failed = torch.tensor([int(bool(error))], device=dev)  # every rank stops, or none
+        torch.distributed.all_reduce(failed, group=ctx.group)
+        if failed.item():
+            return [error or f"rank {ctx.rank}: a peer's capture failed"]
+        for rep in range(3):
+            for x in xs:
+                x.copy_(torch.randn(x.numel(), device=dev).to(x.dtype))
+            graph.replay()
+            for x, y, p in zip(xs, ys, plans, strict=True):
+                bad = _check_one(be, x, y, f"first use in capture, replay {rep}, "
+                                           f"n={x.numel()} {p['algo']}")
+                if bad:
+                    failures.append(bad)
+        be.check()
+    finally:
+        be.close()
+    return failures
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+def test_lamport_first_used_inside_a_capture() -> None:
+    world = min(4, torch.cuda.device_count())
+    failures = run_on_gpus(world, _first_use_in_capture, max_bytes=MAX_BYTES, timeout_s=150.0)
+    assert all(f == [] for f in failures), "\n".join(sum(failures, []))
 
 
 @requires_nvshmem(4)

@@ -1,5 +1,6 @@
 """``artune.integration.ops.setup`` on GPUs: a profile checked and served on an NCCL group,
-then ``torch.ops.artune.all_reduce`` by name, eagerly and in a CUDA graph. Without 2 GPUs it
+then ``torch.ops.artune.all_reduce`` by name, eagerly, in a CUDA graph, and under
+``torch.compile(fullgraph=True)`` (eagerly and captured). Without 2 GPUs it
 skips with the reason."""
 
 from __future__ import annotations
@@ -43,8 +44,20 @@ def _served(ctx: Any, path: str) -> dict[str, Any]:
         with router.capture(), torch.cuda.graph(graph):
             y = torch.ops.artune.all_reduce(x, "g")
         graph.replay()
+
+        @torch.compile(fullgraph=True)
+        def f(t: torch.Tensor) -> torch.Tensor:
+            return torch.ops.artune.all_reduce(t * 2, "g") + 1
+
+        compiled = f(x)
+        cgraph = torch.cuda.CUDAGraph()
+        with router.capture(), torch.cuda.graph(cgraph):
+            z = f(x)
+        cgraph.replay()
         torch.cuda.synchronize()
         return {"eager": eager.float().unique().tolist(), "graph": y.float().unique().tolist(),
+                "compiled": compiled.float().unique().tolist(),
+                "compiled_graph": z.float().unique().tolist(),
                 "backend": router.choose(x, "eager").backend}
     finally:
         ops.unregister_router("g")
@@ -62,3 +75,5 @@ def test_setup_serves_a_profile_on_an_nccl_group() -> None:
         for res in run_on_gpus(world, _served, str(path), max_bytes=1 << 22, timeout_s=180):
             assert res["backend"] == "symm_one_shot"
             assert res["eager"] == [expected] and res["graph"] == [expected]
+            assert res["compiled"] == [2 * expected + 1]
+            assert res["compiled_graph"] == [2 * expected + 1]
