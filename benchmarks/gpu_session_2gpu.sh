@@ -16,6 +16,10 @@
 # serve: a full tune (cold Triton cache, timed), then SGLang end to end at TP=2 with its profile
 #   (CONFIGS, default nccl,artune_nccl,default,artune) in the time left; the profile and the
 #   results come back. MERGE=FILE / CONFIGS=... for a second call (the torch.compile configs).
+# card: what the card that came allows (a call for nvidia-h200-x2 may run on H100s). H200: the
+#   serve phase with CONFIGS=default,artune at bs 4 and 16 (a fresh profile: the committed 2x
+#   H200 one predates the incumbent rule). Otherwise: a paired default/artune run at TP=2
+#   (30 rounds, bs 1, 4, 16, 64, default started first) with the 2x H100 reference profile.
 set -uo pipefail
 W=/tmp/artune-gpu-2gpu
 source benchmarks/gpu_lib.sh
@@ -52,6 +56,14 @@ verify)
         --out "$W/allreduce_2gpu.md"
     step test_nvrar2 280 python3 -m pytest -q -s tests/gpu/test_nvrar_gpu.py \
         -k "sweep_2_ranks or soak or times_out"
+    ;;
+card)
+    if ! grep -q H200 "$W/card.txt"; then
+        PAIRED=default,artune REPS=30 BUDGET_S=$(( 585 - ($(date +%s) - T0) )) \
+            bash benchmarks/gpu_session_sglang.sh artune/profiles/4b6998f7355af1ed.json 2
+        exit 0
+    fi
+    CONFIGS=default,artune BATCH_SIZES=4,16 PHASE=serve exec bash "$0"
     ;;
 serve)
     if [ -z "${MERGE:-}" ]; then
