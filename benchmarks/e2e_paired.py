@@ -238,6 +238,9 @@ REP_ANSWER_S = 60.0
 CHECK_ANSWER_S = 120.0
 #: Seconds of a paired run's budget kept for stopping the engines and writing the results.
 PAIRED_RESERVE_S = 45.0
+#: Seconds per engine kept for the logprob check after the rounds (a few generated tokens per
+#: prompt; seconds): with a budget, a round starts only if it and the checks still fit.
+CHECK_RESERVE_S = 15.0
 
 
 def run_paired(args: argparse.Namespace, names: tuple[str, ...],
@@ -248,7 +251,9 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
     """All engines up side by side (two or more, started in the order of ``names``), then per
     batch size an untimed warm-up in each and ``args.reps`` rounds of one rep per engine, the
     order changing round by round (``round_order``), then the logprob check in each. Only
-    rounds every engine finished count. Returns the configs' results (as the one-engine mode
+    rounds every engine finished count. With a ``deadline``, a round starts only if it and the
+    checks still fit (``CHECK_RESERVE_S`` per engine): the rounds are cut short, said in
+    ``rounds_cut``, rather than the checks. Returns the configs' results (as the one-engine mode
     writes them) and the statistics of every pair of engines; ``save`` gets them after every
     batch size, so a run cut short keeps what it finished. For the configs in ``artune`` (the
     plugin loaded) the plugin's log lines are kept."""
@@ -256,7 +261,7 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
         n: {bs: [] for bs in args.batch_sizes} for n in names}
     info: dict[str, dict[str, Any]] = {n: {} for n in names}
     served: dict[str, Served] = {}
-    state: dict[str, str | None] = {"stopped": None, "check_error": None}
+    state: dict[str, str | None] = {"stopped": None, "check_error": None, "cut": None}
 
     def left() -> float:
         return math.inf if deadline is None else deadline - time.monotonic() - PAIRED_RESERVE_S
@@ -284,9 +289,10 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
                                        "batch_sizes": args.batch_sizes,
                                        "mem": args.paired_mem, "paired": True},
                           "batches": []}
-            for key in ("stopped", "check_error"):
+            for key, field in (("stopped", "error"), ("check_error", "check_error"),
+                               ("cut", "rounds_cut")):
                 if state[key]:
-                    results[n]["error" if key == "stopped" else key] = state[key]
+                    results[n][field] = state[key]
             if n in artune and n in served:
                 results[n]["artune_log"] = served[n].notes
                 results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
@@ -312,16 +318,32 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
             ready.pop("ready", None)
             info[current] = {k: v for k, v in ready.items() if k != "settings"}
             print(f"[e2e] {current}: up beside the other engine(s)", flush=True)
+        checks_s = CHECK_RESERVE_S * len(names)
         for bs in args.batch_sizes:
+            if state["cut"]:
+                break
+            t_bs = time.monotonic()
             for current in names:
                 ask(current, f"warm {bs}", REP_ANSWER_S)
+            round_s = 0.0
             for r in range(args.reps):
+                # the next round (as long as the last one, with a margin) and the logprob
+                # checks after the rounds must fit in what is left
+                if left() - checks_s < 1.5 * round_s:
+                    state["cut"] = (f"budget: bs {bs} stopped after {r} of {args.reps} rounds "
+                                    f"(and any larger batch size left out) to keep "
+                                    f"{checks_s:.0f} s for the logprob check")
+                    print(f"[e2e] {state['cut']}", flush=True)
+                    break
+                t_round = time.monotonic()
                 for current in round_order(names, r):
                     reps[current][bs].append(ask(current, f"rep {bs}", REP_ANSWER_S))
+                round_s = time.monotonic() - t_round
             print(f"[e2e] side by side, bs {bs}: {min(len(reps[n][bs]) for n in names)} "
-                  "rounds", flush=True)
+                  f"rounds in {time.monotonic() - t_bs:.0f} s", flush=True)
             if save is not None:
                 save(*collect())
+        t_check = time.monotonic()
         for current in names:
             try:
                 info[current].update(ask(current, "check", CHECK_ANSWER_S))
@@ -331,6 +353,8 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
                 if isinstance(exc, TimeoutError):
                     timed_out.add(current)
                 break
+        else:
+            print(f"[e2e] logprob check in {time.monotonic() - t_check:.0f} s", flush=True)
     except TimeoutError as exc:
         timed_out.add(current)
         state["stopped"] = str(exc)

@@ -80,7 +80,8 @@ per pair of configs, and the effect balanced over the start orders (median and i
 verdict where the two orders' hulls do not overlap). The results are written
 after every batch size; a worker that does not answer a rep within a minute is killed. The
 logprob check runs in every engine after the timing (a check cut short by the budget leaves the
-timings standing).
+timings standing). With ``--budget-s``, paired mode starts a round only if it and the checks
+still fit: fewer rounds than asked, said in the summary, rather than no check.
 
 Writes ``--out`` (JSON: card, date, versions, environment, raw reps and the summary, rewritten
 after every config; configs already in an existing file are kept, so a run may be split over
@@ -524,6 +525,9 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             row += (f"  {b['step_ms']:8.3f} ({b['spread_ms']:.3f}) {b['decode_tok_s']:8.0f}"
                     if b else f"  {'-':>27}")
         lines.append(row + (f"   ERROR {r['error']}" if r.get("error") else ""))
+    cut = next((r["rounds_cut"] for r in runs.values() if r.get("rounds_cut")), None)
+    if cut:
+        lines.append(f"fewer rounds than asked: {cut}")
     base = runs.get("default")
     doc["comparisons"] = {}
     if base and base.get("batches"):

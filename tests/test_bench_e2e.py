@@ -503,21 +503,34 @@ def test_paired_check_failure_keeps_the_timings(monkeypatch: pytest.MonkeyPatch)
     assert "update_weights_from_tensor failed" in results["artune"]["check_error"]
 
 
-def test_paired_run_stops_for_the_budget_keeping_finished_rounds(
+def test_paired_run_stops_for_the_budget_keeping_finished_rounds_and_the_check(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget ends in bs 64: its rounds stop before the time kept for the logprob
+    checks, which then run; the rounds done are kept and the cut is said (no error)."""
     mod = _module()
     clock = [0.0]
     _clock_both(monkeypatch, mod, clock)
-    args = _paired_args(reps=10, batch_sizes=[1, 64])
+    _no_check(monkeypatch, mod)
+    args = _paired_args(reps=10, batch_sizes=[1, 64, 128])
     # each 101-token generate costs ~0.23 s of the stand-in clock: the budget ends in bs 64
-    deadline = _paired().PAIRED_RESERVE_S + 8.0
+    paired_mod = _paired()
+    checks = 2 * paired_mod.CHECK_RESERVE_S
+    deadline = paired_mod.PAIRED_RESERVE_S + checks + 8.0
     results, paired = mod.run_paired(
         args, ("default", "artune"),
         lambda n: _FakeServed(n, mod, args, _StepEngine(clock, 2.0)), deadline)
-    assert results["default"]["error"].startswith("budget: no time left")
+    assert "error" not in results["default"] and "check_error" not in results["default"]
+    assert results["default"]["rounds_cut"].startswith("budget: bs 64 stopped after")
+    assert results["default"]["top_logprobs"] and results["artune"]["top_logprobs"]
     assert _pair(paired)["by_batch"]["1"]["rounds"] == 10
     assert 0 < _pair(paired)["by_batch"]["64"]["rounds"] < 10
+    assert "128" not in _pair(paired)["by_batch"]  # a larger batch size is left out
     assert "not resolved" in _pair(paired)["by_batch"]["64"]["verdict"]  # too few rounds for 95 %
+    assert clock[0] <= deadline - paired_mod.PAIRED_RESERVE_S - checks
+    doc = {"tp": 2, "card": {"gpu": "g", "gpus": 2}, "date": "d", "reps": 10, "new_tokens": 101,
+           "configs": results, "paired": paired}
+    assert any(line.startswith("fewer rounds than asked: budget: bs 64 stopped")
+               for line in mod._summarize(doc, 0.05))
 
 
 def test_paired_budget_ending_during_a_wait_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -536,7 +549,7 @@ def test_paired_budget_ending_during_a_wait_says_so(monkeypatch: pytest.MonkeyPa
                               silent_on="rep 64" if n == "artune" else None)
         return made[n]
 
-    deadline = _paired().PAIRED_RESERVE_S + 8.0
+    deadline = _paired().PAIRED_RESERVE_S + 2 * _paired().CHECK_RESERVE_S + 8.0
     results, paired = mod.run_paired(args, ("default", "artune"), spawn, deadline)
     error = results["default"]["error"]
     assert error.startswith("budget: the time ran out waiting for artune's answer to 'rep 64'")
