@@ -860,7 +860,47 @@ def test_a_rank_that_dies_during_setup_fails_the_others_within_the_bound() -> No
     assert r0["error"] is not None and r0["seconds"] < 30
     assert r0["error"].startswith("artune: rank 0: TP: profile exchange: not every rank")
     assert "ARTUNE_COLLECTIVE_TIMEOUT_S" in r0["error"], r0["error"]
-    assert "Ranks 1 failed" in r0["error"], r0["error"]  # torch's words, naming the dead rank
+    assert "rank(s) 1 did not arrive" in r0["error"], r0["error"]
+
+
+def _gather_with_a_late_peer(rank: int, world: int) -> dict[str, Any]:
+    """Rank 2 reaches the second exchange after the others gave up on it: it must fail too
+    (at once, naming the rank that gave up), not return or wait; the next exchange of all
+    three still works."""
+    import torch.distributed as dist
+
+    from artune.agree import gather
+    from artune.integration.sglang import PluginError
+
+    os.environ["ARTUNE_COLLECTIVE_TIMEOUT_S"] = "2"
+    group = dist.new_group(backend="gloo")
+    first = gather(group, rank, "first", PluginError)
+    if rank == 2:
+        time.sleep(4)  # past the others' bound
+    t0 = time.monotonic()
+    try:
+        gather(group, rank, "second", PluginError)
+        second: str | None = None
+    except PluginError as exc:
+        second = str(exc)
+    took = time.monotonic() - t0
+    dist.barrier(group=group)
+    third = gather(group, rank * 2, "third", PluginError)
+    return {"first": first, "second": second, "took": took, "third": third}
+
+
+def test_a_rank_arriving_after_its_peers_gave_up_fails_too_and_at_once() -> None:
+    from conftest import run_gloo
+
+    res = run_gloo(_gather_with_a_late_peer, 3, timeout_s=90)
+    for rank, r in enumerate(res):
+        assert r["first"] == [0, 1, 2] and r["third"] == [0, 2, 4]
+        assert r["second"] is not None, f"rank {rank} returned from an exchange that failed"
+        assert r["second"].startswith(f"artune: rank {rank}: second: ")
+    for r in res[:2]:
+        assert 1.5 < r["took"] < 10 and "rank(s) 2 did not arrive" in r["second"], r
+    assert res[2]["took"] < 1.0, res[2]  # sees the abort, does not wait its own bound
+    assert "gave up: rank(s) 2 did not arrive" in res[2]["second"], res[2]
 
 
 def test_attention_tp_group_gets_its_own_route_when_it_differs_from_tp(version: str,
