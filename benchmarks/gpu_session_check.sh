@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU call that runs, on the GPU, what the sixteenth session changed and tested on the CPU
-# only (closing note of that session):
+# One GPU call that runs, on the GPU, what a session changed and tested on the CPU only. First
+# run in the seventeenth session (all passed, benchmarks/results/gpu_session_2026-11-27e.md);
+# since then agree.gather goes through the group's store (the plugin's setup agreements and
+# NVRAR's close use it: the SGLang engines and -k times_out below run it). What it runs:
 #   - ops.setup: a profile served on an NCCL group (tests/gpu/test_ops_gpu.py);
 #   - NVRAR's close after a forced timeout (the ranks agree before the collective free) and the
 #     skewed lamport graph (tests/gpu/test_nvrar_gpu.py -k "times_out or skewed");
