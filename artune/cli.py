@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version",
                    version=f"artune {__version__} (profile schema {SCHEMA_VERSION})")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{tune,show,launch}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{tune,show,launch,env}")
 
     t = sub.add_parser(
         "tune",
@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="accept a profile made on another topology")
 
     sub.add_parser("env", help="list every ARTUNE_ environment variable: its value here, its "
-                   "default and what it does")
+                   "default and what it does",
+                   description="List every ARTUNE_ environment variable artune reads: its "
+                   "value here (and whether it is valid), its default and what it does. Exits "
+                   "2 when a value set here is not valid.")
     return p
 
 
@@ -235,6 +238,12 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
     except ValueError as exc:
         print(f"artune tune: {exc}", file=sys.stderr)
         return 2
+    from artune import envs
+
+    bad = envs.problems()
+    if bad:  # before any rank starts (each would fail on it)
+        print("\n".join(f"artune tune: {b}" for b in bad), file=sys.stderr)
+        return 2
     try:
         in_job = rank_env() is not None
     except ValueError as exc:  # a Slurm step whose variables do not add up
@@ -327,12 +336,34 @@ def _env() -> int:
 
     from artune.envs import ENV
 
-    for name, (default, _, what) in ENV.items():
+    bad = 0
+    for name, (default, parse, what) in ENV.items():
         raw = os.environ.get(name)
-        here = f"{raw!r} (set)" if raw not in (None, "") else f"{default!r} (default)"
+        if raw in (None, ""):
+            here = f"{_shown(name, default)} (default)"
+        else:
+            try:
+                here = f"{raw!r} (set: {_shown(name, parse(raw))})"
+            except ValueError as exc:
+                here, bad = f"{raw!r} (set; NOT VALID: {exc})", bad + 1
         print(f"{name} = {here}")
         print(textwrap.fill(what, 96, initial_indent="    ", subsequent_indent="    "))
-    return 0
+    if bad:
+        print(f"artune env: {bad} variable(s) not valid (above)", file=sys.stderr)
+    return 2 if bad else 0
+
+
+def _shown(name: str, value: object) -> str:
+    """A variable's parsed value as the README's table writes it."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if name.endswith("_BYTES") and isinstance(value, int):
+        from artune.inspect import human_bytes
+
+        return human_bytes(value)
+    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

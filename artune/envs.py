@@ -7,14 +7,51 @@ reads through the accessors below, so a reader can find every knob here.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ENV", "get", "NO_MULTICAST_ENV"]
+__all__ = ["ENV", "get", "problems", "NO_MULTICAST_ENV"]
 
 
 def _bool(value: str) -> bool:
+    """Lenient truth of another tool's variable (NCCL_NVLS_ENABLE, ...): anything but
+    empty / 0 / false / no / off."""
     return value.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _flag(value: str) -> bool:
+    """An ``ARTUNE_`` switch: 1 / 0 (or true / false, yes / no, on / off); anything else is
+    refused rather than guessed."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1 or 0 (or true / false, yes / no, on / off)")
+
+
+def _seconds(value: str) -> float:
+    """A positive, finite number of seconds."""
+    v = float(value)
+    if not 0 < v < float("inf"):
+        raise ValueError("expected a positive number of seconds")
+    return v
+
+
+def _bytes(value: str) -> int:
+    v = int(value)
+    if v <= 0:
+        raise ValueError("expected a positive number of bytes")
+    return v
+
+
+def _level(value: str) -> str:
+    import logging
+
+    v = value.strip().upper()
+    if v not in logging.getLevelNamesMapping() or v == "NOTSET":
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return v
 
 
 # name -> (default, parser, what it does)
@@ -34,46 +71,46 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     ),
     "ARTUNE_STRICT": (
         True,
-        _bool,
+        _flag,
         "1: a profile that does not match the live topology is an error; 0: a warning, and SGLang "
         "keeps its own all-reduce selection.",
     ),
     "ARTUNE_TIMEOUT_S": (
         5.0,
-        float,
+        _seconds,
         "Bound on every wait inside artune's device kernels (NVRAR); a peer that does not answer "
         "within it raises an error naming the rank, the peer and the step.",
     ),
     "ARTUNE_COLLECTIVE_TIMEOUT_S": (
         120.0,
-        float,
+        _seconds,
         "Bound on artune's host-side collectives (the tune's, the SGLang plugin's set-up, a "
         "backend's collective close); a dead or stuck rank makes the others fail within it, "
         "naming the rank and the step.",
     ),
     "ARTUNE_NVRAR_ONESHOT_MAX_BYTES": (
         1 << 20,
-        int,
+        _bytes,
         "Largest message NVRAR's one-shot algorithm takes; sizes its receive slots "
         "(LL 4 x and lamport 2 x world size x this many bytes of NVSHMEM heap per rank; "
         "lamport 3 x with ARTUNE_NVRAR_CLEAR_AHEAD).",
     ),
     "ARTUNE_NVRAR_LL_MAX_BYTES": (
         4 << 20,
-        int,
+        _bytes,
         "Largest message NVRAR's two-shot/hierarchical LL protocol takes (LL slots are twice "
         "the payload); larger messages use the signal protocol.",
     ),
     "ARTUNE_NVRAR_PDL": (
         True,
-        _bool,
+        _flag,
         "Launch NVRAR's peer-address kernels with programmatic dependent launch (sm_90+; each "
         "kernel first waits for the previous grid, only the launch overlaps); 0 turns it off. "
         "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both).",
     ),
     "ARTUNE_FORWARD_CHECK": (
         True,
-        _bool,
+        _flag,
         "1: the SGLang plugin reads every routed backend's fault record (a wait its device code "
         "gave up) before each model forward pass and stops the rank on one; 0: no check, a "
         "fault then surfaces at that backend's next eager call only (CUDA-graph replays go on "
@@ -81,7 +118,7 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     ),
     "ARTUNE_NVRAR_CLEAR_AHEAD": (
         False,
-        _bool,
+        _flag,
         "1: NVRAR's lamport slots get three parities (1.5x that region of the NVSHMEM heap) and "
         "each lamport call empties the slots the previous one read while it waits for its "
         "peers, instead of at its own end. Measured on 2x and 4x H100 (docs/nvrar.md): 0.10-0.23 "
@@ -90,7 +127,7 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
     ),
     "ARTUNE_VALIDATE_CONTROLS": (
         False,
-        _bool,
+        _flag,
         "1: at each eager point the tune's validation pass also times the routed backend called "
         "directly and a twin of that call, in the same rounds: the router's own cost and what "
         "the timing reads between two identical calls (A/A), per point (router_gap_us, "
@@ -98,17 +135,17 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "rounds as the candidates' re-times (which feed the tables), so those rounds differ "
         "from a run without (read on rank 0).",
     ),
-    "ARTUNE_LOG_LEVEL": ("INFO", str, "Log level of the 'artune' logger."),
-    "ARTUNE_DISABLE": (False, _bool, "1: the SGLang plugin only logs that it is disabled."),
+    "ARTUNE_LOG_LEVEL": ("INFO", _level, "Log level of the 'artune' logger."),
+    "ARTUNE_DISABLE": (False, _flag, "1: the SGLang plugin only logs that it is disabled."),
     "ARTUNE_SGLANG_WARM": (
         True,
-        _bool,
+        _flag,
         "`artune tune`: build SGLang's custom all-reduce JIT modules in the background while "
         "the ranks start (0: the ranks build them when they first need them).",
     ),
     "ARTUNE_PREIMPORT": (
         True,
-        _bool,
+        _flag,
         "`artune tune`: import the modules a backend's set-up needs that take seconds (SGLang's "
         "parallel_state) in a background thread while the ranks start, and wait for them before "
         "anything is timed (0: import them when the backend is set up).",
@@ -146,3 +183,18 @@ def get(name: str) -> Any:
         return parse(raw)
     except ValueError as exc:
         raise ValueError(f"{name}={raw!r} is not valid: {exc}") from exc
+
+
+def problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """What is wrong with the ``ARTUNE_`` variables set in ``environ`` (default: this
+    process's), one line each; empty when every value parses."""
+    environ = os.environ if environ is None else environ
+    out = []
+    for name, (_, parse, _) in ENV.items():
+        raw = environ.get(name)
+        if raw:
+            try:
+                parse(raw)
+            except ValueError as exc:
+                out.append(f"{name}={raw!r} is not valid: {exc}")
+    return out

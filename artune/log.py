@@ -18,8 +18,12 @@ def _configure() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("[artune %(levelname)s] %(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(str(envs.get("ARTUNE_LOG_LEVEL")).upper())
     logger.propagate = False
+    try:
+        logger.setLevel(envs.get("ARTUNE_LOG_LEVEL"))
+    except ValueError as exc:  # importing artune (in SGLang's ranks too) must not fail on it
+        logger.setLevel("INFO")
+        logger.warning("%s; logging at INFO", exc)
 
 
 _configure()

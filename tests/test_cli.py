@@ -226,7 +226,52 @@ def test_env_lists_every_variable_with_its_value_here(
     out = capsys.readouterr().out
     for name in ENV:
         assert f"\n{name} = " in "\n" + out, name
-    assert "ARTUNE_TIMEOUT_S = '7.5' (set)" in out and "ARTUNE_STRICT = True (default)" in out
+    assert "ARTUNE_TIMEOUT_S = '7.5' (set: 7.5)" in out and "ARTUNE_STRICT = 1 (default)" in out
+    assert "ARTUNE_PROFILE = unset (default)" in out
+    assert "ARTUNE_NVRAR_ONESHOT_MAX_BYTES = 1M (default)" in out
+
+
+def test_env_says_which_values_are_not_valid_and_exits_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ARTUNE_STRICT", "maybe")
+    monkeypatch.setenv("ARTUNE_TIMEOUT_S", "abc")
+    monkeypatch.setenv("ARTUNE_COLLECTIVE_TIMEOUT_S", "-3")
+    monkeypatch.setenv("ARTUNE_LOG_LEVEL", "LOUD")
+    assert cli.main(["env"]) == 2
+    out, err = capsys.readouterr()
+    assert "ARTUNE_STRICT = 'maybe' (set; NOT VALID: expected 1 or 0" in out
+    assert "ARTUNE_TIMEOUT_S = 'abc' (set; NOT VALID:" in out
+    assert "ARTUNE_COLLECTIVE_TIMEOUT_S = '-3' (set; NOT VALID: expected a positive" in out
+    assert "ARTUNE_LOG_LEVEL = 'LOUD' (set; NOT VALID: expected DEBUG, INFO" in out
+    assert "4 variable(s) not valid" in err
+
+
+def test_a_bad_variable_is_refused_before_any_rank_starts(
+        shell_env: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    calls = _no_launch(monkeypatch)
+    monkeypatch.setenv("ARTUNE_COLLECTIVE_TIMEOUT_S", "abc")
+    assert cli.main(["tune", "--device", "cpu", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("artune tune: ARTUNE_COLLECTIVE_TIMEOUT_S='abc' is not valid: could "
+                           "not convert string to float: 'abc'")
+    assert calls == []
+
+
+def test_a_bad_log_level_does_not_break_importing_artune() -> None:
+    """The plugin imports artune in every SGLang rank: a bad ARTUNE_LOG_LEVEL warns and logs
+    at INFO instead of failing the import."""
+    import subprocess
+    import sys
+
+    from conftest import artune_env
+
+    r = subprocess.run([sys.executable, "-c", "import artune.log as l; print(l.logger.level)"],
+                       env=artune_env({"ARTUNE_LOG_LEVEL": "LOUD"}), text=True,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "20"
+    assert "ARTUNE_LOG_LEVEL='LOUD' is not valid" in r.stderr and "logging at INFO" in r.stderr
 
 
 def test_readme_names_every_environment_variable() -> None:

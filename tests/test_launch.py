@@ -151,6 +151,23 @@ def test_unreadable_profile_fails_before_start(tmp_path: Path) -> None:
     assert "not valid JSON" in err
 
 
+def test_a_gpu_profile_on_this_machine_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A reference profile of 4x H100 on this CPU machine: the refusal alone, not buried
+    under notes about versions that differ."""
+    ref = Path(__file__).resolve().parents[1] / "artune" / "profiles" / "6eeb601b655cf21c.json"
+    code, err, started = _run(tmp_path, ref, ["--tp-size", "4"])
+    assert code == 2 and started is None
+    assert err.startswith(f"artune launch: profile {ref} was made for another machine"), err
+    assert "note:" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_profile_on_a_cpu_machine_says_where_to_tune(tmp_path: Path) -> None:
+    code, err, started = _run(tmp_path, None, ["--tp-size", "2"])
+    assert code == 2 and started is None
+    assert "no profile for this machine at TP=2" in err
+    assert "on the GPU node that will serve" in err and "dryrun-" in err
+
+
 def test_profile_for_another_tp_size_is_refused_unless_forced(tmp_path: Path) -> None:
     prof = _profile(tmp_path / "p.json", world=2)
     code, err, started = _run(tmp_path, prof, ["--tp-size", "4"])
@@ -184,6 +201,14 @@ def test_multicast_env_switch_is_refused(tmp_path: Path) -> None:
                               env={"SGLANG_ENABLE_CUSTOM_ALL_REDUCE_V2_MULTINODE": "1"})
     assert code == 2 and started is None
     assert "SGLANG_ENABLE_CUSTOM_ALL_REDUCE_V2_MULTINODE=1 is refused" in err
+
+
+def test_a_bad_artune_variable_is_refused_before_the_server_starts(tmp_path: Path) -> None:
+    prof = _profile(tmp_path / "p.json")
+    code, err, started = _run(tmp_path, prof, ["--tp-size", "2"],
+                              env={"ARTUNE_FORWARD_CHECK": "sometimes"})
+    assert code == 2 and started is None
+    assert "ARTUNE_FORWARD_CHECK='sometimes' is not valid: expected 1 or 0" in err
 
 
 def test_ordinary_flags_are_not_mistaken_for_multicast_ones() -> None:

@@ -148,7 +148,7 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
         sargs = sargs[1:]
     force = bool(getattr(args, "force", False))
 
-    problems = check_args(sargs)
+    problems = check_args(sargs) + envs.problems()
     if problems:
         return _fail("\n  ".join(["refusing to start SGLang:", *problems]))
     try:
@@ -163,8 +163,12 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
     given = getattr(args, "profile", None) or envs.get("ARTUNE_PROFILE")
     path = Path(given) if given else _find_profile(tp, per_node)
     if path is None:
+        make = (f"artune tune --nproc-per-node {tp}" if topology.gpu_count()
+                else f"artune tune --nproc-per-node {tp}` on the GPU node that will serve (no "
+                     f"GPU is visible here; `artune tune --device cpu` makes only a dry-run "
+                     f"profile, `dryrun-<id>.json`, which launch does not pick up")
         return _fail(f"no profile for this machine at TP={tp}: pass --profile PATH (or set "
-                     f"ARTUNE_PROFILE), or make one with `artune tune --nproc-per-node {tp}`")
+                     f"ARTUNE_PROFILE), or make one with `{make}`")
     try:
         prof = profile_mod.load(path)
     except profile_mod.ProfileError as exc:
@@ -176,14 +180,18 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
     except Exception as exc:  # noqa: BLE001 - a broken driver is a reason not to start
         return _fail(f"cannot fingerprint this machine: {type(exc).__name__}: {exc}")
     errors, warnings = topology.compare(prof.fingerprint, live)
-    for w in warnings:
-        print(f"artune launch: note: version differs from the profile: {w}", file=sys.stderr)
     if errors:
         msg = f"profile {path} was made for another machine or TP size: " + "; ".join(errors)
-        if not force:
+        if not force:  # the refusal alone: version notes would only bury it
             return _fail(msg + ". Tune this machine (`artune tune`), or pass --force to start "
                          "anyway (SGLang then keeps its own all-reduce)")
         print(f"artune launch: --force: {msg}; SGLang keeps its own all-reduce", file=sys.stderr)
+    for w in warnings:
+        print(f"artune launch: note: version differs from the profile: {w}", file=sys.stderr)
+    if envs.get("ARTUNE_DISABLE"):
+        print("artune launch: note: ARTUNE_DISABLE=1 is dropped for the server: launch serves "
+              "with the profile active (run `python -m sglang.launch_server` for SGLang alone)",
+              file=sys.stderr)
 
     if server is None:
         from artune.integration.sglang import hook_point_error
