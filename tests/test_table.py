@@ -149,3 +149,25 @@ def test_the_incumbent_wins_sizes_by_its_margin_only_never_through_a_tie() -> No
     del per[4096]
     w = pick_winners(per, incumbent_margin=0.10)
     assert {n: r["backend"] for n, r in w.items()} == {8192: "symm_one_shot", 16384: "sglang"}
+
+
+def test_validation_rows_name_the_parameters_where_both_sides_are_one_backend() -> None:
+    """A miss between two parameter sets of one backend reads as such, not "gloo vs gloo"."""
+    import io
+
+    from rich.console import Console
+
+    from artune.autotune.ui import print_validation
+
+    base = {"dtype": "float32", "mode": "graph", "nbytes": 262144, "routed_us": 749.9,
+            "best_us": 542.6, "gap_us": 207.3, "within": False}
+    rows = [dict(base, routed_backend="gloo", routed_params={"chunk": 2},
+                 best_backend="gloo", best_params={"chunk": 8}),
+            dict(base, nbytes=4096, routed_backend="nccl", routed_params={},
+                 best_backend="gloo", best_params={"chunk": 8})]
+    out = io.StringIO()
+    print_validation(rows, 0.03, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "gloo (chunk=2)" in text and "gloo (chunk=8)" in text
+    assert "nccl " in text and "gloo (chunk=8)" not in text.split("4K")[1]
+    assert "fastest direct" in text and "NO" in text
