@@ -97,6 +97,9 @@ def test_storage_url_elsewhere_holds_the_studies(tmp_path: Path, cpu_env: dict[s
     assert "gloo|bfloat16|eager|4096" in names
     again = run_artune(*args, "--resume", env=cpu_env)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stdout + again.stderr
+    # a finished tune resumed: nothing measured again, and it says the validation reruns
+    assert "nothing was left to measure" in " ".join(again.stdout.split())
+    assert "nothing was left to measure" not in " ".join(r.stdout.split())
 
 
 def test_resume_with_fewer_sizes_describes_only_those(tmp_path: Path, cpu_env: dict[str, str]

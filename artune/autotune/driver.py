@@ -121,6 +121,7 @@ class Driver(ValidationPass):
             )
             resumed.measurements, resumed.skipped = kept, kept_skips
         self.measurements += resumed.measurements
+        n_resumed = len(self.measurements)
         for s in resumed.skipped:
             self._add_skip(s)
         for key, reason in resumed.gate_failures.items():
@@ -174,6 +175,12 @@ class Driver(ValidationPass):
         save(doc, out)
         in_trials = dict(self.crew.trial_seconds)
         if cfg.validate and doc["tables"]:
+            if cfg.resume and len(self.measurements) == n_resumed:
+                self.con.print(
+                    "--resume: nothing was left to measure (the measurements above are the "
+                    "last run's); the validation pass, which is not stored, runs again and "
+                    "rewrites the profile's validated numbers and rerouted points",
+                    markup=False)
             t_val = time.perf_counter()
             doc["validation"] = self._validate(doc)
             self._reroute(doc)
