@@ -220,6 +220,39 @@ def _gpu_only(names: list[str], extra: Mapping[str, str]) -> str | None:
             "processes only gloo runs (leave out --backends, or add gloo to it)")
 
 
+def _extra_backend_problem(extra: Mapping[str, str]) -> str | None:
+    """Why a backend added with --extra-backend cannot load, seen from the shell (its module
+    is found, not imported: the ranks import it)."""
+    import importlib.util
+
+    for name, target in extra.items():
+        module = target.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError) as exc:
+            found, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            why = f"no module named {module!r}"
+        if not found:
+            return f"--extra-backend {name}={target}: {why} (is it installed, or on PYTHONPATH?)"
+    return None
+
+
+def _storage_problem(url: str | None) -> str | None:
+    """Why --storage URL is not a database URL Optuna can open (its dialect), or None."""
+    if not url:
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(url).get_dialect()
+    except Exception as exc:  # noqa: BLE001 - unparsable URL or unknown dialect
+        return (f"--storage {url!r} is not a database URL Optuna can use "
+                f"({type(exc).__name__}: {exc}); e.g. sqlite:///tune.db or "
+                "postgresql://user@host/db")
+    return None
+
+
 def _no_gpu_message() -> str:
     return (
         "artune tune: no CUDA GPU is visible here (torch.cuda.is_available() is False). Run it "
@@ -286,6 +319,10 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
             f"{nproc} ranks",
             file=sys.stderr,
         )
+        return 2
+    cannot = _extra_backend_problem(cfg.extra_backends) or _storage_problem(cfg.storage)
+    if cannot:
+        print(f"artune tune: {cannot}", file=sys.stderr)
         return 2
     if cfg.out is not None and cfg.out.is_dir():
         print(f"artune tune: --out {cfg.out} is a folder; name the profile file, e.g. "

@@ -282,3 +282,16 @@ def test_readme_names_every_environment_variable() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert [n for n in ENV if f"| `{n}` |" not in readme] == []
+
+
+def test_an_extra_backend_or_storage_that_cannot_work_is_refused_before_any_rank(
+        shell_env: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    calls = _no_launch(monkeypatch)
+    assert cli.main(["tune", "--device", "cpu", "--quick", "--extra-backend",
+                     "foo=no_such_pkg_xyz.mod:Baz"]) == 2
+    err = capsys.readouterr().err
+    assert "--extra-backend foo=no_such_pkg_xyz.mod:Baz:" in err and "no_such_pkg_xyz" in err
+    assert cli.main(["tune", "--device", "cpu", "--quick", "--storage", "bogus://x"]) == 2
+    assert "--storage 'bogus://x' is not a database URL" in capsys.readouterr().err
+    assert calls == []
