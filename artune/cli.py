@@ -404,6 +404,14 @@ def _shown(name: str, value: object) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # e.g. Ctrl-C while torch imports, before any rank starts
+        print("artune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     forwarded: list[str] = []
     if argv[:1] == ["launch"] and "--" in argv:

@@ -8,6 +8,7 @@ backends artune knows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -395,3 +396,30 @@ def test_a_late_setup_backend_is_set_up_and_measured_after_the_others(
     late = [t for (study, _), (_, t) in starts.items() if study.startswith("late|")]
     assert gloo and late and max(gloo) < min(late), "late was measured before gloo finished"
     assert prof.data["validation"]  # both validated side by side after the tune
+
+
+@pytest.mark.parametrize("after_s", [0.5, 4.0])
+def test_ctrl_c_to_the_terminal_group_twice_stops_quietly(
+    tmp_path: Path, cpu_env: dict[str, str], after_s: float
+) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground group (launcher and ranks),
+    here twice in a row, early (ranks still importing torch) or mid-tune: the launcher stops
+    the ranks and says how to resume; no traceback from any process, exit code 130."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ctrl_c.json"
+    args = ["tune", "--device", "cpu", "--sizes", "1K:1M", "--modes", "eager", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "artune.cli", *args], env=cpu_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    time.sleep(after_s)
+    assert proc.poll() is None, "the tune ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted" in err

@@ -5,7 +5,8 @@ copies of ``python -m artune.cli tune ...`` with the variables torchrun would se
 LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and NVLink multicast off
 (``artune.envs.NO_MULTICAST_ENV``), then watches them. When one dies, the others are stopped
 at once (SIGTERM, then SIGKILL after ``GRACE_S``) and the error names the rank that died, so
-nothing hangs. Each child also dies with the launcher (PR_SET_PDEATHSIG on Linux).
+nothing hangs. Each child also dies with the launcher (PR_SET_PDEATHSIG on Linux), and
+ignores SIGINT: Ctrl-C is the launcher's to handle.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the launcher dies (Linux only)."""
+def _child_setup() -> None:
+    """preexec_fn: the child ignores SIGINT, so that Ctrl-C in a terminal (sent to the whole
+    foreground group) reaches the launcher only, which stops the ranks with SIGTERM, instead of
+    every rank printing a KeyboardInterrupt traceback (Python keeps an ignored SIGINT
+    ignored); and it gets SIGTERM when the launcher dies (Linux only)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -109,6 +114,7 @@ def launch(
         raise SystemExit(128 + signum)
 
     old = signal.signal(signal.SIGTERM, _on_term)
+    old_int = signal.getsignal(signal.SIGINT)
     try:
         for rank in range(nproc):
             procs.append(
@@ -116,7 +122,7 @@ def launch(
                     [python, "-m", "artune.cli", *argv],
                     env=_rank_env(rank, nproc, port),
                     stdin=subprocess.DEVNULL,
-                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                    preexec_fn=_child_setup if sys.platform != "win32" else None,
                 )
             )
         while True:
@@ -150,6 +156,10 @@ def launch(
                 return 0
             time.sleep(_POLL_S)
     except (KeyboardInterrupt, SystemExit) as exc:
+        # a second Ctrl-C (or SIGTERM) while the ranks are being stopped must not cut that
+        # short with a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop(procs, grace_s)
         print(
             "artune tune: interrupted; stopped all ranks. Rerun the same command with --resume "
@@ -160,3 +170,4 @@ def launch(
         return exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)

@@ -57,10 +57,11 @@ def _builder(name: str, world_size: int) -> Callable[[], Any]:
 
 
 def _background() -> Callable[[], None] | None:
-    """preexec_fn: die with the parent (Linux) and yield the CPU to the ranks."""
+    """preexec_fn: die with the parent (Linux), leave Ctrl-C to the launcher, and yield the
+    CPU to the ranks."""
     if not sys.platform.startswith("linux"):
         return None
-    from artune.autotune.launcher import _die_with_parent as die
+    from artune.autotune.launcher import _child_setup as die
 
     def setup() -> None:
         die()
