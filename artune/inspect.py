@@ -27,6 +27,10 @@ __all__ = ["main", "render", "plot", "plot_path", "human_bytes", "fmt_us", "vali
            "load_routes", "render_routes"]
 
 
+#: Width of a dispatch table without its params column (borders included).
+_TABLE_WIDTH = 80
+
+
 def human_bytes(n: int) -> str:
     """1536 -> '1.5K', 4096 -> '4K', 1 -> '1B' (binary units, as message sizes are)."""
     for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
@@ -89,27 +93,39 @@ def render(profile: Profile, console: Any = None) -> None:
         console.print("  [yellow]DRY RUN on CPU processes (gloo): not a GPU measurement[/yellow]")
     for dtype, modes in profile.tables.items():
         for mode, ranges in modes.items():
+            params = [_params(r.get("params", {})) for r in ranges]
+            # In a terminal too narrow for the parameters beside the numbers, they go under
+            # the table as numbered notes, so that nothing is cut short.
+            notes = console.width < _TABLE_WIDTH + max(map(len, params), default=1)
             t = Table(title=f"{dtype} / {mode}", title_justify="left")
             for col, just in (
-                ("size range", "left"),
+                ("size range (bytes)", "left"),
                 ("backend", "left"),
-                ("params", "left"),
+                *([] if notes else [("params", "left")]),
                 ("latency µs", "right"),
                 (f"{profile.fallback().upper() if profile.dry_run else 'NCCL'} µs", "right"),
                 ("speedup", "right"),
             ):
-                t.add_column(col, justify=just)  # type: ignore[arg-type]
-            for r in ranges:
+                t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+            shown: list[str] = []
+            for r, par in zip(ranges, params, strict=True):
                 pts = r.get("points", [])
+                if notes and par != "-":
+                    if par not in shown:
+                        shown.append(par)
+                    who = [f"{r['backend']} [{shown.index(par) + 1}]"]
+                else:
+                    who = [r["backend"]] if notes else [r["backend"], par]
                 t.add_row(
                     _size_range(r["min_bytes"], r["max_bytes"]),
-                    r["backend"],
-                    _params(r.get("params", {})),
+                    *who,
                     _span([p.get("latency_us") for p in pts], "{:.1f}"),
                     _span([p.get("nccl_us") for p in pts], "{:.1f}"),
                     _span([p.get("speedup") for p in pts], "{:.2f}x"),
                 )
             console.print(t)
+            for i, par in enumerate(shown, 1):
+                console.print(f"  [{i}] {par}", markup=False, highlight=False)
     skipped = d.get("skipped") or []
     if skipped:
         reasons = Counter((s.get("backend"), s.get("reason")) for s in skipped)

@@ -166,3 +166,29 @@ def test_show_reader_going_away_is_not_an_error(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err.decode()
     assert b"Traceback" not in err and png.is_file()
+
+
+def test_a_narrow_terminal_gets_the_parameters_as_notes_and_nothing_cut() -> None:
+    """80 columns: the numbers and names stay whole, the parameters go under the table as
+    numbered notes; a wide console keeps them in their column."""
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from artune.inspect import render
+    from artune.profile import load
+
+    ref = load(Path(__file__).resolve().parents[1] / "artune" / "profiles"
+               / "6eeb601b655cf21c.json")
+    narrow, wide = io.StringIO(), io.StringIO()
+    render(ref, Console(file=narrow, width=80))
+    render(ref, Console(file=wide, width=200))
+    text = narrow.getvalue()
+    assert "…" not in text
+    assert "nvrar [1]" in text
+    assert "  [1] algo=twoshot block=512 ctas=64 proto=lamport warps=4" in text
+    assert "3.02x–5.69x" in text
+    assert all(len(line) <= 80 for line in text.splitlines() if line.startswith(("│", "┃")))
+    full = wide.getvalue()
+    assert "│ nvrar   │ algo=twoshot block=512 ctas=64" in full and "[1]" not in full
