@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "wins)")
     t.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip re-timing the routed all-reduce after the table is built")
-    t.add_argument("--seed", type=int, default=0, help="seed of the inputs and the sampler")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the inputs and the sampler (default 0)")
     t.add_argument("--extra-backend", action="append", default=[], metavar="NAME=MODULE:CLASS",
                    help="add a backend to the registry for this tune (plugins, tests)")
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="run sglang.launch_server with the profile active",
                         usage="artune launch [--profile PATH] [--force] -- SGLANG_SERVER_ARGS",
                         description="Everything after `--` goes to sglang.launch_server.")
-    la.add_argument("--profile", default=None,
+    la.add_argument("--profile", default=None, metavar="PATH",
                     help="profile JSON (default: ARTUNE_PROFILE, else profiles/<fingerprint "
                     "id>.json for this machine, in the working directory, then the reference "
                     "profiles shipped with artune)")

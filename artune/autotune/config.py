@@ -62,7 +62,9 @@ def parse_sizes(text: str) -> list[int]:
             raise ValueError(f"bad size range {text!r}: expected LO:HI or LO:HI:FACTOR")
         lo, hi = parse_size(parts[0]), parse_size(parts[1])
         if hi < lo:
-            raise ValueError(f"bad size range {text!r}: {hi} < {lo}")
+            raise ValueError(f"bad size range {text!r}: the upper end ({hi} B) is below the "
+                             f"lower ({lo} B); write the smaller size first, e.g. "
+                             f"{parts[1]}:{parts[0]}")
         try:
             factor = int(parts[2]) if len(parts) == 3 else 2
         except ValueError:
