@@ -137,3 +137,17 @@ def test_validation_controls_on_time_the_router_and_an_a_a_pair(
             assert len(v["router_gap_us"]) == 2 and len(v["control_gap_us"]) == 2, v
             assert v["control_gap_us"][1] >= 0  # an interquartile range
     assert "two identical calls read" in r.stdout.replace("\n", " ")
+
+
+def test_a_finished_tune_leaves_its_storage_as_one_file(tmp_path: Path,
+                                                        cpu_env: dict[str, str]) -> None:
+    """The SQLite storage's write-ahead log is folded into the file at the end: no -wal or
+    -shm file is left beside it, and the file alone holds every trial."""
+    out = tmp_path / "p.json"
+    r = run_artune("tune", "--device", "cpu", "--quick", "--sizes", "4K", "--modes", "eager",
+                   "--out", str(out), env=cpu_env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    db = Path(f"{out}.optuna.db")
+    assert db.exists()
+    assert not Path(f"{db}-wal").exists() and not Path(f"{db}-shm").exists()
+    assert "gloo|bfloat16|eager|4096" in optuna.get_all_study_names(f"sqlite:///{db}")

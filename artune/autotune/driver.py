@@ -199,6 +199,7 @@ class Driver(ValidationPass):
         doc["tune_clock"] = {"launched_unix": _launch_time(), "finished_unix": time.time()}
         doc["tune_host"] = _host_state()
         save(doc, out)
+        store.close()
         if "validation" in doc:
             ui.print_validation(doc["validation"], cfg.rel_tol, self.con)
         ui.print_summary(doc, str(out), time.perf_counter() - t0, self.con)

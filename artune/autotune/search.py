@@ -118,7 +118,7 @@ class Store:
         self._pruner = ClearlySlowerPruner()
 
     @staticmethod
-    def _open(url: str) -> optuna.storages.BaseStorage:
+    def _open(url: str) -> optuna.storages.RDBStorage:
         storage = optuna.storages.RDBStorage(url)
         if url.startswith("sqlite"):
             # WAL + NORMAL: each trial is still its own committed transaction (a killed tune
@@ -136,6 +136,17 @@ class Store:
 
             engine.dispose()
         return storage
+
+    def close(self) -> None:
+        """Fold an SQLite storage's write-ahead log into the database file and close it, so
+        that a finished tune leaves one file (the -wal and -shm files go with the last
+        connection). Without it the file alone would lack the trials still in the log."""
+        if self.url.startswith("sqlite"):
+            from sqlalchemy import text
+
+            with contextlib.suppress(Exception), self.storage.engine.connect() as con:
+                con.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        self.storage.engine.dispose()
 
     def _check_meta(self, meta: dict[str, Any], resuming: bool) -> None:
         study = optuna.create_study(
