@@ -39,9 +39,10 @@ def _seconds(value: str) -> float:
 
 
 def _bytes(value: str) -> int:
+    """A number of bytes, 0 included (0 turns the algorithm it caps off)."""
     v = int(value)
-    if v <= 0:
-        raise ValueError("expected a positive number of bytes")
+    if v < 0:
+        raise ValueError("expected a number of bytes (0 or more)")
     return v
 
 
