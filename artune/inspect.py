@@ -162,10 +162,21 @@ def render(profile: Profile, console: Any = None) -> None:
                     how = f" (gap {gap:+.1f} µs, {v.get('gap_from', 'medians')})"
                 console.print(
                     f"  [red]{v['dtype']}/{v['mode']} {human_bytes(v['nbytes'])}: routed "
-                    f"{v['routed_backend']} {fmt_us(v.get('routed_us'))} µs vs "
-                    f"{v.get('best_backend')} {fmt_us(v.get('best_us'))} µs{how}"
+                    f"{who_validated(v, 'routed')} {fmt_us(v.get('routed_us'))} µs vs "
+                    f"{who_validated(v, 'best')} {fmt_us(v.get('best_us'))} µs{how}"
                     f"{' - ' + str(v['error']) if v.get('error') else ''}[/red]"
                 )
+
+
+def who_validated(e: dict[str, Any], side: str) -> str:
+    """A validation row's routed or fastest backend, with its parameters where both sides name
+    the same backend with different ones (else a miss would read "gloo vs gloo")."""
+    name = str(e.get(f"{side}_backend"))
+    params = e.get(f"{side}_params") or {}
+    if (e.get("routed_backend") == e.get("best_backend") and params
+            and e.get("routed_params") != e.get("best_params")):
+        return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
+    return name
 
 
 def validation_count(entries: list[dict[str, Any]]) -> str:

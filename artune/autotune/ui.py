@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from artune.inspect import fmt_us, human_bytes, validation_count
+from artune.inspect import fmt_us, human_bytes, validation_count, who_validated
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -73,17 +73,6 @@ def _gap(e: dict[str, Any]) -> str:
     return f"{gap:+.1f}" + (f" ±{spread:.1f}" if spread else "")
 
 
-def _who(e: dict[str, Any], side: str) -> str:
-    """A validation row's routed or fastest backend, with its parameters where both sides name
-    the same backend with different ones (else a miss would read "gloo vs gloo")."""
-    name = str(e.get(f"{side}_backend"))
-    params = e.get(f"{side}_params") or {}
-    if (e.get("routed_backend") == e.get("best_backend") and params
-            and e.get("routed_params") != e.get("best_params")):
-        return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
-    return name
-
-
 def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console) -> None:
     """One row per (dtype, mode, size): the routed backend and its time next to the fastest."""
     from rich.table import Table
@@ -112,9 +101,9 @@ def print_validation(entries: list[dict[str, Any]], rel_tol: float, con: Console
         t.add_row(
             f"{e['dtype']}/{e['mode']}",
             human_bytes(e["nbytes"]),
-            _who(e, "routed"),
+            who_validated(e, "routed"),
             fmt_us(e.get("routed_us")),
-            _who(e, "best"),
+            who_validated(e, "best"),
             fmt_us(e.get("best_us")),
             _gap(e),
             "[green]yes[/green]" if e.get("within")
