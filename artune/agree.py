@@ -6,13 +6,19 @@ bounded by its own clock (``ARTUNE_COLLECTIVE_TIMEOUT_S``), whatever the others 
 died, hangs, or arrives after a peer gave up makes each waiting rank raise an error naming it,
 never a collective left waiting for gloo's own timeout (30 minutes by default). Two phases:
 every rank posts its object and waits for all of them, then posts "done" and waits for all of
-those; a rank that gives up posts an abort that every rank still waiting sees at once. So a
-rank returns only if every rank had posted its object, and fails fast once any rank gave up.
-Groups without a store (none known to torch) fall back to a monitored barrier and
-``all_gather_object``."""
+those. One verdict key decides the outcome, set once (``compare_set``): "ok" by the first rank
+that sees every "done", or "rank r gave up: ..." by the first rank whose time ran out; every
+rank acts on the value the store holds, so all of them return or all of them raise, even when
+a rank gives up just as the last one arrives. Each object travels with the caller's ``what``:
+ranks in different agreements (one skipped a call) raise the same error instead of pairing
+the wrong objects. The sequence number of an agreement is counted in the store (it resets
+with the store). Bounded by the store's own timeout instead: a store whose server stops
+answering without closing the connection (a frozen host). Groups without a store (none
+known to torch) fall back to a monitored barrier and ``all_gather_object``."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import time
 from typing import Any
@@ -21,8 +27,6 @@ from artune import envs
 
 __all__ = ["gather"]
 
-#: Agreements made so far per group (every rank makes the same ones, in the same order).
-_SEQ: dict[str, int] = {}
 _POLL_S = (0.001, 0.05)  # first and longest pause between two looks at the store
 
 
@@ -42,46 +46,58 @@ def gather(group: Any, obj: Any, what: str, error: type[Exception] = RuntimeErro
         return _gather_gloo(group, obj, what, error, limit)
     ranks = list(dist.get_process_group_ranks(group))
     me = dist.get_rank()
-    name = str(getattr(group, "group_name", "") or "-".join(map(str, ranks)))
-    seq = _SEQ.get(name, 0)
-    _SEQ[name] = seq + 1
-    prefix = f"artune/agree/{seq}"
-    deadline = time.monotonic() + limit
     head = f"artune: rank {me}: {what}"
+    deadline = time.monotonic() + limit
 
-    def wait(kind: str) -> None:
-        keys = [f"{prefix}/{kind}/{r}" for r in ranks]
+    def wait(keys: list[str]) -> str:
+        """'ok' once all ``keys`` are posted (and, for the done phase, the verdict set), else
+        the verdict: the first rank to decide wins (compare_set), every rank reads the same."""
         pause = _POLL_S[0]
         while True:
-            if store.check([f"{prefix}/abort"]):
-                raise _GaveUp(f"{head}: {store.get(f'{prefix}/abort').decode()}")
+            if store.check([verdict]):
+                return store.get(verdict).decode()
             if store.check(keys):
-                return
+                return "ok"
             if time.monotonic() >= deadline:
                 missing = [r for r, k in zip(ranks, keys, strict=True) if not store.check([k])]
                 why = (f"rank(s) {', '.join(map(str, missing))} did not arrive within "
                        f"{limit:.0f} s (ARTUNE_COLLECTIVE_TIMEOUT_S)")
-                store.set(f"{prefix}/abort", f"rank {me} gave up: {why}".encode())
-                raise _GaveUp(f"{head}: not every rank of the group arrived: {why}")
+                mine = f"rank {me} gave up: {why}"
+                v = store.compare_set(verdict, "", mine).decode()
+                return f"not every rank of the group arrived: {why}" if v == mine else v
             time.sleep(pause)
             pause = min(2 * pause, _POLL_S[1])
 
     try:
-        store.set(f"{prefix}/obj/{me}", pickle.dumps(obj))
-        wait("obj")
-        out = [pickle.loads(store.get(f"{prefix}/obj/{r}")) for r in ranks]
+        seq = store.add(f"artune/agree/n/{me}", 1) - 1  # lives and dies with the store
+        prefix = f"artune/agree/{seq}"
+        verdict = f"{prefix}/verdict"
+        store.set(f"{prefix}/obj/{me}", pickle.dumps((what, obj)))
+        v = wait([f"{prefix}/obj/{r}" for r in ranks])
+        if v != "ok":
+            raise _GaveUp(f"{head}: {v}")
+        posted = [pickle.loads(store.get(f"{prefix}/obj/{r}")) for r in ranks]
         store.set(f"{prefix}/done/{me}", b"1")
-        wait("done")
+        v = wait([f"{prefix}/done/{r}" for r in ranks])
+        if v == "ok":  # all done: commit, unless a rank gave up first
+            v = store.compare_set(verdict, "", "ok").decode()
+        if v != "ok":
+            raise _GaveUp(f"{head}: {v}")
     except _GaveUp as exc:
         raise error(str(exc)) from None
     except Exception as exc:  # the store itself failed (e.g. its server is gone)
         raise error(f"{head}: the exchange failed: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    try:  # every rank has read it (each read all before posting done)
-        store.delete_key(f"{prefix}/obj/{me}")
-    except Exception:  # noqa: BLE001, S110 - a store without deletion keeps a few bytes
-        pass
-    return out
+    whats = {w for w, _ in posted}
+    if len(whats) > 1:  # same set on every rank: the same error everywhere
+        raise error(f"{head}: ranks are out of step: " + "; ".join(
+            f"rank {r} in {w!r}" for r, (w, _) in zip(ranks, posted, strict=True)))
+    if seq:  # every rank has finished seq-1 (it posted obj for seq): drop its keys
+        for k in (f"artune/agree/{seq - 1}/obj/{me}", f"artune/agree/{seq - 1}/done/{me}",
+                  f"artune/agree/{seq - 1}/verdict"):
+            with contextlib.suppress(Exception):  # a store without deletion keeps them
+                store.delete_key(k)
+    return [o for _, o in posted]
 
 
 def _store(group: Any) -> Any:
