@@ -195,6 +195,18 @@ def fingerprint_id(fp: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _shown(key: str, value: Any) -> str:
+    """A fingerprint field for a message: a link matrix as what links its pairs."""
+    if key == "links" and isinstance(value, list) and value and all(
+            isinstance(row, list) and len(row) == len(value) for row in value):
+        n = len(value)
+        kinds = sorted({str(value[i][j]) for i in range(n) for j in range(n) if i != j})
+        if len(kinds) == 1:
+            return f"{kinds[0]} between every pair of {n} GPUs"
+        return f"a {n}x{n} link matrix ({', '.join(kinds)})" if kinds else f"{n} GPU"
+    return repr(value)
+
+
 def compare(expected: dict[str, Any], live: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(errors, warnings): topology fields that differ, then version fields that differ, each as
     'field: profile has X, this machine has Y'."""
@@ -202,7 +214,8 @@ def compare(expected: dict[str, Any], live: dict[str, Any]) -> tuple[list[str], 
     et, lt = expected.get("topology", {}), live.get("topology", {})
     for key in TOPOLOGY_KEYS:
         if et.get(key) != lt.get(key):
-            errors.append(f"{key}: profile has {et.get(key)!r}, this machine has {lt.get(key)!r}")
+            errors.append(f"{key}: profile has {_shown(key, et.get(key))}, this machine has "
+                          f"{_shown(key, lt.get(key))}")
     ev, lv = expected.get("versions", {}), live.get("versions", {})
     for key in sorted(set(ev) | set(lv)):
         if key in ("artune", "python", "optuna"):

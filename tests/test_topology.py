@@ -40,6 +40,19 @@ def test_compare_names_each_difference() -> None:
     assert compare(FP, copy.deepcopy(FP)) == ([], [])
 
 
+def test_compare_reads_a_link_matrix_as_what_links_the_pairs() -> None:
+    live = copy.deepcopy(FP)
+    n = 4
+    live["topology"]["links"] = [["X" if i == j else "NV18" for j in range(n)] for i in range(n)]
+    mixed = copy.deepcopy(live)
+    mixed["topology"]["links"][0][3] = mixed["topology"]["links"][3][0] = "SYS"
+    errors, _ = compare(mixed, live)
+    assert errors == ["links: profile has a 4x4 link matrix (NV18, SYS), this machine has NV18 "
+                      "between every pair of 4 GPUs"]
+    live["topology"]["links"] = None
+    assert compare(mixed, live)[0][-1].endswith("this machine has None")
+
+
 _TOPO = """\
 \tGPU0\tGPU1\tGPU2\tGPU3\tCPU Affinity\tNUMA Affinity
 GPU0\t X \tNV18\tNV18\tSYS\t0-63\t0
