@@ -174,10 +174,11 @@ NO_MULTICAST_ENV: dict[str, str] = {
 }
 
 
-def get(name: str) -> Any:
-    """The parsed value of ``name`` (one of ``ENV``), or its default when unset or empty."""
+def get(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The parsed value of ``name`` (one of ``ENV``) in ``environ`` (default: this process's),
+    or its default when unset or empty."""
     default, parse, _ = ENV[name]
-    raw = os.environ.get(name)
+    raw = (os.environ if environ is None else environ).get(name)
     if raw is None or raw == "":
         return default
     try:
@@ -189,13 +190,10 @@ def get(name: str) -> Any:
 def problems(environ: Mapping[str, str] | None = None) -> list[str]:
     """What is wrong with the ``ARTUNE_`` variables set in ``environ`` (default: this
     process's), one line each; empty when every value parses."""
-    environ = os.environ if environ is None else environ
     out = []
-    for name, (_, parse, _) in ENV.items():
-        raw = environ.get(name)
-        if raw:
-            try:
-                parse(raw)
-            except ValueError as exc:
-                out.append(f"{name}={raw!r} is not valid: {exc}")
+    for name in ENV:
+        try:
+            get(name, environ)
+        except ValueError as exc:
+            out.append(str(exc))
     return out

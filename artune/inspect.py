@@ -110,15 +110,14 @@ def render(profile: Profile, console: Any = None) -> None:
             shown: list[str] = []
             for r, par in zip(ranges, params, strict=True):
                 pts = r.get("points", [])
+                backend = r["backend"]
                 if notes and par != "-":
                     if par not in shown:
                         shown.append(par)
-                    who = [f"{r['backend']} [{shown.index(par) + 1}]"]
-                else:
-                    who = [r["backend"]] if notes else [r["backend"], par]
+                    backend += f" [{shown.index(par) + 1}]"
                 t.add_row(
                     _size_range(r["min_bytes"], r["max_bytes"]),
-                    *who,
+                    *([backend] if notes else [backend, par]),
                     _span([p.get("latency_us") for p in pts], "{:.1f}"),
                     _span([p.get("nccl_us") for p in pts], "{:.1f}"),
                     _span([p.get("speedup") for p in pts], "{:.2f}x"),
@@ -175,7 +174,7 @@ def who_validated(e: dict[str, Any], side: str) -> str:
     params = e.get(f"{side}_params") or {}
     if (e.get("routed_backend") == e.get("best_backend") and params
             and e.get("routed_params") != e.get("best_params")):
-        return f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
+        return f"{name} ({_params(params)})"
     return name
 
 

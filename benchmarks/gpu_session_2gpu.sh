@@ -63,8 +63,8 @@ card)
             bash benchmarks/gpu_session_sglang.sh artune/profiles/4b6998f7355af1ed.json 2
         exit 0
     fi
-    CONFIGS=default,artune BATCH_SIZES=4,16 PHASE=serve exec bash "$0"
-    ;;
+    export CONFIGS=default,artune BATCH_SIZES=4,16
+    ;&  # on into serve
 serve)
     if [ -z "${MERGE:-}" ]; then
         step tune2 230 python3 benchmarks/tune_time.py --nproc-per-node 2 --only full \
