@@ -33,6 +33,9 @@ def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+LAUNCH_USAGE = "artune launch [--profile PATH] [--force] -- SGLANG_SERVER_ARGS"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="artune",
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the options of launch can be reused)")
 
     la = sub.add_parser("launch", help="run sglang.launch_server with the profile active",
-                        usage="artune launch [--profile PATH] [--force] -- SGLANG_SERVER_ARGS",
+                        usage=LAUNCH_USAGE,
                         description="Everything after `--` goes to sglang.launch_server.")
     la.add_argument("--profile", default=None, metavar="PATH",
                     help="profile JSON (default: ARTUNE_PROFILE, else profiles/<fingerprint "
@@ -421,10 +424,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["launch"]:
         args, unknown = parser.parse_known_args(argv)
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}. The SGLang server "
-                         "arguments go after `--`: artune launch [--profile PATH] -- "
-                         f"{' '.join(unknown)}")
+        if unknown:  # launch's own usage line, not the top-level one parser.error prints
+            parser.exit(2, f"usage: {LAUNCH_USAGE}\nartune launch: error: unrecognized "
+                        f"arguments: {' '.join(unknown)}. The SGLang server arguments go after "
+                        f"`--`: artune launch [--profile PATH] -- {' '.join(unknown)}\n")
     else:
         args = parser.parse_args(argv)
     if args.command == "tune":

@@ -202,6 +202,7 @@ def test_launch_without_dashdash_says_where_sglangs_arguments_go(
     err = capsys.readouterr().err
     assert "go after `--`" in err
     assert "artune launch [--profile PATH] -- --model-path m --tp 2" in err
+    assert err.startswith("usage: artune launch ")  # launch's usage, not the top-level one
 
 
 def test_version_names_the_package_and_the_profile_schema(
