@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A paired end-to-end run on every GPU of the machine (TP = the GPU count, 2 or 4), issue #4's
+# "within 1 % at every batch size" and the compiled comparisons, with what the machine was doing
+# around it, and optionally GPU tests first:
+#   - TESTS=1 (default): tests/gpu/test_ops_gpu.py (ops.setup: the setup agreements through
+#     agree.gather, which goes through the group's store) and test_nvrar_gpu.py -k times_out
+#     (NVRAR's close after a forced timeout: the ranks agree through the store before the
+#     collective free);
+#   - ORDER: the engines and their start order (default artune,default; e.g. default,artune,
+#     or default_compile,artune_compile with TIMEOUT_S=420 on a cold inductor cache, or the
+#     compiled A/A pair default_compile,default_compile_again); REPS rounds (default 30) at
+#     BATCH_SIZES (default 1,4,16,64) with the machine's reference profile;
+#   - the load average, CPU count and GPU clocks before and after (a loaded host shows as steps
+#     that vary from rep to rep; this says whether the host was busy).
+# Eighteenth session (as gpu_session_pair4.sh, 4x H100): 491 s fresh with the tests, 343 s warm
+# for an uncompiled pair, 495 s warm for a compiled pair on a partly warm inductor cache.
+#
+#   device run, carry [".devwhl"], kind nvidia-h100-x4 or -x2:  bash benchmarks/gpu_session_pair.sh
+#   the other order on the same warm machine:  TESTS=0 ORDER=default,artune bash ...
+set -uo pipefail
+W=/tmp/artune-gpu-pair
+source benchmarks/gpu_lib.sh
+N=$(nvidia-smi -L | wc -l)
+case "$N" in
+    4) PROF=artune/profiles/6eeb601b655cf21c.json ;;
+    2) PROF=artune/profiles/4b6998f7355af1ed.json ;;
+    *) echo "no reference profile for $N GPUs (2 or 4)"; exit 1 ;;
+esac
+machine() {  # machine LABEL: one snapshot of the host's load and the GPUs' clocks
+    { echo "== $1 (at $(( $(date +%s) - T0 )) s): $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+      nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu \
+          --format=csv,noheader; } | tee -a "$OUT/machine-pair.txt"
+}
+machine "before"
+if [ "${TESTS:-1}" = 1 ]; then
+    step tests 200 python3 -m pytest -q -rs tests/gpu/test_ops_gpu.py tests/gpu/test_nvrar_gpu.py \
+        -k "setup_serves or times_out"
+    grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
+fi
+cat "$W/steps.txt" 2>/dev/null
+PAIRED=${ORDER:-artune,default} REPS=${REPS:-30} BUDGET_S=$(( 580 - ($(date +%s) - T0) )) \
+    bash benchmarks/gpu_session_sglang.sh "$PROF" "$N"
+machine "after"
