@@ -166,6 +166,7 @@ def test_no_profile_on_a_cpu_machine_says_where_to_tune(tmp_path: Path) -> None:
     assert code == 2 and started is None
     assert "no profile for this machine at TP=2" in err
     assert "on the GPU node that will serve" in err and "dryrun-" in err
+    assert err.count("`") % 2 == 0, err  # every quoted command closed, none left dangling
 
 
 def test_profile_for_another_tp_size_is_refused_unless_forced(tmp_path: Path) -> None:

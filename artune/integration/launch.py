@@ -163,12 +163,13 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
     given = getattr(args, "profile", None) or envs.get("ARTUNE_PROFILE")
     path = Path(given) if given else _find_profile(tp, per_node)
     if path is None:
-        make = (f"artune tune --nproc-per-node {tp}" if topology.gpu_count()
-                else f"artune tune --nproc-per-node {tp}` on the GPU node that will serve (no "
-                     f"GPU is visible here; `artune tune --device cpu` makes only a dry-run "
-                     f"profile, `dryrun-<id>.json`, which launch does not pick up")
+        make = f"`artune tune --nproc-per-node {tp}`"
+        if not topology.gpu_count():
+            make += (" on the GPU node that will serve (no GPU is visible here; `artune tune "
+                     "--device cpu` makes only a dry-run profile, `dryrun-<id>.json`, which "
+                     "launch does not pick up)")
         return _fail(f"no profile for this machine at TP={tp}: pass --profile PATH (or set "
-                     f"ARTUNE_PROFILE), or make one with `{make}`")
+                     f"ARTUNE_PROFILE), or make one with {make}")
     try:
         prof = profile_mod.load(path)
     except profile_mod.ProfileError as exc:
