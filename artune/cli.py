@@ -375,18 +375,18 @@ def _env() -> int:
     import os
     import textwrap
 
-    from artune.envs import ENV
+    from artune import envs
 
     bad = 0
-    for name, (default, parse, what) in ENV.items():
+    for name, (default, _, what) in envs.ENV.items():
         raw = os.environ.get(name)
         if raw in (None, ""):
             here = f"{_shown(name, default)} (default)"
         else:
             try:
-                here = f"{raw!r} (set: {_shown(name, parse(raw))})"
-            except ValueError as exc:
-                here, bad = f"{raw!r} (set; NOT VALID: {exc})", bad + 1
+                here = f"{raw!r} (set: {_shown(name, envs.get(name))})"
+            except ValueError as exc:  # envs.get names the variable; the parser says why
+                here, bad = f"{raw!r} (set; NOT VALID: {exc.__cause__ or exc})", bad + 1
         print(f"{name} = {here}")
         print(textwrap.fill(what, 96, initial_indent="    ", subsequent_indent="    "))
     if bad:
