@@ -10,6 +10,11 @@
 #     or default_compile,artune_compile with TIMEOUT_S=420 on a cold inductor cache, or the
 #     compiled A/A pair default_compile,default_compile_again); REPS rounds (default 30) at
 #     BATCH_SIZES (default 1,4,16,64) with the machine's reference profile;
+#   - GEMM=aten: inductor's GEMMs pinned to cuBLAS in every engine
+#     (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN, recorded in the results' compile_env), so
+#     the ranks and engines of a compiled pair run the same GEMMs instead of each rank picking
+#     its own by max-autotune's timings (seen in the eighteenth session: three different kernels
+#     for one shape in one engine's four ranks);
 #   - the load average, CPU count and GPU clocks before and after (a loaded host shows as steps
 #     that vary from rep to rep; this says whether the host was busy).
 # Eighteenth session (as gpu_session_pair4.sh, 4x H100): 491 s fresh with the tests, 343 s warm
@@ -32,6 +37,12 @@ machine() {  # machine LABEL: one snapshot of the host's load and the GPUs' cloc
           --format=csv,noheader; } | tee -a "$OUT/machine-pair.txt"
 }
 machine "before"
+case "${GEMM:-}" in
+    "") ;;
+    aten) export TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN
+          echo "inductor GEMMs pinned to cuBLAS (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN)" ;;
+    *) echo "GEMM=$GEMM: only GEMM=aten is known"; exit 1 ;;
+esac
 if [ "${TESTS:-1}" = 1 ]; then
     step tests 200 python3 -m pytest -q -rs tests/gpu/test_ops_gpu.py tests/gpu/test_nvrar_gpu.py \
         -k "setup_serves or times_out"

@@ -525,6 +525,9 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             row += (f"  {b['step_ms']:8.3f} ({b['spread_ms']:.3f}) {b['decode_tok_s']:8.0f}"
                     if b else f"  {'-':>27}")
         lines.append(row + (f"   ERROR {r['error']}" if r.get("error") else ""))
+    if doc.get("compile_env"):
+        lines.append("compile settings: "
+                     + " ".join(f"{k}={v}" for k, v in doc["compile_env"].items()))
     cut = next((r["rounds_cut"] for r in runs.values() if r.get("rounds_cut")), None)
     if cut:
         lines.append(f"fewer rounds than asked: {cut}")
@@ -670,6 +673,14 @@ def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
     return rc, notes
 
 
+def _compile_env() -> dict[str, str]:
+    """The settings that steer torch.compile in every engine (inherited from this process):
+    e.g. TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN pins inductor's GEMMs to cuBLAS, so the
+    ranks and engines of a compiled comparison do not each pick their own autotuned kernels."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("TORCHINDUCTOR_") or k == "SGLANG_TORCH_COMPILE_MODE"}
+
+
 def _worker_env(args: argparse.Namespace, config: str, model_dir: str) -> dict[str, str]:
     """A config's worker environment: no multicast, its profile (or none), its settings."""
     env = dict(os.environ, **NO_MULTICAST_ENV)
@@ -756,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     doc.update(tp=args.tp, date=date, card=_card(), reps=args.reps, input_len=args.input_len,
                new_tokens=args.new_tokens, profile=args.profile, model=LLAMA_31_8B,
-               command=" ".join(sys.argv))
+               command=" ".join(sys.argv), compile_env=_compile_env())
     doc.setdefault("configs", {})
 
     deadline = time.monotonic() + args.budget_s if args.budget_s else None

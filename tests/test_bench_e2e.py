@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -406,6 +407,9 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
     _no_check(monkeypatch, mod)
     monkeypatch.setattr(mod, "_gpu_mem_used", lambda: [])
     monkeypatch.delenv("ARTUNE_PROFILE", raising=False)
+    for k in [k for k in os.environ if k.startswith("TORCHINDUCTOR_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS", "ATEN")
     spawned: list[tuple[str, list[str], dict[str, str]]] = []
     wargs = argparse.Namespace(new_tokens=256, input_len=128)
 
@@ -426,6 +430,10 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
     st = _pair(doc["paired"])["by_batch"]["4"]
     assert st["rounds"] == 6 and st["verdict"] == "within ±1%"
     assert "  default_again vs default:" in doc["summary"]
+    # the compile settings the engines inherited are in the file and the summary
+    assert doc["compile_env"] == {"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN"}
+    assert spawned[1][2]["TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS"] == "ATEN"
+    assert "compile settings: TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN" in doc["summary"]
     with pytest.raises(SystemExit):
         mod.main(["--paired", "default", "--out", str(out)])
 
