@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Kernel traces of served decode steps (benchmarks/sglang_kernels.py) on every GPU of the machine
+# (TP = the GPU count, 2 or 4, with the machine's reference profile): SGLang's default, artune
+# with SGLang's custom all-reduce off (NVRAR on the decode all-reduces) and NCCL only, one engine
+# each, CONFIGS and BATCH_SIZES to change them. Where does NVRAR's extra 1-3 µs per all-reduce
+# in the served model go (nineteenth session: level with SGLang's own between GEMMs)?
+#
+#   device run, carry [".devwhl"], kind nvidia-h100-x4 or -x2:  bash benchmarks/gpu_session_kernels.sh
+# Not run yet (written in the nineteenth session, after its device time was spent).
+set -uo pipefail
+source benchmarks/sglang_site.sh
+N=$(nvidia-smi -L | wc -l)
+case "$N" in
+    4) PROF=artune/profiles/6eeb601b655cf21c.json ;;
+    2) PROF=artune/profiles/4b6998f7355af1ed.json ;;
+    *) echo "no reference profile for $N GPUs (2 or 4)"; exit 1 ;;
+esac
+timeout -k 10 570 python3 benchmarks/sglang_kernels.py --tp "$N" --profile "$PROF" \
+    --configs "${CONFIGS:-default,artune_nccl,nccl}" --batch-sizes "${BATCH_SIZES:-1,16}" \
+    --steps "${STEPS:-32}" --out "$OUT/kernels_tp$N.json" 2>&1 | tee "$OUT/kernels.log" \
+    | grep -v "Ignore import error\|UserWarning\|warn_once" | tail -80

@@ -1,0 +1,117 @@
+"""benchmarks/sglang_kernels.py: reading torch-profiler traces and the per-step statistics, on
+hand-made traces whose answers are known."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _module() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sglang_kernels.py"
+    spec = importlib.util.spec_from_file_location("sglang_kernels_under_test", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _kernel(name: str, ts: float, dur: float) -> dict[str, Any]:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7}
+
+
+def _step(t0: float, ar: str, ar_dur: float) -> tuple[list[dict[str, Any]], float]:
+    """One stand-in decode step from t0: GEMM 8 µs, the all-reduce (starting 0.5 µs before the
+    GEMM ends, as under PDL), a 1 µs gap, an RMSNorm of 2 µs, attention 5 µs after 0.5 µs."""
+    ev = [_kernel("void nvjet_hsh_128x64_64x4_1x2_h_bz_NNT<...>(int)", t0, 8.0),
+          _kernel(ar, t0 + 7.5, ar_dur)]
+    t = t0 + 7.5 + ar_dur + 1.0
+    ev.append(_kernel("void FusedAddRMSNormKernel<__nv_bfloat16>(int)", t, 2.0))
+    ev.append(_kernel("_fwd_grouped_kernel_stage1", t + 2.5, 5.0))
+    return ev, t + 7.5
+
+
+def _trace(tmp: Path, name: str, steps: int, ar: str, ar_dur: float,
+           host_gap: float = 100.0) -> Path:
+    events: list[dict[str, Any]] = [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0,
+                                     "dur": 50}]
+    t = 10.0
+    for _ in range(steps):
+        ev, t = _step(t, ar, ar_dur)
+        events += ev
+        t += host_gap
+    path = tmp / name
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events[::-1]}, f)  # out of order on purpose
+    return path
+
+
+def test_kinds_and_short_names() -> None:
+    mod = _module()
+    nccl_ar = "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgs)"
+    assert mod.kind_of(nccl_ar) == "all-reduce"
+    assert mod.kind_of("ncclDevKernel_AllGather_RING_LL(x)") == "other collective"
+    assert mod.kind_of("oneshot_lamport_kernel") == "all-reduce"
+    assert mod.kind_of("void cross_device_reduce_1stage<__nv_bfloat16, 4>(...)") == "all-reduce"
+    assert mod.kind_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert mod.kind_of("void FusedAddRMSNormKernel<__nv_bfloat16>(int)") == "norm"
+    assert mod.kind_of("_fwd_grouped_kernel_stage1") == "attention"
+    assert mod.kind_of("triton_poi_fused_add_0") == "other"
+    assert mod.short("void FusedAddRMSNormKernel<__nv_bfloat16>(int)") == "FusedAddRMSNormKernel"
+
+
+def test_step_statistics_of_a_known_trace(tmp_path: Path) -> None:
+    mod = _module()
+    path = _trace(tmp_path, "x-TP-0-DECODE.trace.json.gz", steps=4,
+                  ar="oneshot_lamport_kernel", ar_dur=3.0)
+    kernels = mod.read_trace(path)
+    assert len(kernels) == 16 and [k[1] for k in kernels] == sorted(k[1] for k in kernels)
+    s = mod.step_stats(kernels, 4)
+    # a step: 8 + 3 - 0.5 (overlap) + 1 + 2 + 0.5 + 5 = 19 µs of span, 17.5 busy, 1.5 idle in
+    # the graph; 100 µs between steps (three gaps over four steps)
+    assert s["busy_us"] == pytest.approx(17.5)
+    assert s["idle_in_graph_us"] == pytest.approx(1.5)
+    assert s["idle_between_us"] == pytest.approx(300 / 4)
+    assert s["period_us"] == pytest.approx((4 * 19.0 + 300) / 4)
+    assert s["by_kind_us"] == pytest.approx({"gemm": 8.0, "attention": 5.0, "all-reduce": 3.0,
+                                              "norm": 2.0})
+    a = s["allreduce"]
+    assert a["per_step"] == 1 and a["mean_us"] == pytest.approx(3.0)
+    assert a["gap_before_us"] == pytest.approx(-0.5) and a["gap_after_us"] == pytest.approx(1.0)
+    assert a["next_mean_us"] == pytest.approx(2.0)
+    assert a["next_names"] == {"FusedAddRMSNormKernel": 4}
+    assert s["top"][0]["name"] == "nvjet_hsh_128x64_64x4_1x2_h_bz_NNT"
+    assert s["top"][0]["per_step_us"] == pytest.approx(8.0)
+    assert mod.step_stats([], 4) == {"steps": 4, "kernels": 0}
+
+
+def test_from_traces_reports_each_config_and_rank(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _module()
+    for config, ar, dur in (("default", "cross_device_reduce_1stage", 2.0),
+                            ("artune_nccl", "oneshot_lamport_kernel", 3.0)):
+        folder = tmp_path / "traces" / config / "bs1"
+        folder.mkdir(parents=True)
+        for rank in range(2):
+            _trace(folder, f"{config}-TP-{rank}-DECODE.trace.json.gz", 3, ar, dur + rank)
+        _trace(folder, f"{config}-TP-0-EXTEND.trace.json.gz", 1, ar, 50.0)  # not read
+    out = tmp_path / "k.json"
+    rc = mod.main(["--tp", "2", "--configs", "default,artune_nccl", "--batch-sizes", "1",
+                   "--steps", "3", "--from-traces", str(tmp_path / "traces"), "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["configs"]["default"]["1"]["1"]["allreduce"]["mean_us"] == pytest.approx(3.0)
+    assert doc["configs"]["artune_nccl"]["1"]["0"]["allreduce"]["mean_us"] == pytest.approx(3.0)
+    md = out.with_suffix(".md").read_text()
+    assert "| artune_nccl | 1 | 1 |" in md and "oneshot_lamport_kernel" in md
+    assert md in capsys.readouterr().out + "\n"
+    # a batch size without traces on every rank is an error, not a silent empty row
+    rc = mod.main(["--tp", "3", "--configs", "default", "--batch-sizes", "1", "--steps", "3",
+                   "--from-traces", str(tmp_path / "traces"), "--out", str(out)])
+    assert rc == 1
+    assert json.loads(out.read_text())["configs"]["default"] == {"error": "no decode trace"}
