@@ -319,6 +319,32 @@ def _input(rank: int, numel: int, dtype: str, call: int) -> torch.Tensor:
     return x
 
 
+#: The RMSNorm epsilon of the fused cases (``{"fused": True, "hidden": H, "ctas": c}``: the
+#: all-reduce + residual add + RMSNorm of ``NvrarComm.fused_add_rmsnorm`` on numel // H rows).
+FUSED_EPS = 1e-5
+
+
+def _residual(numel: int, dtype: str, call: int) -> torch.Tensor:
+    """A fused case's residual rows: the same on every rank, as in tensor parallelism."""
+    g = torch.Generator().manual_seed(104729 * call + numel)
+    return torch.randn(numel, generator=g).to(getattr(torch, dtype))
+
+
+def _weight(hidden: int, dtype: str, call: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7 * call + hidden)
+    return (1.0 + 0.25 * torch.randn(hidden, generator=g)).to(getattr(torch, dtype))
+
+
+def _fused_call(comm: NvrarComm, x: torch.Tensor, numel: int, dtype: str, call: int,
+                fields: dict[str, Any]) -> torch.Tensor:
+    """Run a fused case in place; returns the normed rows then the new residual, flat."""
+    hidden = fields["hidden"]
+    x = x.view(numel // hidden, hidden)
+    res = _residual(numel, dtype, call).view_as(x)
+    comm.fused_add_rmsnorm(x, res, _weight(hidden, dtype, call), FUSED_EPS, ctas=fields["ctas"])
+    return torch.cat([x.flatten(), res.flatten()])
+
+
 def _start_together(folder: Path, rank: int, world: int, limit_s: float = 300.0) -> None:
     """A file barrier before the first call: spawned ranks finish importing up to seconds
     apart on a loaded machine, which would eat into the short timeouts and stalls the tests
@@ -359,8 +385,11 @@ def _rank_main(
                 time.sleep(stall[1])  # late for that call, then on time
             x = _input(rank, numel, dtype, call)
             x0 = x.clone()
-            y = comm.all_reduce(x, Plan(**fields))
-            assert torch.equal(x, x0), "x was modified"
+            if fields.get("fused"):
+                y = _fused_call(comm, x, numel, dtype, call, fields)
+            else:
+                y = comm.all_reduce(x, Plan(**fields))
+                assert torch.equal(x, x0), "x was modified"
             try:
                 comm.check()
                 raised = None
@@ -430,8 +459,31 @@ def _check(results: list[list[Any]], cases: list[Case], skip: int = -1) -> None:
         # each rounding of a partial sum to the dtype costs at most one ulp of |partial| <= scale
         eps = {"float32": 2.0**-22, "bfloat16": 2.0**-7, "float16": 2.0**-10}[dtype]
         tol = 4 * eps * scale + 1e-30
+        if fields.get("fused"):
+            _check_fused(y, ref, tol, numel, dtype, call, fields, eps)
+            continue
         bad = ((y - ref).abs() > tol).sum().item()
         assert bad == 0, f"call {call} n={numel} {dtype} {fields}: {bad} elements off"
+
+
+def _check_fused(y: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, numel: int, dtype: str,
+                 call: int, fields: dict[str, Any], eps: float) -> None:
+    """A fused case against fp32 references: the new residual = sum + residual, the output =
+    RMSNorm of it times the weight, row by row. ``tol``: the sum's own rounding bound."""
+    hidden = fields["hidden"]
+    out, new_res = y[:numel], y[numel:]
+    res = _residual(numel, dtype, call).float()
+    h = ref + res
+    tol_h = tol + 2 * eps * (ref.abs() + res.abs())  # the sum's rounding, then the add's
+    bad = ((new_res - h).abs() > tol_h).sum().item()
+    assert bad == 0, f"call {call} {fields}: {bad} residual elements off"
+    rows = h.view(-1, hidden)
+    rstd = torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + FUSED_EPS)
+    w = _weight(hidden, dtype, call).float()
+    want = (rows * rstd * w).flatten()
+    tol_out = (tol_h.view(-1, hidden) * rstd * w.abs()).flatten() + eps * want.abs() + 1e-6
+    bad = ((out - want).abs() > tol_out).sum().item()
+    assert bad == 0, f"call {call} {fields}: {bad} normed elements off"
 
 
 ONE_NODE_CASES: list[Case] = [
@@ -540,6 +592,29 @@ def test_clear_ahead_three_parities_emulated(world: int) -> None:
     its predecessor read instead of its own; the sums and bits stay right over every order."""
     _check(_emulate(1, world, AHEAD_CASES, parities=3), AHEAD_CASES)
     _check(_emulate(1, world, ONE_NODE_CASES, parities=3), ONE_NODE_CASES)
+
+
+#: The fused all-reduce + residual add + RMSNorm (one row per chunk) between plain lamport
+#: calls of both parities: one row, more rows than CTAs, a row per CTA.
+FUSED_CASES: list[Case] = [
+    (256, "bfloat16", {"fused": True, "hidden": 256, "ctas": 4}),
+    (999, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (4 * 512, "float16", {"fused": True, "hidden": 512, "ctas": 2}),
+    (3 * 1024, "bfloat16", {"fused": True, "hidden": 1024, "ctas": 8}),
+    (2500, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 2}),
+    (16 * 256, "bfloat16", {"fused": True, "hidden": 256, "ctas": 3}),
+    (7, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 4}),
+    (2 * 256, "float16", {"fused": True, "hidden": 256, "ctas": 1}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("world,parities", [(2, 2), (3, 2), (4, 2), (3, 3)])
+def test_fused_add_rmsnorm_emulated(world: int, parities: int) -> None:
+    """NvrarComm.fused_add_rmsnorm: the sum over the ranks plus the residual, normed, in place,
+    identical bits on every rank, between plain lamport calls (two and three parities)."""
+    _check(_emulate(1, world, FUSED_CASES, parities=parities), FUSED_CASES)
 
 
 #: Calls above AHEAD_MAX_WORDS per source (70001 bf16 elements: 17501 words) empty their own
@@ -891,6 +966,37 @@ def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
             assert s.kwargs["num_warps"] == want and want * 32 * 4 == block, (block, warps)
             assert s.kwargs["VEC"] is vec
             assert want in s.key and vec in s.key[-1:]
+
+
+def test_fused_add_rmsnorm_refuses_what_it_cannot_run_with_the_reason() -> None:
+    """The fused all-reduce + residual add + RMSNorm takes one row per chunk: 16-bit rows of a
+    power of two from 256 to 4096, residual and weight to match, 16-byte aligned, within the
+    one-shot capacity; anything else is refused with the reason, before any launch."""
+    nd = Nodes(1, 4)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [(r + 1) << 20 for r in range(4)], torch.device("cpu"), timeout_s=1.0)
+    bf = torch.bfloat16
+
+    def problem(rows: int, hidden: int, dt: torch.dtype = bf, **over: Any) -> str | None:
+        x = over.get("x", torch.zeros(rows, hidden, dtype=dt))
+        res = over.get("res", torch.zeros(rows, hidden, dtype=dt))
+        w = over.get("w", torch.ones(hidden, dtype=dt))
+        return comm.fused_problem(x, res, w)
+
+    assert problem(4, 4096) is None and problem(1, 256, torch.float16) is None
+    assert "bf16/fp16" in (problem(4, 4096, torch.float32) or "")
+    assert "power of two" in (problem(4, 3584) or "")
+    assert "power of two" in (problem(2, 8192) or "")
+    assert "[rows, hidden]" in (problem(1, 4096, x=torch.zeros(4096, dtype=bf)) or "")
+    assert "residual must be" in (problem(2, 4096, res=torch.zeros(3, 4096, dtype=bf)) or "")
+    assert "weight must be" in (problem(2, 4096, w=torch.ones(4096)) or "")
+    odd = torch.zeros(2 * 4096 + 1, dtype=bf)[1:].view(2, 4096)  # 2-byte offset
+    assert "aligned" in (problem(2, 4096, x=odd) or "")
+    assert "exceeds" in (problem(64, 4096) or "")  # 512 KiB > the 64 KiB one-shot capacity
+    with pytest.raises(ValueError, match="rank 0.*power of two"):
+        comm.fused_add_rmsnorm(torch.zeros(1, 100, dtype=bf), torch.zeros(1, 100, dtype=bf),
+                               torch.ones(100, dtype=bf), 1e-5)
 
 
 def test_lamport_blocks_above_one_word_per_thread_and_wrong_outputs_are_refused() -> None:

@@ -281,6 +281,49 @@ class NvrarComm:
             return out
         return y
 
+    def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float, ctas: int = MAX_CTAS) -> None:
+        """The all-reduce of ``x`` fused with the residual add and RMSNorm that follow it in a
+        transformer layer, in place, one kernel (the lamport one-shot, one CTA per row):
+        ``residual = sum of x over the group + residual``, then ``x = residual * rsqrt(mean
+        (residual ** 2) + eps) * weight`` (row by row, in fp32 from the unrounded sum, as
+        SGLang's fused add + RMSNorm). ``x`` and ``residual``: contiguous [rows, hidden] of one
+        16-bit dtype, 16-byte aligned, the same on every rank for ``residual``; ``hidden`` a
+        power of two from 256 to LAMPORT_BLOCK_MAX; ``weight``: [hidden]. One node only. What
+        does not fit raises ValueError (check with ``fused_problem`` first)."""
+        bad = self.fused_problem(x, residual, weight)
+        if bad is not None:
+            raise ValueError(f"artune nvrar fused_add_rmsnorm (rank {self.rank}): {bad}")
+        if x.numel() == 0:
+            return
+        hidden = x.shape[-1]
+        plan = Plan("oneshot", "lamport", block=hidden, ctas=max(1, min(ctas, MAX_CTAS)))
+        self._launch(self._lamport(x, x, x.numel(), plan, norm=(residual, weight, float(eps))))
+
+    def fused_problem(self, x: torch.Tensor, residual: torch.Tensor,
+                      weight: torch.Tensor) -> str | None:
+        """Why ``fused_add_rmsnorm(x, residual, weight, ...)`` cannot run here, or None."""
+        import torch
+
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return f"dtype {x.dtype} is not bf16/fp16"
+        if x.dim() != 2:
+            return f"x must be [rows, hidden], got shape {tuple(x.shape)}"
+        hidden = x.shape[-1]
+        if hidden not in BLOCKS or hidden > LAMPORT_BLOCK_MAX:
+            return (f"hidden size {hidden} is not a power of two from {BLOCKS[0]} to "
+                    f"{LAMPORT_BLOCK_MAX}")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            return (f"residual must be {x.dtype} {tuple(x.shape)}, got {residual.dtype} "
+                    f"{tuple(residual.shape)}")
+        if weight.shape != (hidden,) or weight.dtype != x.dtype:
+            return f"weight must be {x.dtype} ({hidden},), got {weight.dtype} {tuple(weight.shape)}"
+        for name, t in (("x", x), ("residual", residual), ("weight", weight)):
+            if t.device != x.device or not t.is_contiguous() or t.data_ptr() % 16:
+                return f"{name} must be contiguous, 16-byte aligned and on {x.device}"
+        return self.reason(x.numel() * x.element_size(),
+                           Plan("oneshot", "lamport", block=hidden, ctas=1))
+
     def _common(self, ctr: Any = None) -> tuple[Any, ...]:
         return (self.ctr if ctr is None else ctr, self.err_dev, self.err_host.data_ptr(),
                 self.limit_ns, self.rank)
@@ -366,22 +409,25 @@ class NvrarComm:
         key = ("oneshot", x.dtype, plan.block, plan.warps, spin, self.diag, self.pdl)
         return _Spec(oneshot_ll_kernel, key, grid, args, kwargs)
 
-    def _lamport(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:
+    def _lamport(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan,
+                 norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> _Spec:
         from artune.kernels.nvrar_lamport import oneshot_lamport_kernel
 
         assert self.world_bases is not None
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
-        args = (x, y, n, *self.world_bases, self.offsets["lamport"], self.layout.lamport_slot,
-                *self._lamport_common())
+        res, weight, eps = norm if norm is not None else (x, x, 0.0)
+        args = (x, y, n, res, weight, eps, *self.world_bases, self.offsets["lamport"],
+                self.layout.lamport_slot, *self._lamport_common())
         warps = _lamport_warps(plan.block)
         # Words of four consecutive elements (8-byte loads and stores) where every rank's n
-        # allows it: the wire layout must be the same on every rank, and n is.
+        # allows it: the wire layout must be the same on every rank, and n is. (NORM: rows of
+        # a power of two, always.)
         vec = n % 4 == 0
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BLOCK=plan.block, MAXC=MAX_CTAS,
                                       INTERPRET=self.interpret, num_warps=warps, VEC=vec,
-                                      AHEAD=self.ahead)
+                                      AHEAD=self.ahead, NORM=norm is not None)
         kwargs.update(self._pdl())
-        key = ("lamport", x.dtype, plan.block, warps, self.pdl, self.ahead, vec)
+        key = ("lamport", x.dtype, plan.block, warps, self.pdl, self.ahead, norm is not None, vec)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _lamport2(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:

@@ -71,16 +71,21 @@ _LOW15 = tl.constexpr(0x7FFF7FFF7FFF7FFF)
 
 
 @triton.jit
-def _vec_words(x_ptr, c, n, Q: tl.constexpr):
+def _raw_words(x_ptr, c, n, Q: tl.constexpr):
     """Words c*Q .. c*Q + Q - 1 of ``x`` read as 8-byte words of four consecutive elements
-    (``x`` 8-byte aligned, n a multiple of 4; zeros past n), with every -0.0 lane made +0.0.
-    Exact per lane, no carry between lanes: with t = w ^ sentinels, ((t & LOW15) + LOW15) | t
-    has bit 15 of a lane set iff that lane of t is non-zero, i.e. iff the lane of w is not
-    0x8000; flipping bit 15 of the other lanes turns 0x8000 into 0."""
+    (``x`` 8-byte aligned, n a multiple of 4; zeros past n), as they are."""
     idx = c * Q + tl.arange(0, Q)
     p = tl.multiple_of(x_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
-    w = tl.load(p + idx, mask=idx < n // 4, other=0)
-    return _plus_zero(w)
+    return tl.load(p + idx, mask=idx < n // 4, other=0)
+
+
+@triton.jit
+def _vec_words(x_ptr, c, n, Q: tl.constexpr):
+    """``_raw_words`` with every -0.0 lane made +0.0. Exact per lane, no carry between lanes:
+    with t = w ^ sentinels, ((t & LOW15) + LOW15) | t has bit 15 of a lane set iff that lane of
+    t is non-zero, i.e. iff the lane of w is not 0x8000; flipping bit 15 of the other lanes
+    turns 0x8000 into 0."""
+    return _plus_zero(_raw_words(x_ptr, c, n, Q))
 
 
 @triton.jit
@@ -104,14 +109,20 @@ def _load_words(x_ptr, g, n, Q: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _pack(a0, a1, a2, a3, DT: tl.constexpr):
-    """Four lane values (any float dtype) rounded to DT and packed into words, -0.0 as +0.0
-    (what every rank stores for these elements, the owner included: identical bits)."""
+def _pack_raw(a0, a1, a2, a3, DT: tl.constexpr):
+    """Four lane values (any float dtype) rounded to DT and packed into words."""
     w = a0.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64)
     w |= a1.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 16
     w |= a2.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 32
     w |= a3.to(DT).to(tl.uint16, bitcast=True).to(tl.uint64) << 48
-    return _plus_zero(w)
+    return w
+
+
+@triton.jit
+def _pack(a0, a1, a2, a3, DT: tl.constexpr):
+    """``_pack_raw`` with -0.0 as +0.0 (what every rank stores for these elements, the owner
+    included: identical bits)."""
+    return _plus_zero(_pack_raw(a0, a1, a2, a3, DT))
 
 
 @triton.jit
@@ -153,8 +164,11 @@ def _lane(w, k: tl.constexpr, DT: tl.constexpr):
 @triton.jit(do_not_specialize=["n", "limit_ns", "rank"])
 def oneshot_lamport_kernel(
     x_ptr,  # *DT [n] input (16-bit dtype, any contiguous tensor)
-    y_ptr,  # *DT [n] output
+    y_ptr,  # *DT [n] output (NORM: may be x_ptr)
     n,  # elements
+    res_ptr,  # NORM: *DT [n] residual rows, updated in place (else unused)
+    w_ptr,  # NORM: *DT [BLOCK] the RMSNorm weight (else unused)
+    eps,  # NORM: the RMSNorm epsilon (else unused)
     b0, b1, b2, b3, b4, b5, b6, b7,  # symmetric buffer base of rank i, as this GPU addresses it
     region,  # byte offset of the lamport region
     slot_bytes,  # bytes of one [parity][src] slot
@@ -171,6 +185,7 @@ def oneshot_lamport_kernel(
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
     VEC: tl.constexpr = False,  # words of 4 consecutive elements (n % 4 == 0, x, y 8-aligned)
     AHEAD: tl.constexpr = False,  # three parities; clear the previous call's slots (_ahead)
+    NORM: tl.constexpr = False,  # chunks are rows: residual add and RMSNorm fused (_norm_row)
 ):
     pdl_begin(PDL, INTERPRET)
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
@@ -204,7 +219,8 @@ def oneshot_lamport_kernel(
         tail = _ahead(base, slot_bytes, pend_ptr, epoch, par, nchunks * Q, 0, 0, rank, pid, G,
                       W, Q)
     _gather_flat(x_ptr, y_ptr, n, base + par * W * slot_bytes, slot_bytes, err_dev, err_host,
-                 limit, rank, pid, G, nchunks, W, BLOCK, INTERPRET, VEC, AHEAD, tail)
+                 limit, rank, pid, G, nchunks, W, BLOCK, INTERPRET, VEC, AHEAD, tail,
+                 res_ptr, w_ptr, eps, NORM)
     end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
 
 
@@ -275,7 +291,8 @@ def _ahead(base, slot_bytes, pend_ptr, epoch, par, a, boff, b, rank, pid, G,
 @triton.jit
 def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
                  nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
-                 VEC: tl.constexpr, AHEAD: tl.constexpr, tail):
+                 VEC: tl.constexpr, AHEAD: tl.constexpr, tail, res_ptr, w_ptr, eps,
+                 NORM: tl.constexpr):
     """Wait, sum and clear with every source's words as a 1-D [Q] vector of the same layout:
     each thread polls, sums and clears only its own words (no reduction across threads, no
     layout conversion). On the GPU a thread polls up to four sources' words in one loop
@@ -296,7 +313,10 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
         # the sum in rank order, the same on every rank (this rank's own words in its place)
         a0, a1, a2, a3, bad = _gather_sum(base, STRIDE, own, me, W, rank, limit, deadline,
                                           INTERPRET, DT)
-        _store_words(y_ptr, c, n, _pack(a0, a1, a2, a3, DT), Q, VEC)
+        if NORM:
+            _norm_row(y_ptr, res_ptr, w_ptr, eps, c, n, a0, a1, a2, a3, Q, DT)
+        else:
+            _store_words(y_ptr, c, n, _pack(a0, a1, a2, a3, DT), Q, VEC)
         _record_bad(err_dev, err_host, bad, 0, pid, failed)  # STEP_ONESHOT
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
@@ -304,6 +324,31 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
         # back to empty: every source's words but this rank's (AHEAD: the next lamport call
         # empties them, unless there are too many)
         _clear(base, STRIDE, me, W, AHEAD, tail)
+
+
+@triton.jit
+def _norm_row(y_ptr, res_ptr, w_ptr, eps, c, n, a0, a1, a2, a3, Q: tl.constexpr,
+              DT: tl.constexpr):
+    """NORM: chunk ``c`` is one row of 4Q elements in words of four consecutive elements
+    (VEC). The sum is rounded to DT as the plain all-reduce stores it, then, as SGLang's fused
+    add + RMSNorm does: h = sum + residual in fp32, the residual row becomes h (rounded), and
+    y = h * rsqrt(mean(h * h) + eps) * weight. Each thread reads and writes only its own words
+    (x, y and the residual may be the same memory). Every rank holds the same sums and the
+    same residual and reduces in the same order: identical bits everywhere."""
+    r = _raw_words(res_ptr, c, n, Q)
+    wt = _raw_words(w_ptr, 0, 4 * Q, Q)
+    h0 = a0.to(DT).to(tl.float32) + _lane(r, 0, DT).to(tl.float32)
+    h1 = a1.to(DT).to(tl.float32) + _lane(r, 1, DT).to(tl.float32)
+    h2 = a2.to(DT).to(tl.float32) + _lane(r, 2, DT).to(tl.float32)
+    h3 = a3.to(DT).to(tl.float32) + _lane(r, 3, DT).to(tl.float32)
+    _store_words(res_ptr, c, n, _pack_raw(h0, h1, h2, h3, DT), Q, True)
+    ss = tl.sum(h0 * h0 + h1 * h1 + h2 * h2 + h3 * h3, axis=0)
+    rstd = 1.0 / tl.sqrt(ss / (4 * Q) + eps)
+    o0 = h0 * rstd * _lane(wt, 0, DT).to(tl.float32)
+    o1 = h1 * rstd * _lane(wt, 1, DT).to(tl.float32)
+    o2 = h2 * rstd * _lane(wt, 2, DT).to(tl.float32)
+    o3 = h3 * rstd * _lane(wt, 3, DT).to(tl.float32)
+    _store_words(y_ptr, c, n, _pack_raw(o0, o1, o2, o3, DT), Q, True)
 
 
 @triton.jit

@@ -16,6 +16,8 @@ inputs in fp32 (NCCL), with identical bits on every rank:
   eagerly and captured in a CUDA graph;
 - lamport kernels whose first use is inside a CUDA-graph capture (odd element counts);
 - a soak of 100,000 consecutive all-reduces in graph replays;
+- the all-reduce fused with the residual add and RMSNorm (``NvrarComm.fused_add_rmsnorm``),
+  eagerly and in a graph between plain lamport calls;
 - a forced timeout: one rank skips the call, the others raise NvrarTimeoutError naming the rank,
   the peer and the step within the configured bound, and every process still shuts down.
 Without the GPUs (or nvshmem4py) every test skips with the reason.
@@ -476,6 +478,96 @@ def _first_use_in_capture(ctx: Any) -> list[str]:
 def test_lamport_first_used_inside_a_capture() -> None:
     world = min(4, torch.cuda.device_count())
     failures = run_on_gpus(world, _first_use_in_capture, max_bytes=MAX_BYTES, timeout_s=150.0)
+    assert all(f == [] for f in failures), "\n".join(sum(failures, []))
+
+
+def _fused(ctx: Any) -> list[str]:
+    """``NvrarComm.fused_add_rmsnorm`` on every GPU: Llama's hidden size 4096 at decode row
+    counts (1, 4, 16, 64) and 2048 at 3 rows, bf16 and fp16, eagerly and replayed in a CUDA
+    graph between plain lamport calls, against NCCL's fp32 sum plus the residual, normed in
+    fp32; identical bits on every rank."""
+    import torch.distributed as dist
+
+    be = _make(ctx, ctx.world_size)
+    dev = ctx.device
+    failures: list[str] = []
+    eps = 1e-5
+
+    def inputs(rows: int, hidden: int, dt: torch.dtype, seed: int) -> tuple[Any, ...]:
+        g = torch.Generator(device=dev).manual_seed(seed)  # the residual and weight: same on all
+        res = torch.randn(rows, hidden, device=dev, generator=g).to(dt)
+        w = (1 + 0.25 * torch.randn(hidden, device=dev, generator=g)).to(dt)
+        mine = torch.Generator(device=dev).manual_seed(31 * seed + ctx.rank + 1)
+        x = torch.randn(rows, hidden, device=dev, generator=mine).to(dt)
+        return x, res, w
+
+    def check(x0: Any, res0: Any, w: Any, x: Any, res: Any, what: str) -> None:
+        s = x0.float()
+        dist.all_reduce(s, group=ctx.group)
+        h = s.to(x0.dtype).float() + res0.float()
+        want = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        ulp = _EPS[str(x0.dtype).removeprefix("torch.")] * 2
+        tol_h = 2 * ulp * (s.abs() + res0.abs()) + 1e-6
+        err = []
+        if not ((res.float() - h).abs() <= tol_h).all():
+            err.append(f"residual off by up to {(res.float() - h).abs().max().item():.3g}")
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        tol_o = tol_h * rstd * w.float().abs() + 2 * ulp * want.abs() + 1e-5
+        if not ((x.float() - want).abs() <= tol_o).all():
+            err.append(f"output off by up to {(x.float() - want).abs().max().item():.3g}")
+        digest = torch.tensor([int(x.view(torch.int16).long().sum()),
+                               int(res.view(torch.int16).long().sum())], device=dev)
+        low, high = digest.clone(), digest.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN, group=ctx.group)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX, group=ctx.group)
+        if not torch.equal(low, high):
+            err.append("ranks disagree bitwise")
+        failures.extend(f"rank {ctx.rank}, fused {what}: {e}" for e in err)
+
+    try:
+        cases = [(r, 4096, dt) for r in (1, 4, 16, 64)
+                 for dt in (torch.bfloat16, torch.float16)] + [(3, 2048, torch.bfloat16)]
+        for i, (rows, hidden, dt) in enumerate(cases):  # eagerly (compiles and meets)
+            x, res, w = inputs(rows, hidden, dt, 100 + i)
+            x0, res0 = x.clone(), res.clone()
+            be.comm.fused_add_rmsnorm(x, res, w, eps)
+            check(x0, res0, w, x, res, f"eager {rows}x{hidden} {dt}")
+        # in one graph, with a plain lamport call between the fused ones (both parities)
+        plain = {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 32, "warps": 4}
+        ins = [inputs(rows, 4096, torch.bfloat16, 200 + rows) for rows in (1, 16, 64)]
+        z = torch.randn(5000, device=dev).to(torch.bfloat16)
+        be.all_reduce(z, plain)
+        graph = torch.cuda.CUDAGraph()
+        with be.capture(), torch.cuda.graph(graph):
+            for x, res, w in ins:
+                be.comm.fused_add_rmsnorm(x, res, w, eps)
+                zy = be.all_reduce(z, plain)
+        for rep in range(3):
+            saved = []
+            for j, (x, res, _) in enumerate(ins):
+                mine = torch.Generator(device=dev).manual_seed(1000 * rep + 10 * j + ctx.rank)
+                x.copy_(torch.randn(x.shape, device=dev, generator=mine).to(x.dtype))
+                g = torch.Generator(device=dev).manual_seed(300 + 10 * rep + j)
+                res.copy_(torch.randn(res.shape, device=dev, generator=g).to(res.dtype))
+                saved.append((x.clone(), res.clone()))
+            graph.replay()
+            torch.cuda.synchronize()
+            for (x, res, w), (x0, res0) in zip(ins, saved, strict=True):
+                check(x0, res0, w, x, res, f"graph replay {rep}, {x.shape[0]} rows")
+            bad = _check_one(be, z, zy, f"plain lamport between fused calls, replay {rep}")
+            if bad:
+                failures.append(bad)
+        be.check()
+    finally:
+        be.close()
+    return failures
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+def test_fused_add_rmsnorm() -> None:
+    world = min(4, torch.cuda.device_count())
+    failures = run_on_gpus(world, _fused, max_bytes=MAX_BYTES, timeout_s=200.0)
     assert all(f == [] for f in failures), "\n".join(sum(failures, []))
 
 
