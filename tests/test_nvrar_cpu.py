@@ -997,6 +997,11 @@ def test_fused_add_rmsnorm_refuses_what_it_cannot_run_with_the_reason() -> None:
     with pytest.raises(ValueError, match="rank 0.*power of two"):
         comm.fused_add_rmsnorm(torch.zeros(1, 100, dtype=bf), torch.zeros(1, 100, dtype=bf),
                                torch.ones(100, dtype=bf), 1e-5)
+    # an instance whose earlier wait ran out says so before launching anything
+    comm.err_host[0] = (1 << 62) | 5
+    with pytest.raises(NvrarTimeoutError):
+        comm.fused_add_rmsnorm(torch.zeros(1, 256, dtype=bf), torch.zeros(1, 256, dtype=bf),
+                               torch.ones(256, dtype=bf), 1e-5)
 
 
 def test_lamport_blocks_above_one_word_per_thread_and_wrong_outputs_are_refused() -> None:

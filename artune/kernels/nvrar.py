@@ -290,7 +290,9 @@ class NvrarComm:
         SGLang's fused add + RMSNorm). ``x`` and ``residual``: contiguous [rows, hidden] of one
         16-bit dtype, 16-byte aligned, the same on every rank for ``residual``; ``hidden`` a
         power of two from 256 to LAMPORT_BLOCK_MAX; ``weight``: [hidden]. One node only. What
-        does not fit raises ValueError (check with ``fused_problem`` first)."""
+        does not fit raises ValueError (check with ``fused_problem`` first); after a wait of an
+        earlier call ran out it raises NvrarTimeoutError, as ``check`` does."""
+        self.check()
         bad = self.fused_problem(x, residual, weight)
         if bad is not None:
             raise ValueError(f"artune nvrar fused_add_rmsnorm (rank {self.rank}): {bad}")
