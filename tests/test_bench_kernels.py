@@ -115,3 +115,71 @@ def test_from_traces_reports_each_config_and_rank(tmp_path: Path,
                    "--from-traces", str(tmp_path / "traces"), "--out", str(out)])
     assert rc == 1
     assert json.loads(out.read_text())["configs"]["default"] == {"error": "no decode trace"}
+
+
+def test_worker_asks_for_a_decode_trace_per_batch_size_and_waits_for_every_rank(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker against a stand-in ``sglang.Engine`` that writes SGLang's trace files the way
+    0.5.17's profiler names them (<profile_id>-TP-<rank>-<STAGE>.trace.json.gz): one profile
+    request per batch size, for --steps decode steps, and the parent reads what it wrote."""
+    import argparse
+    import dataclasses
+    import sys
+    import types
+
+    mod = _module()
+    calls: list[tuple[str, Any]] = []
+
+    @dataclasses.dataclass
+    class ServerArgs:  # the fields the engine settings look for
+        model_path: str = ""
+        cuda_graph_bs: Any = None
+        disable_custom_all_reduce: bool = False
+
+    class Engine:
+        def __init__(self, **kw: Any) -> None:
+            calls.append(("engine", kw))
+            self.profile: dict[str, Any] | None = None
+
+        def start_profile(self, **kw: Any) -> None:
+            calls.append(("start_profile", kw))
+            self.profile = kw
+
+        def generate(self, input_ids: Any, sampling_params: Any) -> list[dict[str, Any]]:
+            n = sampling_params["max_new_tokens"]
+            calls.append(("generate", (len(input_ids), n)))
+            if self.profile is not None:
+                p, self.profile = self.profile, None
+                assert n > p["num_steps"]  # generates past the traced steps
+                for r in range(2):
+                    _trace(Path(p["output_dir"]), f"{p['profile_id']}-TP-{r}-EXTEND"
+                           ".trace.json.gz", 1, "cross_device_reduce_1stage", 9.0)
+                    _trace(Path(p["output_dir"]), f"{p['profile_id']}-TP-{r}-DECODE"
+                           ".trace.json.gz", p["num_steps"], "cross_device_reduce_1stage", 2.0)
+            return [{"output_ids": [0] * n} for _ in input_ids]
+
+        def shutdown(self) -> None:
+            calls.append(("shutdown", None))
+
+    sgl = types.ModuleType("sglang")
+    sgl.Engine = Engine  # type: ignore[attr-defined]
+    srt = types.ModuleType("sglang.srt")
+    sa = types.ModuleType("sglang.srt.server_args")
+    sa.ServerArgs = ServerArgs  # type: ignore[attr-defined]
+    for name, m in (("sglang", sgl), ("sglang.srt", srt), ("sglang.srt.server_args", sa)):
+        monkeypatch.setitem(sys.modules, name, m)
+    args = argparse.Namespace(worker="nccl", model_dir=str(tmp_path), trace_dir=str(tmp_path / "t"),
+                              tp=2, batch_sizes=[1, 16], steps=5, input_len=8, mem=0.5,
+                              log_level="warning")
+    assert mod.worker(args) == 0
+    starts = [kw for what, kw in calls if what == "start_profile"]
+    assert [s["profile_id"] for s in starts] == ["nccl-bs1", "nccl-bs16"]
+    assert all(s["num_steps"] == 5 and s["profile_by_stage"] and s["activities"] == ["GPU"]
+               for s in starts)
+    engine_kw = calls[0][1]
+    assert engine_kw["disable_custom_all_reduce"] and engine_kw["cuda_graph_bs"] == [1, 16]
+    assert calls[-1] == ("shutdown", None)
+    found = mod._traces(tmp_path / "t" / "nccl" / "bs16", 2)
+    assert found is not None and all("DECODE" in p.name for p in found.values())
+    s = mod.step_stats(mod.read_trace(found[1]), 5)
+    assert s["allreduce"]["mean_us"] == pytest.approx(2.0)  # the decode trace, not the prefill's
