@@ -305,6 +305,59 @@ def test_op_is_registered_with_a_fake_and_names_the_fix() -> None:
         nvrar_op.nvrar_all_reduce(torch.zeros(3), "nobody")
 
 
+def test_fused_op_mutates_in_place_and_traces_under_compile() -> None:
+    """``torch.ops.artune.nvrar_fused_add_rmsnorm`` reaches the registered backend's
+    ``comm.fused_add_rmsnorm`` with its arguments, eagerly and from a function compiled with
+    fullgraph=True (its in-place contract through functionalization: the compiled function
+    sees the mutations); it names the fix when nothing is registered or the backend is
+    closed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from artune.integration import nvrar_op
+
+    class Comm:  # stands in for NvrarComm: a sum of 2 equal ranks, then the norm, in place
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def fused_add_rmsnorm(self, x: torch.Tensor, res: torch.Tensor, w: torch.Tensor,
+                              eps: float) -> None:
+            self.calls += 1
+            res.add_(2 * x)
+            x.copy_(res * torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + eps) * w)
+
+    class Backend:
+        def __init__(self) -> None:
+            self.comm: Comm | None = Comm()
+
+    be = Backend()
+    nvrar_op.register_nvrar("fused-test", be)  # type: ignore[arg-type]
+    try:
+        def step(x: torch.Tensor, res: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            torch.ops.artune.nvrar_fused_add_rmsnorm(x, res, w, 1e-5, "fused-test")
+            return x + 0  # reads the mutated x
+
+        for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+            x, res, w = torch.ones(2, 8), torch.zeros(2, 8), torch.full((8,), 3.0)
+            out = fn(x, res, w)
+            assert torch.equal(res, torch.full((2, 8), 2.0)), "residual not updated in place"
+            assert torch.allclose(out, torch.full((2, 8), 3.0), rtol=1e-4)
+            assert torch.allclose(x, out), "x not updated in place"
+        assert be.comm is not None and be.comm.calls >= 2
+        with FakeTensorMode():
+            bf = torch.bfloat16
+            fx, fr, fw = torch.empty(2, 8, dtype=bf), torch.empty(2, 8, dtype=bf), torch.empty(8)
+            assert torch.ops.artune.nvrar_fused_add_rmsnorm(fx, fr, fw, 1e-5, "x") is None
+        be.comm = None
+        with pytest.raises(RuntimeError, match="closed"):
+            nvrar_op.nvrar_fused_add_rmsnorm(torch.ones(1, 8), torch.ones(1, 8), torch.ones(8),
+                                             1e-5, "fused-test")
+    finally:
+        nvrar_op.unregister_nvrar("fused-test")
+    with pytest.raises(RuntimeError, match="register_nvrar"):
+        nvrar_op.nvrar_fused_add_rmsnorm(torch.ones(1, 8), torch.ones(1, 8), torch.ones(8), 1e-5,
+                                         "fused-test")
+
+
 # --------------------------------------------------------------------------------------------
 # The kernels under the Triton interpreter, one process per rank
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ under ``torch.compile(fullgraph=True)``; the backend crosses the torch boundary 
     be = NvrarBackend.create(ctx)
     register_nvrar("tp", be)
     y = torch.ops.artune.nvrar_all_reduce(x, "tp")     # x: contiguous bf16/fp16/fp32 CUDA tensor
+    # the all-reduce fused with the residual add + RMSNorm after it, in place on x and residual
+    # (NvrarComm.fused_add_rmsnorm: rows of a power-of-two hidden size up to 4096, 16-bit)
+    torch.ops.artune.nvrar_fused_add_rmsnorm(x, residual, weight, 1e-5, "tp")
 
 The registry holds weak references: the caller owns the backend and closes it.
 """
@@ -22,7 +25,8 @@ from artune.integration.ops import Registry
 if TYPE_CHECKING:
     from artune.backends.nvrar import NvrarBackend
 
-__all__ = ["register_nvrar", "unregister_nvrar", "get_nvrar", "nvrar_all_reduce"]
+__all__ = ["register_nvrar", "unregister_nvrar", "get_nvrar", "nvrar_all_reduce",
+           "nvrar_fused_add_rmsnorm"]
 
 _BACKENDS: Registry[NvrarBackend] = Registry(
     "artune::nvrar_all_reduce", "NVRAR backend",
@@ -42,3 +46,22 @@ def nvrar_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
 @nvrar_all_reduce.register_fake
 def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("artune::nvrar_fused_add_rmsnorm", mutates_args=("x", "residual"))
+def nvrar_fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                            eps: float, group_name: str) -> None:
+    """In place: ``residual`` += the sum of ``x`` over the group registered as ``group_name``,
+    then ``x`` = RMSNorm(residual) * weight, in one NVRAR kernel (see
+    ``NvrarComm.fused_add_rmsnorm`` for what it takes; anything else raises ValueError)."""
+    comm = get_nvrar(group_name).comm
+    if comm is None:
+        raise RuntimeError(f"artune::nvrar_fused_add_rmsnorm: the NVRAR backend of "
+                           f"{group_name!r} is closed; build and register a new one")
+    comm.fused_add_rmsnorm(x, residual, weight, eps)
+
+
+@nvrar_fused_add_rmsnorm.register_fake
+def _fused_fake(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                group_name: str) -> None:
+    return None

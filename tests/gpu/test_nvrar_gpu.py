@@ -532,6 +532,24 @@ def _fused(ctx: Any) -> list[str]:
             x0, res0 = x.clone(), res.clone()
             be.comm.fused_add_rmsnorm(x, res, w, eps)
             check(x0, res0, w, x, res, f"eager {rows}x{hidden} {dt}")
+        # the custom op, from a function compiled with fullgraph=True
+        from artune.integration.nvrar_op import register_nvrar, unregister_nvrar
+
+        register_nvrar("fused-gpu-test", be)
+        try:
+            def step(x: Any, res: Any, w: Any) -> Any:
+                torch.ops.artune.nvrar_fused_add_rmsnorm(x, res, w, eps, "fused-gpu-test")
+                return x * 1
+
+            compiled = torch.compile(step, fullgraph=True)
+            x, res, w = inputs(4, 4096, torch.bfloat16, 150)
+            x0, res0 = x.clone(), res.clone()
+            out = compiled(x, res, w)
+            check(x0, res0, w, x, res, "torch.compile'd op, 4x4096")
+            if not torch.equal(out, x):
+                failures.append(f"rank {ctx.rank}: the compiled op's x is not the output")
+        finally:
+            unregister_nvrar("fused-gpu-test")
         # in one graph, with a plain lamport call between the fused ones (both parities)
         plain = {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 32, "warps": 4}
         ins = [inputs(rows, 4096, torch.bfloat16, 200 + rows) for rows in (1, 16, 64)]
