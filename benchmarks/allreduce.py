@@ -129,6 +129,39 @@ def _variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
+def start_ranks(max_bytes: int, ranks_per_node: int = 0) -> GroupContext:
+    """This torchrun process's GPU, NCCL group and gloo group as a GroupContext (messages up to
+    ``max_bytes``; ``ranks_per_node`` 0: the node torchrun says). Refuses to run with NVLink
+    multicast on."""
+    for k, v in NO_MULTICAST_ENV.items():
+        if os.environ.get(k) != v:
+            raise SystemExit(f"set {k}={v} before running (NVLink multicast must stay off)")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cpu_group = dist.new_group(backend="gloo")
+    rpn = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return GroupContext(
+        group=dist.group.WORLD, cpu_group=cpu_group, rank=rank, world_size=world,
+        device=torch.device("cuda", local), ranks_per_node=rpn, max_bytes=max_bytes,
+        group_name=dist.group.WORLD.group_name,
+    )
+
+
+def finish(text: str | None, out: str | None, built: dict[str, Any]) -> None:
+    """Print the report and write it to ``out`` (``text`` None on the ranks that do not
+    report), then close the backends and the process group."""
+    if text is not None:
+        print(text)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(text)
+    for b in built.values():
+        b.close()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=",".join(f"{1 << k}" for k in range(12, 27)),
@@ -151,22 +184,10 @@ def main() -> None:
     gemm_kn = tuple(int(v) for v in args.context_gemm.split(",")) if args.context_gemm else None
     if gemm_kn is not None and (len(gemm_kn) != 2 or min(gemm_kn) < 1):
         raise SystemExit("--context-gemm takes K,N: two positive integers, e.g. 3584,4096")
-    for k, v in NO_MULTICAST_ENV.items():
-        if os.environ.get(k) != v:
-            raise SystemExit(f"set {k}={v} before running (NVLink multicast must stay off)")
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cpu_group = dist.new_group(backend="gloo")
     sizes = parse_sizes(args.sizes)
-    rpn = args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    ctx = GroupContext(
-        group=dist.group.WORLD, cpu_group=cpu_group, rank=rank, world_size=world,
-        device=torch.device("cuda", local), ranks_per_node=rpn, max_bytes=max(sizes),
-        group_name=dist.group.WORLD.group_name,
-    )
+    ctx = start_ranks(max(sizes), args.ranks_per_node)
+    rank, world, rpn, cpu_group = ctx.rank, ctx.world_size, ctx.ranks_per_node, ctx.cpu_group
+    local = ctx.device.index
     dtype = getattr(torch, args.dtype)
     modes = args.modes.split(",")
     x_size = torch.empty((), dtype=dtype).element_size()
@@ -240,6 +261,7 @@ def main() -> None:
             if rank == 0:
                 print(f"  {mode} {_h(nbytes)} done", flush=True)
 
+    text = None
     if rank == 0:
         card = torch.cuda.get_device_name(local)
         label = (f", GPUs grouped as {world // rpn} virtual nodes x {rpn} (EMULATION)"
@@ -281,13 +303,7 @@ def main() -> None:
         if notes:
             lines += ["Notes:", *[f"- {n}" for n in notes], ""]
         text = "\n".join(lines)
-        print(text)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-    for b in built.values():
-        b.close()
-    dist.destroy_process_group()
+    finish(text, args.out, built)
 
 
 if __name__ == "__main__":

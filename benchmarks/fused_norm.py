@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from allreduce import _gemm, _time  # noqa: E402
+from allreduce import _gemm, _time, finish, start_ranks  # noqa: E402
 
 from artune import backends as registry  # noqa: E402
-from artune.backends.base import BackendUnavailable, GroupContext  # noqa: E402
-from artune.envs import NO_MULTICAST_ENV  # noqa: E402
+from artune.backends.base import BackendUnavailable  # noqa: E402
 
 EPS = 1e-5
 COLUMNS = ("norm alone", "sglang + norm", "nvrar + norm", "nvrar fused")
@@ -121,24 +119,11 @@ def main() -> None:
     ap.add_argument("--context-gemm", default=None, metavar="K,N")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    for k, v in NO_MULTICAST_ENV.items():
-        if os.environ.get(k) != v:
-            raise SystemExit(f"set {k}={v} before running (NVLink multicast must stay off)")
     rows_list = [int(r) for r in args.rows.split(",")]
     gemm_kn = tuple(int(v) for v in args.context_gemm.split(",")) if args.context_gemm else None
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cpu_group = dist.new_group(backend="gloo")
     dtype = torch.bfloat16
-    max_bytes = max(rows_list) * args.hidden * 2
-    ctx = GroupContext(
-        group=dist.group.WORLD, cpu_group=cpu_group, rank=rank, world_size=world,
-        device=torch.device("cuda", local), ranks_per_node=world, max_bytes=max_bytes,
-        group_name=dist.group.WORLD.group_name,
-    )
+    ctx = start_ranks(max(rows_list) * args.hidden * 2)  # one node: the fused kernel needs it
+    rank, world, cpu_group = ctx.rank, ctx.world_size, ctx.cpu_group
     norm, norm_name = _norm_kernel()
     built: dict[str, Any] = {}
     notes: list[str] = []
@@ -188,8 +173,9 @@ def main() -> None:
         if rank == 0:
             print(f"  {rows} rows done", flush=True)
 
+    text = None
     if rank == 0:
-        card = torch.cuda.get_device_name(local)
+        card = torch.cuda.get_device_name(ctx.device)
         cols = (["gemm alone"] if gemm_kn else []) + list(COLUMNS)
         lines = [f"# All-reduce + residual add + RMSNorm, {world}x {card}", "",
                  f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
@@ -211,13 +197,7 @@ def main() -> None:
         if notes:
             lines += ["", "Notes:", *[f"- {n}" for n in notes]]
         text = "\n".join(lines) + "\n"
-        print(text)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-    for b in built.values():
-        b.close()
-    dist.destroy_process_group()
+    finish(text, args.out, built)
 
 
 if __name__ == "__main__":

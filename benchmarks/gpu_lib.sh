@@ -23,6 +23,15 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
 
+reference_profile() {  # the committed reference profile of a machine with this many GPUs
+    local n
+    n=$(nvidia-smi -L | wc -l)
+    case "$n" in
+        4) echo artune/profiles/6eeb601b655cf21c.json ;;
+        2) echo artune/profiles/4b6998f7355af1ed.json ;;
+        *) echo "no reference profile for $n GPUs (2 or 4)" >&2; return 1 ;;
+    esac
+}
 step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $W/NAME.log, note the result
     local name=$1 limit=$2; shift 2
     local t=$(date +%s)

@@ -19,8 +19,7 @@ step test_ops 120 python3 -m pytest -q -x tests/gpu/test_ops_gpu.py
 step test_nvrar 240 python3 -m pytest -q tests/gpu/test_nvrar_gpu.py -k "times_out or skewed"
 step test_backends 180 python3 -m pytest -q tests/gpu/test_backends_gpu.py
 N=$(nvidia-smi -L | wc -l)
-PROF=artune/profiles/6eeb601b655cf21c.json
-[ "$N" = 2 ] && PROF=artune/profiles/4b6998f7355af1ed.json
+PROF=$(reference_profile) || exit 1
 cat "$W/steps.txt"
 for t in test_ops test_nvrar test_backends; do grep -h "passed\|failed\|error" "$W/$t.log" | tail -1; done
 CONFIGS=default,artune BATCH_SIZES=1,16 BUDGET_S=$(( 585 - ($(date +%s) - T0) )) \

@@ -8,13 +8,11 @@
 #   device run, carry [".devwhl"], kind nvidia-h100-x4 or -x2:  bash benchmarks/gpu_session_kernels.sh
 # Not run yet (written in the nineteenth session, after its device time was spent).
 set -uo pipefail
+W=/tmp/artune-gpu-kernels
+source benchmarks/gpu_lib.sh
 source benchmarks/sglang_site.sh
 N=$(nvidia-smi -L | wc -l)
-case "$N" in
-    4) PROF=artune/profiles/6eeb601b655cf21c.json ;;
-    2) PROF=artune/profiles/4b6998f7355af1ed.json ;;
-    *) echo "no reference profile for $N GPUs (2 or 4)"; exit 1 ;;
-esac
+PROF=$(reference_profile) || exit 1
 timeout -k 10 570 python3 benchmarks/sglang_kernels.py --tp "$N" --profile "$PROF" \
     --configs "${CONFIGS:-default,artune_nccl,nccl}" --batch-sizes "${BATCH_SIZES:-1,16}" \
     --steps "${STEPS:-32}" --out "$OUT/kernels_tp$N.json" 2>&1 | tee "$OUT/kernels.log" \

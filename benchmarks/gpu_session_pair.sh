@@ -26,11 +26,7 @@ set -uo pipefail
 W=/tmp/artune-gpu-pair
 source benchmarks/gpu_lib.sh
 N=$(nvidia-smi -L | wc -l)
-case "$N" in
-    4) PROF=artune/profiles/6eeb601b655cf21c.json ;;
-    2) PROF=artune/profiles/4b6998f7355af1ed.json ;;
-    *) echo "no reference profile for $N GPUs (2 or 4)"; exit 1 ;;
-esac
+PROF=$(reference_profile) || exit 1
 machine() {  # machine LABEL: one snapshot of the host's load and the GPUs' clocks
     { echo "== $1 (at $(( $(date +%s) - T0 )) s): $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
       nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu \

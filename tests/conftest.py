@@ -8,6 +8,8 @@
 - ``reap(procs, timeout_s)``: join spawned processes, killing the ones still alive.
 - ``run_artune(*args, env=..., timeout_s=...)``: ``python -m artune.cli ARGS`` in a subprocess
   (the way a user runs it), with this checkout and tests/ importable; a CompletedProcess.
+- ``load_benchmark(name)``: ``benchmarks/<name>.py`` imported as a fresh module (its own copy
+  per call, under the name ``<name>_under_test``), for tests of the benchmark scripts.
 - fixtures ``cpu_env`` (the environment for CPU runs of ``run_artune``: GPUs hidden) and
   ``gloo_job`` (``run_gloo`` itself, for tests that prefer a fixture).
 """
@@ -164,6 +166,18 @@ def reap(procs: list[Any], timeout_s: float) -> None:
         p.join(timeout=timeout_s)
         if p.is_alive():
             p.kill()
+
+
+def load_benchmark(name: str) -> Any:
+    """``benchmarks/<name>.py`` as a fresh module (see the module docstring)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def artune_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -4,7 +4,6 @@ engines and clocks."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,15 +11,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import load_benchmark
 
 
 def _module() -> Any:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sglang_e2e.py"
-    spec = importlib.util.spec_from_file_location("sglang_e2e_under_test", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sglang_e2e")
 
 
 def _paired() -> Any:

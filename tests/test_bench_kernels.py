@@ -4,21 +4,16 @@ hand-made traces whose answers are known."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_benchmark
 
 
 def _module() -> Any:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sglang_kernels.py"
-    spec = importlib.util.spec_from_file_location("sglang_kernels_under_test", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sglang_kernels")
 
 
 def _kernel(name: str, ts: float, dur: float) -> dict[str, Any]:
@@ -183,3 +178,33 @@ def test_worker_asks_for_a_decode_trace_per_batch_size_and_waits_for_every_rank(
     assert found is not None and all("DECODE" in p.name for p in found.values())
     s = mod.step_stats(mod.read_trace(found[1]), 5)
     assert s["allreduce"]["mean_us"] == pytest.approx(2.0)  # the decode trace, not the prefill's
+
+
+def test_allreduce_benchmarks_start_only_with_multicast_off_and_finish_their_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/allreduce.py's start and end, shared with fused_norm.py: a rank refuses to
+    start while any NVLink multicast switch is on (before touching a GPU); the end writes the
+    report where asked and closes the backends and the process group."""
+    import torch.distributed as dist
+
+    from artune.envs import NO_MULTICAST_ENV
+
+    ar = load_benchmark("allreduce")
+    for k, v in NO_MULTICAST_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    with pytest.raises(SystemExit, match="NCCL_NVLS_ENABLE=0"):
+        ar.start_ranks(1 << 20)
+
+    class Closing:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    be = Closing()
+    ar.finish("| table |\n", str(tmp_path / "out" / "r.md"), {"x": be})
+    assert (tmp_path / "out" / "r.md").read_text() == "| table |\n"
+    assert be.closed and not dist.is_initialized()

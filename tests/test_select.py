@@ -190,17 +190,12 @@ def test_select_speed_benchmark_runs_with_every_kind_of_backend(
         tmp_path, monkeypatch) -> None:
     """benchmarks/select_speed.py (few calls): the host-work backends return a copy of their
     input, and the results file has the rows of every kind of backend."""
-    import importlib.util
     import sys
-    from pathlib import Path
 
     import torch
+    from conftest import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "select_speed.py"
-    spec = importlib.util.spec_from_file_location("select_speed", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("select_speed")
     x = torch.arange(2048, dtype=torch.bfloat16)
     y = mod._HostWork(None).all_reduce(x)
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()

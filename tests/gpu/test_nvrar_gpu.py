@@ -221,9 +221,15 @@ def _one_node(ctx: Any) -> list[str]:
     return failures
 
 
+def _expect_clean(world: int, fn: Any, *args: Any, timeout_s: float = _TIMEOUT_S) -> None:
+    """Run ``fn(ctx, *args)`` (it returns a list of failures) on ``world`` GPUs; fail with the
+    first failures any rank reports."""
+    failures = run_on_gpus(world, fn, *args, max_bytes=MAX_BYTES, timeout_s=timeout_s)
+    assert all(f == [] for f in failures), "\n".join(sum(failures, [])[:20])
+
+
 def _run_sweep(world: int) -> None:
-    failures = run_on_gpus(world, _one_node, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
-    assert failures[0] == [], "\n".join(failures[0][:20])
+    _expect_clean(world, _one_node)
 
 
 # One test per world size, most informative first (a GPU session may be cut short).
@@ -260,8 +266,7 @@ def _pdl_off_sweep(ctx: Any) -> list[str]:
 def test_sweep_4_ranks_without_pdl() -> None:
     if torch.cuda.get_device_capability(0) < (9, 0):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
-    failures = run_on_gpus(4, _pdl_off_sweep, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
-    assert failures[0] == [], "\n".join(failures[0][:20])
+    _expect_clean(4, _pdl_off_sweep)
 
 
 def _virtual_nodes(ctx: Any) -> list[str]:
@@ -428,9 +433,7 @@ def _skewed(ctx: Any, ahead: str) -> list[str]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("ahead", ["0", "1"])
 def test_skewed_lamport_sequence_in_a_graph(ahead: str) -> None:
-    world = min(4, torch.cuda.device_count())
-    failures = run_on_gpus(world, _skewed, ahead, max_bytes=MAX_BYTES, timeout_s=150.0)
-    assert failures[0] == [], "\n".join(failures[0][:20])
+    _expect_clean(min(4, torch.cuda.device_count()), _skewed, ahead, timeout_s=150.0)
 
 
 def _first_use_in_capture(ctx: Any) -> list[str]:
@@ -476,9 +479,7 @@ def _first_use_in_capture(ctx: Any) -> list[str]:
 @requires_nvshmem(2)
 @pytest.mark.gpu
 def test_lamport_first_used_inside_a_capture() -> None:
-    world = min(4, torch.cuda.device_count())
-    failures = run_on_gpus(world, _first_use_in_capture, max_bytes=MAX_BYTES, timeout_s=150.0)
-    assert all(f == [] for f in failures), "\n".join(sum(failures, []))
+    _expect_clean(min(4, torch.cuda.device_count()), _first_use_in_capture, timeout_s=150.0)
 
 
 def _fused(ctx: Any) -> list[str]:
@@ -584,17 +585,14 @@ def _fused(ctx: Any) -> list[str]:
 @requires_nvshmem(2)
 @pytest.mark.gpu
 def test_fused_add_rmsnorm() -> None:
-    world = min(4, torch.cuda.device_count())
-    failures = run_on_gpus(world, _fused, max_bytes=MAX_BYTES, timeout_s=200.0)
-    assert all(f == [] for f in failures), "\n".join(sum(failures, []))
+    _expect_clean(min(4, torch.cuda.device_count()), _fused, timeout_s=200.0)
 
 
 @requires_nvshmem(4)
 @pytest.mark.gpu
 def test_virtual_nodes_2x2() -> None:
     """Emulation: 4 GPUs of one host as 2 nodes x 2 (the inter-node path, NVSHMEM and p2p)."""
-    failures = run_on_gpus(4, _virtual_nodes, max_bytes=MAX_BYTES, timeout_s=_TIMEOUT_S)
-    assert failures[0] == [], "\n".join(failures[0][:20])
+    _expect_clean(4, _virtual_nodes)
 
 
 @requires_nvshmem(3)
