@@ -15,7 +15,12 @@ rank's median, the same number of calls per replay for every column):
 - ``sglang + norm``: SGLang's own all-reduce (its custom all-reduce inside its graph_capture),
   then the norm: what a served Llama runs today;
 - ``nvrar + norm``: NVRAR's all-reduce at its defaults, then the norm;
-- ``nvrar fused``: the fused kernel.
+- ``fused, CTA per row``: the fused kernel with each row one chunk on one CTA (``block`` =
+  hidden; the first version's shape: 1.5 µs slower than the default plan's 8 CTAs of 512
+  elements for the plain one-shot at 8K, 4x H100, benchmarks/results/fused_norm_4gpu_h100_
+  2026-11-27h2.md);
+- ``nvrar fused``: the fused kernel as ``fused_plan`` cuts the rows (slices of 512 elements,
+  one CTA each, exchanging their partial sums of squares).
 
 Every column is checked first against NCCL's fp32 sum plus the residual, normed in fp32 (and
 identical bits on every rank); a wrong one is reported, never timed. Without ``sgl_kernel`` the
@@ -43,7 +48,7 @@ from artune import backends as registry  # noqa: E402
 from artune.backends.base import BackendUnavailable  # noqa: E402
 
 EPS = 1e-5
-COLUMNS = ("norm alone", "sglang + norm", "nvrar + norm", "nvrar fused")
+COLUMNS = ("norm alone", "sglang + norm", "nvrar + norm", "fused, CTA per row", "nvrar fused")
 
 
 def _norm_kernel() -> tuple[Any, str]:
@@ -94,12 +99,14 @@ def _column(col: str, built: dict[str, Any], norm: Any, w: torch.Tensor, x: torc
     column; call is None where the column cannot run."""
     if col == "norm alone":
         return (lambda a, r: norm(a, r, w)), contextlib.nullcontext, None
-    if col == "nvrar fused":
+    if col in ("nvrar fused", "fused, CTA per row"):
         be = built.get("nvrar")
-        why = "nvrar not built" if be is None else be.comm.fused_problem(x, res, w)
+        block = x.shape[-1] if col == "fused, CTA per row" else None
+        why = "nvrar not built" if be is None else be.comm.fused_problem(x, res, w, block)
         if why:
             return None, None, why
-        return (lambda a, r: be.comm.fused_add_rmsnorm(a, r, w, EPS)), be.capture, None
+        return ((lambda a, r: be.comm.fused_add_rmsnorm(a, r, w, EPS, block)), be.capture,
+                None)
     be = built.get(col.split(" ")[0])
     if be is None or not be.supports(x):
         return None, None, None

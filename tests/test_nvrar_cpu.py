@@ -1022,9 +1022,11 @@ def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
 
 
 def test_fused_add_rmsnorm_refuses_what_it_cannot_run_with_the_reason() -> None:
-    """The fused all-reduce + residual add + RMSNorm takes one row per chunk: 16-bit rows of a
-    power of two from 256 to 4096, residual and weight to match, 16-byte aligned, within the
-    one-shot capacity; anything else is refused with the reason, before any launch."""
+    """The fused all-reduce + residual add + RMSNorm cuts rows into slices of a chunk size
+    (256 to 4096 elements, at most 32 per row, one CTA each): 16-bit rows of such a multiple,
+    residual and weight to match, 16-byte aligned, within the one-shot capacity and, for rows
+    of several slices, all CTAs at once within the grid; anything else is refused with the
+    reason, before any launch. Under the interpreter a row is one chunk."""
     nd = Nodes(1, 4)
     lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
     comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
@@ -1035,19 +1037,40 @@ def test_fused_add_rmsnorm_refuses_what_it_cannot_run_with_the_reason() -> None:
         x = over.get("x", torch.zeros(rows, hidden, dtype=dt))
         res = over.get("res", torch.zeros(rows, hidden, dtype=dt))
         w = over.get("w", torch.ones(hidden, dtype=dt))
-        return comm.fused_problem(x, res, w)
+        return comm.fused_problem(x, res, w, over.get("block"), over.get("ctas"))
 
     assert problem(4, 4096) is None and problem(1, 256, torch.float16) is None
+    assert problem(2, 3584) is None and problem(2, 8192) is None  # 7 and 16 slices of 512
     assert "bf16/fp16" in (problem(4, 4096, torch.float32) or "")
-    assert "power of two" in (problem(4, 3584) or "")
-    assert "power of two" in (problem(2, 8192) or "")
+    assert "multiple of a chunk size" in (problem(4, 3000) or "")
+    assert "multiple of a chunk size" in (problem(1, 33 * 256) or "")  # 33 slices of 256
+    assert "block=768" in (problem(1, 4096, block=768) or "")
+    assert "at once" in (problem(4, 8192, ctas=4) or "")  # 4 rows x 2 slices of 4096 > 4 CTAs
     assert "[rows, hidden]" in (problem(1, 4096, x=torch.zeros(4096, dtype=bf)) or "")
     assert "residual must be" in (problem(2, 4096, res=torch.zeros(3, 4096, dtype=bf)) or "")
     assert "weight must be" in (problem(2, 4096, w=torch.ones(4096)) or "")
     odd = torch.zeros(2 * 4096 + 1, dtype=bf)[1:].view(2, 4096)  # 2-byte offset
     assert "aligned" in (problem(2, 4096, x=odd) or "")
     assert "exceeds" in (problem(64, 4096) or "")  # 512 KiB > the 64 KiB one-shot capacity
-    with pytest.raises(ValueError, match="rank 0.*power of two"):
+    # the plans: 512-element slices while rows x slices fit the grid (256 CTAs off a GPU),
+    # then larger ones; rows of one slice share CTAs when there are more rows than CTAs
+    plans = {(r, h, c): comm.fused_plan(r, h, ctas=c) for r, h, c in
+             ((1, 4096, None), (16, 4096, None), (64, 4096, None), (64, 4096, 32),
+              (600, 4096, None), (3, 3584, None), (1, 256, None))}
+    got = {k: (p.block, p.ctas) if isinstance(p, Plan) else p for k, p in plans.items()}
+    assert got == {(1, 4096, None): (512, 8), (16, 4096, None): (512, 128),
+                   (64, 4096, None): (1024, 256), (64, 4096, 32): (4096, 32),
+                   (600, 4096, None): (4096, 256), (3, 3584, None): (512, 21),
+                   (1, 256, None): (256, 1)}, got
+    assert comm.fused_plan(1, 4096, block=1024) == Plan("oneshot", "lamport", block=1024, ctas=4)
+    # under the interpreter (CTAs run one after another) a row is one chunk
+    icomm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                      [(r + 1) << 20 for r in range(4)], torch.device("cpu"), timeout_s=1.0,
+                      interpret=True)
+    assert icomm.fused_plan(5, 4096) == Plan("oneshot", "lamport", block=4096, ctas=5)
+    assert "a row is one chunk" in str(icomm.fused_plan(1, 8192))
+    assert "a row is one chunk" in str(icomm.fused_plan(1, 4096, block=512))
+    with pytest.raises(ValueError, match="rank 0.*multiple of a chunk size"):
         comm.fused_add_rmsnorm(torch.zeros(1, 100, dtype=bf), torch.zeros(1, 100, dtype=bf),
                                torch.ones(100, dtype=bf), 1e-5)
     # an instance whose earlier wait ran out says so before launching anything

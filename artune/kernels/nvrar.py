@@ -195,6 +195,9 @@ class NvrarComm:
         self.ahead = layout.lamport_parities == 3
         self.lctr = torch.zeros(MAX_CTAS, dtype=torch.int32, device=device)
         self.pend = torch.zeros(12, dtype=torch.int32, device=device)
+        #: Fused add + RMSNorm: one word per CTA, its partial sum of squares tagged with the
+        #: call's epoch (``nvrar_lamport._row_total``); -1: no epoch yet.
+        self.partials = torch.full((MAX_CTAS,), -1, dtype=torch.int64, device=device)
         self.err_dev = torch.zeros(1, dtype=torch.int64, device=device)
         pin = device.type == "cuda"
         self.err_host = torch.zeros(1, dtype=torch.int64, pin_memory=pin)
@@ -282,29 +285,69 @@ class NvrarComm:
         return y
 
     def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                          eps: float, ctas: int = MAX_CTAS) -> None:
+                          eps: float, block: int | None = None,
+                          ctas: int | None = None) -> None:
         """The all-reduce of ``x`` fused with the residual add and RMSNorm that follow it in a
-        transformer layer, in place, one kernel (the lamport one-shot, one CTA per row):
-        ``residual = sum of x over the group + residual``, then ``x = residual * rsqrt(mean
-        (residual ** 2) + eps) * weight`` (row by row, in fp32 from the unrounded sum, as
-        SGLang's fused add + RMSNorm). ``x`` and ``residual``: contiguous [rows, hidden] of one
-        16-bit dtype, 16-byte aligned, the same on every rank for ``residual``; ``hidden`` a
-        power of two from 256 to LAMPORT_BLOCK_MAX; ``weight``: [hidden]. One node only. What
-        does not fit raises ValueError (check with ``fused_problem`` first); after a wait of an
-        earlier call ran out it raises NvrarTimeoutError, as ``check`` does."""
+        transformer layer, in place, one kernel (the lamport one-shot with the norm in its
+        epilogue): ``residual = sum of x over the group + residual``, then ``x = residual *
+        rsqrt(mean(residual ** 2) + eps) * weight`` (row by row, in fp32 from the sum rounded
+        as the plain all-reduce rounds it, as SGLang's fused add + RMSNorm). ``x`` and
+        ``residual``: contiguous [rows, hidden] of one 16-bit dtype, 16-byte aligned, the same
+        on every rank for ``residual``; ``weight``: [hidden]. Each row is cut into slices of
+        ``block`` elements, one CTA each, on at most ``ctas`` CTAs (``fused_plan``). One node
+        only. What does not fit
+        raises ValueError (check with ``fused_problem`` first); after a wait of an earlier call
+        ran out it raises NvrarTimeoutError, as ``check`` does."""
         self.check()
-        bad = self.fused_problem(x, residual, weight)
+        bad = self.fused_problem(x, residual, weight, block, ctas)
         if bad is not None:
             raise ValueError(f"artune nvrar fused_add_rmsnorm (rank {self.rank}): {bad}")
         if x.numel() == 0:
             return
-        hidden = x.shape[-1]
-        plan = Plan("oneshot", "lamport", block=hidden, ctas=max(1, min(ctas, MAX_CTAS)))
+        plan = self.fused_plan(x.shape[0], x.shape[-1], block, ctas)
+        assert not isinstance(plan, str)
         self._launch(self._lamport(x, x, x.numel(), plan, norm=(residual, weight, float(eps))))
 
+    def fused_plan(self, rows: int, hidden: int, block: int | None = None,
+                   ctas: int | None = None) -> Plan | str:
+        """The lamport plan of a fused call (its ``block``: the slice of a row one CTA holds),
+        or why there is none. Rows are cut into slices of FUSED_BLOCK elements (``block`` when
+        given; the one-shot's best chunk at decode sizes), fewer and larger where rows x slices
+        would exceed the grid (``ctas``, at most the GPU's SMs); a row of several slices needs
+        all of its CTAs at once (they exchange their partial sums of squares), so every chunk
+        gets its own CTA then; rows of one slice may share CTAs. Under the interpreter (CTAs
+        one after another) a row is one CTA."""
+        grid = self.max_grid if ctas is None else max(1, min(ctas, self.max_grid))
+        sizes = [b for b in BLOCKS if b <= LAMPORT_BLOCK_MAX and hidden % b == 0
+                 and hidden // b <= FUSED_SLICES_MAX]
+        if block is not None:
+            if block not in sizes:
+                return (f"block={block} is not one of {sizes} (a chunk size that divides hidden "
+                        f"{hidden} into at most {FUSED_SLICES_MAX} slices)")
+            sizes = [block]
+        if not sizes:
+            return (f"hidden size {hidden} is not a multiple of a chunk size in {BLOCKS} up to "
+                    f"{LAMPORT_BLOCK_MAX} with at most {FUSED_SLICES_MAX} slices")
+        if self.interpret:
+            if hidden not in sizes:
+                return (f"under the interpreter (CTAs one after another) a row is one chunk: "
+                        f"hidden {hidden} must be a chunk size up to {LAMPORT_BLOCK_MAX} and "
+                        f"block None or {hidden}")
+            sizes = [hidden]
+        elif block is None:
+            sizes = [b for b in sizes if b >= FUSED_BLOCK] or sizes[-1:]
+        for b in sizes:  # smallest first: the most CTAs that fit
+            slices = hidden // b
+            if slices == 1 or rows * slices <= grid:
+                return Plan("oneshot", "lamport", block=b, ctas=min(rows * slices, grid))
+        return (f"{rows} rows of {hidden // sizes[-1]} slices need {rows * hidden // sizes[-1]} "
+                f"CTAs at once, more than the grid's {grid}")
+
     def fused_problem(self, x: torch.Tensor, residual: torch.Tensor,
-                      weight: torch.Tensor) -> str | None:
-        """Why ``fused_add_rmsnorm(x, residual, weight, ...)`` cannot run here, or None."""
+                      weight: torch.Tensor, block: int | None = None,
+                      ctas: int | None = None) -> str | None:
+        """Why ``fused_add_rmsnorm(x, residual, weight, ..., block, ctas)`` cannot run here, or
+        None."""
         import torch
 
         if x.dtype not in (torch.bfloat16, torch.float16):
@@ -312,9 +355,6 @@ class NvrarComm:
         if x.dim() != 2:
             return f"x must be [rows, hidden], got shape {tuple(x.shape)}"
         hidden = x.shape[-1]
-        if hidden not in BLOCKS or hidden > LAMPORT_BLOCK_MAX:
-            return (f"hidden size {hidden} is not a power of two from {BLOCKS[0]} to "
-                    f"{LAMPORT_BLOCK_MAX}")
         if residual.shape != x.shape or residual.dtype != x.dtype:
             return (f"residual must be {x.dtype} {tuple(x.shape)}, got {residual.dtype} "
                     f"{tuple(residual.shape)}")
@@ -323,8 +363,10 @@ class NvrarComm:
         for name, t in (("x", x), ("residual", residual), ("weight", weight)):
             if t.device != x.device or not t.is_contiguous() or t.data_ptr() % 16:
                 return f"{name} must be contiguous, 16-byte aligned and on {x.device}"
-        return self.reason(x.numel() * x.element_size(),
-                           Plan("oneshot", "lamport", block=hidden, ctas=1))
+        plan = self.fused_plan(x.shape[0], hidden, block, ctas)
+        if isinstance(plan, str):
+            return plan
+        return self.reason(x.numel() * x.element_size(), plan)
 
     def _common(self, ctr: Any = None) -> tuple[Any, ...]:
         return (self.ctr if ctr is None else ctr, self.err_dev, self.err_host.data_ptr(),
@@ -418,18 +460,22 @@ class NvrarComm:
         assert self.world_bases is not None
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
         res, weight, eps = norm if norm is not None else (x, x, 0.0)
-        args = (x, y, n, res, weight, eps, *self.world_bases, self.offsets["lamport"],
-                self.layout.lamport_slot, *self._lamport_common())
+        # NORM: the slices of a row (one CTA each, all in one round: fused_plan)
+        split = weight.numel() // plan.block if norm is not None else 1
+        args = (x, y, n, res, weight, eps, self.partials, *self.world_bases,
+                self.offsets["lamport"], self.layout.lamport_slot, *self._lamport_common())
         warps = _lamport_warps(plan.block)
         # Words of four consecutive elements (8-byte loads and stores) where every rank's n
         # allows it: the wire layout must be the same on every rank, and n is. (NORM: rows of
-        # a power of two, always.)
+        # a multiple of 256 elements, always.)
         vec = n % 4 == 0
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BLOCK=plan.block, MAXC=MAX_CTAS,
                                       INTERPRET=self.interpret, num_warps=warps, VEC=vec,
-                                      AHEAD=self.ahead, NORM=norm is not None)
+                                      AHEAD=self.ahead, NORM=norm is not None, SPLIT=split,
+                                      SLOTS=1 << (split - 1).bit_length())
         kwargs.update(self._pdl())
-        key = ("lamport", x.dtype, plan.block, warps, self.pdl, self.ahead, norm is not None, vec)
+        key = ("lamport", x.dtype, plan.block, warps, self.pdl, self.ahead, norm is not None,
+               split, vec)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _lamport2(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:
@@ -508,6 +554,13 @@ class NvrarComm:
 
             self._sigset = signal_set_op()
         return self._sigset
+
+
+#: Fused add + RMSNorm: the slice of a row one CTA holds, where the rows fit the grid (the
+#: one-shot's chunk at decode sizes, where it measured best: docs/nvrar.md), and at most this
+#: many slices per row.
+FUSED_BLOCK = 512
+FUSED_SLICES_MAX = 32
 
 
 def _lamport_warps(block: int) -> int:

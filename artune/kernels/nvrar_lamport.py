@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from artune.kernels.nvrar_layout import STEP_NORM
 from artune.kernels.nvrar_prims import (
     ERR_MARK,
     LANES_SENTINEL,
@@ -38,6 +39,7 @@ from artune.kernels.nvrar_prims import (
     pdl_begin,
     pick,
     ptr_as,
+    record_error,
     spin_lamport4,
     store_chunk,
     wait_ll,
@@ -47,6 +49,8 @@ __all__ = ["oneshot_lamport_kernel", "twoshot_lamport_kernel", "SENTINEL16"]
 
 #: What an empty receive slot holds in every 16-bit element (the bits of -0.0).
 SENTINEL16 = 0x8000
+#: The error step of a fused call's exchange of partial sums between the CTAs of a row.
+_STEP_NORM = tl.constexpr(STEP_NORM)
 
 
 @triton.jit
@@ -169,6 +173,7 @@ def oneshot_lamport_kernel(
     res_ptr,  # NORM: *DT [n] residual rows, updated in place (else unused)
     w_ptr,  # NORM: *DT [BLOCK] the RMSNorm weight (else unused)
     eps,  # NORM: the RMSNorm epsilon (else unused)
+    part_ptr,  # NORM, SPLIT > 1: *int64 [MAXC] each CTA's tagged partial sum of squares
     b0, b1, b2, b3, b4, b5, b6, b7,  # symmetric buffer base of rank i, as this GPU addresses it
     region,  # byte offset of the lamport region
     slot_bytes,  # bytes of one [parity][src] slot
@@ -185,7 +190,9 @@ def oneshot_lamport_kernel(
     PDL: tl.constexpr = False,  # launched with programmatic dependent launch (pdl_begin)
     VEC: tl.constexpr = False,  # words of 4 consecutive elements (n % 4 == 0, x, y 8-aligned)
     AHEAD: tl.constexpr = False,  # three parities; clear the previous call's slots (_ahead)
-    NORM: tl.constexpr = False,  # chunks are rows: residual add and RMSNorm fused (_norm_row)
+    NORM: tl.constexpr = False,  # chunks are row slices: residual add + RMSNorm (_norm_row)
+    SPLIT: tl.constexpr = 1,  # NORM: slices (chunks, CTAs) per row; > 1: one chunk per CTA
+    SLOTS: tl.constexpr = 1,  # SPLIT rounded up to a power of two
 ):
     pdl_begin(PDL, INTERPRET)
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
@@ -220,7 +227,7 @@ def oneshot_lamport_kernel(
                       W, Q)
     _gather_flat(x_ptr, y_ptr, n, base + par * W * slot_bytes, slot_bytes, err_dev, err_host,
                  limit, rank, pid, G, nchunks, W, BLOCK, INTERPRET, VEC, AHEAD, tail,
-                 res_ptr, w_ptr, eps, NORM)
+                 res_ptr, w_ptr, eps, NORM, part_ptr, epoch, SPLIT, SLOTS)
     end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
 
 
@@ -292,7 +299,8 @@ def _ahead(base, slot_bytes, pend_ptr, epoch, par, a, boff, b, rank, pid, G,
 def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, rank, pid, G,
                  nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
                  VEC: tl.constexpr, AHEAD: tl.constexpr, tail, res_ptr, w_ptr, eps,
-                 NORM: tl.constexpr):
+                 NORM: tl.constexpr, part_ptr, epoch, SPLIT: tl.constexpr,
+                 SLOTS: tl.constexpr):
     """Wait, sum and clear with every source's words as a 1-D [Q] vector of the same layout:
     each thread polls, sums and clears only its own words (no reduction across threads, no
     layout conversion). On the GPU a thread polls up to four sources' words in one loop
@@ -310,11 +318,20 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
     for c in range(pid, nchunks, G):
         own = _load_words(x_ptr, c, n, Q, VEC)
         base = ptr_as(mine, tl.uint64) + c * Q + offs
+        if NORM:  # loaded before the wait, so that they arrive while it polls
+            r = _raw_words(res_ptr, c, n, Q)
+            wt = _raw_words(w_ptr, c % SPLIT, 4 * Q * SPLIT, Q)
+        else:
+            r = own
+            wt = own
         # the sum in rank order, the same on every rank (this rank's own words in its place)
         a0, a1, a2, a3, bad = _gather_sum(base, STRIDE, own, me, W, rank, limit, deadline,
                                           INTERPRET, DT)
         if NORM:
-            _norm_row(y_ptr, res_ptr, w_ptr, eps, c, n, a0, a1, a2, a3, Q, DT)
+            lost = _norm_row(y_ptr, res_ptr, r, wt, eps, c, n, a0, a1, a2, a3, part_ptr, epoch,
+                             pid, limit, Q, DT, SPLIT, SLOTS, INTERPRET)
+            if lost & (limit > 0):  # a partner CTA's partial never came (after its own wait)
+                record_error(err_dev, err_host, _STEP_NORM, rank, pid)
         else:
             _store_words(y_ptr, c, n, _pack(a0, a1, a2, a3, DT), Q, VEC)
         _record_bad(err_dev, err_host, bad, 0, pid, failed)  # STEP_ONESHOT
@@ -327,28 +344,58 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
 
 
 @triton.jit
-def _norm_row(y_ptr, res_ptr, w_ptr, eps, c, n, a0, a1, a2, a3, Q: tl.constexpr,
-              DT: tl.constexpr):
-    """NORM: chunk ``c`` is one row of 4Q elements in words of four consecutive elements
-    (VEC). The sum is rounded to DT as the plain all-reduce stores it, then, as SGLang's fused
-    add + RMSNorm does: h = sum + residual in fp32, the residual row becomes h (rounded), and
-    y = h * rsqrt(mean(h * h) + eps) * weight. Each thread reads and writes only its own words
-    (x, y and the residual may be the same memory). Every rank holds the same sums and the
-    same residual and reduces in the same order: identical bits everywhere."""
-    r = _raw_words(res_ptr, c, n, Q)
-    wt = _raw_words(w_ptr, 0, 4 * Q, Q)
+def _norm_row(y_ptr, res_ptr, r, wt, eps, c, n, a0, a1, a2, a3, part_ptr, epoch, pid, limit,
+              Q: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """NORM: chunk ``c`` is slice c % SPLIT of row c // SPLIT, 4Q elements in words of four
+    consecutive elements (VEC). The sum is rounded to DT as the plain all-reduce stores it,
+    then, as SGLang's fused add + RMSNorm does: h = sum + residual in fp32, the residual
+    becomes h (rounded), and y = h * rsqrt(mean(h * h) + eps) * weight, the mean over the whole
+    row (``_row_total``); ``r`` and ``wt`` are the residual's and the weight's words of the
+    slice, loaded before the wait. Each thread reads and writes only its own words (x, y and
+    the residual may be the same memory). Every rank holds the same sums and the same residual
+    and reduces in the same order: identical bits everywhere. Returns whether a partner
+    CTA's partial never came."""
     h0 = a0.to(DT).to(tl.float32) + _lane(r, 0, DT).to(tl.float32)
     h1 = a1.to(DT).to(tl.float32) + _lane(r, 1, DT).to(tl.float32)
     h2 = a2.to(DT).to(tl.float32) + _lane(r, 2, DT).to(tl.float32)
     h3 = a3.to(DT).to(tl.float32) + _lane(r, 3, DT).to(tl.float32)
     _store_words(res_ptr, c, n, _pack_raw(h0, h1, h2, h3, DT), Q, True)
     ss = tl.sum(h0 * h0 + h1 * h1 + h2 * h2 + h3 * h3, axis=0)
-    rstd = 1.0 / tl.sqrt(ss / (4 * Q) + eps)
+    lost = limit < 0  # False (a scalar tensor, as _row_total returns)
+    if SPLIT > 1:
+        ss, lost = _row_total(part_ptr, ss, epoch, pid, limit, SPLIT, SLOTS, INTERPRET)
+    rstd = 1.0 / tl.sqrt(ss / (4 * Q * SPLIT) + eps)
     o0 = h0 * rstd * _lane(wt, 0, DT).to(tl.float32)
     o1 = h1 * rstd * _lane(wt, 1, DT).to(tl.float32)
     o2 = h2 * rstd * _lane(wt, 2, DT).to(tl.float32)
     o3 = h3 * rstd * _lane(wt, 3, DT).to(tl.float32)
     _store_words(y_ptr, c, n, _pack_raw(o0, o1, o2, o3, DT), Q, True)
+    return lost
+
+
+@triton.jit
+def _row_total(part_ptr, ss, epoch, pid, limit, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """NORM with SPLIT > 1: the row's sum of squares from the partials ``ss`` of its SPLIT
+    CTAs (pid - pid % SPLIT onwards: one chunk per CTA, so chunk c is CTA c). Each CTA posts its
+    partial as one LL word in its slot of ``part_ptr`` (the fp32 bits, tagged with the call's
+    epoch: no flag travels apart from the data and no slot needs emptying; the epoch differs
+    between consecutive calls) and polls its partners' slots, summed in slice order: the same
+    on every rank. Returns (total, whether a partial never came within ``limit``). Needs the
+    row's CTAs resident together, as a grid within fused_plan's bound is; not under the
+    interpreter (CTAs one after another)."""
+    tl.static_assert(not INTERPRET, "the interpreter runs CTAs one after another")
+    tag = epoch.to(tl.uint32)
+    p = part_ptr.to(tl.pointer_type(tl.uint64), bitcast=True)
+    word = (tag.to(tl.uint64) << 32) | ss.to(tl.uint32, bitcast=True).to(tl.uint64)
+    tl.store(p + pid, word)
+    lanes = tl.arange(0, SLOTS)
+    live = (lanes < SPLIT).to(tl.int32)
+    words, _, stale = wait_ll(p + (pid - pid % SPLIT) + lanes, p, live, tag, limit, False,
+                              INTERPRET, SPIN=True)
+    parts = (words & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    return tl.sum(tl.where(lanes < SPLIT, parts, 0.0), axis=0), stale > 0
 
 
 @triton.jit

@@ -39,6 +39,7 @@ __all__ = [
     "STEP_ONESHOT",
     "STEP_RS",
     "STEP_AG",
+    "STEP_NORM",
     "Nodes",
     "Layout",
     "step_name",
@@ -65,6 +66,7 @@ STEP_ONESHOT = 0
 STEP_RS = 1
 STEP_AG = 2
 STEP_RD0 = 3  # + RD step index (fold-in and fold-out come after the doubling steps)
+STEP_NORM = 0x7FFF  # a fused add + RMSNorm's exchange between the CTAs of a row (one rank)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -144,6 +146,8 @@ def step_name(step: int, nodes: Nodes) -> str:
         return "intra-node reduce-scatter"
     if step == STEP_AG:
         return "intra-node all-gather"
+    if step == STEP_NORM:
+        return "fused add + RMSNorm's exchange of partial sums between this rank's CTAs"
     s = step - STEP_RD0
     if nodes.extra and s == nodes.step_fold_in:
         return "inter-node fold-in (non-power-of-two nodes)"

@@ -484,9 +484,10 @@ def test_lamport_first_used_inside_a_capture() -> None:
 
 def _fused(ctx: Any) -> list[str]:
     """``NvrarComm.fused_add_rmsnorm`` on every GPU: Llama's hidden size 4096 at decode row
-    counts (1, 4, 16, 64) and 2048 at 3 rows, bf16 and fp16, eagerly and replayed in a CUDA
-    graph between plain lamport calls, against NCCL's fp32 sum plus the residual, normed in
-    fp32; identical bits on every rank."""
+    counts (1, 4, 16, 64), 2048, 3584 and 8192 at a few rows, the slices of fused_plan and
+    others asked for, bf16 and fp16, eagerly and replayed in a CUDA graph between plain
+    lamport calls, against NCCL's fp32 sum plus the residual, normed in fp32; identical bits
+    on every rank."""
     import torch.distributed as dist
 
     be = _make(ctx, ctx.world_size)
@@ -526,13 +527,19 @@ def _fused(ctx: Any) -> list[str]:
         failures.extend(f"rank {ctx.rank}, fused {what}: {e}" for e in err)
 
     try:
-        cases = [(r, 4096, dt) for r in (1, 4, 16, 64)
-                 for dt in (torch.bfloat16, torch.float16)] + [(3, 2048, torch.bfloat16)]
-        for i, (rows, hidden, dt) in enumerate(cases):  # eagerly (compiles and meets)
+        # rows cut into 8 slices of 512 (2 of 2048 at 64 rows, 7 at 3584, 16 at 8192), or as
+        # asked: one slice per row, rows sharing CTAs (ctas=2), 4 slices of 1024
+        cases: list[tuple[int, int, Any, dict[str, Any]]] = [
+            (r, 4096, dt, {}) for r in (1, 4, 16, 64) for dt in (torch.bfloat16, torch.float16)]
+        cases += [(3, 2048, torch.bfloat16, {}), (3, 3584, torch.bfloat16, {}),
+                  (2, 8192, torch.float16, {}), (4, 4096, torch.bfloat16, {"block": 4096}),
+                  (5, 4096, torch.bfloat16, {"block": 4096, "ctas": 2}),
+                  (4, 4096, torch.bfloat16, {"block": 1024})]
+        for i, (rows, hidden, dt, kw) in enumerate(cases):  # eagerly (compiles and meets)
             x, res, w = inputs(rows, hidden, dt, 100 + i)
             x0, res0 = x.clone(), res.clone()
-            be.comm.fused_add_rmsnorm(x, res, w, eps)
-            check(x0, res0, w, x, res, f"eager {rows}x{hidden} {dt}")
+            be.comm.fused_add_rmsnorm(x, res, w, eps, **kw)
+            check(x0, res0, w, x, res, f"eager {rows}x{hidden} {dt} {kw}")
         # the custom op, from a function compiled with fullgraph=True
         from artune.integration.nvrar_op import register_nvrar, unregister_nvrar
 
