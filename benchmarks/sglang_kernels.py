@@ -53,8 +53,11 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
                     "twoshot", "one_shot", "two_shot", "hier_kernel", "nvrar")),
     ("other collective", ("nccldevkernel", "allgather", "all_gather")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "splitk", "triton_mm")),
-    ("attention", ("attn", "attention", "_fwd_", "decode_kernel", "flash")),
+    # before attention: flashinfer's norms are flashinfer::norm::... (the twentieth session's
+    # trace, benchmarks/results/sglang_kernels_tp4_h100_2026-11-27h.md, counted them as
+    # attention)
     ("norm", ("rmsnorm", "layernorm", "norm")),
+    ("attention", ("attn", "attention", "_fwd_", "decode_kernel", "flash")),
 )
 #: A gap longer than this between two kernels is the host's (between graph replays), not the
 #: graph's: reported apart.

@@ -1052,16 +1052,19 @@ def test_fused_add_rmsnorm_refuses_what_it_cannot_run_with_the_reason() -> None:
     odd = torch.zeros(2 * 4096 + 1, dtype=bf)[1:].view(2, 4096)  # 2-byte offset
     assert "aligned" in (problem(2, 4096, x=odd) or "")
     assert "exceeds" in (problem(64, 4096) or "")  # 512 KiB > the 64 KiB one-shot capacity
-    # the plans: 512-element slices while rows x slices fit the grid (256 CTAs off a GPU),
-    # then larger ones; rows of one slice share CTAs when there are more rows than CTAs
+    # the plans: up to 8 rows, 512-element slices while rows x slices fit the grid (256 CTAs
+    # off a GPU, 4 asked), then larger ones; above 8 rows the largest chunks; rows of one
+    # slice share CTAs when there are more rows than CTAs
     plans = {(r, h, c): comm.fused_plan(r, h, ctas=c) for r, h, c in
-             ((1, 4096, None), (16, 4096, None), (64, 4096, None), (64, 4096, 32),
-              (600, 4096, None), (3, 3584, None), (1, 256, None))}
+             ((1, 4096, None), (8, 4096, None), (2, 4096, 4), (16, 4096, None), (64, 4096, 32),
+              (600, 4096, None), (3, 3584, None), (16, 3584, None), (20, 8192, None),
+              (1, 256, None))}
     got = {k: (p.block, p.ctas) if isinstance(p, Plan) else p for k, p in plans.items()}
-    assert got == {(1, 4096, None): (512, 8), (16, 4096, None): (512, 128),
-                   (64, 4096, None): (1024, 256), (64, 4096, 32): (4096, 32),
-                   (600, 4096, None): (4096, 256), (3, 3584, None): (512, 21),
-                   (1, 256, None): (256, 1)}, got
+    assert got == {(1, 4096, None): (512, 8), (8, 4096, None): (512, 64),
+                   (2, 4096, 4): (2048, 4), (16, 4096, None): (4096, 16),
+                   (64, 4096, 32): (4096, 32), (600, 4096, None): (4096, 256),
+                   (3, 3584, None): (512, 21), (16, 3584, None): (512, 112),
+                   (20, 8192, None): (4096, 40), (1, 256, None): (256, 1)}, got
     assert comm.fused_plan(1, 4096, block=1024) == Plan("oneshot", "lamport", block=1024, ctas=4)
     # under the interpreter (CTAs run one after another) a row is one chunk
     icomm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),

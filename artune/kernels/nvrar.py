@@ -311,12 +311,13 @@ class NvrarComm:
     def fused_plan(self, rows: int, hidden: int, block: int | None = None,
                    ctas: int | None = None) -> Plan | str:
         """The lamport plan of a fused call (its ``block``: the slice of a row one CTA holds),
-        or why there is none. Rows are cut into slices of FUSED_BLOCK elements (``block`` when
-        given; the one-shot's best chunk at decode sizes), fewer and larger where rows x slices
-        would exceed the grid (``ctas``, at most the GPU's SMs); a row of several slices needs
-        all of its CTAs at once (they exchange their partial sums of squares), so every chunk
-        gets its own CTA then; rows of one slice may share CTAs. Under the interpreter (CTAs
-        one after another) a row is one CTA."""
+        or why there is none. Up to FUSED_SPLIT_ROWS rows, rows are cut into slices of
+        FUSED_BLOCK elements, fewer and larger where rows x slices would exceed the grid
+        (``ctas``, at most the GPU's SMs); above that, into the largest chunks (a whole row up
+        to 4096 elements); ``block`` when given. A row of several slices needs all of its CTAs
+        at once (they exchange their partial sums of squares), so every chunk gets its own CTA
+        then; rows of one slice may share CTAs. Under the interpreter (CTAs one after another)
+        a row is one CTA."""
         grid = self.max_grid if ctas is None else max(1, min(ctas, self.max_grid))
         sizes = [b for b in BLOCKS if b <= LAMPORT_BLOCK_MAX and hidden % b == 0
                  and hidden // b <= FUSED_SLICES_MAX]
@@ -334,6 +335,8 @@ class NvrarComm:
                         f"hidden {hidden} must be a chunk size up to {LAMPORT_BLOCK_MAX} and "
                         f"block None or {hidden}")
             sizes = [hidden]
+        elif block is None and rows > FUSED_SPLIT_ROWS:
+            sizes = sizes[-1:]
         elif block is None:
             sizes = [b for b in sizes if b >= FUSED_BLOCK] or sizes[-1:]
         for b in sizes:  # smallest first: the most CTAs that fit
@@ -556,10 +559,13 @@ class NvrarComm:
         return self._sigset
 
 
-#: Fused add + RMSNorm: the slice of a row one CTA holds, where the rows fit the grid (the
-#: one-shot's chunk at decode sizes, where it measured best: docs/nvrar.md), and at most this
-#: many slices per row.
+#: Fused add + RMSNorm: the slice of a row one CTA holds up to FUSED_SPLIT_ROWS rows (above,
+#: a row per CTA), and at most FUSED_SLICES_MAX slices per row. After a GEMM on 4x H100,
+#: hidden 4096 (benchmarks/results/fused_blocks_context_4gpu_h100_2026-11-27h4.md), this rule
+#: is within 0.2 µs of the best of 512-4096 at 1-64 rows; a row per CTA is 1.0 µs slower at
+#: one row, 512-element slices 0.4 slower at 64 rows.
 FUSED_BLOCK = 512
+FUSED_SPLIT_ROWS = 8
 FUSED_SLICES_MAX = 32
 
 
