@@ -88,7 +88,10 @@ def read_trace(path: Path) -> list[tuple[str, float, float]]:
 
 
 def short(name: str, width: int = 60) -> str:
-    """A kernel name without its template arguments and parameter list, cut to ``width``."""
+    """A kernel name without its template arguments and parameter list, cut to ``width``.
+    (SGLang's custom all-reduce lives in an anonymous namespace: its kernels read
+    ``void (anonymous namespace)::cross_device_reduce...``.)"""
+    name = name.replace("(anonymous namespace)::", "")
     for sep in ("(", "<"):
         if sep in name and name.index(sep) > 0:
             name = name[:name.index(sep)]
@@ -120,7 +123,7 @@ def step_stats(kernels: list[tuple[str, float, float]], steps: int,
         by_kind[kind_of(name)] += dur
         by_name[short(name)].append(dur)
     ars = [i for i, (name, _, _) in enumerate(kernels) if kind_of(name) == "all-reduce"]
-    before, after, next_dur = [], [], []
+    before, after, next_dur, span = [], [], [], []
     next_names: Counter[str] = Counter()
     for i in ars:
         name, ts, dur = kernels[i]
@@ -135,6 +138,7 @@ def step_stats(kernels: list[tuple[str, float, float]], steps: int,
             if gap <= HOST_GAP_US:
                 after.append(gap)
                 next_dur.append(n[2])
+                span.append(n[1] + n[2] - ts)
                 next_names[short(n[0], 40)] += 1
     ar_durs = [kernels[i][2] for i in ars]
     heavy = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
@@ -154,6 +158,10 @@ def step_stats(kernels: list[tuple[str, float, float]], steps: int,
             "gap_before_us": statistics.median(before) if before else None,
             "gap_after_us": statistics.median(after) if after else None,
             "next_mean_us": statistics.fmean(next_dur) if next_dur else None,
+            "next_median_us": statistics.median(next_dur) if next_dur else None,
+            # from the all-reduce's start to the end of the kernel after it: the pair as one,
+            # whatever programmatic dependent launch lets them overlap
+            "span_median_us": statistics.median(span) if span else None,
             "next_names": dict(next_names.most_common(3)),
         },
         "top": [{"name": n, "per_step": len(d) / steps, "mean_us": statistics.fmean(d),
@@ -175,8 +183,8 @@ def tables(doc: dict[str, Any]) -> list[str]:
     kinds = ["all-reduce", "gemm", "attention", "norm", "other collective", "other"]
     lines += ["| config | bs | rank | period | busy | idle in graph | idle between | "
               + " | ".join(kinds) + " | ARs/step | AR mean | AR median | gap before | gap after "
-              "| next kernel mean |",
-              "|---" * (11 + len(kinds)) + "|"]
+              "| next kernel mean | next kernel median | AR start to next end, median |",
+              "|---" * (13 + len(kinds)) + "|"]
     for config, per_bs in doc.get("configs", {}).items():
         if "error" in per_bs:
             lines.append(f"| {config} | - | - | {per_bs['error']} |")
@@ -193,7 +201,8 @@ def tables(doc: dict[str, Any]) -> list[str]:
                     + " | ".join(_f(s["by_kind_us"].get(k)) for k in kinds)
                     + f" | {_f(a['per_step'])} | {_f(a['mean_us'], 2)} | {_f(a['median_us'], 2)}"
                     f" | {_f(a['gap_before_us'], 2)} | {_f(a['gap_after_us'], 2)} | "
-                    f"{_f(a['next_mean_us'], 2)} |")
+                    f"{_f(a['next_mean_us'], 2)} | {_f(a.get('next_median_us'), 2)} | "
+                    f"{_f(a.get('span_median_us'), 2)} |")
     lines += ["", "Rank 0: the all-reduce kernels and what follows them; the heaviest kernels.", ""]
     for config, per_bs in doc.get("configs", {}).items():
         for bs, ranks in per_bs.items() if "error" not in per_bs else ():

@@ -61,6 +61,8 @@ def test_kinds_and_short_names() -> None:
     assert mod.kind_of("_fwd_grouped_kernel_stage1") == "attention"
     assert mod.kind_of("triton_poi_fused_add_0") == "other"
     assert mod.short("void FusedAddRMSNormKernel<__nv_bfloat16>(int)") == "FusedAddRMSNormKernel"
+    assert mod.short("void (anonymous namespace)::cross_device_reduce_1stage<__nv_bfloat16, 4>"
+                     "(RankData*, int)") == "cross_device_reduce_1stage"
 
 
 def test_step_statistics_of_a_known_trace(tmp_path: Path) -> None:
@@ -81,7 +83,8 @@ def test_step_statistics_of_a_known_trace(tmp_path: Path) -> None:
     a = s["allreduce"]
     assert a["per_step"] == 1 and a["mean_us"] == pytest.approx(3.0)
     assert a["gap_before_us"] == pytest.approx(-0.5) and a["gap_after_us"] == pytest.approx(1.0)
-    assert a["next_mean_us"] == pytest.approx(2.0)
+    assert a["next_mean_us"] == pytest.approx(2.0) and a["next_median_us"] == pytest.approx(2.0)
+    assert a["span_median_us"] == pytest.approx(3.0 + 1.0 + 2.0)  # AR, gap, next kernel
     assert a["next_names"] == {"FusedAddRMSNormKernel": 4}
     assert s["top"][0]["name"] == "nvjet_hsh_128x64_64x4_1x2_h_bz_NNT"
     assert s["top"][0]["per_step_us"] == pytest.approx(8.0)
