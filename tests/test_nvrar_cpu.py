@@ -32,6 +32,7 @@ from artune.backends.nvrar import NvrarBackend, default_plan
 from artune.kernels.nvrar import NvrarComm, NvrarTimeoutError, Plan, decode_error, init_buffer
 from artune.kernels.nvrar_layout import (
     BLOCKS,
+    STEP_NORM,
     STEP_RD0,
     STEP_RS,
     Layout,
@@ -1019,6 +1020,36 @@ def test_lamport_per_thread_gather_never_gives_a_word_to_two_threads() -> None:
             assert s.kwargs["num_warps"] == want and want * 32 * 4 == block, (block, warps)
             assert s.kwargs["VEC"] is vec
             assert want in s.key and vec in s.key[-1:]
+
+
+def test_fused_launch_slices_zero_rows_and_the_exchange_timeout_message() -> None:
+    """A fused call's launch: 3 rows of 3584 are 21 CTAs of 512 elements, 7 slices per row
+    polled as 8 lanes (one dead), with the partial-sum words; zero rows launch nothing and
+    raise nothing; a timeout in the exchange between a row's CTAs has its own message."""
+    nd = Nodes(1, 4)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [(r + 1) << 20 for r in range(4)], torch.device("cpu"), timeout_s=1.0)
+    bf = torch.bfloat16
+    x, res, w = torch.zeros(3, 3584, dtype=bf), torch.zeros(3, 3584, dtype=bf), torch.ones(
+        3584, dtype=bf)
+    plan = comm.fused_plan(3, 3584)
+    assert isinstance(plan, Plan)
+    spec = comm._lamport(x, x, x.numel(), plan, norm=(res, w, 1e-5))
+    assert (spec.grid, spec.kwargs["BLOCK"], spec.kwargs["SPLIT"], spec.kwargs["SLOTS"]) == (
+        21, 512, 7, 8)
+    assert spec.kwargs["NORM"] is True and spec.kwargs["num_warps"] == 4
+    assert spec.args[6] is comm.partials and comm.partials.numel() >= spec.grid
+    plain = comm._lamport(x, x, x.numel(), Plan("oneshot", "lamport", block=512, ctas=21))
+    assert plain.kwargs["SPLIT"] == 1 and plain.kwargs["NORM"] is False
+    # zero rows: nothing to do, no refusal (an idle rank's empty batch)
+    empty = torch.zeros(0, 4096, dtype=bf)
+    assert comm.fused_problem(empty, empty.clone(), torch.ones(4096, dtype=bf)) is None
+    comm._launch = None  # type: ignore[assignment,method-assign]  # must not be reached
+    comm.fused_add_rmsnorm(empty, empty.clone(), torch.ones(4096, dtype=bf), 1e-5)
+    assert "CTAs" in step_name(STEP_NORM, nd)
+    msg = decode_error((1 << 62) | (STEP_NORM << 32) | (2 << 16) | 5, 2, nd, 3.0)
+    assert "rank 2, CTA 5" in msg and "did not all run at once" in msg and "close()" in msg
 
 
 def test_fused_add_rmsnorm_refuses_what_it_cannot_run_with_the_reason() -> None:

@@ -8,7 +8,8 @@ under ``torch.compile(fullgraph=True)``; the backend crosses the torch boundary 
     register_nvrar("tp", be)
     y = torch.ops.artune.nvrar_all_reduce(x, "tp")     # x: contiguous bf16/fp16/fp32 CUDA tensor
     # the all-reduce fused with the residual add + RMSNorm after it, in place on x and residual
-    # (NvrarComm.fused_add_rmsnorm: rows of a power-of-two hidden size up to 4096, 16-bit)
+    # (NvrarComm.fused_add_rmsnorm: 16-bit rows of a hidden size cut into 256-4096-element
+    # slices, at most 32)
     torch.ops.artune.nvrar_fused_add_rmsnorm(x, residual, weight, 1e-5, "tp")
 
 The registry holds weak references: the caller owns the backend and closes it.

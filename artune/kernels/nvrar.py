@@ -26,6 +26,7 @@ from artune.kernels.nvrar_layout import (
     LAMPORT_BLOCK_MAX,
     MAX_CTAS,
     SHARD_ALIGN,
+    STEP_NORM,
     Layout,
     Nodes,
     cdiv,
@@ -127,6 +128,15 @@ def decode_error(code: int, rank: int, nodes: Nodes, timeout_s: float) -> str:
     step = (code >> 32) & 0xFFFF
     peer = (code >> 16) & 0xFFFF
     cta = code & 0xFFFF
+    if step == STEP_NORM:
+        return (
+            f"artune nvrar fused_add_rmsnorm: on rank {rank}, CTA {cta} waited {timeout_s:g} s "
+            f"past the peers' data for the partial sums of the other CTAs of its row and gave "
+            f"up: they did not all run at once (another kernel or an SM limit such as MPS or "
+            f"green contexts held SMs). This NVRAR instance is now out of step with its peers: "
+            f"close() it and build a new one on every rank; call the fused kernel with fewer "
+            f"CTAs per row (block=) or leave the SMs free"
+        )
     return (
         f"artune nvrar all_reduce: rank {rank} waited {timeout_s:g} s for rank {peer} in the "
         f"{step_name(step, nodes)} (step code {step}, CTA {cta}) and gave up. Rank {peer} did "
@@ -294,8 +304,10 @@ class NvrarComm:
         as the plain all-reduce rounds it, as SGLang's fused add + RMSNorm). ``x`` and
         ``residual``: contiguous [rows, hidden] of one 16-bit dtype, 16-byte aligned, the same
         on every rank for ``residual``; ``weight``: [hidden]. Each row is cut into slices of
-        ``block`` elements, one CTA each, on at most ``ctas`` CTAs (``fused_plan``). One node
-        only. What does not fit
+        ``block`` elements, one CTA each, on at most ``ctas`` CTAs (``fused_plan``). The CTAs
+        of a row wait for each other: when something else holds the SMs (a kernel on another
+        stream, an MPS or green-context SM limit) so that they cannot all run at once, the call
+        times out with that error instead. One node only. What does not fit
         raises ValueError (check with ``fused_problem`` first); after a wait of an earlier call
         ran out it raises NvrarTimeoutError, as ``check`` does."""
         self.check()
@@ -342,7 +354,7 @@ class NvrarComm:
         for b in sizes:  # smallest first: the most CTAs that fit
             slices = hidden // b
             if slices == 1 or rows * slices <= grid:
-                return Plan("oneshot", "lamport", block=b, ctas=min(rows * slices, grid))
+                return Plan("oneshot", "lamport", block=b, ctas=max(1, min(rows * slices, grid)))
         return (f"{rows} rows of {hidden // sizes[-1]} slices need {rows * hidden // sizes[-1]} "
                 f"CTAs at once, more than the grid's {grid}")
 

@@ -329,8 +329,10 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
                                           INTERPRET, DT)
         if NORM:
             lost = _norm_row(y_ptr, res_ptr, r, wt, eps, c, n, a0, a1, a2, a3, part_ptr, epoch,
-                             pid, limit, Q, DT, SPLIT, SLOTS, INTERPRET)
-            if lost & (limit > 0):  # a partner CTA's partial never came (after its own wait)
+                             pid, limit, deadline, Q, DT, SPLIT, SLOTS, INTERPRET)
+            # a partner CTA's partial never came, a bound after the peers' words were due: its
+            # own record (a peer's timeout) stands where there is one
+            if lost & (limit > 0) & (tl.load(err_dev, volatile=True) == 0):
                 record_error(err_dev, err_host, _STEP_NORM, rank, pid)
         else:
             _store_words(y_ptr, c, n, _pack(a0, a1, a2, a3, DT), Q, VEC)
@@ -345,7 +347,7 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
 
 @triton.jit
 def _norm_row(y_ptr, res_ptr, r, wt, eps, c, n, a0, a1, a2, a3, part_ptr, epoch, pid, limit,
-              Q: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
+              deadline, Q: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
               INTERPRET: tl.constexpr):
     """NORM: chunk ``c`` is slice c % SPLIT of row c // SPLIT, 4Q elements in words of four
     consecutive elements (VEC). The sum is rounded to DT as the plain all-reduce stores it,
@@ -364,7 +366,8 @@ def _norm_row(y_ptr, res_ptr, r, wt, eps, c, n, a0, a1, a2, a3, part_ptr, epoch,
     ss = tl.sum(h0 * h0 + h1 * h1 + h2 * h2 + h3 * h3, axis=0)
     lost = limit < 0  # False (a scalar tensor, as _row_total returns)
     if SPLIT > 1:
-        ss, lost = _row_total(part_ptr, ss, epoch, pid, limit, SPLIT, SLOTS, INTERPRET)
+        ss, lost = _row_total(part_ptr, ss, epoch, pid, limit, deadline, SPLIT, SLOTS,
+                              INTERPRET)
     rstd = 1.0 / tl.sqrt(ss / (4 * Q * SPLIT) + eps)
     o0 = h0 * rstd * _lane(wt, 0, DT).to(tl.float32)
     o1 = h1 * rstd * _lane(wt, 1, DT).to(tl.float32)
@@ -375,15 +378,17 @@ def _norm_row(y_ptr, res_ptr, r, wt, eps, c, n, a0, a1, a2, a3, part_ptr, epoch,
 
 
 @triton.jit
-def _row_total(part_ptr, ss, epoch, pid, limit, SPLIT: tl.constexpr, SLOTS: tl.constexpr,
-               INTERPRET: tl.constexpr):
+def _row_total(part_ptr, ss, epoch, pid, limit, deadline, SPLIT: tl.constexpr,
+               SLOTS: tl.constexpr, INTERPRET: tl.constexpr):
     """NORM with SPLIT > 1: the row's sum of squares from the partials ``ss`` of its SPLIT
     CTAs (pid - pid % SPLIT onwards: one chunk per CTA, so chunk c is CTA c). Each CTA posts its
     partial as one LL word in its slot of ``part_ptr`` (the fp32 bits, tagged with the call's
     epoch: no flag travels apart from the data and no slot needs emptying; the epoch differs
-    between consecutive calls) and polls its partners' slots, summed in slice order: the same
-    on every rank. Returns (total, whether a partial never came within ``limit``). Needs the
-    row's CTAs resident together, as a grid within fused_plan's bound is; not under the
+    between consecutive calls) and polls its partners' slots, summed by one fixed reduction:
+    the same on every rank. The wait ends a bound (``limit``) after the peers' words were due
+    (``deadline``): a partner that timed out waiting for a peer posts its partial before that.
+    Returns (total, whether a partial never came). Needs the row's CTAs resident together, as
+    a grid within fused_plan's bound is when nothing else holds the SMs; not under the
     interpreter (CTAs one after another)."""
     tl.static_assert(not INTERPRET, "the interpreter runs CTAs one after another")
     tag = epoch.to(tl.uint32)
@@ -392,7 +397,8 @@ def _row_total(part_ptr, ss, epoch, pid, limit, SPLIT: tl.constexpr, SLOTS: tl.c
     tl.store(p + pid, word)
     lanes = tl.arange(0, SLOTS)
     live = (lanes < SPLIT).to(tl.int32)
-    words, _, stale = wait_ll(p + (pid - pid % SPLIT) + lanes, p, live, tag, limit, False,
+    bound = tl.where(limit > 0, deadline + limit - now_ns(INTERPRET), 0)
+    words, _, stale = wait_ll(p + (pid - pid % SPLIT) + lanes, p, live, tag, bound, False,
                               INTERPRET, SPIN=True)
     parts = (words & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
     return tl.sum(tl.where(lanes < SPLIT, parts, 0.0), axis=0), stale > 0

@@ -527,14 +527,17 @@ def _fused(ctx: Any) -> list[str]:
         failures.extend(f"rank {ctx.rank}, fused {what}: {e}" for e in err)
 
     try:
-        # rows cut into 8 slices of 512 (2 of 2048 at 64 rows, 7 at 3584, 16 at 8192), or as
-        # asked: one slice per row, rows sharing CTAs (ctas=2), 4 slices of 1024
+        # fused_plan's cut: 8 slices of 512 up to 8 rows (7 at 3584, 16 at 8192), whole rows
+        # from 16; or as asked: whole rows, rows sharing CTAs (ctas=2), 4 slices of 1024, 8 of
+        # 512 at 16 rows (128 CTAs), 2 of 2048 at 64 rows
         cases: list[tuple[int, int, Any, dict[str, Any]]] = [
             (r, 4096, dt, {}) for r in (1, 4, 16, 64) for dt in (torch.bfloat16, torch.float16)]
         cases += [(3, 2048, torch.bfloat16, {}), (3, 3584, torch.bfloat16, {}),
                   (2, 8192, torch.float16, {}), (4, 4096, torch.bfloat16, {"block": 4096}),
                   (5, 4096, torch.bfloat16, {"block": 4096, "ctas": 2}),
-                  (4, 4096, torch.bfloat16, {"block": 1024})]
+                  (4, 4096, torch.bfloat16, {"block": 1024}),
+                  (16, 4096, torch.bfloat16, {"block": 512}),
+                  (64, 4096, torch.float16, {"block": 2048})]
         for i, (rows, hidden, dt, kw) in enumerate(cases):  # eagerly (compiles and meets)
             x, res, w = inputs(rows, hidden, dt, 100 + i)
             x0, res0 = x.clone(), res.clone()
