@@ -339,6 +339,10 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
             print(f"artune tune: --out {cfg.out}: cannot make its folder {cfg.out.parent}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
             return 2
+    if cfg.out is not None and not cfg.resume and cfg.out.exists():
+        print(f"artune tune: --out {cfg.out} already exists: pass --resume to continue the tune "
+              "that wrote it, or name another file, or delete it", file=sys.stderr)
+        return 2
     if cfg.out is not None and not cfg.resume:
         path = sqlite_path(storage_url(cfg.out, cfg.storage))
         if path is not None and path.exists():

@@ -117,6 +117,16 @@ def test_resume_with_fewer_sizes_describes_only_those(tmp_path: Path, cpu_env: d
     assert "stored measurements of other sizes, dtypes, modes or backends" in text
     assert {m["nbytes"] for m in load(out).data["measurements"]} == {4096}
     assert not select(load(out), 65536, "bfloat16", "eager").covered
+    # the profile it replaced stays beside it, and the run says where
+    kept = tmp_path / "p.before-resume.json"
+    assert str(kept) in text
+    assert {m["nbytes"] for m in load(kept).data["measurements"]} == {4096, 65536}
+    # a profile copied in without its storage is not overwritten by a fresh tune either
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(out.read_bytes())
+    fresh = run_artune(*base[:-1], str(copy), "--sizes", "4K", env=cpu_env)
+    assert fresh.returncode == 2 and "already exists" in fresh.stderr and "--resume" in fresh.stderr
+    assert copy.read_bytes() == out.read_bytes()
 
 
 def test_validation_controls_on_time_the_router_and_an_a_a_pair(

@@ -4,8 +4,10 @@ is `validation.ValidationPass`, mixed in)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from artune import envs
@@ -56,6 +58,8 @@ class Driver(ValidationPass):
         self.retimed: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self._skip_keys: set[tuple[Any, ...]] = set()
+        #: --resume: stored measurements this command's plan leaves out of the profile
+        self._left_out = 0
         #: (backend, params key, dtype, nbytes) -> None (passed) or the gate failure
         self.gates: dict[tuple[str, str, str, int], str | None] = {}
         #: wall seconds by phase ("setup", "measure <backend>", "validation") on rank 0
@@ -120,6 +124,7 @@ class Driver(ValidationPass):
                 f"--resume: {url} holds no measurements yet; starting from the beginning"
             )
             resumed.measurements, resumed.skipped = kept, kept_skips
+            self._left_out = left
         self.measurements += resumed.measurements
         n_resumed = len(self.measurements)
         for s in resumed.skipped:
@@ -172,6 +177,12 @@ class Driver(ValidationPass):
             rel_tol=cfg.rel_tol,
             incumbent_margin=cfg.incumbent_margin,
         )
+        if self._left_out and Path(out).is_file():
+            # a resume that asks for less than the tune stored: the old profile stays beside
+            keep = Path(out).with_suffix(".before-resume" + Path(out).suffix)
+            shutil.copy2(out, keep)
+            self.con.print(f"the profile before this resume, with what it leaves out: {keep}",
+                           markup=False)
         save(doc, out)
         in_trials = dict(self.crew.trial_seconds)
         if cfg.validate and doc["tables"]:

@@ -23,9 +23,16 @@ def console() -> Console:
 
 
 class Progress:
-    """A rich progress bar (description, bar, done/total, elapsed, ETA) on rank 0."""
+    """Progress on rank 0: a rich bar (description, bar, done/total, elapsed, ETA) on a
+    terminal; elsewhere (a log file, Slurm, CI), where rich would draw nothing until the end, a
+    plain line every PLAIN_EVERY_S seconds and one at the end."""
 
-    def __init__(self, total: int, con: Console) -> None:
+    #: Seconds between the plain progress lines written when the output is not a terminal.
+    PLAIN_EVERY_S = 10.0
+
+    def __init__(self, total: int, con: Console, clock: Any = None) -> None:
+        import time
+
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -35,6 +42,13 @@ class Progress:
         )
         from rich.progress import Progress as _Progress
 
+        self._con = con
+        self._plain = not con.is_terminal
+        self._clock = clock or time.monotonic
+        self._total = total
+        self._done = 0
+        self._text = "tune"
+        self._t0 = self._last = self._clock()
         self._p = _Progress(
             TextColumn("[bold]{task.description:<34}"),
             BarColumn(),
@@ -43,8 +57,7 @@ class Progress:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=con,
-            # Without a terminal, redraw rarely: the log gets a few lines, not thousands.
-            refresh_per_second=10 if con.is_terminal else 0.2,
+            disable=self._plain,
         )
         self._task = self._p.add_task("tune", total=total)
 
@@ -52,16 +65,33 @@ class Progress:
     def running(self) -> Iterator[Progress]:
         with self._p:
             yield self
+        if self._plain:
+            self._line()
 
     def describe(self, text: str) -> None:
+        self._text = text
         self._p.update(self._task, description=text)
 
     def advance(self, n: int = 1) -> None:
+        self._done += n
         self._p.advance(self._task, n)
+        if self._plain and self._clock() - self._last >= self.PLAIN_EVERY_S:
+            self._line()
 
     def add_total(self, n: int) -> None:
+        self._total += n
         task = self._p.tasks[0]
         self._p.update(self._task, total=(task.total or 0) + n)
+
+    def _line(self) -> None:
+        now = self._clock()
+        self._last = now
+        elapsed = now - self._t0
+        left = self._total - self._done
+        eta = f", ETA {elapsed / self._done * left:.0f} s" if self._done and left > 0 else ""
+        pct = 100 * self._done / self._total if self._total else 100.0
+        self._con.print(f"progress: {self._done}/{self._total} ({pct:.0f} %), {elapsed:.0f} s"
+                        f"{eta}: {self._text}", markup=False, highlight=False)
 
 
 def _gap(e: dict[str, Any]) -> str:
