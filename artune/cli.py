@@ -14,6 +14,7 @@ imported only when used.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -417,6 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # e.g. Ctrl-C while torch imports, before any rank starts
         print("artune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `artune env | head`: the reader has what it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141  # as a shell reports a writer stopped by SIGPIPE
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

@@ -296,6 +296,9 @@ def load_routes(folder: str) -> tuple[int, list[dict[str, Any]]]:
     backend) summed over the processes' files. ValueError when there is nothing to read."""
     from pathlib import Path
 
+    if not Path(folder).is_dir():
+        raise ValueError(f"--routes {folder} is not a folder (the one the SGLang plugin wrote "
+                         f"with ARTUNE_ROUTE_LOG=DIR)")
     files = sorted(Path(folder).glob("routes-*.json"))
     if not files:
         raise ValueError(f"no route trace (routes-*.json) in {folder}: serve with "
@@ -360,6 +363,13 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"artune show: {exc}", file=sys.stderr)
             return 2
+    routes = None
+    if getattr(args, "routes", None):  # read before anything is printed: a bad folder says so
+        try:
+            routes = load_routes(args.routes)
+        except ValueError as exc:
+            print(f"artune show: {exc}", file=sys.stderr)
+            return 2
     console = _console()
     try:
         if getattr(args, "json", False):
@@ -377,14 +387,9 @@ def main(args: argparse.Namespace) -> int:
         except (ProfileError, OSError) as exc:
             print(f"artune show: cannot draw the plot: {exc}", file=sys.stderr)
             return 2
-    if getattr(args, "routes", None):
+    if routes is not None:
         try:
-            processes, rows = load_routes(args.routes)
-        except ValueError as exc:
-            print(f"artune show: {exc}", file=sys.stderr)
-            return 2
-        try:
-            render_routes(profile, processes, rows, console)
+            render_routes(profile, *routes, console)
         except BrokenPipeError:
             _drop_stdout(console)
     return 0

@@ -258,7 +258,9 @@ def load(path: str | os.PathLike[str]) -> Profile:
     except json.JSONDecodeError as exc:
         truncated = exc.pos >= len(text.rstrip()) - 1 or exc.msg.startswith("Unterminated")
         hint = " (the file looks truncated)" if truncated else ""
-        raise _fail(p, f"is not valid JSON{hint}: {exc.msg} at line {exc.lineno}") from None
+        # (json's "Unterminated string starting at" already ends in "at")
+        raise _fail(p, f"is not valid JSON{hint}: {exc.msg.removesuffix(' at')} at line "
+                       f"{exc.lineno}, column {exc.colno}") from None
     return Profile(validate(data, p), p)
 
 

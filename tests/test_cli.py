@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 from pathlib import Path
@@ -296,3 +297,17 @@ def test_an_extra_backend_or_storage_that_cannot_work_is_refused_before_any_rank
     assert cli.main(["tune", "--device", "cpu", "--quick", "--storage", "bogus://x"]) == 2
     assert "--storage 'bogus://x' is not a database URL" in capsys.readouterr().err
     assert calls == []
+
+
+def test_a_reader_going_away_is_no_traceback() -> None:
+    """`artune env | head -2`: no BrokenPipeError traceback, the status a shell gives a writer
+    stopped by SIGPIPE."""
+    import subprocess
+
+    proc = subprocess.run(f"{sys.executable} -m artune.cli env | head -1; "
+                          "echo status=${PIPESTATUS[0]}", shell=True, capture_output=True,
+                          text=True, executable="/bin/bash",
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[1] in ("status=0", "status=141"), proc.stdout
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

@@ -52,6 +52,9 @@ def test_truncated_and_non_json(tmp_path: Path) -> None:
     p.write_text(full[: len(full) // 2])
     with pytest.raises(ProfileError, match="not valid JSON.*truncated"):
         load(p)
+    p.write_text('{"schema')  # json says "Unterminated string starting at": no doubled "at"
+    with pytest.raises(ProfileError, match="starting at line 1, column 2$"):
+        load(p)
     p.write_text("hello: yaml")
     with pytest.raises(ProfileError, match="not valid JSON"):
         load(p)

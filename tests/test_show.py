@@ -146,6 +146,10 @@ def test_show_routes_next_to_what_the_profile_says(tmp_path: Path, capsys) -> No
     empty.mkdir()
     assert main(_args(p, routes=str(empty))) == 2
     assert "no route trace" in capsys.readouterr().err
+    # a folder that is not one: said before the table is printed
+    assert main(_args(p, routes=str(tmp_path / "nowhere"))) == 2
+    got = capsys.readouterr()
+    assert "is not a folder" in got.err and got.out == ""
 
 
 def test_show_reader_going_away_is_not_an_error(tmp_path: Path) -> None:
