@@ -219,6 +219,22 @@ def test_ordinary_flags_are_not_mistaken_for_multicast_ones() -> None:
     assert launch.tp_layout(["--tp", "4"]) == (4, 4)
 
 
+def test_a_tp_size_that_cannot_be_read_says_which_flag_and_why() -> None:
+    for args, why in ((["--tp", "abc"], "--tp 'abc' is not a whole number"),
+                      (["--model-path", "x", "--tp"], "--tp needs a value"),
+                      (["--tensor-parallel-size=x"], "--tensor-parallel-size 'x' is not"),
+                      (["--tp", "2", "--nnodes", "two"], "--nnodes 'two' is not"),
+                      (["--tp", "0"], "must be positive")):
+        with pytest.raises(ValueError, match=why):
+            launch.tp_layout(args)
+
+
+def test_a_missing_profile_is_said_before_a_bad_tp_size(tmp_path: Path) -> None:
+    r = run_artune("launch", "--profile", str(tmp_path / "nope.json"), "--", "--model-path", "x",
+                   env=artune_env({"CUDA_VISIBLE_DEVICES": ""}))
+    assert r.returncode == 2 and "file not found" in r.stderr and "TP=" not in r.stderr
+
+
 def test_cli_launch_checks_the_profile_first(tmp_path: Path) -> None:
     r = run_artune("launch", "--profile", str(tmp_path / "nope.json"), "--", "--tp-size", "2",
                    env=artune_env({"CUDA_VISIBLE_DEVICES": ""}))

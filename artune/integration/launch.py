@@ -57,17 +57,21 @@ def _names(arg: str, flag: str) -> bool:
     return name.startswith("--") and len(name) > 3 and flag.startswith(name)
 
 
-def _flag_values(args: Sequence[str], flag: str) -> list[str]:
-    """Values given to ``flag`` as ``--flag V`` or ``--flag=V`` (or an abbreviation of it)."""
-    out = []
+def _flag_items(args: Sequence[str], flag: str) -> list[tuple[str, str | None]]:
+    """(the spelling given, its value or None when none follows) of each ``--flag V`` or
+    ``--flag=V`` (or an abbreviation of it)."""
+    out: list[tuple[str, str | None]] = []
     for i, a in enumerate(args):
         if not _names(a, flag):
             continue
-        if "=" in a:
-            out.append(a.split("=", 1)[1])
-        elif i + 1 < len(args):
-            out.append(args[i + 1])
+        shown, eq, value = a.partition("=")
+        out.append((shown, value if eq else (args[i + 1] if i + 1 < len(args) else None)))
     return out
+
+
+def _flag_values(args: Sequence[str], flag: str) -> list[str]:
+    """Values given to ``flag`` as ``--flag V`` or ``--flag=V`` (or an abbreviation of it)."""
+    return [v for _, v in _flag_items(args, flag) if v is not None]
 
 
 def check_args(args: Sequence[str], environ: dict[str, str] | None = None) -> list[str]:
@@ -92,13 +96,20 @@ def check_args(args: Sequence[str], environ: dict[str, str] | None = None) -> li
 
 def tp_layout(args: Sequence[str]) -> tuple[int, int]:
     """(TP size, ranks per node) the server will run with, from its arguments."""
-    tp = 1
-    for flag in _TP_FLAGS:
-        for v in _flag_values(args, flag):
-            tp = int(v)
-    nnodes = 1
-    for v in _flag_values(args, "--nnodes"):
-        nnodes = int(v)
+    def last(flags: Sequence[str]) -> int | None:
+        got = None
+        for flag in flags:
+            for shown, v in _flag_items(args, flag):
+                if v is None:
+                    raise ValueError(f"{shown} needs a value")
+                try:
+                    got = int(v)
+                except ValueError:
+                    raise ValueError(f"{shown} {v!r} is not a whole number") from None
+        return got
+
+    tp, nnodes = last(_TP_FLAGS), last(("--nnodes",))
+    tp, nnodes = (1 if tp is None else tp), (1 if nnodes is None else nnodes)
     if tp < 1 or nnodes < 1:
         raise ValueError(f"TP size {tp} and node count {nnodes} must be positive")
     return tp, max(1, tp // max(1, nnodes))
@@ -151,6 +162,12 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
     problems = check_args(sargs) + envs.problems()
     if problems:
         return _fail("\n  ".join(["refusing to start SGLang:", *problems]))
+    given = getattr(args, "profile", None) or envs.get("ARTUNE_PROFILE")
+    if given and not Path(given).is_file():  # the first thing to fix, whatever else is wrong
+        try:
+            profile_mod.load(given)
+        except profile_mod.ProfileError as exc:
+            return _fail(str(exc))
     try:
         tp, per_node = tp_layout(sargs)
     except ValueError as exc:
@@ -160,7 +177,6 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
         return _fail(f"the server arguments give TP={tp}: a single GPU has no tensor-parallel "
                      "all-reduce to route. Pass --tp N (N > 1) to serve with tensor "
                      "parallelism, or run `python -m sglang.launch_server` directly")
-    given = getattr(args, "profile", None) or envs.get("ARTUNE_PROFILE")
     path = Path(given) if given else _find_profile(tp, per_node)
     if path is None:
         make = f"`artune tune --nproc-per-node {tp}`"
