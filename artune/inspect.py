@@ -40,12 +40,12 @@ def human_bytes(n: int) -> str:
     return f"{n}B"
 
 
-def _span(values: list[float | None], fmt: str) -> str:
+def _span(values: list[float | None], fmt: str, dash: str = "–") -> str:
     vals = [v for v in values if v is not None]
     if not vals:
         return "-"
     lo, hi = min(vals), max(vals)
-    return fmt.format(lo) if abs(hi - lo) < 1e-9 else f"{fmt.format(lo)}–{fmt.format(hi)}"
+    return fmt.format(lo) if abs(hi - lo) < 1e-9 else f"{fmt.format(lo)}{dash}{fmt.format(hi)}"
 
 
 def _size_range(lo: int, hi: int) -> str:
@@ -106,7 +106,8 @@ def render(profile: Profile, console: Any = None) -> None:
                 (f"{profile.fallback().upper() if profile.dry_run else 'NCCL'} µs", "right"),
                 ("speedup", "right"),
             ):
-                t.add_column(col, justify=just, no_wrap=True)  # type: ignore[arg-type]
+                t.add_column(col, justify=just,  # type: ignore[arg-type]
+                             no_wrap=not (notes and just == "right"))
             shown: list[str] = []
             for r, par in zip(ranges, params, strict=True):
                 pts = r.get("points", [])
@@ -118,9 +119,9 @@ def render(profile: Profile, console: Any = None) -> None:
                 t.add_row(
                     _size_range(r["min_bytes"], r["max_bytes"]),
                     *([backend] if notes else [backend, par]),
-                    _span([p.get("latency_us") for p in pts], "{:.1f}"),
-                    _span([p.get("nccl_us") for p in pts], "{:.1f}"),
-                    _span([p.get("speedup") for p in pts], "{:.2f}x"),
+                    # narrow: a range may wrap at its dash rather than lose digits to "…"
+                    *(_span([p.get(k) for p in pts], f, " – " if notes else "–") for k, f in (
+                        ("latency_us", "{:.1f}"), ("nccl_us", "{:.1f}"), ("speedup", "{:.2f}x"))),
                 )
             console.print(t)
             for i, par in enumerate(shown, 1):

@@ -93,6 +93,7 @@ def test_starts_the_server_with_the_profile_and_no_multicast(tmp_path: Path) -> 
     line = next(ln for ln in err.splitlines() if ln.startswith("artune launch: profile"))
     assert str(prof) in line and "matches this machine at TP=2" in line
     assert topology.fingerprint_id(profile_mod.load(prof).fingerprint) in line
+    assert "DRY RUN profile" in err  # a CPU dry run's routes say nothing about GPUs
 
 
 def test_signals_reach_the_server(tmp_path: Path) -> None:

@@ -183,8 +183,8 @@ def test_a_narrow_terminal_gets_the_parameters_as_notes_and_nothing_cut() -> Non
     from artune.inspect import render
     from artune.profile import load
 
-    ref = load(Path(__file__).resolve().parents[1] / "artune" / "profiles"
-               / "6eeb601b655cf21c.json")
+    folder = Path(__file__).resolve().parents[1] / "artune" / "profiles"
+    ref = load(folder / "6eeb601b655cf21c.json")
     narrow, wide = io.StringIO(), io.StringIO()
     render(ref, Console(file=narrow, width=80))
     render(ref, Console(file=wide, width=200))
@@ -192,7 +192,19 @@ def test_a_narrow_terminal_gets_the_parameters_as_notes_and_nothing_cut() -> Non
     assert "…" not in text
     assert "nvrar [1]" in text
     assert "  [1] algo=twoshot block=512 ctas=64 proto=lamport warps=4" in text
-    assert "3.02x–5.69x" in text
+    assert "3.02x – │" in text and "5.69x │" in text  # a range may wrap at its dash there
     assert all(len(line) <= 80 for line in text.splitlines() if line.startswith(("│", "┃")))
     full = wide.getvalue()
     assert "│ nvrar   │ algo=twoshot block=512 ctas=64" in full and "[1]" not in full
+    assert "3.02x–5.69x" in full
+    # every committed profile: no digit lost at 80 columns (the 2x H200 one's 772.8-1015.9 µs
+    # was cut to "772.8–1015." before its ranges could wrap)
+    paths = sorted(folder.glob("*.json"))
+    assert len(paths) >= 3 and folder / "14a710852913dd3b.json" in paths
+    for path in paths:
+        buf = io.StringIO()
+        render(load(path), Console(file=buf, width=80))
+        assert "…" not in buf.getvalue(), path
+        if path.name == "14a710852913dd3b.json":
+            assert "772.8 –" in buf.getvalue() and "1015.9" in buf.getvalue()
+

@@ -239,6 +239,10 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
               f"{topology.fingerprint_id(prof.fingerprint)}, made {prof.data.get('created', '?')})"
               f" matches this machine at TP={tp}; starting {shown} with NVLink multicast off",
               file=sys.stderr)
+    if prof.data.get("dry_run"):
+        print(f"artune launch: note: {path} is a DRY RUN profile (`artune tune --device cpu`, "
+              "gloo on CPU processes): its routes say nothing about GPU all-reduces; tune on "
+              "the GPU node for a real one", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
