@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list (default: every registered backend for the device)")
     t.add_argument("--include-sglang", action=argparse.BooleanOptionalAction, default=None,
                    help="measure SGLang's own all-reduce (its default path) as a candidate, so "
-                   "that a profile never routes below it (default: yes unless --backends names "
-                   "others; skipped with the reason where sglang is not importable)")
+                   "that a profile never routes below it (default: yes on GPU tunes unless "
+                   "--backends names others; where it cannot run, e.g. sglang not importable "
+                   "or a CPU dry run, it is skipped with a warning and the profile's skipped "
+                   "list gives the reason)")
     t.add_argument("--quick", action="store_true", help="fewer sizes, repetitions and trials")
     t.add_argument("--resume", action="store_true",
                    help="continue the tune whose storage is next to --out")

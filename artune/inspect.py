@@ -251,8 +251,11 @@ def plot(profile: Profile, path: str) -> str:
             pts = sorted((s, recs[b]["latency_us"]) for s, recs in per_size.items() if b in recs)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colors[b], label=b, lw=1.2)
         for r in profile.tables.get(dtype, {}).get(mode, []):
-            xs = [p["nbytes"] for p in r.get("points", [])]
-            ys = [p["latency_us"] for p in r.get("points", [])]
+            shown = [p for p in r.get("points", [])  # a point without both is not drawn
+                     if isinstance(p.get("nbytes"), int | float)
+                     and isinstance(p.get("latency_us"), int | float)]
+            xs = [p["nbytes"] for p in shown]
+            ys = [p["latency_us"] for p in shown]
             ax.plot(xs, ys, "o", color=colors.get(r["backend"], "k"), ms=6, mec="k", mew=0.8)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(int(v))))

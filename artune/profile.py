@@ -198,7 +198,11 @@ def validate(data: Any, path: Path | str | None = None) -> dict[str, Any]:
         if "schema_version" not in data:
             raise _fail(path, "has no schema_version: not an artune profile; make one with "
                               "`artune tune`")
-        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise _fail(path, f"schema_version {version!r} is not a whole number (this artune "
+                              f"reads {SCHEMA_VERSION}): a hand-edited or foreign file? re-run "
+                              "`artune tune` to make a new profile")
+        if version > SCHEMA_VERSION:
             fix = "it was made by a newer artune: upgrade artune to read it"
         else:
             fix = "re-run `artune tune` to make a new profile"
@@ -238,7 +242,14 @@ def validate(data: Any, path: Path | str | None = None) -> dict[str, Any]:
                     )
                 if not isinstance(r.get("params", {}), dict):
                     raise _fail(path, f"{where}[{i}]: params must be an object")
+                points = r.get("points", [])
+                if not isinstance(points, list) or not all(isinstance(q, dict) for q in points):
+                    raise _fail(path, f"{where}[{i}]: points must be a list of objects")
                 prev_hi = hi
+    for key in ("validation", "measurements", "skipped"):  # optional evidence, read by show
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+            raise _fail(path, f"{key} must be a list of objects")
     return data
 
 

@@ -75,6 +75,9 @@ def test_old_missing_or_binary_schema(tmp_path: Path) -> None:
     doc["schema_version"] = 0
     with pytest.raises(ProfileError, match="schema_version 0 is not supported.*re-run"):
         load(_write(tmp_path, doc))
+    doc["schema_version"] = "1"  # a string: said as such, not "'1' ... (it reads 1)"
+    with pytest.raises(ProfileError, match="schema_version '1' is not a whole number"):
+        load(_write(tmp_path, doc))
     del doc["schema_version"]
     with pytest.raises(ProfileError, match="has no schema_version: not an artune profile"):
         load(_write(tmp_path, doc))
@@ -187,3 +190,19 @@ def test_nan_written_as_null(tmp_path: Path) -> None:
     doc["measurements"][0]["spread_us"] = float("nan")
     p = save(doc, tmp_path / "p.json")
     assert json.loads(p.read_text())["measurements"][0]["spread_us"] is None
+
+
+def test_hand_edited_evidence_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    """What `show` reads besides the tables (validation, measurements, skipped, a range's
+    points) must be lists of objects: a hand edit gets the field named, not a traceback."""
+    for key, value, what in (("validation", "x", "validation must be a list"),
+                             ("measurements", [1], "measurements must be a list"),
+                             ("skipped", {}, "skipped must be a list")):
+        doc = profile_doc()
+        doc[key] = value
+        with pytest.raises(ProfileError, match=what):
+            load(_write(tmp_path, doc))
+    doc = profile_doc()
+    next(iter(next(iter(doc["tables"].values())).values()))[0]["points"] = "x"
+    with pytest.raises(ProfileError, match=r"\[0\]: points must be a list of objects"):
+        load(_write(tmp_path, doc))

@@ -59,6 +59,14 @@ def test_show_plot_writes_png(tmp_path: Path) -> None:
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", head[16:24])
     assert width > 600 and height > 300
+    # a chosen point without its latency (hand-edited) is left off the plot, not a KeyError
+    doc = profile_doc()
+    for modes in doc["tables"].values():
+        for ranges in modes.values():
+            ranges[0]["points"][0].pop("latency_us")
+    q = save(doc, tmp_path / "q.json")
+    assert main(_args(q, plot=str(tmp_path / "q.png"))) == 0
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_show_json_with_plot_keeps_stdout_json_alone(tmp_path: Path, capsys) -> None:
