@@ -161,3 +161,22 @@ def test_a_finished_tune_leaves_its_storage_as_one_file(tmp_path: Path,
     assert db.exists()
     assert not Path(f"{db}-wal").exists() and not Path(f"{db}-shm").exists()
     assert "gloo|bfloat16|eager|4096" in optuna.get_all_study_names(f"sqlite:///{db}")
+
+
+def test_a_reader_going_away_does_not_stop_the_tune(tmp_path: Path, cpu_env: dict[str, str]
+                                                    ) -> None:
+    """`artune tune ... | head -1`: the tune runs on with its output dropped and writes its
+    profile (it used to end with rank 0's broken pipe, reported as another rank's exit)."""
+    import shlex
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.json"
+    cmd = (f"{shlex.quote(sys.executable)} -m artune.cli tune --device cpu --quick --sizes 4K "
+           f"--out {shlex.quote(str(out))} | head -1; echo status=${{PIPESTATUS[0]}}")
+    r = subprocess.run(cmd, shell=True, executable="/bin/bash", capture_output=True, text=True,
+                       env=cpu_env, timeout=300)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("artune tune:"), r.stdout
+    assert lines[1] == "status=0", r.stdout + r.stderr
+    assert load(out).data["tables"] and "exited" not in r.stderr, r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,11 +16,51 @@ if TYPE_CHECKING:
 __all__ = ["Progress", "console", "print_validation", "print_summary"]
 
 
+class _Stdout:
+    """Standard output that a reader going away (``artune tune ... | head``) does not stop: the
+    first broken pipe sends the rest to /dev/null, so the tune runs on and writes its profile."""
+
+    def __init__(self) -> None:
+        self._gone = False
+
+    def _drop(self) -> None:
+        self._gone = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return sys.stdout.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
 def console() -> Console:
     from rich.console import Console
 
     # Piped output (logs, tests) keeps full lines instead of a guessed terminal width.
-    return Console(width=None if sys.stdout.isatty() else 140)
+    return Console(file=_Stdout(), width=None if sys.stdout.isatty() else 140)  # type: ignore[arg-type]
 
 
 class Progress:
