@@ -7,8 +7,9 @@ In a Llama layer every tensor-parallel all-reduce is followed by SGLang's fused 
 (``sgl_kernel.fused_add_rmsnorm``: residual += x; x = RMSNorm(residual) * weight). At decode
 sizes the all-reduce and that norm each cost about a kernel's floor in a CUDA graph, so one
 kernel for both (``NvrarComm.fused_add_rmsnorm``: NVRAR's lamport one-shot with the add and the
-norm in its epilogue, one CTA per row) is the change that could put a served model below
-SGLang's default (docs/nvrar.md). Columns, µs per call (CUDA-graph replay, bf16, slowest
+norm in its epilogue, rows cut into slices by ``fused_plan``) was the change that could put a
+served model below SGLang's default (docs/nvrar.md: on 4x H100 it is 0.4-0.6 µs ahead at 1-2
+rows only). Columns, µs per call (CUDA-graph replay, bf16, slowest
 rank's median, the same number of calls per replay for every column):
 
 - ``norm alone``: the norm kernel by itself;

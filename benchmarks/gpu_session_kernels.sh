@@ -6,7 +6,7 @@
 # in the served model go (nineteenth session: level with SGLang's own between GEMMs)?
 #
 #   device run, carry [".devwhl"], kind nvidia-h100-x4 or -x2:  bash benchmarks/gpu_session_kernels.sh
-# Not run yet (written in the nineteenth session, after its device time was spent).
+# Twentieth session, 4x H100: 255 s warm (gpu_session_2026-11-27h.md).
 set -uo pipefail
 W=/tmp/artune-gpu-kernels
 source benchmarks/gpu_lib.sh
