@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--include-sglang", action=argparse.BooleanOptionalAction, default=None,
                    help="measure SGLang's own all-reduce (its default path) as a candidate, so "
                    "that a profile never routes below it (default: yes on GPU tunes unless "
-                   "--backends names others; where it cannot run, e.g. sglang not importable "
-                   "or a CPU dry run, it is skipped with a warning and the profile's skipped "
-                   "list gives the reason)")
+                   "--backends names others; there, where it cannot run, it is skipped with a "
+                   "warning and the profile's skipped list gives the reason; asked for by name "
+                   "where sglang is not importable, or on --device cpu, it is an error)")
     t.add_argument("--quick", action="store_true", help="fewer sizes, repetitions and trials")
     t.add_argument("--resume", action="store_true",
                    help="continue the tune whose storage is next to --out")
@@ -316,6 +316,18 @@ def _tune(args: argparse.Namespace, tune_argv: list[str]) -> int:
         gpu_only = _gpu_only(candidates(cfg), cfg.extra_backends)
         if gpu_only is not None:
             print(f"artune tune: --device cpu: {gpu_only}", file=sys.stderr)
+            return 2
+    if args.include_sglang:  # asked for by name: a candidate that cannot run is an error
+        import importlib.util
+
+        why = None
+        if cfg.device == "cpu":
+            why = "SGLang's all-reduce runs on GPUs only; a --device cpu dry run cannot measure it"
+        elif importlib.util.find_spec("sglang") is None:
+            why = ("sglang is not importable here: install the SGLang release you serve with "
+                   "(e.g. pip install 'artune[sglang]')")
+        if why:
+            print(f"artune tune: --include-sglang: {why}", file=sys.stderr)
             return 2
     if nproc < 2:
         print(f"artune tune: an all-reduce needs at least 2 ranks, not {nproc}", file=sys.stderr)

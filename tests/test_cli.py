@@ -311,3 +311,12 @@ def test_a_reader_going_away_is_no_traceback() -> None:
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and lines[1] in ("status=0", "status=141"), proc.stdout
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_include_sglang_by_name_that_cannot_run_is_an_error(tmp_path: Path) -> None:
+    """`--include-sglang` asked for by name on a CPU dry run: refused before any rank starts
+    (by default the candidate is only skipped where it cannot run)."""
+    r = run_artune("tune", "--device", "cpu", "--quick", "--include-sglang",
+                   "--out", str(tmp_path / "p.json"))
+    assert r.returncode == 2 and "--include-sglang" in r.stderr and "GPUs only" in r.stderr
+    assert not (tmp_path / "p.json.optuna.db").exists()
