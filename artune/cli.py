@@ -14,7 +14,6 @@ imported only when used.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -433,10 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("artune: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `artune env | head`: the reader has what it wanted
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
+        from artune.log import drop_stdout
+
+        drop_stdout()
         return 141  # as a shell reports a writer stopped by SIGPIPE
 
 

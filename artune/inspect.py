@@ -11,9 +11,7 @@ folder) and shows which backend took each all-reduce, next to what the profile s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
 from collections import Counter
@@ -414,6 +412,7 @@ def _console() -> Any:
 
 def _drop_stdout(console: Any) -> None:
     """The reader of stdout has gone: send what is left there to /dev/null."""
+    from artune.log import drop_stdout
+
     console.quiet = True
-    with contextlib.suppress(OSError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    drop_stdout()

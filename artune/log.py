@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 
 from artune import envs
 
-__all__ = ["logger", "log_once"]
+__all__ = ["logger", "log_once", "drop_stdout"]
 
 logger = logging.getLogger("artune")
 _seen: set[str] = set()
@@ -35,3 +38,10 @@ def log_once(key: str, msg: str, level: int = logging.INFO) -> None:
         return
     _seen.add(key)
     logger.log(level, msg)
+
+
+def drop_stdout() -> None:
+    """The reader of stdout has gone (``artune ... | head``): send whatever is still written
+    there, by Python or at exit, to /dev/null instead of raising BrokenPipeError."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,11 +23,10 @@ class _Stdout:
         self._gone = False
 
     def _drop(self) -> None:
+        from artune.log import drop_stdout
+
         self._gone = True
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        drop_stdout()
 
     def write(self, text: str) -> int:
         if not self._gone:

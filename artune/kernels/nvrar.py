@@ -311,13 +311,11 @@ class NvrarComm:
         raises ValueError (check with ``fused_problem`` first); after a wait of an earlier call
         ran out it raises NvrarTimeoutError, as ``check`` does."""
         self.check()
-        bad = self.fused_problem(x, residual, weight, block, ctas)
-        if bad is not None:
-            raise ValueError(f"artune nvrar fused_add_rmsnorm (rank {self.rank}): {bad}")
+        plan = self._fused_checked(x, residual, weight, block, ctas)
+        if isinstance(plan, str):
+            raise ValueError(f"artune nvrar fused_add_rmsnorm (rank {self.rank}): {plan}")
         if x.numel() == 0:
             return
-        plan = self.fused_plan(x.shape[0], x.shape[-1], block, ctas)
-        assert not isinstance(plan, str)
         self._launch(self._lamport(x, x, x.numel(), plan, norm=(residual, weight, float(eps))))
 
     def fused_plan(self, rows: int, hidden: int, block: int | None = None,
@@ -363,6 +361,12 @@ class NvrarComm:
                       ctas: int | None = None) -> str | None:
         """Why ``fused_add_rmsnorm(x, residual, weight, ..., block, ctas)`` cannot run here, or
         None."""
+        plan = self._fused_checked(x, residual, weight, block, ctas)
+        return plan if isinstance(plan, str) else None
+
+    def _fused_checked(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       block: int | None, ctas: int | None) -> Plan | str:
+        """The plan of a fused call, or why it cannot run (``fused_problem``)."""
         import torch
 
         if x.dtype not in (torch.bfloat16, torch.float16):
@@ -381,7 +385,7 @@ class NvrarComm:
         plan = self.fused_plan(x.shape[0], hidden, block, ctas)
         if isinstance(plan, str):
             return plan
-        return self.reason(x.numel() * x.element_size(), plan)
+        return self.reason(x.numel() * x.element_size(), plan) or plan
 
     def _common(self, ctr: Any = None) -> tuple[Any, ...]:
         return (self.ctr if ctr is None else ctr, self.err_dev, self.err_host.data_ptr(),

@@ -171,7 +171,7 @@ def oneshot_lamport_kernel(
     y_ptr,  # *DT [n] output (NORM: may be x_ptr)
     n,  # elements
     res_ptr,  # NORM: *DT [n] residual rows, updated in place (else unused)
-    w_ptr,  # NORM: *DT [BLOCK] the RMSNorm weight (else unused)
+    w_ptr,  # NORM: *DT [BLOCK * SPLIT] the RMSNorm weight, one row's (else unused)
     eps,  # NORM: the RMSNorm epsilon (else unused)
     part_ptr,  # NORM, SPLIT > 1: *int64 [MAXC] each CTA's tagged partial sum of squares
     b0, b1, b2, b3, b4, b5, b6, b7,  # symmetric buffer base of rank i, as this GPU addresses it
