@@ -23,14 +23,24 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
 
-reference_profile() {  # the committed reference profile of a machine with this many GPUs
-    local n
+reference_profile() {  # the profile of this machine: a committed one of this card and GPU
+    # count, else one tuned by an earlier call on this warm machine (/tmp/artune-tuned-<N>gpu.json),
+    # else (status 1) a committed one of this GPU count, which gpu_session_sglang.sh replaces by a
+    # quick tune of this machine
+    local n name f
     n=$(nvidia-smi -L | wc -l)
+    name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    for f in artune/profiles/*.json "/tmp/artune-tuned-${n}gpu.json"; do
+        [ -f "$f" ] && python3 -c "import json, sys; t = json.load(open(sys.argv[1]))['fingerprint']['topology']
+sys.exit(0 if (t['world_size'], t['gpu']) == (int(sys.argv[2]), sys.argv[3]) else 1)" \
+            "$f" "$n" "$name" && { echo "$f"; return 0; }
+    done
+    echo "no profile of $n x $name here" >&2
     case "$n" in
         4) echo artune/profiles/6eeb601b655cf21c.json ;;
         2) echo artune/profiles/4b6998f7355af1ed.json ;;
-        *) echo "no reference profile for $n GPUs (2 or 4)" >&2; return 1 ;;
     esac
+    return 1
 }
 step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $W/NAME.log, note the result
     local name=$1 limit=$2; shift 2

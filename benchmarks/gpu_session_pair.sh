@@ -26,7 +26,7 @@ set -uo pipefail
 W=/tmp/artune-gpu-pair
 source benchmarks/gpu_lib.sh
 N=$(nvidia-smi -L | wc -l)
-PROF=$(reference_profile) || exit 1
+PROF=$(reference_profile)  # gpu_session_sglang.sh tunes this machine if it has none
 machine() {  # machine LABEL: one snapshot of the host's load and the GPUs' clocks
     { echo "== $1 (at $(( $(date +%s) - T0 )) s): $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
       nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu \
