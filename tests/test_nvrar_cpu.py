@@ -399,6 +399,25 @@ def _fused_call(comm: NvrarComm, x: torch.Tensor, numel: int, dtype: str, call: 
     return torch.cat([x.flatten(), res.flatten()])
 
 
+def _linear_operands(rank: int, numel: int, dtype: str, call: int,
+                     fields: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear case's (x [M, K], weight [N, K]) of one rank (``{"linear": True, "n": N,
+    "k": K, ...}``: ``NvrarComm.linear_all_reduce`` with an M x N output, numel = M * N)."""
+    n, k = fields["n"], fields["k"]
+    x = _input(rank, numel // n * k, dtype, call).view(-1, k)
+    g = torch.Generator().manual_seed(1299709 * rank + call)
+    return x, (torch.randn(n, k, generator=g) / k**0.5).to(getattr(torch, dtype))
+
+
+def _linear_call(comm: NvrarComm, rank: int, numel: int, dtype: str, call: int,
+                 fields: dict[str, Any]) -> torch.Tensor:
+    x, w = _linear_operands(rank, numel, dtype, call, fields)
+    x0, w0 = x.clone(), w.clone()
+    y = comm.linear_all_reduce(x, w, block_n=fields["bn"], block_k=fields["bk"])
+    assert torch.equal(x, x0) and torch.equal(w, w0), "an operand was modified"
+    return y.flatten()
+
+
 def _start_together(folder: Path, rank: int, world: int, limit_s: float = 300.0) -> None:
     """A file barrier before the first call: spawned ranks finish importing up to seconds
     apart on a loaded machine, which would eat into the short timeouts and stalls the tests
@@ -441,6 +460,8 @@ def _rank_main(
             x0 = x.clone()
             if fields.get("fused"):
                 y = _fused_call(comm, x, numel, dtype, call, fields)
+            elif fields.get("linear"):
+                y = _linear_call(comm, rank, numel, dtype, call, fields)
             else:
                 y = comm.all_reduce(x, Plan(**fields))
                 assert torch.equal(x, x0), "x was modified"
@@ -507,6 +528,9 @@ def _check(results: list[list[Any]], cases: list[Case], skip: int = -1) -> None:
             assert (bits == first).all(), f"call {call} {fields}: ranks disagree"
         dt = getattr(torch, dtype)
         y = torch.from_numpy(first.copy()).view(dt).float()
+        if fields.get("linear"):
+            _check_linear(y, world, numel, dtype, call, fields)
+            continue
         xs = [_input(r, numel, dtype, call).float() for r in range(world)]
         ref = torch.stack(xs).sum(0)
         scale = torch.stack(xs).abs().sum(0)
@@ -518,6 +542,20 @@ def _check(results: list[list[Any]], cases: list[Case], skip: int = -1) -> None:
             continue
         bad = ((y - ref).abs() > tol).sum().item()
         assert bad == 0, f"call {call} n={numel} {dtype} {fields}: {bad} elements off"
+
+
+def _check_linear(y: torch.Tensor, world: int, numel: int, dtype: str, call: int,
+                  fields: dict[str, Any]) -> None:
+    """A linear case against fp32: the sum over the ranks of x @ weight.T, each rank's product
+    rounded to the dtype once (as the kernel sends it), then the sum rounded once."""
+    ops = [_linear_operands(r, numel, dtype, call, fields) for r in range(world)]
+    parts = [x.float() @ w.float().T for x, w in ops]
+    ref = torch.stack(parts).sum(0).flatten()
+    eps = {"bfloat16": 2.0**-7, "float16": 2.0**-10}[dtype]
+    size = torch.stack([x.float().abs() @ w.float().abs().T for x, w in ops]).sum(0).flatten()
+    tol = 2 * eps * (torch.stack(parts).abs().sum(0).flatten() + ref.abs()) + 1e-5 * size
+    bad = ((y - ref).abs() > tol).sum().item()
+    assert bad == 0, f"call {call} {fields}: {bad} of {numel} elements off"
 
 
 def _check_fused(y: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, numel: int, dtype: str,
@@ -684,6 +722,54 @@ AHEAD_BIG_CASES: list[Case] = [
     (299, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
     (70001, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 4}),
 ]
+
+
+#: The row-parallel linear layer + all-reduce (``linear_all_reduce``) between plain lamport
+#: calls: 1, 3 and 16 rows (a full 16-row tile, rows padded in it), K not a multiple of the step.
+LINEAR_CASES: list[Case] = [
+    (64, "bfloat16", {"linear": True, "n": 64, "k": 40, "bn": 16, "bk": 16}),
+    (999, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (3 * 32, "float16", {"linear": True, "n": 32, "k": 64, "bn": 16, "bk": 32}),
+    (16 * 64, "bfloat16", {"linear": True, "n": 64, "k": 48, "bn": 32, "bk": 32}),
+    (500, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
+    (2 * 64, "bfloat16", {"linear": True, "n": 64, "k": 24, "bn": 16, "bk": 16}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_linear_all_reduce_emulated(world: int) -> None:
+    """NvrarComm.linear_all_reduce: the sum over the ranks of x @ weight.T in one kernel,
+    identical bits on every rank, between plain lamport calls that reuse its slots."""
+    _check(_emulate(1, world, LINEAR_CASES), LINEAR_CASES)
+
+
+def test_linear_all_reduce_refuses_what_does_not_fit() -> None:
+    """Every input linear_all_reduce cannot take is named before anything launches."""
+    lay = Layout(Nodes(1, 2), 1 << 12, 1 << 12, 1 << 12)
+    buf = torch.empty(lay.total_bytes, dtype=torch.uint8)
+    comm = NvrarComm(0, Nodes(1, 2), lay, buf, [buf.data_ptr()] * 2, torch.device("cpu"),
+                     timeout_s=1.0, interpret=True)
+    bf = torch.bfloat16
+    x, w = torch.zeros(2, 32, dtype=bf), torch.zeros(64, 32, dtype=bf)
+    assert comm.linear_problem(x, w) is None
+    for args, words in [
+        ((x.float(), w.float()), "not bf16/fp16"),
+        ((x, w[:, :16]), "must be [rows, K]"),
+        ((x, w.half()), "weight must be torch.bfloat16"),
+        ((torch.zeros(65, 32, dtype=bf), w), "at most 64"),
+        ((x, torch.zeros(48, 32, dtype=bf)), "multiple of block_n=32"),
+        ((x, w.t().contiguous().t()), "contiguous"),
+        ((x, w, torch.zeros(2, 63, dtype=bf)), "out must be"),
+        ((torch.zeros(64, 32, dtype=bf), torch.zeros(64, 32, dtype=bf)), "capacity"),
+    ]:
+        why = comm.linear_problem(*args)
+        assert why is not None and words in why, (words, why)
+        with pytest.raises(ValueError, match="linear_all_reduce \\(rank 0\\)"):
+            comm.linear_all_reduce(*args)
+    assert "block_n=24" in (comm.linear_problem(x, w, None, 24) or "")
+    assert comm.linear_all_reduce(x[:0], w).shape == (0, 64)
 
 
 @needs_triton

@@ -46,6 +46,10 @@ INTERS = ("auto", "nvshmem", "p2p")
 _MAX_PEERS = 8  # peer-address kernel arguments (node-local ranks)
 #: LL words per thread up to which a wait polls per thread (NvrarComm._spin).
 SPIN_WORDS = 2
+#: linear_all_reduce: output columns and K per CTA step, and the most rows (decode batches).
+LINEAR_BN = 32
+LINEAR_BK = 256
+LINEAR_MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,84 @@ class NvrarComm:
         if isinstance(plan, str):
             return plan
         return self.reason(x.numel() * x.element_size(), plan) or plan
+
+    def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
+                          out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
+                          block_k: int = LINEAR_BK, warps: int = 4,
+                          stages: int = 3) -> torch.Tensor:
+        """``sum over the group of x @ weight.T`` in one kernel: a row-parallel linear layer
+        and its all-reduce (``nvrar_linear``: each CTA computes ``block_n`` output columns of
+        every row and sends them as lamport words at once). ``x``: contiguous [rows, K] bf16 or
+        fp16, at most LINEAR_MAX_ROWS rows; ``weight``: contiguous [N, K] of that dtype (this
+        rank's shard, nn.Linear's layout), N a multiple of ``block_n`` with N / block_n CTAs
+        at most the grid; the result (new, or ``out``: contiguous, 16-byte aligned) has
+        identical bits on every rank: each rank's product is rounded to the dtype, as an
+        unfused GEMM stores it, then summed in rank order in fp32. One node only. What does not
+        fit raises ValueError (``linear_problem`` says why first); after a wait of an earlier
+        call ran out it raises NvrarTimeoutError, as ``check`` does."""
+        import torch
+
+        self.check()
+        why = self.linear_problem(x, weight, out, block_n, block_k)
+        if why:
+            raise ValueError(f"artune nvrar linear_all_reduce (rank {self.rank}): {why}")
+        y = out if out is not None else torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype,
+                                                    device=x.device)
+        if x.shape[0]:
+            self._launch(self._linear(x, weight, y, block_n, block_k, warps, stages))
+        return y
+
+    def linear_problem(self, x: torch.Tensor, weight: torch.Tensor,
+                       out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
+                       block_k: int = LINEAR_BK) -> str | None:
+        """Why ``linear_all_reduce(x, weight, out, block_n, block_k)`` cannot run here, or
+        None."""
+        import torch
+
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return f"dtype {x.dtype} is not bf16/fp16"
+        if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+            return (f"x must be [rows, K] and weight [N, K], got {tuple(x.shape)} and "
+                    f"{tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            return f"weight must be {x.dtype}, got {weight.dtype}"
+        rows, n = x.shape[0], weight.shape[0]
+        if rows > LINEAR_MAX_ROWS:
+            return f"{rows} rows: at most {LINEAR_MAX_ROWS}"
+        if block_n not in (16, 32, 64, 128) or block_k not in (16, 32, 64, 128, 256, 512):
+            return (f"block_n={block_n} / block_k={block_k}: block_n one of 16..128 and block_k "
+                    f"one of 16..512, powers of two")
+        if n % block_n or not 1 <= n // block_n <= self.max_grid:
+            return (f"N={n} must be a multiple of block_n={block_n} with at most "
+                    f"{self.max_grid} CTAs")
+        for name, t in (("x", x), ("weight", weight), ("out", out)):
+            if t is not None and (t.device != x.device or not t.is_contiguous()):
+                return f"{name} must be contiguous and on {x.device}"
+        if out is not None and (out.shape != (rows, n) or out.dtype != x.dtype
+                                or out.data_ptr() % 16):
+            return f"out must be {x.dtype} ({rows}, {n}), 16-byte aligned"
+        if self.nodes.nodes > 1:
+            return "one node only (the lamport one-shot)"
+        if self.ahead:
+            return "not with three lamport parities (ARTUNE_NVRAR_CLEAR_AHEAD)"
+        return self.layout.check_message(rows * n * x.element_size(), "oneshot", "lamport")
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int,
+                block_k: int, warps: int, stages: int) -> _Spec:
+        from artune.kernels.nvrar_linear import linear_lamport_kernel
+
+        assert self.world_bases is not None
+        rows, k = x.shape
+        n = weight.shape[0]
+        bm = max(16, 1 << (rows - 1).bit_length())
+        args = (x, weight, y, rows, k, n, *self.world_bases, self.offsets["lamport"],
+                self.layout.lamport_slot, *self._common())
+        kwargs: dict[str, Any] = dict(W=self.nodes.world, BM=bm, BN=block_n, BK=block_k,
+                                      MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=warps,
+                                      num_stages=stages)
+        kwargs.update(self._pdl())
+        key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl)
+        return _Spec(linear_lamport_kernel, key, n // block_n, args, kwargs)
 
     def _common(self, ctr: Any = None) -> tuple[Any, ...]:
         return (self.ctr if ctr is None else ctr, self.err_dev, self.err_host.data_ptr(),

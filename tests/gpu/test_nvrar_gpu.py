@@ -18,6 +18,8 @@ inputs in fp32 (NCCL), with identical bits on every rank:
 - a soak of 100,000 consecutive all-reduces in graph replays;
 - the all-reduce fused with the residual add and RMSNorm (``NvrarComm.fused_add_rmsnorm``),
   eagerly and in a graph between plain lamport calls;
+- a row-parallel linear layer and its all-reduce in one kernel (``linear_all_reduce``),
+  eagerly and in a skewed graph between plain lamport calls;
 - a forced timeout: one rank skips the call, the others raise NvrarTimeoutError naming the rank,
   the peer and the step within the configured bound, and every process still shuts down.
 Without the GPUs (or nvshmem4py) every test skips with the reason.
@@ -596,6 +598,76 @@ def _fused(ctx: Any) -> list[str]:
 @pytest.mark.gpu
 def test_fused_add_rmsnorm() -> None:
     _expect_clean(min(4, torch.cuda.device_count()), _fused, timeout_s=200.0)
+
+
+def _linear(ctx: Any) -> list[str]:
+    """``NvrarComm.linear_all_reduce`` on every GPU: Llama-3.1-8B's row-parallel shapes at
+    TP=4 (K 1024 and 3584, N 4096) and odd ones (K 1000, N 96), 1 to 64 rows, bf16 and fp16,
+    the default tile and others, eagerly and replayed in a CUDA graph between plain lamport
+    calls with one rank held back before each call in turn, against NCCL's fp32 sum of
+    x @ weight.T; identical bits on every rank."""
+    import torch.distributed as dist
+
+    be = _make(ctx, ctx.world_size, timeout_s=20.0)
+    dev = ctx.device
+    failures: list[str] = []
+    cases = [(1, 1024, 4096, torch.bfloat16, 32, 256), (4, 3584, 4096, torch.bfloat16, 32, 256),
+             (16, 1024, 4096, torch.float16, 16, 256), (64, 3584, 4096, torch.bfloat16, 64, 128),
+             (3, 1000, 96, torch.bfloat16, 16, 64), (2, 3584, 4096, torch.bfloat16, 32, 512)]
+
+    def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str) -> None:
+        want = x.float() @ w.float().t()
+        dist.all_reduce(want, group=ctx.group)
+        off = (y.float() - want).abs().max().item()
+        err = None if off <= 2e-2 * max(1.0, want.abs().max().item()) else f"off by {off:.3g}"
+        got: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(got, (int(y.view(torch.int16).long().sum()), err),
+                               group=ctx.cpu_group)
+        errs = [f"rank {r}: {e}" for r, (_, e) in enumerate(got) if e]
+        if errs or len({d for d, _ in got}) != 1:
+            failures.append(f"{what}: {errs[0] if errs else 'ranks disagree bitwise'}")
+
+    try:
+        ops = []
+        for i, (m, k, n, dt, bn, bk) in enumerate(cases):
+            g = torch.Generator(device=dev).manual_seed(100 * i + ctx.rank)
+            x = torch.randn(m, k, device=dev, generator=g).to(dt)
+            w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dt)
+            ops.append((x, w, bn, bk))
+            check(be.comm.linear_all_reduce(x, w, block_n=bn, block_k=bk), x, w,
+                  f"eager {m}x{k}x{n} {dt} {bn}x{bk}")
+        plain = torch.randn(4099 * 2, device=dev).to(torch.bfloat16)
+        lam = {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 16, "warps": 4}
+        be.all_reduce(plain, lam)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        ys = []
+        with be.capture(), torch.cuda.graph(graph):
+            for i, (x, w, bn, bk) in enumerate(ops):
+                if i % ctx.world_size == ctx.rank:
+                    torch.cuda._sleep(50_000)  # ~25-30 µs late to this call
+                ys.append(be.comm.linear_all_reduce(x, w, block_n=bn, block_k=bk))
+                ys.append(be.all_reduce(plain, lam))
+        for rep in range(50):
+            for x, _, _, _ in ops:
+                x.copy_(torch.randn(x.shape, device=dev).to(x.dtype))
+            graph.replay()
+            torch.cuda.synchronize()
+            if be.comm.error_code():
+                break
+            if rep % 25 == 0:
+                for (x, w, bn, bk), y, c in zip(ops, ys[::2], cases, strict=True):
+                    check(y, x, w, f"graph replay {rep} {c[0]}x{c[1]}x{c[2]} {bn}x{bk}")
+        be.check()
+    finally:
+        be.close()
+    return failures
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+def test_linear_all_reduce() -> None:
+    _expect_clean(min(4, torch.cuda.device_count()), _linear, timeout_s=200.0)
 
 
 @requires_nvshmem(4)
