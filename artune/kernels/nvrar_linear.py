@@ -41,7 +41,7 @@ from artune.kernels.nvrar_prims import (
 __all__ = ["linear_lamport_kernel"]
 
 
-@triton.jit(do_not_specialize=["M", "K", "limit_ns", "rank"])
+@triton.jit(do_not_specialize=["M", "limit_ns", "rank"])
 def linear_lamport_kernel(
     x_ptr,  # *DT [M, K] this rank's activations (contiguous)
     w_ptr,  # *DT [N, K] this rank's weight shard (contiguous, nn.Linear's layout)
@@ -77,7 +77,7 @@ def linear_lamport_kernel(
     cols = pid * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in tl.range(0, K, BK, num_stages=3):
         kk = k0 + ks
         xt = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
                      mask=(rows[:, None] < M) & (kk[None, :] < K), other=0.0)
