@@ -46,6 +46,14 @@ def _bytes(value: str) -> int:
     return v
 
 
+def _rows(value: str) -> int:
+    """A whole number of rows from 1 to the fused linear layer's limit (64)."""
+    n = int(value)
+    if not 1 <= n <= 64:
+        raise ValueError("expected a whole number from 1 to 64")
+    return n
+
+
 def _level(value: str) -> str:
     import logging
 
@@ -108,6 +116,21 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "Launch NVRAR's peer-address kernels with programmatic dependent launch (sm_90+; each "
         "kernel first waits for the previous grid, only the launch overlaps); 0 turns it off. "
         "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both).",
+    ),
+    "ARTUNE_FUSED_LINEAR": (
+        False,
+        _flag,
+        "1: the SGLang plugin runs each row-parallel linear layer whose all-reduce it would "
+        "otherwise route (unquantized bf16/fp16, no bias, at most ARTUNE_FUSED_LINEAR_ROWS rows, "
+        "inside a CUDA-graph capture, not under torch.compile) as one NVRAR kernel: the GEMM and "
+        "the all-reduce fused (NvrarComm.linear_all_reduce). Experimental: the tuner does not "
+        "measure it yet; its numbers are in docs/nvrar.md.",
+    ),
+    "ARTUNE_FUSED_LINEAR_ROWS": (
+        16,
+        _rows,
+        "ARTUNE_FUSED_LINEAR: the most rows (tokens) a fused linear layer takes; more go to "
+        "SGLang's GEMM and the routed all-reduce.",
     ),
     "ARTUNE_FORWARD_CHECK": (
         True,

@@ -2,7 +2,7 @@
 # A paired end-to-end run on every GPU of the machine (TP = the GPU count, 2 or 4), issue #4's
 # "within 1 % at every batch size" and the compiled comparisons, with what the machine was doing
 # around it, and optionally GPU tests first:
-#   - TESTS=1 (default): tests/gpu/test_ops_gpu.py (ops.setup: the setup agreements through
+#   - TESTS=1 (default; TESTS_K=EXPR picks other tests of those files): tests/gpu/test_ops_gpu.py (ops.setup: the setup agreements through
 #     agree.gather, which goes through the group's store) and test_nvrar_gpu.py -k times_out
 #     (NVRAR's close after a forced timeout: the ranks agree through the store before the
 #     collective free);
@@ -41,7 +41,7 @@ case "${GEMM:-}" in
 esac
 if [ "${TESTS:-1}" = 1 ]; then
     step tests 200 python3 -m pytest -q -rs tests/gpu/test_ops_gpu.py tests/gpu/test_nvrar_gpu.py \
-        -k "setup_serves or times_out"
+        -k "${TESTS_K:-setup_serves or times_out}"
     grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
 fi
 cat "$W/steps.txt" 2>/dev/null

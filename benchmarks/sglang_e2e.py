@@ -157,6 +157,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_again": {"artune": True, "kw": {}},
     "default_compile_again": {"artune": False, "kw": {"enable_torch_compile": True}},
     "artune_compile_again": {"artune": True, "kw": {"enable_torch_compile": True}},
+    "artune_fused": {"artune": True, "kw": {}, "env": {"ARTUNE_FUSED_LINEAR": "1"}},
+    "artune_nccl_fused": {"artune": True, "kw": {"disable_custom_all_reduce": True},
+                          "env": {"ARTUNE_FUSED_LINEAR": "1"}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},
@@ -546,7 +549,7 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
         nccl = runs.get("nccl")
         if nccl and nccl.get("batches"):
             vn = {b["batch"]: b["step_ms"] for b in nccl["batches"]}
-            for name in ("artune_nccl", "artune"):
+            for name in ("artune_nccl", "artune_nccl_fused", "artune", "artune_fused"):
                 r = runs.get(name)
                 if r and r.get("batches"):
                     rel = {b["batch"]: (1 - b["step_ms"] / vn[b["batch"]]) * 100

@@ -75,6 +75,8 @@ ARTUNE_METHOD = "artune"
 
 PS = "sglang.srt.distributed.parallel_state"
 GC = f"{PS}.GroupCoordinator"
+#: The row-parallel linear layer whose GEMM and all-reduce ARTUNE_FUSED_LINEAR runs as one kernel.
+ROW_LINEAR = "sglang.srt.layers.linear.RowParallelLinear.forward"
 
 #: (dotted target, what breaks without it). All must exist for the plugin to route.
 HOOK_POINTS: tuple[tuple[str, str], ...] = (
@@ -184,8 +186,31 @@ def register() -> None:
 
         if callable(getattr(parallel_state, "destroy_model_parallel", None)):
             HookRegistry.register(f"{PS}.destroy_model_parallel", _before_destroy, HookType.BEFORE)
+    if envs.get("ARTUNE_FUSED_LINEAR"):
+        _register_fused_linear()
     logger.info("artune SGLang plugin: hooks registered (SGLang %s, profile %s)",
                 _sglang_version(), path)
+
+
+def _register_fused_linear() -> None:
+    """ARTUNE_FUSED_LINEAR=1: hook RowParallelLinear.forward (``_around_row_linear``), or say
+    why not (this SGLang has no such method)."""
+    import pkgutil
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    owner, _, attr = ROW_LINEAR.rpartition(".")
+    try:
+        ok = callable(getattr(pkgutil.resolve_name(owner), attr, None))
+    except (ImportError, AttributeError, ValueError):
+        ok = False
+    if not ok:
+        logger.warning("artune: ARTUNE_FUSED_LINEAR=1 but this SGLang has no %s; the linear "
+                       "layers keep their GEMM and the routed all-reduce", ROW_LINEAR)
+        return
+    HookRegistry.register(ROW_LINEAR, _around_row_linear, HookType.AROUND)
+    logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d rows "
+                "run as one NVRAR kernel inside CUDA graphs", envs.get("ARTUNE_FUSED_LINEAR_ROWS"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +343,72 @@ def _around_in_place(original: Callable[..., Any], self: Any, *args: Any, **kwar
 
 
 # ---------------------------------------------------------------------------------------------
+# ARTUNE_FUSED_LINEAR: a row-parallel linear layer and its all-reduce as one NVRAR kernel
+
+#: The TP group's name (set after initialize_model_parallel): the fused layers' group.
+_TP_GROUP: list[str] = []
+
+
+def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
+                       **kwargs: Any) -> Any:
+    comm = _fused_linear_comm(self, args, kwargs)
+    if comm is None:
+        return original(self, *args, **kwargs)
+    x = _arg(args, kwargs, 0, "input_")
+    if _TRACE is not None:
+        _trace(_TP_GROUP[0], x, "nvrar (fused linear)")
+    return comm.linear_all_reduce(x, self.weight), (self.bias if self.skip_bias_add else None)
+
+
+def _fused_linear_comm(layer: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """The NVRAR comm that runs this RowParallelLinear call as one kernel, or None for SGLang's
+    own forward. Only what every rank sees alike decides (shapes, dtypes, the layer's settings,
+    capture state), so every rank makes the same choice: a call of at most
+    ARTUNE_FUSED_LINEAR_ROWS rows inside a CUDA-graph capture (not under torch.compile), of an
+    unquantized layer without bias that all-reduces over the TP group, where NVRAR is built."""
+    import torch
+
+    x = args[0] if args else kwargs.get("input_")
+    extra = dict(zip(("skip_all_reduce", "forward_batch", "output_tensor"), args[1:],
+                     strict=False))
+    extra.update({k: v for k, v in kwargs.items() if k != "input_"})
+    if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
+            or set(extra) - {"skip_all_reduce", "forward_batch", "output_tensor"}):
+        return None
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous() or not (
+            1 <= x.shape[0] <= envs.get("ARTUNE_FUSED_LINEAR_ROWS")):
+        return None
+    if not (getattr(layer, "reduce_results", False) and getattr(layer, "tp_size", 1) > 1
+            and getattr(layer, "input_is_parallel", False) and layer.bias is None
+            and not getattr(layer, "use_dp_attention_reduce", False)
+            and not getattr(layer, "use_decode_attn_tp", False)
+            and type(layer.quant_method).__name__ == "UnquantizedLinearMethod"):
+        return None
+    if torch.compiler.is_compiling() or current_mode() != "graph" or not _TP_GROUP:
+        return None
+    import sys
+
+    skip = getattr(sys.modules.get(type(layer).__module__), "should_skip_mlp_all_reduce", None)
+    if callable(skip) and skip():
+        return None
+    route = _ROUTES.get(_TP_GROUP[0])
+    be = route.router.backends.get("nvrar") if route is not None else None
+    comm = getattr(be, "comm", None) if be is not None and not be.closed else None
+    if comm is None:
+        log_once("sglang:fused-linear:unbuilt", "artune: ARTUNE_FUSED_LINEAR=1 but NVRAR is "
+                 "not built on the TP group (the profile routes no size to it); the linear "
+                 "layers keep their GEMM and the routed all-reduce", logging.WARNING)
+        return None
+    why = comm.linear_problem(x, layer.weight)
+    if why:
+        log_once(f"sglang:fused-linear:{tuple(x.shape)}:{tuple(layer.weight.shape)}",
+                 f"artune: fused linear not used for {tuple(x.shape)} x "
+                 f"{tuple(layer.weight.shape)}: {why}")
+        return None
+    return comm
+
+
+# ---------------------------------------------------------------------------------------------
 # Route trace (ARTUNE_ROUTE_LOG): which backend took each all-reduce, by mode, dtype and size
 
 #: What the trace calls SGLang's own all-reduce (its custom all-reduce, pynccl, ...).
@@ -411,6 +502,7 @@ def _after_init(result: Any, *args: Any, **kwargs: Any) -> None:
 
     tp = ps.get_tp_group()
     setup_group(tp, role="TP")
+    _TP_GROUP[:] = [tp.unique_name]
     try:
         attn = ps.get_attn_tp_group()
     except (AssertionError, AttributeError, RuntimeError, ValueError):
