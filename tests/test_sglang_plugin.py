@@ -830,6 +830,128 @@ def test_watch_forward_wraps_a_forward_another_plugin_patched_already(monkeypatc
 
 
 # ---------------------------------------------------------------------------------------------
+# ARTUNE_FUSED_LINEAR: which RowParallelLinear calls become one NVRAR kernel
+
+
+class UnquantizedLinearMethod:  # named as SGLang's: the plain bf16/fp16 GEMM
+    pass
+
+
+class _FakeComm:
+    """Stands in for NvrarComm: the sum of two equal ranks, or a reason to refuse."""
+
+    def __init__(self, problem: str | None = None) -> None:
+        self.problem, self.calls = problem, 0
+
+    def linear_problem(self, x: Any, w: Any) -> str | None:
+        return self.problem
+
+    def linear_all_reduce(self, x: Any, w: Any) -> Any:
+        self.calls += 1
+        return 2 * (x @ w.t())
+
+
+def _fused_setup(monkeypatch: pytest.MonkeyPatch, comm: _FakeComm | None,
+                 mode: str = "graph") -> None:
+    be = None if comm is None else types.SimpleNamespace(comm=comm, closed=False)
+    router = types.SimpleNamespace(backends={} if be is None else {"nvrar": be})
+    monkeypatch.setattr(plugin, "_ROUTES", {"tp:0": types.SimpleNamespace(router=router)})
+    monkeypatch.setattr(plugin, "_TP_GROUP", ["tp:0"])
+    monkeypatch.setattr(plugin, "current_mode", lambda: mode)
+    monkeypatch.setattr(plugin, "_TRACE", None)
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "1")
+
+
+def _layer(**over: Any) -> Any:
+    import torch
+
+    attrs = dict(reduce_results=True, tp_size=2, input_is_parallel=True, bias=None,
+                 skip_bias_add=False, use_dp_attention_reduce=False, use_decode_attn_tp=False,
+                 quant_method=UnquantizedLinearMethod(), weight=torch.ones(8, 4))
+    attrs.update(over)
+    return types.SimpleNamespace(**attrs)
+
+
+def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None:
+    """A row-parallel call goes to the fused kernel only with all of: few enough rows, a plain
+    layer that all-reduces over TP, a CUDA-graph capture, NVRAR built and taking the shapes;
+    anything else keeps SGLang's forward (the hook calls ``original``)."""
+    import torch
+
+    comm = _FakeComm()
+    _fused_setup(monkeypatch, comm)
+    x = torch.ones(3, 4)
+    layer = _layer()
+
+    def original(self: Any, *args: Any, **kwargs: Any) -> str:
+        return "sglang's forward"
+
+    y, bias = plugin._around_row_linear(original, layer, x)
+    assert torch.equal(y, torch.full((3, 8), 8.0)) and bias is None and comm.calls == 1
+    y, _ = plugin._around_row_linear(original, layer, x, forward_batch=object())
+    assert comm.calls == 2
+    refused = [
+        ((torch.ones(17, 4),), {}, layer),  # more rows than ARTUNE_FUSED_LINEAR_ROWS (16)
+        ((torch.ones(0, 4),), {}, layer),
+        ((torch.ones(4, 3).t(),), {}, layer),  # not contiguous
+        ((torch.ones(2, 2, 4),), {}, layer),
+        ((x, True), {}, layer),  # skip_all_reduce
+        ((x,), {"output_tensor": torch.empty(3, 8)}, layer),
+        ((x,), {"something_new": 1}, layer),  # a keyword this hook does not know
+        ((x,), {}, _layer(bias=torch.ones(8))),
+        ((x,), {}, _layer(tp_size=1)),
+        ((x,), {}, _layer(reduce_results=False)),
+        ((x,), {}, _layer(input_is_parallel=False)),
+        ((x,), {}, _layer(use_dp_attention_reduce=True)),
+        ((x,), {}, _layer(quant_method=object())),
+    ]
+    for args, kwargs, lay in refused:
+        assert plugin._around_row_linear(original, lay, *args, **kwargs) == "sglang's forward", (
+            args, kwargs)
+    assert comm.calls == 2
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "2")
+    assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "16")
+    for mode in ("eager", "compiled"):  # outside a capture: SGLang's forward
+        _fused_setup(monkeypatch, comm, mode)
+        assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    _fused_setup(monkeypatch, _FakeComm("out must be 16-byte aligned"))
+    assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    _fused_setup(monkeypatch, None)  # NVRAR not built on the TP group
+    assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    _fused_setup(monkeypatch, comm)
+    monkeypatch.setattr(plugin, "_TP_GROUP", [])  # before initialize_model_parallel
+    assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "65")
+    with pytest.raises(ValueError, match="ARTUNE_FUSED_LINEAR_ROWS='65' is not valid"):
+        envs.get("ARTUNE_FUSED_LINEAR_ROWS")
+
+
+def test_fused_linear_hook_is_registered_where_the_layer_exists(monkeypatch) -> None:
+    """ARTUNE_FUSED_LINEAR=1 hooks RowParallelLinear.forward (around), or warns and leaves
+    the layers alone on an SGLang without it."""
+    registered: list[tuple[str, Any]] = []
+    registry = types.SimpleNamespace(register=lambda t, h, k: registered.append((t, h)))
+    fake = types.SimpleNamespace(HookRegistry=registry,
+                                 HookType=types.SimpleNamespace(AROUND="around"))
+    for name in ("sglang", "sglang.srt", "sglang.srt.plugins", "sglang.srt.layers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", fake)
+    linear = types.ModuleType("sglang.srt.layers.linear")
+    monkeypatch.setitem(sys.modules, "sglang.srt.layers.linear", linear)
+    plugin._register_fused_linear()  # no RowParallelLinear: nothing registered
+    assert registered == []
+
+    class RowParallelLinear:
+        def forward(self, x: Any) -> Any:
+            return x
+
+    linear.RowParallelLinear = RowParallelLinear  # type: ignore[attr-defined]
+    plugin._register_fused_linear()
+    assert registered == [(plugin.ROW_LINEAR, plugin._around_row_linear)]
+
+
+# ---------------------------------------------------------------------------------------------
 # The plugin's exchanges are bounded (plain gloo ranks: no sglang needed)
 
 

@@ -602,10 +602,10 @@ def test_fused_add_rmsnorm() -> None:
 
 def _linear(ctx: Any) -> list[str]:
     """``NvrarComm.linear_all_reduce`` on every GPU: Llama-3.1-8B's row-parallel shapes at
-    TP=4 (K 1024 and 3584, N 4096) and others (N 2048 in 16 columns a CTA; K 1000, N 96), 1 to 64 rows, bf16 and fp16,
-    the default tile and others, eagerly and replayed in a CUDA graph between plain lamport
-    calls with one rank held back before each call in turn, against NCCL's fp32 sum of
-    x @ weight.T; identical bits on every rank."""
+    TP=4 (K 1024 and 3584, N 4096) and others (N 2048 in 16 columns a CTA; K 1000, N 96),
+    1 to 64 rows, bf16 and fp16, the default tile and others, eagerly and replayed in a CUDA
+    graph between plain lamport calls with one rank held back before each call in turn,
+    against NCCL's fp32 sum of x @ weight.T; identical bits on every rank."""
     import torch.distributed as dist
 
     be = _make(ctx, ctx.world_size, timeout_s=20.0)
