@@ -12,6 +12,8 @@
 #   - every backend side by side (allreduce.py, graph, bf16) with that profile's routes.
 #
 #   device run, carry [".devwhl"], kind nvidia-h200-x4:  bash benchmarks/gpu_session_card.sh
+# Twenty-first session: H100s came (4x); 159 s on a fresh machine with the committed profile.
+# The H200 branch (no committed 4x H200 profile: the full tune) has not run.
 set -uo pipefail
 W=/tmp/artune-gpu-card
 source benchmarks/gpu_lib.sh

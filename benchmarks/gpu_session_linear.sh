@@ -5,6 +5,7 @@
 # cuBLAS's GEMM + NVRAR's, at Llama-3.1-8B's row-parallel shapes for TP = the GPU count.
 #
 #   device run, carry [".devwhl"], kind nvidia-h100-x4 or -x2:  bash benchmarks/gpu_session_linear.sh
+# Twenty-first session, 4x H100: 106 s on a fresh machine (gpu_session_2026-11-27i.md).
 set -uo pipefail
 W=/tmp/artune-gpu-linear
 source benchmarks/gpu_lib.sh
