@@ -47,7 +47,8 @@ def _bytes(value: str) -> int:
 
 
 def _rows(value: str) -> int:
-    """A whole number of rows from 1 to the fused linear layer's limit (64)."""
+    """A whole number of rows from 1 to the fused linear layer's limit (64,
+    ``artune.kernels.nvrar.LINEAR_MAX_ROWS``; tests/test_sglang_plugin.py checks they agree)."""
     n = int(value)
     if not 1 <= n <= 64:
         raise ValueError("expected a whole number from 1 to 64")

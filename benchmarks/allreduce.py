@@ -58,6 +58,40 @@ def _h(n: int) -> str:
     return f"{n}B"
 
 
+def rank_verdict(err: str | None, digest: Any, cpu_group: Any) -> str | None:
+    """One verdict for every rank from each rank's own ``err`` (None: right) and ``digest`` of
+    its output's bits: the first rank's error, else "ranks disagree bitwise" where the digests
+    differ, else None."""
+    got: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(got, (digest, err), group=cpu_group)
+    errs = [f"rank {r}: {e}" for r, (_, e) in enumerate(got) if e]
+    if errs:
+        return errs[0]
+    return None if len({d for d, _ in got}) == 1 else "ranks disagree bitwise"
+
+
+def bits_digest(t: torch.Tensor) -> int:
+    """A sum of a 16-bit tensor's raw bits: equal on ranks holding the same bits."""
+    return int(t.view(torch.int16).long().sum())
+
+
+def cell(v: Any) -> str:
+    """A table cell: µs to one decimal, or what a column that could not run holds ("n/a")."""
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def notes_block(notes: list[str]) -> list[str]:
+    """The report's closing "Notes:" list (nothing without notes), each line ending blank."""
+    return ["Notes:", *[f"- {n}" for n in notes], ""] if notes else []
+
+
+def best_gap(candidates: list[Any], base: Any) -> str:
+    """The best (lowest) float of ``candidates`` minus ``base`` as "+x.y µs", "-" where either
+    is missing (a column that could not run holds a string)."""
+    best = min((v for v in candidates if isinstance(v, float)), default=None)
+    return f"{best - base:+.1f} µs" if best is not None and isinstance(base, float) else "-"
+
+
 def _check(b: Any, x: torch.Tensor, ref: torch.Tensor, cpu_group: Any) -> str | None:
     """None when ``b`` (a callable) reduces ``x`` right and identically on every rank."""
     x0 = x.clone()
@@ -289,9 +323,7 @@ def main() -> None:
             for nbytes in sizes:
                 row = [_h(nbytes)]
                 vals = {c: results.get((mode, c, nbytes), "n/a") for c in columns_shown}
-                for c in columns_shown:
-                    v = vals[c]
-                    row.append(f"{v:.1f}" if isinstance(v, float) else str(v))
+                row += [cell(vals[c]) for c in columns_shown]
                 nums = {c: v for c, v in vals.items()
                         if isinstance(v, float) and c not in ("routed", "gemm alone")}
                 best = min(nums, key=lambda c: nums[c]) if nums else "-"
@@ -300,9 +332,7 @@ def main() -> None:
                 row.append(f"{nccl / nums[best]:.2f}x" if nccl and best in nums else "-")
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
-        if notes:
-            lines += ["Notes:", *[f"- {n}" for n in notes], ""]
-        text = "\n".join(lines)
+        text = "\n".join(lines + notes_block(notes))
     finish(text, args.out, built)
 
 

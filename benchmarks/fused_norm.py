@@ -43,7 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from allreduce import _gemm, _time, finish, start_ranks  # noqa: E402
+from allreduce import (  # noqa: E402
+    _gemm,
+    _time,
+    best_gap,
+    bits_digest,
+    cell,
+    finish,
+    notes_block,
+    rank_verdict,
+    start_ranks,
+)
 
 from artune import backends as registry  # noqa: E402
 from artune.backends.base import BackendUnavailable  # noqa: E402
@@ -85,13 +95,7 @@ def _check(out: torch.Tensor, res: torch.Tensor, want: tuple[torch.Tensor, torch
         err = f"output off by {(out.float() - o).abs().max().item():.3g}"
     elif not (res.float() - h).abs().max().item() <= 3e-2 * max(h.abs().max().item(), 1.0):
         err = f"residual off by {(res.float() - h).abs().max().item():.3g}"
-    digest = (int(out.view(torch.int16).long().sum()), int(res.view(torch.int16).long().sum()))
-    got: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(got, (digest, err), group=cpu_group)
-    errs = [f"rank {r}: {e}" for r, (_, e) in enumerate(got) if e]
-    if errs:
-        return errs[0]
-    return None if len({d for d, _ in got}) == 1 else "ranks disagree bitwise"
+    return rank_verdict(err, (bits_digest(out), bits_digest(res)), cpu_group)
 
 
 def _column(col: str, built: dict[str, Any], norm: Any, w: torch.Tensor, x: torch.Tensor,
@@ -203,17 +207,12 @@ def main() -> None:
         lines += ["| rows | bytes | " + " | ".join(cols) + " | best fused vs sglang + norm |",
                   "|---" * (len(cols) + 3) + "|"]
         for rows in rows_list:
-            vals = [results.get((c, rows), "n/a") for c in cols]
-            cells = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in vals]
-            fused = [v for c in columns if "fused" in c
-                     and isinstance(v := results.get((c, rows)), float)]
-            f, s = min(fused, default=None), results.get(("sglang + norm", rows))
-            gap = f"{f - s:+.1f} µs" if isinstance(f, float) and isinstance(s, float) else "-"
+            cells = [cell(results.get((c, rows), "n/a")) for c in cols]
+            gap = best_gap([results.get((c, rows)) for c in columns if "fused" in c],
+                           results.get(("sglang + norm", rows)))
             lines.append(f"| {rows} | {rows * args.hidden * 2 // 1024}K | " + " | ".join(cells)
                          + f" | {gap} |")
-        if notes:
-            lines += ["", "Notes:", *[f"- {n}" for n in notes]]
-        text = "\n".join(lines) + "\n"
+        text = "\n".join([*lines, "", *notes_block(notes)])
     finish(text, args.out, built)
 
 

@@ -2,10 +2,10 @@
 # A paired end-to-end run on every GPU of the machine (TP = the GPU count, 2 or 4), issue #4's
 # "within 1 % at every batch size" and the compiled comparisons, with what the machine was doing
 # around it, and optionally GPU tests first:
-#   - TESTS=1 (default; TESTS_K=EXPR picks other tests of those files): tests/gpu/test_ops_gpu.py (ops.setup: the setup agreements through
+#   - TESTS=1 (default): tests/gpu/test_ops_gpu.py (ops.setup: the setup agreements through
 #     agree.gather, which goes through the group's store) and test_nvrar_gpu.py -k times_out
 #     (NVRAR's close after a forced timeout: the ranks agree through the store before the
-#     collective free);
+#     collective free); TESTS_K=EXPR runs the tests of those two files that EXPR selects;
 #   - ORDER: the engines and their start order (default artune,default; e.g. default,artune,
 #     or default_compile,artune_compile with TIMEOUT_S=420 on a cold inductor cache, or the
 #     compiled A/A pair default_compile,default_compile_again); REPS rounds (default 30) at

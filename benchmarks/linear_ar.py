@@ -38,7 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from allreduce import _time, finish, start_ranks  # noqa: E402
+from allreduce import (  # noqa: E402
+    _time,
+    best_gap,
+    bits_digest,
+    cell,
+    finish,
+    notes_block,
+    rank_verdict,
+    start_ranks,
+)
 
 from artune import backends as registry  # noqa: E402
 from artune.backends.base import BackendUnavailable  # noqa: E402
@@ -50,17 +59,9 @@ L2_BYTES = 64 << 20
 def _check(y: torch.Tensor, want: torch.Tensor, cpu_group: Any) -> str | None:
     """None when ``y`` matches the fp32 reference within bf16 rounding on every rank and every
     rank holds the same bits; the same verdict on every rank."""
-    err = None
     off = (y.float() - want).abs().max().item()
-    if not off <= 2e-2 * max(want.abs().max().item(), 1.0):
-        err = f"off by {off:.3g}"
-    digest = int(y.view(torch.int16).long().sum())
-    got: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(got, (digest, err), group=cpu_group)
-    errs = [f"rank {r}: {e}" for r, (_, e) in enumerate(got) if e]
-    if errs:
-        return errs[0]
-    return None if len({d for d, _ in got}) == 1 else "ranks disagree bitwise"
+    err = None if off <= 2e-2 * max(want.abs().max().item(), 1.0) else f"off by {off:.3g}"
+    return rank_verdict(err, bits_digest(y), cpu_group)
 
 
 def _column(col: str, built: dict[str, Any], x: torch.Tensor,
@@ -151,17 +152,11 @@ def main() -> None:
                  "|---" * (len(columns) + 3) + "|"]
         for k, n in shapes:
             for rows in rows_list:
-                vals = [results.get((c, k, rows), "n/a") for c in columns]
-                cells = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in vals]
-                fused = [v for c in columns if c.startswith("fused")
-                         and isinstance(v := results.get((c, k, rows)), float)]
-                f, s = min(fused, default=None), results.get(("gemm + sglang", k, rows))
-                gap = (f"{f - s:+.1f} µs" if isinstance(f, float) and isinstance(s, float)
-                       else "-")
+                cells = [cell(results.get((c, k, rows), "n/a")) for c in columns]
+                gap = best_gap([results.get((c, k, rows)) for c in columns
+                                if c.startswith("fused")], results.get(("gemm + sglang", k, rows)))
                 lines.append(f"| {k} x {n} | {rows} | " + " | ".join(cells) + f" | {gap} |")
-        if notes:
-            lines += ["", "Notes:", *[f"- {t}" for t in notes]]
-        text = "\n".join(lines) + "\n"
+        text = "\n".join([*lines, "", *notes_block(notes)])
     finish(text, args.out, built)
 
 

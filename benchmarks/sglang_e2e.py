@@ -13,6 +13,9 @@ exactly the measured batch sizes. Configs:
 - ``artune``        ARTUNE_PROFILE set: every TP all-reduce goes where the profile says;
 - ``artune_nccl``   artune with SGLang's custom all-reduce off (its fast path gone);
 - ``artune_compile`` artune with ``enable_torch_compile=True``;
+- ``artune_fused``, ``artune_nccl_fused``: ``artune`` and ``artune_nccl`` with
+  ARTUNE_FUSED_LINEAR=1 (each row-parallel linear layer of a captured decode step and its
+  all-reduce as one NVRAR kernel; docs/sglang.md);
 - ``default_compile`` SGLang as released with ``enable_torch_compile=True``;
 - ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
   the engine-to-engine noise the "within 1%" comparison has to be read against;

@@ -214,3 +214,39 @@ def test_allreduce_benchmarks_start_only_with_multicast_off_and_finish_their_rep
     ar.finish("| table |\n", str(tmp_path / "out" / "r.md"), {"x": be})
     assert (tmp_path / "out" / "r.md").read_text() == "| table |\n"
     assert be.closed and not dist.is_initialized()
+
+
+def _verdicts(rank: int, world: int, folder: str, q: Any) -> None:
+    """One gloo rank: rank_verdict over cases where this rank errs, disagrees or agrees."""
+    import torch.distributed as dist
+
+    ar = load_benchmark("allreduce")
+    dist.init_process_group("gloo", init_method=f"file://{folder}/pg", rank=rank,
+                            world_size=world)
+    group = dist.group.WORLD
+    got = [ar.rank_verdict(None, 7, group),
+           ar.rank_verdict("off by 3" if rank == 1 else None, 7, group),
+           ar.rank_verdict(None, 7 + rank, group)]
+    dist.destroy_process_group()
+    q.put((rank, got))
+
+
+def test_benchmark_checks_give_every_rank_the_same_verdict(tmp_path: Path) -> None:
+    """rank_verdict (the correctness gate of allreduce.py's neighbours fused_norm.py and
+    linear_ar.py): None only when no rank erred and every rank's bits agree; otherwise the
+    first error, on every rank alike. best_gap: the best candidate minus the base, or '-'."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_verdicts, args=(r, 2, str(tmp_path), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    for rank in (0, 1):
+        assert out[rank] == [None, "rank 1: off by 3", "ranks disagree bitwise"], out
+    ar = load_benchmark("allreduce")
+    assert ar.best_gap([3.0, "n/a", 2.5], 4.0) == "-1.5 µs"
+    assert ar.best_gap(["WRONG"], 4.0) == "-" and ar.best_gap([1.0], "n/a") == "-"

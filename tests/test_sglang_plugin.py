@@ -910,19 +910,24 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
             args, kwargs)
     assert comm.calls == 2
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "2")
-    assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    assert plugin._fused_linear_comm(layer, x, (), {}) is None
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "16")
     for mode in ("eager", "compiled"):  # outside a capture: SGLang's forward
         _fused_setup(monkeypatch, comm, mode)
-        assert plugin._fused_linear_comm(layer, (x,), {}) is None
+        assert plugin._fused_linear_comm(layer, x, (), {}) is None
     _fused_setup(monkeypatch, _FakeComm("out must be 16-byte aligned"))
-    assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    assert plugin._fused_linear_comm(layer, x, (), {}) is None
     _fused_setup(monkeypatch, None)  # NVRAR not built on the TP group
-    assert plugin._fused_linear_comm(layer, (x,), {}) is None
+    assert plugin._fused_linear_comm(layer, x, (), {}) is None
     _fused_setup(monkeypatch, comm)
     monkeypatch.setattr(plugin, "_TP_GROUP", [])  # before initialize_model_parallel
-    assert plugin._fused_linear_comm(layer, (x,), {}) is None
-    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "65")
+    assert plugin._fused_linear_comm(layer, x, (), {}) is None
+    from artune.kernels.nvrar import LINEAR_MAX_ROWS
+
+    # the setting's bound is the kernel's
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS))
+    assert envs.get("ARTUNE_FUSED_LINEAR_ROWS") == LINEAR_MAX_ROWS
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS + 1))
     with pytest.raises(ValueError, match="ARTUNE_FUSED_LINEAR_ROWS='65' is not valid"):
         envs.get("ARTUNE_FUSED_LINEAR_ROWS")
 

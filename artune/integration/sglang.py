@@ -351,32 +351,37 @@ _TP_GROUP: list[str] = []
 
 def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
                        **kwargs: Any) -> Any:
-    comm = _fused_linear_comm(self, args, kwargs)
+    x = args[0] if args else kwargs.get("input_")
+    comm = _fused_linear_comm(self, x, args[1:], kwargs)
     if comm is None:
         return original(self, *args, **kwargs)
-    x = _arg(args, kwargs, 0, "input_")
     if _TRACE is not None:
         _trace(_TP_GROUP[0], x, "nvrar (fused linear)")
     return comm.linear_all_reduce(x, self.weight), (self.bias if self.skip_bias_add else None)
 
 
-def _fused_linear_comm(layer: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-    """The NVRAR comm that runs this RowParallelLinear call as one kernel, or None for SGLang's
-    own forward. Only what every rank sees alike decides (shapes, dtypes, the layer's settings,
-    capture state), so every rank makes the same choice: a call of at most
-    ARTUNE_FUSED_LINEAR_ROWS rows inside a CUDA-graph capture (not under torch.compile), of an
-    unquantized layer without bias that all-reduces over the TP group, where NVRAR is built."""
+#: RowParallelLinear.forward's arguments after the input, in order (SGLang 0.5.17 and 0.5.23).
+_ROW_LINEAR_ARGS = ("skip_all_reduce", "forward_batch", "output_tensor")
+
+
+def _fused_linear_comm(layer: Any, x: Any, rest: tuple[Any, ...],
+                       kwargs: Mapping[str, Any]) -> Any:
+    """The NVRAR comm that runs this RowParallelLinear call (input ``x``, then ``rest`` and
+    ``kwargs``) as one kernel, or None for SGLang's own forward. Only what every rank sees
+    alike decides (shapes, dtypes, the layer's settings, capture state), so every rank makes
+    the same choice: a call of at most ARTUNE_FUSED_LINEAR_ROWS rows inside a CUDA-graph
+    capture (not under torch.compile), of an unquantized layer without bias that all-reduces
+    over the TP group, where NVRAR is built. The cheap tests come first: eager prefill calls
+    pass here too."""
     import torch
 
-    x = args[0] if args else kwargs.get("input_")
-    extra = dict(zip(("skip_all_reduce", "forward_batch", "output_tensor"), args[1:],
-                     strict=False))
-    extra.update({k: v for k, v in kwargs.items() if k != "input_"})
-    if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
-            or set(extra) - {"skip_all_reduce", "forward_batch", "output_tensor"}):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not (
+            1 <= x.shape[0] <= envs.get("ARTUNE_FUSED_LINEAR_ROWS")) or not x.is_contiguous():
         return None
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous() or not (
-            1 <= x.shape[0] <= envs.get("ARTUNE_FUSED_LINEAR_ROWS")):
+    extra = dict(zip(_ROW_LINEAR_ARGS, rest, strict=False))
+    extra.update((k, v) for k, v in kwargs.items() if k != "input_")
+    if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
+            or not set(extra) <= set(_ROW_LINEAR_ARGS)):
         return None
     if not (getattr(layer, "reduce_results", False) and getattr(layer, "tp_size", 1) > 1
             and getattr(layer, "input_is_parallel", False) and layer.bias is None
@@ -384,7 +389,7 @@ def _fused_linear_comm(layer: Any, args: tuple[Any, ...], kwargs: Mapping[str, A
             and not getattr(layer, "use_decode_attn_tp", False)
             and type(layer.quant_method).__name__ == "UnquantizedLinearMethod"):
         return None
-    if torch.compiler.is_compiling() or current_mode() != "graph" or not _TP_GROUP:
+    if not _TP_GROUP or torch.compiler.is_compiling() or current_mode() != "graph":
         return None
     import sys
 
@@ -485,6 +490,7 @@ def close_all() -> None:
     """Close every route's backends (SGLang tears its groups down next); safe to call twice."""
     global _RESOLVED
     _RESOLVED = None  # holds a prepared call (and through it a backend's buffer)
+    _TP_GROUP.clear()
     while _ROUTES:
         _, route = _ROUTES.popitem()
         route._hits.clear()

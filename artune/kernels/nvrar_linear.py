@@ -94,9 +94,9 @@ def linear_lamport_kernel(
     a1, a3 = tl.split(hi)
     own = _pack(a0, a1, a2, a3, DT)  # rounded to DT as the unfused GEMM stores it, -0.0 as +0.0
 
-    real = (rows[:, None] < M) & (tl.arange(0, Q4)[None, :] >= 0)  # [BM, Q4]: rows below M
     j = tl.arange(0, Q4)[None, :]
-    at = (pid * M + rows[:, None]) * Q4 + j
+    real = (rows[:, None] < M) & (j >= 0)  # [BM, Q4]: the words of rows below M
+    at = (pid * M + rows[:, None]) * Q4 + j  # this tile's words in a slot
     # pushed once the tile is done (not after a timeout on this rank: as oneshot_lamport_kernel)
     go = real & (limit > 0)
     for i in tl.static_range(1, W):
