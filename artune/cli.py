@@ -18,7 +18,7 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from artune.autotune.config import TuneConfig
@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the inputs and the sampler (default 0)")
     t.add_argument("--extra-backend", action="append", default=[], metavar="NAME=MODULE:CLASS",
                    help="add a backend to the registry for this tune (plugins, tests)")
+    t.add_argument("--linear-model", default=None, metavar="PATH",
+                   help="also measure the model's row-parallel linear layers (attention output "
+                        "and MLP down projections at TP = the tune's ranks) fused with their "
+                        "all-reduce into one NVRAR kernel against the GEMM + routed all-reduce: "
+                        "a Hugging Face model folder or its config.json (readable on every "
+                        "node)")
+    t.add_argument("--linear-shapes", default=None, metavar="KxN,...",
+                   help="as --linear-model, for the layer shapes given: K a rank's inputs, N "
+                        "the outputs (e.g. 1024x4096,3584x4096)")
+    t.add_argument("--linear-rows", default=None, metavar="R,...",
+                   help="row counts (tokens) of those measurements, 1..64 (default "
+                        "1,2,4,8,16,32,64; --quick 1,4,16,64)")
 
     s = sub.add_parser("show", help="print a profile's dispatch table (any machine)")
     s.add_argument("profile", help="profile JSON")
@@ -168,6 +180,7 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
             raise ValueError(f"{name} must be at least 1, not {value}")
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, not {args.warmup}")
+    linear = _linear_args(args)
     cfg = TuneConfig(
         device=args.device,
         dtypes=dtypes,
@@ -188,6 +201,7 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
         seed=args.seed,
         extra_backends=extra,
         command=command,
+        **linear,
     )
     if args.sizes:
         sizes = parse_sizes(args.sizes)
@@ -202,6 +216,27 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
                              f"{width}-byte elements ({', '.join(dtypes)})")
         cfg.sizes = [n for n in sizes if n % width == 0]
     return cfg
+
+
+def _linear_args(args: argparse.Namespace) -> dict[str, Any]:
+    """TuneConfig's fused-linear fields from --linear-model / --linear-shapes / --linear-rows."""
+    from artune.autotune.linear import model_dims, parse_shapes
+
+    out: dict[str, Any] = {
+        "linear_model": model_dims(args.linear_model) if args.linear_model else None,
+        "linear_shapes": parse_shapes(args.linear_shapes) if args.linear_shapes else [],
+        "linear_rows": [],
+    }
+    if args.linear_rows:
+        given = _csv(args.linear_rows)
+        rows = sorted({int(r) for r in given if r.isdigit()})
+        if not rows or not all(r.isdigit() for r in given) or not 1 <= rows[0] <= rows[-1] <= 64:
+            raise ValueError(f"--linear-rows {args.linear_rows!r}: whole numbers from 1 to 64, "
+                             "each once, e.g. 1,2,4,8,16")
+        if not (args.linear_model or args.linear_shapes):
+            raise ValueError("--linear-rows needs --linear-model or --linear-shapes")
+        out["linear_rows"] = rows
+    return out
 
 
 def _fraction(text: str) -> float:

@@ -46,6 +46,16 @@ def _bytes(value: str) -> int:
     return v
 
 
+def _auto_flag(value: str) -> str:
+    """``auto``, or an ``ARTUNE_`` switch (``_flag``) as ``on`` / ``off``."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "on" if _flag(value) else "off"
+    except ValueError:
+        raise ValueError("expected auto, 1 or 0 (or true / false, yes / no, on / off)") from None
+
+
 def _rows(value: str) -> int:
     """A whole number of rows from 1 to the fused linear layer's limit (64,
     ``artune.kernels.nvrar.LINEAR_MAX_ROWS``; tests/test_sglang_plugin.py checks they agree)."""
@@ -119,18 +129,18 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both).",
     ),
     "ARTUNE_FUSED_LINEAR": (
-        False,
-        _flag,
-        "1: the SGLang plugin runs each row-parallel linear layer whose all-reduce it would "
-        "otherwise route (unquantized bf16/fp16, no bias, at most ARTUNE_FUSED_LINEAR_ROWS rows, "
-        "inside a CUDA-graph capture, not under torch.compile) as one NVRAR kernel: the GEMM and "
-        "the all-reduce fused (NvrarComm.linear_all_reduce). Experimental: the tuner does not "
-        "measure it yet; its numbers are in docs/nvrar.md.",
+        "auto",
+        _auto_flag,
+        "Row-parallel linear layers and their all-reduce as one NVRAR kernel in the SGLang "
+        "plugin (NvrarComm.linear_all_reduce; unquantized bf16/fp16, no bias, inside CUDA-graph "
+        "capture, not under torch.compile). auto: where the profile's linear section measured "
+        "it faster (artune tune --linear-model), with its parameters; 1: every such layer of at "
+        "most ARTUNE_FUSED_LINEAR_ROWS rows, at the kernel's defaults; 0: never.",
     ),
     "ARTUNE_FUSED_LINEAR_ROWS": (
         16,
         _rows,
-        "ARTUNE_FUSED_LINEAR: the most rows (tokens) a fused linear layer takes; more go to "
+        "ARTUNE_FUSED_LINEAR=1: the most rows (tokens) a fused linear layer takes; more go to "
         "SGLang's GEMM and the routed all-reduce.",
     ),
     "ARTUNE_FORWARD_CHECK": (

@@ -124,6 +124,7 @@ def render(profile: Profile, console: Any = None) -> None:
             console.print(t)
             for i, par in enumerate(shown, 1):
                 console.print(f"  [{i}] {par}", markup=False, highlight=False)
+    _render_linear(d, console)
     skipped = d.get("skipped") or []
     if skipped:
         reasons = Counter((s.get("backend"), s.get("reason")) for s in skipped)
@@ -164,6 +165,31 @@ def render(profile: Profile, console: Any = None) -> None:
                     f"{who_validated(v, 'best')} {fmt_us(v.get('best_us'))} µs{how}"
                     f"{' - ' + str(v['error']) if v.get('error') else ''}[/red]"
                 )
+
+
+def _render_linear(d: dict[str, Any], console: Any) -> None:
+    """The ``linear`` section: per layer shape and row count, the GEMM + routed all-reduce
+    against the fused kernel, and which one the plugin runs."""
+    from rich.table import Table
+
+    if d.get("linear_skipped"):
+        console.print(f"fused linear layers not measured: {d['linear_skipped']}", markup=False)
+    for e in d.get("linear") or []:
+        t = Table(title=f"row-parallel linear {e['dtype']} K={e['k']} N={e['n']}: the GEMM + "
+                        "routed all-reduce vs one fused NVRAR kernel (graph)",
+                  title_justify="left")
+        for col in ("rows", "unfused µs", "fused µs", "gain µs", "runs", "fused params"):
+            t.add_column(col, justify="left" if col in ("runs", "fused params") else "right")
+        for p in e.get("points", []):
+            u, f = p.get("unfused_us"), p.get("fused_us")
+            t.add_row(str(p["rows"]), fmt_us(u), fmt_us(f),
+                      "-" if u is None or f is None else f"{u - f:+.1f}",
+                      "fused" if p.get("fused") else "unfused", _params(p.get("params") or {}))
+        console.print(t)
+        fused = [f"{g['min_rows']}-{g['max_rows']}" if g["max_rows"] > g["min_rows"]
+                 else str(g["min_rows"]) for g in e["ranges"] if g["fused"]]
+        console.print(f"  fused at rows {', '.join(fused) if fused else '(none)'}; more rows "
+                      "than measured: unfused", markup=False, highlight=False)
 
 
 def who_validated(e: dict[str, Any], side: str) -> str:

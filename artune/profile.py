@@ -17,10 +17,17 @@ each range of message sizes, with the evidence. Layout (schema_version 1)::
            "points": [{"nbytes": 4096, "latency_us": 4.1, "nccl_us": 14.8}], ...}]}},
       "measurements": [...],                  # every timed (backend, params, dtype, mode, size)
       "skipped": [...],                       # every candidate excluded, with the reason
-      "validation": [...]                     # the routed all-reduce re-timed against all
+      "validation": [...],                    # the routed all-reduce re-timed against all
+      "linear": [                             # optional (`artune tune --linear-model`): per
+          {"dtype": "bfloat16", "k": 1024,    # row-parallel layer shape (K inputs per rank, N
+           "n": 4096, "ranges": [             # outputs), the row counts whose GEMM and
+              {"min_rows": 1, "max_rows": 16, # all-reduce run as one NVRAR kernel
+               "fused": true, "params": {...}}, ...],
+           "points": [...]}]
     }
 
-``select`` is pure and needs no CUDA: ``select(profile, nbytes, dtype, mode) -> Choice``.
+``select`` is pure and needs no CUDA: ``select(profile, nbytes, dtype, mode) -> Choice``;
+so is ``select_linear(profile, dtype, k, n, rows)``: the fused kernel's parameters, or None.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ __all__ = [
     "load",
     "save",
     "select",
+    "select_linear",
 ]
 
 SCHEMA_VERSION = 1
@@ -83,6 +91,10 @@ class Profile:
     _index: dict[tuple[str, str], tuple[list[int], list[int], list[Choice]]] = field(
         default_factory=dict, repr=False
     )
+    #: (dtype, k, n) -> row -> the fused kernel's parameters (rows it runs fused only)
+    _linear: dict[tuple[str, int, int], dict[int, dict[str, Any]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         self._build_index()
@@ -97,6 +109,12 @@ class Profile:
                 his = [r["max_bytes"] for r in ranges]
                 choices = [Choice(r["backend"], dict(r.get("params") or {})) for r in ranges]
                 self._index[(dtype, mode)] = (los, his, choices)
+        self._linear.clear()
+        for e in self.data.get("linear") or []:
+            rows = {r: dict(g["params"]) for g in e["ranges"] if g["fused"]
+                    for r in range(g["min_rows"], g["max_rows"] + 1)}
+            if rows:
+                self._linear[(e["dtype"], e["k"], e["n"])] = rows
 
     # Convenience accessors used by the CLI, the plugin and the tests.
     @property
@@ -134,6 +152,10 @@ class Profile:
 
     def fallback(self) -> str:
         return "gloo" if self.dry_run else DEFAULT_BACKEND
+
+    def fuses_linear(self) -> bool:
+        """Whether some row-parallel layer shape runs fused at some row count."""
+        return bool(self._linear)
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -180,8 +202,56 @@ def select(profile: Profile, nbytes: int, dtype: Any, mode: str) -> Choice:
     return Choice(profile.fallback(), {}, covered=False)
 
 
+def select_linear(profile: Profile, dtype: Any, k: int, n: int, rows: int) -> dict[str, Any] | None:
+    """The fused kernel's parameters (``NvrarComm.linear_all_reduce``'s block_n, block_k, warps,
+    stages) for a row-parallel linear layer of ``k`` inputs per rank and ``n`` outputs called on
+    ``rows`` rows of ``dtype``, when the profile measured the fused kernel faster there; None
+    (the GEMM, then the routed all-reduce) otherwise. Pure, as ``select``."""
+    params = profile._linear.get((dtype_name(dtype), k, n))
+    return None if params is None else params.get(rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
+
+
+#: The fused kernel's parameters a ``linear`` range must give (whole numbers).
+LINEAR_PARAMS = ("block_n", "block_k", "warps", "stages")
+
+
+def _validate_linear(entries: Any, path: Path | str | None) -> None:
+    if not isinstance(entries, list):
+        raise _fail(path, "linear must be a list of layer shapes")
+    seen = set()
+    for i, e in enumerate(entries):
+        where = f"linear[{i}]"
+        if not isinstance(e, dict):
+            raise _fail(path, f"{where} must be an object")
+        dtype, k, n = e.get("dtype"), e.get("k"), e.get("n")
+        if dtype not in DTYPES:
+            raise _fail(path, f"{where}: dtype {dtype!r} is not one of {DTYPES}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (k, n)):
+            raise _fail(path, f"{where}: k and n must be positive whole numbers, got {k!r}, {n!r}")
+        if (dtype, k, n) in seen:
+            raise _fail(path, f"{where}: {dtype} {k}x{n} is listed twice")
+        seen.add((dtype, k, n))
+        ranges = e.get("ranges")
+        if not isinstance(ranges, list) or not all(isinstance(g, dict) for g in ranges):
+            raise _fail(path, f"{where}.ranges must be a list of objects")
+        prev = 0
+        for j, g in enumerate(ranges):
+            lo, hi = g.get("min_rows"), g.get("max_rows")
+            if not isinstance(lo, int) or not isinstance(hi, int) or not prev < lo <= hi:
+                raise _fail(path, f"{where}.ranges[{j}]: rows {lo!r}..{hi!r} must be whole "
+                                  f"numbers, ascending, after {prev}")
+            if not isinstance(g.get("fused"), bool):
+                raise _fail(path, f"{where}.ranges[{j}]: fused must be true or false")
+            params = g.get("params", {})
+            if g["fused"] and not (isinstance(params, dict) and all(
+                    isinstance(params.get(p), int) for p in LINEAR_PARAMS)):
+                raise _fail(path, f"{where}.ranges[{j}]: a fused range needs params "
+                                  f"{', '.join(LINEAR_PARAMS)} (whole numbers)")
+            prev = hi
 
 
 def _fail(path: Path | str | None, msg: str) -> ProfileError:
@@ -246,6 +316,8 @@ def validate(data: Any, path: Path | str | None = None) -> dict[str, Any]:
                 if not isinstance(points, list) or not all(isinstance(q, dict) for q in points):
                     raise _fail(path, f"{where}[{i}]: points must be a list of objects")
                 prev_hi = hi
+    if "linear" in data:
+        _validate_linear(data["linear"], path)
     for key in ("validation", "measurements", "skipped"):  # optional evidence, read by show
         value = data.get(key, [])
         if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):

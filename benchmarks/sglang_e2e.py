@@ -14,8 +14,11 @@ exactly the measured batch sizes. Configs:
 - ``artune_nccl``   artune with SGLang's custom all-reduce off (its fast path gone);
 - ``artune_compile`` artune with ``enable_torch_compile=True``;
 - ``artune_fused``, ``artune_nccl_fused``: ``artune`` and ``artune_nccl`` with
-  ARTUNE_FUSED_LINEAR=1 (each row-parallel linear layer of a captured decode step and its
-  all-reduce as one NVRAR kernel; docs/sglang.md);
+  ARTUNE_FUSED_LINEAR=1 (each row-parallel linear layer of at most 16 rows of a captured decode
+  step and its all-reduce as one NVRAR kernel, at the kernel's defaults; docs/sglang.md);
+  ``artune`` and ``artune_nccl`` themselves fuse where the profile's linear section says
+  (ARTUNE_FUSED_LINEAR=auto, the default); ``artune_unfused`` / ``artune_nccl_unfused``: never
+  (ARTUNE_FUSED_LINEAR=0);
 - ``default_compile`` SGLang as released with ``enable_torch_compile=True``;
 - ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
   the engine-to-engine noise the "within 1%" comparison has to be read against;
@@ -163,6 +166,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_fused": {"artune": True, "kw": {}, "env": {"ARTUNE_FUSED_LINEAR": "1"}},
     "artune_nccl_fused": {"artune": True, "kw": {"disable_custom_all_reduce": True},
                           "env": {"ARTUNE_FUSED_LINEAR": "1"}},
+    "artune_unfused": {"artune": True, "kw": {}, "env": {"ARTUNE_FUSED_LINEAR": "0"}},
+    "artune_nccl_unfused": {"artune": True, "kw": {"disable_custom_all_reduce": True},
+                            "env": {"ARTUNE_FUSED_LINEAR": "0"}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},

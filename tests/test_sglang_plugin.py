@@ -830,7 +830,7 @@ def test_watch_forward_wraps_a_forward_another_plugin_patched_already(monkeypatc
 
 
 # ---------------------------------------------------------------------------------------------
-# ARTUNE_FUSED_LINEAR: which RowParallelLinear calls become one NVRAR kernel
+# Fused linear layers: which RowParallelLinear calls become one NVRAR kernel
 
 
 class UnquantizedLinearMethod:  # named as SGLang's: the plain bf16/fp16 GEMM
@@ -841,25 +841,40 @@ class _FakeComm:
     """Stands in for NvrarComm: the sum of two equal ranks, or a reason to refuse."""
 
     def __init__(self, problem: str | None = None) -> None:
-        self.problem, self.calls = problem, 0
+        self.problem, self.calls, self.params = problem, 0, None
 
-    def linear_problem(self, x: Any, w: Any) -> str | None:
+    def linear_problem(self, x: Any, w: Any, out: Any, block_n: int, block_k: int) -> str | None:
         return self.problem
 
-    def linear_all_reduce(self, x: Any, w: Any) -> Any:
+    def linear_all_reduce(self, x: Any, w: Any, out: Any, *params: int) -> Any:
         self.calls += 1
+        self.params = params
         return 2 * (x @ w.t())
 
 
+#: A profile whose linear section runs fp32 4 x 8 layers fused at 1-8 rows.
+_LINEAR_PROFILE = {
+    "schema_version": 1, "fingerprint": {}, "tables": {},
+    "linear": [{"dtype": "float32", "k": 4, "n": 8, "ranges": [
+        {"min_rows": 1, "max_rows": 8, "fused": True,
+         "params": {"block_n": 16, "block_k": 64, "warps": 8, "stages": 2}},
+        {"min_rows": 9, "max_rows": 64, "fused": False, "params": {}}]}],
+}
+
+
 def _fused_setup(monkeypatch: pytest.MonkeyPatch, comm: _FakeComm | None,
-                 mode: str = "graph") -> None:
+                 mode: str = "graph", switch: str = "1") -> None:
+    from artune.profile import Profile, validate
+
     be = None if comm is None else types.SimpleNamespace(comm=comm, closed=False)
     router = types.SimpleNamespace(backends={} if be is None else {"nvrar": be})
-    monkeypatch.setattr(plugin, "_ROUTES", {"tp:0": types.SimpleNamespace(router=router)})
+    profile = Profile(validate(json.loads(json.dumps(_LINEAR_PROFILE))))
+    monkeypatch.setattr(plugin, "_ROUTES", {"tp:0": types.SimpleNamespace(router=router,
+                                                                          profile=profile)})
     monkeypatch.setattr(plugin, "_TP_GROUP", ["tp:0"])
     monkeypatch.setattr(plugin, "current_mode", lambda: mode)
     monkeypatch.setattr(plugin, "_TRACE", None)
-    monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "1")
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR", switch)
 
 
 def _layer(**over: Any) -> Any:
@@ -910,19 +925,22 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
             args, kwargs)
     assert comm.calls == 2
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "2")
-    assert plugin._fused_linear_comm(layer, x, (), {}) is None
+    assert plugin._fused_linear(layer, x, (), {}) is None
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "16")
     for mode in ("eager", "compiled"):  # outside a capture: SGLang's forward
         _fused_setup(monkeypatch, comm, mode)
-        assert plugin._fused_linear_comm(layer, x, (), {}) is None
+        assert plugin._fused_linear(layer, x, (), {}) is None
     _fused_setup(monkeypatch, _FakeComm("out must be 16-byte aligned"))
-    assert plugin._fused_linear_comm(layer, x, (), {}) is None
+    assert plugin._fused_linear(layer, x, (), {}) is None
     _fused_setup(monkeypatch, None)  # NVRAR not built on the TP group
-    assert plugin._fused_linear_comm(layer, x, (), {}) is None
+    assert plugin._fused_linear(layer, x, (), {}) is None
     _fused_setup(monkeypatch, comm)
     monkeypatch.setattr(plugin, "_TP_GROUP", [])  # before initialize_model_parallel
-    assert plugin._fused_linear_comm(layer, x, (), {}) is None
-    from artune.kernels.nvrar import LINEAR_MAX_ROWS
+    assert plugin._fused_linear(layer, x, (), {}) is None
+    from artune.kernels.nvrar import LINEAR_DEFAULTS, LINEAR_MAX_ROWS
+
+    _fused_setup(monkeypatch, comm)  # ARTUNE_FUSED_LINEAR=1: the kernel's defaults
+    assert plugin._fused_linear(layer, x, (), {}) == (comm, LINEAR_DEFAULTS)
 
     # the setting's bound is the kernel's
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS))
@@ -930,6 +948,42 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS + 1))
     with pytest.raises(ValueError, match="ARTUNE_FUSED_LINEAR_ROWS='65' is not valid"):
         envs.get("ARTUNE_FUSED_LINEAR_ROWS")
+
+
+def test_fused_linear_follows_the_profile(monkeypatch, tmp_path) -> None:
+    """ARTUNE_FUSED_LINEAR=auto (the default): a call runs fused exactly where the profile's
+    linear section says (its shape, dtype and row count), with the parameters stored there;
+    0 turns it off. The hook is registered only for a profile that fuses something."""
+    import torch
+
+    comm = _FakeComm()
+    _fused_setup(monkeypatch, comm, switch="auto")
+    layer = _layer()
+
+    def original(self: Any, *args: Any, **kwargs: Any) -> str:
+        return "sglang's forward"
+
+    y, _ = plugin._around_row_linear(original, layer, torch.ones(8, 4))
+    assert torch.equal(y, torch.full((8, 8), 8.0)) and comm.params == (16, 64, 8, 2)
+    for x, lay in ((torch.ones(9, 4), layer),  # rows the profile leaves unfused
+                   (torch.ones(3, 4, dtype=torch.float64), _layer(  # a dtype it lacks
+                       weight=torch.ones(8, 4, dtype=torch.float64))),
+                   (torch.ones(3, 4), _layer(weight=torch.ones(16, 4)))):  # another shape
+        assert plugin._around_row_linear(original, lay, x) == "sglang's forward"
+    assert comm.calls == 1
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
+    assert plugin._fused_linear(layer, torch.ones(8, 4), (), {}) is None
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "sometimes")
+    with pytest.raises(ValueError, match="expected auto, 1 or 0"):
+        envs.get("ARTUNE_FUSED_LINEAR")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_LINEAR_PROFILE))
+    assert plugin._profile_fuses_linear(str(path))
+    unfused = json.loads(json.dumps(_LINEAR_PROFILE))
+    unfused["linear"][0]["ranges"][0]["fused"] = False
+    path.write_text(json.dumps(unfused))
+    assert not plugin._profile_fuses_linear(str(path))
+    assert not plugin._profile_fuses_linear(str(tmp_path / "missing.json"))
 
 
 def test_fused_linear_hook_is_registered_where_the_layer_exists(monkeypatch) -> None:

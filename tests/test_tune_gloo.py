@@ -17,16 +17,20 @@ pytestmark = pytest.mark.slow
 
 def test_cpu_dry_run_tune_end_to_end(tmp_path: Path, cpu_env: dict[str, str]) -> None:
     out = tmp_path / "dry.json"
-    args = ("tune", "--device", "cpu", "--quick", "--sizes", "4K,64K", "--out", str(out))
+    args = ("tune", "--device", "cpu", "--quick", "--sizes", "4K,64K", "--out", str(out),
+            "--linear-shapes", "64x128")
     r = run_artune(*args, env=cpu_env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"profile written to {out}" in r.stdout.replace("\n", "")
+    # the fused linear layers need GPUs: said, and the profile has no linear section
+    assert "fused linear layers not measured: a CPU dry run" in r.stdout
     assert "validation: routed all-reduce within tolerance of the fastest candidate at" in r.stdout
 
     prof = load(out)
     topo = prof.fingerprint["topology"]
     assert prof.dry_run and topo["device"] == "cpu" and topo["world_size"] == 2
     assert prof.data["command"].startswith("artune tune --device cpu --quick")
+    assert "linear" not in prof.data and "GPUs" in prof.data["linear_skipped"]
     assert set(prof.tables["bfloat16"]) == {"graph", "eager"}
     assert select(prof, 4096, "bfloat16", "eager").backend == "gloo"
     assert not select(prof, 1 << 30, "bfloat16", "eager").covered  # beyond the table

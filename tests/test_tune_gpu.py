@@ -39,3 +39,37 @@ def test_short_tune_on_two_gpus(tmp_path: Path) -> None:
         assert name in backends or name in skipped
     val = prof.data["validation"]
     assert len(val) == 2 * 3 and all(v["routed_us"] for v in val)
+
+
+def test_tune_measures_fused_linear_layers_and_resumes(tmp_path: Path) -> None:
+    """--linear-shapes: the fused-linear phase times, per row count, the GEMM + routed
+    all-reduce and the fused kernel (gated first), writes the profile's linear section, and a
+    --resume after it measures nothing again."""
+    from artune.autotune.linear import FUSED, UNFUSED
+    from artune.profile import select_linear
+
+    out = tmp_path / "lin.json"
+    args = ("tune", "--nproc-per-node", "2", "--quick", "--sizes", "4K:256K:4", "--modes",
+            "graph", "--backends", "nccl,nvrar", "--linear-shapes", "2048x4096",
+            "--linear-rows", "1,16,64", "--out", str(out))
+    r = run_artune(*args, env=artune_env(), timeout_s=600)
+    print(r.stdout[-6000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "row-parallel linear bfloat16 K=2048 N=4096" in r.stdout
+    prof = load(out)
+    (entry,) = prof.data["linear"]
+    assert (entry["dtype"], entry["k"], entry["n"]) == ("bfloat16", 2048, 4096)
+    assert [p["rows"] for p in entry["points"]] == [1, 16, 64]
+    for p in entry["points"]:  # both sides measured at every row count
+        assert 0 < p["unfused_us"] < 1e4 and 0 < p["fused_us"] < 1e4, p
+        want = p["fused_us"] <= p["unfused_us"] * (1 - 0.03)
+        assert p["fused"] == want
+        assert (select_linear(prof, "bfloat16", 2048, 4096, p["rows"]) is not None) == want
+    recs = prof.data["linear_measurements"]
+    assert {m["backend"] for m in recs} == {FUSED, UNFUSED}
+    assert not any(m["backend"].startswith("linear") for m in prof.data["measurements"])
+    r2 = run_artune(*args, "--resume", env=artune_env(), timeout_s=600)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    again = load(out)
+    assert again.data["linear_measurements"] == recs  # resumed, not measured again
+    assert again.data["linear"] == prof.data["linear"]

@@ -146,6 +146,12 @@ class TuneConfig:
     incumbent_margin: float = 0.10
     seed: int = 0
     extra_backends: dict[str, str] = field(default_factory=dict)
+    #: the fused-linear phase (artune.autotune.linear): row-parallel layer shapes (K, N) given
+    #: with --linear-shapes, the model dimensions read from --linear-model (shapes at TP = the
+    #: tune's ranks), and the row counts (empty: the phase's defaults)
+    linear_shapes: list[tuple[int, int]] = field(default_factory=list)
+    linear_model: dict[str, int] | None = None
+    linear_rows: list[int] = field(default_factory=list)
     command: str = "artune tune"
 
     def __post_init__(self) -> None:

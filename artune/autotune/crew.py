@@ -6,6 +6,8 @@ Commands (dicts broadcast over the gloo ``cpu_group``):
 - ``trial``: correctness gate (optional) then timing of one (backend, params, dtype, mode, size);
 - ``router``: build the routed all-reduce (``artune.router.Router``) from the new tables;
 - ``validate``: time the routed all-reduce and each candidate's best at one size;
+- ``linear`` / ``linear-done``: time a row-parallel linear layer fused or not
+  (``artune.autotune.linear``), then free its operands;
 - ``stop``: leave the loop with an exit code.
 
 Only rank 0 gets the gathered results back; the others return None. Each step that can fail on
@@ -86,6 +88,8 @@ class Crew:
         #: slow imports running in the background since the rank started (waited for before
         #: anything is timed)
         self._preimport = preimport
+        #: the fused-linear phase's operands: ((dtype, K, N), x, weight copies)
+        self._linear_ops: tuple[tuple[str, int, int], Any, list[Any]] | None = None
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -116,6 +120,13 @@ class Crew:
             return self._router(cmd)
         if op == "validate":
             return self._validate(cmd)
+        if op == "linear":
+            from artune.autotune.linear import linear_trial
+
+            return linear_trial(self, cmd, decide)
+        if op == "linear-done":
+            self._linear_ops = None
+            return None
         raise ValueError(f"unknown tune command {op!r}")
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from artune import envs
 from artune.autotune import ui
 from artune.autotune.config import TuneConfig
 from artune.autotune.crew import Crew, actual_nbytes, record_from
+from artune.autotune.linear import LinearPhase, is_linear
 from artune.autotune.runner import RankEnv, candidates, out_and_storage
 from artune.autotune.search import (
     PRUNE_MARGIN,
@@ -45,7 +46,7 @@ def _skip(backend: str, params: dict[str, Any], dtype: str, mode: str | None, nb
             "nbytes": nbytes, "reason": reason}
 
 
-class Driver(ValidationPass):
+class Driver(ValidationPass, LinearPhase):
     """Runs the tune from rank 0 (the other ranks are in ``Crew.serve``)."""
 
     def __init__(self, cfg: TuneConfig, crew: Crew, env: RankEnv) -> None:
@@ -57,6 +58,7 @@ class Driver(ValidationPass):
         #: the validation pass's re-times of each candidate (``_validate``, ``_reroute``)
         self.retimed: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
+        self.linear_records: list[dict[str, Any]] = []
         self._skip_keys: set[tuple[Any, ...]] = set()
         #: --resume: stored measurements this command's plan leaves out of the profile
         self._left_out = 0
@@ -102,6 +104,10 @@ class Driver(ValidationPass):
             self.crew.stop(2)
             return 2
         resumed = store.load() if cfg.resume else Resumed()
+        # the fused-linear phase's records are its own (LinearPhase), kept out of the tables
+        self.linear_records = [m for m in resumed.measurements if is_linear(m)]
+        resumed.measurements = [m for m in resumed.measurements if not is_linear(m)]
+        resumed.skipped = [s for s in resumed.skipped if not is_linear(s)]
         if cfg.resume:
             # the profile of a resumed tune describes the command that resumed it: what was
             # stored for other sizes, dtypes, modes or backends stays out
@@ -196,6 +202,8 @@ class Driver(ValidationPass):
             doc["validation"] = self._validate(doc)
             self._reroute(doc)
             self.spent["validation"] = time.perf_counter() - t_val
+        if doc["tables"]:
+            self._linear_phase(store, resumed, doc)
         measured = sum(v for k, v in self.spent.items() if k.startswith("measure "))
         self.spent["measure: Optuna search and storage"] = max(0.0, measured - self._trial_wall)
         self.spent.update({f"measure: {k}": v for k, v in in_trials.items()})

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from artune.backends.base import Backend
 
-__all__ = ["check", "EPS", "random_input"]
+__all__ = ["check", "verdict", "EPS", "random_input"]
 
 #: Rounding unit used for the tolerance, per dtype (2x the unit roundoff, for slack).
 EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10, "float32": 2.0**-22}
@@ -59,10 +59,6 @@ def check(
     import torch
     import torch.distributed as dist
 
-    from artune.profile import dtype_name
-
-    name = dtype_name(x.dtype)
-    world = comm.world_size
     xf = x.float()
     ref = torch.stack([xf, xf.abs()])
     dist.all_reduce(ref, group=ref_group)
@@ -84,13 +80,27 @@ def check(
                 f"result has shape {tuple(y.shape)} {y.dtype}, "
                 f"expected {tuple(x.shape)} {x.dtype}"
             )
-        elif not y.is_contiguous():
-            y = y.contiguous()
     first = _first_error(comm.gather_errors(error, "gate: exceptions"))
     if first is not None:
         return first
     assert y is not None
+    return verdict(y, ref, comm, ref_group)
 
+
+def verdict(y: torch.Tensor, ref: torch.Tensor, comm: Comm,
+            ref_group: dist.ProcessGroup) -> str | None:
+    """Collective: None when ``y`` (this rank's result) has the same bits on every rank and is
+    within the dtype's tolerance of ``ref[0]`` (the fp32 sum over the ranks of the values
+    reduced), where ``ref[1]`` is the sum of their magnitudes; else the reason (the same on
+    every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    from artune.profile import dtype_name
+
+    name = dtype_name(y.dtype)
+    world = comm.world_size
+    y = y.contiguous()
     # Bit-identical on every rank: the element-wise max and min of the bytes agree everywhere.
     yb = y.reshape(-1).view(torch.uint8)
     hi, lo = yb.clone(), yb.clone()

@@ -186,15 +186,28 @@ def register() -> None:
 
         if callable(getattr(parallel_state, "destroy_model_parallel", None)):
             HookRegistry.register(f"{PS}.destroy_model_parallel", _before_destroy, HookType.BEFORE)
-    if envs.get("ARTUNE_FUSED_LINEAR"):
+    fused = envs.get("ARTUNE_FUSED_LINEAR")
+    if fused == "on" or (fused == "auto" and _profile_fuses_linear(path)):
         _register_fused_linear()
     logger.info("artune SGLang plugin: hooks registered (SGLang %s, profile %s)",
                 _sglang_version(), path)
 
 
+def _profile_fuses_linear(path: str) -> bool:
+    """Whether the profile at ``path`` runs some row-parallel linear layer fused (an unreadable
+    profile: False here; the hook after initialize_model_parallel names the problem)."""
+    from artune.profile import ProfileError, load
+
+    try:
+        return load(path).fuses_linear()
+    except ProfileError:
+        return False
+
+
 def _register_fused_linear() -> None:
-    """ARTUNE_FUSED_LINEAR=1: hook RowParallelLinear.forward (``_around_row_linear``), or say
-    why not (this SGLang has no such method)."""
+    """Hook RowParallelLinear.forward (``_around_row_linear``) for ARTUNE_FUSED_LINEAR (1, or
+    auto with a profile whose linear section fuses some layer), or say why not (this SGLang has
+    no such method)."""
     import pkgutil
 
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -205,12 +218,19 @@ def _register_fused_linear() -> None:
     except (ImportError, AttributeError, ValueError):
         ok = False
     if not ok:
-        logger.warning("artune: ARTUNE_FUSED_LINEAR=1 but this SGLang has no %s; the linear "
-                       "layers keep their GEMM and the routed all-reduce", ROW_LINEAR)
+        logger.warning("artune: fused linear layers (ARTUNE_FUSED_LINEAR) but this SGLang has "
+                       "no %s; the linear layers keep their GEMM and the routed all-reduce",
+                       ROW_LINEAR)
         return
     HookRegistry.register(ROW_LINEAR, _around_row_linear, HookType.AROUND)
-    logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d rows "
-                "run as one NVRAR kernel inside CUDA graphs", envs.get("ARTUNE_FUSED_LINEAR_ROWS"))
+    if envs.get("ARTUNE_FUSED_LINEAR") == "on":
+        logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d "
+                    "rows run as one NVRAR kernel inside CUDA graphs",
+                    envs.get("ARTUNE_FUSED_LINEAR_ROWS"))
+    else:
+        logger.info("artune: row-parallel linear layers run as one NVRAR kernel inside CUDA "
+                    "graphs where the profile's linear section says so (ARTUNE_FUSED_LINEAR=0 "
+                    "turns it off)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +363,7 @@ def _around_in_place(original: Callable[..., Any], self: Any, *args: Any, **kwar
 
 
 # ---------------------------------------------------------------------------------------------
-# ARTUNE_FUSED_LINEAR: a row-parallel linear layer and its all-reduce as one NVRAR kernel
+# Fused linear layers: a row-parallel linear layer and its all-reduce as one NVRAR kernel
 
 #: The TP group's name (set after initialize_model_parallel): the fused layers' group.
 _TP_GROUP: list[str] = []
@@ -352,31 +372,42 @@ _TP_GROUP: list[str] = []
 def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
                        **kwargs: Any) -> Any:
     x = args[0] if args else kwargs.get("input_")
-    comm = _fused_linear_comm(self, x, args[1:], kwargs)
-    if comm is None:
+    fused = _fused_linear(self, x, args[1:], kwargs)
+    if fused is None:
         return original(self, *args, **kwargs)
+    comm, params = fused
     if _TRACE is not None:
         _trace(_TP_GROUP[0], x, "nvrar (fused linear)")
-    return comm.linear_all_reduce(x, self.weight), (self.bias if self.skip_bias_add else None)
+    return (comm.linear_all_reduce(x, self.weight, None, params["block_n"], params["block_k"],
+                                   params["warps"], params["stages"]),
+            (self.bias if self.skip_bias_add else None))
 
 
 #: RowParallelLinear.forward's arguments after the input, in order (SGLang 0.5.17 and 0.5.23).
 _ROW_LINEAR_ARGS = ("skip_all_reduce", "forward_batch", "output_tensor")
 
 
-def _fused_linear_comm(layer: Any, x: Any, rest: tuple[Any, ...],
-                       kwargs: Mapping[str, Any]) -> Any:
-    """The NVRAR comm that runs this RowParallelLinear call (input ``x``, then ``rest`` and
-    ``kwargs``) as one kernel, or None for SGLang's own forward. Only what every rank sees
-    alike decides (shapes, dtypes, the layer's settings, capture state), so every rank makes
-    the same choice: a call of at most ARTUNE_FUSED_LINEAR_ROWS rows inside a CUDA-graph
-    capture (not under torch.compile), of an unquantized layer without bias that all-reduces
-    over the TP group, where NVRAR is built. The cheap tests come first: eager prefill calls
-    pass here too."""
+def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
+                  kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, int]] | None:
+    """(the NVRAR comm, the fused kernel's parameters) that run this RowParallelLinear call
+    (input ``x``, then ``rest`` and ``kwargs``) as one kernel, or None for SGLang's own
+    forward. Only what every rank sees alike decides (shapes, dtypes, the layer's settings,
+    capture state, the profile every rank proved it holds), so every rank makes the same
+    choice: a call inside a CUDA-graph capture (not under torch.compile), of an unquantized
+    layer without bias that all-reduces over the TP group, where NVRAR is built, and whose
+    shape and row count the profile's linear section runs fused (ARTUNE_FUSED_LINEAR=1: any
+    of at most ARTUNE_FUSED_LINEAR_ROWS rows, at the defaults). The cheap tests come first:
+    eager prefill calls pass here too."""
     import torch
 
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not (
-            1 <= x.shape[0] <= envs.get("ARTUNE_FUSED_LINEAR_ROWS")) or not x.is_contiguous():
+    from artune.kernels.nvrar import LINEAR_DEFAULTS, LINEAR_MAX_ROWS
+    from artune.profile import select_linear
+
+    switch = envs.get("ARTUNE_FUSED_LINEAR")
+    forced = switch == "on"
+    if switch == "off" or not isinstance(x, torch.Tensor) or x.dim() != 2 or not (
+            1 <= x.shape[0] <= (envs.get("ARTUNE_FUSED_LINEAR_ROWS") if forced
+                                else LINEAR_MAX_ROWS)) or not x.is_contiguous():
         return None
     extra = dict(zip(_ROW_LINEAR_ARGS, rest, strict=False))
     extra.update((k, v) for k, v in kwargs.items() if k != "input_")
@@ -397,20 +428,27 @@ def _fused_linear_comm(layer: Any, x: Any, rest: tuple[Any, ...],
     if callable(skip) and skip():
         return None
     route = _ROUTES.get(_TP_GROUP[0])
-    be = route.router.backends.get("nvrar") if route is not None else None
+    if route is None:
+        return None
+    n, k = layer.weight.shape
+    params = (dict(LINEAR_DEFAULTS) if forced
+              else select_linear(route.profile, x.dtype, k, n, x.shape[0]))
+    if params is None:
+        return None
+    be = route.router.backends.get("nvrar")
     comm = getattr(be, "comm", None) if be is not None and not be.closed else None
     if comm is None:
-        log_once("sglang:fused-linear:unbuilt", "artune: ARTUNE_FUSED_LINEAR=1 but NVRAR is "
+        log_once("sglang:fused-linear:unbuilt", "artune: fused linear layers, but NVRAR is "
                  "not built on the TP group (the profile routes no size to it); the linear "
                  "layers keep their GEMM and the routed all-reduce", logging.WARNING)
         return None
-    why = comm.linear_problem(x, layer.weight)
+    why = comm.linear_problem(x, layer.weight, None, params["block_n"], params["block_k"])
     if why:
         log_once(f"sglang:fused-linear:{tuple(x.shape)}:{tuple(layer.weight.shape)}",
                  f"artune: fused linear not used for {tuple(x.shape)} x "
                  f"{tuple(layer.weight.shape)}: {why}")
         return None
-    return comm
+    return comm, params
 
 
 # ---------------------------------------------------------------------------------------------

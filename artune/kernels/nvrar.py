@@ -50,6 +50,9 @@ SPIN_WORDS = 2
 LINEAR_BN = 32
 LINEAR_BK = 256
 LINEAR_MAX_ROWS = 64
+#: linear_all_reduce's parameters when none are given (the tune's fused-linear phase starts
+#: its search from them; ARTUNE_FUSED_LINEAR=1 runs them).
+LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4, "stages": 3}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,383 @@
+"""The tune's fused-linear phase: does a row-parallel linear layer run faster as one NVRAR kernel
+(``NvrarComm.linear_all_reduce``: the GEMM with the all-reduce in its epilogue) than as the GEMM
+followed by the all-reduce the new table routes, at each row count a decode step runs?
+
+    artune tune --linear-model /models/Llama-3.1-8B      # its o_proj and down_proj at TP = ranks
+    artune tune --linear-shapes 1024x4096,3584x4096      # K (inputs per rank) x N (outputs)
+
+After the all-reduce tables are built (and validated), every rank times, inside a CUDA graph,
+for each layer shape, bf16/fp16 dtype and row count (1, 2, 4, ... 64; ``--quick`` 1, 4, 16, 64):
+
+- ``linear-unfused``: ``torch.nn.functional.linear`` (cuBLAS) then the routed all-reduce
+  (``Router.all_reduce`` in graph mode, SGLang's own where the table says so): what the plugin
+  runs without the fused kernel;
+- ``linear-fused``: the fused kernel, its parameters (block_n, block_k, warps, stages) searched
+  with Optuna from the defaults (``--quick``: the defaults only), each set first checked against
+  the fp32 sum over the ranks of the per-rank products, with identical bits on every rank.
+
+Each call reads one of several weight copies in turn (``WEIGHT_BYTES`` in all, more than an
+H100's or H200's L2), so the weights come from HBM as in a served model. A row count runs fused
+where the fused kernel measured at least ``rel_tol`` faster; a row count between two measured
+ones only when both of them do (with the upper one's parameters). The result is the profile's
+``linear`` section (``artune.profile.select_linear`` reads it). Trials are stored in the tune's
+Optuna storage like the others (studies ``linear-fused|dtype|KxN|rows`` and
+``linear-unfused|...``), so ``--resume`` continues here too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from artune.autotune import ui
+from artune.autotune.crew import _exc_text, _first, element_size, record_from
+from artune.autotune.search import Search, params_key
+from artune.kernels.nvrar import LINEAR_DEFAULTS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from artune.autotune.config import TuneConfig
+    from artune.autotune.crew import Crew
+    from artune.autotune.search import Resumed, Store
+
+__all__ = ["FUSED", "UNFUSED", "DEFAULT_ROWS", "QUICK_ROWS", "parse_shapes",
+           "model_dims", "layer_shapes", "linear_space", "build_linear_table", "LinearPhase",
+           "linear_trial", "is_linear"]
+
+FUSED = "linear-fused"
+UNFUSED = "linear-unfused"
+#: Row counts (tokens of a decode step) measured; the fused kernel takes at most 64.
+DEFAULT_ROWS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_ROWS = (1, 4, 16, 64)
+#: Bytes of weight copies a timed call cycles through (an H100's L2 is 50 MB, an H200's 60).
+WEIGHT_BYTES = 128 << 20
+#: dtypes the fused kernel takes.
+LINEAR_DTYPES = ("bfloat16", "float16")
+
+
+def is_linear(record: dict[str, Any]) -> bool:
+    """Whether a stored measurement or skip belongs to this phase."""
+    return record.get("backend") in (FUSED, UNFUSED)
+
+
+# -- what to measure ----------------------------------------------------------------------------
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'1024x4096,3584x4096' -> [(1024, 4096), (3584, 4096)]: K (a rank's inputs) x N (the
+    layer's outputs) of each row-parallel layer."""
+    shapes: list[tuple[int, int]] = []
+    for part in (p.strip() for p in text.split(",")):
+        k, sep, n = part.lower().partition("x")
+        if not sep or not k.isdigit() or not n.isdigit() or int(k) < 1 or int(n) < 1:
+            raise ValueError(f"--linear-shapes: bad shape {part!r}; expected KxN (a rank's "
+                             "inputs x the layer's outputs), e.g. 1024x4096")
+        if (int(k), int(n)) not in shapes:
+            shapes.append((int(k), int(n)))
+    return shapes
+
+
+def model_dims(path: str | Path) -> dict[str, int]:
+    """From a Hugging Face model folder or its config.json: hidden_size, the attention output's
+    width (num_attention_heads x head_dim) and intermediate_size."""
+    p = Path(path)
+    cfg_path = p / "config.json" if p.is_dir() else p
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--linear-model: {cfg_path} not found (give a model folder holding "
+                         "config.json, or the file)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--linear-model: {cfg_path} is not a readable JSON config: "
+                         f"{exc}") from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else cfg
+    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size")
+               if not isinstance(cfg, dict) or not isinstance(cfg.get(k), int)]
+    if missing:
+        raise ValueError(f"--linear-model: {cfg_path} has no {', '.join(missing)} (whole "
+                         "numbers); give the layer shapes with --linear-shapes KxN instead")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return {"hidden": cfg["hidden_size"], "attn": heads * head_dim,
+            "intermediate": cfg["intermediate_size"]}
+
+
+def layer_shapes(dims: dict[str, int], tp: int) -> list[tuple[int, int]]:
+    """The (K, N) of the row-parallel layers at tensor-parallel size ``tp``: the attention output
+    projection and the MLP down projection."""
+    out: list[tuple[int, int]] = []
+    for name, width in (("attention output", dims["attn"]),
+                        ("MLP intermediate", dims["intermediate"])):
+        if width % tp:
+            raise ValueError(f"--linear-model: the {name} width {width} does not split over "
+                             f"{tp} ranks")
+        if (width // tp, dims["hidden"]) not in out:
+            out.append((width // tp, dims["hidden"]))
+    return out
+
+
+def linear_space(n: int, max_grid: int) -> dict[str, list[int]]:
+    """The fused kernel's search space for N outputs on a GPU of ``max_grid`` CTAs."""
+    return {"block_n": [b for b in (16, 32, 64, 128) if n % b == 0 and n // b <= max_grid],
+            "block_k": [64, 128, 256], "warps": [4, 8], "stages": [2, 3, 4]}
+
+
+def study(impl: str, dtype: str, k: int, n: int, rows: int) -> str:
+    return f"{impl}|{dtype}|{k}x{n}|{rows}"
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def build_linear_table(records: list[dict[str, Any]], rel_tol: float) -> list[dict[str, Any]]:
+    """The profile's ``linear`` section from this phase's measurement records."""
+    best: dict[tuple[str, int, int], dict[int, dict[str, dict[str, Any]]]] = {}
+    for r in records:
+        if not is_linear(r):
+            continue
+        at = best.setdefault((r["dtype"], r["k"], r["n"]), {}).setdefault(r["rows"], {})
+        if r["backend"] not in at or r["latency_us"] < at[r["backend"]]["latency_us"]:
+            at[r["backend"]] = r
+    out = []
+    for (dtype, k, n), by_rows in sorted(best.items()):
+        points = []
+        for rows in sorted(by_rows):
+            f, u = by_rows[rows].get(FUSED), by_rows[rows].get(UNFUSED)
+            points.append({
+                "rows": rows, "unfused_us": u and u["latency_us"],
+                "fused_us": f and f["latency_us"], "params": f["params"] if f else None,
+                "fused": bool(f and u and f["latency_us"] <= u["latency_us"] * (1 - rel_tol)),
+            })
+        out.append({"dtype": dtype, "k": k, "n": n, "ranges": _row_ranges(points),
+                    "points": points})
+    return out
+
+
+def _row_ranges(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row count from 1 to the largest measured: a measured one as measured; one between
+    two measured ones fused only when both are (the upper one's parameters). Merged."""
+    ranges: list[dict[str, Any]] = []
+    lower = None
+    for p in points:
+        lo = 1 if lower is None else lower["rows"] + 1
+        inside = p["fused"] and (lower is None or lower["fused"])
+        for rows, fused in ((range(lo, p["rows"]), inside), (range(p["rows"], p["rows"] + 1),
+                                                             p["fused"])):
+            if not rows:
+                continue
+            params = dict(p["params"]) if fused else {}
+            last = ranges[-1] if ranges else None
+            if last and last["fused"] == fused and last["params"] == params:
+                last["max_rows"] = rows[-1]
+            else:
+                ranges.append({"min_rows": rows[0], "max_rows": rows[-1], "fused": fused,
+                               "params": params})
+        lower = p
+    return ranges
+
+
+# -- rank 0 ---------------------------------------------------------------------------------
+
+
+class LinearPhase:
+    """The fused-linear phase's methods of ``Driver`` (rank 0)."""
+
+    crew: Crew
+    cfg: TuneConfig
+    con: Console
+    spent: dict[str, float]
+    #: this phase's records (measurements of ``FUSED`` / ``UNFUSED``), resumed ones included
+    linear_records: list[dict[str, Any]]
+
+    def _linear_shapes(self) -> list[tuple[int, int]]:
+        shapes = list(self.cfg.linear_shapes)
+        if self.cfg.linear_model is not None:
+            world = self.crew.ctx.world_size
+            shapes += [s for s in layer_shapes(self.cfg.linear_model, world) if s not in shapes]
+        return shapes
+
+    def _linear_phase(self, store: Store, resumed: Resumed, doc: dict[str, Any]) -> None:
+        """Measure and add the profile's ``linear`` section (or say why not, in
+        ``doc["linear_skipped"]``)."""
+        shapes, cfg = self._linear_shapes(), self.cfg
+        if not shapes:
+            return
+        dtypes = [d for d in cfg.dtypes if d in LINEAR_DTYPES]
+        nvrar = self.crew.built.get("nvrar")
+        why = ("a CPU dry run (the fused kernel needs GPUs)" if cfg.dry_run
+               else "nvrar is not built here" if nvrar is None
+               else f"no bf16/fp16 among --dtypes {','.join(cfg.dtypes)}" if not dtypes
+               else None)
+        if why:
+            doc["linear_skipped"] = why
+            self.con.print(f"fused linear layers not measured: {why}", markup=False)
+            return
+        t0 = time.perf_counter()
+        self.crew.send({"op": "router", "tables": doc["tables"], "dry_run": doc["dry_run"]})
+        max_grid = int(getattr(getattr(nvrar, "comm", None), "max_grid", 256))
+        rows_list = cfg.linear_rows or (QUICK_ROWS if cfg.quick else DEFAULT_ROWS)
+        budget = 1 if cfg.quick else cfg.n_trials
+        plan = [(d, k, n, r) for d in dtypes for k, n in shapes for r in rows_list]
+        progress = ui.Progress(len(plan) * (1 + budget), self.con)
+        with progress.running():
+            for dtype, k, n, rows in plan:
+                progress.describe(f"linear {dtype} {k}x{n} {rows} rows")
+                self._linear_point(store, resumed, dtype, k, n, rows, max_grid, budget,
+                                   progress)
+        self.crew.send({"op": "linear-done"})
+        planned = {(d, k, n, r) for d, k, n, r in plan}
+        doc["linear"] = build_linear_table(
+            [m for m in self.linear_records if (m["dtype"], m["k"], m["n"], m["rows"]) in planned],
+            cfg.rel_tol)
+        doc["linear_measurements"] = self.linear_records
+        self.spent["linear layers"] = time.perf_counter() - t0
+
+    def _linear_point(self, store: Store, resumed: Resumed, dtype: str, k: int, n: int,
+                      rows: int, max_grid: int, budget: int, progress: ui.Progress) -> None:
+        name = study(UNFUSED, dtype, k, n, rows)
+        if params_key({}) not in resumed.done.get(name, set()):
+            kind, rec = self._linear_trial(UNFUSED, {}, dtype, k, n, rows, None)
+            if kind == "measured":
+                store.add_measurement(name, rec)
+                self.linear_records.append(rec)
+            else:
+                store.add_skip(name, rec)
+        progress.advance()
+        name = study(FUSED, dtype, k, n, rows)
+        space = linear_space(n, max_grid)
+        if not space["block_n"]:
+            progress.advance(budget)
+            return
+        bn = LINEAR_DEFAULTS["block_n"]
+        default = dict(LINEAR_DEFAULTS, block_n=bn if bn in space["block_n"]
+                       else space["block_n"][0])
+        if budget == 1:
+            space = {key: [v] for key, v in default.items()}
+        search = Search(store, name, space, default, budget, resumed.done.get(name, set()))
+        progress.advance(min(budget, len(search.done)))
+        while (params := search.next()) is not None:
+            kind, rec = self._linear_trial(FUSED, params, dtype, k, n, rows, search)
+            if kind == "measured":
+                search.finish(rec)
+                self.linear_records.append(rec)
+            else:
+                search.fail(rec, gate=kind == "gate", pruned=kind == "pruned")
+            progress.advance()
+
+    def _linear_trial(self, impl: str, params: dict[str, Any], dtype: str, k: int, n: int,
+                      rows: int, search: Search | None) -> tuple[str, dict[str, Any]]:
+        """("measured", record) or (why not: "gate" | "skip" | "pruned", skip record)."""
+        cfg = self.cfg
+        nbytes = rows * n * element_size(dtype)
+        prune = search is not None and bool(search.done)
+        decide = None
+        if prune and search is not None:
+            step = cfg.prune_after
+
+            def decide(value: float) -> bool:
+                return search.report(value, step)
+
+        res = self.crew.send({
+            "op": "linear", "impl": impl, "params": params, "dtype": dtype, "k": k, "n": n,
+            "rows": rows, "mode": "graph", "nbytes": nbytes, "gate": impl == FUSED,
+            "reps": cfg.n_reps, "warmup": cfg.n_warmup,
+            "prune_after": cfg.prune_after if prune else 0,
+        }, decide)
+        where = {"dtype": dtype, "mode": "graph", "nbytes": nbytes, "k": k, "n": n, "rows": rows}
+        if "skip" in res or "pruned" in res:
+            reason = res.get("skip") or (f"pruned after {res['reps']} repetitions: clearly "
+                                         "slower than the best parameter set so far")
+            kind = "gate" if res.get("gate") else "pruned" if "pruned" in res else "skip"
+            return kind, {"backend": impl, "params": params, **where, "reason": reason}
+        rec = record_from(res, backend=impl, params=params, dtype=dtype, mode="graph",
+                          nbytes=nbytes, reps=cfg.n_reps)
+        return "measured", {**rec, **where}
+
+
+# -- every rank -----------------------------------------------------------------------------
+
+
+def linear_trial(crew: Crew, cmd: dict[str, Any],
+                 decide: Any = None) -> dict[str, Any] | None:
+    """One rank's side of a ``linear`` command: the gate (fused), then ``Crew._measure``."""
+    import torch
+    import torch.nn.functional as F
+
+    x, ws = _operands(crew, cmd["dtype"], cmd["k"], cmd["n"])
+    xr = x[: cmd["rows"]]
+    router, comm = crew.router, getattr(crew.built.get("nvrar"), "comm", None)
+    assert router is not None, "send the 'router' command first"
+    if cmd["impl"] == UNFUSED:
+        def call(i: int) -> Any:
+            return router.all_reduce(F.linear(xr, ws[i]), "graph")
+    else:
+        p = dict(cmd["params"])
+        why = "nvrar is not built" if comm is None else comm.linear_problem(
+            xr, ws[0], None, p["block_n"], p["block_k"])
+        first = _first(crew.comm.gather_errors(why, "linear: supports"))
+        if first is not None:
+            return {"skip": f"unsupported: {first}"}
+
+        def call(i: int) -> Any:
+            assert comm is not None
+            return comm.linear_all_reduce(xr, ws[i], None, p["block_n"], p["block_k"],
+                                          p["warps"], p["stages"])
+
+        if cmd.get("gate"):
+            with crew._clock("gate"), crew._clock("gate: linear-fused"):
+                verdict = _gate(crew, call, xr, ws[0])
+            if verdict is not None:
+                return {"skip": verdict, "gate": True}
+    turn = itertools.count()
+    result = crew._measure(lambda: call(next(turn) % len(ws)), router.capture, cmd, decide)
+    torch.cuda.synchronize(crew.ctx.device)
+    return result if crew.ctx.rank == 0 else None
+
+
+def _gate(crew: Crew, call: Any, x: Any, w: Any) -> str | None:
+    """``call(0)`` (the fused kernel on weight copy 0, ``w``) against the fp32 sum over the
+    ranks of x @ w.T; the same verdict on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    from artune.autotune import gate
+
+    prod = x.float() @ w.float().t()
+    ref = torch.stack([prod, prod.abs()])
+    dist.all_reduce(ref, group=crew.ctx.group)
+    error, y = None, None
+    try:
+        y = call(0)
+        torch.cuda.synchronize(crew.ctx.device)
+    except Exception as exc:  # noqa: BLE001 - any failure excludes the parameter set
+        error = f"linear_all_reduce raised {_exc_text(exc)}"
+    first = _first(crew.comm.gather_errors(error, "linear: gate"))
+    if first is not None:
+        return first
+    assert y is not None
+    return gate.verdict(y, ref, crew.comm, crew.ctx.group)
+
+
+def _operands(crew: Crew, dtype: str, k: int, n: int) -> tuple[Any, list[Any]]:
+    """This rank's x [64, K] and weight copies [N, K] (``WEIGHT_BYTES`` in all), random and
+    different on every rank; kept for the next command of the same shape."""
+    import torch
+
+    key = (dtype, k, n)
+    held = crew._linear_ops
+    if held is not None and held[0] == key:
+        return held[1], held[2]
+    crew._linear_ops = None  # free the last shape's first
+    dev, dt = crew.ctx.device, getattr(torch, dtype)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(1_000_003 * (crew.cfg.seed + 7) + crew.ctx.rank)
+    x = torch.randn(64, k, generator=gen, device=dev).to(dt)
+    copies = max(1, math.ceil(WEIGHT_BYTES / (n * k * element_size(dtype))))
+    ws = [(torch.randn(n, k, generator=gen, device=dev) / k**0.5).to(dt) for _ in range(copies)]
+    crew._linear_ops = (key, x, ws)
+    return x, ws

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on every GPU of the machine: a full tune with the fused-linear phase for
+# Llama-3.1-8B's row-parallel layers at TP = the GPU count (`artune tune --linear-model`), its
+# `artune show`, then the GPU test of the phase (a quick 2-GPU tune with --linear-shapes, and
+# its --resume). The profile stays as /tmp/artune-tuned-<N>gpu.json for the next call on this
+# warm machine and comes back as profile_<N>gpu_<card>_linear.json.
+#
+#   device run, carry [".devwhl"], kind nvidia-h100-x4:  bash benchmarks/gpu_session_tune_linear.sh
+set -uo pipefail
+W=/tmp/artune-gpu-linear
+source benchmarks/gpu_lib.sh
+N=$(nvidia-smi -L | wc -l)
+CARD=$(grep -q H200 "$W/card.txt" && echo h200 || echo h100)
+mkdir -p "$W/llama"
+python3 - "$W/llama/config.json" <<'PY'
+import json, sys
+sys.path.insert(0, "benchmarks")
+from sglang_e2e import LLAMA_31_8B
+json.dump(LLAMA_31_8B, open(sys.argv[1], "w"))
+PY
+step tune "${TUNE_S:-420}" python3 -m artune.cli tune --linear-model "$W/llama" \
+    --out "$W/profile_${N}gpu_${CARD}_linear.json"
+if [ -f "$W/profile_${N}gpu_${CARD}_linear.json" ]; then
+    cp "$W/profile_${N}gpu_${CARD}_linear.json" "/tmp/artune-tuned-${N}gpu.json"
+    python3 -m artune.cli show "$W/profile_${N}gpu_${CARD}_linear.json" \
+        > "$W/profile_${N}gpu_${CARD}_linear_show.md" 2>&1
+fi
+LEFT=$(( 570 - ($(date +%s) - T0) ))
+[ "$LEFT" -gt 60 ] && step tests "$LEFT" python3 -m pytest -q -s -rs tests/test_tune_gpu.py -k linear
+grep -h "passed\|failed\|error" "$W/tests.log" 2>/dev/null | tail -3
+cat "$W/card.txt" "$W/steps.txt"
+grep -A12 "row-parallel linear" "$W/profile_${N}gpu_${CARD}_linear_show.md" 2>/dev/null \
+    || tail -30 "$W/tune.log"
