@@ -18,9 +18,13 @@ sys.path.insert(0, "benchmarks")
 from sglang_e2e import LLAMA_31_8B
 json.dump(LLAMA_31_8B, open(sys.argv[1], "w"))
 PY
+# the tune's storage outside $W: a second call on this warm machine resumes it
+T=/tmp/artune-linear-tune; mkdir -p "$T"
+RESUME=$([ -s "$T/profile.json.optuna.db" ] && echo --resume)
 step tune "${TUNE_S:-420}" python3 -m artune.cli tune --linear-model "$W/llama" \
-    --out "$W/profile_${N}gpu_${CARD}_linear.json"
-if [ -f "$W/profile_${N}gpu_${CARD}_linear.json" ]; then
+    --out "$T/profile.json" $RESUME
+cp "$T/profile.json" "$W/profile_${N}gpu_${CARD}_linear.json" 2>/dev/null
+if grep -q '"linear": \[' "$W/profile_${N}gpu_${CARD}_linear.json" 2>/dev/null; then
     cp "$W/profile_${N}gpu_${CARD}_linear.json" "/tmp/artune-tuned-${N}gpu.json"
     python3 -m artune.cli show "$W/profile_${N}gpu_${CARD}_linear.json" \
         > "$W/profile_${N}gpu_${CARD}_linear_show.md" 2>&1
