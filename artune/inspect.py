@@ -186,6 +186,11 @@ def _render_linear(d: dict[str, Any], console: Any) -> None:
                       "-" if u is None or f is None else f"{u - f:+.1f}",
                       "fused" if p.get("fused") else "unfused", _params(p.get("params") or {}))
         console.print(t)
+        for p in e.get("points", []):
+            for side in ("unfused", "fused"):
+                if p.get(f"{side}_why"):
+                    console.print(f"  {p['rows']} rows, {side}: not measured: "
+                                  f"{p[f'{side}_why']}", markup=False, highlight=False)
         fused = [f"{g['min_rows']}-{g['max_rows']}" if g["max_rows"] > g["min_rows"]
                  else str(g["min_rows"]) for g in e["ranges"] if g["fused"]]
         console.print(f"  fused at rows {', '.join(fused) if fused else '(none)'}; more rows "

@@ -49,7 +49,9 @@ def test_tune_measures_fused_linear_layers_and_resumes(tmp_path: Path) -> None:
     from artune.profile import select_linear
 
     out = tmp_path / "lin.json"
-    args = ("tune", "--nproc-per-node", "2", "--quick", "--sizes", "4K:256K:4", "--modes",
+    # (sizes up to 1M: NVRAR's receive slots are sized from them, and 64 rows x 4096 columns
+    # of bf16 is 512 KiB)
+    args = ("tune", "--nproc-per-node", "2", "--quick", "--sizes", "4K:1M:4", "--modes",
             "graph", "--backends", "nccl,nvrar", "--linear-shapes", "2048x4096",
             "--linear-rows", "1,16,64", "--out", str(out))
     r = run_artune(*args, env=artune_env(), timeout_s=600)

@@ -97,8 +97,16 @@ def test_table_fuses_where_measured_faster_and_between_two_such_rows() -> None:
 
 
 def test_a_side_that_failed_is_never_fused() -> None:
-    (entry,) = build_linear_table([_rec(FUSED, 1, 1.0, **P32), _rec(UNFUSED, 4, 9.0)], 0.03)
-    assert [p["fused"] for p in entry["points"]] == [False, False]
+    skips = [dict(_rec(FUSED, 4, 0.0, **P32), reason="unsupported: too big"),
+             dict(_rec(UNFUSED, 1, 0.0), reason="timing raised X"),
+             dict(_rec(FUSED, 8, 0.0, **P32), reason="max abs error 1 > tol 0.1")]
+    (entry,) = build_linear_table([_rec(FUSED, 1, 1.0, **P32), _rec(UNFUSED, 4, 9.0)], 0.03,
+                                  skips)
+    assert [p["fused"] for p in entry["points"]] == [False, False, False]
+    assert entry["points"][0]["unfused_why"] == "timing raised X"
+    assert entry["points"][1]["fused_why"] == "unsupported: too big"
+    assert entry["points"][2]["fused_why"].startswith("max abs error")
+    assert entry["points"][2]["unfused_us"] is None and "unfused_why" not in entry["points"][2]
     assert not any(g["fused"] for g in entry["ranges"])
     assert not Profile(validate({"schema_version": 1, "fingerprint": {}, "tables": {},
                                  "linear": [entry]})).fuses_linear()

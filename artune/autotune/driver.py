@@ -59,6 +59,7 @@ class Driver(ValidationPass, LinearPhase):
         self.retimed: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self.linear_records: list[dict[str, Any]] = []
+        self.linear_skips: list[dict[str, Any]] = []
         self._skip_keys: set[tuple[Any, ...]] = set()
         #: --resume: stored measurements this command's plan leaves out of the profile
         self._left_out = 0
@@ -107,6 +108,7 @@ class Driver(ValidationPass, LinearPhase):
         # the fused-linear phase's records are its own (LinearPhase), kept out of the tables
         self.linear_records = [m for m in resumed.measurements if is_linear(m)]
         resumed.measurements = [m for m in resumed.measurements if not is_linear(m)]
+        self.linear_skips = [s for s in resumed.skipped if is_linear(s)]
         resumed.skipped = [s for s in resumed.skipped if not is_linear(s)]
         if cfg.resume:
             # the profile of a resumed tune describes the command that resumed it: what was

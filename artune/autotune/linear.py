@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,8 +135,10 @@ def study(impl: str, dtype: str, k: int, n: int, rows: int) -> str:
 # -- the table ----------------------------------------------------------------------------------
 
 
-def build_linear_table(records: list[dict[str, Any]], rel_tol: float) -> list[dict[str, Any]]:
-    """The profile's ``linear`` section from this phase's measurement records."""
+def build_linear_table(records: list[dict[str, Any]], rel_tol: float,
+                       skips: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The profile's ``linear`` section from this phase's measurement records; where a side
+    has none, the first of its ``skips`` (records with a ``reason``) says why."""
     best: dict[tuple[str, int, int], dict[int, dict[str, dict[str, Any]]]] = {}
     for r in records:
         if not is_linear(r):
@@ -143,16 +146,26 @@ def build_linear_table(records: list[dict[str, Any]], rel_tol: float) -> list[di
         at = best.setdefault((r["dtype"], r["k"], r["n"]), {}).setdefault(r["rows"], {})
         if r["backend"] not in at or r["latency_us"] < at[r["backend"]]["latency_us"]:
             at[r["backend"]] = r
+    why: dict[tuple[str, str, int, int, int], str] = {}
+    for s in skips:
+        if is_linear(s):
+            why.setdefault((s["backend"], s["dtype"], s["k"], s["n"], s["rows"]), s["reason"])
+            best.setdefault((s["dtype"], s["k"], s["n"]), {}).setdefault(s["rows"], {})
     out = []
     for (dtype, k, n), by_rows in sorted(best.items()):
         points = []
         for rows in sorted(by_rows):
             f, u = by_rows[rows].get(FUSED), by_rows[rows].get(UNFUSED)
-            points.append({
+            point = {
                 "rows": rows, "unfused_us": u and u["latency_us"],
                 "fused_us": f and f["latency_us"], "params": f["params"] if f else None,
                 "fused": bool(f and u and f["latency_us"] <= u["latency_us"] * (1 - rel_tol)),
-            })
+            }
+            for side, rec in (("unfused", u), ("fused", f)):
+                reason = why.get((f"linear-{side}", dtype, k, n, rows))
+                if rec is None and reason:
+                    point[f"{side}_why"] = reason
+            points.append(point)
         out.append({"dtype": dtype, "k": k, "n": n, "ranges": _row_ranges(points),
                     "points": points})
     return out
@@ -193,6 +206,8 @@ class LinearPhase:
     spent: dict[str, float]
     #: this phase's records (measurements of ``FUSED`` / ``UNFUSED``), resumed ones included
     linear_records: list[dict[str, Any]]
+    #: and its skip records (failed the gate, unsupported, pruned), resumed ones included
+    linear_skips: list[dict[str, Any]]
 
     def _linear_shapes(self) -> list[tuple[int, int]]:
         shapes = list(self.cfg.linear_shapes)
@@ -233,7 +248,8 @@ class LinearPhase:
         planned = {(d, k, n, r) for d, k, n, r in plan}
         doc["linear"] = build_linear_table(
             [m for m in self.linear_records if (m["dtype"], m["k"], m["n"], m["rows"]) in planned],
-            cfg.rel_tol)
+            cfg.rel_tol,
+            [s for s in self.linear_skips if (s["dtype"], s["k"], s["n"], s["rows"]) in planned])
         doc["linear_measurements"] = self.linear_records
         self.spent["linear layers"] = time.perf_counter() - t0
 
@@ -247,6 +263,7 @@ class LinearPhase:
                 self.linear_records.append(rec)
             else:
                 store.add_skip(name, rec)
+                self.linear_skips.append(rec)
         progress.advance()
         name = study(FUSED, dtype, k, n, rows)
         space = linear_space(n, max_grid)
@@ -267,6 +284,7 @@ class LinearPhase:
                 self.linear_records.append(rec)
             else:
                 search.fail(rec, gate=kind == "gate", pruned=kind == "pruned")
+                self.linear_skips.append(rec)
             progress.advance()
 
     def _linear_trial(self, impl: str, params: dict[str, Any], dtype: str, k: int, n: int,
