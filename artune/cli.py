@@ -232,7 +232,7 @@ def _linear_args(args: argparse.Namespace) -> dict[str, Any]:
         rows = sorted({int(r) for r in given if r.isdigit()})
         if not rows or not all(r.isdigit() for r in given) or not 1 <= rows[0] <= rows[-1] <= 64:
             raise ValueError(f"--linear-rows {args.linear_rows!r}: whole numbers from 1 to 64, "
-                             "each once, e.g. 1,2,4,8,16")
+                             "e.g. 1,2,4,8,16")
         if not (args.linear_model or args.linear_shapes):
             raise ValueError("--linear-rows needs --linear-model or --linear-shapes")
         out["linear_rows"] = rows

@@ -178,8 +178,8 @@ def _render_linear(d: dict[str, Any], console: Any) -> None:
         t = Table(title=f"row-parallel linear {e['dtype']} K={e['k']} N={e['n']}: the GEMM + "
                         "routed all-reduce vs one fused NVRAR kernel (graph)",
                   title_justify="left")
-        for col in ("rows", "unfused µs", "fused µs", "gain µs", "runs", "fused params"):
-            t.add_column(col, justify="left" if col in ("runs", "fused params") else "right")
+        for col in ("rows", "unfused µs", "fused µs", "gain µs", "runs", "best fused set"):
+            t.add_column(col, justify="left" if col in ("runs", "best fused set") else "right")
         for p in e.get("points", []):
             u, f = p.get("unfused_us"), p.get("fused_us")
             t.add_row(str(p["rows"]), fmt_us(u), fmt_us(f),

@@ -215,8 +215,10 @@ def select_linear(profile: Profile, dtype: Any, k: int, n: int, rows: int) -> di
 # Validation
 
 
-#: The fused kernel's parameters a ``linear`` range must give (whole numbers).
+#: The fused kernel's parameters a ``linear`` range must give (whole numbers), and the most
+#: rows it takes (``artune.kernels.nvrar.LINEAR_MAX_ROWS``; tests/test_tune_linear.py checks).
 LINEAR_PARAMS = ("block_n", "block_k", "warps", "stages")
+LINEAR_MAX_ROWS = 64
 
 
 def _validate_linear(entries: Any, path: Path | str | None) -> None:
@@ -230,7 +232,7 @@ def _validate_linear(entries: Any, path: Path | str | None) -> None:
         dtype, k, n = e.get("dtype"), e.get("k"), e.get("n")
         if dtype not in DTYPES:
             raise _fail(path, f"{where}: dtype {dtype!r} is not one of {DTYPES}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (k, n)):
+        if not (_whole(k) and _whole(n)):
             raise _fail(path, f"{where}: k and n must be positive whole numbers, got {k!r}, {n!r}")
         if (dtype, k, n) in seen:
             raise _fail(path, f"{where}: {dtype} {k}x{n} is listed twice")
@@ -241,17 +243,23 @@ def _validate_linear(entries: Any, path: Path | str | None) -> None:
         prev = 0
         for j, g in enumerate(ranges):
             lo, hi = g.get("min_rows"), g.get("max_rows")
-            if not isinstance(lo, int) or not isinstance(hi, int) or not prev < lo <= hi:
+            if not (_whole(lo) and _whole(hi) and prev < lo <= hi <= LINEAR_MAX_ROWS):
                 raise _fail(path, f"{where}.ranges[{j}]: rows {lo!r}..{hi!r} must be whole "
-                                  f"numbers, ascending, after {prev}")
+                                  f"numbers, ascending, after {prev}, at most "
+                                  f"{LINEAR_MAX_ROWS}")
             if not isinstance(g.get("fused"), bool):
                 raise _fail(path, f"{where}.ranges[{j}]: fused must be true or false")
             params = g.get("params", {})
             if g["fused"] and not (isinstance(params, dict) and all(
-                    isinstance(params.get(p), int) for p in LINEAR_PARAMS)):
+                    _whole(params.get(p)) for p in LINEAR_PARAMS)):
                 raise _fail(path, f"{where}.ranges[{j}]: a fused range needs params "
-                                  f"{', '.join(LINEAR_PARAMS)} (whole numbers)")
+                                  f"{', '.join(LINEAR_PARAMS)} (positive whole numbers)")
             prev = hi
+
+
+def _whole(v: Any) -> bool:
+    """A positive whole number (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _fail(path: Path | str | None, msg: str) -> ProfileError:

@@ -1033,6 +1033,35 @@ def _gather_with_a_dead_peer(rank: int, world: int) -> dict[str, Any]:
     return {"both": both, "error": None}
 
 
+def _agree_fused(rank: int, world: int) -> dict[str, Any]:
+    """Ranks agree on the fused linear layers: alike first, then rank 1 without the hook."""
+    import torch.distributed as dist
+
+    from artune.integration import sglang as plug
+
+    os.environ["ARTUNE_COLLECTIVE_TIMEOUT_S"] = "20"
+    tp = types.SimpleNamespace(cpu_group=dist.new_group(backend="gloo"))
+    plug._FUSED_HOOKED[:] = [True]
+    plug._agree_fused_linear(tp)  # alike: no error
+    if rank == 1:
+        plug._FUSED_HOOKED.clear()
+    try:
+        plug._agree_fused_linear(tp)
+    except plug.PluginError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+def test_ranks_that_differ_in_the_fused_linear_layers_fail_alike() -> None:
+    from conftest import run_gloo
+
+    for r in run_gloo(_agree_fused, 2, timeout_s=90):
+        assert r["error"] == (
+            "artune TP: ranks differ in the fused linear layers (rank 0: "
+            "ARTUNE_FUSED_LINEAR=auto, hook on; rank 1: ARTUNE_FUSED_LINEAR=auto, hook off); "
+            "give every rank the same ARTUNE_FUSED_LINEAR and profile"), r
+
+
 def test_a_rank_that_dies_during_setup_fails_the_others_within_the_bound() -> None:
     from conftest import run_gloo
 

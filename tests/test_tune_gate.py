@@ -68,6 +68,14 @@ def _gate_all(rank: int, world: int) -> dict[str, Any]:
         x = gate.random_input(1000, dtype, ctx.device, seed=rank)
         for name, cls in CASES.items():
             out[f"{name}/{dtype}"] = gate.check(cls(ctx), {"chunks": 2}, x, comm, ctx.group)
+    # 2-D results (the fused linear layer's [rows, N]): the worst element found anywhere
+    prod = torch.randn(8, 125, generator=torch.Generator().manual_seed(rank))
+    ref = torch.stack([prod, prod.abs()])
+    dist.all_reduce(ref)
+    y = ref[0].to(torch.bfloat16)
+    out["2d right"] = gate.verdict(y, ref, comm, ctx.group)
+    y[7, 3] += 1.0  # the last row: an argmax over rows alone would index past them
+    out["2d wrong"] = gate.verdict(y, ref, comm, ctx.group)
     return out
 
 
@@ -81,6 +89,8 @@ def test_gate_verdicts_agree_on_all_ranks() -> None:
         assert "mutated its input" in r0[f"mutating/{dt}"]
         assert "RuntimeError: kernel exploded" in r0[f"raising/{dt}"]
         assert "max abs error" in r0[f"zeros/{dt}"]
+    assert r0["2d right"] is None
+    assert r0["2d wrong"].startswith("max abs error 1") and "at rank 0" in r0["2d wrong"]
 
 
 def test_random_input_is_never_zero_and_differs_by_seed() -> None:

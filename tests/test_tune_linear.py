@@ -151,3 +151,133 @@ def test_cli_linear_arguments(tmp_path: Path) -> None:
                         (("--linear-model", str(tmp_path / "no")), "not found")):
         with pytest.raises(ValueError, match=match):
             cfg(*argv)
+
+
+def test_row_ranges_edges() -> None:
+    (e,) = build_linear_table([_rec(UNFUSED, 16, 10.0), _rec(FUSED, 16, 5.0, **P32),
+                               _rec(UNFUSED, 64, 10.0), _rec(FUSED, 64, 5.0, **P32)], 0.03)
+    # below the smallest measured row count: never fused, though 16 is; between two fused: fused
+    assert e["ranges"] == [{"min_rows": 1, "max_rows": 15, "fused": False, "params": {}},
+                           {"min_rows": 16, "max_rows": 64, "fused": True, "params": P32}]
+    (e,) = build_linear_table([_rec(UNFUSED, 1, 10.0), _rec(FUSED, 1, 5.0, **P32),
+                               _rec(UNFUSED, 8, 10.0), _rec(FUSED, 8, 11.0, **P32)], 0.03)
+    assert [(g["min_rows"], g["max_rows"], g["fused"]) for g in e["ranges"]] == [
+        (1, 1, True), (2, 8, False)]
+    skip = dict(_rec(FUSED, 4, 0.0, **P32), reason="unsupported: x")  # a point with skips only
+    (e,) = build_linear_table([], 0.03, [skip])
+    assert e["points"] == [{"rows": 4, "unfused_us": None, "fused_us": None, "params": None,
+                            "fused": False, "fused_why": "unsupported: x"}]
+
+
+def test_back_to_back_re_times_decide_where_present() -> None:
+    """A point whose sides were re-timed back to back is judged on those re-times only."""
+    recs = [_rec(UNFUSED, 1, 10.0), _rec(FUSED, 1, 8.0, **P32),  # the search: fused wins
+            dict(_rec(UNFUSED, 1, 9.0), source="confirm"),
+            dict(_rec(FUSED, 1, 8.9, **P32), source="confirm")]  # re-timed: within 3 %
+    (e,) = build_linear_table(recs, 0.03)
+    assert e["points"][0]["fused_us"] == 8.9 and e["points"][0]["unfused_us"] == 9.0
+    assert not e["points"][0]["fused"]
+
+
+def test_profile_limits_of_the_linear_section() -> None:
+    from artune.kernels import nvrar
+    from artune.profile import LINEAR_MAX_ROWS
+
+    assert LINEAR_MAX_ROWS == nvrar.LINEAR_MAX_ROWS
+    good = {"min_rows": 1, "max_rows": 4, "fused": True, "params": dict(P32)}
+    for bad, match in ((dict(good, max_rows=LINEAR_MAX_ROWS + 1), "at most 64"),
+                       (dict(good, params=dict(P32, warps=True)), "positive whole numbers"),
+                       (dict(good, params=dict(P32, stages=0)), "positive whole numbers")):
+        with pytest.raises(ProfileError, match=match):
+            validate({"schema_version": 1, "fingerprint": {}, "tables": {}, "linear": [
+                {"dtype": "bfloat16", "k": 1, "n": 1, "ranges": [bad]}]})
+
+
+def test_serving_builds_nvrar_for_the_linear_section_and_drops_it_without() -> None:
+    from artune.integration.group_setup import _needed, without
+
+    doc = {"schema_version": 1, "fingerprint": {}, "tables": {"bfloat16": {"graph": [
+        {"min_bytes": 1, "max_bytes": 1 << 20, "backend": "nccl", "params": {}}]}},
+        "linear": [{"dtype": "bfloat16", "k": 1024, "n": 4096, "ranges": [
+            {"min_rows": 1, "max_rows": 4, "fused": True, "params": dict(P32)}]}]}
+    prof = Profile(validate(doc))
+    assert _needed(prof) == ["nccl", "nvrar"]
+    gone = without(prof, {"nvrar": "NVSHMEM unavailable"})
+    assert not gone.fuses_linear() and _needed(gone) == ["nccl"]
+    assert prof.fuses_linear()  # the original is untouched
+
+
+class _FakeCrew:
+    """Rank 0's crew for the phase without GPUs: every ``linear`` command answers with a
+    latency from ``us(cmd)`` on two ranks."""
+
+    def __init__(self, us: Any) -> None:
+        import types
+
+        self.us, self.sent = us, []
+        self.built = {"nvrar": types.SimpleNamespace(comm=types.SimpleNamespace(max_grid=132))}
+        self.ctx = types.SimpleNamespace(world_size=4)
+
+    def send(self, cmd: dict[str, Any], decide: Any = None) -> Any:
+        self.sent.append(cmd)
+        if cmd["op"] != "linear":
+            return None
+        v = self.us(cmd)
+        return {"samples": [[v] * cmd["reps"]] * 2, "calls": 8, "reps": cmd["reps"]}
+
+
+def _phase(tmp_path: Path, us: Any, backend: str = "nccl", resume: bool = False) -> Any:
+    import io
+
+    from rich.console import Console
+
+    from artune.autotune.config import TuneConfig
+    from artune.autotune.driver import Driver
+    from artune.autotune.linear import is_linear
+    from artune.autotune.search import Store
+
+    cfg = TuneConfig(linear_shapes=[(1024, 4096)], linear_rows=[1, 64], trials=3, reps=3)
+    store = Store(f"sqlite:///{tmp_path}/t.db", resume=resume, meta={})
+    resumed = store.load()
+    phase = Driver.__new__(Driver)  # its LinearPhase part only
+    phase.cfg, phase.crew, phase.spent = cfg, _FakeCrew(us), {}
+    phase.con = Console(file=io.StringIO())
+    phase.linear_records = [m for m in resumed.measurements if is_linear(m)]
+    phase.linear_skips = [s for s in resumed.skipped if is_linear(s)]
+    doc = {"schema_version": 1, "fingerprint": {}, "dry_run": False, "tables": {"bfloat16": {
+        "graph": [{"min_bytes": 1, "max_bytes": 1 << 20, "backend": backend, "params": {}}]}}}
+    phase._linear_phase(store, resumed, doc)
+    store.close()
+    return phase, doc
+
+
+def test_phase_stores_resumes_and_re_times_under_a_new_route(tmp_path: Path) -> None:
+    def us(cmd: dict[str, Any]) -> float:
+        if cmd["impl"] == UNFUSED:
+            return 10.0
+        return (6.0 if cmd["rows"] == 1 else 12.0) + (cmd["params"]["block_n"] != 32)
+
+    phase, doc = _phase(tmp_path, us)
+    linear = [c for c in phase.crew.sent if c["op"] == "linear"]
+    # per row count: the unfused call, 3 fused sets (the defaults first, gated), then the
+    # back-to-back re-time of both
+    assert len(linear) == 2 * (1 + 3 + 2)
+    assert linear[1]["params"] == {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3}
+    assert linear[1]["gate"] and not linear[0]["gate"] and not linear[-1]["gate"]
+    (entry,) = doc["linear"]
+    assert [(p["rows"], p["fused"]) for p in entry["points"]] == [(1, True), (64, False)]
+    assert entry["points"][0]["fused_us"] == 6.0 and entry["points"][0]["unfused_us"] == 10.0
+    assert sum(m.get("source") == "confirm" for m in doc["linear_measurements"]) == 4
+    import optuna
+
+    names = set(optuna.get_all_study_names(f"sqlite:///{tmp_path}/t.db"))
+    assert "linear-unfused|bfloat16|1024x4096|1|nccl" in names
+    assert "linear-fused|bfloat16|1024x4096|64" in names
+
+    again, doc2 = _phase(tmp_path, us, resume=True)  # only the re-times run again
+    assert [c["impl"] for c in again.crew.sent if c["op"] == "linear"] == [
+        UNFUSED, FUSED, FUSED, UNFUSED]
+    assert doc2["linear"] == doc["linear"]
+    moved, _ = _phase(tmp_path, us, backend="nvrar", resume=True)  # another route: re-timed
+    impls = [c["impl"] for c in moved.crew.sent if c["op"] == "linear"]
+    assert impls.count(UNFUSED) == 4 and impls.count(FUSED) == 2

@@ -88,6 +88,12 @@ class Driver(ValidationPass, LinearPhase):
         from artune.topology import fingerprint, fingerprint_id
 
         cfg, ctx = self.cfg, self.crew.ctx
+        try:  # before anything is measured: --linear-model's widths must split over the ranks
+            self._linear_shapes()
+        except ValueError as exc:
+            print(f"artune tune: {exc}", file=sys.stderr, flush=True)
+            self.crew.stop(2)
+            return 2
         fp = fingerprint(ctx.world_size, ctx.ranks_per_node, cfg.device, self.env.local_rank)
         if cfg.ranks_per_node and cfg.ranks_per_node != self.env.local_world_size:
             fp["topology"]["emulated_nodes"] = True
@@ -110,6 +116,8 @@ class Driver(ValidationPass, LinearPhase):
         resumed.measurements = [m for m in resumed.measurements if not is_linear(m)]
         self.linear_skips = [s for s in resumed.skipped if is_linear(s)]
         resumed.skipped = [s for s in resumed.skipped if not is_linear(s)]
+        resumed.gate_failures = {k: v for k, v in resumed.gate_failures.items()
+                                 if not is_linear({"backend": k[0]})}
         if cfg.resume:
             # the profile of a resumed tune describes the command that resumed it: what was
             # stored for other sizes, dtypes, modes or backends stays out
@@ -129,7 +137,8 @@ class Driver(ValidationPass, LinearPhase):
                 + (f"; {left} stored measurements of other sizes, dtypes, modes or backends "
                    "than this command asks for are left out of the profile" if left else "")
                 if resumed.measurements or resumed.skipped else
-                f"--resume: {url} holds no measurements yet; starting from the beginning"
+                f"--resume: {url} holds no all-reduce measurements yet; starting from the "
+                "beginning"
             )
             resumed.measurements, resumed.skipped = kept, kept_skips
             self._left_out = left

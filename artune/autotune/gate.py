@@ -102,7 +102,7 @@ def verdict(y: torch.Tensor, ref: torch.Tensor, comm: Comm,
     world = comm.world_size
     y, ref = y.reshape(-1), ref.reshape(2, -1)  # (element-wise, whatever the shape)
     # Bit-identical on every rank: the element-wise max and min of the bytes agree everywhere.
-    yb = y.reshape(-1).view(torch.uint8)
+    yb = y.view(torch.uint8)
     hi, lo = yb.clone(), yb.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=ref_group)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=ref_group)

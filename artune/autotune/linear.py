@@ -16,12 +16,16 @@ for each layer shape, bf16/fp16 dtype and row count (1, 2, 4, ... 64; ``--quick`
   the fp32 sum over the ranks of the per-rank products, with identical bits on every rank.
 
 Each call reads one of several weight copies in turn (``WEIGHT_BYTES`` in all, more than an
-H100's or H200's L2), so the weights come from HBM as in a served model. A row count runs fused
+H100's or H200's L2), so the weights come from HBM as in a served model. At the end each point's
+unfused call and fastest fused set are timed again back to back (alternating which goes first),
+and those re-times decide, as the validation pass does for the tables. A row count runs fused
 where the fused kernel measured at least ``rel_tol`` faster; a row count between two measured
-ones only when both of them do (with the upper one's parameters). The result is the profile's
-``linear`` section (``artune.profile.select_linear`` reads it). Trials are stored in the tune's
-Optuna storage like the others (studies ``linear-fused|dtype|KxN|rows`` and
-``linear-unfused|...``), so ``--resume`` continues here too.
+ones only when both of them do (with the upper one's parameters); one below the smallest
+measured, or above the largest, never. The result is the profile's ``linear`` section
+(``artune.profile.select_linear`` reads it). Trials are stored in the tune's Optuna storage like
+the others (studies ``linear-fused|dtype|KxN|rows`` and ``linear-unfused|dtype|KxN|rows|ROUTE``,
+ROUTE the routed all-reduce: a resume under another routing times the unfused side again), so
+``--resume`` continues here too; the back-to-back re-times are not stored.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +61,14 @@ DEFAULT_ROWS = (1, 2, 4, 8, 16, 32, 64)
 QUICK_ROWS = (1, 4, 16, 64)
 #: Bytes of weight copies a timed call cycles through (an H100's L2 is 50 MB, an H200's 60).
 WEIGHT_BYTES = 128 << 20
+#: ... in at most this many copies (a tiny layer would otherwise take millions).
+MAX_COPIES = 64
 #: dtypes the fused kernel takes.
 LINEAR_DTYPES = ("bfloat16", "float16")
+
+
+def _point(record: dict[str, Any]) -> tuple[str, int, int, int]:
+    return record["dtype"], record["k"], record["n"], record["rows"]
 
 
 def is_linear(record: dict[str, Any]) -> bool:
@@ -137,11 +147,16 @@ def study(impl: str, dtype: str, k: int, n: int, rows: int) -> str:
 
 def build_linear_table(records: list[dict[str, Any]], rel_tol: float,
                        skips: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """The profile's ``linear`` section from this phase's measurement records; where a side
-    has none, the first of its ``skips`` (records with a ``reason``) says why."""
+    """The profile's ``linear`` section from this phase's measurement records (at a point where
+    a side was re-timed back to back with the other, ``"source": "confirm"``, only those
+    re-times count for it); where a side has none, the first of its ``skips`` (records with a
+    ``reason``) says why."""
     best: dict[tuple[str, int, int], dict[int, dict[str, dict[str, Any]]]] = {}
+    records = [r for r in records if is_linear(r)]
+    # a side re-timed back to back with the other (``"source": "confirm"``) is judged on that
+    confirmed = {(r["backend"], *_point(r)) for r in records if r.get("source") == "confirm"}
     for r in records:
-        if not is_linear(r):
+        if (r["backend"], *_point(r)) in confirmed and r.get("source") != "confirm":
             continue
         at = best.setdefault((r["dtype"], r["k"], r["n"]), {}).setdefault(r["rows"], {})
         if r["backend"] not in at or r["latency_us"] < at[r["backend"]]["latency_us"]:
@@ -173,12 +188,13 @@ def build_linear_table(records: list[dict[str, Any]], rel_tol: float,
 
 def _row_ranges(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every row count from 1 to the largest measured: a measured one as measured; one between
-    two measured ones fused only when both are (the upper one's parameters). Merged."""
+    two measured ones fused only when both are (the upper one's parameters); one below the
+    smallest measured never. Merged."""
     ranges: list[dict[str, Any]] = []
     lower = None
     for p in points:
         lo = 1 if lower is None else lower["rows"] + 1
-        inside = p["fused"] and (lower is None or lower["fused"])
+        inside = p["fused"] and lower is not None and lower["fused"]
         for rows, fused in ((range(lo, p["rows"]), inside), (range(p["rows"], p["rows"] + 1),
                                                              p["fused"])):
             if not rows:
@@ -219,6 +235,8 @@ class LinearPhase:
     def _linear_phase(self, store: Store, resumed: Resumed, doc: dict[str, Any]) -> None:
         """Measure and add the profile's ``linear`` section (or say why not, in
         ``doc["linear_skipped"]``)."""
+        from artune.profile import Profile, select
+
         shapes, cfg = self._linear_shapes(), self.cfg
         if not shapes:
             return
@@ -238,26 +256,60 @@ class LinearPhase:
         rows_list = cfg.linear_rows or (QUICK_ROWS if cfg.quick else DEFAULT_ROWS)
         budget = 1 if cfg.quick else cfg.n_trials
         plan = [(d, k, n, r) for d in dtypes for k, n in shapes for r in rows_list]
-        progress = ui.Progress(len(plan) * (1 + budget), self.con)
+        # the all-reduce the unfused side ends with, as the new table routes it: part of its
+        # study's name, so a resume under another routing measures it again
+        prof = Profile(doc)
+        routes = {}
+        for d, k, n, r in plan:
+            c = select(prof, r * n * element_size(d), d, "graph")
+            routes[(d, k, n, r)] = c.backend + (f" {params_key(dict(c.params))}" if c.params
+                                                else "")
+        progress = ui.Progress(len(plan) * (3 + budget), self.con)
         with progress.running():
             for dtype, k, n, rows in plan:
                 progress.describe(f"linear {dtype} {k}x{n} {rows} rows")
-                self._linear_point(store, resumed, dtype, k, n, rows, max_grid, budget,
-                                   progress)
+                self._linear_point(store, resumed, dtype, k, n, rows,
+                                   routes[(dtype, k, n, rows)], max_grid, budget, progress)
+            keep = [m for m in self.linear_records
+                    if (m["dtype"], m["k"], m["n"], m["rows"]) in routes
+                    and (m["backend"] == FUSED or m.get("route") == routes[_point(m)])]
+            confirmed = self._confirm(build_linear_table(keep, cfg.rel_tol), routes, progress)
         self.crew.send({"op": "linear-done"})
-        planned = {(d, k, n, r) for d, k, n, r in plan}
         doc["linear"] = build_linear_table(
-            [m for m in self.linear_records if (m["dtype"], m["k"], m["n"], m["rows"]) in planned],
-            cfg.rel_tol,
-            [s for s in self.linear_skips if (s["dtype"], s["k"], s["n"], s["rows"]) in planned])
-        doc["linear_measurements"] = self.linear_records
+            keep + confirmed, cfg.rel_tol,
+            [s for s in self.linear_skips if _point(s) in routes])
+        doc["linear_measurements"] = keep + confirmed
         self.spent["linear layers"] = time.perf_counter() - t0
 
+    def _confirm(self, table: list[dict[str, Any]], routes: dict[tuple[str, int, int, int], str],
+                 progress: ui.Progress) -> list[dict[str, Any]]:
+        """Each point's unfused call and its fastest fused set timed again back to back (in
+        alternating order), as the validation pass does for the tables: the search's best of
+        several noisy timings would otherwise be compared with one. Not stored (as the
+        validation pass's re-times): a resume times them again."""
+        out: list[dict[str, Any]] = []
+        pairs = [(entry, p) for entry in table for p in entry["points"]]
+        for i, (e, p) in enumerate(pairs):
+            if p["unfused_us"] is None or p["fused_us"] is None:
+                progress.advance(2)
+                continue
+            point = (e["dtype"], e["k"], e["n"], p["rows"])
+            sides = [(UNFUSED, {}), (FUSED, dict(p["params"]))]
+            for impl, params in sides[::-1] if i % 2 else sides:
+                kind, rec = self._linear_trial(impl, params, *point, None, gate=False)
+                if kind == "measured":
+                    out.append({**rec, "source": "confirm",
+                                **({"route": routes[point]} if impl == UNFUSED else {})})
+                progress.advance()
+        return out
+
     def _linear_point(self, store: Store, resumed: Resumed, dtype: str, k: int, n: int,
-                      rows: int, max_grid: int, budget: int, progress: ui.Progress) -> None:
-        name = study(UNFUSED, dtype, k, n, rows)
+                      rows: int, route: str, max_grid: int, budget: int,
+                      progress: ui.Progress) -> None:
+        name = study(UNFUSED, dtype, k, n, rows) + f"|{route}"
         if params_key({}) not in resumed.done.get(name, set()):
             kind, rec = self._linear_trial(UNFUSED, {}, dtype, k, n, rows, None)
+            rec["route"] = route
             if kind == "measured":
                 store.add_measurement(name, rec)
                 self.linear_records.append(rec)
@@ -268,6 +320,10 @@ class LinearPhase:
         name = study(FUSED, dtype, k, n, rows)
         space = linear_space(n, max_grid)
         if not space["block_n"]:
+            self.linear_skips.append({
+                "backend": FUSED, "params": {}, "dtype": dtype, "k": k, "n": n, "rows": rows,
+                "reason": f"no tile width of 16-128 columns divides N={n} into at most "
+                          f"{max_grid} CTAs"})
             progress.advance(budget)
             return
         bn = LINEAR_DEFAULTS["block_n"]
@@ -288,7 +344,8 @@ class LinearPhase:
             progress.advance()
 
     def _linear_trial(self, impl: str, params: dict[str, Any], dtype: str, k: int, n: int,
-                      rows: int, search: Search | None) -> tuple[str, dict[str, Any]]:
+                      rows: int, search: Search | None,
+                      gate: bool = True) -> tuple[str, dict[str, Any]]:
         """("measured", record) or (why not: "gate" | "skip" | "pruned", skip record)."""
         cfg = self.cfg
         nbytes = rows * n * element_size(dtype)
@@ -302,7 +359,7 @@ class LinearPhase:
 
         res = self.crew.send({
             "op": "linear", "impl": impl, "params": params, "dtype": dtype, "k": k, "n": n,
-            "rows": rows, "mode": "graph", "nbytes": nbytes, "gate": impl == FUSED,
+            "rows": rows, "mode": "graph", "nbytes": nbytes, "gate": gate and impl == FUSED,
             "reps": cfg.n_reps, "warmup": cfg.n_warmup,
             "prune_after": cfg.prune_after if prune else 0,
         }, decide)
@@ -322,37 +379,45 @@ class LinearPhase:
 
 def linear_trial(crew: Crew, cmd: dict[str, Any],
                  decide: Any = None) -> dict[str, Any] | None:
-    """One rank's side of a ``linear`` command: the gate (fused), then ``Crew._measure``."""
+    """One rank's side of a ``linear`` command: the set-up (operands, whether the fused kernel
+    takes them), the gate (fused), then ``Crew._measure``; every step that can fail on one rank
+    is agreed on before the next collective."""
     import torch
     import torch.nn.functional as F
 
-    x, ws = _operands(crew, cmd["dtype"], cmd["k"], cmd["n"])
-    xr = x[: cmd["rows"]]
     router, comm = crew.router, getattr(crew.built.get("nvrar"), "comm", None)
     assert router is not None, "send the 'router' command first"
-    if cmd["impl"] == UNFUSED:
-        def call(i: int) -> Any:
-            return router.all_reduce(F.linear(xr, ws[i]), "graph")
-    else:
+    error: str | None = None
+    call: Callable[[int], Any] | None = None
+    ws: list[Any] = []
+    try:
+        x, ws = _operands(crew, cmd["dtype"], cmd["k"], cmd["n"])
+        xr = x[: cmd["rows"]]
         p = dict(cmd["params"])
-        why = "nvrar is not built" if comm is None else comm.linear_problem(
-            xr, ws[0], None, p["block_n"], p["block_k"])
-        first = _first(crew.comm.gather_errors(why, "linear: supports"))
-        if first is not None:
-            return {"skip": f"unsupported: {first}"}
-
-        def call(i: int) -> Any:
-            assert comm is not None
-            return comm.linear_all_reduce(xr, ws[i], None, p["block_n"], p["block_k"],
-                                          p["warps"], p["stages"])
-
-        if cmd.get("gate"):
-            with crew._clock("gate"), crew._clock("gate: linear-fused"):
-                verdict = _gate(crew, call, xr, ws[0])
-            if verdict is not None:
-                return {"skip": verdict, "gate": True}
-    turn = itertools.count()
-    result = crew._measure(lambda: call(next(turn) % len(ws)), router.capture, cmd, decide)
+        if cmd["impl"] == UNFUSED:
+            def call(i: int) -> Any:
+                return router.all_reduce(F.linear(xr, ws[i]), "graph")
+        elif comm is None:
+            error = "unsupported: nvrar is not built"
+        elif why := comm.linear_problem(xr, ws[0], None, p["block_n"], p["block_k"]):
+            error = f"unsupported: {why}"
+        else:
+            def call(i: int) -> Any:
+                assert comm is not None
+                return comm.linear_all_reduce(xr, ws[i], None, p["block_n"], p["block_k"],
+                                              p["warps"], p["stages"])
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the weight copies
+        error = f"set-up raised {_exc_text(exc)}"
+    first = _first(crew.comm.gather_errors(error, "linear: set-up"))
+    if first is not None or call is None:
+        return {"skip": first or "no call"}
+    if cmd.get("gate"):
+        with crew._clock("gate"), crew._clock("gate: linear-fused"):
+            verdict = _gate(crew, call, xr, ws[0])
+        if verdict is not None:
+            return {"skip": verdict, "gate": True}
+    turn, run = itertools.count(), call
+    result = crew._measure(lambda: run(next(turn) % len(ws)), router.capture, cmd, decide)
     torch.cuda.synchronize(crew.ctx.device)
     return result if crew.ctx.rank == 0 else None
 
@@ -365,10 +430,18 @@ def _gate(crew: Crew, call: Any, x: Any, w: Any) -> str | None:
 
     from artune.autotune import gate
 
-    prod = x.float() @ w.float().t()
-    ref = torch.stack([prod, prod.abs()])
+    error, ref = None, None
+    try:
+        prod = x.float() @ w.float().t()
+        ref = torch.stack([prod, prod.abs()])
+    except Exception as exc:  # noqa: BLE001
+        error = f"the reference raised {_exc_text(exc)}"
+    first = _first(crew.comm.gather_errors(error, "linear: gate reference"))
+    if first is not None:
+        return first
+    assert ref is not None
     dist.all_reduce(ref, group=crew.ctx.group)
-    error, y = None, None
+    y = None
     try:
         y = call(0)
         torch.cuda.synchronize(crew.ctx.device)
@@ -395,7 +468,7 @@ def _operands(crew: Crew, dtype: str, k: int, n: int) -> tuple[Any, list[Any]]:
     gen = torch.Generator(device=dev)
     gen.manual_seed(1_000_003 * (crew.cfg.seed + 7) + crew.ctx.rank)
     x = torch.randn(64, k, generator=gen, device=dev).to(dt)
-    copies = max(1, math.ceil(WEIGHT_BYTES / (n * k * element_size(dtype))))
+    copies = min(MAX_COPIES, max(1, math.ceil(WEIGHT_BYTES / (n * k * element_size(dtype)))))
     ws = [(torch.randn(n, k, generator=gen, device=dev) / k**0.5).to(dt) for _ in range(copies)]
     crew._linear_ops = (key, x, ws)
     return x, ws

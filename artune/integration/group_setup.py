@@ -71,11 +71,15 @@ def without(profile: Profile, excluded: Mapping[str, str]) -> Profile:
 
     measurements = [m for m in profile.data.get("measurements") or []
                     if m.get("backend") not in excluded]
+    data = dict(profile.data)
+    if "nvrar" in excluded and data.get("linear"):
+        data["linear"] = []  # the fused linear layers are NVRAR's kernel
+        if not measurements:
+            return Profile(validate(data, profile.path), profile.path)
     if not excluded or not measurements:
         return profile
     from artune.autotune.table import build_tables
 
-    data = dict(profile.data)
     rel_tol = float(profile.data.get("rel_tol") or 0.03)
     margin = float((profile.data.get("incumbent") or {}).get("margin") or 0.0)
     data["tables"] = build_tables(measurements, rel_tol, profile.fallback(), margin)
@@ -202,7 +206,7 @@ def build_router(
                         f"{sorted(excluded)}: {exc}") from exc
 
     while True:
-        todo = [b for b in served.backends_used() if b not in checked]
+        todo = [b for b in _needed(served) if b not in checked]
         if todo:
             checked.update(todo)
             missing = {b: r for b in todo if (r := check(b, ctx))}
@@ -215,7 +219,7 @@ def build_router(
             if missing:
                 served = exclude(missing)
                 continue
-        wanted = [b for b in dict.fromkeys([*served.backends_used(), served.fallback()])
+        wanted = [b for b in dict.fromkeys([*_needed(served), served.fallback()])
                   if b not in built and b not in excluded and b not in SKIP_BUILD]
         if not wanted:
             break
@@ -247,6 +251,13 @@ def build_router(
         logger.warning("artune %s: preparing the backends failed on rank %d (%s); they build "
                        "on first use", name, spec.rank, exc)
     return served, router
+
+
+def _needed(profile: Profile) -> list[str]:
+    """The backends serving ``profile`` takes: those its tables route to, and NVRAR where its
+    linear section fuses a layer (the fused kernel is NVRAR's)."""
+    used = profile.backends_used()
+    return used + ["nvrar"] if profile.fuses_linear() and "nvrar" not in used else used
 
 
 #: Backends a caller serves itself rather than artune building them (SGLang's own).

@@ -223,6 +223,7 @@ def _register_fused_linear() -> None:
                        ROW_LINEAR)
         return
     HookRegistry.register(ROW_LINEAR, _around_row_linear, HookType.AROUND)
+    _FUSED_HOOKED[:] = [True]
     if envs.get("ARTUNE_FUSED_LINEAR") == "on":
         logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d "
                     "rows run as one NVRAR kernel inside CUDA graphs",
@@ -367,6 +368,25 @@ def _around_in_place(original: Callable[..., Any], self: Any, *args: Any, **kwar
 
 #: The TP group's name (set after initialize_model_parallel): the fused layers' group.
 _TP_GROUP: list[str] = []
+#: [True] once RowParallelLinear.forward is hooked in this process (``_register_fused_linear``)
+_FUSED_HOOKED: list[bool] = []
+
+
+def _agree_fused_linear(group: Any) -> None:
+    """Every rank of the TP group hooks the linear layers alike: the switch and the hook are
+    each rank's own (the environment, the profile read at registration), and a rank fusing
+    where its peers do not would issue other collectives. A difference is an error on every
+    rank."""
+    from artune import agree
+
+    mine = {"switch": envs.get("ARTUNE_FUSED_LINEAR"), "hooked": bool(_FUSED_HOOKED)}
+    views = agree.gather(group.cpu_group, mine, "TP: fused linear layers", PluginError)
+    if any(v != views[0] for v in views):
+        raise PluginError(
+            "artune TP: ranks differ in the fused linear layers ("
+            + "; ".join(f"rank {r}: ARTUNE_FUSED_LINEAR={v['switch']}, hook "
+                        f"{'on' if v['hooked'] else 'off'}" for r, v in enumerate(views))
+            + "); give every rank the same ARTUNE_FUSED_LINEAR and profile")
 
 
 def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
@@ -546,6 +566,8 @@ def _after_init(result: Any, *args: Any, **kwargs: Any) -> None:
 
     tp = ps.get_tp_group()
     setup_group(tp, role="TP")
+    if tp.unique_name in _ROUTES:
+        _agree_fused_linear(tp)
     _TP_GROUP[:] = [tp.unique_name]
     try:
         attn = ps.get_attn_tp_group()
