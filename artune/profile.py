@@ -157,6 +157,10 @@ class Profile:
         """Whether some row-parallel layer shape runs fused at some row count."""
         return bool(self._linear)
 
+    def linear_shapes(self) -> set[tuple[str, int, int]]:
+        """(dtype, K, N) of every layer shape the linear section measured."""
+        return {(e["dtype"], e["k"], e["n"]) for e in self.data.get("linear") or []}
+
 
 _DTYPE_NAMES: dict[Any, str] = {}
 

@@ -96,6 +96,32 @@ def test_starts_the_server_with_the_profile_and_no_multicast(tmp_path: Path) -> 
     assert "DRY RUN profile" in err  # a CPU dry run's routes say nothing about GPUs
 
 
+def test_a_local_model_the_linear_section_lacks_gets_a_note(tmp_path: Path) -> None:
+    """A local model folder whose row-parallel layers the profile's linear section did not
+    measure: a note names the shapes and the tune command; a profile that has them, a hub
+    name or ARTUNE_FUSED_LINEAR=0: no note."""
+    model = tmp_path / "llama"
+    model.mkdir()
+    model.joinpath("config.json").write_text(json.dumps(
+        {"hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 14336}))
+    prof = _profile(tmp_path / "p.json")
+    args = ["--model-path", str(model), "--tp-size", "2"]
+    code, err, started = _run(tmp_path, prof, args)
+    assert started is not None, err
+    assert ("the profile's linear section has no entry for this model's row-parallel layers "
+            "at TP=2 (K x N: 2048x4096, 7168x4096)") in err, err
+    assert f"`artune tune --linear-model {model}`" in err
+    for other, env in ((["--model-path", "meta-llama/Llama-3.1-8B", "--tp-size", "2"], {}),
+                       (args, {"ARTUNE_FUSED_LINEAR": "0"})):
+        _, err, started = _run(tmp_path, prof, other, env=env)
+        assert started is not None and "linear section" not in err, err
+    doc = json.loads(prof.read_text())
+    doc["linear"] = [{"dtype": "bfloat16", "k": k, "n": 4096, "ranges": []} for k in (2048, 7168)]
+    prof.write_text(json.dumps(doc))
+    _, err, started = _run(tmp_path, prof, args)
+    assert started is not None and "linear section" not in err, err
+
+
 def test_signals_reach_the_server(tmp_path: Path) -> None:
     prof = _profile(tmp_path / "p.json")
     server = tmp_path / "fake_server.py"

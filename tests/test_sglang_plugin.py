@@ -971,6 +971,13 @@ def test_fused_linear_follows_the_profile(monkeypatch, tmp_path) -> None:
                    (torch.ones(3, 4), _layer(weight=torch.ones(16, 4)))):  # another shape
         assert plugin._around_row_linear(original, lay, x) == "sglang's forward"
     assert comm.calls == 1
+    logged: list[str] = []
+    monkeypatch.setattr(plugin, "log_once", lambda key, msg, *a: logged.append(msg))
+    plugin._fused_linear(_layer(weight=torch.ones(16, 4)), torch.ones(3, 4), (), {})
+    plugin._fused_linear(layer, torch.ones(9, 4), (), {})  # a shape it has: rows unfused
+    assert logged == ["artune: the profile's linear section has no float32 K=4 N=16 layer (it "
+                      "was tuned for another model or TP size); those layers stay unfused. "
+                      "`artune tune --linear-shapes 4x16` measures them"]
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
     assert plugin._fused_linear(layer, torch.ones(8, 4), (), {}) is None
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "sometimes")

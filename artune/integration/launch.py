@@ -17,8 +17,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from artune import envs
+
+if TYPE_CHECKING:
+    from artune.profile import Profile
 
 __all__ = ["main", "MULTICAST_FLAGS", "check_args", "server_env", "tp_layout"]
 
@@ -142,6 +146,28 @@ def _find_profile(tp: int, per_node: int) -> Path | None:
     return None
 
 
+def _linear_hint(prof: Profile, args: Sequence[str], tp: int) -> str | None:
+    """A note when the served model (a local folder) has row-parallel layers the profile's
+    linear section did not measure: they stay unfused, and the tune command that would measure
+    them. None otherwise (a hub name, an unreadable config, ARTUNE_FUSED_LINEAR=0)."""
+    from artune.autotune.linear import layer_shapes, model_dims
+
+    models = _flag_values(args, "--model-path")  # (--model is its abbreviation)
+    if not models or envs.get("ARTUNE_FUSED_LINEAR") == "off" or not Path(models[-1]).is_dir():
+        return None
+    try:
+        shapes = layer_shapes(model_dims(models[-1]), tp)
+    except ValueError:
+        return None
+    have = {(k, n) for _, k, n in prof.linear_shapes()}
+    missing = [f"{k}x{n}" for k, n in shapes if (k, n) not in have]
+    if not missing:
+        return None
+    return (f"the profile's linear section has no entry for this model's row-parallel layers "
+            f"at TP={tp} (K x N: {', '.join(missing)}): they run as GEMM + all-reduce. "
+            f"`artune tune --linear-model {models[-1]}` measures them fused (docs/sglang.md)")
+
+
 def _fail(msg: str, code: int = 2) -> int:
     print(f"artune launch: {msg}", file=sys.stderr, flush=True)
     return code
@@ -239,6 +265,9 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
               f"{topology.fingerprint_id(prof.fingerprint)}, made {prof.data.get('created', '?')})"
               f" matches this machine at TP={tp}; starting {shown} with NVLink multicast off",
               file=sys.stderr)
+    hint = _linear_hint(prof, sargs, tp)
+    if hint:
+        print(f"artune launch: note: {hint}", file=sys.stderr)
     if prof.data.get("dry_run"):
         print(f"artune launch: note: {path} is a DRY RUN profile (`artune tune --device cpu`, "
               "gloo on CPU processes): its routes say nothing about GPU all-reduces; tune on "

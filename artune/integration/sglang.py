@@ -454,6 +454,12 @@ def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
     params = (dict(LINEAR_DEFAULTS) if forced
               else select_linear(route.profile, x.dtype, k, n, x.shape[0]))
     if params is None:
+        dtype = str(x.dtype).removeprefix("torch.")
+        if (dtype, k, n) not in route.profile.linear_shapes():
+            log_once(f"sglang:fused-linear:shape:{dtype}:{k}x{n}",
+                     f"artune: the profile's linear section has no {dtype} K={k} N={n} layer "
+                     f"(it was tuned for another model or TP size); those layers stay unfused. "
+                     f"`artune tune --linear-shapes {k}x{n}` measures them")
         return None
     be = route.router.backends.get("nvrar")
     comm = getattr(be, "comm", None) if be is not None and not be.closed else None
