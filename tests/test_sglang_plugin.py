@@ -285,6 +285,15 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
         out["init_s"] = round(time.monotonic() - t0, 2)
         tp = ps.get_tp_group()
         out["tp"] = tp.unique_name
+        if scenario == "linear":
+            out["fused_hooked"] = bool(plugin._FUSED_HOOKED)
+            try:  # (CI's CPU set of SGLang's dependencies lacks transformers, which it needs)
+                import importlib
+
+                importlib.import_module("sglang.srt.layers.linear")
+            except Exception as exc:  # noqa: BLE001
+                out["linear_import"] = f"{type(exc).__name__}: {exc}"
+            return
         if scenario == "watch":
             _scenario_watch(tp, out)
             return
@@ -494,6 +503,35 @@ def test_ranks_holding_different_profiles_fail_together(current: str, tmp_path: 
         assert r.get("error_type") == "PluginError", r.get("error")
         assert "ranks hold different profiles" in r["error"]
         assert str(a) in r["error"] and str(b) in r["error"]
+
+
+def test_a_profile_that_fuses_linear_layers_hooks_them_on_every_rank_alike(
+        current: str, tmp_path: Path) -> None:
+    """A profile whose linear section fuses a layer: registration hooks RowParallelLinear on
+    every rank (the real SGLang's module; where that module does not import, as without
+    transformers, no rank hooks it); a rank with ARTUNE_FUSED_LINEAR=0 while its peers follow
+    the profile fails every rank with the difference named. A profile without it: no hook."""
+    path = _write_profile(tmp_path / "lin.json")
+    doc = json.loads(path.read_text())
+    doc["linear"] = [{"dtype": "bfloat16", "k": 64, "n": 128, "ranges": [
+        {"min_rows": 1, "max_rows": 4, "fused": True,
+         "params": {"block_n": 32, "block_k": 64, "warps": 4, "stages": 3}}]}]
+    path.write_text(json.dumps(doc))
+    res = _run(current, tmp_path, "linear", env={"ARTUNE_PROFILE": str(path)}, timeout_s=90)
+    importable = "linear_import" not in res[0]
+    for r in res:
+        assert r.get("error") is None, r.get("traceback")
+        assert r["fused_hooked"] is importable and ("linear_import" not in r) is importable, r
+    res = _run(current, tmp_path, "linear", env={"ARTUNE_PROFILE": str(path)},
+               per_rank_env={1: {"ARTUNE_FUSED_LINEAR": "0"}}, timeout_s=90)
+    hook = "on" if importable else "off"
+    for r in res:
+        assert r.get("error_type") == "PluginError", r.get("error")
+        assert (f"ranks differ in the fused linear layers (rank 0: ARTUNE_FUSED_LINEAR=auto, "
+                f"hook {hook}; rank 1: ARTUNE_FUSED_LINEAR=off, hook off)") in r["error"]
+    plain = _write_profile(tmp_path / "plain.json")
+    for r in _run(current, tmp_path, "linear", env={"ARTUNE_PROFILE": str(plain)}, timeout_s=90):
+        assert r.get("error") is None and r["fused_hooked"] is False, r
 
 
 def test_one_rank_without_a_readable_profile_fails_every_rank(current: str,
