@@ -34,6 +34,7 @@ from artune import profile as profile_mod
 from artune.autotune.table import build_profile
 from artune.backends.base import Backend
 from artune.integration import sglang as plugin
+from artune.integration import sglang_linear as linear_hook
 
 SGLANG_HOME = Path(envs.get("ARTUNE_SGLANG_HOME") or Path.home() / ".cache/artune/sglang")
 VERSIONS = ("0.5.23", "0.5.17")
@@ -286,7 +287,9 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
         tp = ps.get_tp_group()
         out["tp"] = tp.unique_name
         if scenario == "linear":
-            out["fused_hooked"] = bool(plugin._FUSED_HOOKED)
+            from artune.integration import sglang_linear
+
+            out["fused_hooked"] = bool(sglang_linear._FUSED_HOOKED)
             try:  # (CI's CPU set of SGLang's dependencies lacks transformers, which it needs)
                 import importlib
 
@@ -939,9 +942,9 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
     def original(self: Any, *args: Any, **kwargs: Any) -> str:
         return "sglang's forward"
 
-    y, bias = plugin._around_row_linear(original, layer, x)
+    y, bias = linear_hook._around_row_linear(original, layer, x)
     assert torch.equal(y, torch.full((3, 8), 8.0)) and bias is None and comm.calls == 1
-    y, _ = plugin._around_row_linear(original, layer, x, forward_batch=object())
+    y, _ = linear_hook._around_row_linear(original, layer, x, forward_batch=object())
     assert comm.calls == 2
     refused = [
         ((torch.ones(17, 4),), {}, layer),  # more rows than ARTUNE_FUSED_LINEAR_ROWS (16)
@@ -959,26 +962,26 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
         ((x,), {}, _layer(quant_method=object())),
     ]
     for args, kwargs, lay in refused:
-        assert plugin._around_row_linear(original, lay, *args, **kwargs) == "sglang's forward", (
-            args, kwargs)
+        got = linear_hook._around_row_linear(original, lay, *args, **kwargs)
+        assert got == "sglang's forward", (args, kwargs)
     assert comm.calls == 2
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "2")
-    assert plugin._fused_linear(layer, x, (), {}) is None
+    assert linear_hook._fused_linear(layer, x, (), {}) is None
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "16")
     for mode in ("eager", "compiled"):  # outside a capture: SGLang's forward
         _fused_setup(monkeypatch, comm, mode)
-        assert plugin._fused_linear(layer, x, (), {}) is None
+        assert linear_hook._fused_linear(layer, x, (), {}) is None
     _fused_setup(monkeypatch, _FakeComm("out must be 16-byte aligned"))
-    assert plugin._fused_linear(layer, x, (), {}) is None
+    assert linear_hook._fused_linear(layer, x, (), {}) is None
     _fused_setup(monkeypatch, None)  # NVRAR not built on the TP group
-    assert plugin._fused_linear(layer, x, (), {}) is None
+    assert linear_hook._fused_linear(layer, x, (), {}) is None
     _fused_setup(monkeypatch, comm)
     monkeypatch.setattr(plugin, "_TP_GROUP", [])  # before initialize_model_parallel
-    assert plugin._fused_linear(layer, x, (), {}) is None
+    assert linear_hook._fused_linear(layer, x, (), {}) is None
     from artune.kernels.nvrar import LINEAR_DEFAULTS, LINEAR_MAX_ROWS
 
     _fused_setup(monkeypatch, comm)  # ARTUNE_FUSED_LINEAR=1: the kernel's defaults
-    assert plugin._fused_linear(layer, x, (), {}) == (comm, LINEAR_DEFAULTS)
+    assert linear_hook._fused_linear(layer, x, (), {}) == (comm, LINEAR_DEFAULTS)
 
     # the setting's bound is the kernel's
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS))
@@ -1001,34 +1004,34 @@ def test_fused_linear_follows_the_profile(monkeypatch, tmp_path) -> None:
     def original(self: Any, *args: Any, **kwargs: Any) -> str:
         return "sglang's forward"
 
-    y, _ = plugin._around_row_linear(original, layer, torch.ones(8, 4))
+    y, _ = linear_hook._around_row_linear(original, layer, torch.ones(8, 4))
     assert torch.equal(y, torch.full((8, 8), 8.0)) and comm.params == (16, 64, 8, 2)
     for x, lay in ((torch.ones(9, 4), layer),  # rows the profile leaves unfused
                    (torch.ones(3, 4, dtype=torch.float64), _layer(  # a dtype it lacks
                        weight=torch.ones(8, 4, dtype=torch.float64))),
                    (torch.ones(3, 4), _layer(weight=torch.ones(16, 4)))):  # another shape
-        assert plugin._around_row_linear(original, lay, x) == "sglang's forward"
+        assert linear_hook._around_row_linear(original, lay, x) == "sglang's forward"
     assert comm.calls == 1
     logged: list[str] = []
     monkeypatch.setattr(plugin, "log_once", lambda key, msg, *a: logged.append(msg))
-    plugin._fused_linear(_layer(weight=torch.ones(16, 4)), torch.ones(3, 4), (), {})
-    plugin._fused_linear(layer, torch.ones(9, 4), (), {})  # a shape it has: rows unfused
+    linear_hook._fused_linear(_layer(weight=torch.ones(16, 4)), torch.ones(3, 4), (), {})
+    linear_hook._fused_linear(layer, torch.ones(9, 4), (), {})  # a shape it has: rows unfused
     assert logged == ["artune: the profile's linear section has no float32 K=4 N=16 layer (it "
                       "was tuned for another model or TP size); those layers stay unfused. "
                       "`artune tune --linear-shapes 4x16` measures them"]
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
-    assert plugin._fused_linear(layer, torch.ones(8, 4), (), {}) is None
+    assert linear_hook._fused_linear(layer, torch.ones(8, 4), (), {}) is None
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "sometimes")
     with pytest.raises(ValueError, match="expected auto, 1 or 0"):
         envs.get("ARTUNE_FUSED_LINEAR")
     path = tmp_path / "p.json"
     path.write_text(json.dumps(_LINEAR_PROFILE))
-    assert plugin._profile_fuses_linear(str(path))
+    assert linear_hook.profile_fuses_linear(str(path))
     unfused = json.loads(json.dumps(_LINEAR_PROFILE))
     unfused["linear"][0]["ranges"][0]["fused"] = False
     path.write_text(json.dumps(unfused))
-    assert not plugin._profile_fuses_linear(str(path))
-    assert not plugin._profile_fuses_linear(str(tmp_path / "missing.json"))
+    assert not linear_hook.profile_fuses_linear(str(path))
+    assert not linear_hook.profile_fuses_linear(str(tmp_path / "missing.json"))
 
 
 def test_fused_linear_hook_is_registered_where_the_layer_exists(monkeypatch) -> None:
@@ -1043,7 +1046,7 @@ def test_fused_linear_hook_is_registered_where_the_layer_exists(monkeypatch) -> 
     monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", fake)
     linear = types.ModuleType("sglang.srt.layers.linear")
     monkeypatch.setitem(sys.modules, "sglang.srt.layers.linear", linear)
-    plugin._register_fused_linear()  # no RowParallelLinear: nothing registered
+    linear_hook.register_fused_linear()  # no RowParallelLinear: nothing registered
     assert registered == []
 
     class RowParallelLinear:
@@ -1051,8 +1054,8 @@ def test_fused_linear_hook_is_registered_where_the_layer_exists(monkeypatch) -> 
             return x
 
     linear.RowParallelLinear = RowParallelLinear  # type: ignore[attr-defined]
-    plugin._register_fused_linear()
-    assert registered == [(plugin.ROW_LINEAR, plugin._around_row_linear)]
+    linear_hook.register_fused_linear()
+    assert registered == [(linear_hook.ROW_LINEAR, linear_hook._around_row_linear)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1082,17 +1085,18 @@ def _agree_fused(rank: int, world: int) -> dict[str, Any]:
     """Ranks agree on the fused linear layers: alike first, then rank 1 without the hook."""
     import torch.distributed as dist
 
-    from artune.integration import sglang as plug
+    from artune.integration import sglang_linear as lin
+    from artune.integration.sglang import PluginError
 
     os.environ["ARTUNE_COLLECTIVE_TIMEOUT_S"] = "20"
     tp = types.SimpleNamespace(cpu_group=dist.new_group(backend="gloo"))
-    plug._FUSED_HOOKED[:] = [True]
-    plug._agree_fused_linear(tp)  # alike: no error
+    lin._FUSED_HOOKED[:] = [True]
+    lin.agree_fused_linear(tp)  # alike: no error
     if rank == 1:
-        plug._FUSED_HOOKED.clear()
+        lin._FUSED_HOOKED.clear()
     try:
-        plug._agree_fused_linear(tp)
-    except plug.PluginError as exc:
+        lin.agree_fused_linear(tp)
+    except PluginError as exc:
         return {"error": str(exc)}
     return {"error": None}
 

@@ -75,8 +75,6 @@ ARTUNE_METHOD = "artune"
 
 PS = "sglang.srt.distributed.parallel_state"
 GC = f"{PS}.GroupCoordinator"
-#: The row-parallel linear layer whose GEMM and all-reduce ARTUNE_FUSED_LINEAR runs as one kernel.
-ROW_LINEAR = "sglang.srt.layers.linear.RowParallelLinear.forward"
 
 #: (dotted target, what breaks without it). All must exist for the plugin to route.
 HOOK_POINTS: tuple[tuple[str, str], ...] = (
@@ -186,52 +184,13 @@ def register() -> None:
 
         if callable(getattr(parallel_state, "destroy_model_parallel", None)):
             HookRegistry.register(f"{PS}.destroy_model_parallel", _before_destroy, HookType.BEFORE)
+    from artune.integration import sglang_linear
+
     fused = envs.get("ARTUNE_FUSED_LINEAR")
-    if fused == "on" or (fused == "auto" and _profile_fuses_linear(path)):
-        _register_fused_linear()
+    if fused == "on" or (fused == "auto" and sglang_linear.profile_fuses_linear(path)):
+        sglang_linear.register_fused_linear()
     logger.info("artune SGLang plugin: hooks registered (SGLang %s, profile %s)",
                 _sglang_version(), path)
-
-
-def _profile_fuses_linear(path: str) -> bool:
-    """Whether the profile at ``path`` runs some row-parallel linear layer fused (an unreadable
-    profile: False here; the hook after initialize_model_parallel names the problem)."""
-    from artune.profile import ProfileError, load
-
-    try:
-        return load(path).fuses_linear()
-    except ProfileError:
-        return False
-
-
-def _register_fused_linear() -> None:
-    """Hook RowParallelLinear.forward (``_around_row_linear``) for ARTUNE_FUSED_LINEAR (1, or
-    auto with a profile whose linear section fuses some layer), or say why not (this SGLang has
-    no such method)."""
-    import pkgutil
-
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    owner, _, attr = ROW_LINEAR.rpartition(".")
-    try:
-        ok = callable(getattr(pkgutil.resolve_name(owner), attr, None))
-    except (ImportError, AttributeError, ValueError):
-        ok = False
-    if not ok:
-        logger.warning("artune: fused linear layers (ARTUNE_FUSED_LINEAR) but this SGLang has "
-                       "no %s; the linear layers keep their GEMM and the routed all-reduce",
-                       ROW_LINEAR)
-        return
-    HookRegistry.register(ROW_LINEAR, _around_row_linear, HookType.AROUND)
-    _FUSED_HOOKED[:] = [True]
-    if envs.get("ARTUNE_FUSED_LINEAR") == "on":
-        logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d "
-                    "rows run as one NVRAR kernel inside CUDA graphs",
-                    envs.get("ARTUNE_FUSED_LINEAR_ROWS"))
-    else:
-        logger.info("artune: row-parallel linear layers run as one NVRAR kernel inside CUDA "
-                    "graphs where the profile's linear section says so (ARTUNE_FUSED_LINEAR=0 "
-                    "turns it off)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,118 +322,9 @@ def _around_in_place(original: Callable[..., Any], self: Any, *args: Any, **kwar
     return original(self, *args, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fused linear layers: a row-parallel linear layer and its all-reduce as one NVRAR kernel
-
-#: The TP group's name (set after initialize_model_parallel): the fused layers' group.
+#: The TP group's name (set after initialize_model_parallel): the fused linear layers' group
+#: (``artune.integration.sglang_linear``).
 _TP_GROUP: list[str] = []
-#: [True] once RowParallelLinear.forward is hooked in this process (``_register_fused_linear``)
-_FUSED_HOOKED: list[bool] = []
-
-
-def _agree_fused_linear(group: Any) -> None:
-    """Every rank of the TP group hooks the linear layers alike: the switch and the hook are
-    each rank's own (the environment, the profile read at registration), and a rank fusing
-    where its peers do not would issue other collectives. A difference is an error on every
-    rank."""
-    from artune import agree
-
-    mine = {"switch": envs.get("ARTUNE_FUSED_LINEAR"), "hooked": bool(_FUSED_HOOKED)}
-    views = agree.gather(group.cpu_group, mine, "TP: fused linear layers", PluginError)
-    if any(v != views[0] for v in views):
-        raise PluginError(
-            "artune TP: ranks differ in the fused linear layers ("
-            + "; ".join(f"rank {r}: ARTUNE_FUSED_LINEAR={v['switch']}, hook "
-                        f"{'on' if v['hooked'] else 'off'}" for r, v in enumerate(views))
-            + "); give every rank the same ARTUNE_FUSED_LINEAR and profile")
-
-
-def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
-                       **kwargs: Any) -> Any:
-    x = args[0] if args else kwargs.get("input_")
-    fused = _fused_linear(self, x, args[1:], kwargs)
-    if fused is None:
-        return original(self, *args, **kwargs)
-    comm, params = fused
-    if _TRACE is not None:
-        _trace(_TP_GROUP[0], x, "nvrar (fused linear)")
-    return (comm.linear_all_reduce(x, self.weight, None, params["block_n"], params["block_k"],
-                                   params["warps"], params["stages"]),
-            (self.bias if self.skip_bias_add else None))
-
-
-#: RowParallelLinear.forward's arguments after the input, in order (SGLang 0.5.17 and 0.5.23).
-_ROW_LINEAR_ARGS = ("skip_all_reduce", "forward_batch", "output_tensor")
-
-
-def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
-                  kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, int]] | None:
-    """(the NVRAR comm, the fused kernel's parameters) that run this RowParallelLinear call
-    (input ``x``, then ``rest`` and ``kwargs``) as one kernel, or None for SGLang's own
-    forward. Only what every rank sees alike decides (shapes, dtypes, the layer's settings,
-    capture state, the profile every rank proved it holds), so every rank makes the same
-    choice: a call inside a CUDA-graph capture (not under torch.compile), of an unquantized
-    layer without bias that all-reduces over the TP group, where NVRAR is built, and whose
-    shape and row count the profile's linear section runs fused (ARTUNE_FUSED_LINEAR=1: any
-    of at most ARTUNE_FUSED_LINEAR_ROWS rows, at the defaults). The cheap tests come first:
-    eager prefill calls pass here too."""
-    import torch
-
-    from artune.kernels.nvrar import LINEAR_DEFAULTS, LINEAR_MAX_ROWS
-    from artune.profile import select_linear
-
-    switch = envs.get("ARTUNE_FUSED_LINEAR")
-    forced = switch == "on"
-    if switch == "off" or not isinstance(x, torch.Tensor) or x.dim() != 2 or not (
-            1 <= x.shape[0] <= (envs.get("ARTUNE_FUSED_LINEAR_ROWS") if forced
-                                else LINEAR_MAX_ROWS)) or not x.is_contiguous():
-        return None
-    extra = dict(zip(_ROW_LINEAR_ARGS, rest, strict=False))
-    extra.update((k, v) for k, v in kwargs.items() if k != "input_")
-    if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
-            or not set(extra) <= set(_ROW_LINEAR_ARGS)):
-        return None
-    if not (getattr(layer, "reduce_results", False) and getattr(layer, "tp_size", 1) > 1
-            and getattr(layer, "input_is_parallel", False) and layer.bias is None
-            and not getattr(layer, "use_dp_attention_reduce", False)
-            and not getattr(layer, "use_decode_attn_tp", False)
-            and type(layer.quant_method).__name__ == "UnquantizedLinearMethod"):
-        return None
-    if not _TP_GROUP or torch.compiler.is_compiling() or current_mode() != "graph":
-        return None
-    import sys
-
-    skip = getattr(sys.modules.get(type(layer).__module__), "should_skip_mlp_all_reduce", None)
-    if callable(skip) and skip():
-        return None
-    route = _ROUTES.get(_TP_GROUP[0])
-    if route is None:
-        return None
-    n, k = layer.weight.shape
-    params = (dict(LINEAR_DEFAULTS) if forced
-              else select_linear(route.profile, x.dtype, k, n, x.shape[0]))
-    if params is None:
-        dtype = str(x.dtype).removeprefix("torch.")
-        if (dtype, k, n) not in route.profile.linear_shapes():
-            log_once(f"sglang:fused-linear:shape:{dtype}:{k}x{n}",
-                     f"artune: the profile's linear section has no {dtype} K={k} N={n} layer "
-                     f"(it was tuned for another model or TP size); those layers stay unfused. "
-                     f"`artune tune --linear-shapes {k}x{n}` measures them")
-        return None
-    be = route.router.backends.get("nvrar")
-    comm = getattr(be, "comm", None) if be is not None and not be.closed else None
-    if comm is None:
-        log_once("sglang:fused-linear:unbuilt", "artune: fused linear layers, but NVRAR is "
-                 "not built on the TP group (the profile routes no size to it); the linear "
-                 "layers keep their GEMM and the routed all-reduce", logging.WARNING)
-        return None
-    why = comm.linear_problem(x, layer.weight, None, params["block_n"], params["block_k"])
-    if why:
-        log_once(f"sglang:fused-linear:{tuple(x.shape)}:{tuple(layer.weight.shape)}",
-                 f"artune: fused linear not used for {tuple(x.shape)} x "
-                 f"{tuple(layer.weight.shape)}: {why}")
-        return None
-    return comm, params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,7 +423,9 @@ def _after_init(result: Any, *args: Any, **kwargs: Any) -> None:
     tp = ps.get_tp_group()
     setup_group(tp, role="TP")
     if tp.unique_name in _ROUTES:
-        _agree_fused_linear(tp)
+        from artune.integration.sglang_linear import agree_fused_linear
+
+        agree_fused_linear(tp)
     _TP_GROUP[:] = [tp.unique_name]
     try:
         attn = ps.get_attn_tp_group()
