@@ -112,7 +112,7 @@ def test_a_local_model_the_linear_section_lacks_gets_a_note(tmp_path: Path) -> N
             "at TP=2 (K x N: 2048x4096, 7168x4096)") in err, err
     assert f"`artune tune --linear-model {model}`" in err
     for other, env in ((["--model-path", "meta-llama/Llama-3.1-8B", "--tp-size", "2"], {}),
-                       (args, {"ARTUNE_FUSED_LINEAR": "0"})):
+                       (args, {"ARTUNE_FUSED_LINEAR": "0"}), (args, {"ARTUNE_FUSED_LINEAR": "1"})):
         _, err, started = _run(tmp_path, prof, other, env=env)
         assert started is not None and "linear section" not in err, err
     doc = json.loads(prof.read_text())

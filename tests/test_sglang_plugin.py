@@ -1019,6 +1019,13 @@ def test_fused_linear_follows_the_profile(monkeypatch, tmp_path) -> None:
     assert logged == ["artune: the profile's linear section has no float32 K=4 N=16 layer (it "
                       "was tuned for another model or TP size); those layers stay unfused. "
                       "`artune tune --linear-shapes 4x16` measures them"]
+    # a profile whose section was dropped (NVRAR excluded at set-up, which said so): no note
+    from artune.profile import Profile, validate
+
+    plugin._ROUTES["tp:0"].profile = Profile(validate(dict(_LINEAR_PROFILE, linear=[])))
+    assert linear_hook._fused_linear(_layer(weight=torch.ones(16, 4)), torch.ones(3, 4), (),
+                                     {}) is None
+    assert len(logged) == 1
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
     assert linear_hook._fused_linear(layer, torch.ones(8, 4), (), {}) is None
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "sometimes")

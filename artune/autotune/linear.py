@@ -113,7 +113,10 @@ def model_dims(path: str | Path) -> dict[str, int]:
         raise ValueError(f"--linear-model: {cfg_path} has no {', '.join(missing)} (whole "
                          "numbers); give the layer shapes with --linear-shapes KxN instead")
     heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads > 0 else 0)
+    if heads <= 0 or not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+        raise ValueError(f"--linear-model: {cfg_path} gives num_attention_heads {heads!r} and "
+                         f"head_dim {cfg.get('head_dim')!r}: not positive whole numbers")
     return {"hidden": cfg["hidden_size"], "attn": heads * head_dim,
             "intermediate": cfg["intermediate_size"]}
 
@@ -285,22 +288,27 @@ class LinearPhase:
                  progress: ui.Progress) -> list[dict[str, Any]]:
         """Each point's unfused call and its fastest fused set timed again back to back (in
         alternating order), as the validation pass does for the tables: the search's best of
-        several noisy timings would otherwise be compared with one. Not stored (as the
-        validation pass's re-times): a resume times them again."""
+        several noisy timings would otherwise be compared with one. Kept only where both
+        re-times measured (one side's re-time against the other's search would be the bias
+        this removes). Not stored (as the validation pass's re-times): a resume times them
+        again."""
+        found = {(e["dtype"], e["k"], e["n"], p["rows"]): p for e in table for p in e["points"]}
         out: list[dict[str, Any]] = []
-        pairs = [(entry, p) for entry in table for p in entry["points"]]
-        for i, (e, p) in enumerate(pairs):
-            if p["unfused_us"] is None or p["fused_us"] is None:
+        for i, point in enumerate(routes):
+            p = found.get(point)
+            if p is None or p["unfused_us"] is None or p["fused_us"] is None:
                 progress.advance(2)
                 continue
-            point = (e["dtype"], e["k"], e["n"], p["rows"])
             sides = [(UNFUSED, {}), (FUSED, dict(p["params"]))]
+            both = []
             for impl, params in sides[::-1] if i % 2 else sides:
                 kind, rec = self._linear_trial(impl, params, *point, None, gate=False)
                 if kind == "measured":
-                    out.append({**rec, "source": "confirm",
-                                **({"route": routes[point]} if impl == UNFUSED else {})})
+                    both.append({**rec, "source": "confirm",
+                                 **({"route": routes[point]} if impl == UNFUSED else {})})
                 progress.advance()
+            if len(both) == 2:
+                out += both
         return out
 
     def _linear_point(self, store: Store, resumed: Resumed, dtype: str, k: int, n: int,

@@ -196,7 +196,9 @@ def build_router(
     def exclude(missing: Mapping[str, str]) -> Profile:
         for backend, reason in missing.items():
             logger.warning("artune %s: %s excluded: %s; its sizes go to the next-fastest "
-                           "measured backend", name, backend, reason)
+                           "measured backend%s", name, backend, reason,
+                           ", and the profile's fused linear layers stay unfused"
+                           if backend == "nvrar" and prof.fuses_linear() else "")
         excluded.update(missing)
         try:
             return without(prof, excluded)

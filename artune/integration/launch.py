@@ -149,15 +149,17 @@ def _find_profile(tp: int, per_node: int) -> Path | None:
 def _linear_hint(prof: Profile, args: Sequence[str], tp: int) -> str | None:
     """A note when the served model (a local folder) has row-parallel layers the profile's
     linear section did not measure: they stay unfused, and the tune command that would measure
-    them. None otherwise (a hub name, an unreadable config, ARTUNE_FUSED_LINEAR=0)."""
+    them. None otherwise (a hub name, an unreadable config, ARTUNE_FUSED_LINEAR 0 or 1)."""
     from artune.autotune.linear import layer_shapes, model_dims
 
     models = _flag_values(args, "--model-path")  # (--model is its abbreviation)
-    if not models or envs.get("ARTUNE_FUSED_LINEAR") == "off" or not Path(models[-1]).is_dir():
+    if not models or envs.get("ARTUNE_FUSED_LINEAR") != "auto":
         return None
     try:
+        if not Path(models[-1]).is_dir():
+            return None
         shapes = layer_shapes(model_dims(models[-1]), tp)
-    except ValueError:
+    except (OSError, ValueError):
         return None
     have = {(k, n) for _, k, n in prof.linear_shapes()}
     missing = [f"{k}x{n}" for k, n in shapes if (k, n) not in have]

@@ -150,7 +150,8 @@ def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
               else select_linear(route.profile, x.dtype, k, n, x.shape[0]))
     if params is None:
         dtype = str(x.dtype).removeprefix("torch.")
-        if (dtype, k, n) not in route.profile.linear_shapes():
+        shapes = route.profile.linear_shapes()  # (none left where NVRAR could not be built)
+        if shapes and (dtype, k, n) not in shapes:
             plugin.log_once(
                 f"sglang:fused-linear:shape:{dtype}:{k}x{n}",
                 f"artune: the profile's linear section has no {dtype} K={k} N={n} layer (it was "
