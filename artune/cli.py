@@ -221,6 +221,7 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
 def _linear_args(args: argparse.Namespace) -> dict[str, Any]:
     """TuneConfig's fused-linear fields from --linear-model / --linear-shapes / --linear-rows."""
     from artune.autotune.linear import model_dims, parse_shapes
+    from artune.profile import LINEAR_MAX_ROWS
 
     out: dict[str, Any] = {
         "linear_model": model_dims(args.linear_model) if args.linear_model else None,
@@ -230,9 +231,10 @@ def _linear_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.linear_rows:
         given = _csv(args.linear_rows)
         rows = sorted({int(r) for r in given if r.isdigit()})
-        if not rows or not all(r.isdigit() for r in given) or not 1 <= rows[0] <= rows[-1] <= 64:
-            raise ValueError(f"--linear-rows {args.linear_rows!r}: whole numbers from 1 to 64, "
-                             "e.g. 1,2,4,8,16")
+        if not rows or not all(r.isdigit() for r in given) or not (
+                1 <= rows[0] <= rows[-1] <= LINEAR_MAX_ROWS):
+            raise ValueError(f"--linear-rows {args.linear_rows!r}: whole numbers from 1 to "
+                             f"{LINEAR_MAX_ROWS}, e.g. 1,2,4,8,16")
         if not (args.linear_model or args.linear_shapes):
             raise ValueError("--linear-rows needs --linear-model or --linear-shapes")
         out["linear_rows"] = rows

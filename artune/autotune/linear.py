@@ -273,8 +273,7 @@ class LinearPhase:
                 progress.describe(f"linear {dtype} {k}x{n} {rows} rows")
                 self._linear_point(store, resumed, dtype, k, n, rows,
                                    routes[(dtype, k, n, rows)], max_grid, budget, progress)
-            keep = [m for m in self.linear_records
-                    if (m["dtype"], m["k"], m["n"], m["rows"]) in routes
+            keep = [m for m in self.linear_records if _point(m) in routes
                     and (m["backend"] == FUSED or m.get("route") == routes[_point(m)])]
             confirmed = self._confirm(build_linear_table(keep, cfg.rel_tol), routes, progress)
         self.crew.send({"op": "linear-done"})
