@@ -1041,6 +1041,127 @@ def test_fused_linear_follows_the_profile(monkeypatch, tmp_path) -> None:
     assert not linear_hook.profile_fuses_linear(str(tmp_path / "missing.json"))
 
 
+def _row_module(**over: Any) -> Any:
+    """A torch module with RowParallelLinear's attributes whose forward goes through the hook
+    (SGLang's own forward stand-in: ``x @ W.T + 100``, so the two paths differ)."""
+    import torch
+
+    class Row(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8, 4), requires_grad=False)
+            attrs = dict(bias=None, reduce_results=True, tp_size=2, input_is_parallel=True,
+                         skip_bias_add=False, use_dp_attention_reduce=False,
+                         use_decode_attn_tp=False, quant_method=UnquantizedLinearMethod())
+            attrs.update(over)
+            for name, value in attrs.items():
+                setattr(self, name, value)
+
+        def sglang_forward(self, x: Any, skip_all_reduce: bool = False,
+                           forward_batch: Any = None, output_tensor: Any = None) -> Any:
+            return x @ self.weight.t() + 100, None
+
+        def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+            return linear_hook._around_row_linear(Row.sglang_forward, self, x, *args, **kwargs)
+
+    return Row()
+
+
+def _compiled(fn: Any) -> tuple[Any, list[Any]]:
+    """``fn`` under torch.compile(fullgraph=True, dynamic=False), as SGLang compiles (aot_eager:
+    the fake implementations run, no C++ compiler needed); the traced graphs land in the list."""
+    import torch
+
+    graphs: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        from torch._dynamo.backends.common import aot_autograd
+
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False), graphs
+
+
+def _has_fused_op(graphs: list[Any]) -> bool:
+    import torch
+
+    op = torch.ops.artune.sglang_row_linear
+    return any(node.target in (op, op.default) for gm in graphs for node in gm.graph.nodes)
+
+
+def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
+    """Under torch.compile the hook decides while tracing, from what every rank traces alike:
+    a layer the profile fuses at the traced row count becomes torch.ops.artune.sglang_row_linear
+    in one graph (no graph break), which runs the fused kernel outside a capture too (SGLang's
+    warm-up runs); anything else is traced as SGLang's own forward."""
+    import torch
+
+    comm = _FakeComm()
+    _fused_setup(monkeypatch, comm, mode="eager", switch="auto")
+    layer = _row_module()
+    f, graphs = _compiled(lambda x: layer(x)[0] + 1)
+    y = f(torch.ones(3, 4))  # 3 rows: fused in the profile
+    assert torch.equal(y, torch.full((3, 8), 9.0)) and comm.calls == 1
+    assert comm.params == (16, 64, 8, 2) and _has_fused_op(graphs)
+    y = f(torch.ones(9, 4))  # 9 rows: unfused in the profile (a new trace: static shapes)
+    assert torch.equal(y, torch.full((9, 8), 105.0)) and comm.calls == 1
+    assert len(graphs) == 2 and not _has_fused_op(graphs[1:])
+
+    refused: list[tuple[str, Any, Any]] = [
+        ("a layer with bias", _row_module(bias=torch.zeros(8)), None),
+        ("a quantized layer", _row_module(quant_method=object()), None),
+        ("no all-reduce", _row_module(reduce_results=False), None),
+        ("skip_all_reduce", _row_module(), True),
+    ]
+    for why, lay, skip in refused:
+        f, graphs = _compiled(lambda x, lay=lay, skip=skip: (
+            lay(x, skip)[0] if skip is not None else lay(x)[0]))
+        assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0)), why
+        assert not _has_fused_op(graphs), why
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
+    _fused_setup(monkeypatch, None, mode="eager", switch="auto")  # NVRAR not built
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
+    assert comm.calls == 1 and not _has_fused_op(graphs)
+    # ARTUNE_FUSED_LINEAR=1: fused at the defaults up to ARTUNE_FUSED_LINEAR_ROWS
+    from artune.kernels.nvrar import LINEAR_DEFAULTS
+
+    _fused_setup(monkeypatch, comm, mode="eager", switch="1")
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    f(torch.ones(16, 4))
+    assert comm.calls == 2 and comm.params == tuple(LINEAR_DEFAULTS[p] for p in (
+        "block_n", "block_k", "warps", "stages"))
+    assert torch.equal(f(torch.ones(17, 4)), torch.full((17, 8), 104.0)) and comm.calls == 2
+
+    # the compiled graph outlives NVRAR (closed): a named error, never SGLang's path silently
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    f(torch.ones(2, 4))
+    plugin._ROUTES["tp:0"].router.backends["nvrar"].closed = True
+    with pytest.raises(RuntimeError, match="artune::sglang_row_linear: NVRAR is not built"):
+        f(torch.ones(2, 4))
+    torch._dynamo.reset()
+
+
+def test_fused_linear_custom_op_schema_and_fake() -> None:
+    """torch.library's own checks of the op (schema, fake implementation, autograd
+    registration), with a stand-in comm."""
+    import torch
+
+    comm = _FakeComm()
+    mp = pytest.MonkeyPatch()
+    try:
+        _fused_setup(mp, comm, mode="graph", switch="auto")
+        torch.library.opcheck(torch.ops.artune.sglang_row_linear.default,
+                              (torch.randn(3, 4), torch.randn(8, 4), 16, 64, 8, 2))
+    finally:
+        mp.undo()
+    assert comm.calls >= 1
+
+
 def test_fused_linear_hook_is_registered_where_the_layer_exists(monkeypatch) -> None:
     """ARTUNE_FUSED_LINEAR=1 hooks RowParallelLinear.forward (around), or warns and leaves
     the layers alone on an SGLang without it."""

@@ -6,6 +6,11 @@ one NVRAR kernel (``NvrarComm.linear_all_reduce``), where the profile's ``linear
 the profile ask for it, and its set-up after ``initialize_model_parallel`` calls
 ``agree_fused_linear`` on the TP group; the hook (``_around_row_linear``) then decides per call
 from what every rank sees alike (``_fused_linear``).
+
+Under torch.compile the hook decides once, while the graph is traced (``_traced_row_linear``:
+shapes are static there, and the profile, the switch and NVRAR are fixed after set-up), and a
+layer it fuses becomes one call of the custom op ``torch.ops.artune.sglang_row_linear``, which
+the compiled graph runs as it is (eagerly in SGLang's warm-up runs, captured in its CUDA graph).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from artune import envs
 from artune.integration import sglang as plugin
@@ -24,6 +31,9 @@ __all__ = ["ROW_LINEAR", "profile_fuses_linear", "register_fused_linear", "agree
 ROW_LINEAR = "sglang.srt.layers.linear.RowParallelLinear.forward"
 #: [True] once RowParallelLinear.forward is hooked in this process (``register_fused_linear``)
 _FUSED_HOOKED: list[bool] = []
+#: SGLang's ``should_skip_mlp_all_reduce`` (where its linear module has one), looked up when the
+#: hook is registered, so the traced path calls it as SGLang's own forward does
+_SKIP_ALL_REDUCE: list[Callable[[], bool]] = []
 
 
 def profile_fuses_linear(path: str) -> bool:
@@ -57,6 +67,9 @@ def register_fused_linear() -> None:
         return
     HookRegistry.register(ROW_LINEAR, _around_row_linear, HookType.AROUND)
     _FUSED_HOOKED[:] = [True]
+    skip = getattr(pkgutil.resolve_name(owner.rpartition(".")[0]), "should_skip_mlp_all_reduce",
+                   None)
+    _SKIP_ALL_REDUCE[:] = [skip] if callable(skip) else []
     if envs.get("ARTUNE_FUSED_LINEAR") == "on":
         logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d "
                     "rows run as one NVRAR kernel inside CUDA graphs",
@@ -87,6 +100,8 @@ def agree_fused_linear(group: Any) -> None:
 def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
                        **kwargs: Any) -> Any:
     x = args[0] if args else kwargs.get("input_")
+    if torch.compiler.is_compiling():
+        return _traced_row_linear(original, self, x, args, kwargs)
     fused = _fused_linear(self, x, args[1:], kwargs)
     if fused is None:
         return original(self, *args, **kwargs)
@@ -102,38 +117,44 @@ def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
 _ROW_LINEAR_ARGS = ("skip_all_reduce", "forward_batch", "output_tensor")
 
 
+def _plain_call(layer: Any, x: Any, rest: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    """Whether this RowParallelLinear call is one the fused kernel can stand in for: a 2-D
+    contiguous input, no argument that changes the call (skip_all_reduce, output_tensor, one
+    this hook does not know), an unquantized layer without bias that all-reduces over the TP
+    group. Attribute reads only, so torch.compile traces it as SGLang's own forward."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous():
+        return False
+    extra = dict(zip(_ROW_LINEAR_ARGS, rest, strict=False))
+    extra.update((k, v) for k, v in kwargs.items() if k != "input_")
+    if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
+            or not set(extra) <= set(_ROW_LINEAR_ARGS)):
+        return False
+    return bool(getattr(layer, "reduce_results", False) and getattr(layer, "tp_size", 1) > 1
+                and getattr(layer, "input_is_parallel", False) and layer.bias is None
+                and not getattr(layer, "use_dp_attention_reduce", False)
+                and not getattr(layer, "use_decode_attn_tp", False)
+                and type(layer.quant_method).__name__ == "UnquantizedLinearMethod")
+
+
 def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
                   kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, int]] | None:
     """(the NVRAR comm, the fused kernel's parameters) that run this RowParallelLinear call
     (input ``x``, then ``rest`` and ``kwargs``) as one kernel, or None for SGLang's own
     forward. Only what every rank sees alike decides (shapes, dtypes, the layer's settings,
     capture state, the profile every rank proved it holds), so every rank makes the same
-    choice: a call inside a CUDA-graph capture (not under torch.compile), of an unquantized
-    layer without bias that all-reduces over the TP group, where NVRAR is built, and whose
-    shape and row count the profile's linear section runs fused (ARTUNE_FUSED_LINEAR=1: any
-    of at most ARTUNE_FUSED_LINEAR_ROWS rows, at the defaults). The cheap tests come first:
-    eager prefill calls pass here too."""
-    import torch
-
-    from artune.kernels.nvrar import LINEAR_DEFAULTS, LINEAR_MAX_ROWS
-    from artune.profile import select_linear
+    choice: a call inside a CUDA-graph capture (not under torch.compile: see
+    ``_traced_row_linear``) that ``_plain_call`` takes, where NVRAR is built, and whose shape
+    and row count the profile's linear section runs fused (ARTUNE_FUSED_LINEAR=1: any of at
+    most ARTUNE_FUSED_LINEAR_ROWS rows, at the defaults). The cheap tests come first: eager
+    prefill calls pass here too."""
+    from artune.kernels.nvrar import LINEAR_MAX_ROWS
 
     switch = envs.get("ARTUNE_FUSED_LINEAR")
-    forced = switch == "on"
     if switch == "off" or not isinstance(x, torch.Tensor) or x.dim() != 2 or not (
-            1 <= x.shape[0] <= (envs.get("ARTUNE_FUSED_LINEAR_ROWS") if forced
-                                else LINEAR_MAX_ROWS)) or not x.is_contiguous():
+            1 <= x.shape[0] <= (envs.get("ARTUNE_FUSED_LINEAR_ROWS") if switch == "on"
+                                else LINEAR_MAX_ROWS)):
         return None
-    extra = dict(zip(_ROW_LINEAR_ARGS, rest, strict=False))
-    extra.update((k, v) for k, v in kwargs.items() if k != "input_")
-    if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
-            or not set(extra) <= set(_ROW_LINEAR_ARGS)):
-        return None
-    if not (getattr(layer, "reduce_results", False) and getattr(layer, "tp_size", 1) > 1
-            and getattr(layer, "input_is_parallel", False) and layer.bias is None
-            and not getattr(layer, "use_dp_attention_reduce", False)
-            and not getattr(layer, "use_decode_attn_tp", False)
-            and type(layer.quant_method).__name__ == "UnquantizedLinearMethod"):
+    if not _plain_call(layer, x, rest, kwargs):
         return None
     if not plugin._TP_GROUP or torch.compiler.is_compiling() or plugin.current_mode() != "graph":
         return None
@@ -142,11 +163,21 @@ def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
     skip = getattr(sys.modules.get(type(layer).__module__), "should_skip_mlp_all_reduce", None)
     if callable(skip) and skip():
         return None
-    route = plugin._ROUTES.get(plugin._TP_GROUP[0])
+    n, k = layer.weight.shape
+    return _linear_choice(x, layer.weight, k, n)
+
+
+def _linear_choice(x: Any, weight: Any, k: int, n: int) -> tuple[Any, dict[str, int]] | None:
+    """The NVRAR comm and the fused kernel's parameters for ``x`` [rows, K] times ``weight``
+    [N, K] on the TP group (the switch, the profile's linear section, NVRAR built there and
+    taking the shapes), or None; logs once why a layer stays unfused where that is news."""
+    from artune.kernels.nvrar import LINEAR_DEFAULTS
+    from artune.profile import select_linear
+
+    route = plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
     if route is None:
         return None
-    n, k = layer.weight.shape
-    params = (dict(LINEAR_DEFAULTS) if forced
+    params = (dict(LINEAR_DEFAULTS) if envs.get("ARTUNE_FUSED_LINEAR") == "on"
               else select_linear(route.profile, x.dtype, k, n, x.shape[0]))
     if params is None:
         dtype = str(x.dtype).removeprefix("torch.")
@@ -158,19 +189,94 @@ def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
                 f"tuned for another model or TP size); those layers stay unfused. "
                 f"`artune tune --linear-shapes {k}x{n}` measures them")
         return None
-    be = route.router.backends.get("nvrar")
-    comm = getattr(be, "comm", None) if be is not None and not be.closed else None
+    comm = _tp_comm()
     if comm is None:
         plugin.log_once(
             "sglang:fused-linear:unbuilt", "artune: fused linear layers, but NVRAR is not built "
             "on the TP group (it cannot run here: see the set-up's warning); the linear layers "
             "keep their GEMM and the routed all-reduce", logging.WARNING)
         return None
-    why = comm.linear_problem(x, layer.weight, None, params["block_n"], params["block_k"])
+    why = comm.linear_problem(x, weight, None, params["block_n"], params["block_k"])
     if why:
         plugin.log_once(
-            f"sglang:fused-linear:{tuple(x.shape)}:{tuple(layer.weight.shape)}",
-            f"artune: fused linear not used for {tuple(x.shape)} x {tuple(layer.weight.shape)}: "
+            f"sglang:fused-linear:{tuple(x.shape)}:{tuple(weight.shape)}",
+            f"artune: fused linear not used for {tuple(x.shape)} x {tuple(weight.shape)}: "
             f"{why}")
         return None
     return comm, params
+
+
+def _tp_comm() -> Any:
+    """NVRAR's comm on the TP group, or None where it is not built (or closed)."""
+    route = plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
+    be = route.router.backends.get("nvrar") if route is not None else None
+    return getattr(be, "comm", None) if be is not None and not be.closed else None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: decided while tracing, run by a custom op
+
+
+def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: tuple[Any, ...],
+                       kwargs: Mapping[str, Any]) -> Any:
+    """The hook while torch.compile traces RowParallelLinear.forward: a call ``_plain_call``
+    takes, whose shape and row count the profile fuses (``_traced_choice``, asked once per
+    traced shape), becomes ``torch.ops.artune.sglang_row_linear``; anything else is traced as
+    SGLang's own forward. The choice depends only on what every rank traces alike."""
+    if _plain_call(layer, x, args[1:], kwargs) and not (
+            _SKIP_ALL_REDUCE and _SKIP_ALL_REDUCE[0]()):
+        n, k = layer.weight.shape
+        params = _traced_choice(str(x.dtype).removeprefix("torch."), x.shape[0], k, n,
+                                layer.weight.is_contiguous())
+        if params is not None:
+            y = torch.ops.artune.sglang_row_linear(x, layer.weight, *params)
+            return y, (layer.bias if layer.skip_bias_add else None)
+    return original(layer, *args, **kwargs)
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(dtype: str, rows: int, k: int, n: int,
+                   weight_contiguous: bool) -> tuple[int, int, int, int] | None:
+    """(block_n, block_k, warps, stages) of the fused kernel for a traced call of ``rows``
+    rows of ``dtype`` times a [N, K] weight, or None: ``_fused_linear``'s decision without the
+    capture state (a compiled graph's calls run captured, or in SGLang's warm-up runs, where
+    the fused kernel computes the same bits). Called with constants only, while tracing; its
+    result is a constant of the graph."""
+    from artune.kernels.nvrar import LINEAR_MAX_ROWS
+
+    switch = envs.get("ARTUNE_FUSED_LINEAR")
+    if switch == "off" or not weight_contiguous or not plugin._TP_GROUP or not (
+            1 <= rows <= (envs.get("ARTUNE_FUSED_LINEAR_ROWS") if switch == "on"
+                          else LINEAR_MAX_ROWS)):
+        return None
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype):
+        return None
+    x = torch.empty(rows, k, dtype=dt, device="meta")
+    chosen = _linear_choice(x, torch.empty(n, k, dtype=dt, device="meta"), k, n)
+    if chosen is None:
+        return None
+    params = chosen[1]
+    return params["block_n"], params["block_k"], params["warps"], params["stages"]
+
+
+@torch.library.custom_op("artune::sglang_row_linear", mutates_args=())
+def sglang_row_linear(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int,
+                      warps: int, stages: int) -> torch.Tensor:
+    """A row-parallel linear layer of the plugin's TP group and its all-reduce, as one NVRAR
+    kernel (``NvrarComm.linear_all_reduce``): the sum over the group of ``x @ weight.T``."""
+    comm = _tp_comm()
+    if comm is None:
+        raise RuntimeError(
+            "artune::sglang_row_linear: NVRAR is not built (or closed) on the TP group this "
+            "compiled graph was traced for; set ARTUNE_FUSED_LINEAR=0 to trace the linear "
+            "layers unfused")
+    if plugin._TRACE is not None:
+        plugin._trace(plugin._TP_GROUP[0], x, "nvrar (fused linear)")
+    return comm.linear_all_reduce(x, weight, None, block_n, block_k, warps, stages)
+
+
+@sglang_row_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, warps: int,
+      stages: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))

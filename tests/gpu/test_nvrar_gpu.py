@@ -19,7 +19,8 @@ inputs in fp32 (NCCL), with identical bits on every rank:
 - the all-reduce fused with the residual add and RMSNorm (``NvrarComm.fused_add_rmsnorm``),
   eagerly and in a graph between plain lamport calls;
 - a row-parallel linear layer and its all-reduce in one kernel (``linear_all_reduce``),
-  eagerly and in a skewed graph between plain lamport calls;
+  eagerly and in a skewed graph between plain lamport calls; and as the SGLang plugin runs it
+  under torch.compile (``torch.ops.artune.sglang_row_linear``), eagerly and captured;
 - a forced timeout: one rank skips the call, the others raise NvrarTimeoutError naming the rank,
   the peer and the step within the configured bound, and every process still shuts down.
 Without the GPUs (or nvshmem4py) every test skips with the reason.
@@ -668,6 +669,115 @@ def _linear(ctx: Any) -> list[str]:
 @pytest.mark.gpu
 def test_linear_all_reduce() -> None:
     _expect_clean(min(4, torch.cuda.device_count()), _linear, timeout_s=200.0)
+
+
+class UnquantizedLinearMethod:  # named as SGLang's: the plain bf16/fp16 GEMM
+    pass
+
+
+def _compiled_linear(ctx: Any) -> list[str]:
+    """The SGLang plugin's fused linear layer under torch.compile (fullgraph, static shapes,
+    inductor, as SGLang compiles): a RowParallelLinear stand-in whose forward goes through the
+    plugin's hook, with NVRAR built on the group and ARTUNE_FUSED_LINEAR=1. Llama-3.1-8B's
+    o_proj and down_proj at TP=4 (K 1024 / 3584, N 4096), bf16, 1 / 4 / 16 rows: the compiled
+    function run eagerly (SGLang's warm-up) and captured in a CUDA graph replayed with new
+    inputs, against NCCL's fp32 sum of x @ weight.T, identical bits on every rank, and every
+    call through the fused kernel (none through the GEMM and the all-reduce)."""
+    import types
+
+    import torch.distributed as dist
+
+    from artune.integration import sglang as plugin
+    from artune.integration import sglang_linear as hook
+
+    os.environ["ARTUNE_FUSED_LINEAR"] = "1"
+    os.environ["ARTUNE_FUSED_LINEAR_ROWS"] = "16"
+    be = _make(ctx, ctx.world_size, timeout_s=20.0)
+    plugin._ROUTES["tp"] = types.SimpleNamespace(
+        router=types.SimpleNamespace(backends={"nvrar": be}), profile=None)
+    plugin._TP_GROUP[:] = ["tp"]
+    dev = ctx.device
+    failures: list[str] = []
+    fused_calls = [0]
+    linear_all_reduce = be.comm.linear_all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        fused_calls[0] += 1
+        return linear_all_reduce(*args, **kwargs)
+
+    be.comm.linear_all_reduce = counted
+
+    class Row(torch.nn.Module):
+        def __init__(self, k: int, n: int, seed: int) -> None:
+            super().__init__()
+            g = torch.Generator(device=dev).manual_seed(seed)
+            w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(torch.bfloat16)
+            self.weight = torch.nn.Parameter(w, requires_grad=False)
+            self.bias, self.reduce_results, self.tp_size = None, True, ctx.world_size
+            self.input_is_parallel, self.skip_bias_add = True, False
+            self.use_dp_attention_reduce = self.use_decode_attn_tp = False
+            self.quant_method = UnquantizedLinearMethod()
+
+        def sglang_forward(self, x: torch.Tensor, skip_all_reduce: bool = False) -> Any:
+            y = x @ self.weight.t()
+            dist.all_reduce(y, group=ctx.group)
+            return y, None
+
+        def forward(self, x: torch.Tensor) -> Any:
+            return hook._around_row_linear(Row.sglang_forward, self, x)
+
+    o_proj, down_proj = Row(1024, 4096, 1), Row(3584, 4096, 2)
+
+    def block(h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return down_proj(torch.nn.functional.silu(a))[0] + o_proj(h)[0]
+
+    def check(y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, what: str) -> None:
+        want = (torch.nn.functional.silu(a).float() @ down_proj.weight.float().t())
+        want += h.float() @ o_proj.weight.float().t()
+        dist.all_reduce(want, group=ctx.group)
+        off = (y.float() - want).abs().max().item()
+        err = None if off <= 3e-2 * max(1.0, want.abs().max().item()) else f"off by {off:.3g}"
+        got: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(got, (int(y.view(torch.int16).long().sum()), err),
+                               group=ctx.cpu_group)
+        errs = [f"rank {r}: {e}" for r, (_, e) in enumerate(got) if e]
+        if errs or len({d for d, _ in got}) != 1:
+            failures.append(f"{what}: {errs[0] if errs else 'ranks disagree bitwise'}")
+
+    try:
+        f = torch.compile(block, fullgraph=True, dynamic=False)
+        for rows in (1, 4, 16):
+            g = torch.Generator(device=dev).manual_seed(10 * rows + ctx.rank)
+            h = torch.randn(rows, 1024, device=dev, generator=g).to(torch.bfloat16)
+            a = torch.randn(rows, 3584, device=dev, generator=g).to(torch.bfloat16)
+            before = fused_calls[0]
+            y = f(h, a)  # traced, compiled, run outside a capture (SGLang's warm-up)
+            check(y, h, a, f"compiled, eager, {rows} rows")
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with be.capture(), torch.cuda.graph(graph):
+                yg = f(h, a)
+            for rep in range(3):
+                h.copy_(torch.randn(h.shape, device=dev).to(h.dtype))
+                a.copy_(torch.randn(a.shape, device=dev).to(a.dtype))
+                graph.replay()
+                torch.cuda.synchronize()
+                check(yg, h, a, f"compiled, graph replay {rep}, {rows} rows")
+            if fused_calls[0] - before != 4:  # 2 layers, eager + captured
+                failures.append(f"{rows} rows: {fused_calls[0] - before} fused calls, not 4 "
+                                f"(a layer ran its GEMM and all-reduce)")
+        be.check()
+    finally:
+        plugin._ROUTES.pop("tp", None)
+        plugin._TP_GROUP[:] = []
+        be.close()
+    return failures
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+def test_fused_linear_layer_under_torch_compile() -> None:
+    _expect_clean(min(4, torch.cuda.device_count()), _compiled_linear, timeout_s=240.0)
 
 
 @requires_nvshmem(4)
