@@ -1094,17 +1094,25 @@ def _has_fused_op(graphs: list[Any]) -> bool:
 def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
     """Under torch.compile the hook decides while tracing, from what every rank traces alike:
     a layer the profile fuses at the traced row count becomes torch.ops.artune.sglang_row_linear
-    in one graph (no graph break), which runs the fused kernel outside a capture too (SGLang's
-    warm-up runs); anything else is traced as SGLang's own forward."""
+    in one graph (no graph break). The op runs the fused kernel inside a capture and, outside
+    one (SGLang's warm-up runs, which ranks reach seconds apart after compiling), the GEMM and
+    SGLang's TP all-reduce; anything else is traced as SGLang's own forward."""
     import torch
 
     comm = _FakeComm()
-    _fused_setup(monkeypatch, comm, mode="eager", switch="auto")
+    _fused_setup(monkeypatch, comm, mode="graph", switch="auto")
+    reduced: list[Any] = []
+    monkeypatch.setattr(linear_hook, "_TP_ALL_REDUCE",
+                        [lambda y: reduced.append(y.shape) or 2 * y])
     layer = _row_module()
     f, graphs = _compiled(lambda x: layer(x)[0] + 1)
-    y = f(torch.ones(3, 4))  # 3 rows: fused in the profile
-    assert torch.equal(y, torch.full((3, 8), 9.0)) and comm.calls == 1
+    y = f(torch.ones(3, 4))  # 3 rows: fused in the profile, run inside a capture
+    assert torch.equal(y, torch.full((3, 8), 9.0)) and comm.calls == 1 and not reduced
     assert comm.params == (16, 64, 8, 2) and _has_fused_op(graphs)
+    monkeypatch.setattr(plugin, "current_mode", lambda: "eager")  # the same graph, warm-up
+    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 9.0))
+    assert comm.calls == 1 and reduced == [torch.Size((3, 8))] and len(graphs) == 1
+    monkeypatch.setattr(plugin, "current_mode", lambda: "graph")
     y = f(torch.ones(9, 4))  # 9 rows: unfused in the profile (a new trace: static shapes)
     assert torch.equal(y, torch.full((9, 8), 105.0)) and comm.calls == 1
     assert len(graphs) == 2 and not _has_fused_op(graphs[1:])
@@ -1120,22 +1128,33 @@ def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
             lay(x, skip)[0] if skip is not None else lay(x)[0]))
         assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0)), why
         assert not _has_fused_op(graphs), why
+    monkeypatch.setattr(linear_hook, "_SKIP_ALL_REDUCE", [lambda: True])  # SGLang's flag
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
+    assert not _has_fused_op(graphs)
+    monkeypatch.setattr(linear_hook, "_SKIP_ALL_REDUCE", [])
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
     f, graphs = _compiled(lambda x: layer(x)[0])
     assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
-    _fused_setup(monkeypatch, None, mode="eager", switch="auto")  # NVRAR not built
+    assert not _has_fused_op(graphs)
+    _fused_setup(monkeypatch, None, mode="graph", switch="auto")  # NVRAR not built
     f, graphs = _compiled(lambda x: layer(x)[0])
     assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
     assert comm.calls == 1 and not _has_fused_op(graphs)
     # ARTUNE_FUSED_LINEAR=1: fused at the defaults up to ARTUNE_FUSED_LINEAR_ROWS
     from artune.kernels.nvrar import LINEAR_DEFAULTS
 
-    _fused_setup(monkeypatch, comm, mode="eager", switch="1")
+    _fused_setup(monkeypatch, comm, mode="graph", switch="1")
     f, graphs = _compiled(lambda x: layer(x)[0])
     f(torch.ones(16, 4))
     assert comm.calls == 2 and comm.params == tuple(LINEAR_DEFAULTS[p] for p in (
         "block_n", "block_k", "warps", "stages"))
     assert torch.equal(f(torch.ones(17, 4)), torch.full((17, 8), 104.0)) and comm.calls == 2
+    monkeypatch.setattr(linear_hook, "_TP_ALL_REDUCE", [])  # the hook was not registered
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
+    assert not _has_fused_op(graphs)
+    monkeypatch.setattr(linear_hook, "_TP_ALL_REDUCE", [lambda y: 2 * y])
 
     # the compiled graph outlives NVRAR (closed): a named error, never SGLang's path silently
     f, graphs = _compiled(lambda x: layer(x)[0])

@@ -9,8 +9,11 @@ from what every rank sees alike (``_fused_linear``).
 
 Under torch.compile the hook decides once, while the graph is traced (``_traced_row_linear``:
 shapes are static there, and the profile, the switch and NVRAR are fixed after set-up), and a
-layer it fuses becomes one call of the custom op ``torch.ops.artune.sglang_row_linear``, which
-the compiled graph runs as it is (eagerly in SGLang's warm-up runs, captured in its CUDA graph).
+layer it fuses becomes one call of the custom op ``torch.ops.artune.sglang_row_linear``. That
+op runs the fused kernel inside a CUDA-graph capture, and outside one (SGLang's warm-up runs of
+the compiled graph) the GEMM and SGLang's TP all-reduce, as the uncompiled hook does: ranks
+reach a warm-up run seconds apart when they compile at different speeds, longer than NVRAR's
+bounded waits.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ _FUSED_HOOKED: list[bool] = []
 #: SGLang's ``should_skip_mlp_all_reduce`` (where its linear module has one), looked up when the
 #: hook is registered, so the traced path calls it as SGLang's own forward does
 _SKIP_ALL_REDUCE: list[Callable[[], bool]] = []
+#: The TP all-reduce SGLang's linear module calls (``tensor_model_parallel_all_reduce``), looked
+#: up when the hook is registered: the compiled op's path outside a capture
+_TP_ALL_REDUCE: list[Callable[[Any], Any]] = []
 
 
 def profile_fuses_linear(path: str) -> bool:
@@ -67,9 +73,11 @@ def register_fused_linear() -> None:
         return
     HookRegistry.register(ROW_LINEAR, _around_row_linear, HookType.AROUND)
     _FUSED_HOOKED[:] = [True]
-    skip = getattr(pkgutil.resolve_name(owner.rpartition(".")[0]), "should_skip_mlp_all_reduce",
-                   None)
+    module = pkgutil.resolve_name(owner.rpartition(".")[0])
+    skip = getattr(module, "should_skip_mlp_all_reduce", None)
     _SKIP_ALL_REDUCE[:] = [skip] if callable(skip) else []
+    reduce = getattr(module, "tensor_model_parallel_all_reduce", None)
+    _TP_ALL_REDUCE[:] = [reduce] if callable(reduce) else []
     if envs.get("ARTUNE_FUSED_LINEAR") == "on":
         logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d "
                     "rows run as one NVRAR kernel inside CUDA graphs",
@@ -223,7 +231,7 @@ def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: t
     takes, whose shape and row count the profile fuses (``_traced_choice``, asked once per
     traced shape), becomes ``torch.ops.artune.sglang_row_linear``; anything else is traced as
     SGLang's own forward. The choice depends only on what every rank traces alike."""
-    if _plain_call(layer, x, args[1:], kwargs) and not (
+    if _TP_ALL_REDUCE and _plain_call(layer, x, args[1:], kwargs) and not (
             _SKIP_ALL_REDUCE and _SKIP_ALL_REDUCE[0]()):
         n, k = layer.weight.shape
         params = _traced_choice(str(x.dtype).removeprefix("torch."), x.shape[0], k, n,
@@ -239,9 +247,8 @@ def _traced_choice(dtype: str, rows: int, k: int, n: int,
                    weight_contiguous: bool) -> tuple[int, int, int, int] | None:
     """(block_n, block_k, warps, stages) of the fused kernel for a traced call of ``rows``
     rows of ``dtype`` times a [N, K] weight, or None: ``_fused_linear``'s decision without the
-    capture state (a compiled graph's calls run captured, or in SGLang's warm-up runs, where
-    the fused kernel computes the same bits). Called with constants only, while tracing; its
-    result is a constant of the graph."""
+    capture state (the op checks that when it runs). Called with constants only, while
+    tracing; its result is a constant of the graph."""
     from artune.kernels.nvrar import LINEAR_MAX_ROWS
 
     switch = envs.get("ARTUNE_FUSED_LINEAR")
@@ -263,8 +270,12 @@ def _traced_choice(dtype: str, rows: int, k: int, n: int,
 @torch.library.custom_op("artune::sglang_row_linear", mutates_args=())
 def sglang_row_linear(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int,
                       warps: int, stages: int) -> torch.Tensor:
-    """A row-parallel linear layer of the plugin's TP group and its all-reduce, as one NVRAR
-    kernel (``NvrarComm.linear_all_reduce``): the sum over the group of ``x @ weight.T``."""
+    """A row-parallel linear layer of the plugin's TP group and its all-reduce: the sum over the
+    group of ``x @ weight.T``. Inside a CUDA-graph capture one NVRAR kernel
+    (``NvrarComm.linear_all_reduce``); outside one, the GEMM and SGLang's TP all-reduce (every
+    rank alike: the capture state is the same on every rank)."""
+    if plugin.current_mode() != "graph":
+        return _TP_ALL_REDUCE[0](torch.nn.functional.linear(x, weight))
     comm = _tp_comm()
     if comm is None:
         raise RuntimeError(
