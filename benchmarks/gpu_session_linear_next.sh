@@ -4,10 +4,13 @@
 #     a quick 2-GPU tune with --linear-shapes, its linear section, and a --resume that re-times
 #     only the back-to-back pairs);
 #   - a full 2-GPU tune with --linear-model (Llama-3.1-8B at TP=2), kept as
-#     /tmp/artune-tuned-2gpu.json and returned (to replace the committed 2x H100 profile, which
-#     has no linear section, once checked);
+#     /tmp/artune-tuned-2gpu.json and returned (the twenty-third session's run of it is the
+#     committed 2x H100 profile);
 #   - the TP=2 pair against SGLang's default with that profile (logprob check included):
 #     PAIRED=default,artune, BATCH_SIZES (default 1,4,16), REPS (default 16).
+#
+# Twenty-third session: 418 s on a fresh 2x H100 machine (log
+# benchmarks/results/gpu_session_2026-11-27k.md, call 1).
 #
 #   device run, carry [".devwhl"], kind nvidia-h100-x2:  bash benchmarks/gpu_session_linear_next.sh
 set -uo pipefail
