@@ -904,12 +904,14 @@ _LINEAR_PROFILE = {
 
 
 def _fused_setup(monkeypatch: pytest.MonkeyPatch, comm: _FakeComm | None,
-                 mode: str = "graph", switch: str = "1") -> None:
+                 mode: str = "graph", switch: str = "1", dtype: str = "float32") -> None:
     from artune.profile import Profile, validate
 
     be = None if comm is None else types.SimpleNamespace(comm=comm, closed=False)
     router = types.SimpleNamespace(backends={} if be is None else {"nvrar": be})
-    profile = Profile(validate(json.loads(json.dumps(_LINEAR_PROFILE))))
+    data = json.loads(json.dumps(_LINEAR_PROFILE))
+    data["linear"][0]["dtype"] = dtype
+    profile = Profile(validate(data))
     monkeypatch.setattr(plugin, "_ROUTES", {"tp:0": types.SimpleNamespace(router=router,
                                                                           profile=profile)})
     monkeypatch.setattr(plugin, "_TP_GROUP", ["tp:0"])
@@ -982,6 +984,18 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
 
     _fused_setup(monkeypatch, comm)  # ARTUNE_FUSED_LINEAR=1: the kernel's defaults
     assert linear_hook._fused_linear(layer, x, (), {}) == (comm, LINEAR_DEFAULTS)
+    # SGLang's MLP-skip flag, and an extend batch whose all-reduce SGLang quantizes
+    _linear_module(monkeypatch, quant_comms=True)
+    linear_hook._LINEAR_MODULE[0].should_skip_mlp_all_reduce = lambda: True
+    assert linear_hook._fused_linear(layer, x, (), {}) is None
+    _linear_module(monkeypatch, quant_comms=True)
+    extend = types.SimpleNamespace(forward_mode=_Mode(decode=False))
+    assert linear_hook._fused_linear(layer, x, (None, extend), {}) is None
+    assert linear_hook._fused_linear(layer, x, (), {"forward_batch": extend}) is None
+    decode = types.SimpleNamespace(forward_mode=_Mode(decode=True))
+    assert linear_hook._fused_linear(layer, x, (False, decode), {}) == (comm, LINEAR_DEFAULTS)
+    _linear_module(monkeypatch, quant_comms=False)
+    assert linear_hook._fused_linear(layer, x, (False, extend), {}) == (comm, LINEAR_DEFAULTS)
 
     # the setting's bound is the kernel's
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS))
@@ -1049,7 +1063,8 @@ def _row_module(**over: Any) -> Any:
     class Row(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(8, 4), requires_grad=False)
+            self.weight = torch.nn.Parameter(torch.ones(8, 4, dtype=torch.bfloat16),
+                                             requires_grad=False)
             attrs = dict(bias=None, reduce_results=True, tp_size=2, input_is_parallel=True,
                          skip_bias_add=False, use_dp_attention_reduce=False,
                          use_decode_attn_tp=False, quant_method=UnquantizedLinearMethod())
@@ -1059,7 +1074,7 @@ def _row_module(**over: Any) -> Any:
 
         def sglang_forward(self, x: Any, skip_all_reduce: bool = False,
                            forward_batch: Any = None, output_tensor: Any = None) -> Any:
-            return x @ self.weight.t() + 100, None
+            return x.to(self.weight.dtype) @ self.weight.t() + 100, None  # apply casts
 
         def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
             return linear_hook._around_row_linear(Row.sglang_forward, self, x, *args, **kwargs)
@@ -1091,94 +1106,171 @@ def _has_fused_op(graphs: list[Any]) -> bool:
     return any(node.target in (op, op.default) for gm in graphs for node in gm.graph.nodes)
 
 
+def _bf16(*shape: int) -> Any:
+    import torch
+
+    return torch.ones(*shape, dtype=torch.bfloat16)
+
+
+def _bf16_full(shape: tuple[int, ...], value: float) -> Any:
+    import torch
+
+    return torch.full(shape, value, dtype=torch.bfloat16)
+
+
+def _linear_module(monkeypatch: pytest.MonkeyPatch, quant_comms: bool | None = None) -> list[Any]:
+    """Stands in for SGLang's linear module (what the hook looks up there): its TP all-reduce
+    (doubles, recording each call's shape), its MLP-skip flag, and ``get_exec`` when
+    ``quant_comms`` is given. Returns the list of all-reduced shapes."""
+    reduced: list[Any] = []
+    module = types.SimpleNamespace(
+        tensor_model_parallel_all_reduce=lambda y: reduced.append(tuple(y.shape)) or 2 * y,
+        should_skip_mlp_all_reduce=lambda: False)
+    if quant_comms is not None:
+        state = types.SimpleNamespace(
+            comm=types.SimpleNamespace(enable_quant_communications=quant_comms))
+        module.get_exec = lambda: state
+    monkeypatch.setattr(linear_hook, "_LINEAR_MODULE", [module])
+    return reduced
+
+
+class _Mode:
+    """A ForwardBatch's forward_mode."""
+
+    def __init__(self, decode: bool) -> None:
+        self.decode = decode
+
+    def is_decode_or_idle(self) -> bool:
+        return self.decode
+
+
 def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
-    """Under torch.compile the hook decides while tracing, from what every rank traces alike:
-    a layer the profile fuses at the traced row count becomes torch.ops.artune.sglang_row_linear
-    in one graph (no graph break). The op runs the fused kernel inside a capture and, outside
-    one (SGLang's warm-up runs, which ranks reach seconds apart after compiling), the GEMM and
-    SGLang's TP all-reduce; anything else is traced as SGLang's own forward."""
+    """Under torch.compile a layer whose shape the profile fuses at some row count becomes
+    torch.ops.artune.sglang_row_linear in one graph (no graph break), decided from what every
+    rank traces alike; the op chooses when it runs: the fused kernel inside a capture at the
+    rows the profile fuses, else the GEMM and SGLang's TP all-reduce (SGLang's warm-up runs,
+    which ranks reach seconds apart after compiling). Anything else is traced as SGLang's own
+    forward."""
     import torch
 
     comm = _FakeComm()
-    _fused_setup(monkeypatch, comm, mode="graph", switch="auto")
-    reduced: list[Any] = []
-    monkeypatch.setattr(linear_hook, "_TP_ALL_REDUCE",
-                        [lambda y: reduced.append(y.shape) or 2 * y])
+    _fused_setup(monkeypatch, comm, mode="graph", switch="auto", dtype="bfloat16")
+    reduced = _linear_module(monkeypatch)
     layer = _row_module()
     f, graphs = _compiled(lambda x: layer(x)[0] + 1)
-    y = f(torch.ones(3, 4))  # 3 rows: fused in the profile, run inside a capture
-    assert torch.equal(y, torch.full((3, 8), 9.0)) and comm.calls == 1 and not reduced
+    y = f(_bf16(3, 4))  # 3 rows: fused in the profile, inside a capture
+    assert torch.equal(y, _bf16_full((3, 8), 9.0)) and comm.calls == 1 and not reduced
     assert comm.params == (16, 64, 8, 2) and _has_fused_op(graphs)
     monkeypatch.setattr(plugin, "current_mode", lambda: "eager")  # the same graph, warm-up
-    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 9.0))
-    assert comm.calls == 1 and reduced == [torch.Size((3, 8))] and len(graphs) == 1
+    assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 9.0))
+    assert comm.calls == 1 and reduced == [(3, 8)] and len(graphs) == 1
     monkeypatch.setattr(plugin, "current_mode", lambda: "graph")
-    y = f(torch.ones(9, 4))  # 9 rows: unfused in the profile (a new trace: static shapes)
-    assert torch.equal(y, torch.full((9, 8), 105.0)) and comm.calls == 1
-    assert len(graphs) == 2 and not _has_fused_op(graphs[1:])
+    y = f(_bf16(9, 4))  # 9 rows: unfused in the profile, the op's GEMM + all-reduce
+    assert torch.equal(y, _bf16_full((9, 8), 9.0)) and comm.calls == 1
+    assert reduced == [(3, 8), (9, 8)] and len(graphs) == 2 and _has_fused_op(graphs[1:])
+
+    # dynamic shapes (SGLang's piecewise prefill graphs): the row count is symbolic while
+    # tracing, and the op decides per call
+    torch._dynamo.reset()
+    g = torch.compile(lambda x: layer(x)[0], backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.equal(g(_bf16(5, 4)), _bf16_full((5, 8), 8.0)) and comm.calls == 2
+    assert torch.equal(g(_bf16(70, 4)), _bf16_full((70, 8), 8.0)) and comm.calls == 2
+    assert reduced[-1] == (70, 8)
 
     refused: list[tuple[str, Any, Any]] = [
-        ("a layer with bias", _row_module(bias=torch.zeros(8)), None),
-        ("a quantized layer", _row_module(quant_method=object()), None),
-        ("no all-reduce", _row_module(reduce_results=False), None),
-        ("skip_all_reduce", _row_module(), True),
+        ("a layer with bias", _row_module(bias=torch.zeros(8)), {}),
+        ("a quantized layer", _row_module(quant_method=object()), {}),
+        ("no all-reduce", _row_module(reduce_results=False), {}),
+        ("skip_all_reduce", _row_module(), {"skip_all_reduce": True}),
+        ("another weight dtype", _row_module(weight=torch.nn.Parameter(
+            torch.ones(8, 4, dtype=torch.float64), requires_grad=False)), {}),
+        ("an extend batch, quantized all-reduce unknown", _row_module(),
+         {"forward_batch": types.SimpleNamespace(forward_mode=_Mode(decode=False))}),
     ]
-    for why, lay, skip in refused:
-        f, graphs = _compiled(lambda x, lay=lay, skip=skip: (
-            lay(x, skip)[0] if skip is not None else lay(x)[0]))
-        assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0)), why
+    for why, lay, kwargs in refused:
+        f, graphs = _compiled(lambda x, lay=lay, kwargs=kwargs: lay(x, **kwargs)[0])
+        assert torch.equal(f(_bf16(3, 4)).float(), torch.full((3, 8), 104.0)), why
         assert not _has_fused_op(graphs), why
-    monkeypatch.setattr(linear_hook, "_SKIP_ALL_REDUCE", [lambda: True])  # SGLang's flag
-    f, graphs = _compiled(lambda x: layer(x)[0])
-    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
+    for decode, quant in ((True, True), (False, False)):  # SGLang's all-reduce not quantized
+        _linear_module(monkeypatch, quant_comms=quant)
+        batch = types.SimpleNamespace(forward_mode=_Mode(decode))
+        f, graphs = _compiled(lambda x, batch=batch: layer(x, forward_batch=batch)[0])
+        assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 8.0)) and _has_fused_op(graphs)
+    _linear_module(monkeypatch, quant_comms=True)  # an extend batch all-reduced quantized
+    batch = types.SimpleNamespace(forward_mode=_Mode(decode=False))
+    f, graphs = _compiled(lambda x: layer(x, forward_batch=batch)[0])
+    assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))
     assert not _has_fused_op(graphs)
-    monkeypatch.setattr(linear_hook, "_SKIP_ALL_REDUCE", [])
+    calls = comm.calls
+    reduced = _linear_module(monkeypatch)
+    linear_hook._LINEAR_MODULE[0].should_skip_mlp_all_reduce = lambda: True  # SGLang's flag
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))
+    assert not _has_fused_op(graphs)
+    reduced = _linear_module(monkeypatch)
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
     f, graphs = _compiled(lambda x: layer(x)[0])
-    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
+    assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))
     assert not _has_fused_op(graphs)
-    _fused_setup(monkeypatch, None, mode="graph", switch="auto")  # NVRAR not built
+    # NVRAR not built
+    _fused_setup(monkeypatch, None, mode="graph", switch="auto", dtype="bfloat16")
     f, graphs = _compiled(lambda x: layer(x)[0])
-    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
-    assert comm.calls == 1 and not _has_fused_op(graphs)
-    # ARTUNE_FUSED_LINEAR=1: fused at the defaults up to ARTUNE_FUSED_LINEAR_ROWS
+    assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))
+    assert comm.calls == calls and not _has_fused_op(graphs)
+    monkeypatch.setattr(linear_hook, "_LINEAR_MODULE", [])  # the hook was not registered
+    _fused_setup(monkeypatch, comm, mode="graph", switch="auto", dtype="bfloat16")
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))
+    assert not _has_fused_op(graphs)
+
+    # ARTUNE_FUSED_LINEAR=1: any shape, fused at the defaults up to ARTUNE_FUSED_LINEAR_ROWS;
+    # two layers of different shapes in one graph
     from artune.kernels.nvrar import LINEAR_DEFAULTS
 
-    _fused_setup(monkeypatch, comm, mode="graph", switch="1")
-    f, graphs = _compiled(lambda x: layer(x)[0])
-    f(torch.ones(16, 4))
-    assert comm.calls == 2 and comm.params == tuple(LINEAR_DEFAULTS[p] for p in (
+    reduced = _linear_module(monkeypatch)
+    _fused_setup(monkeypatch, comm, mode="graph", switch="1", dtype="bfloat16")
+    down = _row_module(weight=torch.nn.Parameter(_bf16(4, 8), requires_grad=False))
+    f, graphs = _compiled(lambda x: down(layer(x)[0])[0])
+    assert torch.equal(f(_bf16(16, 4)), _bf16_full((16, 4), 128.0))
+    assert comm.calls == calls + 2 and comm.params == tuple(LINEAR_DEFAULTS[p] for p in (
         "block_n", "block_k", "warps", "stages"))
-    assert torch.equal(f(torch.ones(17, 4)), torch.full((17, 8), 104.0)) and comm.calls == 2
-    monkeypatch.setattr(linear_hook, "_TP_ALL_REDUCE", [])  # the hook was not registered
-    f, graphs = _compiled(lambda x: layer(x)[0])
-    assert torch.equal(f(torch.ones(3, 4)), torch.full((3, 8), 104.0))
-    assert not _has_fused_op(graphs)
-    monkeypatch.setattr(linear_hook, "_TP_ALL_REDUCE", [lambda y: 2 * y])
+    assert sum(n.target is torch.ops.artune.sglang_row_linear.default
+               or n.target is torch.ops.artune.sglang_row_linear
+               for gm in graphs for n in gm.graph.nodes) == 2
+    assert torch.equal(f(_bf16(17, 4)), _bf16_full((17, 4), 128.0))  # 17 rows: unfused
+    assert comm.calls == calls + 2 and reduced == [(17, 8), (17, 4)]
 
-    # the compiled graph outlives NVRAR (closed): a named error, never SGLang's path silently
+    # the compiled graph outlives NVRAR (closed): logged, the GEMM and the TP all-reduce
+    logged: list[str] = []
+    monkeypatch.setattr(plugin, "log_once", lambda key, msg, *a: logged.append(msg))
     f, graphs = _compiled(lambda x: layer(x)[0])
-    f(torch.ones(2, 4))
+    f(_bf16(2, 4))
     plugin._ROUTES["tp:0"].router.backends["nvrar"].closed = True
-    with pytest.raises(RuntimeError, match="artune::sglang_row_linear: NVRAR is not built"):
-        f(torch.ones(2, 4))
+    assert torch.equal(f(_bf16(2, 4)), _bf16_full((2, 8), 8.0))
+    assert comm.calls == calls + 3 and reduced[-1] == (2, 8)
+    assert any("NVRAR is not built" in m for m in logged)
     torch._dynamo.reset()
 
 
 def test_fused_linear_custom_op_schema_and_fake() -> None:
     """torch.library's own checks of the op (schema, fake implementation, autograd
-    registration), with a stand-in comm."""
+    registration), with a stand-in comm: inside a capture (the fused kernel) and outside one
+    (the GEMM and the TP all-reduce)."""
     import torch
 
     comm = _FakeComm()
     mp = pytest.MonkeyPatch()
     try:
-        _fused_setup(mp, comm, mode="graph", switch="auto")
-        torch.library.opcheck(torch.ops.artune.sglang_row_linear.default,
-                              (torch.randn(3, 4), torch.randn(8, 4), 16, 64, 8, 2))
+        _fused_setup(mp, comm, mode="graph", switch="auto", dtype="bfloat16")
+        reduced = _linear_module(mp)
+        args = (torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16))
+        torch.library.opcheck(torch.ops.artune.sglang_row_linear.default, args)
+        assert comm.calls >= 1 and not reduced
+        mp.setattr(plugin, "current_mode", lambda: "eager")
+        torch.library.opcheck(torch.ops.artune.sglang_row_linear.default, args)
+        assert reduced
     finally:
         mp.undo()
-    assert comm.calls >= 1
 
 
 def test_fused_linear_hook_is_registered_where_the_layer_exists(monkeypatch) -> None:

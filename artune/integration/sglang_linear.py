@@ -7,13 +7,14 @@ the profile ask for it, and its set-up after ``initialize_model_parallel`` calls
 ``agree_fused_linear`` on the TP group; the hook (``_around_row_linear``) then decides per call
 from what every rank sees alike (``_fused_linear``).
 
-Under torch.compile the hook decides once, while the graph is traced (``_traced_row_linear``:
-shapes are static there, and the profile, the switch and NVRAR are fixed after set-up), and a
-layer it fuses becomes one call of the custom op ``torch.ops.artune.sglang_row_linear``. That
-op runs the fused kernel inside a CUDA-graph capture, and outside one (SGLang's warm-up runs of
-the compiled graph) the GEMM and SGLang's TP all-reduce, as the uncompiled hook does: ranks
-reach a warm-up run seconds apart when they compile at different speeds, longer than NVRAR's
-bounded waits.
+Under torch.compile (``_traced_row_linear``) the hook decides, while the graph is traced, whether
+a layer's shape may run fused (the switch, the profile's linear section, NVRAR built), and such
+a layer becomes one call of the custom op ``torch.ops.artune.sglang_row_linear``. The op makes
+the rest of the choice when it runs, from the row count and the capture state: inside a
+CUDA-graph capture the fused kernel where the profile fuses those rows, otherwise the GEMM and
+SGLang's TP all-reduce (as the uncompiled hook; SGLang's warm-up runs of a compiled graph are
+not captured, and ranks that compiled at different speeds reach them seconds apart, longer than
+NVRAR's bounded waits). Row counts may be symbolic (dynamic shapes) while tracing.
 """
 
 from __future__ import annotations
@@ -34,12 +35,10 @@ __all__ = ["ROW_LINEAR", "profile_fuses_linear", "register_fused_linear", "agree
 ROW_LINEAR = "sglang.srt.layers.linear.RowParallelLinear.forward"
 #: [True] once RowParallelLinear.forward is hooked in this process (``register_fused_linear``)
 _FUSED_HOOKED: list[bool] = []
-#: SGLang's ``should_skip_mlp_all_reduce`` (where its linear module has one), looked up when the
-#: hook is registered, so the traced path calls it as SGLang's own forward does
-_SKIP_ALL_REDUCE: list[Callable[[], bool]] = []
-#: The TP all-reduce SGLang's linear module calls (``tensor_model_parallel_all_reduce``), looked
-#: up when the hook is registered: the compiled op's path outside a capture
-_TP_ALL_REDUCE: list[Callable[[Any], Any]] = []
+#: [SGLang's linear module] once the hook is registered: the traced path and the compiled op
+#: call its ``should_skip_mlp_all_reduce``, ``get_exec`` and ``tensor_model_parallel_all_reduce``
+#: as SGLang's own forward does, looked up at each use (another plugin may rebind them)
+_LINEAR_MODULE: list[Any] = []
 
 
 def profile_fuses_linear(path: str) -> bool:
@@ -73,11 +72,7 @@ def register_fused_linear() -> None:
         return
     HookRegistry.register(ROW_LINEAR, _around_row_linear, HookType.AROUND)
     _FUSED_HOOKED[:] = [True]
-    module = pkgutil.resolve_name(owner.rpartition(".")[0])
-    skip = getattr(module, "should_skip_mlp_all_reduce", None)
-    _SKIP_ALL_REDUCE[:] = [skip] if callable(skip) else []
-    reduce = getattr(module, "tensor_model_parallel_all_reduce", None)
-    _TP_ALL_REDUCE[:] = [reduce] if callable(reduce) else []
+    _LINEAR_MODULE[:] = [pkgutil.resolve_name(owner.rpartition(".")[0])]
     if envs.get("ARTUNE_FUSED_LINEAR") == "on":
         logger.info("artune: ARTUNE_FUSED_LINEAR=1: row-parallel linear layers of at most %d "
                     "rows run as one NVRAR kernel inside CUDA graphs",
@@ -135,13 +130,33 @@ def _plain_call(layer: Any, x: Any, rest: tuple[Any, ...], kwargs: Mapping[str, 
     extra = dict(zip(_ROW_LINEAR_ARGS, rest, strict=False))
     extra.update((k, v) for k, v in kwargs.items() if k != "input_")
     if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
-            or not set(extra) <= set(_ROW_LINEAR_ARGS)):
+            or not set(extra) <= set(_ROW_LINEAR_ARGS)
+            or _quantized_all_reduce(extra.get("forward_batch"))):
         return False
     return bool(getattr(layer, "reduce_results", False) and getattr(layer, "tp_size", 1) > 1
                 and getattr(layer, "input_is_parallel", False) and layer.bias is None
                 and not getattr(layer, "use_dp_attention_reduce", False)
                 and not getattr(layer, "use_decode_attn_tp", False)
                 and type(layer.quant_method).__name__ == "UnquantizedLinearMethod")
+
+
+def _quantized_all_reduce(forward_batch: Any) -> bool:
+    """Whether SGLang's forward would all-reduce this call quantized: a batch that is not
+    decode (or idle) while its quantized communications are on (unknown, without SGLang's
+    linear module: assumed so)."""
+    mode = getattr(forward_batch, "forward_mode", None)
+    if mode is None or mode.is_decode_or_idle():
+        return False
+    get_exec = getattr(_LINEAR_MODULE[0], "get_exec", None) if _LINEAR_MODULE else None
+    return get_exec is None or bool(get_exec().comm.enable_quant_communications)
+
+
+def _skips_all_reduce() -> bool:
+    """SGLang's ``should_skip_mlp_all_reduce()`` (the decoder's flag), False where its linear
+    module has none."""
+    skip = getattr(_LINEAR_MODULE[0], "should_skip_mlp_all_reduce", None) if _LINEAR_MODULE \
+        else None
+    return bool(skip()) if callable(skip) else False
 
 
 def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
@@ -155,24 +170,27 @@ def _fused_linear(layer: Any, x: Any, rest: tuple[Any, ...],
     and row count the profile's linear section runs fused (ARTUNE_FUSED_LINEAR=1: any of at
     most ARTUNE_FUSED_LINEAR_ROWS rows, at the defaults). The cheap tests come first: eager
     prefill calls pass here too."""
-    from artune.kernels.nvrar import LINEAR_MAX_ROWS
-
-    switch = envs.get("ARTUNE_FUSED_LINEAR")
-    if switch == "off" or not isinstance(x, torch.Tensor) or x.dim() != 2 or not (
-            1 <= x.shape[0] <= (envs.get("ARTUNE_FUSED_LINEAR_ROWS") if switch == "on"
-                                else LINEAR_MAX_ROWS)):
+    if envs.get("ARTUNE_FUSED_LINEAR") == "off" or not isinstance(x, torch.Tensor) or (
+            x.dim() != 2 or not 1 <= x.shape[0] <= _max_rows()):
         return None
     if not _plain_call(layer, x, rest, kwargs):
         return None
     if not plugin._TP_GROUP or torch.compiler.is_compiling() or plugin.current_mode() != "graph":
         return None
-    import sys
-
-    skip = getattr(sys.modules.get(type(layer).__module__), "should_skip_mlp_all_reduce", None)
-    if callable(skip) and skip():
+    if _skips_all_reduce():
         return None
     n, k = layer.weight.shape
     return _linear_choice(x, layer.weight, k, n)
+
+
+def _max_rows() -> int:
+    """The most rows a fused call takes: ARTUNE_FUSED_LINEAR_ROWS with the switch on, else the
+    kernel's bound (the profile says which of those run fused)."""
+    from artune.kernels.nvrar import LINEAR_MAX_ROWS
+
+    if envs.get("ARTUNE_FUSED_LINEAR") == "on":
+        return int(envs.get("ARTUNE_FUSED_LINEAR_ROWS"))
+    return LINEAR_MAX_ROWS
 
 
 def _linear_choice(x: Any, weight: Any, k: int, n: int) -> tuple[Any, dict[str, int]] | None:
@@ -228,66 +246,59 @@ def _tp_comm() -> Any:
 def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: tuple[Any, ...],
                        kwargs: Mapping[str, Any]) -> Any:
     """The hook while torch.compile traces RowParallelLinear.forward: a call ``_plain_call``
-    takes, whose shape and row count the profile fuses (``_traced_choice``, asked once per
-    traced shape), becomes ``torch.ops.artune.sglang_row_linear``; anything else is traced as
-    SGLang's own forward. The choice depends only on what every rank traces alike."""
-    if _TP_ALL_REDUCE and _plain_call(layer, x, args[1:], kwargs) and not (
-            _SKIP_ALL_REDUCE and _SKIP_ALL_REDUCE[0]()):
+    takes, of a layer shape the profile fuses at some row count (``_traced_shape_fuses``), becomes
+    ``torch.ops.artune.sglang_row_linear``, which chooses by row count and capture state when it
+    runs; anything else is traced as SGLang's own forward. The choice depends only on what every
+    rank traces alike."""
+    if _LINEAR_MODULE and _plain_call(layer, x, args[1:], kwargs) and not _skips_all_reduce():
         n, k = layer.weight.shape
-        params = _traced_choice(str(x.dtype).removeprefix("torch."), x.shape[0], k, n,
-                                layer.weight.is_contiguous())
-        if params is not None:
-            y = torch.ops.artune.sglang_row_linear(x, layer.weight, *params)
+        if _traced_shape_fuses(str(x.dtype).removeprefix("torch."),
+                               str(layer.weight.dtype).removeprefix("torch."), k, n,
+                               layer.weight.is_contiguous()):
+            y = torch.ops.artune.sglang_row_linear(x, layer.weight)
             return y, (layer.bias if layer.skip_bias_add else None)
     return original(layer, *args, **kwargs)
 
 
 @torch.compiler.assume_constant_result
-def _traced_choice(dtype: str, rows: int, k: int, n: int,
-                   weight_contiguous: bool) -> tuple[int, int, int, int] | None:
-    """(block_n, block_k, warps, stages) of the fused kernel for a traced call of ``rows``
-    rows of ``dtype`` times a [N, K] weight, or None: ``_fused_linear``'s decision without the
-    capture state (the op checks that when it runs). Called with constants only, while
-    tracing; its result is a constant of the graph."""
-    from artune.kernels.nvrar import LINEAR_MAX_ROWS
+def _traced_shape_fuses(dtype: str, weight_dtype: str, k: int, n: int,
+                        weight_contiguous: bool) -> bool:
+    """Whether a [rows, K] ``dtype`` input times a [N, K] ``weight_dtype`` weight runs fused at
+    some row count: the switch (1: any shape), the profile's linear section, NVRAR built on the
+    TP group. Called with constants only (the weight's shape, never the row count, which may be
+    symbolic), while tracing; its result is a constant of the graph: the profile, the switch and
+    NVRAR are fixed once the TP group is set up."""
+    from artune.profile import select_linear
 
     switch = envs.get("ARTUNE_FUSED_LINEAR")
-    if switch == "off" or not weight_contiguous or not plugin._TP_GROUP or not (
-            1 <= rows <= (envs.get("ARTUNE_FUSED_LINEAR_ROWS") if switch == "on"
-                          else LINEAR_MAX_ROWS)):
-        return None
-    dt = getattr(torch, dtype, None)
-    if not isinstance(dt, torch.dtype):
-        return None
-    x = torch.empty(rows, k, dtype=dt, device="meta")
-    chosen = _linear_choice(x, torch.empty(n, k, dtype=dt, device="meta"), k, n)
-    if chosen is None:
-        return None
-    params = chosen[1]
-    return params["block_n"], params["block_k"], params["warps"], params["stages"]
+    route = plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
+    if (switch == "off" or route is None or dtype != weight_dtype or not weight_contiguous
+            or dtype not in ("bfloat16", "float16") or _tp_comm() is None):
+        return False
+    return switch == "on" or any(select_linear(route.profile, dtype, k, n, rows) is not None
+                                 for rows in range(1, _max_rows() + 1))
 
 
 @torch.library.custom_op("artune::sglang_row_linear", mutates_args=())
-def sglang_row_linear(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int,
-                      warps: int, stages: int) -> torch.Tensor:
+def sglang_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A row-parallel linear layer of the plugin's TP group and its all-reduce: the sum over the
-    group of ``x @ weight.T``. Inside a CUDA-graph capture one NVRAR kernel
-    (``NvrarComm.linear_all_reduce``); outside one, the GEMM and SGLang's TP all-reduce (every
-    rank alike: the capture state is the same on every rank)."""
-    if plugin.current_mode() != "graph":
-        return _TP_ALL_REDUCE[0](torch.nn.functional.linear(x, weight))
-    comm = _tp_comm()
-    if comm is None:
-        raise RuntimeError(
-            "artune::sglang_row_linear: NVRAR is not built (or closed) on the TP group this "
-            "compiled graph was traced for; set ARTUNE_FUSED_LINEAR=0 to trace the linear "
-            "layers unfused")
-    if plugin._TRACE is not None:
-        plugin._trace(plugin._TP_GROUP[0], x, "nvrar (fused linear)")
-    return comm.linear_all_reduce(x, weight, None, block_n, block_k, warps, stages)
+    group of ``x @ weight.T``. Inside a CUDA-graph capture, where the profile's linear section
+    fuses this shape and row count (``_linear_choice``, as the uncompiled hook), one NVRAR
+    kernel (``NvrarComm.linear_all_reduce``); otherwise the GEMM and SGLang's TP all-reduce.
+    The capture state, the shapes and the profile are alike on every rank, so is the choice.
+    Inference only (no autograd formula: SGLang runs its forward under no_grad)."""
+    if plugin.current_mode() == "graph" and 1 <= x.shape[0] <= _max_rows():
+        chosen = _linear_choice(x, weight, weight.shape[1], weight.shape[0])
+        if chosen is not None:
+            comm, params = chosen
+            if plugin._TRACE is not None:
+                plugin._trace(plugin._TP_GROUP[0], x, "nvrar (fused linear)")
+            return comm.linear_all_reduce(x, weight, None, params["block_n"], params["block_k"],
+                                          params["warps"], params["stages"])
+    return _LINEAR_MODULE[0].tensor_model_parallel_all_reduce(
+        torch.nn.functional.linear(x, weight))
 
 
 @sglang_row_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, block_n: int, block_k: int, warps: int,
-      stages: int) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))

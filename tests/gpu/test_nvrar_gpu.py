@@ -712,7 +712,8 @@ def _compiled_linear(ctx: Any) -> list[str]:
         dist.all_reduce(y, group=ctx.group)
         return y
 
-    hook._TP_ALL_REDUCE[:] = [tp_all_reduce]
+    hook._LINEAR_MODULE[:] = [types.SimpleNamespace(  # SGLang's linear module, as the hook uses it
+        tensor_model_parallel_all_reduce=tp_all_reduce, should_skip_mlp_all_reduce=lambda: False)]
 
     class Row(torch.nn.Module):
         def __init__(self, k: int, n: int, seed: int) -> None:
@@ -780,7 +781,9 @@ def _compiled_linear(ctx: Any) -> list[str]:
     finally:
         plugin._ROUTES.pop("tp", None)
         plugin._TP_GROUP[:] = []
-        hook._TP_ALL_REDUCE[:] = []
+        hook._LINEAR_MODULE[:] = []
+        for name in ("ARTUNE_FUSED_LINEAR", "ARTUNE_FUSED_LINEAR_ROWS"):
+            os.environ.pop(name, None)
         be.close()
     return failures
 
