@@ -247,6 +247,137 @@ def _scenario_watch(tp: Any, out: dict[str, Any]) -> None:
         out["faulty"] = str(exc)
 
 
+def _stand_in_linear_module() -> None:
+    """``sglang.srt.layers.linear`` as the fused-linear hook sees it, for SGLang releases whose
+    module cannot be imported here (it needs transformers): RowParallelLinear with 0.5.17's
+    forward (the unquantized GEMM, then, unless skipped, SGLang's real
+    ``tensor_model_parallel_all_reduce``, or its quantized one for non-decode batches when
+    quantized communications are on, here the same sum plus 1000 so that it shows), the MLP-skip
+    flag and ``get_exec``."""
+    import sys
+
+    import torch
+    from sglang.srt.distributed import tensor_model_parallel_all_reduce
+
+    mod = types.ModuleType("sglang.srt.layers.linear")
+    state = types.SimpleNamespace(skip=False, comm=types.SimpleNamespace(
+        enable_quant_communications=True))
+
+    class UnquantizedLinearMethod:  # noqa: N801 - SGLang's name
+        def apply(self, layer: Any, x: Any, bias: Any = None) -> Any:
+            return torch.nn.functional.linear(x, layer.weight, bias)
+
+    class RowParallelLinear(torch.nn.Module):
+        def __init__(self, k: int, n: int, tp_size: int) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(n, k, dtype=torch.bfloat16),
+                                             requires_grad=False)
+            self.register_parameter("bias", None)
+            self.input_is_parallel, self.reduce_results, self.tp_size = True, True, tp_size
+            self.use_dp_attention_reduce = self.use_decode_attn_tp = self.skip_bias_add = False
+            self.quant_method = UnquantizedLinearMethod()
+
+        def forward(self, input_: Any, skip_all_reduce: bool = False, forward_batch: Any = None,
+                    output_tensor: Any = None) -> Any:
+            out = self.quant_method.apply(self, input_, bias=None)
+            if self.reduce_results and not skip_all_reduce and not should_skip_mlp_all_reduce():
+                quant = (forward_batch is not None
+                         and not forward_batch.forward_mode.is_decode_or_idle()
+                         and get_exec().comm.enable_quant_communications)
+                out = tensor_model_parallel_all_reduce(out)
+                if quant:
+                    out = out + 1000
+            return out, None
+
+    def should_skip_mlp_all_reduce() -> bool:
+        return state.skip
+
+    def get_exec() -> Any:
+        return state
+
+    for obj in (UnquantizedLinearMethod, RowParallelLinear):
+        obj.__module__ = mod.__name__
+    mod.__dict__.update(RowParallelLinear=RowParallelLinear, state=state,
+                        UnquantizedLinearMethod=UnquantizedLinearMethod,
+                        should_skip_mlp_all_reduce=should_skip_mlp_all_reduce, get_exec=get_exec,
+                        tensor_model_parallel_all_reduce=tensor_model_parallel_all_reduce)
+    sys.modules[mod.__name__] = mod
+
+
+def _scenario_linear_compile(tp: Any, rank: int, out: dict[str, Any]) -> None:
+    """Two row-parallel layers of SGLang's shape (the stand-in module), hooked through SGLang's
+    real HookRegistry, under torch.compile(fullgraph=True): inside a "capture" the custom op runs
+    the fused kernel (a stand-in that sums over the group with gloo and counts), outside one
+    SGLang's real TP all-reduce; an extend batch that SGLang all-reduces quantized keeps SGLang's
+    forward. bf16 values are small integers, so every sum is exact."""
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    from artune.integration import sglang_linear
+
+    out["fused_hooked"] = bool(sglang_linear._FUSED_HOOKED)
+    mod = sys.modules["sglang.srt.layers.linear"]
+    out["forward_wrapped"] = hasattr(mod.RowParallelLinear.forward, "__wrapped__")
+
+    class SumComm:  # stands in for NvrarComm.linear_all_reduce on CPU
+        calls = 0
+
+        def linear_problem(self, *args: Any) -> None:
+            return None
+
+        def linear_all_reduce(self, x: Any, w: Any, out_: Any, *params: int) -> Any:
+            SumComm.calls += 1
+            y = x @ w.t()
+            dist.all_reduce(y, group=tp.cpu_group)
+            return y
+
+    route = plugin.routes()[tp.unique_name]
+    route.router.backends["nvrar"] = types.SimpleNamespace(comm=SumComm(), closed=False)
+    mode = ["graph"]
+    plugin.current_mode = lambda: mode[0]
+
+    class Mode:
+        def __init__(self, decode: bool) -> None:
+            self.decode = decode
+
+        def is_decode_or_idle(self) -> bool:
+            return self.decode
+
+    o_proj = mod.RowParallelLinear(64, 128, tp.world_size)
+    down_proj = mod.RowParallelLinear(32, 16, tp.world_size)
+
+    def block(x: Any, batch: Any) -> Any:
+        h, _ = o_proj(x, forward_batch=batch)
+        return down_proj(h[:, :32] / h[0, 0], False, batch)[0]
+
+    graphs: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        from torch._dynamo.backends.common import aot_autograd
+
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    f = torch.compile(block, backend=backend, fullgraph=True, dynamic=False)
+    x = torch.full((4, 64), float(rank + 1), dtype=torch.bfloat16)
+    decode = types.SimpleNamespace(forward_mode=Mode(True))
+    y = f(x, decode)  # inside a "capture": fused
+    out["captured"] = [y.float().unique().tolist(), SumComm.calls]
+    mode[0] = "eager"  # a warm-up run: SGLang's all-reduce
+    y = f(x, decode)
+    out["warm_up"] = [y.float().unique().tolist(), SumComm.calls]
+    op = torch.ops.artune.sglang_row_linear
+    out["ops_in_graph"] = sum(n.target in (op, op.default) for n in graphs[0].graph.nodes)
+    mode[0] = "graph"
+    extend = types.SimpleNamespace(forward_mode=Mode(False))
+    graphs.clear()
+    y = torch.compile(block, backend=backend, fullgraph=True, dynamic=False)(x, extend)
+    out["extend_quantized"] = [y.float().unique().tolist(), SumComm.calls,
+                               sum(n.target in (op, op.default) for n in graphs[0].graph.nodes)]
+
+
 def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: str) -> None:
     """One TP rank: load the plugin as SGLang does, build SGLang's groups, run ``scenario``."""
     import logging
@@ -268,6 +399,8 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
 
         if scenario == "missing_hook":
             del ps.GroupCoordinator._all_reduce_in_place  # as in a release without it
+        if scenario == "linear_compile":
+            _stand_in_linear_module()
         load_plugins()
         out["hooked"] = hasattr(ps.GroupCoordinator._resolve_outplace_all_reduce_method,
                                 "__wrapped__")
@@ -299,6 +432,9 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
             return
         if scenario == "watch":
             _scenario_watch(tp, out)
+            return
+        if scenario == "linear_compile":
+            _scenario_linear_compile(tp, rank, out)
             return
         _scenario_serve(tp, rank, out)
         try:
@@ -535,6 +671,25 @@ def test_a_profile_that_fuses_linear_layers_hooks_them_on_every_rank_alike(
     plain = _write_profile(tmp_path / "plain.json")
     for r in _run(current, tmp_path, "linear", env={"ARTUNE_PROFILE": str(plain)}, timeout_s=90):
         assert r.get("error") is None and r["fused_hooked"] is False, r
+
+
+def test_fused_linear_layers_under_torch_compile_through_sglangs_hook_registry(
+        current: str, tmp_path: Path) -> None:
+    """ARTUNE_FUSED_LINEAR=1 with SGLang's real HookRegistry and TP group (gloo) and a stand-in
+    of its linear module: a compiled block of two row-parallel layers traces both into
+    torch.ops.artune.sglang_row_linear without a graph break, runs the fused kernel (stand-in)
+    inside a "capture" and SGLang's real TP all-reduce outside one, with the same sums on every
+    rank; an extend batch that SGLang all-reduces quantized keeps SGLang's forward."""
+    path = _write_profile(tmp_path / "p.json")
+    res = _run(current, tmp_path, "linear_compile", timeout_s=150,
+               env={"ARTUNE_PROFILE": str(path), "ARTUNE_FUSED_LINEAR": "1"})
+    for r in res:
+        assert r.get("error") is None, r.get("traceback")
+        assert r["fused_hooked"] and r["forward_wrapped"], r
+        # o_proj: 64 ones times (1 + 2) summed over the ranks, normalised; down_proj: 32 x 2
+        assert r["captured"] == [[64.0], 2] and r["ops_in_graph"] == 2, r
+        assert r["warm_up"] == [[64.0], 2], r  # SGLang's all-reduce, no fused call
+        assert r["extend_quantized"] == [[1064.0], 2, 0], r
 
 
 def test_one_rank_without_a_readable_profile_fails_every_rank(current: str,
