@@ -9,12 +9,13 @@ every rank posts its object and waits for all of them, then posts "done" and wai
 those. One verdict key decides the outcome, set once (``compare_set``): "ok" by the first rank
 that sees every "done", or "rank r gave up: ..." by the first rank whose time ran out; every
 rank acts on the value the store holds, so all of them return or all of them raise, even when
-a rank gives up just as the last one arrives. Each object travels with the caller's ``what``:
-ranks in different agreements (one skipped a call) raise the same error instead of pairing
-the wrong objects. The sequence number of an agreement is counted in the store (it resets
-with the store). Bounded by the store's own timeout instead: a store whose server stops
-answering without closing the connection (a frozen host). Groups without a store (none
-known to torch) fall back to a monitored barrier and ``all_gather_object``."""
+a rank gives up just as the last one arrives; global rank 0, whose process holds the store's
+server, then waits until its peers have read that value (``_leave``). Each object travels
+with the caller's ``what``: ranks in different agreements (one skipped a call) raise the same
+error instead of pairing the wrong objects. The sequence number of an agreement is counted
+in the store (it resets with the store). Bounded by the store's own timeout instead: a store
+whose server stops answering without closing the connection (a frozen host). Groups without a
+store (none known to torch) fall back to a monitored barrier and ``all_gather_object``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from artune import envs
 __all__ = ["gather"]
 
 _POLL_S = (0.001, 0.05)  # first and longest pause between two looks at the store
+_LINGER_S = 5.0  # the store's host waits at most this for its peers to read the verdict
 
 
 class _GaveUp(Exception):
@@ -81,6 +83,7 @@ def gather(group: Any, obj: Any, what: str, error: type[Exception] = RuntimeErro
         v = wait([f"{prefix}/done/{r}" for r in ranks])
         if v == "ok":  # all done: commit, unless a rank gave up first
             v = store.compare_set(verdict, "", "ok").decode()
+        _leave(store, prefix, ranks, me)
         if v != "ok":
             raise _GaveUp(f"{head}: {v}")
     except _GaveUp as exc:
@@ -94,10 +97,29 @@ def gather(group: Any, obj: Any, what: str, error: type[Exception] = RuntimeErro
             f"rank {r} in {w!r}" for r, (w, _) in zip(ranks, posted, strict=True)))
     if seq:  # every rank has finished seq-1 (it posted obj for seq): drop its keys
         for k in (f"artune/agree/{seq - 1}/obj/{me}", f"artune/agree/{seq - 1}/done/{me}",
-                  f"artune/agree/{seq - 1}/verdict"):
+                  f"artune/agree/{seq - 1}/left/{me}", f"artune/agree/{seq - 1}/verdict"):
             with contextlib.suppress(Exception):  # a store without deletion keeps them
                 store.delete_key(k)
     return [o for _, o in posted]
+
+
+def _leave(store: Any, prefix: str, ranks: list[int], me: int) -> None:
+    """This rank has read the verdict. The store's server lives in global rank 0's process
+    (torch's default rendezvous), which may exit as soon as it returns (a failed set-up): it
+    first waits, at most _LINGER_S, until every rank that reached the last phase has read the
+    verdict too, so that none of them loses the store before reading the outcome every rank
+    shares. Never raises: the outcome is decided already."""
+    with contextlib.suppress(Exception):
+        store.set(f"{prefix}/left/{me}", b"1")
+        if me != 0:
+            return
+        end = time.monotonic() + _LINGER_S
+        pause = _POLL_S[0]
+        while time.monotonic() < end and any(
+                store.check([f"{prefix}/done/{r}"]) and not store.check([f"{prefix}/left/{r}"])
+                for r in ranks):
+            time.sleep(pause)
+            pause = min(2 * pause, _POLL_S[1])
 
 
 def _store(group: Any) -> Any:

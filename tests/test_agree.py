@@ -88,3 +88,46 @@ def test_ranks_in_different_agreements_raise_the_same_error() -> None:
     for msg, rank in ((r0["a"], 0), (r1["b"], 1)):
         assert msg.startswith(f"artune: rank {rank}: step ")
         assert "ranks are out of step: rank 0 in 'step A'; rank 1 in 'step B'" in msg
+
+
+def _host_leaves_at_once(rank: int, world: int) -> tuple[str, Any]:
+    """Rank 1 is slow to read the verdict (it sleeps before its first look after posting
+    'done'); rank 0, whose process holds the store's server, returns and tears its process
+    group down at once (run_gloo's worker), as a rank whose set-up failed does."""
+    import torch.distributed as dist
+
+    from artune import agree
+
+    real = agree._store
+
+    class SlowReader:
+        def __init__(self, store: Any) -> None:
+            self.store, self.done = store, False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.store, name)
+
+        def set(self, key: str, value: Any) -> None:
+            self.store.set(key, value)
+            self.done = self.done or "/done/" in key
+
+        def check(self, keys: list[str]) -> bool:
+            if rank == 1 and self.done and "/verdict" in keys[0]:
+                self.done = False
+                time.sleep(1.0)  # rank 0 has returned by now
+            return bool(self.store.check(keys))
+
+    agree._store = lambda g: SlowReader(real(g))  # type: ignore[assignment]
+    group = dist.new_group([0, 1], backend="gloo")
+    try:
+        return ("ok", agree.gather(group, rank, "leave"))
+    except RuntimeError as exc:
+        return ("error", str(exc))
+
+
+def test_the_store_host_waits_until_its_peers_read_the_verdict() -> None:
+    """Rank 0 returns first; its peer still reads the shared outcome from the store (before,
+    it lost the store with rank 0's process and raised "the exchange failed" while rank 0
+    returned: the same agreement, two outcomes)."""
+    r0, r1 = run_gloo(_host_leaves_at_once, 2, timeout_s=90)
+    assert r0 == r1 == ("ok", [0, 1]), (r0, r1)

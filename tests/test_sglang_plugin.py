@@ -247,44 +247,56 @@ def _scenario_watch(tp: Any, out: dict[str, Any]) -> None:
         out["faulty"] = str(exc)
 
 
-def _stand_in_linear_module() -> None:
+def _stand_in_linear_module(version: str) -> None:
     """``sglang.srt.layers.linear`` as the fused-linear hook sees it, for SGLang releases whose
-    module cannot be imported here (it needs transformers): RowParallelLinear with 0.5.17's
-    forward (the unquantized GEMM, then, unless skipped, SGLang's real
-    ``tensor_model_parallel_all_reduce``, or its quantized one for non-decode batches when
-    quantized communications are on, here the same sum plus 1000 so that it shows), the MLP-skip
-    flag and ``get_exec``."""
+    module cannot be imported here (it needs transformers): RowParallelLinear with that release's
+    forward (the unquantized GEMM, then, unless skipped, the TP all-reduce: SGLang's real one; or
+    its quantized one for non-decode batches when quantized communications are on, here the same
+    sum plus 1000 so that it shows), the MLP-skip flag, ``get_exec``, and in 0.5.23 the layer's
+    group (no ``tp_size``) and ``get_forward`` (sequence parallelism)."""
     import sys
 
     import torch
     from sglang.srt.distributed import tensor_model_parallel_all_reduce
 
     mod = types.ModuleType("sglang.srt.layers.linear")
-    state = types.SimpleNamespace(skip=False, comm=types.SimpleNamespace(
+    state = types.SimpleNamespace(skip=False, sp_active=False, comm=types.SimpleNamespace(
         enable_quant_communications=True))
+    by_group = version != "0.5.17"
 
-    class UnquantizedLinearMethod:  # noqa: N801 - SGLang's name
+    class UnquantizedLinearMethod:
         def apply(self, layer: Any, x: Any, bias: Any = None) -> Any:
             return torch.nn.functional.linear(x, layer.weight, bias)
 
     class RowParallelLinear(torch.nn.Module):
-        def __init__(self, k: int, n: int, tp_size: int) -> None:
+        def __init__(self, k: int, n: int, tp: Any, parallel_group: str | None = None) -> None:
             super().__init__()
             self.weight = torch.nn.Parameter(torch.ones(n, k, dtype=torch.bfloat16),
                                              requires_grad=False)
             self.register_parameter("bias", None)
-            self.input_is_parallel, self.reduce_results, self.tp_size = True, True, tp_size
+            self.input_is_parallel, self.reduce_results = True, True
             self.use_dp_attention_reduce = self.use_decode_attn_tp = self.skip_bias_add = False
             self.quant_method = UnquantizedLinearMethod()
+            if by_group:
+                self.tp_group, self.parallel_group = tp, parallel_group
+            else:
+                self.tp_size = tp.world_size
 
         def forward(self, input_: Any, skip_all_reduce: bool = False, forward_batch: Any = None,
                     output_tensor: Any = None) -> Any:
+            tp_size = self.tp_group.world_size if by_group else self.tp_size
+            if by_group and state.sp_active and tp_size > 1:
+                raise AssertionError("sequence parallelism: a reduce-scatter, not this test's")
             out = self.quant_method.apply(self, input_, bias=None)
-            if self.reduce_results and not skip_all_reduce and not should_skip_mlp_all_reduce():
+            if (self.reduce_results and tp_size > 1 and not skip_all_reduce
+                    and not should_skip_mlp_all_reduce()):
                 quant = (forward_batch is not None
                          and not forward_batch.forward_mode.is_decode_or_idle()
                          and get_exec().comm.enable_quant_communications)
-                out = tensor_model_parallel_all_reduce(out)
+                if by_group and self.parallel_group == "tp":
+                    out = self.tp_group.all_reduce(out)
+                else:
+                    out = tensor_model_parallel_all_reduce(out)
                 if quant:
                     out = out + 1000
             return out, None
@@ -295,12 +307,17 @@ def _stand_in_linear_module() -> None:
     def get_exec() -> Any:
         return state
 
+    def get_forward() -> Any:
+        return state
+
     for obj in (UnquantizedLinearMethod, RowParallelLinear):
         obj.__module__ = mod.__name__
     mod.__dict__.update(RowParallelLinear=RowParallelLinear, state=state,
                         UnquantizedLinearMethod=UnquantizedLinearMethod,
                         should_skip_mlp_all_reduce=should_skip_mlp_all_reduce, get_exec=get_exec,
                         tensor_model_parallel_all_reduce=tensor_model_parallel_all_reduce)
+    if by_group:
+        mod.get_forward = get_forward
     sys.modules[mod.__name__] = mod
 
 
@@ -345,8 +362,8 @@ def _scenario_linear_compile(tp: Any, rank: int, out: dict[str, Any]) -> None:
         def is_decode_or_idle(self) -> bool:
             return self.decode
 
-    o_proj = mod.RowParallelLinear(64, 128, tp.world_size)
-    down_proj = mod.RowParallelLinear(32, 16, tp.world_size)
+    o_proj = mod.RowParallelLinear(64, 128, tp)
+    down_proj = mod.RowParallelLinear(32, 16, tp, parallel_group="tp")
 
     def block(x: Any, batch: Any) -> Any:
         h, _ = o_proj(x, forward_batch=batch)
@@ -376,6 +393,13 @@ def _scenario_linear_compile(tp: Any, rank: int, out: dict[str, Any]) -> None:
     y = torch.compile(block, backend=backend, fullgraph=True, dynamic=False)(x, extend)
     out["extend_quantized"] = [y.float().unique().tolist(), SumComm.calls,
                                sum(n.target in (op, op.default) for n in graphs[0].graph.nodes)]
+    if hasattr(mod, "get_forward"):  # 0.5.23: sequence parallelism keeps SGLang's forward
+        mod.state.sp_active = True
+        graphs.clear()
+        try:
+            torch.compile(block, backend=backend, fullgraph=True, dynamic=False)(x, decode)
+        except Exception as exc:  # noqa: BLE001 - the stand-in's reduce-scatter refusal
+            out["sequence_parallel"] = [type(exc).__name__, "reduce-scatter" in str(exc)]
 
 
 def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: str) -> None:
@@ -400,7 +424,7 @@ def worker(rank: int, world: int, port: int, version: str, tmp: str, scenario: s
         if scenario == "missing_hook":
             del ps.GroupCoordinator._all_reduce_in_place  # as in a release without it
         if scenario == "linear_compile":
-            _stand_in_linear_module()
+            _stand_in_linear_module(version)
         load_plugins()
         out["hooked"] = hasattr(ps.GroupCoordinator._resolve_outplace_all_reduce_method,
                                 "__wrapped__")
@@ -674,14 +698,15 @@ def test_a_profile_that_fuses_linear_layers_hooks_them_on_every_rank_alike(
 
 
 def test_fused_linear_layers_under_torch_compile_through_sglangs_hook_registry(
-        current: str, tmp_path: Path) -> None:
+        version: str, tmp_path: Path) -> None:
     """ARTUNE_FUSED_LINEAR=1 with SGLang's real HookRegistry and TP group (gloo) and a stand-in
-    of its linear module: a compiled block of two row-parallel layers traces both into
+    of the release's linear module (0.5.17: layers by tp_size; 0.5.23: by group, with sequence
+    parallelism): a compiled block of two row-parallel layers traces both into
     torch.ops.artune.sglang_row_linear without a graph break, runs the fused kernel (stand-in)
     inside a "capture" and SGLang's real TP all-reduce outside one, with the same sums on every
     rank; an extend batch that SGLang all-reduces quantized keeps SGLang's forward."""
     path = _write_profile(tmp_path / "p.json")
-    res = _run(current, tmp_path, "linear_compile", timeout_s=150,
+    res = _run(version, tmp_path, "linear_compile", timeout_s=150,
                env={"ARTUNE_PROFILE": str(path), "ARTUNE_FUSED_LINEAR": "1"})
     for r in res:
         assert r.get("error") is None, r.get("traceback")
@@ -690,6 +715,8 @@ def test_fused_linear_layers_under_torch_compile_through_sglangs_hook_registry(
         assert r["captured"] == [[64.0], 2] and r["ops_in_graph"] == 2, r
         assert r["warm_up"] == [[64.0], 2], r  # SGLang's all-reduce, no fused call
         assert r["extend_quantized"] == [[1064.0], 2, 0], r
+        if version != "0.5.17":  # layers by group: sequence parallelism reached SGLang's forward
+            assert r["sequence_parallel"][1], r
 
 
 def test_one_rank_without_a_readable_profile_fails_every_rank(current: str,
@@ -1151,6 +1178,27 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
     assert linear_hook._fused_linear(layer, x, (False, decode), {}) == (comm, LINEAR_DEFAULTS)
     _linear_module(monkeypatch, quant_comms=False)
     assert linear_hook._fused_linear(layer, x, (False, extend), {}) == (comm, LINEAR_DEFAULTS)
+    assert linear_hook._fused_linear(layer, x, (False, None, None, "more"), {}) is None
+    # SGLang 0.5.23's layers: no tp_size, a group (TP, attention TP or replicated) instead
+    tp = types.SimpleNamespace(unique_name="tp:0", world_size=2)
+
+    def layer_023(**over: Any) -> Any:
+        lay = _layer(**{"tp_group": tp, "parallel_group": None, **over})
+        del lay.tp_size
+        return lay
+
+    for lay in (layer_023(), layer_023(parallel_group="tp")):
+        assert linear_hook._fused_linear(lay, x, (), {}) == (comm, LINEAR_DEFAULTS)
+    for lay in (layer_023(parallel_group="attn_tp"), layer_023(parallel_group="replicated"),
+                layer_023(tp_group=types.SimpleNamespace(unique_name="attn_tp:0", world_size=2)),
+                layer_023(tp_group=types.SimpleNamespace(unique_name="tp:0", world_size=1)),
+                layer_023(tp_group=None)):
+        assert linear_hook._fused_linear(lay, x, (), {}) is None, lay
+    sequence_parallel = types.SimpleNamespace(sp_active=True)
+    linear_hook._LINEAR_MODULE[0].get_forward = lambda: sequence_parallel
+    assert linear_hook._fused_linear(layer_023(), x, (), {}) is None
+    sequence_parallel.sp_active = False
+    assert linear_hook._fused_linear(layer_023(), x, (), {}) == (comm, LINEAR_DEFAULTS)
 
     # the setting's bound is the kernel's
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS))
@@ -1313,9 +1361,14 @@ def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
     reduced = _linear_module(monkeypatch)
     layer = _row_module()
     f, graphs = _compiled(lambda x: layer(x)[0] + 1)
+    traced: list[str] = []
+    monkeypatch.setattr(plugin, "_TRACE", {})
+    monkeypatch.setattr(plugin, "_trace", lambda group, x, backend: traced.append(backend))
     y = f(_bf16(3, 4))  # 3 rows: fused in the profile, inside a capture
     assert torch.equal(y, _bf16_full((3, 8), 9.0)) and comm.calls == 1 and not reduced
     assert comm.params == (16, 64, 8, 2) and _has_fused_op(graphs)
+    assert traced == ["nvrar (fused linear)"]  # the route trace counts compiled fused calls
+    monkeypatch.setattr(plugin, "_TRACE", None)
     monkeypatch.setattr(plugin, "current_mode", lambda: "eager")  # the same graph, warm-up
     assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 9.0))
     assert comm.calls == 1 and reduced == [(3, 8)] and len(graphs) == 1
@@ -1363,6 +1416,12 @@ def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
     assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))
     assert not _has_fused_op(graphs)
     reduced = _linear_module(monkeypatch)
+    for mode in ("reduce-overhead", "max-autotune"):  # inductor's own CUDA graphs
+        monkeypatch.setenv("SGLANG_TORCH_COMPILE_MODE", mode)
+        f, graphs = _compiled(lambda x: layer(x)[0])
+        assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))
+        assert not _has_fused_op(graphs), mode
+    monkeypatch.delenv("SGLANG_TORCH_COMPILE_MODE")
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR", "0")
     f, graphs = _compiled(lambda x: layer(x)[0])
     assert torch.equal(f(_bf16(3, 4)), _bf16_full((3, 8), 104.0))

@@ -20,6 +20,7 @@ NVRAR's bounded waits). Row counts may be symbolic (dynamic shapes) while tracin
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -123,21 +124,47 @@ _ROW_LINEAR_ARGS = ("skip_all_reduce", "forward_batch", "output_tensor")
 def _plain_call(layer: Any, x: Any, rest: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     """Whether this RowParallelLinear call is one the fused kernel can stand in for: a 2-D
     contiguous input, no argument that changes the call (skip_all_reduce, output_tensor, one
-    this hook does not know), an unquantized layer without bias that all-reduces over the TP
-    group. Attribute reads only, so torch.compile traces it as SGLang's own forward."""
+    this hook does not know), an unquantized layer without bias that all-reduces over the
+    plugin's TP group (``_tp_layer``), not a batch SGLang all-reduces quantized or
+    reduce-scatters (sequence parallelism). Attribute reads only, so torch.compile traces it as
+    SGLang's own forward."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_contiguous():
+        return False
+    if len(rest) > len(_ROW_LINEAR_ARGS):
         return False
     extra = dict(zip(_ROW_LINEAR_ARGS, rest, strict=False))
     extra.update((k, v) for k, v in kwargs.items() if k != "input_")
     if (extra.get("skip_all_reduce") or extra.get("output_tensor") is not None
-            or not set(extra) <= set(_ROW_LINEAR_ARGS)
-            or _quantized_all_reduce(extra.get("forward_batch"))):
+            or not set(extra) <= set(_ROW_LINEAR_ARGS)):
         return False
-    return bool(getattr(layer, "reduce_results", False) and getattr(layer, "tp_size", 1) > 1
-                and getattr(layer, "input_is_parallel", False) and layer.bias is None
-                and not getattr(layer, "use_dp_attention_reduce", False)
-                and not getattr(layer, "use_decode_attn_tp", False)
-                and type(layer.quant_method).__name__ == "UnquantizedLinearMethod")
+    if not (getattr(layer, "reduce_results", False) and _tp_layer(layer)
+            and getattr(layer, "input_is_parallel", False) and layer.bias is None
+            and not getattr(layer, "use_dp_attention_reduce", False)
+            and not getattr(layer, "use_decode_attn_tp", False)
+            and type(layer.quant_method).__name__ == "UnquantizedLinearMethod"):
+        return False
+    return not (_quantized_all_reduce(extra.get("forward_batch")) or _sequence_parallel())
+
+
+def _tp_layer(layer: Any) -> bool:
+    """Whether the layer is split over more than one rank of the plugin's TP group: its
+    ``tp_size`` (SGLang 0.5.17), or its ``tp_group`` and ``parallel_group`` (0.5.23, whose
+    layers may also belong to the attention-TP group or be replicated)."""
+    size = getattr(layer, "tp_size", None)
+    if size is not None:
+        return bool(size > 1)
+    group = getattr(layer, "tp_group", None)
+    if getattr(layer, "parallel_group", None) not in (None, "tp") or group is None:
+        return False
+    return bool(plugin._TP_GROUP and getattr(group, "unique_name", None) == plugin._TP_GROUP[0]
+                and getattr(group, "world_size", 1) > 1)
+
+
+def _sequence_parallel() -> bool:
+    """Whether SGLang reduce-scatters row-parallel outputs instead (its sequence parallelism,
+    ``get_forward().sp_active``, 0.5.23; False where its linear module has no such state)."""
+    get_forward = getattr(_LINEAR_MODULE[0], "get_forward", None) if _LINEAR_MODULE else None
+    return bool(get_forward().sp_active) if get_forward is not None else False
 
 
 def _quantized_all_reduce(forward_batch: Any) -> bool:
@@ -260,6 +287,10 @@ def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: t
     return original(layer, *args, **kwargs)
 
 
+#: torch.compile modes in which inductor records CUDA graphs of its own
+_INDUCTOR_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 @torch.compiler.assume_constant_result
 def _traced_shape_fuses(dtype: str, weight_dtype: str, k: int, n: int,
                         weight_contiguous: bool) -> bool:
@@ -274,6 +305,15 @@ def _traced_shape_fuses(dtype: str, weight_dtype: str, k: int, n: int,
     route = plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
     if (switch == "off" or route is None or dtype != weight_dtype or not weight_contiguous
             or dtype not in ("bfloat16", "float16") or _tp_comm() is None):
+        return False
+    mode = os.environ.get("SGLANG_TORCH_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    if mode in _INDUCTOR_GRAPH_MODES:
+        plugin.log_once(
+            "sglang:fused-linear:inductor-graphs",
+            f"artune: SGLANG_TORCH_COMPILE_MODE={mode} makes inductor record its own CUDA graphs, "
+            f"which would replay the fused kernel in SGLang's uncaptured warm-up runs (ranks "
+            f"arrive there seconds apart); the compiled linear layers stay unfused",
+            logging.WARNING)
         return False
     return switch == "on" or any(select_linear(route.profile, dtype, k, n, rows) is not None
                                  for rows in range(1, _max_rows() + 1))
