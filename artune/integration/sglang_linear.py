@@ -109,12 +109,16 @@ def _around_row_linear(original: Callable[..., Any], self: Any, *args: Any,
     fused = _fused_linear(self, x, args[1:], kwargs)
     if fused is None:
         return original(self, *args, **kwargs)
-    comm, params = fused
+    return _run_fused(*fused, x, self.weight), (self.bias if self.skip_bias_add else None)
+
+
+def _run_fused(comm: Any, params: Mapping[str, int], x: Any, weight: Any) -> Any:
+    """The fused kernel on the TP group (``_linear_choice``'s comm and parameters), noted in the
+    route trace when one is kept."""
     if plugin._TRACE is not None:
         plugin._trace(plugin._TP_GROUP[0], x, "nvrar (fused linear)")
-    return (comm.linear_all_reduce(x, self.weight, None, params["block_n"], params["block_k"],
-                                   params["warps"], params["stages"]),
-            (self.bias if self.skip_bias_add else None))
+    return comm.linear_all_reduce(x, weight, None, params["block_n"], params["block_k"],
+                                  params["warps"], params["stages"])
 
 
 #: RowParallelLinear.forward's arguments after the input, in order (SGLang 0.5.17 and 0.5.23).
@@ -227,7 +231,7 @@ def _linear_choice(x: Any, weight: Any, k: int, n: int) -> tuple[Any, dict[str, 
     from artune.kernels.nvrar import LINEAR_DEFAULTS
     from artune.profile import select_linear
 
-    route = plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
+    route = _tp_route()
     if route is None:
         return None
     params = (dict(LINEAR_DEFAULTS) if envs.get("ARTUNE_FUSED_LINEAR") == "on"
@@ -259,9 +263,14 @@ def _linear_choice(x: Any, weight: Any, k: int, n: int) -> tuple[Any, dict[str, 
     return comm, params
 
 
+def _tp_route() -> Any:
+    """The plugin's route of the TP group (its profile and router), or None before set-up."""
+    return plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
+
+
 def _tp_comm() -> Any:
     """NVRAR's comm on the TP group, or None where it is not built (or closed)."""
-    route = plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
+    route = _tp_route()
     be = route.router.backends.get("nvrar") if route is not None else None
     return getattr(be, "comm", None) if be is not None and not be.closed else None
 
@@ -302,7 +311,7 @@ def _traced_shape_fuses(dtype: str, weight_dtype: str, k: int, n: int,
     from artune.profile import select_linear
 
     switch = envs.get("ARTUNE_FUSED_LINEAR")
-    route = plugin._ROUTES.get(plugin._TP_GROUP[0]) if plugin._TP_GROUP else None
+    route = _tp_route()
     if (switch == "off" or route is None or dtype != weight_dtype or not weight_contiguous
             or dtype not in ("bfloat16", "float16") or _tp_comm() is None):
         return False
@@ -330,11 +339,7 @@ def sglang_row_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if plugin.current_mode() == "graph" and 1 <= x.shape[0] <= _max_rows():
         chosen = _linear_choice(x, weight, weight.shape[1], weight.shape[0])
         if chosen is not None:
-            comm, params = chosen
-            if plugin._TRACE is not None:
-                plugin._trace(plugin._TP_GROUP[0], x, "nvrar (fused linear)")
-            return comm.linear_all_reduce(x, weight, None, params["block_n"], params["block_k"],
-                                          params["warps"], params["stages"])
+            return _run_fused(*chosen, x, weight)
     return _LINEAR_MODULE[0].tensor_model_parallel_all_reduce(
         torch.nn.functional.linear(x, weight))
 
