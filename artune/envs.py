@@ -89,6 +89,13 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "all-reduce (group, graph/eager, dtype, size, calls), after every CUDA-graph capture. "
         "Unset (default): nothing is counted.",
     ),
+    "ARTUNE_GRAPH_TIMES": (
+        None,
+        str,
+        "Folder: each SGLang process with the plugin (with or without a profile) times every "
+        "CUDA-graph replay on the GPU and appends it there (artune/integration/graph_times.py). "
+        "Unset (default): nothing is timed.",
+    ),
     "ARTUNE_STRICT": (
         True,
         _flag,

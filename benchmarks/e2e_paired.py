@@ -30,17 +30,48 @@ from typing import Any
 
 def batch_row(bs: int, reps: list[dict[str, Any]], n: int) -> dict[str, Any]:
     """A batch size's numbers from its reps: each rep's step is (t_N - median t_1) / (N - 1)
-    (written into the rep), then their median, spread and the throughputs."""
+    (written into the rep), then their median, spread and the throughputs; and where every rep
+    has one (``attach_graph_times``), the median of the reps' decode-graph GPU times."""
     t1_med = statistics.median(r["t1_s"] for r in reps)
     for r in reps:
         r["step_ms"] = (r["tn_s"] - t1_med) / (n - 1) * 1e3
     steps = [r["step_ms"] for r in reps]
     med = statistics.median(steps)
     tn_med = statistics.median(r["tn_s"] for r in reps)
-    return {
+    row = {
         "batch": bs, "reps": reps, "step_ms": med, "spread_ms": max(steps) - min(steps),
         "decode_tok_s": bs / (med / 1e3), "e2e_tok_s": bs * n / tn_med,
     }
+    graph = [r.get("graph_ms") for r in reps]
+    if graph and all(g is not None for g in graph):
+        row["graph_ms"] = statistics.median(graph)
+        row["graph_spread_ms"] = max(graph) - min(graph)
+    return row
+
+
+def graph_folder(model_dir: str | os.PathLike[str], config: str) -> str:
+    """Where a config's engine writes its graph replays' GPU times (``ARTUNE_GRAPH_TIMES``)."""
+    return os.path.join(model_dir, "graph-times", config)
+
+
+#: Seconds to let the engines' graph-time writers catch up before reading (twice their period).
+GRAPH_TIMES_LAG_S = 0.6
+
+
+def attach_graph_times(reps: list[dict[str, Any]], folder: str | None) -> list[dict[str, Any]]:
+    """Into each rep with a ``win_ns`` window: the decode graphs' GPU time of its N-token call
+    (``artune.integration.graph_times.window_stats``: ``graph_ms``, the fastest rank's median
+    replay, and ``graph_ms_max``, ``replays``), read from ``folder``; reps without replays in
+    their window (graphs off, or a plugin that did not load) get none. Returns ``reps``."""
+    if not folder or not os.path.isdir(folder):
+        return reps
+    from artune.integration.graph_times import read_folder, window_stats
+
+    series = read_folder(folder)
+    for r in reps:
+        if "win_ns" in r:
+            r.update(window_stats(series, *r["win_ns"]) or {})
+    return reps
 
 
 def echo_log(stream: Any, notes: list[str]) -> None:
@@ -80,6 +111,7 @@ class Served:
     def __init__(self, config: str, cmd: list[str], env: dict[str, str]) -> None:
         r, w = os.pipe()
         self.config = config
+        self.graph_times = env.get("ARTUNE_GRAPH_TIMES")  # attach_graph_times reads it
         self.notes: list[str] = []
         self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.proc = spawn_worker([*cmd, "--result-fd", str(w)], env, stdin=subprocess.PIPE,
@@ -183,10 +215,21 @@ def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float
             f"not resolved ({len(pct)} rounds: too few for a {level:.0%} interval)")
     first = [x for x, bf in zip(pct, base_first, strict=False) if bf]
     second = [x for x, bf in zip(pct, base_first, strict=False) if not bf]
-    return {"rounds": len(pct), "pct": pct, "median_pct": statistics.median(pct),
-            "interval_pct": [low, high], "coverage": cover, "verdict": says,
-            "base_first_median_pct": statistics.median(first) if first else None,
-            "test_first_median_pct": statistics.median(second) if second else None}
+    out = {"rounds": len(pct), "pct": pct, "median_pct": statistics.median(pct),
+           "interval_pct": [low, high], "coverage": cover, "verdict": says,
+           "base_first_median_pct": statistics.median(first) if first else None,
+           "test_first_median_pct": statistics.median(second) if second else None}
+    graph = [(rb.get("graph_ms"), rt.get("graph_ms"))
+             for rb, rt in zip(base_row["reps"], test_row["reps"], strict=True)]
+    if graph and all(b is not None and t is not None for b, t in graph):
+        # the same rounds, the decode graphs' GPU time instead of the wall-clock step
+        g = [(t / b - 1) * 100 for b, t in graph]
+        g_low, g_high, _ = median_ci(g, level)
+        out["graph"] = {"pct": g, "median_pct": statistics.median(g),
+                        "interval_pct": [g_low, g_high],
+                        "verdict": (verdict(g_low, g_high, band) if cover >= level else
+                                    says)}
+    return out
 
 
 def round_order(names: tuple[str, ...] | list[str], r: int) -> list[str]:
@@ -297,13 +340,17 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
                 results[n]["artune_log"] = served[n].notes
                 results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
         rows: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
+        if any(getattr(s, "graph_times", None) for s in served.values()):
+            time.sleep(GRAPH_TIMES_LAG_S)  # the last rep's replays on disk
         for bs in args.batch_sizes:
             rounds = min(len(reps[n][bs]) for n in names)
             if not rounds:
                 continue
             for n in names:
-                rows[n][bs] = batch_row(bs, [dict(r) for r in reps[n][bs][:rounds]],
-                                        args.new_tokens)
+                folder = getattr(served.get(n), "graph_times", None)
+                rows[n][bs] = batch_row(
+                    bs, attach_graph_times([dict(r) for r in reps[n][bs][:rounds]], folder),
+                    args.new_tokens)
                 results[n]["batches"].append(rows[n][bs])
         paired = {"engines": list(names), "band_pct": args.band,
                   "pairs": pairs_stats(names, rows, artune, args.band)}
@@ -392,6 +439,12 @@ def paired_lines(doc: dict[str, Any]) -> list[str]:
             lines.append(f"    bs{bs}: {st['median_pct']:+.2f}% [{low:+.2f}, {high:+.2f}] "
                          f"({st['coverage']:.1%}, {st['rounds']} rounds) -> {st['verdict']}"
                          f"{sign_note(low, high, st['verdict'])}")
+            g = st.get("graph")
+            if g:
+                g_low, g_high = g["interval_pct"]
+                lines.append(f"      decode graph GPU time: {g['median_pct']:+.2f}% "
+                             f"[{g_low:+.2f}, {g_high:+.2f}] -> {g['verdict']}"
+                             f"{sign_note(g_low, g_high, g['verdict'])}")
     return lines
 
 

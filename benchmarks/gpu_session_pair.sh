@@ -40,7 +40,7 @@ case "${GEMM:-}" in
     *) echo "GEMM=$GEMM: only GEMM=aten is known"; exit 1 ;;
 esac
 if [ "${TESTS:-1}" = 1 ]; then
-    step tests 200 python3 -m pytest -q -rs tests/gpu/test_ops_gpu.py tests/gpu/test_nvrar_gpu.py \
+    step tests 200 python3 -m pytest -q -rs tests/gpu/test_ops_gpu.py tests/gpu/test_nvrar_gpu.py tests/test_graph_times.py \
         -k "${TESTS_K:-setup_serves or times_out}"
     grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
 fi

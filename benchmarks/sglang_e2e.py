@@ -115,9 +115,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_paired import (  # noqa: E402
+    GRAPH_TIMES_LAG_S,
     Served,
+    attach_graph_times,
     batch_row,
     echo_log,
+    graph_folder,
     kill_worker,
     paired_lines,
     run_paired,
@@ -291,11 +294,15 @@ def _generate(engine: Any, prompts: list[list[int]], tokens: int) -> float:
     return dt
 
 
-def _one_rep(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, float]:
-    """One timed rep: the 1-token call, then the N-token call."""
+def _one_rep(engine: Any, args: argparse.Namespace, bs: int) -> dict[str, Any]:
+    """One timed rep: the 1-token call, then the N-token call; ``win_ns``: the N-token call's
+    time window on the host's monotonic clock, whose graph replays ``attach_graph_times``
+    takes."""
     prompts = _prompts(bs, args.input_len)
     t1 = _generate(engine, prompts, 1)
-    return {"t1_s": t1, "tn_s": _generate(engine, prompts, args.new_tokens)}
+    start = time.monotonic_ns()
+    tn = _generate(engine, prompts, args.new_tokens)
+    return {"t1_s": t1, "tn_s": tn, "win_ns": [start, time.monotonic_ns()]}
 
 
 def _warm(engine: Any, args: argparse.Namespace, bs: int) -> None:
@@ -360,6 +367,12 @@ def worker(args: argparse.Namespace) -> int:
                   f"(spread {row['spread_ms']:.3f})", flush=True)
             result["batches"].append(row)
             save()  # the timings done so far survive a timeout or a failing check below
+        folder = os.environ.get("ARTUNE_GRAPH_TIMES")
+        if folder:  # each rep's decode graphs' GPU time (graph_times)
+            time.sleep(GRAPH_TIMES_LAG_S)
+            result["batches"] = [batch_row(b["batch"], attach_graph_times(b["reps"], folder),
+                                           args.new_tokens) for b in result["batches"]]
+            save()
         try:
             _set_norms(engine)
             result["norms"] = {"layers": NORM_WEIGHT, "final": FINAL_NORM_WEIGHT}
@@ -537,6 +550,12 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             row += (f"  {b['step_ms']:8.3f} ({b['spread_ms']:.3f}) {b['decode_tok_s']:8.0f}"
                     if b else f"  {'-':>27}")
         lines.append(row + (f"   ERROR {r['error']}" if r.get("error") else ""))
+    for name, r in runs.items():
+        graph = {b["batch"]: b["graph_ms"] for b in r.get("batches", []) if "graph_ms" in b}
+        if graph:
+            lines.append(f"{name}: decode graph GPU ms/step (the fastest rank's median replay, "
+                         "median over reps): " + "  ".join(
+                             f"bs{bs} {ms:.3f}" for bs, ms in sorted(graph.items())))
     if doc.get("compile_env"):
         lines.append("compile settings: "
                      + " ".join(f"{k}={v}" for k, v in doc["compile_env"].items()))
@@ -704,6 +723,8 @@ def _worker_env(args: argparse.Namespace, config: str, model_dir: str) -> dict[s
                 args.profile, Path(model_dir), only=CONFIGS[config].get("only"),
                 drop=CONFIGS[config].get("drop"))
     env.update(CONFIGS[config].get("env", {}))
+    # every engine, artune's or not, times its decode graphs on the GPU (graph_times)
+    env["ARTUNE_GRAPH_TIMES"] = str(graph_folder(model_dir, config))
     return env
 
 

@@ -28,7 +28,8 @@ def _paired() -> Any:
 
 def _clock_both(monkeypatch: pytest.MonkeyPatch, mod: Any, clock: list[float]) -> None:
     """A stand-in clock in sglang_e2e.py and in its paired part."""
-    fake = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0])
+    fake = SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0],
+                           monotonic_ns=lambda: int(clock[0] * 1e9), sleep=lambda s: None)
     monkeypatch.setattr(mod, "time", fake)
     monkeypatch.setattr(_paired(), "time", fake)
 
@@ -48,7 +49,8 @@ def test_one_slow_prefill_call_does_not_move_its_reps_decode_step(
             clock[0] += next(prefills) if n == 1 else 0.030 + 0.0025 * (n - 1)
             return [{"output_ids": [0] * n} for _ in input_ids]
 
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic_ns=lambda: int(clock[0] * 1e9)))
     args = argparse.Namespace(new_tokens=257, input_len=8, reps=5)
     res = mod._time_batch(Engine(), args, bs=4)
     steps = [r["step_ms"] for r in res["reps"]]
@@ -203,7 +205,8 @@ def test_serve_answers_each_command_and_goes_on_after_a_failing_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     mod = _module()
     clock = [0.0]
-    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(mod, "time", SimpleNamespace(perf_counter=lambda: clock[0],
+                                                     monotonic_ns=lambda: int(clock[0] * 1e9)))
     _no_check(monkeypatch, mod)
     args = argparse.Namespace(new_tokens=101, input_len=4)
     engine = _StepEngine(clock, 2.0, fail_at=4)
@@ -815,3 +818,85 @@ def test_a_paired_worker_that_does_not_stop_takes_what_it_started_with_it(
     served.close(timeout=0)
     assert served.proc.returncode is not None
     assert _gone(sleeper)
+
+
+class _GraphEngine(_StepEngine):
+    """A ``_StepEngine`` whose wall-clock steps wander by up to ±6 % from call to call (a busy
+    host's scheduler) while its decode graphs take ``gpu_ms`` on the GPU, written as two TP
+    ranks' replays into ``folder`` (graph_times' format): rank 1 launched first and waits
+    0.3 ms per replay for rank 0 inside the graph."""
+
+    def __init__(self, clock: list[float], step_ms: float, gpu_ms: float, folder: Path,
+                 phase: float) -> None:
+        super().__init__(clock, step_ms)
+        self.gpu_ms, self.folder, self.phase = gpu_ms, folder, phase
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any],
+                 **_: Any) -> list[dict[str, Any]]:
+        import math
+
+        n = sampling_params["max_new_tokens"]
+        t0 = self.clock[0] + 0.030
+        wander = 1 + 0.06 * math.sin(1.7 * self.calls + self.phase)
+        self.step_ms, base = self.step_ms * wander, self.step_ms
+        try:
+            out = super().generate(input_ids, sampling_params)
+        finally:
+            self.step_ms = base
+        step_s = (self.clock[0] - t0) / max(n - 1, 1)
+        for rank, wait_us in ((0, 0.0), (1, 300.0)):
+            with (self.folder / f"graph-times-pid{100 + rank}.txt").open("a") as f:
+                for i in range(n - 1):
+                    t_ns = int((t0 + i * step_s) * 1e9)
+                    f.write(f"{t_ns} 7 {self.gpu_ms * 1e3 + wait_us + (i % 3):.2f}\n")
+        return out
+
+
+def test_paired_run_resolves_the_decode_graphs_gpu_time_where_the_wall_clock_cannot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Wall-clock steps of both engines wander by ±6 % (not resolved against ±1 %); artune's
+    decode graphs take 1.75 ms on the GPU against default's 1.80 (-2.8 %): each rep gets its
+    window's replays (the fastest rank's median), and the same rounds resolve "faster by more
+    than 1 %" on the GPU time, in the statistics, the batch rows and the summary lines."""
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    _no_check(monkeypatch, mod)
+    args = _paired_args(batch_sizes=[4], reps=12)
+    folders = {n: Path(_paired().graph_folder(tmp_path, n)) for n in ("default", "artune")}
+    engines = {"default": _GraphEngine(clock, 2.0, 1.80, folders["default"], 0.0),
+               "artune": _GraphEngine(clock, 2.0, 1.75, folders["artune"], 2.0)}
+
+    class Served(_FakeServed):
+        def __init__(self, name: str) -> None:
+            super().__init__(name, mod, args, engines[name])
+            self.graph_times = str(folders[name])
+
+    results, paired = mod.run_paired(args, ("default", "artune"), Served, deadline=None,
+                                     artune={"artune"})
+    st = _pair(paired)["by_batch"]["4"]
+    assert st["verdict"].startswith("not resolved")
+    g = st["graph"]
+    assert g["median_pct"] == pytest.approx((1.75 / 1.80 - 1) * 100, abs=0.01)
+    assert g["verdict"] == "faster by more than 1%"
+    row = results["artune"]["batches"][0]
+    assert row["graph_ms"] == pytest.approx(1.751)  # rank 0's median, not rank 1's
+    rep = row["reps"][0]
+    assert rep["replays"] == 100 and rep["processes"] == 2
+    assert rep["graph_ms_max"] == pytest.approx(2.051)
+    lines = mod.paired_lines({"paired": paired})
+    assert any("decode graph GPU time: -2.78%" in x and "faster by more than 1%" in x
+               for x in lines)
+    doc = {"tp": 2, "card": {"gpu": "g", "gpus": 2}, "date": "d", "reps": 12,
+           "new_tokens": 101, "configs": results, "paired": paired}
+    assert any(x.startswith("artune: decode graph GPU ms/step") and "bs4 1.751" in x
+               for x in mod._summarize(doc, 0.05))
+
+
+def test_the_engines_are_told_where_to_time_their_graphs(tmp_path: Path) -> None:
+    mod = _module()
+    args = argparse.Namespace(profile=str(tmp_path / "p.json"))
+    for config in ("default", "artune"):
+        env = mod._worker_env(args, config, str(tmp_path))
+        assert env["ARTUNE_GRAPH_TIMES"] == os.path.join(tmp_path, "graph-times", config)

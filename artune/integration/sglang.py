@@ -7,8 +7,9 @@ Run it the way users do (``artune launch`` sets ARTUNE_PROFILE and the no-multic
 
 SGLang finds ``register`` through the entry point ``artune`` in the group
 ``sglang.srt.plugins`` and calls it first thing in every process (one scheduler per TP rank).
-Without ARTUNE_PROFILE it logs one line and does nothing. With a profile it registers, through
-SGLang's ``HookRegistry``:
+Without ARTUNE_PROFILE it logs one line and does nothing (the measuring aid
+``ARTUNE_GRAPH_TIMES``, ``graph_times``, works with or without a profile). With a profile it
+registers, through SGLang's ``HookRegistry``:
 
 - AFTER ``initialize_model_parallel``: for the TP group (and the attention-TP group when it is a
   different group of the profile's size) check the profile against the live topology, prove over
@@ -157,6 +158,11 @@ def register() -> None:
         logger.info("artune SGLang plugin: disabled by ARTUNE_DISABLE=1; SGLang keeps its own "
                     "all-reduce")
         return
+    times = envs.get("ARTUNE_GRAPH_TIMES")
+    if times:
+        from artune.integration import graph_times
+
+        graph_times.install(times)
     path = envs.get("ARTUNE_PROFILE")
     if not path:
         logger.info("artune SGLang plugin: no profile (set ARTUNE_PROFILE or use `artune "
