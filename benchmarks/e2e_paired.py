@@ -479,22 +479,29 @@ def across_lines(paths: list[str], band: float = 1.0) -> list[str]:
     interval for the order-balanced effect with what it shows: free of an effect of the start
     order that is the same size both ways."""
     lines = ["| file | test vs base | started first | bs | rounds | median % | interval % "
-             "| verdict |", "|---|---|---|---|---|---|---|---|"]
+             "| verdict | decode graph GPU time: median %, interval %, verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     # per (test config, base config, bs): the engine pairs' stats, by whether test went first
     groups: dict[tuple[str, str, int], dict[bool, list[dict[str, Any]]]] = {}
     for path in paths:
         with open(path) as f:
             st = file_stats(json.load(f), band)
         if st is None:
-            lines.append(f"| {os.path.basename(path)} | not a side-by-side run | | | | | | |")
+            lines.append(f"| {os.path.basename(path)} | not a side-by-side run | | | | | | | |")
             continue
         for pair in st["pairs"]:
             for bs, s in pair["by_batch"].items():
                 low, high = s["interval_pct"]
+                g = s.get("graph")
+                g_cell = "-"
+                if g:
+                    g_low, g_high = g["interval_pct"]
+                    g_cell = (f"{g['median_pct']:+.2f} [{g_low:+.2f}, {g_high:+.2f}] "
+                              f"{g['verdict']}{sign_note(g_low, g_high, g['verdict'])}")
                 lines.append(f"| {os.path.basename(path)} | {pair['test']} vs {pair['base']} | "
                              f"{pair['first']} | {bs} | {s['rounds']} | {s['median_pct']:+.2f} "
                              f"| [{low:+.2f}, {high:+.2f}] | {s['verdict']}"
-                             f"{sign_note(low, high, s['verdict'])} |")
+                             f"{sign_note(low, high, s['verdict'])} | {g_cell} |")
                 key = (config_of(pair["test"]), config_of(pair["base"]), int(bs))
                 groups.setdefault(key, {True: [], False: []})[
                     pair["first"] == pair["test"]].append(s)

@@ -15,6 +15,12 @@
 #     the ranks and engines of a compiled pair run the same GEMMs instead of each rank picking
 #     its own by max-autotune's timings (seen in the eighteenth session: three different kernels
 #     for one shape in one engine's four ranks);
+#   - INDUCTOR=det: TORCHINDUCTOR_DETERMINISTIC=1 in every engine (inductor skips its on-device
+#     benchmarking, so every rank and engine of one config compiles the same kernels): the
+#     27l session's compiled A/A pair differed by -4.1 / +0.9 / +6.4 % in the decode graphs'
+#     GPU time at bs 1 / 4 / 16 without it, where the uncompiled A/A pair agreed within 0.5 %;
+#   - every engine times its decode graphs on the GPU (ARTUNE_GRAPH_TIMES, set by
+#     sglang_e2e.py): the summary gives each pair's GPU-time comparison beside the wall clock's;
 #   - the load average, CPU count and GPU clocks before and after (a loaded host shows as steps
 #     that vary from rep to rep; this says whether the host was busy).
 # Eighteenth session (as gpu_session_pair4.sh, 4x H100): 491 s fresh with the tests, 343 s warm
@@ -38,6 +44,14 @@ case "${GEMM:-}" in
     aten) export TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN
           echo "inductor GEMMs pinned to cuBLAS (TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN)" ;;
     *) echo "GEMM=$GEMM: only GEMM=aten is known"; exit 1 ;;
+esac
+case "${INDUCTOR:-}" in
+    "") ;;
+    det) python3 -c "import torch._inductor.config as c; assert hasattr(c, 'deterministic')" \
+             || { echo "INDUCTOR=det: this torch's inductor has no deterministic mode"; exit 1; }
+         export TORCHINDUCTOR_DETERMINISTIC=1
+         echo "inductor's on-device benchmarking off (TORCHINDUCTOR_DETERMINISTIC=1)" ;;
+    *) echo "INDUCTOR=$INDUCTOR: only INDUCTOR=det is known"; exit 1 ;;
 esac
 if [ "${TESTS:-1}" = 1 ]; then
     step tests 200 python3 -m pytest -q -rs tests/gpu/test_ops_gpu.py tests/gpu/test_nvrar_gpu.py tests/test_graph_times.py \

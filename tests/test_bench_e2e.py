@@ -892,6 +892,11 @@ def test_paired_run_resolves_the_decode_graphs_gpu_time_where_the_wall_clock_can
            "new_tokens": 101, "configs": results, "paired": paired}
     assert any(x.startswith("artune: decode graph GPU ms/step") and "bs4 1.751" in x
                for x in mod._summarize(doc, 0.05))
+    (tmp_path / "run.json").write_text(json.dumps(doc))
+    row = next(x for x in _paired().across_lines([str(tmp_path / "run.json")])
+               if x.startswith("| run.json | artune vs default"))
+    graph_cell = row.split("|")[-2].strip()  # the last column: the GPU time's
+    assert graph_cell.startswith("-2.78 [") and graph_cell.endswith("faster by more than 1%")
 
 
 def test_the_engines_are_told_where_to_time_their_graphs(tmp_path: Path) -> None:
