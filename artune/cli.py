@@ -2,7 +2,7 @@
 
     artune tune [--nproc-per-node N] [--sizes 1K:256M] [--dtypes bfloat16] [--modes graph,eager]
                 [--backends nccl,...] [--quick] [--resume] [--out PATH] [--device cpu]
-    artune show PROFILE [--plot FILE.png] [--json] [--routes DIR] [--force]
+    artune show PROFILE [--plot FILE.png] [--json] [--routes DIR] [--graph-times DIR]
     artune launch [--profile PATH] [--force] -- <sglang.launch_server arguments>
     artune env                     # every ARTUNE_ variable: its value here, default, meaning
 
@@ -119,12 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "1,2,4,8,16,32,64; --quick 1,4,16,64)")
 
     s = sub.add_parser("show", help="print a profile's dispatch table (any machine)")
-    s.add_argument("profile", help="profile JSON")
+    s.add_argument("profile", nargs="?", default=None,
+                   help="profile JSON (optional with --graph-times alone)")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="draw latency vs size")
     s.add_argument("--json", action="store_true", help="print the profile as JSON")
     s.add_argument("--routes", default=None, metavar="DIR",
                    help="also show which backend took each all-reduce of a served model (the "
                    "folder the SGLang plugin wrote with ARTUNE_ROUTE_LOG=DIR)")
+    s.add_argument("--graph-times", default=None, metavar="DIR",
+                   help="also show the GPU time of each CUDA graph a served model replayed, per "
+                   "process (the folder the SGLang plugin wrote with ARTUNE_GRAPH_TIMES=DIR)")
     s.add_argument("--force", action="store_true",
                    help="no effect: show reads a profile of any topology (accepted so that "
                    "the options of launch can be reused)")

@@ -382,8 +382,42 @@ def render_routes(profile: Profile, processes: int, rows: list[dict[str, Any]],
     return differ
 
 
+def render_graph_times(rows: list[dict[str, Any]], console: Any) -> None:
+    """``graph_times.summary``'s rows as a table: per process and graph, the replays and the GPU
+    time's median and spread."""
+    from rich.table import Table
+
+    t = Table(title=f"CUDA-graph replays ({len({r['process'] for r in rows})} process(es)): "
+              "GPU time per replay", title_justify="left")
+    for col, just in (("process", "left"), ("graph", "right"), ("replays", "right"),
+                      ("median µs", "right"), ("p10 µs", "right"), ("p90 µs", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        t.add_row(r["process"], f"{r['graph']:x}"[-6:], str(r["replays"]),
+                  f"{r['median_us']:.1f}", f"{r['p10_us']:.1f}", f"{r['p90_us']:.1f}")
+    console.print(t)
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry of ``artune show``: exit 0, or 2 with a one-line error for a bad profile."""
+    graphs = None
+    if getattr(args, "graph_times", None):  # read first: a bad folder says so before output
+        from artune.integration import graph_times
+
+        try:
+            graphs = graph_times.summary(args.graph_times)
+        except (ValueError, OSError) as exc:
+            print(f"artune show: --graph-times: {exc}", file=sys.stderr)
+            return 2
+    if args.profile is None:
+        if graphs is None:
+            print("artune show: give a profile (or --graph-times DIR alone)", file=sys.stderr)
+            return 2
+        try:
+            render_graph_times(graphs, _console())
+        except BrokenPipeError:
+            _drop_stdout(_console())
+        return 0
     try:
         profile = load(args.profile)
     except ProfileError as exc:
@@ -420,11 +454,13 @@ def main(args: argparse.Namespace) -> int:
         except (ProfileError, OSError) as exc:
             print(f"artune show: cannot draw the plot: {exc}", file=sys.stderr)
             return 2
-    if routes is not None:
-        try:
+    try:
+        if routes is not None:
             render_routes(profile, *routes, console)
-        except BrokenPipeError:
-            _drop_stdout(console)
+        if graphs is not None:
+            render_graph_times(graphs, console)
+    except BrokenPipeError:
+        _drop_stdout(console)
     return 0
 
 

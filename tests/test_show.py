@@ -13,9 +13,10 @@ from artune.inspect import human_bytes, main
 from artune.profile import save
 
 
-def _args(profile: Path, **kw: object) -> argparse.Namespace:
-    return argparse.Namespace(profile=str(profile), plot=kw.get("plot"), json=kw.get("json", False),
-                              routes=kw.get("routes"))
+def _args(profile: Path | None, **kw: object) -> argparse.Namespace:
+    return argparse.Namespace(profile=None if profile is None else str(profile),
+                              plot=kw.get("plot"), json=kw.get("json", False),
+                              routes=kw.get("routes"), graph_times=kw.get("graph_times"))
 
 
 def test_human_bytes() -> None:
@@ -216,3 +217,34 @@ def test_a_narrow_terminal_gets_the_parameters_as_notes_and_nothing_cut() -> Non
         if path.name == "14a710852913dd3b.json":
             assert "772.8 –" in buf.getvalue() and "1015.9" in buf.getvalue()
 
+
+
+def test_show_graph_times_per_process_and_graph(tmp_path: Path, capsys) -> None:
+    """``--graph-times DIR``: each process's graphs (one per captured batch size), ordered by
+    their median GPU time, with the spread; alone or after a profile's table; a folder
+    without times is an error before anything is printed."""
+    folder = tmp_path / "times"
+    folder.mkdir()
+    lines = [f"{t} 11 {2500 + t % 5}.00" for t in range(20)]  # graph 0xb: 2500-2504 µs
+    lines += [f"{t} 22 {3300 + t % 3}.00" for t in range(20, 30)]  # graph 0x16: 3300-3302
+    (folder / "graph-times-pid7.txt").write_text("\n".join(lines) + "\n")
+    (folder / "graph-times-pid8.txt").write_text("40 11 2400.00\n")
+    assert main(_args(None, graph_times=str(folder))) == 0
+    out = capsys.readouterr().out
+    assert "CUDA-graph replays (2 process(es))" in out
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in out.splitlines()
+            if "pid" in ln]
+    assert rows == [["pid7", "b", "20", "2502.0", "2500.0", "2504.0"],
+                    ["pid7", "16", "10", "3301.0", "3300.0", "3302.0"],
+                    ["pid8", "b", "1", "2400.0", "2400.0", "2400.0"]]
+    p = save(profile_doc(), tmp_path / "p.json")
+    assert main(_args(p, graph_times=str(folder))) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 / graph" in out and "CUDA-graph replays" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(_args(p, graph_times=str(empty))) == 2
+    got = capsys.readouterr()
+    assert "no graph times" in got.err and got.out == ""
+    assert main(_args(None)) == 2
+    assert "give a profile" in capsys.readouterr().err

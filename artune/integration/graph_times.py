@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["install", "installed", "read_folder", "window_stats", "PERIOD_S"]
+__all__ = ["install", "installed", "read_folder", "summary", "window_stats", "PERIOD_S"]
 
 logger = logging.getLogger("artune")
 
@@ -122,20 +122,50 @@ def installed() -> _Recorder | None:
     return _STATE.get("recorder")
 
 
+def _replays(path: Path) -> list[tuple[int, int, float]]:
+    """A file's replays as (launch ns, graph id, GPU µs), in launch order; an unfinished last
+    line (being written) and anything unreadable are left out."""
+    rows = []
+    lines = path.read_text().split("\n")[:-1]  # the part after the last newline: unfinished
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3:
+            try:
+                rows.append((int(parts[0]), int(parts[1]), float(parts[2])))
+            except ValueError:
+                continue
+    return rows
+
+
 def read_folder(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every process's replays in ``folder``: file name -> [(launch ns, GPU µs)] in launch
-    order (an unfinished last line, being written, is left out)."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(Path(folder).glob("graph-times-pid*.txt")):
-        rows = []
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 3:
-                try:
-                    rows.append((int(parts[0]), float(parts[2])))
-                except ValueError:
-                    continue
-        out[path.name] = rows
+    order."""
+    return {path.name: [(t, us) for t, _, us in _replays(path)]
+            for path in sorted(Path(folder).glob("graph-times-pid*.txt"))}
+
+
+def summary(folder: str | Path) -> list[dict[str, Any]]:
+    """Per process (file) and graph: replays and the GPU time's median, 10th and 90th
+    percentile in µs, the graphs of a process in order of their median (in a decode engine,
+    one graph per captured batch size: the larger, the longer). ValueError when ``folder``
+    holds no times."""
+    files = sorted(Path(folder).glob("graph-times-pid*.txt")) if Path(folder).is_dir() else []
+    if not files:
+        raise ValueError(f"no graph times (graph-times-pid*.txt) in {folder}: serve with "
+                         f"ARTUNE_GRAPH_TIMES={folder} first")
+    out = []
+    for path in files:
+        by_graph: dict[int, list[float]] = {}
+        for _, key, us in _replays(path):
+            by_graph.setdefault(key, []).append(us)
+        rows: list[dict[str, Any]] = []
+        for key, times in by_graph.items():
+            q = (statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1
+                 else times * 9)
+            rows.append({"process": path.stem.removeprefix("graph-times-"), "graph": key,
+                         "replays": len(times), "median_us": statistics.median(times),
+                         "p10_us": q[0], "p90_us": q[-1]})
+        out += sorted(rows, key=lambda r: r["median_us"])
     return out
 
 
