@@ -2,7 +2,7 @@
 
     artune tune [--nproc-per-node N] [--sizes 1K:256M] [--dtypes bfloat16] [--modes graph,eager]
                 [--backends nccl,...] [--quick] [--resume] [--out PATH] [--device cpu]
-    artune show PROFILE [--plot FILE.png] [--json] [--routes DIR] [--graph-times DIR]
+    artune show [PROFILE] [--plot FILE.png] [--json] [--routes DIR] [--graph-times DIR] [--force]
     artune launch [--profile PATH] [--force] -- <sglang.launch_server arguments>
     artune env                     # every ARTUNE_ variable: its value here, default, meaning
 

@@ -413,6 +413,12 @@ def main(args: argparse.Namespace) -> int:
         if graphs is None:
             print("artune show: give a profile (or --graph-times DIR alone)", file=sys.stderr)
             return 2
+        needs = [o for o, v in (("--plot", getattr(args, "plot", None)),
+                                ("--json", getattr(args, "json", False)),
+                                ("--routes", getattr(args, "routes", None))) if v]
+        if needs:
+            print(f"artune show: {', '.join(needs)} show a profile: give one", file=sys.stderr)
+            return 2
         try:
             render_graph_times(graphs, _console())
         except BrokenPipeError:

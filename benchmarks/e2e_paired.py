@@ -42,10 +42,11 @@ def batch_row(bs: int, reps: list[dict[str, Any]], n: int) -> dict[str, Any]:
         "batch": bs, "reps": reps, "step_ms": med, "spread_ms": max(steps) - min(steps),
         "decode_tok_s": bs / (med / 1e3), "e2e_tok_s": bs * n / tn_med,
     }
-    graph = [r.get("graph_ms") for r in reps]
-    if graph and all(g is not None for g in graph):
+    graph = [r["graph_ms"] for r in reps if "graph_ms" in r]
+    if graph:  # graph_reps < len(reps): some reps had no usable GPU times (graph_missing)
         row["graph_ms"] = statistics.median(graph)
         row["graph_spread_ms"] = max(graph) - min(graph)
+        row["graph_reps"] = len(graph)
     return row
 
 
@@ -54,23 +55,43 @@ def graph_folder(model_dir: str | os.PathLike[str], config: str) -> str:
     return os.path.join(model_dir, "graph-times", config)
 
 
-#: Seconds to let the engines' graph-time writers catch up before reading (twice their period).
-GRAPH_TIMES_LAG_S = 0.6
+def graph_times_lag_s() -> float:
+    """Seconds to let the engines' graph-time writers catch up before reading: two of their
+    periods and a margin."""
+    from artune.integration.graph_times import PERIOD_S
+
+    return 2 * PERIOD_S + 0.1
 
 
-def attach_graph_times(reps: list[dict[str, Any]], folder: str | None) -> list[dict[str, Any]]:
+def attach_graph_times(reps: list[dict[str, Any]], folder: str | None,
+                       processes: int | None = None,
+                       min_replays: int | None = None) -> list[dict[str, Any]]:
     """Into each rep with a ``win_ns`` window: the decode graphs' GPU time of its N-token call
-    (``artune.integration.graph_times.window_stats``: ``graph_ms``, the fastest rank's median
-    replay, and ``graph_ms_max``, ``replays``), read from ``folder``; reps without replays in
-    their window (graphs off, or a plugin that did not load) get none. Returns ``reps``."""
+    (``artune.integration.graph_times.window_stats``: ``graph_ms`` and the rest), read from
+    ``folder``, where ``processes`` TP ranks (when given) each replayed at least
+    ``min_replays`` times in the window; otherwise the rep gets ``graph_missing``, the reason
+    (no replays: graphs off or the plugin not loaded; a rank missing or cut short: its writer
+    behind or stopped). Returns ``reps``."""
     if not folder or not os.path.isdir(folder):
         return reps
     from artune.integration.graph_times import read_folder, window_stats
 
     series = read_folder(folder)
     for r in reps:
-        if "win_ns" in r:
-            r.update(window_stats(series, *r["win_ns"]) or {})
+        if "win_ns" not in r:
+            continue
+        for key in ("graph_ms", "graph_ms_fastest_rank", "graph_ms_max", "replays",
+                    "processes", "graphs", "aligned", "graph_missing"):
+            r.pop(key, None)  # a rep read again (after every batch size) is judged afresh
+        st = window_stats(series, *r["win_ns"])
+        if st is None:
+            r["graph_missing"] = "no graph replays in the window"
+        elif processes is not None and st["processes"] != processes:
+            r["graph_missing"] = f"{st['processes']} of {processes} ranks replayed"
+        elif min_replays is not None and st["replays"] < min_replays:
+            r["graph_missing"] = f"{st['replays']} replays, fewer than {min_replays}"
+        else:
+            r.update(st)
     return reps
 
 
@@ -219,16 +240,20 @@ def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float
            "interval_pct": [low, high], "coverage": cover, "verdict": says,
            "base_first_median_pct": statistics.median(first) if first else None,
            "test_first_median_pct": statistics.median(second) if second else None}
-    graph = [(rb.get("graph_ms"), rt.get("graph_ms"))
-             for rb, rt in zip(base_row["reps"], test_row["reps"], strict=True)]
-    if graph and all(b is not None and t is not None for b, t in graph):
-        # the same rounds, the decode graphs' GPU time instead of the wall-clock step
-        g = [(t / b - 1) * 100 for b, t in graph]
-        g_low, g_high, _ = median_ci(g, level)
-        out["graph"] = {"pct": g, "median_pct": statistics.median(g),
-                        "interval_pct": [g_low, g_high],
-                        "verdict": (verdict(g_low, g_high, band) if cover >= level else
-                                    says)}
+    # the same rounds, the decode graphs' GPU time instead of the wall-clock step: the rounds
+    # where both reps have one
+    g = [(rt["graph_ms"] / rb["graph_ms"] - 1) * 100
+         for rb, rt in zip(base_row["reps"], test_row["reps"], strict=True)
+         if "graph_ms" in rb and "graph_ms" in rt]
+    if g:
+        g_low, g_high, g_cover = median_ci(g, level)
+        g_says = (verdict(g_low, g_high, band) if g_cover >= level else
+                  f"not resolved ({len(g)} rounds: too few for a {level:.0%} interval)")
+        if len(g) < len(pct):
+            g_says += f" ({len(g)} of {len(pct)} rounds with GPU times)"
+        out["graph"] = {"rounds": len(g), "pct": g, "median_pct": statistics.median(g),
+                        "interval_pct": [g_low, g_high], "coverage": g_cover,
+                        "verdict": g_says}
     return out
 
 
@@ -341,7 +366,7 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
                 results[n]["artune_routed"] = any("routing with" in x for x in served[n].notes)
         rows: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
         if any(getattr(s, "graph_times", None) for s in served.values()):
-            time.sleep(GRAPH_TIMES_LAG_S)  # the last rep's replays on disk
+            time.sleep(graph_times_lag_s())  # the last rep's replays on disk
         for bs in args.batch_sizes:
             rounds = min(len(reps[n][bs]) for n in names)
             if not rounds:
@@ -349,7 +374,8 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
             for n in names:
                 folder = getattr(served.get(n), "graph_times", None)
                 rows[n][bs] = batch_row(
-                    bs, attach_graph_times([dict(r) for r in reps[n][bs][:rounds]], folder),
+                    bs, attach_graph_times([dict(r) for r in reps[n][bs][:rounds]], folder,
+                                           args.tp, (args.new_tokens - 1) // 2),
                     args.new_tokens)
                 results[n]["batches"].append(rows[n][bs])
         paired = {"engines": list(names), "band_pct": args.band,

@@ -115,12 +115,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_paired import (  # noqa: E402
-    GRAPH_TIMES_LAG_S,
     Served,
     attach_graph_times,
     batch_row,
     echo_log,
     graph_folder,
+    graph_times_lag_s,
     kill_worker,
     paired_lines,
     run_paired,
@@ -367,11 +367,13 @@ def worker(args: argparse.Namespace) -> int:
                   f"(spread {row['spread_ms']:.3f})", flush=True)
             result["batches"].append(row)
             save()  # the timings done so far survive a timeout or a failing check below
-        folder = os.environ.get("ARTUNE_GRAPH_TIMES")
+        folder = artune_envs.get("ARTUNE_GRAPH_TIMES")
         if folder:  # each rep's decode graphs' GPU time (graph_times)
-            time.sleep(GRAPH_TIMES_LAG_S)
-            result["batches"] = [batch_row(b["batch"], attach_graph_times(b["reps"], folder),
-                                           args.new_tokens) for b in result["batches"]]
+            time.sleep(graph_times_lag_s())
+            result["batches"] = [
+                batch_row(b["batch"], attach_graph_times(b["reps"], folder, args.tp,
+                                                         (args.new_tokens - 1) // 2),
+                          args.new_tokens) for b in result["batches"]]
             save()
         try:
             _set_norms(engine)
@@ -553,9 +555,15 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
     for name, r in runs.items():
         graph = {b["batch"]: b["graph_ms"] for b in r.get("batches", []) if "graph_ms" in b}
         if graph:
-            lines.append(f"{name}: decode graph GPU ms/step (the fastest rank's median replay, "
-                         "median over reps): " + "  ".join(
+            lines.append(f"{name}: decode graph GPU ms/step (the fastest rank at each step, "
+                         "median over steps and reps): " + "  ".join(
                              f"bs{bs} {ms:.3f}" for bs, ms in sorted(graph.items())))
+        missing = [f"bs{b['batch']} rep {i}: {rep['graph_missing']}"
+                   for b in r.get("batches", []) for i, rep in enumerate(b.get("reps", []))
+                   if "graph_missing" in rep]
+        if missing:
+            lines.append(f"{name}: {len(missing)} rep(s) without GPU times: "
+                         + "; ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
     if doc.get("compile_env"):
         lines.append("compile settings: "
                      + " ".join(f"{k}={v}" for k, v in doc["compile_env"].items()))

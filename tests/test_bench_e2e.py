@@ -850,6 +850,8 @@ class _GraphEngine(_StepEngine):
                 for i in range(n - 1):
                     t_ns = int((t0 + i * step_s) * 1e9)
                     f.write(f"{t_ns} 7 {self.gpu_ms * 1e3 + wait_us + (i % 3):.2f}\n")
+                    if i % 10 == 0:  # another graph (a draft model's, say): left out
+                        f.write(f"{t_ns + 1} 9 400.00\n")
         return out
 
 
@@ -881,9 +883,10 @@ def test_paired_run_resolves_the_decode_graphs_gpu_time_where_the_wall_clock_can
     assert g["median_pct"] == pytest.approx((1.75 / 1.80 - 1) * 100, abs=0.01)
     assert g["verdict"] == "faster by more than 1%"
     row = results["artune"]["batches"][0]
-    assert row["graph_ms"] == pytest.approx(1.751)  # rank 0's median, not rank 1's
+    assert row["graph_ms"] == pytest.approx(1.751)  # rank 0's time, not rank 1's
+    assert row["graph_reps"] == 12
     rep = row["reps"][0]
-    assert rep["replays"] == 100 and rep["processes"] == 2
+    assert rep["replays"] == 100 and rep["processes"] == 2 and rep["graphs"] == 2
     assert rep["graph_ms_max"] == pytest.approx(2.051)
     lines = mod.paired_lines({"paired": paired})
     assert any("decode graph GPU time: -2.78%" in x and "faster by more than 1%" in x
@@ -905,3 +908,36 @@ def test_the_engines_are_told_where_to_time_their_graphs(tmp_path: Path) -> None
     for config in ("default", "artune"):
         env = mod._worker_env(args, config, str(tmp_path))
         assert env["ARTUNE_GRAPH_TIMES"] == os.path.join(tmp_path, "graph-times", config)
+
+
+def test_a_rep_missing_a_ranks_replays_gets_no_gpu_time_and_says_why(tmp_path: Path) -> None:
+    """Rank 1 wrote nothing for the second rep's window (its writer behind or stopped): that
+    rep gets ``graph_missing``, the batch row counts the reps with GPU times, and the pair's
+    GPU-time verdict says how many rounds it rests on."""
+    paired = _paired()
+    folder = tmp_path / "g"
+    folder.mkdir()
+    lines = {0: [], 1: []}
+    for w in range(8):
+        for i in range(50):
+            t = w * 1000 + i
+            lines[0].append(f"{t} 7 2000.00")
+            if w != 1:
+                lines[1].append(f"{t} 7 2300.00")
+    for rank, rows in lines.items():
+        (folder / f"graph-times-pid{rank}.txt").write_text("\n".join(rows) + "\n")
+    reps = [{"t1_s": 0.03, "tn_s": 0.5, "win_ns": [w * 1000, w * 1000 + 49]} for w in range(8)]
+    paired.attach_graph_times(reps, str(folder), processes=2, min_replays=40)
+    assert reps[1]["graph_missing"] == "1 of 2 ranks replayed" and "graph_ms" not in reps[1]
+    assert all(r["graph_ms"] == pytest.approx(2.0) for i, r in enumerate(reps) if i != 1)
+    paired.attach_graph_times(reps[:1], str(folder), processes=2, min_replays=60)
+    assert reps[0]["graph_missing"] == "50 replays, fewer than 60" and "graph_ms" not in reps[0]
+    paired.attach_graph_times(reps[:1], str(folder), processes=2, min_replays=40)
+    assert "graph_missing" not in reps[0]  # read again: judged afresh
+    base = paired.batch_row(4, [dict(r) for r in reps], 101)
+    assert base["graph_reps"] == 7
+    test = paired.batch_row(4, [dict(r, tn_s=0.49) for r in reps], 101)
+    st = paired.paired_stats(base, test, 1.0, [True, False] * 4)
+    assert st["rounds"] == 8 and st["graph"]["rounds"] == 7
+    assert st["graph"]["verdict"] == "within ±1% (7 of 8 rounds with GPU times)"
+

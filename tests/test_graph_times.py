@@ -48,6 +48,13 @@ class _Graph:
         _Event.clock[0] += self.ms
         return "out"
 
+    def capture_begin(self, fail: bool = False) -> None:
+        if fail:
+            raise RuntimeError("capture refused")
+
+    def capture_end(self) -> None:
+        pass
+
 
 @pytest.fixture
 def timed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
@@ -61,9 +68,11 @@ def timed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
         events.append(_Event())
         return events[-1]
 
+    devices: list[int] = []
     assert graph_times.install(str(tmp_path / "t"), graph_cls=cls, new_event=new_event,
-                               capturing=lambda: capturing[0], thread=False)
-    return {"cls": cls, "events": events, "capturing": capturing,
+                               capturing=lambda: capturing[0], thread=False,
+                               devices=(lambda: 3, devices.append))
+    return {"cls": cls, "events": events, "capturing": capturing, "devices": devices,
             "path": tmp_path / "t" / f"graph-times-pid{os.getpid()}.txt"}
 
 
@@ -83,11 +92,53 @@ def test_each_replay_is_written_once_its_end_event_has_completed(timed: dict[str
     rows = graph_times.read_folder(timed["path"].parent)
     (name, series), = rows.items()
     assert name == timed["path"].name
-    assert [us for _, us in series] == [2500.0, 2500.0]
-    assert series[0][0] <= series[1][0]
+    assert [(key, us) for _, key, us in series] == [(id(g), 2500.0), (id(g), 2500.0)]
     # the events go back to the pool and are reused, not created again
     g.replay()
     assert len(ev) == 4
+    assert rec.device == 3  # the GPU of the timed replays, for the writer thread
+
+
+def test_nothing_is_queried_while_a_graph_is_captured(timed: dict[str, Any]) -> None:
+    """An event query from the writer thread during a capture would invalidate it (CUDA's
+    global capture mode): between capture_begin and capture_end, flush writes nothing."""
+    g = timed["cls"](1.0)
+    g.replay()
+    rec = graph_times.installed()
+    assert rec is not None
+    timed["events"][1].done = True
+    other = timed["cls"](2.0)
+    other.capture_begin()
+    assert rec.captures == 1 and rec.flush() == 0
+    other.capture_end()
+    assert rec.captures == 0 and rec.flush() == 1
+    with pytest.raises(RuntimeError, match="refused"):
+        other.capture_begin(fail=True)
+    assert rec.captures == 0  # a capture that never began is not counted
+
+
+def test_a_failing_writer_stops_timing_and_the_replays_go_on(
+        timed: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The folder cannot be written: the writer thread logs, stops, drops what it held, and
+    later replays run untimed (no events, nothing pending), on the GPU it was set to."""
+    timed["path"].mkdir(parents=True)  # a folder where the file should be: every write fails
+    g = timed["cls"](1.0)
+    g.replay()
+    rec = graph_times.installed()
+    assert rec is not None
+    timed["events"][1].done = True
+    monkeypatch.setattr(graph_times, "PERIOD_S", 0.0)
+    graph_times.logger.addHandler(caplog.handler)  # the artune logger does not propagate
+    try:
+        rec.run()  # returns once stopped
+    finally:
+        graph_times.logger.removeHandler(caplog.handler)
+    assert rec.stopped and not rec.pending and timed["devices"] == [3]
+    assert "graph times stopped" in caplog.text
+    n = len(timed["events"])
+    assert g.replay() == "out" and g.replays == 2
+    assert len(timed["events"]) == n and not rec.pending
 
 
 def test_replays_during_a_capture_are_not_timed_and_install_is_once(
@@ -107,20 +158,46 @@ def test_an_unfinished_last_line_is_left_out(tmp_path: Path) -> None:
     (tmp_path / "other.txt").write_text("5 5 5\n")
     rows = graph_times.read_folder(tmp_path)
     # "20 7 2.6" may be the start of "20 7 2.61": without its newline it is not read yet
-    assert rows == {"graph-times-pid1.txt": [(10, 2.5)], "graph-times-pid2.txt": [(11, 2.4)]}
+    assert rows == {"graph-times-pid1.txt": [(10, 7, 2.5)],
+                    "graph-times-pid2.txt": [(11, 8, 2.4)]}
     (tmp_path / "graph-times-pid1.txt").write_text("10 7 2.50\n20 7 2.61\n")
-    assert graph_times.read_folder(tmp_path)["graph-times-pid1.txt"] == [(10, 2.5), (20, 2.61)]
+    assert graph_times.read_folder(tmp_path)["graph-times-pid1.txt"] == [(10, 7, 2.5),
+                                                                        (20, 7, 2.61)]
 
 
-def test_window_stats_take_each_process_median_and_the_fastest_process() -> None:
+def test_window_stats_take_the_fastest_rank_at_each_step() -> None:
     """Rank a launched first and waited 300 µs per replay for rank b: the window's graph time
-    is b's median; replays outside the window do not count."""
-    a = [(t, 2800.0 + (t % 3)) for t in range(100, 110)] + [(500, 9999.0)]
-    b = [(t, 2500.0) for t in range(100, 110)] + [(50, 1.0)]
+    is b's; replays outside the window do not count."""
+    a = [(t, 7, 2800.0 + (t % 3)) for t in range(100, 110)] + [(500, 7, 9999.0)]
+    b = [(t, 7, 2500.0) for t in range(100, 110)] + [(50, 7, 1.0)]
     st = graph_times.window_stats({"a": a, "b": b}, 100, 109)
-    assert st == {"graph_ms": 2.5, "graph_ms_max": pytest.approx(2.801), "replays": 10,
-                  "processes": 2}
+    assert st == {"graph_ms": 2.5, "graph_ms_fastest_rank": 2.5,
+                  "graph_ms_max": pytest.approx(2.801), "replays": 10, "processes": 2,
+                  "graphs": 1, "aligned": True}
     assert graph_times.window_stats({"a": a}, 200, 300) is None
+
+
+def test_window_stats_when_the_last_launched_rank_changes_from_step_to_step() -> None:
+    """Each step another of four ranks launched last (2000 µs); the others waited 300 µs more.
+    Every rank's median holds the waits; the fastest rank at each step does not."""
+    series = {f"r{r}": [(t, 7, 2000.0 + (0.0 if t % 4 == r else 300.0)) for t in range(100)]
+              for r in range(4)}
+    st = graph_times.window_stats(series, 0, 99)
+    assert st is not None and st["graph_ms"] == pytest.approx(2.0)
+    assert st["graph_ms_fastest_rank"] == pytest.approx(2.3) and st["aligned"]
+    # ranks with different counts in the window: no step alignment, the fastest rank's median
+    series["r0"] = series["r0"][:-1]
+    st = graph_times.window_stats(series, 0, 99)
+    assert st is not None and not st["aligned"] and st["graph_ms"] == pytest.approx(2.3)
+
+
+def test_window_stats_keep_each_process_most_replayed_graph() -> None:
+    """A second graph in the window (a draft model's, 400 µs, every third step) is left out."""
+    rows = [(t, 9 if t % 3 == 0 else 7, 400.0 if t % 3 == 0 else 2500.0)
+            for t in range(100, 201)]
+    st = graph_times.window_stats({"p": rows}, 100, 200)
+    assert st is not None and st["graph_ms"] == pytest.approx(2.5)
+    assert st["graphs"] == 2 and st["replays"] == 68  # 101 replays, 33 of them the draft's
 
 
 def test_the_plugin_installs_it_with_or_without_a_profile(monkeypatch: pytest.MonkeyPatch,
@@ -142,6 +219,13 @@ def test_the_plugin_installs_it_with_or_without_a_profile(monkeypatch: pytest.Mo
     monkeypatch.setenv("ARTUNE_DISABLE", "1")
     plugin.register()
     assert calls == [str(tmp_path)]
+
+    def fails(folder: str) -> bool:
+        raise NotADirectoryError(folder)
+
+    monkeypatch.delenv("ARTUNE_DISABLE")
+    monkeypatch.setattr(graph_times, "install", fails)
+    plugin.register()  # a measuring aid that cannot run is a warning, never a failed start
 
 
 @requires_gpus(1)

@@ -162,7 +162,11 @@ def register() -> None:
     if times:
         from artune.integration import graph_times
 
-        graph_times.install(times)
+        try:
+            graph_times.install(times)
+        except (OSError, RuntimeError, AttributeError) as exc:  # a measuring aid: never fatal
+            logger.warning("artune: ARTUNE_GRAPH_TIMES=%s: graph replays are not timed (%s: "
+                           "%s)", times, type(exc).__name__, exc)
     path = envs.get("ARTUNE_PROFILE")
     if not path:
         logger.info("artune SGLang plugin: no profile (set ARTUNE_PROFILE or use `artune "
