@@ -598,7 +598,8 @@ def balanced_interval(by_order: dict[bool, list[dict[str, Any]]],
 def plot_intervals(paths: list[str], out: str, band: float = 1.0) -> int:
     """A forest plot of ``across_lines``'s rows: one panel per pair of configs, batch sizes
     down the side, each engine pair's median and interval as a point and a bar (filled where
-    the test engine was started first), the ±band shaded. Returns how many bars it drew."""
+    the test engine was started first), the ±band shaded; where the rounds have GPU times, their
+    median and interval in black just below. Returns how many engine pairs' bars it drew."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -631,13 +632,18 @@ def plot_intervals(paths: list[str], out: str, band: float = 1.0) -> int:
                     if bs in (1, 4, 16, 64) else "C5", lw=2)
             ax.plot(s["median_pct"], y, "o", color="k",
                     mfc="k" if test_first else "w", ms=5)
+            g = s.get("graph")
+            if g:  # the decode graphs' GPU time of the same rounds, just below
+                ax.plot(g["interval_pct"], [y + 0.3, y + 0.3], color="k", lw=1)
+                ax.plot(g["median_pct"], y + 0.3, "D", color="k", ms=3)
             ticks.append(f"bs {bs}  {label}")
             drawn += 1
         ax.set_yticks(range(len(items)), ticks, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{test} vs {base}", fontsize=9)
-        ax.set_xlabel(f"step time %: median, 95 % interval per engine pair (shaded ±{band:g} %;"
-                      " filled: test engine started first)", fontsize=8)
+        ax.set_xlabel(f"step time %: median, 95 % interval (±{band:g} % shaded; filled: test "
+                      "engine started first)\nblack, with a diamond, below: the decode graphs' "
+                      "GPU time of the same rounds", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     plt.close(fig)
