@@ -231,30 +231,37 @@ def test_the_plugin_installs_it_with_or_without_a_profile(monkeypatch: pytest.Mo
 @requires_gpus(1)
 def test_real_graph_replays_are_timed_on_the_gpu(monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
-    """A captured graph of one sleep kernel, replayed 20 times with a slower sleep kernel
-    outside it before each replay: each line holds the graph's own time (the sleep inside),
-    not the kernel queued before it."""
+    """Installed before the capture, as in a server (the capture goes through the counting
+    capture_begin / capture_end), then 20 replays of a graph of one sleep kernel with a slower
+    sleep kernel outside it before each replay: the writer thread writes each replay's own
+    time (the sleep inside), not the kernel queued before it."""
+    import time
+
     import torch
 
     monkeypatch.setattr(graph_times, "_STATE", {})
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", torch.cuda.CUDAGraph.replay)
+    for name in ("replay", "capture_begin", "capture_end"):  # restored after the test
+        monkeypatch.setattr(torch.cuda.CUDAGraph, name, getattr(torch.cuda.CUDAGraph, name))
+    assert graph_times.install(str(tmp_path))
+    rec = graph_times.installed()
+    assert rec is not None
     stream = torch.cuda.Stream()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
         torch.cuda._sleep(1000)  # warm up the kernel before capture
         with torch.cuda.graph(g, stream=stream):
             torch.cuda._sleep(200_000)
-    torch.cuda.synchronize()
-    assert graph_times.install(str(tmp_path), thread=False)
-    rec = graph_times.installed()
-    assert rec is not None
-    with torch.cuda.stream(stream):
+        assert rec.captures == 0 and not rec.pending  # the capture itself is not timed
         for _ in range(20):
             torch.cuda._sleep(2_000_000)
             g.replay()
     torch.cuda.synchronize()
-    assert rec.flush() == 20
+    deadline = time.monotonic() + 10 * graph_times.PERIOD_S
+    while rec.pending and time.monotonic() < deadline:
+        time.sleep(graph_times.PERIOD_S)
+    assert not rec.pending and not rec.stopped and rec.device == torch.cuda.current_device()
     (rows,) = graph_times.read_folder(tmp_path).values()
-    alone = statistics.median(us for _, us in rows)
+    assert len(rows) == 20 and {key for _, key, _ in rows} == {id(g)}
+    alone = statistics.median(us for _, _, us in rows)
     # 200k cycles at 1-2 GHz: 100-200 µs; the 2M-cycle kernel before each replay is not in it
     assert 50 < alone < 400, rows
