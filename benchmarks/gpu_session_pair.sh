@@ -16,7 +16,7 @@
 #     its own by max-autotune's timings (seen in the eighteenth session: three different kernels
 #     for one shape in one engine's four ranks);
 #   - INDUCTOR=det: TORCHINDUCTOR_DETERMINISTIC=1 in every engine (inductor skips its on-device
-#     benchmarking, so every rank and engine of one config compiles the same kernels): the
+#     benchmarking, so every rank and engine of one config should compile the same kernels): the
 #     27l session's compiled A/A pair differed by -4.1 / +0.9 / +6.4 % in the decode graphs'
 #     GPU time at bs 1 / 4 / 16 without it, where the uncompiled A/A pair agreed within 0.5 %;
 #   - every engine times its decode graphs on the GPU (ARTUNE_GRAPH_TIMES, set by
