@@ -712,6 +712,12 @@ def _run_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[in
     return rc, notes
 
 
+def _compact(doc: dict[str, Any]) -> str:
+    """A results file's text: compact JSON (every rep's raw times make the files large, and
+    they travel to the GPU machines with the working tree)."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
 def _compile_env() -> dict[str, str]:
     """The settings that steer torch.compile in every engine (inherited from this process):
     e.g. TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN pins inductor's GEMMs to cuBLAS, so the
@@ -827,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["configs"].update(results)
             doc["paired"] = paired
             doc["summary"] = _summarize(doc, args.tol)
-            out.write_text(json.dumps(doc, indent=1))
+            out.write_text(_compact(doc))
 
         save(*run_paired(args, tuple(configs), spawn, deadline, save,
                          artune={c for c in configs if CONFIGS[c]["artune"]}))
@@ -865,9 +871,9 @@ def main(argv: list[str] | None = None) -> int:
         if config in (p_doc.get("engines") or (p_doc.get("a"), p_doc.get("b"))):
             doc.pop("paired")  # its statistics were of the engine this run replaced
         doc["summary"] = _summarize(doc, args.tol)
-        out.write_text(json.dumps(doc, indent=1))  # after every config: partial runs survive
+        out.write_text(_compact(doc))  # after every config: partial runs survive
     lines = doc["summary"] = _summarize(doc, args.tol)
-    out.write_text(json.dumps(doc, indent=1))
+    out.write_text(_compact(doc))
     print("\n".join(lines))
     print(f"[e2e] results: {out}")
     return 0 if all("error" not in r for r in doc["configs"].values()) else 1
