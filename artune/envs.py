@@ -93,8 +93,9 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         None,
         str,
         "Folder: each SGLang process with the plugin (with or without a profile) times every "
-        "CUDA-graph replay on the GPU and appends it there (artune/integration/graph_times.py). "
-        "Unset (default): nothing is timed.",
+        "CUDA-graph replay on the GPU and appends it there (artune/integration/graph_times.py; "
+        "~30 bytes per replay, never trimmed: for measuring runs). Unset (default): nothing is "
+        "timed.",
     ),
     "ARTUNE_STRICT": (
         True,
