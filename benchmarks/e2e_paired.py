@@ -428,6 +428,8 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
                 break
         else:
             print(f"[e2e] logprob check in {time.monotonic() - t_check:.0f} s", flush=True)
+        if getattr(args, "profile_bs", None) and not state["check_error"]:
+            _profile_kernels(args, names, ask, left, info)
     except TimeoutError as exc:
         timed_out.add(current)
         state["stopped"] = str(exc)
@@ -439,6 +441,32 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
         for n, proc in served.items():  # a worker that did not answer in time is not waited for
             proc.close(timeout=0 if n in timed_out else 30)
     return collect()
+
+
+#: Seconds an engine gets to answer ``profile`` (the generate under the profiler, the traces'
+#: export); a profile starts only with this much of the budget left.
+PROFILE_ANSWER_S = 120.0
+
+
+def _profile_kernels(args: argparse.Namespace, names: tuple[str, ...],
+                     ask: Callable[[str, str | None, float], dict[str, Any]],
+                     left: Callable[[], float], info: dict[str, dict[str, Any]]) -> None:
+    """After the check: each engine's decode-graph kernels at ``args.profile_bs`` under SGLang's
+    profiler (``kernel_table``), into ``info[name]["kernels"]``; a failure is recorded as
+    ``profile_error`` and leaves the timings standing. Skipped when the budget is short."""
+    from kernel_table import table
+
+    for n in names:
+        if left() < PROFILE_ANSWER_S:
+            info[n]["profile_error"] = "budget: no time left for the kernel profile"
+            continue
+        folder = os.path.join(args.profile_dir, n)
+        try:
+            ans = ask(n, f"profile {args.profile_bs} {folder}", PROFILE_ANSWER_S)
+            info[n]["kernels"] = {"bs": args.profile_bs, **table(folder, ans["steps"])}
+        except (RuntimeError, TimeoutError, ValueError, OSError) as exc:
+            info[n]["profile_error"] = str(exc)[:300]
+            print(f"[e2e] {n}: kernel profile failed: {exc}", flush=True)
 
 
 def sign_note(low: float, high: float, says: str) -> str:

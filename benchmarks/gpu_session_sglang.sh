@@ -47,7 +47,9 @@ LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 # PAIRED=default,artune,default_again,artune_again gives two engines of each config: on a fresh
 # 4x H100 machine one call held bs 1 and 4 and 6 rounds of bs 16 (2026-11-27), so give such a
 # call BATCH_SIZES=1,4 and the next 16,64. BATCH_SIZES (default 1,4,16,64) also trims a
-# compiled run to fit.
+# compiled run to fit. PROFILE_BS=4 (paired mode): after the check, each engine's decode-graph
+# kernels at that batch size under SGLang's profiler, compared pair by pair in the summary
+# (benchmarks/kernel_table.py; ~10-30 s per engine).
 [ -n "${MERGE:-}" ] && cp "$MERGE" "$R"
 MODE=(--configs "${CONFIGS:-default,nccl,artune_nccl,artune,artune_compile}")
 if [ -n "${PAIRED:-}" ]; then
@@ -55,7 +57,7 @@ if [ -n "${PAIRED:-}" ]; then
     MODE=(--paired "$PAIRED" --reps "${REPS:-$([ "$ENGINES" -gt 2 ] && echo 20 || echo 30)}")
 fi
 timeout -k 10 $(( LEFT + 15 )) python3 benchmarks/sglang_e2e.py --tp "$TP" --profile "$PROFILE" \
-    "${MODE[@]}" --batch-sizes "${BATCH_SIZES:-1,4,16,64}" \
+    "${MODE[@]}" --batch-sizes "${BATCH_SIZES:-1,4,16,64}" ${PROFILE_BS:+--profile-bs "$PROFILE_BS"} \
     --timeout "${TIMEOUT_S:-240}" --budget-s "$LEFT" --out "$R" 2>&1 | tee "$OUT/sglang_e2e.log"
 echo "exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s (full log: $OUT/sglang_e2e.log)"
 python3 -c "import json,sys; print('\n'.join(json.load(open(sys.argv[1])).get('summary', [])))" \

@@ -126,6 +126,7 @@ from e2e_paired import (  # noqa: E402
     run_paired,
     spawn_worker,
 )
+from kernel_table import PROFILE_TOKENS, diff_lines  # noqa: E402
 
 from artune import envs as artune_envs  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
@@ -393,7 +394,8 @@ def _serve(engine: Any, args: argparse.Namespace, commands: Any,
     """Paired mode's worker loop: one command per line from the parent, one JSON answer each
     (``emit``), until ``quit`` or the end of input. ``warm BS``: an untimed generate at that
     batch size; ``rep BS``: one timed rep (``_one_rep``); ``check``: the logprob check's norms,
-    then the top-k logprobs. A command that fails answers ``{"error": ...}``; the loop goes on
+    then the top-k logprobs; ``profile BS DIR``: one generate under SGLang's profiler, traces
+    into DIR (``_profile``). A command that fails answers ``{"error": ...}``; the loop goes on
     (the parent decides)."""
     for line in commands:
         cmd = line.split()
@@ -411,10 +413,31 @@ def _serve(engine: Any, args: argparse.Namespace, commands: Any,
                 _set_norms(engine)
                 emit({"norms": {"layers": NORM_WEIGHT, "final": FINAL_NORM_WEIGHT},
                       "top_logprobs": _top_logprobs(engine, args)})
+            elif cmd[0] == "profile" and len(cmd) == 3:
+                emit(_profile(engine, args, int(cmd[1]), cmd[2]))
             else:
                 emit({"error": f"unknown command {line.strip()!r}"})
         except Exception as exc:  # noqa: BLE001 - answered; the parent records and decides
             emit({"error": f"{type(exc).__name__}: {exc}"[:500]})
+
+
+def _profile(engine: Any, args: argparse.Namespace, bs: int, folder: str) -> dict[str, Any]:
+    """One generate of ``PROFILE_TOKENS`` tokens at batch size ``bs`` under SGLang's profiler
+    (GPU activity: kernels and CUDA runtime calls), one trace per TP rank into ``folder``; waits
+    (up to 60 s) until every rank's trace is on disk. Untimed: the profiler slows the step."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    engine.start_profile(output_dir=folder, activities=["GPU"], profile_prefix=f"bs{bs}")
+    try:
+        _generate(engine, _prompts(bs, args.input_len), PROFILE_TOKENS)
+    finally:
+        engine.stop_profile()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        traces = [p for p in Path(folder).rglob("*") if ".trace.json" in p.name]
+        if len(traces) >= args.tp:
+            break
+        time.sleep(1)
+    return {"profiled": bs, "folder": folder, "steps": PROFILE_TOKENS - 1}
 
 
 def _routes_summary(folder: Path) -> dict[str, Any] | None:
@@ -613,6 +636,14 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             lines.append(line)
     lines += _compile_pair(runs, doc["comparisons"], tol)
     lines += paired_lines(doc)
+    for pair in (doc.get("paired") or {}).get("pairs", []):
+        kb, kt = (runs.get(pair[k], {}).get("kernels") for k in ("base", "test"))
+        if kb and kt and kb.get("bs") == kt.get("bs"):
+            lines.append(f"bs {kb['bs']}, {kb['steps']} decode steps under the profiler:")
+            lines += diff_lines(kb, kt, pair["base"], pair["test"])
+    for name, r in runs.items():
+        if r.get("profile_error"):
+            lines.append(f"{name}: kernel profile failed: {r['profile_error']}")
     for name, r in runs.items():
         for mode, backends in ((r.get("routes") or {}).get("by_mode") or {}).items():
             lines.append(f"{name}: all-reduces in {mode} mode by backend (all ranks): " + "; ".join(
@@ -785,6 +816,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="mem_fraction_static of each engine in paired mode (they share the GPUs)")
     p.add_argument("--band", type=float, default=1.0,
                    help="paired mode: the ± band in %% the interval is judged against")
+    p.add_argument("--profile-bs", type=int, default=None, metavar="BS",
+                   help="paired mode: after the check, each engine runs one generate at this "
+                   "batch size under SGLang's profiler, and the summary lists the decode-graph "
+                   "kernels whose GPU time per step differs most between the engines "
+                   "(benchmarks/kernel_table.py)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--paired-engine", action="store_true", help=argparse.SUPPRESS)
@@ -822,6 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = _gpu_mem_used()
     model_dir = tempfile.mkdtemp(prefix="artune_e2e_llama_")
     (Path(model_dir) / "config.json").write_text(json.dumps(LLAMA_31_8B, indent=1))
+    args.profile_dir = str(Path(model_dir) / "profiles")
     if args.paired:
         def spawn(config: str) -> Served:
             cmd = _worker_cmd(args, config, model_dir, Path(model_dir) / f"{config}.json",

@@ -941,3 +941,108 @@ def test_a_rep_missing_a_ranks_replays_gets_no_gpu_time_and_says_why(tmp_path: P
     assert st["rounds"] == 8 and st["graph"]["rounds"] == 7
     assert st["graph"]["verdict"] == "within ±1% (7 of 8 rounds with GPU times)"
 
+
+
+def _trace(path: Path, kernels: dict[str, float], steps: int, prefill_us: float) -> None:
+    """A profiler trace (gzipped Chrome JSON) of ``steps`` graph launches, each running
+    ``kernels`` (name -> µs), and an eager prefill GEMM launched by cudaLaunchKernel."""
+    import gzip
+
+    events: list[dict[str, Any]] = [
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "dur": prefill_us,
+         "args": {"correlation": 1}},
+    ]
+    for s in range(steps):
+        corr = 100 + s
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch",
+                       "args": {"correlation": corr}})
+        events += [{"ph": "X", "cat": "kernel", "name": n, "dur": us,
+                    "args": {"correlation": corr}} for n, us in kernels.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+class _ProfiledEngine(_StepEngine):
+    """A ``_StepEngine`` with SGLang's profiler API: ``stop_profile`` writes one trace per TP
+    rank into ``start_profile``'s folder, with this engine's decode kernels."""
+
+    def __init__(self, clock: list[float], step_ms: float, kernels: dict[str, float]) -> None:
+        super().__init__(clock, step_ms)
+        self.kernels, self.folder, self.tokens = kernels, None, 0
+
+    def start_profile(self, output_dir: str, activities: list[str], profile_prefix: str) -> None:
+        assert activities == ["GPU"] and profile_prefix == "bs4"
+        self.folder = output_dir
+
+    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any],
+                 **kw: Any) -> list[dict[str, Any]]:
+        self.tokens = sampling_params["max_new_tokens"]
+        return super().generate(input_ids, sampling_params, **kw)
+
+    def stop_profile(self) -> None:
+        assert self.folder is not None
+        for rank in (0, 1):
+            _trace(Path(self.folder) / f"bs4-TP-{rank}.trace.json.gz", self.kernels,
+                   self.tokens - 1, 900.0)
+
+
+def test_kernel_profile_after_the_check_names_the_kernels_that_differ(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--profile-bs 4: after the check each engine profiles one generate; the kernel tables
+    (graph launches only: the eager prefill GEMM is left out) go into the results, and the
+    summary lists the kernels by how much their µs per step differ, the largest first."""
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    _no_check(monkeypatch, mod)
+    args = _paired_args(batch_sizes=[4], reps=2, profile_bs=4, profile_dir=str(tmp_path / "p"))
+    engines = {"default": _ProfiledEngine(clock, 2.0, {"gemm": 20.0, "allreduce": 3.0,
+                                                        "norm": 2.0}),
+               "artune": _ProfiledEngine(clock, 2.0, {"gemm": 20.0, "fused_linear": 19.0,
+                                                       "norm": 2.5})}
+    results, paired = mod.run_paired(args, ("default", "artune"),
+                                     lambda n: _FakeServed(n, mod, args, engines[n]), None,
+                                     artune={"artune"})
+    k = results["artune"]["kernels"]
+    assert k["bs"] == 4 and k["ranks"] == 2 and k["steps"] == 31 and k["graphs_only"]
+    assert k["kernels"]["gemm"] == {"us": 20.0, "calls": 1.0}  # the prefill's 900 µs left out
+    doc = {"tp": 2, "card": {"gpu": "g", "gpus": 2}, "date": "d", "reps": 2, "new_tokens": 101,
+           "configs": results, "paired": paired}
+    lines = mod._summarize(doc, 0.05)
+    at = lines.index("bs 4, 31 decode steps under the profiler:")
+    assert "total 41.5 vs 25.0, +16.5" in lines[at + 1]
+    rows = [ln.split("|")[1].strip() for ln in lines[at + 4:at + 8]]
+    assert rows == ["`fused_linear`", "`allreduce`", "`norm`", "`gemm`"]
+    assert lines[at + 4].endswith("| +19.0 |") and lines[at + 5].endswith("| -3.0 |")
+
+
+def test_kernel_table_on_its_own_and_without_traces(tmp_path: Path, capsys) -> None:
+    import importlib
+
+    mod = _module()  # puts benchmarks/ on the path
+    assert mod is not None
+    kt = importlib.import_module("kernel_table")
+    _trace(tmp_path / "a" / "x.trace.json.gz", {"k": 10.0}, 4, 0.0)
+    _trace(tmp_path / "b" / "x.trace.json.gz", {"k": 12.0}, 4, 0.0)
+    assert kt.main([str(tmp_path / "a"), str(tmp_path / "b"), "--steps", "4"]) == 0
+    assert "| `k` | 10.0 | 1 | 12.0 | 1 | +2.0 |" in capsys.readouterr().out
+    (tmp_path / "c").mkdir()
+    assert kt.main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert "no profiler trace" in capsys.readouterr().err
+
+
+def test_a_failing_kernel_profile_is_recorded_and_the_timings_stand(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    _no_check(monkeypatch, mod)
+    args = _paired_args(batch_sizes=[4], reps=2, profile_bs=4, profile_dir=str(tmp_path / "p"))
+    engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.0)}
+    results, paired = mod.run_paired(args, ("default", "artune"),
+                                     lambda n: _FakeServed(n, mod, args, engines[n]), None,
+                                     artune={"artune"})
+    assert "start_profile" in results["default"]["profile_error"]
+    assert "kernels" not in results["artune"] and _pair(paired)["by_batch"]["4"]["rounds"] == 2
