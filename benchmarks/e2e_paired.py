@@ -30,8 +30,8 @@ from typing import Any
 
 def batch_row(bs: int, reps: list[dict[str, Any]], n: int) -> dict[str, Any]:
     """A batch size's numbers from its reps: each rep's step is (t_N - median t_1) / (N - 1)
-    (written into the rep), then their median, spread and the throughputs; and where every rep
-    has one (``attach_graph_times``), the median of the reps' decode-graph GPU times."""
+    (written into the rep), then their median, spread and the throughputs; and over the reps
+    that have one (``attach_graph_times``), the median of their decode-graph GPU times."""
     t1_med = statistics.median(r["t1_s"] for r in reps)
     for r in reps:
         r["step_ms"] = (r["tn_s"] - t1_med) / (n - 1) * 1e3
@@ -71,7 +71,8 @@ def attach_graph_times(reps: list[dict[str, Any]], folder: str | None,
     ``folder``, where ``processes`` TP ranks (when given) each replayed at least
     ``min_replays`` times in the window; otherwise the rep gets ``graph_missing``, the reason
     (no replays: graphs off or the plugin not loaded; a rank missing or cut short: its writer
-    behind or stopped). Returns ``reps``."""
+    behind or stopped). Returns ``reps``. Each rep is judged once: a fresh copy of the raw reps
+    each time (``run_paired``'s ``collect`` copies them)."""
     if not folder or not os.path.isdir(folder):
         return reps
     from artune.integration.graph_times import read_folder, window_stats
@@ -80,9 +81,6 @@ def attach_graph_times(reps: list[dict[str, Any]], folder: str | None,
     for r in reps:
         if "win_ns" not in r:
             continue
-        for key in ("graph_ms", "graph_ms_fastest_rank", "graph_ms_max", "replays",
-                    "processes", "graphs", "aligned", "graph_missing"):
-            r.pop(key, None)  # a rep read again (after every batch size) is judged afresh
         st = window_stats(series, *r["win_ns"])
         if st is None:
             r["graph_missing"] = "no graph replays in the window"
@@ -223,6 +221,15 @@ def verdict(low: float, high: float, band: float) -> str:
     return f"not resolved (interval wider than ±{band:g}% both ways)"
 
 
+def _judged(pct: list[float], band: float, level: float) -> tuple[float, float, float, str]:
+    """``median_ci`` of per-round percentages and its ``verdict`` against ±band: (low, high,
+    coverage, verdict), "not resolved" when the rounds are too few for the level."""
+    low, high, cover = median_ci(pct, level)
+    says = (verdict(low, high, band) if cover >= level else
+            f"not resolved ({len(pct)} rounds: too few for a {level:.0%} interval)")
+    return low, high, cover, says
+
+
 def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float,
                  base_first: list[bool], level: float = 0.95) -> dict[str, Any]:
     """Round by round, the test config's step against the base's (rep r of each, taken
@@ -231,9 +238,7 @@ def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float
     the test's did (``base_first``, per round: an order effect shows as a gap)."""
     pct = [(rt["step_ms"] / rb["step_ms"] - 1) * 100
            for rb, rt in zip(base_row["reps"], test_row["reps"], strict=True)]
-    low, high, cover = median_ci(pct, level)
-    says = (verdict(low, high, band) if cover >= level else
-            f"not resolved ({len(pct)} rounds: too few for a {level:.0%} interval)")
+    low, high, cover, says = _judged(pct, band, level)
     first = [x for x, bf in zip(pct, base_first, strict=False) if bf]
     second = [x for x, bf in zip(pct, base_first, strict=False) if not bf]
     out = {"rounds": len(pct), "pct": pct, "median_pct": statistics.median(pct),
@@ -246,9 +251,7 @@ def paired_stats(base_row: dict[str, Any], test_row: dict[str, Any], band: float
          for rb, rt in zip(base_row["reps"], test_row["reps"], strict=True)
          if "graph_ms" in rb and "graph_ms" in rt]
     if g:
-        g_low, g_high, g_cover = median_ci(g, level)
-        g_says = (verdict(g_low, g_high, band) if g_cover >= level else
-                  f"not resolved ({len(g)} rounds: too few for a {level:.0%} interval)")
+        g_low, g_high, g_cover, g_says = _judged(g, band, level)
         if len(g) < len(pct):
             g_says += f" ({len(g)} of {len(pct)} rounds with GPU times)"
         out["graph"] = {"rounds": len(g), "pct": g, "median_pct": statistics.median(g),
@@ -367,16 +370,14 @@ def run_paired(args: argparse.Namespace, names: tuple[str, ...],
         rows: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
         if any(getattr(s, "graph_times", None) for s in served.values()):
             time.sleep(graph_times_lag_s())  # the last rep's replays on disk
-        for bs in args.batch_sizes:
-            rounds = min(len(reps[n][bs]) for n in names)
-            if not rounds:
-                continue
-            for n in names:
-                folder = getattr(served.get(n), "graph_times", None)
-                rows[n][bs] = batch_row(
-                    bs, attach_graph_times([dict(r) for r in reps[n][bs][:rounds]], folder,
-                                           args.tp, (args.new_tokens - 1) // 2),
-                    args.new_tokens)
+        done = {bs: min(len(reps[n][bs]) for n in names) for bs in args.batch_sizes}
+        for n in names:  # fresh copies of the rounds every engine finished, GPU times attached
+            copies = {bs: [dict(r) for r in reps[n][bs][:k]] for bs, k in done.items() if k}
+            attach_graph_times([r for c in copies.values() for r in c],
+                               getattr(served.get(n), "graph_times", None), args.tp,
+                               (args.new_tokens - 1) // 2)
+            for bs, c in copies.items():
+                rows[n][bs] = batch_row(bs, c, args.new_tokens)
                 results[n]["batches"].append(rows[n][bs])
         paired = {"engines": list(names), "band_pct": args.band,
                   "pairs": pairs_stats(names, rows, artune, args.band)}

@@ -50,12 +50,17 @@ def graph_kernels(path: Path) -> tuple[dict[str, list[float]], bool]:
     return out, bool(launches)
 
 
+def trace_files(folder: str | Path) -> list[Path]:
+    """The profiler traces under ``folder`` (SGLang writes ``...-TP-<rank>.trace.json.gz``)."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.name.endswith((".trace.json", ".trace.json.gz")))
+
+
 def table(folder: str | Path, steps: int) -> dict[str, Any]:
     """Per kernel name, over the folder's traces (one per rank): ``us`` per decode step and
     ``calls`` per step, the median over the ranks (a rank without the kernel counts 0);
     ``ranks``, and ``graphs_only`` (False if a trace had no graph launch to filter by)."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.name.endswith(
-        (".trace.json", ".trace.json.gz", ".pt.trace.json", ".pt.trace.json.gz")))
+    files = trace_files(folder)
     if not files:
         raise ValueError(f"no profiler trace (*.trace.json[.gz]) under {folder}")
     per_rank = [graph_kernels(f) for f in files]

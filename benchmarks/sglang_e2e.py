@@ -126,7 +126,7 @@ from e2e_paired import (  # noqa: E402
     run_paired,
     spawn_worker,
 )
-from kernel_table import PROFILE_TOKENS, diff_lines  # noqa: E402
+from kernel_table import PROFILE_TOKENS, diff_lines, trace_files  # noqa: E402
 
 from artune import envs as artune_envs  # noqa: E402
 from artune.envs import NO_MULTICAST_ENV  # noqa: E402
@@ -433,8 +433,7 @@ def _profile(engine: Any, args: argparse.Namespace, bs: int, folder: str) -> dic
         engine.stop_profile()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        traces = [p for p in Path(folder).rglob("*") if ".trace.json" in p.name]
-        if len(traces) >= args.tp:
+        if len(trace_files(folder)) >= args.tp:
             break
         time.sleep(1)
     return {"profiled": bs, "folder": folder, "steps": PROFILE_TOKENS - 1}

@@ -183,6 +183,16 @@ def _no_check(monkeypatch: pytest.MonkeyPatch, mod: Any) -> None:
     monkeypatch.setattr(mod, "_top_logprobs", lambda engine, args: [{"ids": [1], "top": []}])
 
 
+def _stand_ins(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[float]]:
+    """sglang_e2e.py on a stand-in clock (in its paired part too) with the logprob check
+    stubbed out: the module and the clock, in seconds, that the stand-in engines move."""
+    mod = _module()
+    clock = [0.0]
+    _clock_both(monkeypatch, mod, clock)
+    _no_check(monkeypatch, mod)
+    return mod, clock
+
+
 class _StepEngine:
     """A stand-in engine on a stand-in clock: prefill 30 ms, then ``step`` ms per decode step
     plus a drift shared by every engine (the machine getting slower as the run goes on)."""
@@ -269,10 +279,7 @@ def test_paired_run_alternates_the_order_and_sees_2_percent_through_a_drift(
     """B is 2 % slower than A; the machine drifts 1 % per second, i.e. by more than that over
     the run. Rounds alternate A B / B A, and the per-round comparison shows +2 %, beyond the
     1 % band, with both engines' reps kept as the one-engine mode keeps them."""
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args()
     engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.04)}
     _FakeServed.log = []
@@ -310,10 +317,7 @@ def test_paired_run_started_artune_first_still_reports_artune_against_the_other(
     """Started in the order artune, default (the engine started first gets the GPUs' memory
     first): the statistics still read artune against default, so a run in each order can be
     put side by side; an A/A pair reads the second against the first."""
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args(batch_sizes=[4])
     engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.04)}
     _, paired = mod.run_paired(args, ("artune", "default"),
@@ -399,10 +403,7 @@ def test_main_paired_writes_both_configs_the_statistics_and_the_summary(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import json
 
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     monkeypatch.setattr(mod, "_gpu_mem_used", lambda: [])
     monkeypatch.delenv("ARTUNE_PROFILE", raising=False)
     for k in [k for k in os.environ if k.startswith("TORCHINDUCTOR_")]:
@@ -513,10 +514,7 @@ def test_paired_run_stops_for_the_budget_keeping_finished_rounds_and_the_check(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The budget ends in bs 64: its rounds stop before the time kept for the logprob
     checks, which then run; the rounds done are kept and the cut is said (no error)."""
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args(reps=10, batch_sizes=[1, 64, 128])
     # each 101-token generate costs ~0.23 s of the stand-in clock: the budget ends in bs 64
     paired_mod = _paired()
@@ -568,10 +566,7 @@ def test_paired_budget_ending_in_the_check_keeps_the_timings(
     """All rounds done, then the budget ends while the logprob check runs: the timings stand
     (no "error"), the check's absence is said, and the engine that did not answer is not
     waited for."""
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args(reps=6, batch_sizes=[4])
     made: dict[str, _FakeServed] = {}
 
@@ -715,10 +710,7 @@ def test_four_engines_side_by_side_give_every_pair_and_group_by_config(
     reported (artune against default where the configs differ, the later against the earlier
     otherwise), and read back from the file the four cross pairs form one group whose hull
     spans the engine effect, beside the two A/A groups."""
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args(batch_sizes=[4], reps=12)
     names = ("default", "artune", "default_again", "artune_again")
     steps = {"default": 2.0, "artune": 2.04, "default_again": 2.02, "artune_again": 2.04}
@@ -861,10 +853,7 @@ def test_paired_run_resolves_the_decode_graphs_gpu_time_where_the_wall_clock_can
     decode graphs take 1.75 ms on the GPU against default's 1.80 (-2.8 %): each rep gets its
     window's replays (the fastest rank's median), and the same rounds resolve "faster by more
     than 1 %" on the GPU time, in the statistics, the batch rows and the summary lines."""
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args(batch_sizes=[4], reps=12)
     folders = {n: Path(_paired().graph_folder(tmp_path, n)) for n in ("default", "artune")}
     engines = {"default": _GraphEngine(clock, 2.0, 1.80, folders["default"], 0.0),
@@ -930,10 +919,10 @@ def test_a_rep_missing_a_ranks_replays_gets_no_gpu_time_and_says_why(tmp_path: P
     paired.attach_graph_times(reps, str(folder), processes=2, min_replays=40)
     assert reps[1]["graph_missing"] == "1 of 2 ranks replayed" and "graph_ms" not in reps[1]
     assert all(r["graph_ms"] == pytest.approx(2.0) for i, r in enumerate(reps) if i != 1)
-    paired.attach_graph_times(reps[:1], str(folder), processes=2, min_replays=60)
-    assert reps[0]["graph_missing"] == "50 replays, fewer than 60" and "graph_ms" not in reps[0]
-    paired.attach_graph_times(reps[:1], str(folder), processes=2, min_replays=40)
-    assert "graph_missing" not in reps[0]  # read again: judged afresh
+    short = paired.attach_graph_times([dict(win_ns=reps[0]["win_ns"])], str(folder),
+                                      processes=2, min_replays=60)
+    assert short[0]["graph_missing"] == "50 replays, fewer than 60"
+    assert "graph_ms" not in short[0]
     base = paired.batch_row(4, [dict(r) for r in reps], 101)
     assert base["graph_reps"] == 7
     test = paired.batch_row(4, [dict(r, tn_s=0.49) for r in reps], 101)
@@ -993,10 +982,7 @@ def test_kernel_profile_after_the_check_names_the_kernels_that_differ(
     """--profile-bs 4: after the check each engine profiles one generate; the kernel tables
     (graph launches only: the eager prefill GEMM is left out) go into the results, and the
     summary lists the kernels by how much their µs per step differ, the largest first."""
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args(batch_sizes=[4], reps=2, profile_bs=4, profile_dir=str(tmp_path / "p"))
     engines = {"default": _ProfiledEngine(clock, 2.0, {"gemm": 20.0, "allreduce": 3.0,
                                                         "norm": 2.0}),
@@ -1021,8 +1007,7 @@ def test_kernel_profile_after_the_check_names_the_kernels_that_differ(
 def test_kernel_table_on_its_own_and_without_traces(tmp_path: Path, capsys) -> None:
     import importlib
 
-    mod = _module()  # puts benchmarks/ on the path
-    assert mod is not None
+    _module()  # puts benchmarks/ on the path
     kt = importlib.import_module("kernel_table")
     _trace(tmp_path / "a" / "x.trace.json.gz", {"k": 10.0}, 4, 0.0)
     _trace(tmp_path / "b" / "x.trace.json.gz", {"k": 12.0}, 4, 0.0)
@@ -1035,10 +1020,7 @@ def test_kernel_table_on_its_own_and_without_traces(tmp_path: Path, capsys) -> N
 
 def test_a_failing_kernel_profile_is_recorded_and_the_timings_stand(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    mod = _module()
-    clock = [0.0]
-    _clock_both(monkeypatch, mod, clock)
-    _no_check(monkeypatch, mod)
+    mod, clock = _stand_ins(monkeypatch)
     args = _paired_args(batch_sizes=[4], reps=2, profile_bs=4, profile_dir=str(tmp_path / "p"))
     engines = {"default": _StepEngine(clock, 2.0), "artune": _StepEngine(clock, 2.0)}
     results, paired = mod.run_paired(args, ("default", "artune"),

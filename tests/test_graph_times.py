@@ -165,11 +165,21 @@ def test_an_unfinished_last_line_is_left_out(tmp_path: Path) -> None:
                                                                         (20, 7, 2.61)]
 
 
+def test_replays_written_out_of_launch_order_are_read_in_it(tmp_path: Path) -> None:
+    """Two threads replaying could append a later launch first: the windows still hold the
+    right replays (window_stats looks them up by launch time)."""
+    (tmp_path / "graph-times-pid1.txt").write_text("30 7 3.0\n10 7 1.0\n20 7 2.0\n40 7 4.0\n")
+    series = graph_times.read_folder(tmp_path)
+    assert [t for t, _, _ in series["graph-times-pid1.txt"]] == [10, 20, 30, 40]
+    st = graph_times.window_stats(series, 15, 35)
+    assert st is not None and st["replays"] == 2 and st["graph_ms"] == pytest.approx(2.5e-3)
+
+
 def test_window_stats_take_the_fastest_rank_at_each_step() -> None:
     """Rank a launched first and waited 300 µs per replay for rank b: the window's graph time
     is b's; replays outside the window do not count."""
     a = [(t, 7, 2800.0 + (t % 3)) for t in range(100, 110)] + [(500, 7, 9999.0)]
-    b = [(t, 7, 2500.0) for t in range(100, 110)] + [(50, 7, 1.0)]
+    b = [(50, 7, 1.0)] + [(t, 7, 2500.0) for t in range(100, 110)]
     st = graph_times.window_stats({"a": a, "b": b}, 100, 109)
     assert st == {"graph_ms": 2.5, "graph_ms_fastest_rank": 2.5,
                   "graph_ms_max": pytest.approx(2.801), "replays": 10, "processes": 2,

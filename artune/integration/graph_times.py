@@ -25,6 +25,7 @@ stops the server.
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import contextlib
 import functools
@@ -182,7 +183,7 @@ def install(folder: str, graph_cls: Any = None, new_event: Callable[[], Any] | N
     timed = rec.wrap(cls.replay, capturing or torch.cuda.is_current_stream_capturing)
     begin, end = rec.wrap_capture(cls.capture_begin, cls.capture_end)
     cls.replay, cls.capture_begin, cls.capture_end = timed, begin, end  # type: ignore[method-assign]
-    _STATE.update(recorder=rec, cls=cls)
+    _STATE["recorder"] = rec
     atexit.register(rec.at_exit)
     if thread:
         threading.Thread(target=rec.run, name="artune-graph-times", daemon=True).start()
@@ -211,9 +212,9 @@ def _replays(path: Path) -> list[tuple[int, int, float]]:
 
 
 def read_folder(folder: str | Path) -> dict[str, list[tuple[int, int, float]]]:
-    """Every process's replays in ``folder``: file name -> [(launch ns, graph id, GPU µs)] in
-    launch order."""
-    return {path.name: _replays(path)
+    """Every process's replays in ``folder``: file name -> [(launch ns, graph id, GPU µs)]
+    sorted by launch time (``window_stats`` looks windows up by it)."""
+    return {path.name: sorted(_replays(path))
             for path in sorted(Path(folder).glob("graph-times-pid*.txt"))}
 
 
@@ -233,21 +234,23 @@ def summary(folder: str | Path) -> list[dict[str, Any]]:
             by_graph.setdefault(key, []).append(us)
         rows: list[dict[str, Any]] = []
         for key, times in by_graph.items():
-            q = (statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1
-                 else times * 9)
+            p10, p90 = times[0], times[0]
+            if len(times) > 1:
+                q = statistics.quantiles(times, n=10, method="inclusive")
+                p10, p90 = q[0], q[-1]
             rows.append({"process": path.stem.removeprefix("graph-times-"), "graph": key,
                          "replays": len(times), "median_us": statistics.median(times),
-                         "p10_us": q[0], "p90_us": q[-1]})
+                         "p10_us": p10, "p90_us": p90})
         out += sorted(rows, key=lambda r: r["median_us"])
     return out
 
 
 def window_stats(series: dict[str, list[tuple[int, int, float]]], start_ns: int,
                  end_ns: int) -> dict[str, Any] | None:
-    """The replays launched in [start_ns, end_ns], per process of ``series`` (``read_folder``)
-    that replayed there, of its most replayed graph in the window (a decode engine replays one
-    graph per batch size; others, e.g. a draft model's, are left out; ``graphs`` says how many
-    a process replayed there). Returns, in ms:
+    """The replays launched in [start_ns, end_ns], per process of ``series`` (``read_folder``:
+    sorted by launch time) that replayed there, of its most replayed graph in the window (a
+    decode engine replays one graph per batch size; others, e.g. a draft model's, are left out;
+    ``graphs`` says how many a process replayed there). Returns, in ms:
 
     - ``graph_ms``: where every process replayed that graph equally often (``aligned``), the
       median over the steps of the fastest process's time at each step: a rank that launched
@@ -259,7 +262,9 @@ def window_stats(series: dict[str, list[tuple[int, int, float]]], start_ns: int,
     None when no process replayed in the window."""
     times, graphs = [], 0
     for rows in series.values():
-        inside = [(key, us) for t, key, us in rows if start_ns <= t <= end_ns]
+        lo = bisect.bisect_left(rows, start_ns, key=lambda r: r[0])
+        hi = bisect.bisect_right(rows, end_ns, key=lambda r: r[0])
+        inside = [(key, us) for _, key, us in rows[lo:hi]]
         if not inside:
             continue
         counts = collections.Counter(key for key, _ in inside)
