@@ -21,6 +21,9 @@
 #     GPU time at bs 1 / 4 / 16 without it, where the uncompiled A/A pair agreed within 0.5 %;
 #   - every engine times its decode graphs on the GPU (ARTUNE_GRAPH_TIMES, set by
 #     sglang_e2e.py): the summary gives each pair's GPU-time comparison beside the wall clock's;
+#   - LIMIT_S (default 580): the seconds the whole script may take (the pair's budget is what
+#     is left of it), for a call with less device time left; NEED_PROFILE=1: stop (status 3)
+#     where no committed profile is of this card and GPU count, instead of tuning the machine;
 #   - the load average, CPU count and GPU clocks before and after (a loaded host shows as steps
 #     that vary from rep to rep; this says whether the host was busy).
 # Eighteenth session (as gpu_session_pair4.sh, 4x H100): 491 s fresh with the tests, 343 s warm
@@ -32,7 +35,9 @@ set -uo pipefail
 W=/tmp/artune-gpu-pair
 source benchmarks/gpu_lib.sh
 N=$(nvidia-smi -L | wc -l)
-PROF=$(reference_profile)  # gpu_session_sglang.sh tunes this machine if it has none
+PROF=$(reference_profile) || if [ "${NEED_PROFILE:-0}" = 1 ]; then
+    echo "NEED_PROFILE=1: no profile of this card and GPU count, so no tune and no run"; exit 3
+fi  # otherwise gpu_session_sglang.sh tunes this machine
 machine() {  # machine LABEL: one snapshot of the host's load and the GPUs' clocks
     { echo "== $1 (at $(( $(date +%s) - T0 )) s): $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
       nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu \
@@ -59,6 +64,6 @@ if [ "${TESTS:-1}" = 1 ]; then
     grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
 fi
 cat "$W/steps.txt" 2>/dev/null
-PAIRED=${ORDER:-artune,default} REPS=${REPS:-30} BUDGET_S=$(( 580 - ($(date +%s) - T0) )) \
+PAIRED=${ORDER:-artune,default} REPS=${REPS:-30} BUDGET_S=$(( ${LIMIT_S:-580} - ($(date +%s) - T0) )) \
     bash benchmarks/gpu_session_sglang.sh "$PROF" "$N"
 machine "after"
