@@ -6,7 +6,10 @@ one generate of ``PROFILE_TOKENS`` tokens at that batch size under SGLang's prof
 (``Engine.start_profile(activities=["GPU"])``), one Chrome trace per TP rank. Here those traces
 become a table: per kernel name, GPU µs per decode step (the median over the ranks), counting
 only kernels that CUDA-graph launches ran (their correlation id is a ``cudaGraphLaunch``'s), so
-the eager prefill is left out. Run on its own, it compares two engines' trace folders:
+the eager prefill is left out; and, per rank, one replay's span on the GPU split into the time
+some kernel or copy ran, the gaps between them and the kernels that ran at once (a kernel
+launched early with programmatic dependent launch waits inside its own duration, so the kernels'
+µs can add up to more than the replay). Run on its own, it compares two engines' trace folders:
 
     python benchmarks/kernel_table.py DIR_A DIR_B --steps 31
 """
@@ -32,14 +35,24 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return list(doc.get("traceEvents", []) if isinstance(doc, dict) else doc)
 
 
-def graph_kernels(path: Path) -> tuple[dict[str, list[float]], bool]:
-    """One trace's kernels: name -> durations (µs) of the kernels graph launches ran, and True;
-    or of every kernel and False when the trace has no graph launch (``cudaGraphLaunch``, with
-    or without a version suffix, or the driver's ``cuGraphLaunch``)."""
-    events = _events(path)
+#: Chrome-trace categories of the GPU work a graph replay runs besides kernels
+_OTHER_NODES = ("gpu_memcpy", "gpu_memset")
+
+
+def _graph_launches(events: list[dict[str, Any]]) -> set[Any]:
+    """The correlation ids of the trace's graph launches (``cudaGraphLaunch``, with or without
+    a version suffix, or the driver's ``cuGraphLaunch``)."""
     launches = {e.get("args", {}).get("correlation") for e in events
                 if str(e.get("name", "")).startswith(("cudaGraphLaunch", "cuGraphLaunch"))}
     launches.discard(None)
+    return launches
+
+
+def graph_kernels(path: Path) -> tuple[dict[str, list[float]], bool]:
+    """One trace's kernels: name -> durations (µs) of the kernels graph launches ran, and True;
+    or of every kernel and False when the trace has no graph launch."""
+    events = _events(path)
+    launches = _graph_launches(events)
     out: dict[str, list[float]] = {}
     for e in events:
         if e.get("cat") != "kernel" or e.get("ph") != "X":
@@ -50,6 +63,44 @@ def graph_kernels(path: Path) -> tuple[dict[str, list[float]], bool]:
     return out, bool(launches)
 
 
+def replay_spans(path: Path) -> dict[str, float] | None:
+    """One trace's decode-graph replays on the GPU, each the median over its graph launches
+    (µs): ``span`` (first node's start to last node's end), ``busy`` (the time some kernel or
+    copy ran: the union of their intervals), ``idle`` (span - busy: the gaps between nodes),
+    ``overlap`` (the nodes' summed durations - busy: kernels running at once, e.g. one launched
+    early with programmatic dependent launch and waiting), ``other`` (memcpy and memset nodes'
+    µs) and ``replays``; None where the trace has no graph launch or no timestamps."""
+    events = _events(path)
+    launches = _graph_launches(events)
+    nodes: dict[Any, list[tuple[float, float, bool]]] = {}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("kernel", *_OTHER_NODES) or "ts" not in e:
+            continue
+        corr = e.get("args", {}).get("correlation")
+        if corr in launches:
+            nodes.setdefault(corr, []).append((float(e["ts"]), float(e.get("dur", 0.0)),
+                                               e.get("cat") != "kernel"))
+    if not nodes:
+        return None
+    per: dict[str, list[float]] = {"span": [], "busy": [], "idle": [], "overlap": [],
+                                   "other": []}
+    for run in nodes.values():
+        run.sort()
+        busy, end = 0.0, run[0][0]
+        for ts, dur, _ in run:  # the union of the intervals, in start order
+            busy += max(0.0, ts + dur - max(ts, end))
+            end = max(end, ts + dur)
+        span = end - run[0][0]
+        per["span"].append(span)
+        per["busy"].append(busy)
+        per["idle"].append(span - busy)
+        per["overlap"].append(sum(d for _, d, _ in run) - busy)
+        per["other"].append(sum(d for _, d, other in run if other))
+    out = {k: statistics.median(v) for k, v in per.items()}
+    out["replays"] = float(len(nodes))
+    return out
+
+
 def trace_files(folder: str | Path) -> list[Path]:
     """The profiler traces under ``folder`` (SGLang writes ``...-TP-<rank>.trace.json.gz``)."""
     return sorted(p for p in Path(folder).rglob("*")
@@ -58,8 +109,12 @@ def trace_files(folder: str | Path) -> list[Path]:
 
 def table(folder: str | Path, steps: int) -> dict[str, Any]:
     """Per kernel name, over the folder's traces (one per rank): ``us`` per decode step and
-    ``calls`` per step, the median over the ranks (a rank without the kernel counts 0);
-    ``ranks``, and ``graphs_only`` (False if a trace had no graph launch to filter by)."""
+    ``calls`` per step, the median over the ranks (a rank without the kernel counts 0), and
+    ``us_min``, the rank with the fewest µs (of a kernel that waits for its peers, such as an
+    all-reduce, the rank that arrived last waited least: its time is nearest the kernel's own);
+    ``replays``: ``replay_spans`` per rank (the median and the least over the ranks of each
+    quantity), where the traces have timestamps; ``ranks``, and ``graphs_only`` (False if a
+    trace had no graph launch to filter by)."""
     files = trace_files(folder)
     if not files:
         raise ValueError(f"no profiler trace (*.trace.json[.gz]) under {folder}")
@@ -69,15 +124,23 @@ def table(folder: str | Path, steps: int) -> dict[str, Any]:
     for n in names:
         us = [sum(k.get(n, [])) / steps for k, _ in per_rank]
         calls = [len(k.get(n, [])) / steps for k, _ in per_rank]
-        kernels[n] = {"us": statistics.median(us), "calls": statistics.median(calls)}
-    return {"ranks": len(files), "steps": steps,
-            "graphs_only": all(g for _, g in per_rank), "kernels": kernels}
+        kernels[n] = {"us": statistics.median(us), "us_min": min(us),
+                      "calls": statistics.median(calls)}
+    out: dict[str, Any] = {"ranks": len(files), "steps": steps,
+                           "graphs_only": all(g for _, g in per_rank), "kernels": kernels}
+    spans = [s for s in (replay_spans(f) for f in files) if s is not None]
+    if spans:
+        out["replays"] = {k: {"median": statistics.median(s[k] for s in spans),
+                              "min": min(s[k] for s in spans)} for k in spans[0]}
+        out["replays"]["ranks"] = len(spans)
+    return out
 
 
 def diff_lines(base: dict[str, Any], test: dict[str, Any], base_name: str, test_name: str,
                top: int = 12) -> list[str]:
-    """A markdown table of the kernels whose µs per step differ most between two engines'
-    tables, and the totals."""
+    """The replays' span, busy and idle time on the GPU (where both tables have them), then a
+    markdown table of the kernels whose µs per step differ most between two engines' tables
+    (the median rank's µs, and the least over the ranks), and the totals."""
     kb, kt = base["kernels"], test["kernels"]
     names = sorted(set(kb) | set(kt),
                    key=lambda n: -abs(kt.get(n, {}).get("us", 0) - kb.get(n, {}).get("us", 0)))
@@ -87,13 +150,36 @@ def diff_lines(base: dict[str, Any], test: dict[str, Any], base_name: str, test_
              f"{total_t:.1f} vs {total_b:.1f}, {total_t - total_b:+.1f}"
              + ("" if base["graphs_only"] and test["graphs_only"] else
                 "; some traces without graph launches: every kernel counted") + "):",
-             f"| kernel | {base_name} µs | calls | {test_name} µs | calls | Δ µs |",
-             "|---|---|---|---|---|---|"]
+             f"| kernel | {base_name} µs | least rank | calls | {test_name} µs | least rank "
+             f"| calls | Δ µs |",
+             "|---|---|---|---|---|---|---|---|"]
+    none = {"us": 0.0, "us_min": 0.0, "calls": 0.0}
     for n in names[:top]:
-        b, t = kb.get(n, {"us": 0.0, "calls": 0.0}), kt.get(n, {"us": 0.0, "calls": 0.0})
+        b, t = kb.get(n, none), kt.get(n, none)
         short = n if len(n) <= 60 else n[:57] + "..."
-        lines.append(f"| `{short}` | {b['us']:.1f} | {b['calls']:g} | {t['us']:.1f} | "
+        lines.append(f"| `{short}` | {b['us']:.1f} | {b.get('us_min', b['us']):.1f} | "
+                     f"{b['calls']:g} | {t['us']:.1f} | {t.get('us_min', t['us']):.1f} | "
                      f"{t['calls']:g} | {t['us'] - b['us']:+.1f} |")
+    return replay_lines(base, test, base_name, test_name) + lines
+
+
+def replay_lines(base: dict[str, Any], test: dict[str, Any], base_name: str,
+                 test_name: str) -> list[str]:
+    """One line per quantity of ``replay_spans`` (the median rank's, and the least over the
+    ranks), the two engines side by side; none where a table has no replays."""
+    rb, rt = base.get("replays"), test.get("replays")
+    if not rb or not rt:
+        return []
+    lines = [f"one decode-graph replay on the GPU, µs ({base_name} -> {test_name}; the median "
+             f"rank, the least rank in brackets):"]
+    for key, what in (("span", "first node's start to last node's end"),
+                      ("busy", "some kernel or copy running"),
+                      ("idle", "gaps between nodes"),
+                      ("overlap", "kernels running at once"),
+                      ("other", "memcpy and memset nodes")):
+        b, t = rb[key], rt[key]
+        lines.append(f"  {key:8s} {b['median']:8.1f} [{b['min']:.1f}] -> {t['median']:8.1f} "
+                     f"[{t['min']:.1f}]  {t['median'] - b['median']:+.1f}  ({what})")
     return lines
 
 

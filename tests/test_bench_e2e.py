@@ -993,7 +993,8 @@ def test_kernel_profile_after_the_check_names_the_kernels_that_differ(
                                      artune={"artune"})
     k = results["artune"]["kernels"]
     assert k["bs"] == 4 and k["ranks"] == 2 and k["steps"] == 31 and k["graphs_only"]
-    assert k["kernels"]["gemm"] == {"us": 20.0, "calls": 1.0}  # the prefill's 900 µs left out
+    assert k["kernels"]["gemm"] == {"us": 20.0, "us_min": 20.0, "calls": 1.0}  # no prefill's 900
+    assert "replays" not in k  # the stand-in traces have no timestamps
     doc = {"tp": 2, "card": {"gpu": "g", "gpus": 2}, "date": "d", "reps": 2, "new_tokens": 101,
            "configs": results, "paired": paired}
     lines = mod._summarize(doc, 0.05)
@@ -1004,6 +1005,59 @@ def test_kernel_profile_after_the_check_names_the_kernels_that_differ(
     assert lines[at + 4].endswith("| +19.0 |") and lines[at + 5].endswith("| -3.0 |")
 
 
+def _timed_trace(path: Path, replays: list[list[tuple[str, float, float]]],
+                 copies: tuple[tuple[float, float], ...] = ()) -> None:
+    """A profiler trace whose graph launches ran ``replays``: each a list of (kernel, start µs,
+    µs); ``copies`` (start, µs) are memcpy nodes of the first replay."""
+    import gzip
+
+    events: list[dict[str, Any]] = []
+    for i, run in enumerate(replays):
+        corr = 100 + i
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch",
+                       "ts": 0.0, "args": {"correlation": corr}})
+        events += [{"ph": "X", "cat": "kernel", "name": n, "ts": ts, "dur": us,
+                    "args": {"correlation": corr}} for n, ts, us in run]
+    events += [{"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": ts, "dur": us,
+                "args": {"correlation": 100}} for ts, us in copies]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_replay_spans_split_a_graph_replay_into_busy_idle_and_overlap(tmp_path: Path) -> None:
+    """The GPU time of a replay is its kernels, the gaps between them, minus what ran at once:
+    a kernel launched early that waits for its predecessor (programmatic dependent launch)
+    counts once in ``busy``; the gap before a kernel counts in ``idle``; a rank whose
+    all-reduce waits longer for its peers shows in the median, not in the least rank."""
+    import importlib
+
+    _module()
+    kt = importlib.import_module("kernel_table")
+    # gemm 1000-1010, a 2 µs gap, ar 1012-1017, norm 1016-1020 (1 µs at once with ar), in the
+    # first replay a memcpy 1020-1021, a gap, end 1023-1025: span 25 µs; busy 21 (20 in the
+    # second replay, without the memcpy), idle 4 (5), overlap 1, other 1 (0)
+    run = [("gemm", 1000.0, 10.0), ("ar", 1012.0, 5.0), ("norm", 1016.0, 4.0),
+           ("end", 1023.0, 2.0)]
+    _timed_trace(tmp_path / "e" / "r0.trace.json.gz", [run, [(n, t + 100, d) for n, t, d in run]],
+                 copies=((1020.0, 1.0),))
+    spans = kt.replay_spans(tmp_path / "e" / "r0.trace.json.gz")
+    assert spans is not None and spans["replays"] == 2
+    assert spans["span"] == 25.0 and spans["busy"] == 20.5 and spans["idle"] == 4.5
+    assert spans["overlap"] == 1.0 and spans["other"] == 0.5  # medians of (1, 1) and (1, 0)
+    slow = [("gemm", 1000.0, 10.0), ("ar", 1012.0, 9.0), ("norm", 1021.0, 2.0)]
+    _timed_trace(tmp_path / "e" / "r1.trace.json.gz", [slow, slow])
+    table = kt.table(tmp_path / "e", 2)
+    assert table["kernels"]["ar"] == {"us": 7.0, "us_min": 5.0, "calls": 1.0}
+    assert table["replays"]["ranks"] == 2
+    assert table["replays"]["span"] == {"median": 24.0, "min": 23.0}
+    lines = kt.diff_lines(table, table, "a", "b")
+    assert lines[0].startswith("one decode-graph replay on the GPU")
+    assert lines[1].split()[:2] == ["span", "24.0"] and "(gaps between nodes)" in lines[3]
+    assert "| `ar` | 7.0 | 5.0 | 1 | 7.0 | 5.0 | 1 | +0.0 |" in lines
+    assert kt.replay_spans(tmp_path / "e" / "r0.trace.json.gz") == spans  # read-only
+
+
 def test_kernel_table_on_its_own_and_without_traces(tmp_path: Path, capsys) -> None:
     import importlib
 
@@ -1012,7 +1066,7 @@ def test_kernel_table_on_its_own_and_without_traces(tmp_path: Path, capsys) -> N
     _trace(tmp_path / "a" / "x.trace.json.gz", {"k": 10.0}, 4, 0.0)
     _trace(tmp_path / "b" / "x.trace.json.gz", {"k": 12.0}, 4, 0.0)
     assert kt.main([str(tmp_path / "a"), str(tmp_path / "b"), "--steps", "4"]) == 0
-    assert "| `k` | 10.0 | 1 | 12.0 | 1 | +2.0 |" in capsys.readouterr().out
+    assert "| `k` | 10.0 | 10.0 | 1 | 12.0 | 12.0 | 1 | +2.0 |" in capsys.readouterr().out
     (tmp_path / "c").mkdir()
     assert kt.main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "no profiler trace" in capsys.readouterr().err
