@@ -219,8 +219,9 @@ def select_linear(profile: Profile, dtype: Any, k: int, n: int, rows: int) -> di
 # Validation
 
 
-#: The fused kernel's parameters a ``linear`` range must give (whole numbers), and the most
-#: rows it takes (``artune.kernels.nvrar.LINEAR_MAX_ROWS``; tests/test_tune_linear.py checks).
+#: The fused kernel's parameters a ``linear`` range must give (whole numbers; ``prefetch``, 0
+#: or 1, is optional: 0 where absent), and the most rows it takes
+#: (``artune.kernels.nvrar.LINEAR_MAX_ROWS``; tests/test_tune_linear.py checks).
 LINEAR_PARAMS = ("block_n", "block_k", "warps", "stages")
 LINEAR_MAX_ROWS = 64
 
@@ -258,6 +259,9 @@ def _validate_linear(entries: Any, path: Path | str | None) -> None:
                     _whole(params.get(p)) for p in LINEAR_PARAMS)):
                 raise _fail(path, f"{where}.ranges[{j}]: a fused range needs params "
                                   f"{', '.join(LINEAR_PARAMS)} (positive whole numbers)")
+            if g["fused"] and params.get("prefetch", 0) not in (0, 1):
+                raise _fail(path, f"{where}.ranges[{j}]: params.prefetch must be 0 or 1 "
+                                  f"(optional), got {params['prefetch']!r}")
             prev = hi
 
 

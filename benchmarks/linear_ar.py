@@ -17,7 +17,8 @@ the weights come from HBM as in a served model):
   graph_capture): what a served model runs today;
 - ``gemm + nvrar``: then NVRAR's all-reduce at its defaults;
 - ``fused BNxBK``: ``linear_all_reduce`` with block_n = BN output columns per CTA and block_k =
-  BK.
+  BK; ``fused BNxBKp``: the same with ``prefetch=1`` (each CTA asks L2 for its weight rows
+  before waiting for the kernel before it; here that is the previous call).
 
 Every column is checked first against the fp32 sum over the ranks of x @ weight.T (and
 identical bits on every rank); a wrong one is reported, never timed.
@@ -73,11 +74,14 @@ def _column(col: str, built: dict[str, Any], x: torch.Tensor,
         return (lambda i: torch.matmul(x, ws[i].t(), out=y)), contextlib.nullcontext, None
     if col.startswith("fused "):
         be = built.get("nvrar")
-        bn, bk = (int(v) for v in col.removeprefix("fused ").split("x"))
+        spec = col.removeprefix("fused ")
+        bn, bk = (int(v) for v in spec.removesuffix("p").split("x"))
+        pf = int(spec.endswith("p"))
         why = "nvrar not built" if be is None else be.comm.linear_problem(x, ws[0], y, bn, bk)
         if why:
             return None, None, why
-        return ((lambda i: be.comm.linear_all_reduce(x, ws[i], y, bn, bk)), be.capture, None)
+        return ((lambda i: be.comm.linear_all_reduce(x, ws[i], y, bn, bk, prefetch=pf)),
+                be.capture, None)
     be = built.get(col.removeprefix("gemm + "))
     if be is None or not be.supports(y):
         return None, None, None

@@ -413,7 +413,8 @@ def _linear_call(comm: NvrarComm, rank: int, numel: int, dtype: str, call: int,
                  fields: dict[str, Any]) -> torch.Tensor:
     x, w = _linear_operands(rank, numel, dtype, call, fields)
     x0, w0 = x.clone(), w.clone()
-    y = comm.linear_all_reduce(x, w, block_n=fields["bn"], block_k=fields["bk"])
+    y = comm.linear_all_reduce(x, w, block_n=fields["bn"], block_k=fields["bk"],
+                               prefetch=fields.get("prefetch", 0))
     assert torch.equal(x, x0) and torch.equal(w, w0), "an operand was modified"
     return y.flatten()
 
@@ -733,6 +734,7 @@ LINEAR_CASES: list[Case] = [
     (16 * 64, "bfloat16", {"linear": True, "n": 64, "k": 48, "bn": 32, "bk": 32}),
     (500, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
     (2 * 64, "bfloat16", {"linear": True, "n": 64, "k": 24, "bn": 16, "bk": 16}),
+    (3 * 64, "bfloat16", {"linear": True, "n": 64, "k": 40, "bn": 16, "bk": 16, "prefetch": 1}),
 ]
 
 
@@ -1267,3 +1269,55 @@ def test_close_frees_on_every_rank_or_on_none(failed: tuple[int, ...]) -> None:
 
     results = run_gloo(_close_rank, 3, failed)
     assert results == ([[], [], []] if failed else [["freed"]] * 3)
+
+
+_PTX_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from artune.kernels.nvrar_linear import linear_lamport_kernel as kernel
+
+names = list(kernel.arg_names)
+types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "K": "i32",
+         "ctr_ptr": "*i32", "err_dev": "*i64", "rank": "i32"}
+out = {}
+for prefetch in (False, True):
+    const = {"N": 4096, "W": 4, "BM": 16, "BN": 32, "BK": 256, "MAXC": 1024,
+             "INTERPRET": False, "PDL": True, "PREFETCH": prefetch}
+    sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
+    src = ASTSource(fn=kernel, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in const.items()})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 3})
+    lines = c.asm["ptx"].splitlines()
+    out[str(prefetch)] = {
+        "prefetch": [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln],
+        "wait": [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln],
+        "cubin": len(c.asm.get("cubin", b""))}
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+@pytest.mark.slow
+def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() -> None:
+    """The fused linear kernel, compiled for an H100 (sm_90, PTX and ptxas's cubin) on this
+    CPU machine: with ``PREFETCH`` its weight prefetches come before programmatic dependent
+    launch's wait, so they can run while the kernel before it finishes; without, none."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if run.returncode and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
+        pytest.skip(f"Triton cannot compile for sm_90 here: {run.stderr.strip()[-300:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    on, off = got["True"], got["False"]
+    assert on["cubin"] > 0 and off["cubin"] > 0
+    assert len(on["wait"]) == 1 and len(off["wait"]) == 1
+    assert on["prefetch"] and max(on["prefetch"]) < on["wait"][0]
+    assert off["prefetch"] == []

@@ -1222,7 +1222,7 @@ def test_fused_linear_follows_the_profile(monkeypatch, tmp_path) -> None:
         return "sglang's forward"
 
     y, _ = linear_hook._around_row_linear(original, layer, torch.ones(8, 4))
-    assert torch.equal(y, torch.full((8, 8), 8.0)) and comm.params == (16, 64, 8, 2)
+    assert torch.equal(y, torch.full((8, 8), 8.0)) and comm.params == (16, 64, 8, 2, 0)
     for x, lay in ((torch.ones(9, 4), layer),  # rows the profile leaves unfused
                    (torch.ones(3, 4, dtype=torch.float64), _layer(  # a dtype it lacks
                        weight=torch.ones(8, 4, dtype=torch.float64))),
@@ -1366,7 +1366,7 @@ def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
     monkeypatch.setattr(plugin, "_trace", lambda group, x, backend: traced.append(backend))
     y = f(_bf16(3, 4))  # 3 rows: fused in the profile, inside a capture
     assert torch.equal(y, _bf16_full((3, 8), 9.0)) and comm.calls == 1 and not reduced
-    assert comm.params == (16, 64, 8, 2) and _has_fused_op(graphs)
+    assert comm.params == (16, 64, 8, 2, 0) and _has_fused_op(graphs)
     assert traced == ["nvrar (fused linear)"]  # the route trace counts compiled fused calls
     monkeypatch.setattr(plugin, "_TRACE", None)
     monkeypatch.setattr(plugin, "current_mode", lambda: "eager")  # the same graph, warm-up
@@ -1447,7 +1447,7 @@ def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
     f, graphs = _compiled(lambda x: down(layer(x)[0])[0])
     assert torch.equal(f(_bf16(16, 4)), _bf16_full((16, 4), 128.0))
     assert comm.calls == calls + 2 and comm.params == tuple(LINEAR_DEFAULTS[p] for p in (
-        "block_n", "block_k", "warps", "stages"))
+        "block_n", "block_k", "warps", "stages", "prefetch"))
     assert sum(n.target is torch.ops.artune.sglang_row_linear.default
                or n.target is torch.ops.artune.sglang_row_linear
                for gm in graphs for n in gm.graph.nodes) == 2

@@ -56,7 +56,7 @@ def test_parse_shapes_and_space() -> None:
         with pytest.raises(ValueError, match="expected KxN"):
             parse_shapes(bad)
     space = linear_space(4096, 132)  # an H100's SMs: 16-column tiles would be 256 CTAs
-    assert space["block_n"] == [32, 64, 128]
+    assert space["block_n"] == [32, 64, 128] and space["prefetch"] == [0, 1]
     assert linear_space(48, 132)["block_n"] == [16]
 
 
@@ -130,6 +130,9 @@ def test_a_side_that_failed_is_never_fused() -> None:
         {"min_rows": 1, "max_rows": 4, "fused": True, "params": {"block_n": 32}}]}],
      "a fused range needs params"),
     ([{"dtype": "bfloat16", "k": 1, "n": 1, "ranges": []}] * 2, "listed twice"),
+    ([{"dtype": "bfloat16", "k": 1, "n": 1, "ranges": [
+        {"min_rows": 1, "max_rows": 4, "fused": True, "params": dict(
+            block_n=32, block_k=256, warps=4, stages=3, prefetch=2)}]}], "prefetch must be 0 or 1"),
 ])
 def test_bad_linear_sections_are_refused(linear: Any, match: str) -> None:
     with pytest.raises(ProfileError, match=match):
@@ -269,7 +272,8 @@ def test_phase_stores_resumes_and_re_times_under_a_new_route(tmp_path: Path) -> 
     # per row count: the unfused call, 3 fused sets (the defaults first, gated), then the
     # back-to-back re-time of both
     assert len(linear) == 2 * (1 + 3 + 2)
-    assert linear[1]["params"] == {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3}
+    assert linear[1]["params"] == {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3,
+                                   "prefetch": 0}
     assert linear[1]["gate"] and not linear[0]["gate"] and not linear[-1]["gate"]
     (entry,) = doc["linear"]
     assert [(p["rows"], p["fused"]) for p in entry["points"]] == [(1, True), (64, False)]

@@ -138,7 +138,7 @@ def layer_shapes(dims: dict[str, int], tp: int) -> list[tuple[int, int]]:
 def linear_space(n: int, max_grid: int) -> dict[str, list[int]]:
     """The fused kernel's search space for N outputs on a GPU of ``max_grid`` CTAs."""
     return {"block_n": [b for b in (16, 32, 64, 128) if n % b == 0 and n // b <= max_grid],
-            "block_k": [64, 128, 256], "warps": [4, 8], "stages": [2, 3, 4]}
+            "block_k": [64, 128, 256], "warps": [4, 8], "stages": [2, 3, 4], "prefetch": [0, 1]}
 
 
 def study(impl: str, dtype: str, k: int, n: int, rows: int) -> str:
@@ -412,7 +412,7 @@ def linear_trial(crew: Crew, cmd: dict[str, Any],
             def call(i: int) -> Any:
                 assert comm is not None
                 return comm.linear_all_reduce(xr, ws[i], None, p["block_n"], p["block_k"],
-                                              p["warps"], p["stages"])
+                                              p["warps"], p["stages"], p.get("prefetch", 0))
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the weight copies
         error = f"set-up raised {_exc_text(exc)}"
     first = _first(crew.comm.gather_errors(error, "linear: set-up"))

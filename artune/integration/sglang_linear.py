@@ -118,7 +118,7 @@ def _run_fused(comm: Any, params: Mapping[str, int], x: Any, weight: Any) -> Any
     if plugin._TRACE is not None:
         plugin._trace(plugin._TP_GROUP[0], x, "nvrar (fused linear)")
     return comm.linear_all_reduce(x, weight, None, params["block_n"], params["block_k"],
-                                  params["warps"], params["stages"])
+                                  params["warps"], params["stages"], params.get("prefetch", 0))
 
 
 #: RowParallelLinear.forward's arguments after the input, in order (SGLang 0.5.17 and 0.5.23).

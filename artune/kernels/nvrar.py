@@ -52,7 +52,8 @@ LINEAR_BK = 256
 LINEAR_MAX_ROWS = 64
 #: linear_all_reduce's parameters when none are given (the tune's fused-linear phase starts
 #: its search from them; ARTUNE_FUSED_LINEAR=1 runs them).
-LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4, "stages": 3}
+LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4, "stages": 3,
+                   "prefetch": 0}
 
 
 @dataclass(frozen=True)
@@ -397,7 +398,7 @@ class NvrarComm:
     def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
                           out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
                           block_k: int = LINEAR_BK, warps: int = 4,
-                          stages: int = 3) -> torch.Tensor:
+                          stages: int = 3, prefetch: int = 0) -> torch.Tensor:
         """``sum over the group of x @ weight.T`` in one kernel: a row-parallel linear layer
         and its all-reduce (``nvrar_linear``: each CTA computes ``block_n`` output columns of
         every row and sends them as lamport words at once). ``x``: contiguous [rows, K] bf16 or
@@ -405,7 +406,9 @@ class NvrarComm:
         rank's shard, nn.Linear's layout), N a multiple of ``block_n`` with N / block_n CTAs
         at most the grid; the result (new, or ``out``: contiguous, 16-byte aligned) has
         identical bits on every rank: each rank's product is rounded to the dtype, as an
-        unfused GEMM stores it, then summed in rank order in fp32. One node only. What does not
+        unfused GEMM stores it, then summed in rank order in fp32. ``prefetch`` (1): each CTA
+        asks L2 for its weight rows before waiting for the kernel before it (``nvrar_linear``).
+        One node only. What does not
         fit raises ValueError (``linear_problem`` says why first); after a wait of an earlier
         call ran out it raises NvrarTimeoutError, as ``check`` does."""
         import torch
@@ -417,7 +420,8 @@ class NvrarComm:
         y = out if out is not None else torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype,
                                                     device=x.device)
         if x.shape[0]:
-            self._launch(self._linear(x, weight, y, block_n, block_k, warps, stages))
+            self._launch(self._linear(x, weight, y, block_n, block_k, warps, stages,
+                                      bool(prefetch)))
         return y
 
     def linear_problem(self, x: torch.Tensor, weight: torch.Tensor,
@@ -456,7 +460,7 @@ class NvrarComm:
         return self.layout.check_message(rows * n * x.element_size(), "oneshot", "lamport")
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int,
-                block_k: int, warps: int, stages: int) -> _Spec:
+                block_k: int, warps: int, stages: int, prefetch: bool = False) -> _Spec:
         from artune.kernels.nvrar_linear import linear_lamport_kernel
 
         assert self.world_bases is not None
@@ -467,9 +471,9 @@ class NvrarComm:
                 self.layout.lamport_slot, *self._common())
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BM=bm, BN=block_n, BK=block_k,
                                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=warps,
-                                      num_stages=stages)
+                                      num_stages=stages, PREFETCH=prefetch)
         kwargs.update(self._pdl())
-        key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl)
+        key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl, prefetch)
         return _Spec(linear_lamport_kernel, key, n // block_n, args, kwargs)
 
     def _common(self, ctr: Any = None) -> tuple[Any, ...]:

@@ -20,6 +20,13 @@ of an ``M x N`` message. Rows beyond M in the BM-row tile (``tl.dot`` needs 16 a
 computed from zeros, never sent: their polls read row 0's words, and only the real rows are
 stored and cleared, after a barrier (so no thread empties a word another has not read yet).
 Launched by ``NvrarComm.linear_all_reduce``.
+
+With ``PREFETCH``, each CTA first asks L2 for its slab of the weight (its ``BN`` rows, all of K:
+one contiguous range) with ``prefetch.global.L2``, before ``pdl_begin``'s wait for the kernel
+before it: the weight is not that kernel's output, and under programmatic dependent launch the
+CTAs can be resident while it finishes, so the weight can stream during its tail. A prefetch
+is a hint (no register, no result; L2 is where the GPU's writes meet, so it never reads stale
+data), and the loop below loads the same addresses as without it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,19 @@ from artune.kernels.nvrar_prims import (
 )
 
 __all__ = ["linear_lamport_kernel"]
+
+@triton.jit
+def _prefetch_slab(w_ptr, row0, K, BN: tl.constexpr):
+    """``prefetch.global.L2`` every 128-byte line of rows ``row0 .. row0 + BN - 1`` of the
+    [N, K] weight: a [BN, 4] block of line addresses per step of 256 elements (one or a few
+    per thread), the lines past a row's end folded onto its first."""
+    rows = row0 + tl.arange(0, BN)
+    lines = tl.arange(0, 4) * 64
+    for k0 in range(0, K, 256):  # 4 lines of 128 bytes of the 16-bit dtype
+        at = k0 + lines[None, :]
+        addr = w_ptr + rows[:, None] * K + tl.where(at < K, at, 0)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [addr],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit(do_not_specialize=["M", "limit_ns", "rank"])
@@ -64,7 +84,11 @@ def linear_lamport_kernel(
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,  # the weight slab into L2 before the PDL wait
 ):
+    if PREFETCH:
+        if not INTERPRET:
+            _prefetch_slab(w_ptr, tl.program_id(0) * BN, K, BN)
     pdl_begin(PDL, INTERPRET)
     DT: tl.constexpr = y_ptr.dtype.element_ty
     Q4: tl.constexpr = BN // 4
