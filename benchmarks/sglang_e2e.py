@@ -19,6 +19,9 @@ exactly the measured batch sizes. Configs:
   ``artune`` and ``artune_nccl`` themselves fuse where the profile's linear section says
   (ARTUNE_FUSED_LINEAR=auto, the default); ``artune_unfused`` / ``artune_nccl_unfused``: never
   (ARTUNE_FUSED_LINEAR=0);
+- ``artune_prefetch``, ``artune_compile_prefetch``: ``artune`` and ``artune_compile`` with the
+  profile's fused linear ranges run with ``prefetch=1`` (the weight into L2 before the PDL
+  wait, docs/nvrar.md), from a copy of the profile;
 - ``default_compile`` SGLang as released with ``enable_torch_compile=True``;
 - ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
   the engine-to-engine noise the "within 1%" comparison has to be read against;
@@ -173,6 +176,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_unfused": {"artune": True, "kw": {}, "env": {"ARTUNE_FUSED_LINEAR": "0"}},
     "artune_nccl_unfused": {"artune": True, "kw": {"disable_custom_all_reduce": True},
                             "env": {"ARTUNE_FUSED_LINEAR": "0"}},
+    "artune_prefetch": {"artune": True, "kw": {}, "linear_params": {"prefetch": 1}},
+    "artune_compile_prefetch": {"artune": True, "kw": {"enable_torch_compile": True},
+                                "linear_params": {"prefetch": 1}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},
@@ -558,6 +564,25 @@ def _derived_profile(path: str, folder: Path, only: str | None = None,
     return str(out)
 
 
+def _linear_variant_profile(path: str, folder: Path, params: dict[str, int]) -> str:
+    """A copy of the profile at ``path`` whose fused linear ranges run with ``params`` over
+    their own (e.g. ``{"prefetch": 1}``), checked as a profile; written into ``folder``, its
+    path returned. The profile must fuse some layer."""
+    from artune.profile import load, validate
+
+    data = json.loads(json.dumps(load(path).data))
+    fused = [g for e in data.get("linear") or [] for g in e["ranges"] if g["fused"]]
+    if not fused:
+        raise SystemExit(f"{path}: no fused linear range to run with {params}")
+    for g in fused:
+        g["params"] = dict(g["params"], **params)
+    validate(data)
+    tag = "_".join(f"{k}{v}" for k, v in sorted(params.items()))
+    out = folder / f"profile_linear_{tag}.json"
+    out.write_text(json.dumps(data, indent=1))
+    return str(out)
+
+
 def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
     runs = doc["configs"]
     lines = []
@@ -766,6 +791,9 @@ def _worker_env(args: argparse.Namespace, config: str, model_dir: str) -> dict[s
             env["ARTUNE_PROFILE"] = _derived_profile(
                 args.profile, Path(model_dir), only=CONFIGS[config].get("only"),
                 drop=CONFIGS[config].get("drop"))
+        if CONFIGS[config].get("linear_params"):
+            env["ARTUNE_PROFILE"] = _linear_variant_profile(
+                args.profile, Path(model_dir), CONFIGS[config]["linear_params"])
     env.update(CONFIGS[config].get("env", {}))
     # every engine, artune's or not, times its decode graphs on the GPU (graph_times)
     env["ARTUNE_GRAPH_TIMES"] = str(graph_folder(model_dir, config))

@@ -125,6 +125,31 @@ def test_derived_profiles_of_the_bisection_configs(
         assert select(without, n, torch.bfloat16, "graph").backend == "nvrar", n
 
 
+def test_prefetch_configs_run_a_copy_of_the_profile_with_prefetch_on(tmp_path: Path) -> None:
+    """``artune_prefetch``: the 4x H100 reference profile's fused ranges, every other field
+    unchanged, with ``prefetch`` 1; the plugin's ``select_linear`` hands it to the kernel. A
+    profile without a fused range is refused."""
+    from artune.profile import load, select_linear
+
+    mod = _module()
+    ref = Path(__file__).resolve().parents[1] / "artune" / "profiles" / "6eeb601b655cf21c.json"
+    args = argparse.Namespace(profile=str(ref))
+    env = mod._worker_env(args, "artune_compile_prefetch", str(tmp_path))
+    variant, full = load(env["ARTUNE_PROFILE"]), load(ref)
+    assert env["ARTUNE_PROFILE"] != str(ref)
+    for k, n in ((1024, 4096), (3584, 4096)):
+        for rows in (1, 4, 32, 64):
+            want = select_linear(full, "bfloat16", k, n, rows)
+            got = select_linear(variant, "bfloat16", k, n, rows)
+            assert got == (None if want is None else dict(want, prefetch=1)), (k, rows)
+    assert variant.data["tables"] == full.data["tables"]
+    assert "ARTUNE_PROFILE" not in mod._worker_env(args, "default", str(tmp_path))
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({k: v for k, v in full.data.items() if k != "linear"}))
+    with pytest.raises(SystemExit, match="no fused linear range"):
+        mod._linear_variant_profile(str(plain), tmp_path, {"prefetch": 1})
+
+
 def test_compile_pair_is_compared_without_a_default_run() -> None:
     """artune_compile against default_compile: timing and logprobs, with no ``default`` run in
     the file (an earlier summary could only compare them beside one)."""
