@@ -208,9 +208,10 @@ def select(profile: Profile, nbytes: int, dtype: Any, mode: str) -> Choice:
 
 def select_linear(profile: Profile, dtype: Any, k: int, n: int, rows: int) -> dict[str, Any] | None:
     """The fused kernel's parameters (``NvrarComm.linear_all_reduce``'s block_n, block_k, warps,
-    stages) for a row-parallel linear layer of ``k`` inputs per rank and ``n`` outputs called on
-    ``rows`` rows of ``dtype``, when the profile measured the fused kernel faster there; None
-    (the GEMM, then the routed all-reduce) otherwise. Pure, as ``select``."""
+    stages, and prefetch where the profile sets it) for a row-parallel linear layer of ``k``
+    inputs per rank and ``n`` outputs called on ``rows`` rows of ``dtype``, when the profile
+    measured the fused kernel faster there; None (the GEMM, then the routed all-reduce)
+    otherwise. Pure, as ``select``."""
     params = profile._linear.get((dtype_name(dtype), k, n))
     return None if params is None else params.get(rows)
 
@@ -259,7 +260,8 @@ def _validate_linear(entries: Any, path: Path | str | None) -> None:
                     _whole(params.get(p)) for p in LINEAR_PARAMS)):
                 raise _fail(path, f"{where}.ranges[{j}]: a fused range needs params "
                                   f"{', '.join(LINEAR_PARAMS)} (positive whole numbers)")
-            if g["fused"] and params.get("prefetch", 0) not in (0, 1):
+            if g["fused"] and not (type(params.get("prefetch", 0)) is int
+                                   and params.get("prefetch", 0) in (0, 1)):
                 raise _fail(path, f"{where}.ranges[{j}]: params.prefetch must be 0 or 1 "
                                   f"(optional), got {params['prefetch']!r}")
             prev = hi

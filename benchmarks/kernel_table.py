@@ -48,10 +48,12 @@ def _graph_launches(events: list[dict[str, Any]]) -> set[Any]:
     return launches
 
 
-def graph_kernels(path: Path) -> tuple[dict[str, list[float]], bool]:
-    """One trace's kernels: name -> durations (µs) of the kernels graph launches ran, and True;
-    or of every kernel and False when the trace has no graph launch."""
-    events = _events(path)
+def graph_kernels(path: Path, events: list[dict[str, Any]] | None = None,
+                  ) -> tuple[dict[str, list[float]], bool]:
+    """One trace's kernels (``events``, read from ``path`` when not given): name -> durations
+    (µs) of the kernels graph launches ran, and True; or of every kernel and False when the
+    trace has no graph launch."""
+    events = _events(path) if events is None else events
     launches = _graph_launches(events)
     out: dict[str, list[float]] = {}
     for e in events:
@@ -63,14 +65,17 @@ def graph_kernels(path: Path) -> tuple[dict[str, list[float]], bool]:
     return out, bool(launches)
 
 
-def replay_spans(path: Path) -> dict[str, float] | None:
-    """One trace's decode-graph replays on the GPU, each the median over its graph launches
-    (µs): ``span`` (first node's start to last node's end), ``busy`` (the time some kernel or
-    copy ran: the union of their intervals), ``idle`` (span - busy: the gaps between nodes),
-    ``overlap`` (the nodes' summed durations - busy: kernels running at once, e.g. one launched
-    early with programmatic dependent launch and waiting), ``other`` (memcpy and memset nodes'
-    µs) and ``replays``; None where the trace has no graph launch or no timestamps."""
-    events = _events(path)
+def replay_spans(path: Path, events: list[dict[str, Any]] | None = None,
+                 ) -> dict[str, float] | None:
+    """One trace's typical decode-graph replay on the GPU: of its graph launches, the one
+    with the median span (the upper one of an even count), in µs: ``span`` (first node's start
+    to last node's end), ``busy`` (the time some kernel or copy ran: the union of their
+    intervals), ``idle`` (span - busy: the gaps between nodes), ``overlap`` (the nodes' summed
+    durations - busy: kernels running at once, e.g. one launched early with programmatic
+    dependent launch and waiting), ``other`` (its memcpy and memset nodes' µs), all of that
+    one replay, so they add up; and ``replays``. None where the trace has no graph launch or no
+    timestamps."""
+    events = _events(path) if events is None else events
     launches = _graph_launches(events)
     nodes: dict[Any, list[tuple[float, float, bool]]] = {}
     for e in events:
@@ -82,8 +87,7 @@ def replay_spans(path: Path) -> dict[str, float] | None:
                                                e.get("cat") != "kernel"))
     if not nodes:
         return None
-    per: dict[str, list[float]] = {"span": [], "busy": [], "idle": [], "overlap": [],
-                                   "other": []}
+    runs = []
     for run in nodes.values():
         run.sort()
         busy, end = 0.0, run[0][0]
@@ -91,14 +95,17 @@ def replay_spans(path: Path) -> dict[str, float] | None:
             busy += max(0.0, ts + dur - max(ts, end))
             end = max(end, ts + dur)
         span = end - run[0][0]
-        per["span"].append(span)
-        per["busy"].append(busy)
-        per["idle"].append(span - busy)
-        per["overlap"].append(sum(d for _, d, _ in run) - busy)
-        per["other"].append(sum(d for _, d, other in run if other))
-    out = {k: statistics.median(v) for k, v in per.items()}
+        runs.append({"span": span, "busy": busy, "idle": span - busy,
+                     "overlap": sum(d for _, d, _ in run) - busy,
+                     "other": sum(d for _, d, other in run if other)})
+    out = _median_by_span(runs)
     out["replays"] = float(len(nodes))
     return out
+
+
+def _median_by_span(items: list[dict[str, float]]) -> dict[str, float]:
+    """The item with the median ``span`` (the upper one of an even count), as a copy."""
+    return dict(sorted(items, key=lambda r: r["span"])[len(items) // 2])
 
 
 def trace_files(folder: str | Path) -> list[Path]:
@@ -112,13 +119,15 @@ def table(folder: str | Path, steps: int) -> dict[str, Any]:
     ``calls`` per step, the median over the ranks (a rank without the kernel counts 0), and
     ``us_min``, the rank with the fewest µs (of a kernel that waits for its peers, such as an
     all-reduce, the rank that arrived last waited least: its time is nearest the kernel's own);
-    ``replays``: ``replay_spans`` per rank (the median and the least over the ranks of each
-    quantity), where the traces have timestamps; ``ranks``, and ``graphs_only`` (False if a
-    trace had no graph launch to filter by)."""
+    ``replays``: ``replay_spans`` of the rank with the median span (``median``) and of the
+    rank with the least (``min``), each quantity beside the other, where the traces have
+    timestamps; ``ranks``, and ``graphs_only`` (False if a trace had no graph launch to filter
+    by). Each trace is read once."""
     files = trace_files(folder)
     if not files:
         raise ValueError(f"no profiler trace (*.trace.json[.gz]) under {folder}")
-    per_rank = [graph_kernels(f) for f in files]
+    events = [_events(f) for f in files]
+    per_rank = [graph_kernels(f, ev) for f, ev in zip(files, events, strict=True)]
     names = sorted({n for k, _ in per_rank for n in k})
     kernels = {}
     for n in names:
@@ -128,10 +137,11 @@ def table(folder: str | Path, steps: int) -> dict[str, Any]:
                       "calls": statistics.median(calls)}
     out: dict[str, Any] = {"ranks": len(files), "steps": steps,
                            "graphs_only": all(g for _, g in per_rank), "kernels": kernels}
-    spans = [s for s in (replay_spans(f) for f in files) if s is not None]
+    spans = [s for s in (replay_spans(f, ev) for f, ev in zip(files, events, strict=True))
+             if s is not None]
     if spans:
-        out["replays"] = {k: {"median": statistics.median(s[k] for s in spans),
-                              "min": min(s[k] for s in spans)} for k in spans[0]}
+        mid, least = _median_by_span(spans), min(spans, key=lambda r: r["span"])
+        out["replays"] = {k: {"median": mid[k], "min": least[k]} for k in mid}
         out["replays"]["ranks"] = len(spans)
     return out
 
@@ -171,7 +181,8 @@ def replay_lines(base: dict[str, Any], test: dict[str, Any], base_name: str,
     if not rb or not rt:
         return []
     lines = [f"one decode-graph replay on the GPU, µs ({base_name} -> {test_name}; the median "
-             f"rank, the least rank in brackets):"]
+             f"replay of the rank with the median span, of the rank with the least span in "
+             f"brackets):"]
     for key, what in (("span", "first node's start to last node's end"),
                       ("busy", "some kernel or copy running"),
                       ("idle", "gaps between nodes"),

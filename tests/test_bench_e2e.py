@@ -1053,34 +1053,40 @@ def _timed_trace(path: Path, replays: list[list[tuple[str, float, float]]],
 def test_replay_spans_split_a_graph_replay_into_busy_idle_and_overlap(tmp_path: Path) -> None:
     """The GPU time of a replay is its kernels, the gaps between them, minus what ran at once:
     a kernel launched early that waits for its predecessor (programmatic dependent launch)
-    counts once in ``busy``; the gap before a kernel counts in ``idle``; a rank whose
-    all-reduce waits longer for its peers shows in the median, not in the least rank."""
+    counts once in ``busy``; the gap before a kernel counts in ``idle``. The numbers are those
+    of one replay (the median span's), so they add up; across ranks, those of the rank with the
+    median span and of the one with the least. A rank whose all-reduce waits longer for its
+    peers shows in the kernel's median rank, not in its least rank."""
     import importlib
 
     _module()
     kt = importlib.import_module("kernel_table")
-    # gemm 1000-1010, a 2 µs gap, ar 1012-1017, norm 1016-1020 (1 µs at once with ar), in the
-    # first replay a memcpy 1020-1021, a gap, end 1023-1025: span 25 µs; busy 21 (20 in the
-    # second replay, without the memcpy), idle 4 (5), overlap 1, other 1 (0)
+    # gemm 1000-1010, a 2 µs gap, ar 1012-1017, norm 1016-1020 (1 µs at once with ar), a gap,
+    # end 1023-1025: span 25; in the first replay also a memcpy 1020-1021. The second replay
+    # ends 1 µs later (span 26), the third 5 µs later (span 30): the second is the median.
     run = [("gemm", 1000.0, 10.0), ("ar", 1012.0, 5.0), ("norm", 1016.0, 4.0),
            ("end", 1023.0, 2.0)]
-    _timed_trace(tmp_path / "e" / "r0.trace.json.gz", [run, [(n, t + 100, d) for n, t, d in run]],
-                 copies=((1020.0, 1.0),))
+    replays = [run, [(n, t + 100 + (n == "end"), d) for n, t, d in run],
+               [(n, t + 200 + 5 * (n == "end"), d) for n, t, d in run]]
+    _timed_trace(tmp_path / "e" / "r0.trace.json.gz", replays, copies=((1020.0, 1.0),))
     spans = kt.replay_spans(tmp_path / "e" / "r0.trace.json.gz")
-    assert spans is not None and spans["replays"] == 2
-    assert spans["span"] == 25.0 and spans["busy"] == 20.5 and spans["idle"] == 4.5
-    assert spans["overlap"] == 1.0 and spans["other"] == 0.5  # medians of (1, 1) and (1, 0)
+    assert spans == {"span": 26.0, "busy": 20.0, "idle": 6.0, "overlap": 1.0, "other": 0.0,
+                     "replays": 3.0}
+    _timed_trace(tmp_path / "one.trace.json.gz", [run], copies=((1020.0, 1.0),))
+    assert kt.replay_spans(tmp_path / "one.trace.json.gz") == {
+        "span": 25.0, "busy": 21.0, "idle": 4.0, "overlap": 1.0, "other": 1.0,
+        "replays": 1.0}  # the first replay alone: the memcpy fills 1 µs of a gap
     slow = [("gemm", 1000.0, 10.0), ("ar", 1012.0, 9.0), ("norm", 1021.0, 2.0)]
-    _timed_trace(tmp_path / "e" / "r1.trace.json.gz", [slow, slow])
-    table = kt.table(tmp_path / "e", 2)
+    _timed_trace(tmp_path / "e" / "r1.trace.json.gz", [slow, slow, slow])
+    table = kt.table(tmp_path / "e", 3)
     assert table["kernels"]["ar"] == {"us": 7.0, "us_min": 5.0, "calls": 1.0}
     assert table["replays"]["ranks"] == 2
-    assert table["replays"]["span"] == {"median": 24.0, "min": 23.0}
+    assert table["replays"]["span"] == {"median": 26.0, "min": 23.0}
+    assert table["replays"]["idle"] == {"median": 6.0, "min": 2.0}
     lines = kt.diff_lines(table, table, "a", "b")
     assert lines[0].startswith("one decode-graph replay on the GPU")
-    assert lines[1].split()[:2] == ["span", "24.0"] and "(gaps between nodes)" in lines[3]
+    assert lines[1].split()[:2] == ["span", "26.0"] and "(gaps between nodes)" in lines[3]
     assert "| `ar` | 7.0 | 5.0 | 1 | 7.0 | 5.0 | 1 | +0.0 |" in lines
-    assert kt.replay_spans(tmp_path / "e" / "r0.trace.json.gz") == spans  # read-only
 
 
 def test_kernel_table_on_its_own_and_without_traces(tmp_path: Path, capsys) -> None:

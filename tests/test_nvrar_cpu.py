@@ -1281,18 +1281,22 @@ from artune.kernels.nvrar_linear import linear_lamport_kernel as kernel
 names = list(kernel.arg_names)
 types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "K": "i32",
          "ctr_ptr": "*i32", "err_dev": "*i64", "rank": "i32"}
+# what the launch specializes on a GPU: 16-byte aligned pointers, K a multiple of 16
+aligned = ["x_ptr", "w_ptr", "y_ptr", "K", "ctr_ptr", "err_dev"]
 out = {}
-for prefetch in (False, True):
+for mode in (0, 1, 2):
     const = {"N": 4096, "W": 4, "BM": 16, "BN": 32, "BK": 256, "MAXC": 1024,
-             "INTERPRET": False, "PDL": True, "PREFETCH": prefetch}
+             "INTERPRET": False, "PDL": True, "PREFETCH": mode}
     sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
     src = ASTSource(fn=kernel, signature=sig,
-                    constexprs={(names.index(n),): v for n, v in const.items()})
+                    constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "num_stages": 3})
     lines = c.asm["ptx"].splitlines()
-    out[str(prefetch)] = {
-        "prefetch": [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln],
+    out[mode] = {
+        "lines": [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln],
+        "bulk": [i for i, ln in enumerate(lines) if "cp.async.bulk.prefetch.L2" in ln],
         "wait": [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln],
         "cubin": len(c.asm.get("cubin", b""))}
 print(json.dumps(out))
@@ -1303,11 +1307,15 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() -> None:
     """The fused linear kernel, compiled for an H100 (sm_90, PTX and ptxas's cubin) on this
-    CPU machine: with ``PREFETCH`` its weight prefetches come before programmatic dependent
-    launch's wait, so they can run while the kernel before it finishes; without, none."""
+    CPU machine: its weight prefetches come before programmatic dependent launch's wait, so
+    they can run while the kernel before it finishes: line by line (``PREFETCH=1``) or in bulk
+    (2); none without. ``prefetch_mode`` picks bulk only where every quarter row is 16-byte
+    aligned."""
     import json
     import subprocess
     import sys
+
+    from artune.kernels.nvrar import prefetch_mode
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True,
@@ -1316,8 +1324,14 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
         pytest.skip(f"Triton cannot compile for sm_90 here: {run.stderr.strip()[-300:]}")
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    on, off = got["True"], got["False"]
-    assert on["cubin"] > 0 and off["cubin"] > 0
-    assert len(on["wait"]) == 1 and len(off["wait"]) == 1
-    assert on["prefetch"] and max(on["prefetch"]) < on["wait"][0]
-    assert off["prefetch"] == []
+    off, lines, bulk = got["0"], got["1"], got["2"]
+    for g in (off, lines, bulk):
+        assert g["cubin"] > 0 and len(g["wait"]) == 1
+    assert off["lines"] == [] and off["bulk"] == []
+    assert lines["lines"] and max(lines["lines"]) < lines["wait"][0] and lines["bulk"] == []
+    assert bulk["bulk"] and max(bulk["bulk"]) < bulk["wait"][0] and bulk["lines"] == []
+    # (the weight is contiguous: linear_problem refuses any other)
+    w = torch.zeros(8 * 3584 + 8, dtype=torch.bfloat16)
+    assert prefetch_mode(w[: 8 * 3584].view(8, 3584)) == 2
+    assert prefetch_mode(torch.zeros(8, 1000, dtype=torch.bfloat16)) == 1  # K % 32
+    assert prefetch_mode(w[1: 1 + 4 * 1024].view(4, 1024)) == 1  # 2 bytes off 16

@@ -1086,13 +1086,16 @@ _LINEAR_PROFILE = {
 
 
 def _fused_setup(monkeypatch: pytest.MonkeyPatch, comm: _FakeComm | None,
-                 mode: str = "graph", switch: str = "1", dtype: str = "float32") -> None:
+                 mode: str = "graph", switch: str = "1", dtype: str = "float32",
+                 prefetch: int | None = None) -> None:
     from artune.profile import Profile, validate
 
     be = None if comm is None else types.SimpleNamespace(comm=comm, closed=False)
     router = types.SimpleNamespace(backends={} if be is None else {"nvrar": be})
     data = json.loads(json.dumps(_LINEAR_PROFILE))
     data["linear"][0]["dtype"] = dtype
+    if prefetch is not None:
+        data["linear"][0]["ranges"][0]["params"]["prefetch"] = prefetch
     profile = Profile(validate(data))
     monkeypatch.setattr(plugin, "_ROUTES", {"tp:0": types.SimpleNamespace(router=router,
                                                                           profile=profile)})
@@ -1223,6 +1226,11 @@ def test_fused_linear_follows_the_profile(monkeypatch, tmp_path) -> None:
 
     y, _ = linear_hook._around_row_linear(original, layer, torch.ones(8, 4))
     assert torch.equal(y, torch.full((8, 8), 8.0)) and comm.params == (16, 64, 8, 2, 0)
+    other = _FakeComm()
+    _fused_setup(monkeypatch, other, switch="auto", prefetch=1)  # a profile that prefetches
+    linear_hook._around_row_linear(original, layer, torch.ones(8, 4))
+    assert other.params == (16, 64, 8, 2, 1)
+    _fused_setup(monkeypatch, comm, switch="auto")
     for x, lay in ((torch.ones(9, 4), layer),  # rows the profile leaves unfused
                    (torch.ones(3, 4, dtype=torch.float64), _layer(  # a dtype it lacks
                        weight=torch.ones(8, 4, dtype=torch.float64))),
@@ -1446,8 +1454,8 @@ def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
     down = _row_module(weight=torch.nn.Parameter(_bf16(4, 8), requires_grad=False))
     f, graphs = _compiled(lambda x: down(layer(x)[0])[0])
     assert torch.equal(f(_bf16(16, 4)), _bf16_full((16, 4), 128.0))
-    assert comm.calls == calls + 2 and comm.params == tuple(LINEAR_DEFAULTS[p] for p in (
-        "block_n", "block_k", "warps", "stages", "prefetch"))
+    assert comm.calls == calls + 2 and comm.params == (*(LINEAR_DEFAULTS[p] for p in (
+        "block_n", "block_k", "warps", "stages")), 0)
     assert sum(n.target is torch.ops.artune.sglang_row_linear.default
                or n.target is torch.ops.artune.sglang_row_linear
                for gm in graphs for n in gm.graph.nodes) == 2

@@ -15,6 +15,7 @@ from artune.autotune.linear import (
     build_linear_table,
     layer_shapes,
     linear_space,
+    live_stages,
     model_dims,
     parse_shapes,
 )
@@ -56,7 +57,9 @@ def test_parse_shapes_and_space() -> None:
         with pytest.raises(ValueError, match="expected KxN"):
             parse_shapes(bad)
     space = linear_space(4096, 132)  # an H100's SMs: 16-column tiles would be 256 CTAs
-    assert space["block_n"] == [32, 64, 128] and space["prefetch"] == [0, 1]
+    assert space["block_n"] == [32, 64, 128] and space["stages"] == [2, 3, 4]  # as stored
+    assert "prefetch" not in space  # its best case only here: set by hand, not searched
+    assert live_stages(dict(block_n=32, stages=3)) and not live_stages(dict(block_n=32, stages=4))
     assert linear_space(48, 132)["block_n"] == [16]
 
 
@@ -272,8 +275,7 @@ def test_phase_stores_resumes_and_re_times_under_a_new_route(tmp_path: Path) -> 
     # per row count: the unfused call, 3 fused sets (the defaults first, gated), then the
     # back-to-back re-time of both
     assert len(linear) == 2 * (1 + 3 + 2)
-    assert linear[1]["params"] == {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3,
-                                   "prefetch": 0}
+    assert linear[1]["params"] == {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3}
     assert linear[1]["gate"] and not linear[0]["gate"] and not linear[-1]["gate"]
     (entry,) = doc["linear"]
     assert [(p["rows"], p["fused"]) for p in entry["points"]] == [(1, True), (64, False)]

@@ -52,8 +52,7 @@ LINEAR_BK = 256
 LINEAR_MAX_ROWS = 64
 #: linear_all_reduce's parameters when none are given (the tune's fused-linear phase starts
 #: its search from them; ARTUNE_FUSED_LINEAR=1 runs them).
-LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4, "stages": 3,
-                   "prefetch": 0}
+LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4, "stages": 3}
 
 
 @dataclass(frozen=True)
@@ -407,8 +406,8 @@ class NvrarComm:
         at most the grid; the result (new, or ``out``: contiguous, 16-byte aligned) has
         identical bits on every rank: each rank's product is rounded to the dtype, as an
         unfused GEMM stores it, then summed in rank order in fp32. ``prefetch`` (1): each CTA
-        asks L2 for its weight rows before waiting for the kernel before it (``nvrar_linear``).
-        One node only. What does not
+        asks L2 for its weight rows before waiting for the kernel before it (``nvrar_linear``;
+        ``prefetch_mode`` says how). One node only. What does not
         fit raises ValueError (``linear_problem`` says why first); after a wait of an earlier
         call ran out it raises NvrarTimeoutError, as ``check`` does."""
         import torch
@@ -421,7 +420,7 @@ class NvrarComm:
                                                     device=x.device)
         if x.shape[0]:
             self._launch(self._linear(x, weight, y, block_n, block_k, warps, stages,
-                                      bool(prefetch)))
+                                      prefetch_mode(weight) if prefetch else 0))
         return y
 
     def linear_problem(self, x: torch.Tensor, weight: torch.Tensor,
@@ -460,7 +459,7 @@ class NvrarComm:
         return self.layout.check_message(rows * n * x.element_size(), "oneshot", "lamport")
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int,
-                block_k: int, warps: int, stages: int, prefetch: bool = False) -> _Spec:
+                block_k: int, warps: int, stages: int, prefetch: int = 0) -> _Spec:
         from artune.kernels.nvrar_linear import linear_lamport_kernel
 
         assert self.world_bases is not None
@@ -683,6 +682,14 @@ def _lamport_warps(block: int) -> int:
     builds: 9-11 bar.sync per call at 1024-2048-element chunks with 4 warps, 1 with one word
     per thread)."""
     return max(1, min(32, block // 128))
+
+
+def prefetch_mode(weight: torch.Tensor) -> int:
+    """How the fused linear kernel prefetches ``weight`` (``nvrar_linear``'s ``PREFETCH``): 2,
+    bulk prefetches of each row's quarters, where the weight is 16-byte aligned and K a
+    multiple of 32 (so every quarter starts and ends on 16 bytes); else 1, every 128-byte
+    line."""
+    return 2 if weight.data_ptr() % 16 == 0 and weight.shape[-1] % 32 == 0 else 1
 
 
 def _pdl_capable(device: Any) -> bool:

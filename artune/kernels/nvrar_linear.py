@@ -22,11 +22,14 @@ stored and cleared, after a barrier (so no thread empties a word another has not
 Launched by ``NvrarComm.linear_all_reduce``.
 
 With ``PREFETCH``, each CTA first asks L2 for its slab of the weight (its ``BN`` rows, all of K:
-one contiguous range) with ``prefetch.global.L2``, before ``pdl_begin``'s wait for the kernel
-before it: the weight is not that kernel's output, and under programmatic dependent launch the
-CTAs can be resident while it finishes, so the weight can stream during its tail. A prefetch
-is a hint (no register, no result; L2 is where the GPU's writes meet, so it never reads stale
-data), and the loop below loads the same addresses as without it.
+one contiguous range), before ``pdl_begin``'s wait for the kernel before it: ``PREFETCH=2`` with
+``cp.async.bulk.prefetch.L2`` of each row in quarters (the host picks it where the weight is
+16-byte aligned and K a multiple of 32, so every quarter starts and ends on 16 bytes),
+``PREFETCH=1`` with ``prefetch.global.L2`` of every 128-byte line (any K). The weight is not the
+kernel before's output, and under programmatic dependent launch the CTAs can be resident while
+it finishes, so the weight can stream during its tail. A prefetch is a hint (no register, no
+result; L2 is where the GPU's writes meet, so it never reads stale data), and the loop below
+loads the same addresses as without it.
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ def _prefetch_slab(w_ptr, row0, K, BN: tl.constexpr):
                                   dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def _prefetch_slab_bulk(w_ptr, row0, K, BN: tl.constexpr):
+    """``cp.async.bulk.prefetch.L2`` of rows ``row0 .. row0 + BN - 1`` of the [N, K] weight,
+    each in four quarters of K / 4 elements: a [BN, 4] block of (address, bytes), one or a few
+    per thread. K must be a multiple of 32 and the weight 16-byte aligned (the host checks)."""
+    rows = row0 + tl.arange(0, BN)
+    quarter = K // 4
+    addr = w_ptr + rows[:, None] * K + tl.arange(0, 4)[None, :] * quarter
+    nbytes = tl.zeros([BN, 4], tl.int32) + quarter * 2
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+                              "=r,l,r", [addr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["M", "limit_ns", "rank"])
 def linear_lamport_kernel(
     x_ptr,  # *DT [M, K] this rank's activations (contiguous)
@@ -84,11 +100,14 @@ def linear_lamport_kernel(
     MAXC: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,  # the weight slab into L2 before the PDL wait
+    PREFETCH: tl.constexpr = 0,  # the weight slab into L2 before the PDL wait: 1 lines, 2 bulk
 ):
-    if PREFETCH:
+    if PREFETCH == 1:
         if not INTERPRET:
             _prefetch_slab(w_ptr, tl.program_id(0) * BN, K, BN)
+    if PREFETCH == 2:
+        if not INTERPRET:
+            _prefetch_slab_bulk(w_ptr, tl.program_id(0) * BN, K, BN)
     pdl_begin(PDL, INTERPRET)
     DT: tl.constexpr = y_ptr.dtype.element_ty
     Q4: tl.constexpr = BN // 4
