@@ -260,10 +260,10 @@ def _validate_linear(entries: Any, path: Path | str | None) -> None:
                     _whole(params.get(p)) for p in LINEAR_PARAMS)):
                 raise _fail(path, f"{where}.ranges[{j}]: a fused range needs params "
                                   f"{', '.join(LINEAR_PARAMS)} (positive whole numbers)")
-            if g["fused"] and not (type(params.get("prefetch", 0)) is int
-                                   and params.get("prefetch", 0) in (0, 1)):
+            prefetch = params.get("prefetch", 0) if isinstance(params, dict) else 0
+            if g["fused"] and not (type(prefetch) is int and prefetch in (0, 1)):
                 raise _fail(path, f"{where}.ranges[{j}]: params.prefetch must be 0 or 1 "
-                                  f"(optional), got {params['prefetch']!r}")
+                                  f"(optional), got {prefetch!r}")
             prev = hi
 
 

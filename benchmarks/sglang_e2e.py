@@ -791,9 +791,9 @@ def _worker_env(args: argparse.Namespace, config: str, model_dir: str) -> dict[s
             env["ARTUNE_PROFILE"] = _derived_profile(
                 args.profile, Path(model_dir), only=CONFIGS[config].get("only"),
                 drop=CONFIGS[config].get("drop"))
-        if CONFIGS[config].get("linear_params"):
+        if CONFIGS[config].get("linear_params"):  # over a derived profile, if any
             env["ARTUNE_PROFILE"] = _linear_variant_profile(
-                args.profile, Path(model_dir), CONFIGS[config]["linear_params"])
+                env["ARTUNE_PROFILE"], Path(model_dir), CONFIGS[config]["linear_params"])
     env.update(CONFIGS[config].get("env", {}))
     # every engine, artune's or not, times its decode graphs on the GPU (graph_times)
     env["ARTUNE_GRAPH_TIMES"] = str(graph_folder(model_dir, config))

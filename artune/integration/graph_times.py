@@ -16,10 +16,10 @@ replays of a time window (``window_stats``). A rank whose replay starts before i
 inside the graph at the first collective: its time includes that wait; the rank launched last
 measures the graph itself (``window_stats`` takes the fastest rank at each step).
 
-Cost: two event records per replay on the host (a few µs, off the GPU's critical path), and
-a thread that wakes every ``PERIOD_S``. Graph captures are not timed, nor replays during one. A
-failure here (the folder cannot be written, ...) is logged and turns the timing off; it never
-stops the server.
+Cost: two event records per replay on the host (host calls, not GPU work; not measured on
+their own), and a thread that wakes every ``PERIOD_S``. Graph captures are not timed, nor
+replays during one. A failure here (the folder cannot be written, ...) is logged and turns the
+timing off; it never stops the server.
 """
 
 from __future__ import annotations
@@ -223,14 +223,14 @@ def summary(folder: str | Path) -> list[dict[str, Any]]:
     percentile in µs, the graphs of a process in order of their median (in a decode engine,
     one graph per captured batch size: the larger, the longer). ValueError when ``folder``
     holds no times."""
-    files = sorted(Path(folder).glob("graph-times-pid*.txt")) if Path(folder).is_dir() else []
-    if not files:
+    series = read_folder(folder) if Path(folder).is_dir() else {}
+    if not series:
         raise ValueError(f"no graph times (graph-times-pid*.txt) in {folder}: serve with "
                          f"ARTUNE_GRAPH_TIMES={folder} first")
     out = []
-    for path in files:
+    for name, replays in series.items():
         by_graph: dict[int, list[float]] = {}
-        for _, key, us in _replays(path):
+        for _, key, us in replays:
             by_graph.setdefault(key, []).append(us)
         rows: list[dict[str, Any]] = []
         for key, times in by_graph.items():
@@ -238,7 +238,7 @@ def summary(folder: str | Path) -> list[dict[str, Any]]:
             if len(times) > 1:
                 q = statistics.quantiles(times, n=10, method="inclusive")
                 p10, p90 = q[0], q[-1]
-            rows.append({"process": path.stem.removeprefix("graph-times-"), "graph": key,
+            rows.append({"process": Path(name).stem.removeprefix("graph-times-"), "graph": key,
                          "replays": len(times), "median_us": statistics.median(times),
                          "p10_us": p10, "p90_us": p90})
         out += sorted(rows, key=lambda r: r["median_us"])

@@ -50,6 +50,7 @@ from artune.kernels.nvrar_prims import (
 
 __all__ = ["linear_lamport_kernel"]
 
+
 @triton.jit
 def _prefetch_slab(w_ptr, row0, K, BN: tl.constexpr):
     """``prefetch.global.L2`` every 128-byte line of rows ``row0 .. row0 + BN - 1`` of the
@@ -102,11 +103,10 @@ def linear_lamport_kernel(
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,  # the weight slab into L2 before the PDL wait: 1 lines, 2 bulk
 ):
-    if PREFETCH == 1:
-        if not INTERPRET:
+    if not INTERPRET:  # (the interpreter has no PTX)
+        if PREFETCH == 1:
             _prefetch_slab(w_ptr, tl.program_id(0) * BN, K, BN)
-    if PREFETCH == 2:
-        if not INTERPRET:
+        elif PREFETCH == 2:
             _prefetch_slab_bulk(w_ptr, tl.program_id(0) * BN, K, BN)
     pdl_begin(PDL, INTERPRET)
     DT: tl.constexpr = y_ptr.dtype.element_ty
