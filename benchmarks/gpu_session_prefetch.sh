@@ -6,7 +6,8 @@
 #   - benchmarks/linear_ar.py: Llama-3.1-8B's TP=4 o_proj and down_proj at 1 / 4 / 16 rows,
 #     the fused kernel at the defaults without and with the prefetch (back-to-back calls in a
 #     graph: each call's predecessor is the previous one, which lets dependents launch at once,
-#     so this is the most the prefetch can gain, not what a served model gains).
+#     so this is the most the prefetch can gain, not what a served model gains), and the K
+#     loop pipelined 2, 4 and 5 stages deep (26th session: the loop now takes ``stages``).
 # Then, on the same warm machine, the served pair with the replay split (kernel_table.py):
 #   TESTS=0 ORDER=artune,artune_prefetch REPS=12 BATCH_SIZES=1,4,16 PROFILE_BS=1 \
 #       bash benchmarks/gpu_session_pair.sh
@@ -24,6 +25,6 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 step micro 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$N" \
     benchmarks/linear_ar.py --shapes 1024x4096,3584x4096 --rows 1,4,16 \
-    --variants 32x256,32x256p --out "$OUT/linear_ar_prefetch_${N}gpu.md"
+    --variants 32x256,32x256p,32x256s2,32x256s4,32x256s5,32x256s5p,32x512 --out "$OUT/linear_ar_prefetch_${N}gpu.md"
 head -40 "$OUT/linear_ar_prefetch_${N}gpu.md" 2>/dev/null || tail -20 "$W/micro.log"
 cat "$W/card.txt" "$W/steps.txt"

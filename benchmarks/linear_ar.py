@@ -2,7 +2,8 @@
 NVRAR's one kernel for both (``NvrarComm.linear_all_reduce``).
 
     torchrun --nproc-per-node 4 benchmarks/linear_ar.py --shapes 1024x4096,3584x4096 \
-        --rows 1,4,16,64 [--variants 32x256,16x256,64x128] --out benchmarks/results/linear_ar.md
+        --rows 1,4,16,64 [--variants 32x256,16x256,64x128,32x256s4p] \
+        --out benchmarks/results/linear_ar.md
 
 Every tensor-parallel all-reduce of a Llama layer follows a row-parallel GEMM: the attention
 output projection (K = 4096 / TP) and the MLP down projection (K = 14336 / TP), N = 4096 for
@@ -18,7 +19,8 @@ the weights come from HBM as in a served model):
 - ``gemm + nvrar``: then NVRAR's all-reduce at its defaults;
 - ``fused BNxBK``: ``linear_all_reduce`` with block_n = BN output columns per CTA and block_k =
   BK; ``fused BNxBKp``: the same with ``prefetch=1`` (each CTA asks L2 for its weight rows
-  before waiting for the kernel before it; here that is the previous call).
+  before waiting for the kernel before it; here that is the previous call); ``fused BNxBKsS``:
+  with the K loop pipelined S deep (``stages``, 3 unless given).
 
 Every column is checked first against the fp32 sum over the ranks of x @ weight.T (and
 identical bits on every rank); a wrong one is reported, never timed.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,14 @@ def _check(y: torch.Tensor, want: torch.Tensor, cpu_group: Any) -> str | None:
     return rank_verdict(err, bits_digest(y), cpu_group)
 
 
+def parse_variant(spec: str) -> tuple[int, int, int, int]:
+    """(block_n, block_k, stages, prefetch) of a ``--variants`` entry ``BNxBK[sS][p]``."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(p?)", spec)
+    if not m:
+        raise SystemExit(f"--variants: {spec!r} is not BNxBK[sS][p] (e.g. 32x256, 32x256s4p)")
+    return int(m[1]), int(m[2]), int(m[3] or 3), int(bool(m[4]))
+
+
 def _column(col: str, built: dict[str, Any], x: torch.Tensor,
             ws: list[torch.Tensor]) -> tuple[Any, Any, str | None]:
     """(call(i) -> the output for weight copy i, capture context, why not) of a column; call is
@@ -74,13 +85,13 @@ def _column(col: str, built: dict[str, Any], x: torch.Tensor,
         return (lambda i: torch.matmul(x, ws[i].t(), out=y)), contextlib.nullcontext, None
     if col.startswith("fused "):
         be = built.get("nvrar")
-        spec = col.removeprefix("fused ")
-        bn, bk = (int(v) for v in spec.removesuffix("p").split("x"))
-        pf = int(spec.endswith("p"))
-        why = "nvrar not built" if be is None else be.comm.linear_problem(x, ws[0], y, bn, bk)
+        bn, bk, stages, pf = parse_variant(col.removeprefix("fused "))
+        why = ("nvrar not built" if be is None
+               else be.comm.linear_problem(x, ws[0], y, bn, bk, stages))
         if why:
             return None, None, why
-        return ((lambda i: be.comm.linear_all_reduce(x, ws[i], y, bn, bk, prefetch=pf)),
+        return ((lambda i: be.comm.linear_all_reduce(x, ws[i], y, bn, bk, stages=stages,
+                                                     prefetch=pf)),
                 be.capture, None)
     be = built.get(col.removeprefix("gemm + "))
     if be is None or not be.supports(y):
@@ -92,12 +103,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1024x4096,3584x4096", metavar="KxN,...")
     ap.add_argument("--rows", default="1,4,16,64")
-    ap.add_argument("--variants", default="32x256,16x256,64x128", metavar="BNxBK,...")
+    ap.add_argument("--variants", default="32x256,16x256,64x128", metavar="BNxBK[sS][p],...")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows_list = [int(r) for r in args.rows.split(",")]
+    for v in args.variants.split(","):
+        parse_variant(v)  # a typo stops here, before any rank starts
     columns = ["gemm", "gemm + sglang", "gemm + nvrar",
                *(f"fused {v}" for v in args.variants.split(","))]
     dtype = torch.bfloat16

@@ -21,7 +21,8 @@ exactly the measured batch sizes. Configs:
   (ARTUNE_FUSED_LINEAR=0);
 - ``artune_prefetch``, ``artune_compile_prefetch``: ``artune`` and ``artune_compile`` with the
   profile's fused linear ranges run with ``prefetch=1`` (the weight into L2 before the PDL
-  wait, docs/nvrar.md), from a copy of the profile;
+  wait, docs/nvrar.md), from a copy of the profile; ``artune_deep``, ``artune_compile_deep``:
+  the same with the fused kernel's K loop pipelined 5 stages deep (``stages=5``);
 - ``default_compile`` SGLang as released with ``enable_torch_compile=True``;
 - ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
   the engine-to-engine noise the "within 1%" comparison has to be read against;
@@ -179,6 +180,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_prefetch": {"artune": True, "kw": {}, "linear_params": {"prefetch": 1}},
     "artune_compile_prefetch": {"artune": True, "kw": {"enable_torch_compile": True},
                                 "linear_params": {"prefetch": 1}},
+    "artune_deep": {"artune": True, "kw": {}, "linear_params": {"stages": 5}},
+    "artune_compile_deep": {"artune": True, "kw": {"enable_torch_compile": True},
+                            "linear_params": {"stages": 5}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},

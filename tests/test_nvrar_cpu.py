@@ -773,6 +773,11 @@ def test_linear_all_reduce_refuses_what_does_not_fit() -> None:
         with pytest.raises(ValueError, match="linear_all_reduce \\(rank 0\\)"):
             comm.linear_all_reduce(*args)
     assert "block_n=24" in (comm.linear_problem(x, w, None, 24) or "")
+    assert "stages=9" in (comm.linear_problem(x, w, None, 32, 256, 9) or "")
+    x8, w128 = torch.zeros(8, 512, dtype=bf), torch.zeros(128, 512, dtype=bf)
+    assert comm.linear_problem(x8, w128, None, 128, 512, 2) is None  # (16 + 128) rows: 144 KiB
+    assert "288 KiB of shared memory" in (comm.linear_problem(x8, w128, None, 128, 512, 3)
+                                          or "")
     assert comm.linear_all_reduce(x[:0], w).shape == (0, 64)
 
 
@@ -1285,22 +1290,34 @@ types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "K": 
          "ctr_ptr": "*i32", "err_dev": "*i64", "rank": "i32"}
 # what the launch specializes on a GPU: 16-byte aligned pointers, K a multiple of 16
 aligned = ["x_ptr", "w_ptr", "y_ptr", "K", "ctr_ptr", "err_dev"]
-out = {}
-for mode in (0, 1, 2):
+
+
+def build(prefetch, stages):
     const = {"N": 4096, "W": 4, "BM": 16, "BN": 32, "BK": 256, "MAXC": 1024,
-             "INTERPRET": False, "PDL": True, "PREFETCH": mode}
+             "INTERPRET": False, "PDL": True, "PREFETCH": prefetch, "STAGES": stages}
     sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
     src = ASTSource(fn=kernel, signature=sig,
                     constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 3})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": stages})
+
+
+out = {}
+for mode in (0, 1, 2):
+    c = build(mode, 3)
     lines = c.asm["ptx"].splitlines()
     out[mode] = {
         "lines": [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln],
         "bulk": [i for i, ln in enumerate(lines) if "cp.async.bulk.prefetch.L2" in ln],
         "wait": [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln],
         "cubin": len(c.asm.get("cubin", b""))}
+for stages in (2, 4):
+    c = build(0, stages)
+    out[f"stages{stages}"] = {"shared": c.metadata.shared,
+                              "copies": c.asm["ptx"].count("cp.async.cg")}
+c = build(0, 3)
+out["stages3"] = {"shared": c.metadata.shared, "copies": c.asm["ptx"].count("cp.async.cg")}
 print(json.dumps(out))
 """
 
@@ -1311,7 +1328,8 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     """The fused linear kernel, compiled for an H100 (sm_90, PTX and ptxas's cubin) on this
     CPU machine: its weight prefetches come before programmatic dependent launch's wait, so
     they can run while the kernel before it finishes: line by line (``PREFETCH=1``) or in bulk
-    (2); none without. ``prefetch_mode`` picks bulk only where every quarter row is 16-byte
+    (2); none without. Its K loop pipelines ``stages`` deep (shared memory and copies in
+    flight grow with it). ``prefetch_mode`` picks bulk only where every quarter row is 16-byte
     aligned."""
     import json
     import subprocess
@@ -1332,6 +1350,11 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     assert off["lines"] == [] and off["bulk"] == []
     assert lines["lines"] and max(lines["lines"]) < lines["wait"][0] and lines["bulk"] == []
     assert bulk["bulk"] and max(bulk["bulk"]) < bulk["wait"][0] and bulk["lines"] == []
+    # the K loop's pipelining depth is the launch's stages: one 24 KiB buffer of x and weight
+    # tiles (16 x 256 and 32 x 256 bf16) per stage after the first, more copies in flight
+    depth = [got[f"stages{n}"] for n in (2, 3, 4)]
+    assert [d["shared"] for d in depth] == [24576, 49152, 73728]
+    assert depth[0]["copies"] < depth[1]["copies"] < depth[2]["copies"]
     # (the weight is contiguous: linear_problem refuses any other)
     w = torch.zeros(8 * 3584 + 8, dtype=torch.bfloat16)
     assert prefetch_mode(w[: 8 * 3584].view(8, 3584)) == 2

@@ -146,11 +146,11 @@ def linear_space(n: int, max_grid: int) -> dict[str, list[int]]:
 
 
 def live_stages(params: dict[str, Any]) -> bool:
-    """Whether a set of the fused kernel's parameters gets a trial: ``stages`` 3 only. The
-    kernel's K loop sets its own pipelining depth (``tl.range(..., num_stages=3)``), so the
-    launch's ``num_stages`` changes nothing (sm_90 code compiled on CPU was identical for 2, 3
-    and 4, the 25th session; earlier tunes' 2 and 4 ran as 3), and other values only spent
-    trials."""
+    """Whether a set of the fused kernel's parameters gets a trial: ``stages`` 3 only, for
+    now. Until the 26th session the kernel's K loop set its own depth (3), so earlier tunes'
+    stored trials of 2 and 4 timed 3-stage code, and a tune resuming them must not read them
+    as 2 or 4; the loop now takes ``stages``, whose other depths a micro-benchmark measures
+    first (``benchmarks/linear_ar.py --variants 32x256s5``)."""
     return params.get("stages") == 3
 
 
@@ -420,7 +420,8 @@ def linear_trial(crew: Crew, cmd: dict[str, Any],
                 return router.all_reduce(F.linear(xr, ws[i]), "graph")
         elif comm is None:
             error = "unsupported: nvrar is not built"
-        elif why := comm.linear_problem(xr, ws[0], None, p["block_n"], p["block_k"]):
+        elif why := comm.linear_problem(xr, ws[0], None, p["block_n"], p["block_k"],
+                                        p["stages"]):
             error = f"unsupported: {why}"
         else:
             def call(i: int) -> Any:

@@ -253,7 +253,8 @@ def _linear_choice(x: Any, weight: Any, k: int, n: int) -> tuple[Any, dict[str, 
             "on the TP group (it cannot run here: see the set-up's warning); the linear layers "
             "keep their GEMM and the routed all-reduce", logging.WARNING)
         return None
-    why = comm.linear_problem(x, weight, None, params["block_n"], params["block_k"])
+    why = comm.linear_problem(x, weight, None, params["block_n"], params["block_k"],
+                              params["stages"])
     if why:
         plugin.log_once(
             f"sglang:fused-linear:{tuple(x.shape)}:{tuple(weight.shape)}",

@@ -53,6 +53,10 @@ LINEAR_MAX_ROWS = 64
 #: linear_all_reduce's parameters when none are given (the tune's fused-linear phase starts
 #: its search from them; ARTUNE_FUSED_LINEAR=1 runs them).
 LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4, "stages": 3}
+#: linear_all_reduce's K-loop pipelining depths, and the shared memory a CTA may use where the
+#: GPU does not say (an H100's opt-in limit, 227 KiB).
+LINEAR_STAGES = range(1, 9)
+SMEM_BYTES = 232448
 
 
 @dataclass(frozen=True)
@@ -223,8 +227,11 @@ class NvrarComm:
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             self.max_grid = min(MAX_CTAS, sms)
+            self.smem = getattr(torch.cuda.get_device_properties(device),
+                                "shared_memory_per_block_optin", SMEM_BYTES)
         else:
             self.max_grid = MAX_CTAS
+            self.smem = SMEM_BYTES
         self._sigset: int | None = None
         self._barrier = barrier
         self._ready: set[tuple[Any, ...]] = set()
@@ -413,7 +420,7 @@ class NvrarComm:
         import torch
 
         self.check()
-        why = self.linear_problem(x, weight, out, block_n, block_k)
+        why = self.linear_problem(x, weight, out, block_n, block_k, stages)
         if why:
             raise ValueError(f"artune nvrar linear_all_reduce (rank {self.rank}): {why}")
         y = out if out is not None else torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype,
@@ -425,9 +432,9 @@ class NvrarComm:
 
     def linear_problem(self, x: torch.Tensor, weight: torch.Tensor,
                        out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
-                       block_k: int = LINEAR_BK) -> str | None:
-        """Why ``linear_all_reduce(x, weight, out, block_n, block_k)`` cannot run here, or
-        None."""
+                       block_k: int = LINEAR_BK, stages: int = 3) -> str | None:
+        """Why ``linear_all_reduce(x, weight, out, block_n, block_k, stages=stages)`` cannot
+        run here, or None."""
         import torch
 
         if x.dtype not in (torch.bfloat16, torch.float16):
@@ -443,6 +450,15 @@ class NvrarComm:
         if block_n not in (16, 32, 64, 128) or block_k not in (16, 32, 64, 128, 256, 512):
             return (f"block_n={block_n} / block_k={block_k}: block_n one of 16..128 and block_k "
                     f"one of 16..512, powers of two")
+        if stages not in LINEAR_STAGES:
+            return f"stages={stages}: the K loop's depth is one of 1..{LINEAR_STAGES[-1]}"
+        # the K loop's shared memory: an x tile and a weight tile per stage after the first
+        smem = max(1, stages - 1) * (max(16, 1 << (rows - 1).bit_length()) + block_n) \
+            * block_k * x.element_size()
+        if smem > self.smem:
+            return (f"{rows} rows in {block_n}x{block_k} tiles {stages} stages deep need "
+                    f"{smem >> 10} KiB of shared memory a CTA, more than this GPU's "
+                    f"{self.smem >> 10} KiB: fewer stages or a smaller block_k")
         if n % block_n or not 1 <= n // block_n <= self.max_grid:
             return (f"N={n} must be a multiple of block_n={block_n} with at most "
                     f"{self.max_grid} CTAs")
@@ -470,7 +486,7 @@ class NvrarComm:
                 self.layout.lamport_slot, *self._common())
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BM=bm, BN=block_n, BK=block_k,
                                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=warps,
-                                      num_stages=stages, PREFETCH=prefetch)
+                                      num_stages=stages, PREFETCH=prefetch, STAGES=stages)
         kwargs.update(self._pdl())
         key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl, prefetch)
         return _Spec(linear_lamport_kernel, key, n // block_n, args, kwargs)

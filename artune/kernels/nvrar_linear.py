@@ -102,6 +102,7 @@ def linear_lamport_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,  # the weight slab into L2 before the PDL wait: 1 lines, 2 bulk
+    STAGES: tl.constexpr = 3,  # the K loop's pipelining depth (tiles loaded ahead + 1)
 ):
     if not INTERPRET:  # (the interpreter has no PTX)
         if PREFETCH == 1:
@@ -120,7 +121,7 @@ def linear_lamport_kernel(
     cols = pid * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in tl.range(0, K, BK, num_stages=3):
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
         kk = k0 + ks
         xt = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
                      mask=(rows[:, None] < M) & (kk[None, :] < K), other=0.0)
