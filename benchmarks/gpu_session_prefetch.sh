@@ -3,7 +3,8 @@
 # (written in the twenty-fifth session, not yet run), about 200-250 s on a fresh machine:
 #   - tests/gpu/test_nvrar_gpu.py -k linear_all_reduce (half its cases now prefetch: bulk where
 #     K is a multiple of 32, line by line at K 1000);
-#   - benchmarks/linear_ar.py: Llama-3.1-8B's TP=4 o_proj and down_proj at 1 / 4 / 16 rows,
+#   - benchmarks/linear_ar.py: Llama-3.1-8B's o_proj and down_proj at TP = the GPUs (4: K 1024
+#     and 3584; 2: K 2048 and 7168) at 1 / 4 / 16 rows,
 #     the fused kernel at the defaults without and with the prefetch (back-to-back calls in a
 #     graph: each call's predecessor is the previous one, which lets dependents launch at once,
 #     so this is the most the prefetch can gain, not what a served model gains), and the K
@@ -24,7 +25,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
 fi
 step micro 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$N" \
-    benchmarks/linear_ar.py --shapes 1024x4096,3584x4096 --rows 1,4,16 \
+    benchmarks/linear_ar.py --shapes "$((4096 * 4 / N))x4096,$((14336 / N))x4096" --rows 1,4,16 \
     --variants 32x256,32x256p,32x256s2,32x256s4,32x256s5,32x256s5p,32x512 --out "$OUT/linear_ar_prefetch_${N}gpu.md"
 head -40 "$OUT/linear_ar_prefetch_${N}gpu.md" 2>/dev/null || tail -20 "$W/micro.log"
 cat "$W/card.txt" "$W/steps.txt"
