@@ -25,7 +25,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
 fi
 step micro 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$N" \
-    benchmarks/linear_ar.py --shapes "$((4096 * 4 / N))x4096,$((14336 / N))x4096" --rows 1,4,16 \
+    benchmarks/linear_ar.py --shapes "$((4096 / N))x4096,$((14336 / N))x4096" --rows 1,4,16 \
     --variants 32x256,32x256p,32x256s2,32x256s4,32x256s5,32x256s5p,32x512 --out "$OUT/linear_ar_prefetch_${N}gpu.md"
 head -40 "$OUT/linear_ar_prefetch_${N}gpu.md" 2>/dev/null || tail -20 "$W/micro.log"
 cat "$W/card.txt" "$W/steps.txt"
