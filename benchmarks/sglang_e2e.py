@@ -663,6 +663,7 @@ def _summarize(doc: dict[str, Any], tol: float) -> list[str]:
             doc["comparisons"].setdefault(name, {})["logits"] = cmp
             lines.append(line)
     lines += _compile_pair(runs, doc["comparisons"], tol)
+    lines += _pair_logprobs(doc, tol)
     lines += paired_lines(doc)
     for pair in (doc.get("paired") or {}).get("pairs", []):
         kb, kt = (runs.get(pair[k], {}).get("kernels") for k in ("base", "test"))
@@ -709,6 +710,23 @@ def _compile_pair(runs: dict[str, Any], comparisons: dict[str, Any], tol: float)
         cmp, line = _judge(ref, other, tol, "artune_compile vs default_compile")
         out["logits_vs_default_compile"] = cmp
         lines.append(line)
+    return lines
+
+
+def _pair_logprobs(doc: dict[str, Any], tol: float) -> list[str]:
+    """Each side-by-side pair's test against its base where neither is compared with
+    ``default`` or ``default_compile`` above (e.g. artune_nccl vs nccl, artune_deep vs
+    artune)."""
+    runs, lines = doc["configs"], []
+    for pair in (doc.get("paired") or {}).get("pairs", []):
+        base, test = pair["base"], pair["test"]
+        if "default" in (base, test) or {base, test} == {"default_compile", "artune_compile"}:
+            continue
+        ref, other = (runs.get(k, {}).get("top_logprobs") for k in (base, test))
+        if ref and other:
+            cmp, line = _judge(ref, other, tol, f"{test} vs {base}")
+            doc["comparisons"].setdefault(test, {})[f"logits_vs_{base}"] = cmp
+            lines.append(line)
     return lines
 
 

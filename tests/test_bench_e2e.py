@@ -177,6 +177,38 @@ def test_compile_pair_is_compared_without_a_default_run() -> None:
     assert doc["comparisons"]["artune_compile"]["logits_vs_default_compile"]["ok"] is False
 
 
+def test_a_pair_without_default_compares_its_logprobs_with_its_base() -> None:
+    """A side-by-side pair neither of whose configs is compared with ``default`` (artune_nccl
+    vs nccl, artune_deep vs artune) gets its test's logprobs judged against its base's."""
+    mod = _module()
+
+    def run(top0: float) -> dict[str, Any]:
+        return {"batches": [{"batch": 1, "step_ms": 2.0, "spread_ms": 0.01,
+                             "decode_tok_s": 1.0}],
+                "top_logprobs": [{"ids": [5, 6], "top": [[[top0, 5], [-3.0, 9]],
+                                                         [[-0.2, 6], [-4.0, 2]]]}]}
+
+    doc = {"tp": 2, "card": {"gpu": "G", "gpus": 2}, "date": "d", "reps": 5, "new_tokens": 8,
+           "configs": {"artune": run(-0.10), "artune_deep": run(-0.10)},
+           "paired": {"engines": ["artune", "artune_deep"], "band_pct": 1.0,
+                      "pairs": [{"first": "artune", "base": "artune", "test": "artune_deep",
+                                 "by_batch": {}}]}}
+    lines = mod._summarize(doc, 0.05)
+    got = doc["comparisons"]["artune_deep"]["logits_vs_artune"]
+    assert got["max_abs_dlogprob"] == 0.0 and got["ok"] is True
+    assert any(ln.startswith("logprobs artune_deep vs artune") and ln.endswith("OK")
+               for ln in lines)
+    doc["configs"]["artune_deep"] = run(-0.30)
+    lines = mod._summarize(doc, 0.05)
+    assert doc["comparisons"]["artune_deep"]["logits_vs_artune"]["ok"] is False
+    assert any("artune_deep vs artune" in ln and "MISMATCH" in ln for ln in lines)
+    # a pair with default is judged against default only, once
+    doc["configs"]["default"] = doc["configs"].pop("artune")
+    doc["paired"]["pairs"][0]["base"] = "default"
+    mod._summarize(doc, 0.05)
+    assert "logits_vs_default" not in doc["comparisons"]["artune_deep"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Paired mode: two engines side by side, reps alternating
 
