@@ -1312,12 +1312,10 @@ for mode in (0, 1, 2):
         "bulk": [i for i, ln in enumerate(lines) if "cp.async.bulk.prefetch.L2" in ln],
         "wait": [i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln],
         "cubin": len(c.asm.get("cubin", b""))}
-for stages in (2, 4):
+for stages in (2, 3, 4, 5):
     c = build(0, stages)
     out[f"stages{stages}"] = {"shared": c.metadata.shared,
                               "copies": c.asm["ptx"].count("cp.async.cg")}
-c = build(0, 3)
-out["stages3"] = {"shared": c.metadata.shared, "copies": c.asm["ptx"].count("cp.async.cg")}
 print(json.dumps(out))
 """
 
@@ -1335,7 +1333,7 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     import subprocess
     import sys
 
-    from artune.kernels.nvrar import prefetch_mode
+    from artune.kernels.nvrar import linear_smem, prefetch_mode
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True,
@@ -1351,10 +1349,12 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     assert lines["lines"] and max(lines["lines"]) < lines["wait"][0] and lines["bulk"] == []
     assert bulk["bulk"] and max(bulk["bulk"]) < bulk["wait"][0] and bulk["lines"] == []
     # the K loop's pipelining depth is the launch's stages: one 24 KiB buffer of x and weight
-    # tiles (16 x 256 and 32 x 256 bf16) per stage after the first, more copies in flight
-    depth = [got[f"stages{n}"] for n in (2, 3, 4)]
-    assert [d["shared"] for d in depth] == [24576, 49152, 73728]
-    assert depth[0]["copies"] < depth[1]["copies"] < depth[2]["copies"]
+    # tiles (16 x 256 and 32 x 256 bf16) per stage after the first, as linear_smem counts
+    # (what linear_problem and the tune's ``fits`` check), more copies in flight
+    depth = [got[f"stages{n}"] for n in (2, 3, 4, 5)]
+    assert [d["shared"] for d in depth] == [24576, 49152, 73728, 98304]
+    assert [d["shared"] for d in depth] == [linear_smem(1, 32, 256, n) for n in (2, 3, 4, 5)]
+    assert all(a["copies"] < b["copies"] for a, b in zip(depth[:-1], depth[1:], strict=True))
     # (the weight is contiguous: linear_problem refuses any other)
     w = torch.zeros(8 * 3584 + 8, dtype=torch.bfloat16)
     assert prefetch_mode(w[: 8 * 3584].view(8, 3584)) == 2

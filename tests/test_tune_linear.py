@@ -11,11 +11,12 @@ import pytest
 
 from artune.autotune.linear import (
     FUSED,
+    LINEAR_REVISION,
     UNFUSED,
     build_linear_table,
+    fits,
     layer_shapes,
     linear_space,
-    live_stages,
     model_dims,
     parse_shapes,
 )
@@ -57,9 +58,15 @@ def test_parse_shapes_and_space() -> None:
         with pytest.raises(ValueError, match="expected KxN"):
             parse_shapes(bad)
     space = linear_space(4096, 132)  # an H100's SMs: 16-column tiles would be 256 CTAs
-    assert space["block_n"] == [32, 64, 128] and space["stages"] == [2, 3, 4]  # as stored
+    assert space["block_n"] == [32, 64, 128] and space["stages"] == [2, 3, 4, 5]
+    assert space["block_k"] == [64, 128, 256, 512]
     assert "prefetch" not in space  # its best case only here: set by hand, not searched
-    assert live_stages(dict(block_n=32, stages=3)) and not live_stages(dict(block_n=32, stages=4))
+    # the K loop's shared memory: (rows to 16 at least + block_n) x block_k x 2 B a stage after
+    # the first, within an H100's 227 KiB
+    assert fits(64, "bfloat16")(dict(block_n=32, block_k=256, stages=5))  # 192 KiB
+    assert not fits(64, "bfloat16")(dict(block_n=128, block_k=512, stages=3))  # 384 KiB
+    assert fits(1, "bfloat16")(dict(block_n=128, block_k=512, stages=2))  # 144 KiB
+    assert not fits(1, "bfloat16")(dict(block_n=64, block_k=512, stages=5))  # 320 KiB
     assert linear_space(48, 132)["block_n"] == [16]
 
 
@@ -275,7 +282,7 @@ def test_phase_stores_resumes_and_re_times_under_a_new_route(tmp_path: Path) -> 
     # per row count: the unfused call, 3 fused sets (the defaults first, gated), then the
     # back-to-back re-time of both
     assert len(linear) == 2 * (1 + 3 + 2)
-    assert linear[1]["params"] == {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3}
+    assert linear[1]["params"] == {"block_n": 32, "block_k": 256, "warps": 4, "stages": 5}
     assert linear[1]["gate"] and not linear[0]["gate"] and not linear[-1]["gate"]
     (entry,) = doc["linear"]
     assert [(p["rows"], p["fused"]) for p in entry["points"]] == [(1, True), (64, False)]
@@ -285,7 +292,9 @@ def test_phase_stores_resumes_and_re_times_under_a_new_route(tmp_path: Path) -> 
 
     names = set(optuna.get_all_study_names(f"sqlite:///{tmp_path}/t.db"))
     assert "linear-unfused|bfloat16|1024x4096|1|nccl" in names
-    assert "linear-fused|bfloat16|1024x4096|64" in names
+    assert f"linear-fused|bfloat16|1024x4096|64|r{LINEAR_REVISION}" in names
+    assert all(m["revision"] == LINEAR_REVISION for m in doc["linear_measurements"]
+               if m["backend"] == FUSED)
 
     again, doc2 = _phase(tmp_path, us, resume=True)  # only the re-times run again
     assert [c["impl"] for c in again.crew.sent if c["op"] == "linear"] == [
@@ -304,3 +313,30 @@ def test_phase_stores_resumes_and_re_times_under_a_new_route(tmp_path: Path) -> 
     moved, _ = _phase(tmp_path, us, backend="nvrar", resume=True)  # another route: re-timed
     impls = [c["impl"] for c in moved.crew.sent if c["op"] == "linear"]
     assert impls.count(UNFUSED) == 4 and impls.count(FUSED) == 2
+
+
+def test_a_resumed_tune_measures_fused_trials_of_the_earlier_kernel_again(
+        tmp_path: Path) -> None:
+    """Fused trials stored by a tune of revision 1 (the K loop at 3 stages whatever the set
+    said; a study name without ``|r2``, records without ``revision``) are neither resumed nor
+    put in the table: the fused side is searched again, the unfused side's trials are kept."""
+    from artune.autotune.search import Store
+
+    def us(cmd: dict[str, Any]) -> float:
+        return 10.0 if cmd["impl"] == UNFUSED else 7.0
+
+    store = Store(f"sqlite:///{tmp_path}/t.db", resume=False, meta={})
+    for rows in (1, 64):  # revision 1's stored trials: a fused time no new trial gives
+        store.add_measurement(f"{FUSED}|bfloat16|1024x4096|{rows}",
+                              _rec(FUSED, rows, 1.0, **dict(P32, stages=4)))
+        store.add_measurement(f"{UNFUSED}|bfloat16|1024x4096|{rows}|nccl",
+                              {**_rec(UNFUSED, rows, 10.0), "route": "nccl"})
+    store.close()
+    phase, doc = _phase(tmp_path, us, resume=True)
+    sent = [c["impl"] for c in phase.crew.sent if c["op"] == "linear"]
+    # per row count no unfused trial (resumed) and 3 fused sets; then each point's re-times
+    assert sent == [FUSED] * 6 + [UNFUSED, FUSED] + [FUSED, UNFUSED]
+    assert [p["fused_us"] for p in doc["linear"][0]["points"]] == [7.0, 7.0]
+    assert all(m.get("revision") == LINEAR_REVISION for m in doc["linear_measurements"]
+               if m["backend"] == FUSED)
+    assert not any(m["latency_us"] == 1.0 for m in doc["linear_measurements"])

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from artune.autotune import ui
 from artune.autotune.crew import _exc_text, _first, element_size, record_from
 from artune.autotune.search import Search, params_key
-from artune.kernels.nvrar import LINEAR_DEFAULTS
+from artune.kernels.nvrar import LINEAR_DEFAULTS, SMEM_BYTES, linear_smem
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FUSED", "UNFUSED", "DEFAULT_ROWS", "QUICK_ROWS", "parse_shapes",
            "model_dims", "layer_shapes", "linear_space", "build_linear_table", "LinearPhase",
-           "linear_trial", "is_linear"]
+           "linear_trial", "is_linear", "is_current", "fits", "LINEAR_REVISION"]
 
 FUSED = "linear-fused"
 UNFUSED = "linear-unfused"
@@ -65,6 +65,11 @@ WEIGHT_BYTES = 128 << 20
 MAX_COPIES = 64
 #: dtypes the fused kernel takes.
 LINEAR_DTYPES = ("bfloat16", "float16")
+#: The fused kernel's revision, in its studies' names and its records: 2 since its K loop
+#: pipelines ``stages`` deep (the 26th session; before, 3 whatever the set said), so a tune
+#: resuming one of revision 1 neither reads its fused timings as those of their stages nor
+#: mixes them with new ones: it measures the fused side again (the unfused side is kept).
+LINEAR_REVISION = 2
 
 
 def _point(record: dict[str, Any]) -> tuple[str, int, int, int]:
@@ -74,6 +79,12 @@ def _point(record: dict[str, Any]) -> tuple[str, int, int, int]:
 def is_linear(record: dict[str, Any]) -> bool:
     """Whether a stored measurement or skip belongs to this phase."""
     return record.get("backend") in (FUSED, UNFUSED)
+
+
+def is_current(record: dict[str, Any]) -> bool:
+    """Whether a record of this phase is of the fused kernel as it is now (the unfused side's
+    are, always)."""
+    return record.get("backend") != FUSED or record.get("revision") == LINEAR_REVISION
 
 
 # -- what to measure ----------------------------------------------------------------------------
@@ -136,26 +147,27 @@ def layer_shapes(dims: dict[str, int], tp: int) -> list[tuple[int, int]]:
 
 
 def linear_space(n: int, max_grid: int) -> dict[str, list[int]]:
-    """The fused kernel's search space for N outputs on a GPU of ``max_grid`` CTAs (as Optuna
-    stored it for earlier tunes, which resume with it: a categorical's choices cannot change);
-    ``live_stages`` admits only the sets that differ in code. ``prefetch`` is not searched:
-    here each timed call follows another fused call, which lets dependents launch at once,
-    the prefetch's best case, not a served model's (docs/nvrar.md); a profile may set it."""
+    """The fused kernel's search space for N outputs on a GPU of ``max_grid`` CTAs; ``fits``
+    admits the sets whose K loop fits in shared memory. ``prefetch`` is not searched: here each
+    timed call follows another fused call, which lets dependents launch at once, the
+    prefetch's best case, not a served model's (docs/nvrar.md); a profile may set it."""
     return {"block_n": [b for b in (16, 32, 64, 128) if n % b == 0 and n // b <= max_grid],
-            "block_k": [64, 128, 256], "warps": [4, 8], "stages": [2, 3, 4]}
+            "block_k": [64, 128, 256, 512], "warps": [4, 8], "stages": [2, 3, 4, 5]}
 
 
-def live_stages(params: dict[str, Any]) -> bool:
-    """Whether a set of the fused kernel's parameters gets a trial: ``stages`` 3 only, for
-    now. Until the 26th session the kernel's K loop set its own depth (3), so earlier tunes'
-    stored trials of 2 and 4 timed 3-stage code, and a tune resuming them must not read them
-    as 2 or 4; the loop now takes ``stages``, whose other depths a micro-benchmark measures
-    first (``benchmarks/linear_ar.py --variants 32x256s5``)."""
-    return params.get("stages") == 3
+def fits(rows: int, dtype: str) -> Callable[[dict[str, Any]], bool]:
+    """Whether a set of the fused kernel's parameters gets a trial at ``rows`` rows: its K
+    loop's shared memory (``linear_smem``) within an H100's (``linear_problem`` checks the
+    GPU's own on every rank, as a skip)."""
+    def admit(p: dict[str, Any]) -> bool:
+        return linear_smem(rows, p["block_n"], p["block_k"], p["stages"],
+                           element_size(dtype)) <= SMEM_BYTES
+    return admit
 
 
 def study(impl: str, dtype: str, k: int, n: int, rows: int) -> str:
-    return f"{impl}|{dtype}|{k}x{n}|{rows}"
+    name = f"{impl}|{dtype}|{k}x{n}|{rows}"
+    return name + f"|r{LINEAR_REVISION}" if impl == FUSED else name
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -286,13 +298,13 @@ class LinearPhase:
                 progress.describe(f"linear {dtype} {k}x{n} {rows} rows")
                 self._linear_point(store, resumed, dtype, k, n, rows,
                                    routes[(dtype, k, n, rows)], max_grid, budget, progress)
-            keep = [m for m in self.linear_records if _point(m) in routes
+            keep = [m for m in self.linear_records if _point(m) in routes and is_current(m)
                     and (m["backend"] == FUSED or m.get("route") == routes[_point(m)])]
             confirmed = self._confirm(build_linear_table(keep, cfg.rel_tol), routes, progress)
         self.crew.send({"op": "linear-done"})
         doc["linear"] = build_linear_table(
             keep + confirmed, cfg.rel_tol,
-            [s for s in self.linear_skips if _point(s) in routes])
+            [s for s in self.linear_skips if _point(s) in routes and is_current(s)])
         doc["linear_measurements"] = keep + confirmed
         self.spent["linear layers"] = time.perf_counter() - t0
 
@@ -352,7 +364,7 @@ class LinearPhase:
         if budget == 1:
             space = {key: [v] for key, v in default.items()}
         search = Search(store, name, space, default, budget, resumed.done.get(name, set()),
-                        admit=live_stages)
+                        admit=fits(rows, dtype))
         progress.advance(min(budget, len(search.done)))
         while (params := search.next()) is not None:
             kind, rec = self._linear_trial(FUSED, params, dtype, k, n, rows, search)
@@ -385,6 +397,8 @@ class LinearPhase:
             "prune_after": cfg.prune_after if prune else 0,
         }, decide)
         where = {"dtype": dtype, "mode": "graph", "nbytes": nbytes, "k": k, "n": n, "rows": rows}
+        if impl == FUSED:
+            where["revision"] = LINEAR_REVISION
         if "skip" in res or "pruned" in res:
             reason = res.get("skip") or (f"pruned after {res['reps']} repetitions: clearly "
                                          "slower than the best parameter set so far")

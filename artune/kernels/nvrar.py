@@ -50,13 +50,26 @@ SPIN_WORDS = 2
 LINEAR_BN = 32
 LINEAR_BK = 256
 LINEAR_MAX_ROWS = 64
+#: ... and the K loop's pipelining depth: 4 and 5 were fastest and within 0.2 µs of each other
+#: on 2x and 4x H100 for Llama-3.1-8B's layers (1.0-1.9 µs off a down projection against 3;
+#: benchmarks/results/linear_ar_stages_*_2026-11-28.md), and 5 was measured served.
+LINEAR_DEPTH = 5
 #: linear_all_reduce's parameters when none are given (the tune's fused-linear phase starts
 #: its search from them; ARTUNE_FUSED_LINEAR=1 runs them).
-LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4, "stages": 3}
+LINEAR_DEFAULTS = {"block_n": LINEAR_BN, "block_k": LINEAR_BK, "warps": 4,
+                   "stages": LINEAR_DEPTH}
 #: linear_all_reduce's K-loop pipelining depths, and the shared memory a CTA may use where the
 #: GPU does not say (an H100's opt-in limit, 227 KiB).
 LINEAR_STAGES = range(1, 9)
 SMEM_BYTES = 232448
+
+
+def linear_smem(rows: int, block_n: int, block_k: int, stages: int, elem_size: int = 2) -> int:
+    """Bytes of shared memory linear_all_reduce's K loop takes: an x tile (``rows`` rounded up
+    to a power of two, 16 at least) and a weight tile per stage after the first (as Triton
+    lays out the pipelined loop for sm_90; tests/test_nvrar_cpu.py checks it)."""
+    bm = max(16, 1 << (rows - 1).bit_length())
+    return max(1, stages - 1) * (bm + block_n) * block_k * elem_size
 
 
 @dataclass(frozen=True)
@@ -404,7 +417,7 @@ class NvrarComm:
     def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
                           out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
                           block_k: int = LINEAR_BK, warps: int = 4,
-                          stages: int = 3, prefetch: int = 0) -> torch.Tensor:
+                          stages: int = LINEAR_DEPTH, prefetch: int = 0) -> torch.Tensor:
         """``sum over the group of x @ weight.T`` in one kernel: a row-parallel linear layer
         and its all-reduce (``nvrar_linear``: each CTA computes ``block_n`` output columns of
         every row and sends them as lamport words at once). ``x``: contiguous [rows, K] bf16 or
@@ -412,7 +425,9 @@ class NvrarComm:
         rank's shard, nn.Linear's layout), N a multiple of ``block_n`` with N / block_n CTAs
         at most the grid; the result (new, or ``out``: contiguous, 16-byte aligned) has
         identical bits on every rank: each rank's product is rounded to the dtype, as an
-        unfused GEMM stores it, then summed in rank order in fp32. ``prefetch`` (1): each CTA
+        unfused GEMM stores it, then summed in rank order in fp32. ``stages``: how many K
+        steps the loop keeps in flight plus one (1..8, within the GPU's shared memory:
+        ``linear_smem``). ``prefetch`` (1): each CTA
         asks L2 for its weight rows before waiting for the kernel before it (``nvrar_linear``;
         ``prefetch_mode`` says how). One node only. What does not
         fit raises ValueError (``linear_problem`` says why first); after a wait of an earlier
@@ -432,7 +447,7 @@ class NvrarComm:
 
     def linear_problem(self, x: torch.Tensor, weight: torch.Tensor,
                        out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
-                       block_k: int = LINEAR_BK, stages: int = 3) -> str | None:
+                       block_k: int = LINEAR_BK, stages: int = LINEAR_DEPTH) -> str | None:
         """Why ``linear_all_reduce(x, weight, out, block_n, block_k, stages=stages)`` cannot
         run here, or None."""
         import torch
@@ -452,9 +467,7 @@ class NvrarComm:
                     f"one of 16..512, powers of two")
         if stages not in LINEAR_STAGES:
             return f"stages={stages}: the K loop's depth is one of 1..{LINEAR_STAGES[-1]}"
-        # the K loop's shared memory: an x tile and a weight tile per stage after the first
-        smem = max(1, stages - 1) * (max(16, 1 << (rows - 1).bit_length()) + block_n) \
-            * block_k * x.element_size()
+        smem = linear_smem(rows, block_n, block_k, stages, x.element_size())
         if smem > self.smem:
             return (f"{rows} rows in {block_n}x{block_k} tiles {stages} stages deep need "
                     f"{smem >> 10} KiB of shared memory a CTA, more than this GPU's "

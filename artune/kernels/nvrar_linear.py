@@ -102,7 +102,7 @@ def linear_lamport_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,  # the weight slab into L2 before the PDL wait: 1 lines, 2 bulk
-    STAGES: tl.constexpr = 3,  # the K loop's pipelining depth (tiles loaded ahead + 1)
+    STAGES: tl.constexpr = 5,  # the K loop's pipelining depth (tiles loaded ahead + 1)
 ):
     if not INTERPRET:  # (the interpreter has no PTX)
         if PREFETCH == 1:
