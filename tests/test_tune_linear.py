@@ -340,3 +340,20 @@ def test_a_resumed_tune_measures_fused_trials_of_the_earlier_kernel_again(
     assert all(m.get("revision") == LINEAR_REVISION for m in doc["linear_measurements"]
                if m["backend"] == FUSED)
     assert not any(m["latency_us"] == 1.0 for m in doc["linear_measurements"])
+
+
+def test_the_tune_sizes_nvrar_for_the_phase_s_largest_message() -> None:
+    """linear_bytes: rows x N x the element size of the largest fused message, so a tune with
+    small ``--sizes`` still measures the fused kernel at 64 rows (a 2x H100 tune with --sizes
+    8K,64K reported '524288 B exceeds the buffers' capacity of 65536 B', 26th session)."""
+    from artune.autotune.config import TuneConfig
+    from artune.autotune.linear import linear_bytes
+
+    assert linear_bytes(TuneConfig()) == 0
+    assert linear_bytes(TuneConfig(linear_shapes=[(1024, 4096)])) == 64 * 4096 * 2
+    assert linear_bytes(TuneConfig(linear_shapes=[(1024, 4096)], linear_rows=[1, 16])) \
+        == 16 * 4096 * 2
+    dims = {"hidden": 5120, "attn": 5120, "intermediate": 13824}
+    assert linear_bytes(TuneConfig(linear_shapes=[(1024, 4096)], linear_model=dims)) \
+        == 64 * 5120 * 2
+    assert linear_bytes(TuneConfig(linear_shapes=[(1024, 4096)], dtypes=["float32"])) == 0

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FUSED", "UNFUSED", "DEFAULT_ROWS", "QUICK_ROWS", "parse_shapes",
            "model_dims", "layer_shapes", "linear_space", "build_linear_table", "LinearPhase",
-           "linear_trial", "is_linear", "is_current", "fits", "LINEAR_REVISION"]
+           "linear_trial", "is_linear", "is_current", "fits", "linear_bytes",
+           "LINEAR_REVISION"]
 
 FUSED = "linear-fused"
 UNFUSED = "linear-unfused"
@@ -144,6 +145,21 @@ def layer_shapes(dims: dict[str, int], tp: int) -> list[tuple[int, int]]:
         if (width // tp, dims["hidden"]) not in out:
             out.append((width // tp, dims["hidden"]))
     return out
+
+
+def linear_bytes(cfg: TuneConfig) -> int:
+    """The largest message the phase's fused kernel sends (its rows x N outputs, all-reduced
+    in one lamport one-shot): the tune sizes NVRAR's buffers for it as well as for ``--sizes``
+    (0 without the phase). N is the model's hidden size for ``--linear-model``, whatever the
+    TP size."""
+    outs = [n for _, n in cfg.linear_shapes]
+    if cfg.linear_model is not None:
+        outs.append(cfg.linear_model["hidden"])
+    dtypes = [d for d in cfg.dtypes if d in LINEAR_DTYPES]
+    if not outs or not dtypes:
+        return 0
+    rows = max(cfg.linear_rows or (QUICK_ROWS if cfg.quick else DEFAULT_ROWS))
+    return rows * max(outs) * max(element_size(d) for d in dtypes)
 
 
 def linear_space(n: int, max_grid: int) -> dict[str, list[int]]:

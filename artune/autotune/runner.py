@@ -165,6 +165,8 @@ def run_rank(cfg: TuneConfig) -> int:
     comm = Comm(cpu_group, env.rank, env.world_size, timeout_s, heartbeat)
     world = dist.group.WORLD
     assert world is not None
+    from artune.autotune.linear import linear_bytes
+
     ctx = GroupContext(
         group=world,
         cpu_group=cpu_group,
@@ -172,7 +174,8 @@ def run_rank(cfg: TuneConfig) -> int:
         world_size=env.world_size,
         device=device,
         ranks_per_node=cfg.ranks_per_node or env.local_world_size,
-        max_bytes=max(actual_nbytes(s, d) for s in cfg.sizes for d in cfg.dtypes),
+        max_bytes=max(max(actual_nbytes(s, d) for s in cfg.sizes for d in cfg.dtypes),
+                      linear_bytes(cfg)),
         group_name=world.group_name,
     )
     crew = Crew(cfg, ctx, comm, preimport)
