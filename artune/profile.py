@@ -63,6 +63,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 MODES = ("graph", "eager")
 DTYPES = ("bfloat16", "float16", "float32")
+_ELEM_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 class ProfileError(ValueError):
@@ -144,11 +145,12 @@ class Profile:
         return list(seen)
 
     def max_bytes(self) -> int:
-        """Largest message size any range covers (buffers are sized from it)."""
-        return max(
-            (r["max_bytes"] for m in self.tables.values() for rs in m.values() for r in rs),
-            default=0,
-        )
+        """Largest message size any range covers, or the fused linear kernel sends (its rows x
+        N outputs, all-reduced in one message): buffers are sized from it."""
+        tables = [r["max_bytes"] for m in self.tables.values() for rs in m.values() for r in rs]
+        fused = [rows * n * _ELEM_SIZE[dtype] for (dtype, _, n), by_rows in self._linear.items()
+                 for rows in by_rows]
+        return max(tables + fused, default=0)
 
     def fallback(self) -> str:
         return "gloo" if self.dry_run else DEFAULT_BACKEND
@@ -225,6 +227,8 @@ def select_linear(profile: Profile, dtype: Any, k: int, n: int, rows: int) -> di
 #: (``artune.kernels.nvrar.LINEAR_MAX_ROWS``; tests/test_tune_linear.py checks).
 LINEAR_PARAMS = ("block_n", "block_k", "warps", "stages")
 LINEAR_MAX_ROWS = 64
+#: ... and the deepest K loop it takes (``artune.kernels.nvrar.LINEAR_STAGES``).
+LINEAR_MAX_STAGES = 8
 
 
 def _validate_linear(entries: Any, path: Path | str | None) -> None:
@@ -260,6 +264,9 @@ def _validate_linear(entries: Any, path: Path | str | None) -> None:
                     _whole(params.get(p)) for p in LINEAR_PARAMS)):
                 raise _fail(path, f"{where}.ranges[{j}]: a fused range needs params "
                                   f"{', '.join(LINEAR_PARAMS)} (positive whole numbers)")
+            if g["fused"] and params["stages"] > LINEAR_MAX_STAGES:
+                raise _fail(path, f"{where}.ranges[{j}]: params.stages must be 1.."
+                                  f"{LINEAR_MAX_STAGES}, got {params['stages']}")
             prefetch = params.get("prefetch", 0) if isinstance(params, dict) else 0
             if g["fused"] and not (type(prefetch) is int and prefetch in (0, 1)):
                 raise _fail(path, f"{where}.ranges[{j}]: params.prefetch must be 0 or 1 "

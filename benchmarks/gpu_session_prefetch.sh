@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The fused linear kernel's weight prefetch (prefetch=1, docs/nvrar.md) on a 4-GPU machine
-# (written in the twenty-fifth session, not yet run), about 200-250 s on a fresh machine:
+# The fused linear kernel's weight prefetch (prefetch=1, docs/nvrar.md) and K-loop depth on a
+# 2- or 4-GPU machine (run in the 26th session: 109 s fresh on 2x H100, the micro-benchmark
+# 100 s on 4x):
 #   - tests/gpu/test_nvrar_gpu.py -k linear_all_reduce (half its cases now prefetch: bulk where
 #     K is a multiple of 32, line by line at K 1000);
 #   - benchmarks/linear_ar.py: Llama-3.1-8B's o_proj and down_proj at TP = the GPUs (4: K 1024
-#     and 3584; 2: K 2048 and 7168) at 1 / 4 / 16 rows,
-#     the fused kernel at the defaults without and with the prefetch (back-to-back calls in a
-#     graph: each call's predecessor is the previous one, which lets dependents launch at once,
-#     so this is the most the prefetch can gain, not what a served model gains), and the K
-#     loop pipelined 2, 4 and 5 stages deep (26th session: the loop now takes ``stages``).
+#     and 3584; 2: K 2048 and 7168) at 1 / 4 / 16 rows; the fused kernel 32x256 at 3 stages (a
+#     variant without sS) without and with the prefetch (back-to-back calls in a graph: each
+#     call's predecessor is the previous one, which lets dependents launch at once, so this is
+#     the most the prefetch can gain, not what a served model gains), and the K loop pipelined
+#     2, 4 and 5 stages deep.
 # Then, on the same warm machine, the served pair with the replay split (kernel_table.py):
 #   TESTS=0 ORDER=artune,artune_prefetch REPS=12 BATCH_SIZES=1,4,16 PROFILE_BS=1 \
 #       bash benchmarks/gpu_session_pair.sh

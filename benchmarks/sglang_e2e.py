@@ -714,9 +714,9 @@ def _compile_pair(runs: dict[str, Any], comparisons: dict[str, Any], tol: float)
 
 
 def _pair_logprobs(doc: dict[str, Any], tol: float) -> list[str]:
-    """Each side-by-side pair's test against its base where neither is compared with
-    ``default`` or ``default_compile`` above (e.g. artune_nccl vs nccl, artune_deep vs
-    artune)."""
+    """Each side-by-side pair's test against its base (e.g. artune_nccl vs nccl, artune_deep
+    vs artune), except pairs with ``default`` and artune_compile with default_compile, which
+    are compared above."""
     runs, lines = doc["configs"], []
     for pair in (doc.get("paired") or {}).get("pairs", []):
         base, test = pair["base"], pair["test"]

@@ -1292,8 +1292,8 @@ types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "K": 
 aligned = ["x_ptr", "w_ptr", "y_ptr", "K", "ctr_ptr", "err_dev"]
 
 
-def build(prefetch, stages):
-    const = {"N": 4096, "W": 4, "BM": 16, "BN": 32, "BK": 256, "MAXC": 1024,
+def build(prefetch, stages, bm=16):
+    const = {"N": 4096, "W": 4, "BM": bm, "BN": 32, "BK": 256, "MAXC": 1024,
              "INTERPRET": False, "PDL": True, "PREFETCH": prefetch, "STAGES": stages}
     sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
     src = ASTSource(fn=kernel, signature=sig,
@@ -1316,6 +1316,8 @@ for stages in (2, 3, 4, 5):
     c = build(0, stages)
     out[f"stages{stages}"] = {"shared": c.metadata.shared,
                               "copies": c.asm["ptx"].count("cp.async.cg")}
+for stages in (2, 4):
+    out[f"rows64_stages{stages}"] = build(0, stages, 64).metadata.shared
 print(json.dumps(out))
 """
 
@@ -1355,6 +1357,9 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     assert [d["shared"] for d in depth] == [24576, 49152, 73728, 98304]
     assert [d["shared"] for d in depth] == [linear_smem(1, 32, 256, n) for n in (2, 3, 4, 5)]
     assert all(a["copies"] < b["copies"] for a, b in zip(depth[:-1], depth[1:], strict=True))
+    # a 64-row tile keeps a buffer per stage (its warpgroup MMA has one more in flight)
+    assert [got[f"rows64_stages{n}"] for n in (2, 4)] == [linear_smem(64, 32, 256, n)
+                                                         for n in (2, 4)] == [98304, 196608]
     # (the weight is contiguous: linear_problem refuses any other)
     w = torch.zeros(8 * 3584 + 8, dtype=torch.bfloat16)
     assert prefetch_mode(w[: 8 * 3584].view(8, 3584)) == 2

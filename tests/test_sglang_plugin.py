@@ -1066,7 +1066,8 @@ class _FakeComm:
     def __init__(self, problem: str | None = None) -> None:
         self.problem, self.calls, self.params = problem, 0, None
 
-    def linear_problem(self, x: Any, w: Any, out: Any, block_n: int, block_k: int) -> str | None:
+    def linear_problem(self, x: Any, w: Any, out: Any, block_n: int, block_k: int,
+                       stages: int) -> str | None:
         return self.problem
 
     def linear_all_reduce(self, x: Any, w: Any, out: Any, *params: int) -> Any:
@@ -1202,6 +1203,11 @@ def test_fused_linear_takes_only_what_every_rank_sees_alike(monkeypatch) -> None
     assert linear_hook._fused_linear(layer_023(), x, (), {}) is None
     sequence_parallel.sp_active = False
     assert linear_hook._fused_linear(layer_023(), x, (), {}) == (comm, LINEAR_DEFAULTS)
+    # 64 rows: the defaults' K loop one stage shallower, to fit an H100's shared memory
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", "64")
+    x64 = x.new_zeros(64, x.shape[1], dtype=torch.bfloat16)  # (fp32 would be refused)
+    assert linear_hook._fused_linear(layer, x64, (), {}) == (
+        comm, dict(LINEAR_DEFAULTS, stages=LINEAR_DEFAULTS["stages"] - 1))
 
     # the setting's bound is the kernel's
     monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ROWS", str(LINEAR_MAX_ROWS))

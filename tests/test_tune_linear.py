@@ -62,12 +62,28 @@ def test_parse_shapes_and_space() -> None:
     assert space["block_k"] == [64, 128, 256, 512]
     assert "prefetch" not in space  # its best case only here: set by hand, not searched
     # the K loop's shared memory: (rows to 16 at least + block_n) x block_k x 2 B a stage after
-    # the first, within an H100's 227 KiB
-    assert fits(64, "bfloat16")(dict(block_n=32, block_k=256, stages=5))  # 192 KiB
-    assert not fits(64, "bfloat16")(dict(block_n=128, block_k=512, stages=3))  # 384 KiB
+    # the first (a stage at 64 rows), within an H100's 227 KiB
+    assert fits(64, "bfloat16")(dict(block_n=32, block_k=256, stages=4))  # 192 KiB
+    assert not fits(64, "bfloat16")(dict(block_n=32, block_k=256, stages=5))  # 240 KiB
+    assert not fits(64, "bfloat16")(dict(block_n=128, block_k=512, stages=2))  # 384 KiB
     assert fits(1, "bfloat16")(dict(block_n=128, block_k=512, stages=2))  # 144 KiB
     assert not fits(1, "bfloat16")(dict(block_n=64, block_k=512, stages=5))  # 320 KiB
     assert linear_space(48, 132)["block_n"] == [16]
+
+
+def test_defaults_fit_the_k_loop_in_shared_memory() -> None:
+    """linear_defaults: the kernel's defaults, one stage shallower where 64 rows need it, then
+    fewer stages and a smaller block_k for wide tiles; every result fits."""
+    from artune.kernels.nvrar import LINEAR_DEFAULTS, SMEM_BYTES, linear_defaults, linear_smem
+
+    assert linear_defaults(1) == LINEAR_DEFAULTS and linear_defaults(32) == LINEAR_DEFAULTS
+    assert linear_defaults(64) == dict(LINEAR_DEFAULTS, stages=4)  # 192 KiB, not 240
+    assert linear_defaults(64, block_n=128) == dict(LINEAR_DEFAULTS, block_n=128, stages=2)
+    assert linear_defaults(64, block_n=128, smem=100 << 10)["block_k"] == 128
+    for rows in (1, 16, 33, 64):
+        for bn in (16, 32, 64, 128):
+            p = linear_defaults(rows, block_n=bn)
+            assert linear_smem(rows, bn, p["block_k"], p["stages"]) <= SMEM_BYTES
 
 
 def _rec(impl: str, rows: int, us: float, **params: int) -> dict[str, Any]:
@@ -199,13 +215,15 @@ def test_back_to_back_re_times_decide_where_present() -> None:
 
 def test_profile_limits_of_the_linear_section() -> None:
     from artune.kernels import nvrar
-    from artune.profile import LINEAR_MAX_ROWS
+    from artune.profile import LINEAR_MAX_ROWS, LINEAR_MAX_STAGES
 
     assert LINEAR_MAX_ROWS == nvrar.LINEAR_MAX_ROWS
+    assert LINEAR_MAX_STAGES == nvrar.LINEAR_STAGES[-1]
     good = {"min_rows": 1, "max_rows": 4, "fused": True, "params": dict(P32)}
     for bad, match in ((dict(good, max_rows=LINEAR_MAX_ROWS + 1), "at most 64"),
                        (dict(good, params=dict(P32, warps=True)), "positive whole numbers"),
-                       (dict(good, params=dict(P32, stages=0)), "positive whole numbers")):
+                       (dict(good, params=dict(P32, stages=0)), "positive whole numbers"),
+                       (dict(good, params=dict(P32, stages=9)), "stages must be 1..8")):
         with pytest.raises(ProfileError, match=match):
             validate({"schema_version": 1, "fingerprint": {}, "tables": {}, "linear": [
                 {"dtype": "bfloat16", "k": 1, "n": 1, "ranges": [bad]}]})
@@ -220,6 +238,13 @@ def test_serving_builds_nvrar_for_the_linear_section_and_drops_it_without() -> N
             {"min_rows": 1, "max_rows": 4, "fused": True, "params": dict(P32)}]}]}
     prof = Profile(validate(doc))
     assert _needed(prof) == ["nccl", "nvrar"]
+    # the buffers hold the fused kernel's messages too: 4 rows x 4096 outputs x 2 B < 1 MiB
+    assert prof.max_bytes() == 1 << 20
+    doc["linear"][0]["ranges"][0]["max_rows"] = 64  # 512 KiB; tables to 256 KiB
+    doc["tables"]["bfloat16"]["graph"][0]["max_bytes"] = 256 << 10
+    assert Profile(validate(doc)).max_bytes() == 64 * 4096 * 2
+    doc["linear"][0]["ranges"][0]["fused"] = False  # unfused: the tables' alone
+    assert Profile(validate(doc)).max_bytes() == 256 << 10
     gone = without(prof, {"nvrar": "NVSHMEM unavailable"})
     assert not gone.fuses_linear() and _needed(gone) == ["nccl"]
     assert prof.fuses_linear()  # the original is untouched

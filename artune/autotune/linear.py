@@ -23,7 +23,8 @@ where the fused kernel measured at least ``rel_tol`` faster; a row count between
 ones only when both of them do (with the upper one's parameters); one below the smallest
 measured, or above the largest, never. The result is the profile's ``linear`` section
 (``artune.profile.select_linear`` reads it). Trials are stored in the tune's Optuna storage like
-the others (studies ``linear-fused|dtype|KxN|rows`` and ``linear-unfused|dtype|KxN|rows|ROUTE``,
+the others (studies ``linear-fused|dtype|KxN|rows|r2``, r2 the fused kernel's revision, and
+``linear-unfused|dtype|KxN|rows|ROUTE``,
 ROUTE the routed all-reduce: a resume under another routing times the unfused side again), so
 ``--resume`` continues here too; the back-to-back re-times are not stored.
 """
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from artune.autotune import ui
 from artune.autotune.crew import _exc_text, _first, element_size, record_from
 from artune.autotune.search import Search, params_key
-from artune.kernels.nvrar import LINEAR_DEFAULTS, SMEM_BYTES, linear_smem
+from artune.kernels.nvrar import SMEM_BYTES, linear_defaults, linear_smem
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -370,13 +371,14 @@ class LinearPhase:
         if not space["block_n"]:
             self.linear_skips.append({
                 "backend": FUSED, "params": {}, "dtype": dtype, "k": k, "n": n, "rows": rows,
+                "revision": LINEAR_REVISION,
                 "reason": f"no tile width of 16-128 columns divides N={n} into at most "
                           f"{max_grid} CTAs"})
             progress.advance(budget)
             return
-        bn = LINEAR_DEFAULTS["block_n"]
-        default = dict(LINEAR_DEFAULTS, block_n=bn if bn in space["block_n"]
-                       else space["block_n"][0])
+        bn = linear_defaults(rows)["block_n"]
+        default = linear_defaults(rows, element_size(dtype),
+                                  bn if bn in space["block_n"] else space["block_n"][0])
         if budget == 1:
             space = {key: [v] for key, v in default.items()}
         search = Search(store, name, space, default, budget, resumed.done.get(name, set()),

@@ -228,13 +228,14 @@ def _linear_choice(x: Any, weight: Any, k: int, n: int) -> tuple[Any, dict[str, 
     """The NVRAR comm and the fused kernel's parameters for ``x`` [rows, K] times ``weight``
     [N, K] on the TP group (the switch, the profile's linear section, NVRAR built there and
     taking the shapes), or None; logs once why a layer stays unfused where that is news."""
-    from artune.kernels.nvrar import LINEAR_DEFAULTS
+    from artune.kernels.nvrar import linear_defaults
     from artune.profile import select_linear
 
     route = _tp_route()
     if route is None:
         return None
-    params = (dict(LINEAR_DEFAULTS) if envs.get("ARTUNE_FUSED_LINEAR") == "on"
+    params = (linear_defaults(x.shape[0], x.element_size())
+              if envs.get("ARTUNE_FUSED_LINEAR") == "on"
               else select_linear(route.profile, x.dtype, k, n, x.shape[0]))
     if params is None:
         dtype = str(x.dtype).removeprefix("torch.")

@@ -66,10 +66,29 @@ SMEM_BYTES = 232448
 
 def linear_smem(rows: int, block_n: int, block_k: int, stages: int, elem_size: int = 2) -> int:
     """Bytes of shared memory linear_all_reduce's K loop takes: an x tile (``rows`` rounded up
-    to a power of two, 16 at least) and a weight tile per stage after the first (as Triton
-    lays out the pipelined loop for sm_90; tests/test_nvrar_cpu.py checks it)."""
+    to a power of two, 16 at least) and a weight tile per buffer, as Triton 3.6 lays out the
+    pipelined loop for sm_90: a buffer per stage after the first, and one per stage where the
+    tile has 64 rows (its warpgroup MMA keeps one more in flight); tests/test_nvrar_cpu.py
+    checks both against the compiled kernel. An upper bound at one stage (Triton may need
+    less)."""
     bm = max(16, 1 << (rows - 1).bit_length())
-    return max(1, stages - 1) * (bm + block_n) * block_k * elem_size
+    buffers = stages if bm >= 64 else max(1, stages - 1)
+    return buffers * (bm + block_n) * block_k * elem_size
+
+
+def linear_defaults(rows: int, elem_size: int = 2, block_n: int = LINEAR_BN,
+                    smem: int = SMEM_BYTES) -> dict[str, int]:
+    """LINEAR_DEFAULTS with ``block_n`` for ``rows`` rows, its K loop made to fit in ``smem``
+    bytes of shared memory: fewer stages (down to 2), then a smaller block_k (down to 64)."""
+    params = dict(LINEAR_DEFAULTS, block_n=block_n)
+    while linear_smem(rows, block_n, params["block_k"], params["stages"], elem_size) > smem:
+        if params["stages"] > 2:
+            params["stages"] -= 1
+        elif params["block_k"] > 64:
+            params["block_k"] //= 2
+        else:
+            break
+    return params
 
 
 @dataclass(frozen=True)

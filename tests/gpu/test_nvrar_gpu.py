@@ -629,7 +629,7 @@ def _linear(ctx: Any) -> list[str]:
     graph between plain lamport calls with one rank held back before each call in turn,
     against NCCL's fp32 sum of x @ weight.T; identical bits on every rank. Half the cases
     prefetch their weight into L2 first (``prefetch=1``; K 1000: rows that end mid-line), and
-    the K loop runs 2 to 5 stages deep."""
+    the K loop runs 2 to 5 stages deep (4 at 48 rows: a 64-row tile, a buffer per stage)."""
 
     be = _make(ctx, ctx.world_size, timeout_s=20.0)
     dev = ctx.device
@@ -638,7 +638,7 @@ def _linear(ctx: Any) -> list[str]:
     cases = [(1, 1024, 4096, bf, 32, 256, 0, 3), (4, 3584, 4096, bf, 32, 256, 1, 4),
              (16, 1024, 2048, fp, 16, 256, 0, 3), (64, 3584, 4096, bf, 64, 128, 1, 2),
              (3, 1000, 96, bf, 16, 64, 1, 4), (2, 3584, 4096, bf, 32, 512, 0, 3),
-             (1, 3584, 4096, bf, 32, 256, 1, 5)]
+             (1, 3584, 4096, bf, 32, 256, 1, 5), (48, 3584, 4096, bf, 32, 256, 0, 4)]
 
     def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str) -> None:
         _check_linear_sum(ctx, y, x.float() @ w.float().t(), 2e-2, what, failures)
