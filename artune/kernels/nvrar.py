@@ -436,7 +436,7 @@ class NvrarComm:
     def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
                           out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
                           block_k: int = LINEAR_BK, warps: int = 4,
-                          stages: int = LINEAR_DEPTH, prefetch: int = 0) -> torch.Tensor:
+                          stages: int | None = None, prefetch: int = 0) -> torch.Tensor:
         """``sum over the group of x @ weight.T`` in one kernel: a row-parallel linear layer
         and its all-reduce (``nvrar_linear``: each CTA computes ``block_n`` output columns of
         every row and sends them as lamport words at once). ``x``: contiguous [rows, K] bf16 or
@@ -446,14 +446,15 @@ class NvrarComm:
         identical bits on every rank: each rank's product is rounded to the dtype, as an
         unfused GEMM stores it, then summed in rank order in fp32. ``stages``: how many K
         steps the loop keeps in flight plus one (1..8, within the GPU's shared memory:
-        ``linear_smem``). ``prefetch`` (1): each CTA
-        asks L2 for its weight rows before waiting for the kernel before it (``nvrar_linear``;
-        ``prefetch_mode`` says how). One node only. What does not
+        ``linear_smem``; None: LINEAR_DEPTH, or the deepest below it that fits).
+        ``prefetch`` (1): each CTA asks L2 for its weight rows before waiting for the kernel
+        before it (``nvrar_linear``; ``prefetch_mode`` says how). One node only. What does not
         fit raises ValueError (``linear_problem`` says why first); after a wait of an earlier
         call ran out it raises NvrarTimeoutError, as ``check`` does."""
         import torch
 
         self.check()
+        stages = self._depth(x, block_n, block_k) if stages is None else stages
         why = self.linear_problem(x, weight, out, block_n, block_k, stages)
         if why:
             raise ValueError(f"artune nvrar linear_all_reduce (rank {self.rank}): {why}")
@@ -466,10 +467,12 @@ class NvrarComm:
 
     def linear_problem(self, x: torch.Tensor, weight: torch.Tensor,
                        out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
-                       block_k: int = LINEAR_BK, stages: int = LINEAR_DEPTH) -> str | None:
+                       block_k: int = LINEAR_BK, stages: int | None = None) -> str | None:
         """Why ``linear_all_reduce(x, weight, out, block_n, block_k, stages=stages)`` cannot
         run here, or None."""
         import torch
+
+        stages = self._depth(x, block_n, block_k) if stages is None else stages
 
         if x.dtype not in (torch.bfloat16, torch.float16):
             return f"dtype {x.dtype} is not bf16/fp16"
@@ -505,6 +508,14 @@ class NvrarComm:
         if self.ahead:
             return "not with three lamport parities (ARTUNE_NVRAR_CLEAR_AHEAD)"
         return self.layout.check_message(rows * n * x.element_size(), "oneshot", "lamport")
+
+    def _depth(self, x: torch.Tensor, block_n: int, block_k: int) -> int:
+        """LINEAR_DEPTH, or the deepest K loop below it that fits this GPU's shared memory."""
+        rows, elem = max(1, x.shape[0] if x.dim() else 1), x.element_size()
+        stages = LINEAR_DEPTH
+        while stages > 1 and linear_smem(rows, block_n, block_k, stages, elem) > self.smem:
+            stages -= 1
+        return stages
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int,
                 block_k: int, warps: int, stages: int, prefetch: int = 0) -> _Spec:
