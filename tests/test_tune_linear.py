@@ -356,6 +356,9 @@ def test_a_resumed_tune_measures_fused_trials_of_the_earlier_kernel_again(
                               _rec(FUSED, rows, 1.0, **dict(P32, stages=4)))
         store.add_measurement(f"{UNFUSED}|bfloat16|1024x4096|{rows}|nccl",
                               {**_rec(UNFUSED, rows, 10.0), "route": "nccl"})
+        store.add_skip(f"{FUSED}|bfloat16|1024x4096|{rows}",
+                       {**_rec(FUSED, rows, 0.0, **P32), "reason": "revision 1's gate"},
+                       gate=True)
     store.close()
     phase, doc = _phase(tmp_path, us, resume=True)
     sent = [c["impl"] for c in phase.crew.sent if c["op"] == "linear"]
@@ -365,6 +368,17 @@ def test_a_resumed_tune_measures_fused_trials_of_the_earlier_kernel_again(
     assert all(m.get("revision") == LINEAR_REVISION for m in doc["linear_measurements"]
                if m["backend"] == FUSED)
     assert not any(m["latency_us"] == 1.0 for m in doc["linear_measurements"])
+    # where every fused set fails now, the point says why with this revision's reason, not
+    # revision 1's (resumed skips come first)
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    store = Store(f"sqlite:///{failing}/t.db", resume=False, meta={})
+    store.add_skip(f"{FUSED}|bfloat16|1024x4096|1", {**_rec(FUSED, 1, 0.0, **P32),
+                                                      "reason": "revision 1's gate"}, gate=True)
+    store.close()
+    _, doc = _phase(failing, lambda cmd: 10.0 if cmd["impl"] == UNFUSED else None, resume=True)
+    point = doc["linear"][0]["points"][0]
+    assert point["fused_us"] is None and "boom" in point["fused_why"], point
 
 
 def test_the_tune_sizes_nvrar_for_the_phase_s_largest_message() -> None:
