@@ -29,7 +29,14 @@ from conftest import reap
 
 from artune.backends.base import GroupContext
 from artune.backends.nvrar import NvrarBackend, default_plan
-from artune.kernels.nvrar import NvrarComm, NvrarTimeoutError, Plan, decode_error, init_buffer
+from artune.kernels.nvrar import (
+    NvrarComm,
+    NvrarTimeoutError,
+    Plan,
+    decode_error,
+    init_buffer,
+    linear_depth,
+)
 from artune.kernels.nvrar_layout import (
     BLOCKS,
     STEP_NORM,
@@ -776,7 +783,7 @@ def test_linear_all_reduce_refuses_what_does_not_fit() -> None:
     assert "stages=9" in (comm.linear_problem(x, w, None, 32, 256, 9) or "")
     # no depth given: the default 5, or the deepest that fits (64 rows: a buffer per stage)
     x64 = torch.zeros(64, 32, dtype=bf)
-    assert comm._depth(x, 32, 256) == 5 and comm._depth(x64, 32, 256) == 4
+    assert linear_depth(2, 32, 256) == 5 and linear_depth(64, 32, 256) == 4
     assert "240 KiB of shared memory" in (comm.linear_problem(x64, w, None, 32, 256, 5) or "")
     x8, w128 = torch.zeros(8, 512, dtype=bf), torch.zeros(128, 512, dtype=bf)
     assert comm.linear_problem(x8, w128, None, 128, 512, 2) is None  # (16 + 128) rows: 144 KiB

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from artune.autotune import ui
 from artune.autotune.crew import _exc_text, _first, element_size, record_from
 from artune.autotune.search import Search, params_key
-from artune.kernels.nvrar import SMEM_BYTES, linear_defaults, linear_smem
+from artune.kernels.nvrar import LINEAR_BN, SMEM_BYTES, linear_defaults, linear_smem
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -376,9 +376,8 @@ class LinearPhase:
                           f"{max_grid} CTAs"})
             progress.advance(budget)
             return
-        bn = linear_defaults(rows)["block_n"]
-        default = linear_defaults(rows, element_size(dtype),
-                                  bn if bn in space["block_n"] else space["block_n"][0])
+        default = linear_defaults(rows, element_size(dtype), LINEAR_BN if LINEAR_BN in
+                                  space["block_n"] else space["block_n"][0])
         if budget == 1:
             space = {key: [v] for key, v in default.items()}
         search = Search(store, name, space, default, budget, resumed.done.get(name, set()),

@@ -64,31 +64,40 @@ LINEAR_STAGES = range(1, 9)
 SMEM_BYTES = 232448
 
 
+def tile_rows(rows: int) -> int:
+    """The fused linear kernel's tile height for ``rows`` rows: a power of two, 16 at least
+    (``tl.dot``'s smallest)."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
 def linear_smem(rows: int, block_n: int, block_k: int, stages: int, elem_size: int = 2) -> int:
-    """Bytes of shared memory linear_all_reduce's K loop takes: an x tile (``rows`` rounded up
-    to a power of two, 16 at least) and a weight tile per buffer, as Triton 3.6 lays out the
-    pipelined loop for sm_90: a buffer per stage after the first, and one per stage where the
-    tile has 64 rows (its warpgroup MMA keeps one more in flight); tests/test_nvrar_cpu.py
-    checks both against the compiled kernel. An upper bound at one stage (Triton may need
-    less)."""
-    bm = max(16, 1 << (rows - 1).bit_length())
+    """Bytes of shared memory linear_all_reduce's K loop takes: an x tile (``tile_rows``) and a
+    weight tile per buffer, as Triton 3.6 lays out the pipelined loop for sm_90: a buffer per
+    stage after the first, and one per stage where the tile has 64 rows (its warpgroup MMA
+    keeps one more in flight); tests/test_nvrar_cpu.py checks both against the compiled
+    kernel. An upper bound at one stage (Triton may need less)."""
+    bm = tile_rows(rows)
     buffers = stages if bm >= 64 else max(1, stages - 1)
     return buffers * (bm + block_n) * block_k * elem_size
 
 
+def linear_depth(rows: int, block_n: int, block_k: int, elem_size: int = 2,
+                 smem: int = SMEM_BYTES) -> int:
+    """LINEAR_DEPTH, or the deepest K loop below it whose shared memory fits in ``smem`` (1
+    where none does: ``linear_problem`` then says so)."""
+    return next((s for s in range(LINEAR_DEPTH, 1, -1)
+                 if linear_smem(rows, block_n, block_k, s, elem_size) <= smem), 1)
+
+
 def linear_defaults(rows: int, elem_size: int = 2, block_n: int = LINEAR_BN,
                     smem: int = SMEM_BYTES) -> dict[str, int]:
-    """LINEAR_DEFAULTS with ``block_n`` for ``rows`` rows, its K loop made to fit in ``smem``
-    bytes of shared memory: fewer stages (down to 2), then a smaller block_k (down to 64)."""
-    params = dict(LINEAR_DEFAULTS, block_n=block_n)
-    while linear_smem(rows, block_n, params["block_k"], params["stages"], elem_size) > smem:
-        if params["stages"] > 2:
-            params["stages"] -= 1
-        elif params["block_k"] > 64:
-            params["block_k"] //= 2
-        else:
-            break
-    return params
+    """LINEAR_DEFAULTS with ``block_n`` for ``rows`` rows, made to fit in ``smem`` bytes of
+    shared memory: the largest block_k (LINEAR_BK down to 64) whose K loop fits 2 stages deep,
+    then the deepest loop at it (2 at least)."""
+    block_k = next((bk for bk in (LINEAR_BK, LINEAR_BK // 2, 64)
+                    if linear_smem(rows, block_n, bk, 2, elem_size) <= smem), 64)
+    return dict(LINEAR_DEFAULTS, block_n=block_n, block_k=block_k,
+                stages=max(2, linear_depth(rows, block_n, block_k, elem_size, smem)))
 
 
 @dataclass(frozen=True)
@@ -257,10 +266,9 @@ class NvrarComm:
         self._err_view = self.err_host.numpy()
         self.rd_tab = torch.tensor(self.bases, dtype=torch.int64, device=device)
         if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            self.max_grid = min(MAX_CTAS, sms)
-            self.smem = getattr(torch.cuda.get_device_properties(device),
-                                "shared_memory_per_block_optin", SMEM_BYTES)
+            props = torch.cuda.get_device_properties(device)
+            self.max_grid = min(MAX_CTAS, props.multi_processor_count)
+            self.smem = getattr(props, "shared_memory_per_block_optin", SMEM_BYTES)
         else:
             self.max_grid = MAX_CTAS
             self.smem = SMEM_BYTES
@@ -454,7 +462,8 @@ class NvrarComm:
         import torch
 
         self.check()
-        stages = self._depth(x, block_n, block_k) if stages is None else stages
+        if stages is None:
+            stages = linear_depth(x.shape[0], block_n, block_k, x.element_size(), self.smem)
         why = self.linear_problem(x, weight, out, block_n, block_k, stages)
         if why:
             raise ValueError(f"artune nvrar linear_all_reduce (rank {self.rank}): {why}")
@@ -472,8 +481,6 @@ class NvrarComm:
         run here, or None."""
         import torch
 
-        stages = self._depth(x, block_n, block_k) if stages is None else stages
-
         if x.dtype not in (torch.bfloat16, torch.float16):
             return f"dtype {x.dtype} is not bf16/fp16"
         if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
@@ -482,6 +489,8 @@ class NvrarComm:
         if weight.dtype != x.dtype:
             return f"weight must be {x.dtype}, got {weight.dtype}"
         rows, n = x.shape[0], weight.shape[0]
+        if stages is None:
+            stages = linear_depth(rows, block_n, block_k, x.element_size(), self.smem)
         if rows > LINEAR_MAX_ROWS:
             return f"{rows} rows: at most {LINEAR_MAX_ROWS}"
         if block_n not in (16, 32, 64, 128) or block_k not in (16, 32, 64, 128, 256, 512):
@@ -509,14 +518,6 @@ class NvrarComm:
             return "not with three lamport parities (ARTUNE_NVRAR_CLEAR_AHEAD)"
         return self.layout.check_message(rows * n * x.element_size(), "oneshot", "lamport")
 
-    def _depth(self, x: torch.Tensor, block_n: int, block_k: int) -> int:
-        """LINEAR_DEPTH, or the deepest K loop below it that fits this GPU's shared memory."""
-        rows, elem = max(1, x.shape[0] if x.dim() else 1), x.element_size()
-        stages = LINEAR_DEPTH
-        while stages > 1 and linear_smem(rows, block_n, block_k, stages, elem) > self.smem:
-            stages -= 1
-        return stages
-
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int,
                 block_k: int, warps: int, stages: int, prefetch: int = 0) -> _Spec:
         from artune.kernels.nvrar_linear import linear_lamport_kernel
@@ -524,7 +525,7 @@ class NvrarComm:
         assert self.world_bases is not None
         rows, k = x.shape
         n = weight.shape[0]
-        bm = max(16, 1 << (rows - 1).bit_length())
+        bm = tile_rows(rows)
         args = (x, weight, y, rows, k, n, *self.world_bases, self.offsets["lamport"],
                 self.layout.lamport_slot, *self._common())
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BM=bm, BN=block_n, BK=block_k,
