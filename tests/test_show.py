@@ -206,8 +206,8 @@ def test_a_narrow_terminal_gets_the_parameters_as_notes_and_nothing_cut() -> Non
     full = wide.getvalue()
     assert "│ nvrar   │ algo=twoshot block=512 ctas=64" in full and "[1]" not in full
     assert "3.01x–5.71x" in full
-    # every committed profile: no digit lost at 80 columns (the 2x H200 one's 772.8-1015.9 µs
-    # was cut to "772.8–1015." before its ranges could wrap)
+    # every committed profile: no digit lost at 80 columns (the first 2x H200 one's 772.8-1015.9
+    # µs was cut to "772.8–1015." before its ranges could wrap; the current one has 227.6-1058.0)
     paths = sorted(folder.glob("*.json"))
     assert len(paths) >= 3 and folder / "14a710852913dd3b.json" in paths
     for path in paths:
@@ -215,7 +215,7 @@ def test_a_narrow_terminal_gets_the_parameters_as_notes_and_nothing_cut() -> Non
         render(load(path), Console(file=buf, width=80))
         assert "…" not in buf.getvalue(), path
         if path.name == "14a710852913dd3b.json":
-            assert "772.8 –" in buf.getvalue() and "1015.9" in buf.getvalue()
+            assert "227.6 –" in buf.getvalue() and "1058.0" in buf.getvalue()
 
 
 
