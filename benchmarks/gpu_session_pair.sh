@@ -21,6 +21,8 @@
 #     GPU time at bs 1 / 4 / 16 without it, where the uncompiled A/A pair agreed within 0.5 %;
 #   - every engine times its decode graphs on the GPU (ARTUNE_GRAPH_TIMES, set by
 #     sglang_e2e.py): the summary gives each pair's GPU-time comparison beside the wall clock's;
+#   - TAG=NAME: the results file and log named ..._NAME, for two pairs in one call (e.g.
+#     TAG=nccl ORDER=nccl,artune_nccl LIMIT_S=285 ...; TAG=default ORDER=default,artune ...);
 #   - LIMIT_S (default 580): the seconds the whole script may take (the pair's budget is what
 #     is left of it), for a call with less device time left; NEED_PROFILE=1: stop (status 3)
 #     where no committed profile is of this card and GPU count, instead of tuning the machine;

@@ -30,12 +30,17 @@ print('; '.join(e) or 'profile matches this machine'); sys.exit(1 if e else 0)" 
         > "$OUT/e2e_quick_tune.log" 2>&1 || { echo "quick tune failed"; tail -20 "$OUT/e2e_quick_tune.log"; }
     [ -f "$PROFILE" ] || exit 1
 fi
-R="$OUT/sglang_e2e_tp${TP}.json"
+# TAG=NAME names this run's files ..._NAME, so that two runs in one call keep theirs apart (at
+# most 8 files come back from $OUT: the 27th session lost one of two pairs' results to that).
+R="$OUT/sglang_e2e_tp${TP}${TAG:+_$TAG}.json"
+LOG="$OUT/sglang_e2e${TAG:+_$TAG}.log"
 # Anything still on the GPUs (e.g. the engines of a killed earlier call on a warm machine) would
 # slow the engines timed here: name it in the log.
 echo "processes on the GPUs before the engines start:"
-nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader \
-    | sed 's/^/  /' | tee "$OUT/gpu_processes_before.txt"
+BEFORE=$(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader \
+    | sed 's/^/  /')
+echo "${BEFORE:-  (none)}"  # a file in $OUT only when there is something to name
+[ -n "$BEFORE" ] && echo "$BEFORE" > "$OUT/gpu_processes_before${TAG:+_$TAG}.txt"
 LEFT=$(( BUDGET_S - ($(date +%s) - T0) ))
 [ "$LEFT" -gt 120 ] || { echo "only ${LEFT} s left after the installs"; exit 1; }
 # The script kills a worker at its own deadline (keeping its finished batch sizes); timeout is
@@ -58,7 +63,7 @@ if [ -n "${PAIRED:-}" ]; then
 fi
 timeout -k 10 $(( LEFT + 15 )) python3 benchmarks/sglang_e2e.py --tp "$TP" --profile "$PROFILE" \
     "${MODE[@]}" --batch-sizes "${BATCH_SIZES:-1,4,16,64}" ${PROFILE_BS:+--profile-bs "$PROFILE_BS"} \
-    --timeout "${TIMEOUT_S:-240}" --budget-s "$LEFT" --out "$R" 2>&1 | tee "$OUT/sglang_e2e.log"
-echo "exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s (full log: $OUT/sglang_e2e.log)"
+    --timeout "${TIMEOUT_S:-240}" --budget-s "$LEFT" --out "$R" 2>&1 | tee "$LOG"
+echo "exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s (full log: $LOG)"
 python3 -c "import json,sys; print('\n'.join(json.load(open(sys.argv[1])).get('summary', [])))" \
     "$R" 2>/dev/null || echo "no results in $R"
