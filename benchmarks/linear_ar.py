@@ -4,8 +4,6 @@ NVRAR's one kernel for both (``NvrarComm.linear_all_reduce``).
     torchrun --nproc-per-node 4 benchmarks/linear_ar.py --shapes 1024x4096,3584x4096 \
         --rows 1,4,16,64 [--variants 32x256,16x256,64x128,32x256s4p] \
         --out benchmarks/results/linear_ar.md
-    torchrun --nproc-per-node 2 benchmarks/linear_ar.py --act --shapes 7168x4096 \
-        --rows 1,4,16 --variants 32x256s5,32x256s5a
 
 Every tensor-parallel all-reduce of a Llama layer follows a row-parallel GEMM: the attention
 output projection (K = 4096 / TP) and the MLP down projection (K = 14336 / TP), N = 4096 for
@@ -23,12 +21,6 @@ the weights come from HBM as in a served model):
   BK; ``fused BNxBKp``: the same with ``prefetch=1`` (each CTA asks L2 for its weight rows
   before waiting for the kernel before it; here that is the previous call); ``fused BNxBKsS``:
   with the K loop pipelined S deep (``stages``, 3 unless given).
-
-With ``--act`` every column starts from the MLP's gate_up output, [rows, 2K], as a down
-projection does: the columns above first run SGLang's activation kernel (``sgl_kernel``'s
-``silu_and_mul``, as SiluAndMul does; torch's silu and mul where it is missing, which the notes
-say), and ``fused BNxBK...a`` takes gate_up itself and applies silu(gate) * up as its tiles load
-(``act=True``), with no activation kernel.
 
 Every column is checked first against the fp32 sum over the ranks of x @ weight.T (and
 identical bits on every rank); a wrong one is reported, never timed.
@@ -76,85 +68,49 @@ def _check(y: torch.Tensor, want: torch.Tensor, cpu_group: Any) -> str | None:
     return rank_verdict(err, bits_digest(y), cpu_group)
 
 
-def parse_variant(spec: str) -> tuple[int, int, int, int, bool]:
-    """(block_n, block_k, stages, prefetch, act) of a ``--variants`` entry
-    ``BNxBK[sS][p][a]``."""
-    m = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(p?)(a?)", spec)
+def parse_variant(spec: str) -> tuple[int, int, int, int]:
+    """(block_n, block_k, stages, prefetch) of a ``--variants`` entry ``BNxBK[sS][p]``."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(p?)", spec)
     if not m:
-        raise SystemExit(f"--variants: {spec!r} is not BNxBK[sS][p][a] (e.g. 32x256, "
-                         f"32x256s4p, 32x256s5a)")
-    return int(m[1]), int(m[2]), int(m[3] or 3), int(bool(m[4])), bool(m[5])
+        raise SystemExit(f"--variants: {spec!r} is not BNxBK[sS][p] (e.g. 32x256, 32x256s4p)")
+    return int(m[1]), int(m[2]), int(m[3] or 3), int(bool(m[4]))
 
 
-def silu_and_mul() -> tuple[Any, str | None]:
-    """SGLang's activation kernel (``sgl_kernel.silu_and_mul(x, out)``), or torch's silu and
-    mul with a note where sgl_kernel is missing."""
-    try:
-        from sgl_kernel import silu_and_mul as kernel
-    except ImportError as exc:
-        def torch_act(x: torch.Tensor, out: torch.Tensor) -> None:
-            g, u = x.chunk(2, dim=-1)
-            torch.mul(F.silu(g), u, out=out)
-        return torch_act, f"sgl_kernel not importable ({exc}): the activation is torch's silu, mul"
-    return kernel, None
-
-
-def _column(col: str, built: dict[str, Any], x: torch.Tensor, ws: list[torch.Tensor],
-            act: Any = None) -> tuple[Any, Any, str | None]:
+def _column(col: str, built: dict[str, Any], x: torch.Tensor,
+            ws: list[torch.Tensor]) -> tuple[Any, Any, str | None]:
     """(call(i) -> the output for weight copy i, capture context, why not) of a column; call is
-    None where the column cannot run. With ``act`` (the activation kernel), ``x`` is the gate_up
-    output [rows, 2K]: a column runs the activation first, or (``fused ...a``) in its kernel."""
+    None where the column cannot run."""
     y = torch.empty(x.shape[0], ws[0].shape[0], dtype=x.dtype, device=x.device)
-    h = x
-    if act is not None:
-        h = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
-
-    def layer_input() -> torch.Tensor:
-        if act is not None:
-            act(x, h)
-        return h
-
     if col == "gemm":
-        return (lambda i: torch.matmul(layer_input(), ws[i].t(), out=y)), \
-            contextlib.nullcontext, None
+        return (lambda i: torch.matmul(x, ws[i].t(), out=y)), contextlib.nullcontext, None
     if col.startswith("fused "):
         be = built.get("nvrar")
-        bn, bk, stages, pf, inside = parse_variant(col.removeprefix("fused "))
-        if inside and act is None:
-            return None, None, "the act variants need --act"
-        src = x if inside else h
+        bn, bk, stages, pf = parse_variant(col.removeprefix("fused "))
         why = ("nvrar not built" if be is None
-               else be.comm.linear_problem(src, ws[0], y, bn, bk, stages, inside))
+               else be.comm.linear_problem(x, ws[0], y, bn, bk, stages))
         if why:
             return None, None, why
-        if inside:
-            return ((lambda i: be.comm.linear_all_reduce(x, ws[i], y, bn, bk, stages=stages,
-                                                         prefetch=pf, act=True)),
-                    be.capture, None)
-        return ((lambda i: be.comm.linear_all_reduce(layer_input(), ws[i], y, bn, bk,
-                                                     stages=stages, prefetch=pf)),
+        return ((lambda i: be.comm.linear_all_reduce(x, ws[i], y, bn, bk, stages=stages,
+                                                     prefetch=pf)),
                 be.capture, None)
     be = built.get(col.removeprefix("gemm + "))
     if be is None or not be.supports(y):
         return None, None, None
-    return (lambda i: be.all_reduce(F.linear(layer_input(), ws[i]))), be.capture, None
+    return (lambda i: be.all_reduce(F.linear(x, ws[i]))), be.capture, None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1024x4096,3584x4096", metavar="KxN,...")
     ap.add_argument("--rows", default="1,4,16,64")
-    ap.add_argument("--variants", default="32x256,16x256,64x128", metavar="BNxBK[sS][p][a],...")
-    ap.add_argument("--act", action="store_true",
-                    help="start every column from an MLP's gate_up output (silu(gate) * up)")
+    ap.add_argument("--variants", default="32x256,16x256,64x128", metavar="BNxBK[sS][p],...")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows_list = [int(r) for r in args.rows.split(",")]
     for v in args.variants.split(","):
-        if parse_variant(v)[4] and not args.act:  # a typo stops here, before any rank starts
-            raise SystemExit(f"--variants: {v!r} applies the activation in its kernel: --act")
+        parse_variant(v)  # a typo stops here, before any rank starts
     columns = ["gemm", "gemm + sglang", "gemm + nvrar",
                *(f"fused {v}" for v in args.variants.split(","))]
     dtype = torch.bfloat16
@@ -162,11 +118,6 @@ def main() -> None:
     rank, world, cpu_group, dev = ctx.rank, ctx.world_size, ctx.cpu_group, ctx.device
     built: dict[str, Any] = {}
     notes: list[str] = []
-    act = None
-    if args.act:
-        act, why = silu_and_mul()
-        if why:
-            notes.append(why)
     for name in ("sglang", "nvrar"):
         try:
             built[name] = registry.load(name).create(ctx)
@@ -180,15 +131,11 @@ def main() -> None:
         ws = [(torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dtype)
               for _ in range(copies)]
         for rows in rows_list:
-            x = torch.randn(rows, k * (2 if act else 1), device=dev, generator=g).to(dtype)
-            h = x
-            if act is not None:  # the reference's input: the activation rounded to bf16
-                gate, up = x.float().chunk(2, dim=1)
-                h = (F.silu(gate) * up).to(dtype)
-            want = h.float() @ ws[0].float().t()
+            x = torch.randn(rows, k, device=dev, generator=g).to(dtype)
+            want = x.float() @ ws[0].float().t()
             dist.all_reduce(want, group=ctx.group)
             for col in columns:
-                call, capture, why = _column(col, built, x, ws, act)
+                call, capture, why = _column(col, built, x, ws)
                 if call is None:
                     results[(col, k, rows)] = "n/a"
                     if why:
@@ -217,9 +164,7 @@ def main() -> None:
         lines = [f"# Row-parallel linear + all-reduce, {world}x {card}", "",
                  f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
                  f"{torch.__version__}, bf16; µs per call, slowest rank's median over CUDA-graph "
-                 f"replays; weights cycled through copies of {L2_BYTES >> 20} MiB or more."
-                 + (" Every column from the gate_up output: the activation kernel first, or "
-                    "(fused ...a) in the kernel." if act else ""), "",
+                 f"replays; weights cycled through copies of {L2_BYTES >> 20} MiB or more.", "",
                  "| K x N | rows | " + " | ".join(columns) + " | best fused vs gemm + sglang |",
                  "|---" * (len(columns) + 3) + "|"]
         for k, n in shapes:

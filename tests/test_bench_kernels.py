@@ -254,15 +254,12 @@ def test_benchmark_checks_give_every_rank_the_same_verdict(tmp_path: Path) -> No
 
 def test_linear_benchmark_variants_name_the_kernel_parameters() -> None:
     """linear_ar.py's ``--variants``: BNxBK with an optional pipelining depth (sS, 3 unless
-    given), prefetch (p) and the activation in the kernel (a); anything else stops with the
-    expected form."""
+    given) and prefetch (p); anything else stops with the expected form."""
     la = load_benchmark("linear_ar")
-    assert la.parse_variant("32x256") == (32, 256, 3, 0, False)
-    assert la.parse_variant("32x256p") == (32, 256, 3, 1, False)
-    assert la.parse_variant("64x128s5") == (64, 128, 5, 0, False)
-    assert la.parse_variant("32x512s2p") == (32, 512, 2, 1, False)
-    assert la.parse_variant("32x256s5a") == (32, 256, 5, 0, True)
-    assert la.parse_variant("32x256pa") == (32, 256, 3, 1, True)
-    for bad in ("32x", "32x256q", "s4x256", "32x256ps4", "32x256ap"):
+    assert la.parse_variant("32x256") == (32, 256, 3, 0)
+    assert la.parse_variant("32x256p") == (32, 256, 3, 1)
+    assert la.parse_variant("64x128s5") == (64, 128, 5, 0)
+    assert la.parse_variant("32x512s2p") == (32, 512, 2, 1)
+    for bad in ("32x", "32x256q", "s4x256", "32x256ps4"):
         with pytest.raises(SystemExit, match="BNxBK"):
             la.parse_variant(bad)

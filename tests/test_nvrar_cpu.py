@@ -409,11 +409,9 @@ def _fused_call(comm: NvrarComm, x: torch.Tensor, numel: int, dtype: str, call: 
 def _linear_operands(rank: int, numel: int, dtype: str, call: int,
                      fields: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear case's (x [M, K], weight [N, K]) of one rank (``{"linear": True, "n": N,
-    "k": K, ...}``: ``NvrarComm.linear_all_reduce`` with an M x N output, numel = M * N); x is
-    [M, 2K] (gate, up) with ``"act": True``."""
+    "k": K, ...}``: ``NvrarComm.linear_all_reduce`` with an M x N output, numel = M * N)."""
     n, k = fields["n"], fields["k"]
-    width = 2 if fields.get("act") else 1
-    x = _input(rank, numel // n * k * width, dtype, call).view(-1, k * width)
+    x = _input(rank, numel // n * k, dtype, call).view(-1, k)
     g = torch.Generator().manual_seed(1299709 * rank + call)
     return x, (torch.randn(n, k, generator=g) / k**0.5).to(getattr(torch, dtype))
 
@@ -423,7 +421,7 @@ def _linear_call(comm: NvrarComm, rank: int, numel: int, dtype: str, call: int,
     x, w = _linear_operands(rank, numel, dtype, call, fields)
     x0, w0 = x.clone(), w.clone()
     y = comm.linear_all_reduce(x, w, block_n=fields["bn"], block_k=fields["bk"],
-                               prefetch=fields.get("prefetch", 0), act=fields.get("act", False))
+                               prefetch=fields.get("prefetch", 0))
     assert torch.equal(x, x0) and torch.equal(w, w0), "an operand was modified"
     return y.flatten()
 
@@ -557,29 +555,15 @@ def _check(results: list[list[Any]], cases: list[Case], skip: int = -1) -> None:
 def _check_linear(y: torch.Tensor, world: int, numel: int, dtype: str, call: int,
                   fields: dict[str, Any]) -> None:
     """A linear case against fp32: the sum over the ranks of x @ weight.T, each rank's product
-    rounded to the dtype once (as the kernel sends it), then the sum rounded once. With
-    ``"act"`` the layer's input is silu(gate) * up rounded to the dtype (``_gated``); the
-    kernel's exp may round it one unit differently here and there, which ``eps * size`` allows
-    (a wrong activation, e.g. gate and up swapped, is off by far more)."""
-    ops = [(_gated(x, fields), w) for x, w in
-           (_linear_operands(r, numel, dtype, call, fields) for r in range(world))]
+    rounded to the dtype once (as the kernel sends it), then the sum rounded once."""
+    ops = [_linear_operands(r, numel, dtype, call, fields) for r in range(world)]
     parts = [x.float() @ w.float().T for x, w in ops]
     ref = torch.stack(parts).sum(0).flatten()
     eps = {"bfloat16": 2.0**-7, "float16": 2.0**-10}[dtype]
     size = torch.stack([x.float().abs() @ w.float().abs().T for x, w in ops]).sum(0).flatten()
-    tol = (2 * eps * (torch.stack(parts).abs().sum(0).flatten() + ref.abs())
-           + (eps if fields.get("act") else 1e-5) * size)
+    tol = 2 * eps * (torch.stack(parts).abs().sum(0).flatten() + ref.abs()) + 1e-5 * size
     bad = ((y - ref).abs() > tol).sum().item()
     assert bad == 0, f"call {call} {fields}: {bad} of {numel} elements off"
-
-
-def _gated(x: torch.Tensor, fields: dict[str, Any]) -> torch.Tensor:
-    """A linear case's layer input: x, or with ``"act"`` silu(gate) * up of its halves in
-    fp32, rounded to x's dtype (SGLang's SiluAndMul)."""
-    if not fields.get("act"):
-        return x
-    g, u = x[:, : fields["k"]].float(), x[:, fields["k"]:].float()
-    return (g / (1 + torch.exp(-g)) * u).to(x.dtype)
 
 
 def _check_fused(y: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, numel: int, dtype: str,
@@ -760,10 +744,6 @@ LINEAR_CASES: list[Case] = [
     # prefetch=1: the interpreter skips the prefetch (PTX), so this checks only that the
     # argument reaches the launch; the sm_90 compile test below checks the prefetch itself
     (3 * 64, "bfloat16", {"linear": True, "n": 64, "k": 40, "bn": 16, "bk": 16, "prefetch": 1}),
-    # act: x holds gate and up, the input is silu(gate) * up (1 row, and 5 in a 16-row tile
-    # with K not a multiple of the step)
-    (64, "bfloat16", {"linear": True, "n": 64, "k": 48, "bn": 16, "bk": 16, "act": True}),
-    (5 * 32, "float16", {"linear": True, "n": 32, "k": 40, "bn": 16, "bk": 32, "act": True}),
 ]
 
 
@@ -810,16 +790,6 @@ def test_linear_all_reduce_refuses_what_does_not_fit() -> None:
     assert "288 KiB of shared memory" in (comm.linear_problem(x8, w128, None, 128, 512, 3)
                                           or "")
     assert comm.linear_all_reduce(x[:0], w).shape == (0, 64)
-    # act: x holds gate and up, [rows, 2K]; its tiles take more shared memory (two x tiles)
-    x2 = torch.zeros(2, 64, dtype=bf)
-    assert comm.linear_problem(x2, w, act=True) is None
-    assert "must be [rows, 2K]" in (comm.linear_problem(x, w, act=True) or "")
-    assert "must be [rows, K]" in (comm.linear_problem(x2, w) or "")
-    x64g = torch.zeros(64, 64, dtype=bf)
-    assert linear_depth(64, 32, 256, act=True) == 3  # 2 x 80 + 16 KiB; 4 stages: 256 KiB
-    assert "(gate and up) need 256 KiB" in (comm.linear_problem(x64g, w, None, 32, 256, 4,
-                                                                 act=True) or "")
-    assert comm.linear_all_reduce(x2[:0], w, act=True).shape == (0, 64)
 
 
 @needs_triton
@@ -1333,10 +1303,9 @@ types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "K": 
 aligned = ["x_ptr", "w_ptr", "y_ptr", "K", "ctr_ptr", "err_dev"]
 
 
-def build(prefetch, stages, bm=16, act=0):
+def build(prefetch, stages, bm=16):
     const = {"N": 4096, "W": 4, "BM": bm, "BN": 32, "BK": 256, "MAXC": 1024,
-             "INTERPRET": False, "PDL": True, "PREFETCH": prefetch, "STAGES": stages,
-             "ACT": act}
+             "INTERPRET": False, "PDL": True, "PREFETCH": prefetch, "STAGES": stages}
     sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
     src = ASTSource(fn=kernel, signature=sig,
                     constexprs={(names.index(n),): v for n, v in const.items()},
@@ -1360,11 +1329,6 @@ for stages in (2, 3, 4, 5):
                               "copies": c.asm["ptx"].count("cp.async.cg")}
 for stages in (2, 4):
     out[f"rows64_stages{stages}"] = build(0, stages, 64).metadata.shared
-for bm in (16, 64):  # the gated input (gate and up tiles)
-    for stages in (2, 3, 5):
-        c = build(0, stages, bm, act=1)
-        out[f"act{bm}_{stages}"] = [c.metadata.shared, c.asm["ptx"].count("ex2.approx")]
-out["exp_plain"] = build(0, 3).asm["ptx"].count("ex2.approx")
 print(json.dumps(out))
 """
 
@@ -1407,13 +1371,6 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     # a 64-row tile keeps a buffer per stage (its warpgroup MMA has one more in flight)
     assert [got[f"rows64_stages{n}"] for n in (2, 4)] == [linear_smem(64, 32, 256, n)
                                                          for n in (2, 4)] == [98304, 196608]
-    # the gated input (act): two x tiles a buffer, and at 64 rows one more weight tile (the
-    # input reaches the warpgroup MMA from registers); its exp is in the code, not without it
-    for bm in (16, 64):
-        assert [got[f"act{bm}_{n}"][0] for n in (2, 3, 5)] == [
-            linear_smem(bm, 32, 256, n, act=True) for n in (2, 3, 5)]
-        assert all(got[f"act{bm}_{n}"][1] > 0 for n in (2, 3, 5))
-    assert got["act16_5"][0] == 4 * (2 * 16 + 32) * 256 * 2 and got["exp_plain"] == 0
     # (the weight is contiguous: linear_problem refuses any other)
     w = torch.zeros(8 * 3584 + 8, dtype=torch.bfloat16)
     assert prefetch_mode(w[: 8 * 3584].view(8, 3584)) == 2

@@ -70,28 +70,23 @@ def tile_rows(rows: int) -> int:
     return max(16, 1 << (rows - 1).bit_length())
 
 
-def linear_smem(rows: int, block_n: int, block_k: int, stages: int, elem_size: int = 2,
-                act: bool = False) -> int:
-    """Bytes of shared memory linear_all_reduce's K loop takes: an x tile (``tile_rows``; two
-    with ``act``, gate and up) and a weight tile per buffer, as Triton 3.6 lays out the
-    pipelined loop for sm_90: a buffer per stage after the first, and where the tile has 64
-    rows (warpgroup MMA) one more, whole, or with ``act`` (the input then comes from registers)
-    only its weight tile; tests/test_nvrar_cpu.py checks these against the compiled kernel. An
-    upper bound at one stage (Triton may need less)."""
+def linear_smem(rows: int, block_n: int, block_k: int, stages: int, elem_size: int = 2) -> int:
+    """Bytes of shared memory linear_all_reduce's K loop takes: an x tile (``tile_rows``) and a
+    weight tile per buffer, as Triton 3.6 lays out the pipelined loop for sm_90: a buffer per
+    stage after the first, and one per stage where the tile has 64 rows (its warpgroup MMA
+    keeps one more in flight); tests/test_nvrar_cpu.py checks both against the compiled
+    kernel. An upper bound at one stage (Triton may need less)."""
     bm = tile_rows(rows)
-    if act:
-        extra = block_n * block_k * elem_size if bm >= 64 else 0
-        return max(1, stages - 1) * (2 * bm + block_n) * block_k * elem_size + extra
     buffers = stages if bm >= 64 else max(1, stages - 1)
     return buffers * (bm + block_n) * block_k * elem_size
 
 
 def linear_depth(rows: int, block_n: int, block_k: int, elem_size: int = 2,
-                 smem: int = SMEM_BYTES, act: bool = False) -> int:
+                 smem: int = SMEM_BYTES) -> int:
     """LINEAR_DEPTH, or the deepest K loop below it whose shared memory fits in ``smem`` (1
     where none does: ``linear_problem`` then says so)."""
     return next((s for s in range(LINEAR_DEPTH, 1, -1)
-                 if linear_smem(rows, block_n, block_k, s, elem_size, act) <= smem), 1)
+                 if linear_smem(rows, block_n, block_k, s, elem_size) <= smem), 1)
 
 
 def linear_defaults(rows: int, elem_size: int = 2, block_n: int = LINEAR_BN,
@@ -449,8 +444,7 @@ class NvrarComm:
     def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
                           out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
                           block_k: int = LINEAR_BK, warps: int = 4,
-                          stages: int | None = None, prefetch: int = 0,
-                          act: bool = False) -> torch.Tensor:
+                          stages: int | None = None, prefetch: int = 0) -> torch.Tensor:
         """``sum over the group of x @ weight.T`` in one kernel: a row-parallel linear layer
         and its all-reduce (``nvrar_linear``: each CTA computes ``block_n`` output columns of
         every row and sends them as lamport words at once). ``x``: contiguous [rows, K] bf16 or
@@ -462,45 +456,41 @@ class NvrarComm:
         steps the loop keeps in flight plus one (1..8, within the GPU's shared memory:
         ``linear_smem``; None: LINEAR_DEPTH, or the deepest below it that fits).
         ``prefetch`` (1): each CTA asks L2 for its weight rows before waiting for the kernel
-        before it (``nvrar_linear``; ``prefetch_mode`` says how). ``act``: ``x`` is [rows,
-        2K], an MLP's gate and up halves, and the layer's input is ``silu(gate) * up``
-        (SGLang's SiluAndMul), computed as the tiles load. One node only. What does not
+        before it (``nvrar_linear``; ``prefetch_mode`` says how). One node only. What does not
         fit raises ValueError (``linear_problem`` says why first); after a wait of an earlier
         call ran out it raises NvrarTimeoutError, as ``check`` does."""
         import torch
 
         self.check()
         if stages is None:
-            stages = linear_depth(x.shape[0], block_n, block_k, x.element_size(), self.smem, act)
-        why = self.linear_problem(x, weight, out, block_n, block_k, stages, act)
+            stages = linear_depth(x.shape[0], block_n, block_k, x.element_size(), self.smem)
+        why = self.linear_problem(x, weight, out, block_n, block_k, stages)
         if why:
             raise ValueError(f"artune nvrar linear_all_reduce (rank {self.rank}): {why}")
         y = out if out is not None else torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype,
                                                     device=x.device)
         if x.shape[0]:
             self._launch(self._linear(x, weight, y, block_n, block_k, warps, stages,
-                                      prefetch_mode(weight) if prefetch else 0, act))
+                                      prefetch_mode(weight) if prefetch else 0))
         return y
 
     def linear_problem(self, x: torch.Tensor, weight: torch.Tensor,
                        out: torch.Tensor | None = None, block_n: int = LINEAR_BN,
-                       block_k: int = LINEAR_BK, stages: int | None = None,
-                       act: bool = False) -> str | None:
-        """Why ``linear_all_reduce(x, weight, out, block_n, block_k, stages=stages, act=act)``
-        cannot run here, or None."""
+                       block_k: int = LINEAR_BK, stages: int | None = None) -> str | None:
+        """Why ``linear_all_reduce(x, weight, out, block_n, block_k, stages=stages)`` cannot
+        run here, or None."""
         import torch
 
         if x.dtype not in (torch.bfloat16, torch.float16):
             return f"dtype {x.dtype} is not bf16/fp16"
-        width = 2 if act else 1  # x's columns per column of the weight
-        if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] * width != x.shape[1]:
-            return (f"x must be [rows, {'2K' if act else 'K'}] and weight [N, K], got "
-                    f"{tuple(x.shape)} and {tuple(weight.shape)}")
+        if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+            return (f"x must be [rows, K] and weight [N, K], got {tuple(x.shape)} and "
+                    f"{tuple(weight.shape)}")
         if weight.dtype != x.dtype:
             return f"weight must be {x.dtype}, got {weight.dtype}"
         rows, n = x.shape[0], weight.shape[0]
         if stages is None:
-            stages = linear_depth(rows, block_n, block_k, x.element_size(), self.smem, act)
+            stages = linear_depth(rows, block_n, block_k, x.element_size(), self.smem)
         if rows > LINEAR_MAX_ROWS:
             return f"{rows} rows: at most {LINEAR_MAX_ROWS}"
         if block_n not in (16, 32, 64, 128) or block_k not in (16, 32, 64, 128, 256, 512):
@@ -508,10 +498,9 @@ class NvrarComm:
                     f"one of 16..512, powers of two")
         if stages not in LINEAR_STAGES:
             return f"stages={stages}: the K loop's depth is one of 1..{LINEAR_STAGES[-1]}"
-        smem = linear_smem(rows, block_n, block_k, stages, x.element_size(), act)
+        smem = linear_smem(rows, block_n, block_k, stages, x.element_size())
         if smem > self.smem:
-            return (f"{rows} rows in {block_n}x{block_k} tiles {stages} stages deep "
-                    f"{'(gate and up) ' if act else ''}need "
+            return (f"{rows} rows in {block_n}x{block_k} tiles {stages} stages deep need "
                     f"{smem >> 10} KiB of shared memory a CTA, more than this GPU's "
                     f"{self.smem >> 10} KiB: fewer stages or a smaller block_k")
         if n % block_n or not 1 <= n // block_n <= self.max_grid:
@@ -530,23 +519,20 @@ class NvrarComm:
         return self.layout.check_message(rows * n * x.element_size(), "oneshot", "lamport")
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int,
-                block_k: int, warps: int, stages: int, prefetch: int = 0,
-                act: bool = False) -> _Spec:
+                block_k: int, warps: int, stages: int, prefetch: int = 0) -> _Spec:
         from artune.kernels.nvrar_linear import linear_lamport_kernel
 
         assert self.world_bases is not None
-        rows = x.shape[0]
-        n, k = weight.shape
+        rows, k = x.shape
+        n = weight.shape[0]
         bm = tile_rows(rows)
         args = (x, weight, y, rows, k, n, *self.world_bases, self.offsets["lamport"],
                 self.layout.lamport_slot, *self._common())
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BM=bm, BN=block_n, BK=block_k,
                                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=warps,
-                                      num_stages=stages, PREFETCH=prefetch, STAGES=stages,
-                                      ACT=int(act))
+                                      num_stages=stages, PREFETCH=prefetch, STAGES=stages)
         kwargs.update(self._pdl())
-        key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl, prefetch,
-               act)
+        key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl, prefetch)
         return _Spec(linear_lamport_kernel, key, n // block_n, args, kwargs)
 
     def _common(self, ctr: Any = None) -> tuple[Any, ...]:

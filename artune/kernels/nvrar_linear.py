@@ -21,12 +21,6 @@ computed from zeros, never sent: their polls read row 0's words, and only the re
 stored and cleared, after a barrier (so no thread empties a word another has not read yet).
 Launched by ``NvrarComm.linear_all_reduce``.
 
-With ``ACT=1`` the layer's input is the gated activation of a [M, 2K] tensor, computed as each
-x tile loads: ``silu(gate) * up`` of its two halves (gate first, SGLang's ``SiluAndMul`` and
-``MergedColumnParallelLinear`` layout), in fp32 and rounded to the dtype as an unfused
-activation kernel stores it. An MLP's down projection then takes its gate_up projection's
-output directly, without the activation kernel (and its launch) in between.
-
 With ``PREFETCH``, each CTA first asks L2 for its slab of the weight (its ``BN`` rows, all of K:
 one contiguous range), before ``pdl_begin``'s wait for the kernel before it: ``PREFETCH=2`` with
 ``cp.async.bulk.prefetch.L2`` of each row in quarters (the host picks it where the weight is
@@ -109,7 +103,6 @@ def linear_lamport_kernel(
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,  # the weight slab into L2 before the PDL wait: 1 lines, 2 bulk
     STAGES: tl.constexpr = 5,  # the K loop's pipelining depth (tiles loaded ahead + 1)
-    ACT: tl.constexpr = 0,  # 1: x_ptr is [M, 2K] (gate, up) and the input is silu(gate) * up
 ):
     if not INTERPRET:  # (the interpreter has no PTX)
         if PREFETCH == 1:
@@ -128,15 +121,10 @@ def linear_lamport_kernel(
     cols = pid * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], tl.float32)
-    XS = K * (1 + ACT)  # x's row stride
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         kk = k0 + ks
-        inx = (rows[:, None] < M) & (kk[None, :] < K)
-        xt = tl.load(x_ptr + rows[:, None] * XS + kk[None, :], mask=inx, other=0.0)
-        if ACT == 1:  # SGLang's SiluAndMul in fp32, rounded to the dtype as its kernel stores it
-            ut = tl.load(x_ptr + rows[:, None] * XS + K + kk[None, :], mask=inx, other=0.0)
-            g = xt.to(tl.float32)
-            xt = (g / (1.0 + tl.exp(-g)) * ut.to(tl.float32)).to(DT)
+        xt = tl.load(x_ptr + rows[:, None] * K + kk[None, :],
+                     mask=(rows[:, None] < M) & (kk[None, :] < K), other=0.0)
         wt = tl.load(w_ptr + cols[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0.0)
         if INTERPRET:  # its tl.dot multiplies the raw bits of 16-bit floats: in fp32 there
             acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc,

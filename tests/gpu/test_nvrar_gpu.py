@@ -629,41 +629,30 @@ def _linear(ctx: Any) -> list[str]:
     graph between plain lamport calls with one rank held back before each call in turn,
     against NCCL's fp32 sum of x @ weight.T; identical bits on every rank. Half the cases
     prefetch their weight into L2 first (``prefetch=1``; K 1000: rows that end mid-line), and
-    the K loop runs 2 to 5 stages deep (4 at 48 rows: a 64-row tile, a buffer per stage).
-    The last three take gate and up halves and multiply silu(gate) * up in (``act``, the
-    down projection's input), against the same activation rounded to the dtype here."""
+    the K loop runs 2 to 5 stages deep (4 at 48 rows: a 64-row tile, a buffer per stage)."""
 
     be = _make(ctx, ctx.world_size, timeout_s=20.0)
     dev = ctx.device
     failures: list[str] = []
     bf, fp = torch.bfloat16, torch.float16
-    cases = [(1, 1024, 4096, bf, 32, 256, 0, 3, 0), (4, 3584, 4096, bf, 32, 256, 1, 4, 0),
-             (16, 1024, 2048, fp, 16, 256, 0, 3, 0), (64, 3584, 4096, bf, 64, 128, 1, 2, 0),
-             (3, 1000, 96, bf, 16, 64, 1, 4, 0), (2, 3584, 4096, bf, 32, 512, 0, 3, 0),
-             (1, 3584, 4096, bf, 32, 256, 1, 5, 0), (48, 3584, 4096, bf, 32, 256, 0, 4, 0),
-             (1, 3584, 4096, bf, 32, 256, 0, 5, 1), (16, 1000, 96, fp, 16, 64, 0, 3, 1),
-             (64, 3584, 4096, bf, 32, 128, 0, 3, 1)]
+    cases = [(1, 1024, 4096, bf, 32, 256, 0, 3), (4, 3584, 4096, bf, 32, 256, 1, 4),
+             (16, 1024, 2048, fp, 16, 256, 0, 3), (64, 3584, 4096, bf, 64, 128, 1, 2),
+             (3, 1000, 96, bf, 16, 64, 1, 4), (2, 3584, 4096, bf, 32, 512, 0, 3),
+             (1, 3584, 4096, bf, 32, 256, 1, 5), (48, 3584, 4096, bf, 32, 256, 0, 4)]
 
-    def layer_input(x: torch.Tensor, act: int) -> torch.Tensor:
-        if not act:
-            return x
-        g, u = x.float().chunk(2, dim=1)
-        return (torch.nn.functional.silu(g) * u).to(x.dtype)
-
-    def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, act: int, what: str) -> None:
-        _check_linear_sum(ctx, y, layer_input(x, act).float() @ w.float().t(), 2e-2, what,
-                          failures)
+    def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str) -> None:
+        _check_linear_sum(ctx, y, x.float() @ w.float().t(), 2e-2, what, failures)
 
     try:
         ops = []
-        for i, (m, k, n, dt, bn, bk, pf, st, act) in enumerate(cases):
+        for i, (m, k, n, dt, bn, bk, pf, st) in enumerate(cases):
             g = torch.Generator(device=dev).manual_seed(100 * i + ctx.rank)
-            x = torch.randn(m, k * (1 + act), device=dev, generator=g).to(dt)
+            x = torch.randn(m, k, device=dev, generator=g).to(dt)
             w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dt)
-            ops.append((x, w, bn, bk, pf, st, act))
+            ops.append((x, w, bn, bk, pf, st))
             check(be.comm.linear_all_reduce(x, w, block_n=bn, block_k=bk, stages=st,
-                                            prefetch=pf, act=bool(act)), x, w, act,
-                  f"eager {m}x{k}x{n} {dt} {bn}x{bk} stages={st} prefetch={pf} act={act}")
+                                            prefetch=pf), x, w,
+                  f"eager {m}x{k}x{n} {dt} {bn}x{bk} stages={st} prefetch={pf}")
         plain = torch.randn(4099 * 2, device=dev).to(torch.bfloat16)
         lam = {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 16, "warps": 4}
         be.all_reduce(plain, lam)
@@ -671,11 +660,11 @@ def _linear(ctx: Any) -> list[str]:
         graph = torch.cuda.CUDAGraph()
         ys = []
         with be.capture(), torch.cuda.graph(graph):
-            for i, (x, w, bn, bk, pf, st, act) in enumerate(ops):
+            for i, (x, w, bn, bk, pf, st) in enumerate(ops):
                 if i % ctx.world_size == ctx.rank:
                     torch.cuda._sleep(50_000)  # ~25-30 µs late to this call
                 ys.append(be.comm.linear_all_reduce(x, w, block_n=bn, block_k=bk, stages=st,
-                                                    prefetch=pf, act=bool(act)))
+                                                    prefetch=pf))
                 ys.append(be.all_reduce(plain, lam))
         for rep in range(50):
             for x, *_ in ops:
@@ -685,9 +674,9 @@ def _linear(ctx: Any) -> list[str]:
             if be.comm.error_code():
                 break
             if rep % 25 == 0:
-                for (x, w, bn, bk, pf, st, act), y, c in zip(ops, ys[::2], cases, strict=True):
-                    check(y, x, w, act, f"graph replay {rep} {c[0]}x{c[1]}x{c[2]} {bn}x{bk} "
-                                        f"stages={st} prefetch={pf} act={act}")
+                for (x, w, bn, bk, pf, st), y, c in zip(ops, ys[::2], cases, strict=True):
+                    check(y, x, w, f"graph replay {rep} {c[0]}x{c[1]}x{c[2]} {bn}x{bk} "
+                                   f"stages={st} prefetch={pf}")
         be.check()
     finally:
         be.close()
