@@ -141,9 +141,17 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _auto_flag,
         "Row-parallel linear layers and their all-reduce as one NVRAR kernel in the SGLang "
         "plugin (NvrarComm.linear_all_reduce; unquantized bf16/fp16, no bias, inside CUDA-graph "
-        "capture, not under torch.compile). auto: where the profile's linear section measured "
+        "capture, compiled or not). auto: where the profile's linear section measured "
         "it faster (artune tune --linear-model), with its parameters; 1: every such layer of at "
         "most ARTUNE_FUSED_LINEAR_ROWS rows, at the kernel's defaults; 0: never.",
+    ),
+    "ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED": (
+        False,
+        _flag,
+        "Under torch.compile with inductor's coordinate-descent tuning (SGLang sets it), a "
+        "row-parallel layer traced with one row stays SGLang's own by default: inductor makes "
+        "its GEMM a reduction fused with the kernels around it. 1: fuse it with its all-reduce "
+        "as at other row counts.",
     ),
     "ARTUNE_FUSED_LINEAR_ROWS": (
         16,

@@ -23,6 +23,9 @@ exactly the measured batch sizes. Configs:
   profile's fused linear ranges run with ``prefetch=1`` (the weight into L2 before the PDL
   wait, docs/nvrar.md), from a copy of the profile; ``artune_deep``, ``artune_compile_deep``:
   the same with the fused kernel's K loop pipelined 5 stages deep (``stages=5``);
+- ``artune_compile_one_row``: ``artune_compile`` with ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED=1
+  (the one-row layers fused too, as before the 27th session; ``artune_compile`` leaves them
+  to inductor);
 - ``default_compile`` SGLang as released with ``enable_torch_compile=True``;
 - ``default_again``  ``default`` in another engine, run last: its difference from ``default`` is
   the engine-to-engine noise the "within 1%" comparison has to be read against;
@@ -183,6 +186,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "artune_deep": {"artune": True, "kw": {}, "linear_params": {"stages": 5}},
     "artune_compile_deep": {"artune": True, "kw": {"enable_torch_compile": True},
                             "linear_params": {"stages": 5}},
+    "artune_compile_one_row": {"artune": True, "kw": {"enable_torch_compile": True},
+                               "env": {"ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED": "1"}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},

@@ -1361,6 +1361,42 @@ class _Mode:
         return self.decode
 
 
+def test_compiled_one_row_layers_stay_with_inductor_where_it_fuses_them(monkeypatch) -> None:
+    """Where inductor's coordinate-descent tuning is on (SGLang turns it on before compiling),
+    it lowers a GEMM of statically one row to a multiply and a sum fused with its neighbours;
+    a layer traced with one row then stays SGLang's own (no custom op in the graph, logged
+    once), while 2 rows still trace to the op. ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED=1 fuses
+    one row too, and without the tuning one row is fused as before. (The stand-in comm's fused
+    call gives 2 * x @ W.T and counts itself; SGLang's own forward stand-in x @ W.T + 100.)"""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    comm = _FakeComm()
+    _fused_setup(monkeypatch, comm, mode="graph", switch="auto", dtype="bfloat16")
+    reduced = _linear_module(monkeypatch)
+    layer = _row_module()
+    logged: list[str] = []
+    monkeypatch.setattr(plugin, "log_once", lambda key, msg, *a: logged.append(msg))
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(_bf16(1, 4)).float(), torch.full((1, 8), 104.0))  # SGLang's own
+    assert not _has_fused_op(graphs) and comm.calls == 0 and not reduced
+    assert any("row-parallel layers of one row stay SGLang's own" in m for m in logged)
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(_bf16(2, 4)), _bf16_full((2, 8), 8.0)) and _has_fused_op(graphs)
+    assert comm.calls == 1
+    monkeypatch.setenv("ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED", "1")
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(_bf16(1, 4)), _bf16_full((1, 8), 8.0)) and _has_fused_op(graphs)
+    assert comm.calls == 2
+    monkeypatch.delenv("ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED")
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    f, graphs = _compiled(lambda x: layer(x)[0])
+    assert torch.equal(f(_bf16(1, 4)), _bf16_full((1, 8), 8.0)) and _has_fused_op(graphs)
+    assert comm.calls == 3
+    torch._dynamo.reset()
+
+
 def test_fused_linear_under_torch_compile_is_one_custom_op(monkeypatch) -> None:
     """Under torch.compile a layer whose shape the profile fuses at some row count becomes
     torch.ops.artune.sglang_row_linear in one graph (no graph break), decided from what every

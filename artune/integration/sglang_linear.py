@@ -288,7 +288,9 @@ def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: t
     ``torch.ops.artune.sglang_row_linear``, which chooses by row count and capture state when it
     runs; anything else is traced as SGLang's own forward. The choice depends only on what every
     rank traces alike."""
-    if _LINEAR_MODULE and _plain_call(layer, x, args[1:], kwargs) and not _skips_all_reduce():
+    if (_LINEAR_MODULE and _plain_call(layer, x, args[1:], kwargs) and not _skips_all_reduce()
+            and not (isinstance(x.shape[0], int) and x.shape[0] == 1
+                     and _inductor_takes_one_row())):
         n, k = layer.weight.shape
         if _traced_shape_fuses(str(x.dtype).removeprefix("torch."),
                                str(layer.weight.dtype).removeprefix("torch."), k, n,
@@ -296,6 +298,29 @@ def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: t
             y = torch.ops.artune.sglang_row_linear(x, layer.weight)
             return y, (layer.bias if layer.skip_bias_add else None)
     return original(layer, *args, **kwargs)
+
+
+@torch.compiler.assume_constant_result
+def _inductor_takes_one_row() -> bool:
+    """Whether a layer traced with statically one row (a decode graph of batch size 1: SGLang
+    compiles its CUDA graphs with static shapes) stays SGLang's own: where inductor's
+    coordinate-descent tuning is on (SGLang's ``set_torch_compile_config`` turns it on), torch's
+    ``mm`` decomposition makes a one-row GEMM a multiply and a sum, which inductor fuses with
+    the kernels around it (the down projection with the activation before it: one kernel where
+    the opaque op leaves two; docs/sglang.md, "What the compiled kernel tables show at bs 1").
+    ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED=1 fuses such layers anyway. A constant of the traced
+    graph, the same on every rank (so is the configuration)."""
+    import torch._inductor.config as inductor_config
+
+    if envs.get("ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED") or not getattr(
+            inductor_config, "coordinate_descent_tuning", False):
+        return False
+    plugin.log_once(
+        "sglang:fused-linear:one-row-compiled",
+        "artune: under torch.compile, row-parallel layers of one row stay SGLang's own: "
+        "inductor fuses their GEMM with the kernels around it (coordinate-descent tuning); "
+        "ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED=1 fuses them with their all-reduce instead")
+    return True
 
 
 #: torch.compile modes in which inductor records CUDA graphs of its own
