@@ -1362,12 +1362,13 @@ class _Mode:
 
 
 def test_compiled_one_row_layers_stay_with_inductor_where_it_fuses_them(monkeypatch) -> None:
-    """Where inductor's coordinate-descent tuning is on (SGLang turns it on before compiling),
-    it lowers a GEMM of statically one row to a multiply and a sum fused with its neighbours;
-    a layer traced with one row then stays SGLang's own (no custom op in the graph, logged
-    once), while 2 rows still trace to the op. ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED=1 fuses
-    one row too, and without the tuning one row is fused as before. (The stand-in comm's fused
-    call gives 2 * x @ W.T and counts itself; SGLang's own forward stand-in x @ W.T + 100.)"""
+    """Where inductor's coordinate-descent tuning is on (SGLang's default compile mode turns it
+    on, and SGLang sets it before compiling), inductor lowers a GEMM of statically one row to a
+    multiply and a sum fused with its neighbours; a layer traced with one row then stays
+    SGLang's own (no custom op in the graph, logged once), while 2 rows still trace to the op.
+    ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED=1 fuses one row too, and without the tuning (a mode
+    without it, the config off) one row is fused as before. (The stand-in comm's fused call
+    gives 2 * x @ W.T and counts itself; SGLang's own forward stand-in x @ W.T + 100.)"""
     import torch
     import torch._inductor.config as inductor_config
 
@@ -1377,10 +1378,13 @@ def test_compiled_one_row_layers_stay_with_inductor_where_it_fuses_them(monkeypa
     layer = _row_module()
     logged: list[str] = []
     monkeypatch.setattr(plugin, "log_once", lambda key, msg, *a: logged.append(msg))
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", True)
-    f, graphs = _compiled(lambda x: layer(x)[0])
-    assert torch.equal(f(_bf16(1, 4)).float(), torch.full((1, 8), 104.0))  # SGLang's own
-    assert not _has_fused_op(graphs) and comm.calls == 0 and not reduced
+    monkeypatch.delenv("SGLANG_TORCH_COMPILE_MODE", raising=False)  # SGLang's default mode
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    for config_on in (False, True):
+        monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", config_on)
+        f, graphs = _compiled(lambda x: layer(x)[0])
+        assert torch.equal(f(_bf16(1, 4)).float(), torch.full((1, 8), 104.0))  # SGLang's own
+        assert not _has_fused_op(graphs) and comm.calls == 0 and not reduced
     assert any("row-parallel layers of one row stay SGLang's own" in m for m in logged)
     f, graphs = _compiled(lambda x: layer(x)[0])
     assert torch.equal(f(_bf16(2, 4)), _bf16_full((2, 8), 8.0)) and _has_fused_op(graphs)
@@ -1390,6 +1394,9 @@ def test_compiled_one_row_layers_stay_with_inductor_where_it_fuses_them(monkeypa
     assert torch.equal(f(_bf16(1, 4)), _bf16_full((1, 8), 8.0)) and _has_fused_op(graphs)
     assert comm.calls == 2
     monkeypatch.delenv("ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED")
+    monkeypatch.setenv("SGLANG_TORCH_COMPILE_MODE", "default")  # no tuning by the mode ...
+    f, graphs = _compiled(lambda x: layer(x)[0])  # ... but by the config (still on)
+    assert not _has_fused_op(graphs) and f(_bf16(1, 4)).float()[0, 0] == 104.0
     monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
     f, graphs = _compiled(lambda x: layer(x)[0])
     assert torch.equal(f(_bf16(1, 4)), _bf16_full((1, 8), 8.0)) and _has_fused_op(graphs)

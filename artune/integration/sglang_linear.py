@@ -304,16 +304,24 @@ def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: t
 def _inductor_takes_one_row() -> bool:
     """Whether a layer traced with statically one row (a decode graph of batch size 1: SGLang
     compiles its CUDA graphs with static shapes) stays SGLang's own: where inductor's
-    coordinate-descent tuning is on (SGLang's ``set_torch_compile_config`` turns it on), torch's
+    coordinate-descent tuning is on (SGLang's ``set_torch_compile_config`` turns it on, and so
+    does its default compile mode, ``max-autotune-no-cudagraphs``), torch's
     ``mm`` decomposition makes a one-row GEMM a multiply and a sum, which inductor fuses with
     the kernels around it (the down projection with the activation before it: one kernel where
     the opaque op leaves two; docs/sglang.md, "What the compiled kernel tables show at bs 1").
     ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED=1 fuses such layers anyway. A constant of the traced
     graph, the same on every rank (so is the configuration)."""
+    import torch._inductor as inductor
     import torch._inductor.config as inductor_config
 
-    if envs.get("ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED") or not getattr(
-            inductor_config, "coordinate_descent_tuning", False):
+    if envs.get("ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED"):
+        return False
+    mode = os.environ.get("SGLANG_TORCH_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    try:  # SGLang's compile mode (its default, max-autotune-no-cudagraphs, turns it on too)
+        by_mode = bool(inductor.list_mode_options(mode).get("coordinate_descent_tuning"))
+    except (RuntimeError, KeyError, AttributeError):
+        by_mode = False
+    if not (by_mode or getattr(inductor_config, "coordinate_descent_tuning", False)):
         return False
     plugin.log_once(
         "sglang:fused-linear:one-row-compiled",

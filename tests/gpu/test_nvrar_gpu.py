@@ -711,6 +711,9 @@ def _compiled_linear(ctx: Any) -> list[str]:
 
     os.environ["ARTUNE_FUSED_LINEAR"] = "1"
     os.environ["ARTUNE_FUSED_LINEAR_ROWS"] = "16"
+    # one row fused too (by default a compiled one-row layer stays with inductor, which fuses
+    # its GEMM with its neighbours: tests/test_sglang_plugin.py checks that rule)
+    os.environ["ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED"] = "1"
     be = _make(ctx, ctx.world_size, timeout_s=20.0)
     plugin._ROUTES["tp"] = types.SimpleNamespace(
         router=types.SimpleNamespace(backends={"nvrar": be}), profile=None)
@@ -793,7 +796,8 @@ def _compiled_linear(ctx: Any) -> list[str]:
         plugin._ROUTES.pop("tp", None)
         plugin._TP_GROUP[:] = []
         hook._LINEAR_MODULE[:] = []
-        for name in ("ARTUNE_FUSED_LINEAR", "ARTUNE_FUSED_LINEAR_ROWS"):
+        for name in ("ARTUNE_FUSED_LINEAR", "ARTUNE_FUSED_LINEAR_ROWS",
+                     "ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED"):
             os.environ.pop(name, None)
         be.close()
     return failures
