@@ -63,7 +63,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 MODES = ("graph", "eager")
 DTYPES = ("bfloat16", "float16", "float32")
-_ELEM_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+#: bytes per element of each of DTYPES
+ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 class ProfileError(ValueError):
@@ -148,7 +149,7 @@ class Profile:
         """Largest message size any range covers, or the fused linear kernel sends (its rows x
         N outputs, all-reduced in one message): buffers are sized from it."""
         tables = [r["max_bytes"] for m in self.tables.values() for rs in m.values() for r in rs]
-        fused = [rows * n * _ELEM_SIZE[dtype] for (dtype, _, n), by_rows in self._linear.items()
+        fused = [rows * n * ELEMENT_SIZE[dtype] for (dtype, _, n), by_rows in self._linear.items()
                  for rows in by_rows]
         return max(tables + fused, default=0)
 

@@ -30,7 +30,7 @@ from artune.autotune.comm import Comm
 from artune.autotune.timing import Timer, calls_for, estimate_us, summarize
 from artune.backends.base import Backend, GroupContext
 from artune.log import logger
-from artune.profile import Profile
+from artune.profile import ELEMENT_SIZE, Profile
 
 if TYPE_CHECKING:
     import torch
@@ -45,15 +45,12 @@ MIN_REPS = 3
 
 __all__ = ["Crew", "element_size", "actual_nbytes"]
 
-_ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
 def element_size(dtype: str) -> int:
     try:
-        return _ELEMENT_SIZE[dtype]
+        return ELEMENT_SIZE[dtype]
     except KeyError:
         raise ValueError(
-            f"unsupported dtype {dtype!r}; use one of {', '.join(_ELEMENT_SIZE)}"
+            f"unsupported dtype {dtype!r}; use one of {', '.join(ELEMENT_SIZE)}"
         ) from None
 
 

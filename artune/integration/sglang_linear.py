@@ -286,15 +286,16 @@ def _traced_row_linear(original: Callable[..., Any], layer: Any, x: Any, args: t
     """The hook while torch.compile traces RowParallelLinear.forward: a call ``_plain_call``
     takes, of a layer shape the profile fuses at some row count (``_traced_shape_fuses``), becomes
     ``torch.ops.artune.sglang_row_linear``, which chooses by row count and capture state when it
-    runs; anything else is traced as SGLang's own forward. The choice depends only on what every
-    rank traces alike."""
-    if (_LINEAR_MODULE and _plain_call(layer, x, args[1:], kwargs) and not _skips_all_reduce()
-            and not (isinstance(x.shape[0], int) and x.shape[0] == 1
-                     and _inductor_takes_one_row())):
+    runs, except a layer of statically one row that inductor lowers better
+    (``_inductor_takes_one_row``); anything else is traced as SGLang's own forward. The choice
+    depends only on what every rank traces alike."""
+    if _LINEAR_MODULE and _plain_call(layer, x, args[1:], kwargs) and not _skips_all_reduce():
         n, k = layer.weight.shape
-        if _traced_shape_fuses(str(x.dtype).removeprefix("torch."),
-                               str(layer.weight.dtype).removeprefix("torch."), k, n,
-                               layer.weight.is_contiguous()):
+        if (_traced_shape_fuses(str(x.dtype).removeprefix("torch."),
+                                str(layer.weight.dtype).removeprefix("torch."), k, n,
+                                layer.weight.is_contiguous())
+                and not (isinstance(x.shape[0], int) and x.shape[0] == 1
+                         and _inductor_takes_one_row())):
             y = torch.ops.artune.sglang_row_linear(x, layer.weight)
             return y, (layer.bias if layer.skip_bias_add else None)
     return original(layer, *args, **kwargs)
