@@ -4,6 +4,9 @@
 # `artune show`, then the GPU test of the phase (a quick 2-GPU tune with --linear-shapes, and
 # its --resume). The profile stays as /tmp/artune-tuned-<N>gpu.json for the next call on this
 # warm machine and comes back as profile_<N>gpu_<card>_linear.json.
+#   - TESTS=0: no GPU test after the tune;
+#   - BENCH=1: every backend side by side with the new profile's routes (allreduce.py, graph,
+#     bf16, 4K-2M and 16M), as allreduce_<N>gpu_<card>.md.
 #
 #   device run, carry [".devwhl"], kind nvidia-h100-x4:  bash benchmarks/gpu_session_tune_linear.sh
 set -uo pipefail
@@ -29,8 +32,14 @@ if grep -q '"linear": \[' "$W/profile_${N}gpu_${CARD}_linear.json" 2>/dev/null; 
     python3 -m artune.cli show "$W/profile_${N}gpu_${CARD}_linear.json" \
         > "$W/profile_${N}gpu_${CARD}_linear_show.md" 2>&1
 fi
+if [ "${BENCH:-0}" = 1 ] && [ -f "/tmp/artune-tuned-${N}gpu.json" ]; then
+    step bench 150 torchrun --nproc-per-node "$N" benchmarks/allreduce.py \
+        --profile "/tmp/artune-tuned-${N}gpu.json" \
+        --sizes 4K,8K,16K,32K,64K,128K,256K,512K,1M,2M,16M --out "$W/allreduce_${N}gpu_$CARD.md"
+    cat "$W/allreduce_${N}gpu_$CARD.md" 2>/dev/null || tail -20 "$W/bench.log"
+fi
 LEFT=$(( 570 - ($(date +%s) - T0) ))
-[ "$LEFT" -gt 60 ] && step tests "$LEFT" python3 -m pytest -q -s -rs tests/test_tune_gpu.py -k linear
+[ "${TESTS:-1}" = 1 ] && [ "$LEFT" -gt 60 ] && step tests "$LEFT" python3 -m pytest -q -s -rs tests/test_tune_gpu.py -k linear
 grep -h "passed\|failed\|error" "$W/tests.log" 2>/dev/null | tail -3
 cat "$W/card.txt" "$W/steps.txt"
 grep -A12 "row-parallel linear" "$W/profile_${N}gpu_${CARD}_linear_show.md" 2>/dev/null \
