@@ -8,6 +8,9 @@
 # flashinfer.sampling), sglang_smoke_stub_flashinfer 0.0.2: any other submodule imports (the
 # HTTP server imports flashinfer.prefill), except those SGLang and sgl_kernel probe with
 # try/except import to pick a kernel (norm, comm, fused_moe, gemm, ...); every use raises.
+# The Engine runs (tunes, allreduce.py, the pairs) need only the wheel set's own stub and none
+# of the HTTP server's wheels; since the 28th session the full set no longer fits a call's
+# 64 MiB beside the tree, so carry the HTTP server's wheels for a launch call only.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
 OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W
