@@ -182,6 +182,37 @@ def test_rank_0s_usage_error_is_not_followed_by_resume_advice(
     assert "rank 1" in err and "--resume" in err
 
 
+def test_an_interrupted_launch_exits_130_even_if_ctrl_c_comes_again_later(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C stops the ranks and returns 130; a terminal's second Ctrl-C may land after that,
+    while the process is on its way out. It must stay ignored: restoring Python's handler there
+    turned the exit into a death by SIGINT (-2) in a CI run of the two-Ctrl-C test."""
+    import signal
+    import threading
+    import time
+
+    from artune.autotune.launcher import launch
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        assert launch(["tune"], 2, python=str(fake), grace_s=1.0) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # the late second Ctrl-C: nothing raised
+        time.sleep(0.05)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    assert "interrupted; stopped all ranks" in capsys.readouterr().err
+
+
 def test_size_ranges_keep_their_whole_element_midpoints() -> None:
     """A range's own midpoints that are not whole elements are left out (3 B between 2 and 4
     in bf16; 6 B between 4 and 8 in fp32); the sizes written out must be whole elements."""

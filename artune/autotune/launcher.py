@@ -115,6 +115,7 @@ def launch(
 
     old = signal.signal(signal.SIGTERM, _on_term)
     old_int = signal.getsignal(signal.SIGINT)
+    interrupted = False
     try:
         for rank in range(nproc):
             procs.append(
@@ -158,6 +159,7 @@ def launch(
     except (KeyboardInterrupt, SystemExit) as exc:
         # a second Ctrl-C (or SIGTERM) while the ranks are being stopped must not cut that
         # short with a traceback
+        interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop(procs, grace_s)
@@ -169,5 +171,9 @@ def launch(
         )
         return exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
     finally:
-        signal.signal(signal.SIGTERM, old)
-        signal.signal(signal.SIGINT, old_int)
+        # After an interrupt the process is on its way out with 130 (or 128 + the signal):
+        # the signals stay ignored, so that a late second Ctrl-C (a terminal sends one to the
+        # whole group) cannot turn that exit into a death by SIGINT after this returns.
+        if not interrupted:
+            signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGINT, old_int)
