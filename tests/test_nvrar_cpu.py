@@ -1376,3 +1376,59 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     assert prefetch_mode(w[: 8 * 3584].view(8, 3584)) == 2
     assert prefetch_mode(torch.zeros(8, 1000, dtype=torch.bfloat16)) == 1  # K % 32
     assert prefetch_mode(w[1: 1 + 4 * 1024].view(4, 1024)) == 1  # 2 bytes off 16
+
+
+_LAMPORT_PTX_SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from artune.kernels.nvrar import _lamport_warps
+from artune.kernels.nvrar_lamport import oneshot_lamport_kernel as kernel
+
+names = list(kernel.arg_names)
+types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16",
+         "part_ptr": "*i64", "pend_ptr": "*i32", "ctr_ptr": "*i32", "err_dev": "*i64",
+         "n": "i32", "rank": "i32", "eps": "fp32"}
+aligned = ["x_ptr", "y_ptr", "ctr_ptr", "err_dev"]  # as a launch specializes them on a GPU
+out = {}
+for block in (256, 512, 1024):
+    const = {"W": 4, "BLOCK": block, "MAXC": 1024, "INTERPRET": False, "PDL": True,
+             "VEC": True, "AHEAD": False, "NORM": False, "SPLIT": 1, "SLOTS": 1}
+    sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
+    src = ASTSource(fn=kernel, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": _lamport_warps(block)})
+    ptx = c.asm["ptx"]
+    out[block] = {"bar": len(re.findall(r"\bbar\.sync\b", ptx)),
+                  "convert": c.asm["ttgir"].count("ttg.convert_layout"),
+                  "shared": c.metadata.shared, "cubin": len(c.asm.get("cubin", b""))}
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+@pytest.mark.slow
+def test_lamport_oneshot_keeps_one_barrier_per_call_in_sm90_code() -> None:
+    """The lamport one-shot as the launcher runs it (one thread per 8-byte word,
+    ``_lamport_warps``), compiled for an H100 on this CPU machine: no layout conversion, no
+    shared memory, one ``bar.sync`` per call (the epoch counters'), at every chunk size the
+    plans use: the per-thread gather's point (docs/nvrar.md). Two words per thread would add
+    conversions through shared memory (3 in Triton 3.6: "16-byte words" there)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _LAMPORT_PTX_SCRIPT], capture_output=True,
+                         text=True, env=env, timeout=600)
+    if run.returncode and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
+        pytest.skip(f"Triton cannot compile for sm_90 here: {run.stderr.strip()[-300:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(got) == {"256", "512", "1024"}
+    for block, g in got.items():
+        assert g["cubin"] > 0, block
+        assert (g["bar"], g["convert"], g["shared"]) == (1, 0, 0), (block, g)
