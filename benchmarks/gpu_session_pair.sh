@@ -24,7 +24,9 @@
 #   - TAG=NAME: the results file and log named ..._NAME, for two pairs in one call (e.g.
 #     TAG=nccl ORDER=nccl,artune_nccl LIMIT_S=285 ...; TAG=default ORDER=default,artune ...);
 #   - LIMIT_S (default 580): the seconds the whole script may take (the pair's budget is what
-#     is left of it), for a call with less device time left; NEED_PROFILE=1: stop (status 3)
+#     is left of it), for a call with less device time left; a budget below what the engines
+#     and a few rounds need (95 s per engine + 75 s; MIN_PAIR_S overrides) skips the pair
+#     (status 4) before any engine starts; NEED_PROFILE=1: stop (status 3)
 #     where no committed profile is of this card and GPU count, instead of tuning the machine;
 #   - the load average, CPU count and GPU clocks before and after (a loaded host shows as steps
 #     that vary from rep to rep; this says whether the host was busy).
@@ -66,6 +68,17 @@ if [ "${TESTS:-1}" = 1 ]; then
     grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
 fi
 cat "$W/steps.txt" 2>/dev/null
-PAIRED=${ORDER:-artune,default} REPS=${REPS:-30} BUDGET_S=$(( ${LIMIT_S:-580} - ($(date +%s) - T0) )) \
+BUDGET=$(( ${LIMIT_S:-580} - ($(date +%s) - T0) ))
+# Engines start in 60-90 s each (compiled ones too, on a warm inductor cache); the paired run
+# keeps 45 s for the end and 15 s per engine for the logprob check. A budget below that and a
+# few rounds starts the engines for nothing (the 28th session's compiled A/A pair: 257 s, two
+# engines up, no round), so the pair is skipped instead; MIN_PAIR_S overrides the estimate.
+ENGINES=$(echo "${ORDER:-artune,default}" | tr ',' '\n' | grep -c .)
+NEED=${MIN_PAIR_S:-$(( ENGINES * (80 + 15) + 45 + 30 ))}
+if [ "$BUDGET" -lt "$NEED" ]; then
+    echo "pair skipped: ${BUDGET} s left, below the ${NEED} s that ${ENGINES} engines and a few rounds need (LIMIT_S, or MIN_PAIR_S to override)"
+    exit 4
+fi
+PAIRED=${ORDER:-artune,default} REPS=${REPS:-30} BUDGET_S=$BUDGET \
     bash benchmarks/gpu_session_sglang.sh "$PROF" "$N"
 machine "after"
