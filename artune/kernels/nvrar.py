@@ -133,10 +133,7 @@ class Plan:
     chunk; ``ctas``: at most this many CTAs; ``warps``: warps per CTA (16-bit lamport kernels
     run block / 128, one thread per word, whatever it says); ``inter``: inter-node
     transport, "nvshmem" (put / put-with-signal), "p2p" (stores through peer addresses; every
-    rank must be NVLink-reachable) or "auto" (p2p where every rank is reachable, else nvshmem);
-    ``wpt``: 8-byte words per thread of the 16-bit lamport one-shot on a GPU (1, the default,
-    or 2: half the threads, 16-byte stores; not in the tune's search space, docs/nvrar.md
-    "16-byte words"); the other kernels and the interpreter ignore it.
+    rank must be NVLink-reachable) or "auto" (p2p where every rank is reachable, else nvshmem).
     """
 
     algo: str = "twoshot"
@@ -145,7 +142,6 @@ class Plan:
     ctas: int = 16
     warps: int = 4
     inter: str = "auto"
-    wpt: int = 1
 
     def problem(self) -> str | None:
         """Why these values are not valid, or None."""
@@ -161,8 +157,6 @@ class Plan:
             return f"warps={self.warps} is not a power of two in 1..32"
         if self.inter not in INTERS:
             return f"inter={self.inter!r} is not one of {INTERS}"
-        if self.wpt not in (1, 2):
-            return f"wpt={self.wpt} is not 1 or 2"
         if self.proto == "lamport" and self.block > LAMPORT_BLOCK_MAX:
             return (f"block={self.block} with proto='lamport': at most {LAMPORT_BLOCK_MAX} (its "
                     f"kernels run one thread per 8-byte word, at most 1024 threads)")
@@ -637,8 +631,7 @@ class NvrarComm:
         split = weight.numel() // plan.block if norm is not None else 1
         args = (x, y, n, res, weight, eps, self.partials, *self.world_bases,
                 self.offsets["lamport"], self.layout.lamport_slot, *self._lamport_common())
-        warps = _lamport_warps(plan.block, 1 if self.interpret else plan.wpt)
-        wide = warps * 128 < plan.block  # a thread holds several words (GPU only)
+        warps = _lamport_warps(plan.block)
         # Words of four consecutive elements (8-byte loads and stores) where every rank's n
         # allows it: the wire layout must be the same on every rank, and n is. (NORM: rows of
         # a multiple of 256 elements, always.)
@@ -646,10 +639,10 @@ class NvrarComm:
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BLOCK=plan.block, MAXC=MAX_CTAS,
                                       INTERPRET=self.interpret, num_warps=warps, VEC=vec,
                                       AHEAD=self.ahead, NORM=norm is not None, SPLIT=split,
-                                      SLOTS=1 << (split - 1).bit_length(), WIDE=wide)
+                                      SLOTS=1 << (split - 1).bit_length())
         kwargs.update(self._pdl())
         key = ("lamport", x.dtype, plan.block, warps, self.pdl, self.ahead, norm is not None,
-               split, wide, vec)
+               split, vec)
         return _Spec(oneshot_lamport_kernel, key, grid, args, kwargs)
 
     def _lamport2(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan) -> _Spec:
@@ -740,15 +733,15 @@ FUSED_SPLIT_ROWS = 8
 FUSED_SLICES_MAX = 32
 
 
-def _lamport_warps(block: int, wpt: int = 1) -> int:
-    """Warps of a lamport kernel with the per-thread gather: ``wpt`` 8-byte words of a chunk
-    per thread (block / 4 / wpt threads), whatever the plan's ``warps``. More threads than words
-    would give a word to several threads, and one could clear it before another has polled it
-    (seen on 4x H100: 256-element chunks with 4 warps, a wait that ran out). Several words per
-    thread made Triton 3.6 move them between layouts through shared memory (offline sm_90
+def _lamport_warps(block: int) -> int:
+    """Warps of a lamport kernel with the per-thread gather: one thread per 8-byte word of a
+    chunk (block / 4 threads), whatever the plan's ``warps``. More threads than words would give
+    a word to several threads, and one could clear it before another has polled it (seen on
+    4x H100: 256-element chunks with 4 warps, a wait that ran out); fewer would give a thread
+    several words, which Triton 3.6 moves between layouts through shared memory (offline sm_90
     builds: 9-11 bar.sync per call at 1024-2048-element chunks with 4 warps, 1 with one word
-    per thread); the one-shot's WIDE build (``Plan.wpt`` 2) keeps one."""
-    return max(1, min(32, block // (128 * wpt)))
+    per thread)."""
+    return max(1, min(32, block // 128))
 
 
 def prefetch_mode(weight: torch.Tensor) -> int:

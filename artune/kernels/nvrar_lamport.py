@@ -42,7 +42,6 @@ from artune.kernels.nvrar_prims import (
     record_error,
     spin_lamport4,
     store_chunk,
-    store_where,
     wait_ll,
 )
 
@@ -131,18 +130,12 @@ def _pack(a0, a1, a2, a3, DT: tl.constexpr):
 
 
 @triton.jit
-def _store_words(y_ptr, g, n, w, Q: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr = False):
-    """Lamport words ``w`` into chunk ``g`` of ``y`` (elements below n only). WIDE (a thread
-    holds several words): no alignment hint, so that Triton keeps the words' layout and stores
-    a thread's neighbouring words as one 16-byte store where ``y`` is 16-byte aligned (with the
-    hint it converts them to one word per thread first, through shared memory)."""
+def _store_words(y_ptr, g, n, w, Q: tl.constexpr, VEC: tl.constexpr):
+    """Lamport words ``w`` into chunk ``g`` of ``y`` (elements below n only)."""
     DT: tl.constexpr = y_ptr.dtype.element_ty
     if VEC:
         idx = g * Q + tl.arange(0, Q)
-        if WIDE:
-            p = y_ptr.to(tl.pointer_type(tl.uint64), bitcast=True)
-        else:
-            p = tl.multiple_of(y_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
+        p = tl.multiple_of(y_ptr.to(tl.pointer_type(tl.uint64), bitcast=True), 2)
         tl.store(p + idx, w, mask=idx < n // 4)
     else:
         start = g * 4 * Q
@@ -153,24 +146,17 @@ def _store_words(y_ptr, g, n, w, Q: tl.constexpr, VEC: tl.constexpr, WIDE: tl.co
 
 
 @triton.jit
-def _record_bad(err_dev, err_host, bad, STEP: tl.constexpr, pid, quiet,
-                WIDE: tl.constexpr = False):
+def _record_bad(err_dev, err_host, bad, STEP: tl.constexpr, pid, quiet):
     """The timeout record (STEP, the first stale source ``bad`` - 1, this CTA), written by the
     threads that saw one and are not ``quiet`` (predicated stores: no block-wide step); it
     poisons this rank's later calls. ``quiet``: threads that recorded already in this call,
     or all of them when the instance was poisoned before it; another thread or CTA may still
-    write a later record over an earlier one (which record the host reads is not ordered).
-    WIDE (a thread holds several words; GPU only): the same stores in the words' own layout
-    (``store_where``), which ``tl.store`` through one address would convert."""
+    write a later record over an earlier one (which record the host reads is not ordered)."""
     code = ERR_MARK | (STEP << 32) | ((bad - 1).to(tl.int64) << 16) | pid.to(tl.int64)
     z = tl.zeros(bad.shape, tl.int64)
     write = (bad > 0) & (quiet == 0)
-    if WIDE:
-        store_where(err_dev + z, code, write)
-        store_where(err_host.to(tl.pointer_type(tl.int64)) + z, code, write)
-    else:
-        tl.store(err_dev + z, code, mask=write)
-        tl.store(err_host.to(tl.pointer_type(tl.int64)) + z, code, mask=write)
+    tl.store(err_dev + z, code, mask=write)
+    tl.store(err_host.to(tl.pointer_type(tl.int64)) + z, code, mask=write)
 
 
 @triton.jit
@@ -207,7 +193,6 @@ def oneshot_lamport_kernel(
     NORM: tl.constexpr = False,  # chunks are row slices: residual add + RMSNorm (_norm_row)
     SPLIT: tl.constexpr = 1,  # NORM: slices (chunks, CTAs) per row; > 1: one chunk per CTA
     SLOTS: tl.constexpr = 1,  # SPLIT rounded up to a power of two
-    WIDE: tl.constexpr = False,  # a thread holds several words (Plan.wpt > 1; GPU only)
 ):
     pdl_begin(PDL, INTERPRET)
     # A chunk travels as 8-byte words of four elements i, Q + i, 2Q + i, 3Q + i (its quarters),
@@ -242,7 +227,7 @@ def oneshot_lamport_kernel(
                       W, Q)
     _gather_flat(x_ptr, y_ptr, n, base + par * W * slot_bytes, slot_bytes, err_dev, err_host,
                  limit, rank, pid, G, nchunks, W, BLOCK, INTERPRET, VEC, AHEAD, tail,
-                 res_ptr, w_ptr, eps, NORM, part_ptr, epoch, SPLIT, SLOTS, WIDE)
+                 res_ptr, w_ptr, eps, NORM, part_ptr, epoch, SPLIT, SLOTS)
     end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
 
 
@@ -315,7 +300,7 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
                  nchunks, W: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
                  VEC: tl.constexpr, AHEAD: tl.constexpr, tail, res_ptr, w_ptr, eps,
                  NORM: tl.constexpr, part_ptr, epoch, SPLIT: tl.constexpr,
-                 SLOTS: tl.constexpr, WIDE: tl.constexpr):
+                 SLOTS: tl.constexpr):
     """Wait, sum and clear with every source's words as a 1-D [Q] vector of the same layout:
     each thread polls, sums and clears only its own words (no reduction across threads, no
     layout conversion). On the GPU a thread polls up to four sources' words in one loop
@@ -350,8 +335,8 @@ def _gather_flat(x_ptr, y_ptr, n, mine, slot_bytes, err_dev, err_host, limit, ra
             if lost & (limit > 0) & (tl.load(err_dev, volatile=True) == 0):
                 record_error(err_dev, err_host, _STEP_NORM, rank, pid)
         else:
-            _store_words(y_ptr, c, n, _pack(a0, a1, a2, a3, DT), Q, VEC, WIDE)
-        _record_bad(err_dev, err_host, bad, 0, pid, failed, WIDE)  # STEP_ONESHOT
+            _store_words(y_ptr, c, n, _pack(a0, a1, a2, a3, DT), Q, VEC)
+        _record_bad(err_dev, err_host, bad, 0, pid, failed)  # STEP_ONESHOT
         failed = failed | (bad > 0).to(tl.int32)
         if INTERPRET:  # block rounds wait per source: later waits must not wait again
             limit = tl.where(tl.max(bad, axis=0) > 0, 0, limit)

@@ -194,27 +194,6 @@ def spin_lamport4(p0, p1, p2, p3, live_bits, deadline):
     )
 
 
-_STORE_WHERE_PTX = tl.constexpr(
-    "{\n.reg .pred %arsw;\nsetp.ne.s32 %arsw, $3, 0;\n@%arsw st.global.b64 [$1], $2;\n"
-    "mov.u32 $0, 0;\n}")
-
-
-@triton.jit
-def store_where(p, v, write):
-    """``tl.store(p, v, mask=write)`` for int64 ``v`` as inline PTX, in the layout ``v`` already
-    has: Triton gives a masked store through a broadcast pointer (one address for every
-    element) a one-element-per-thread layout of its own, and converts ``v`` and the mask to it
-    through shared memory where a thread holds several elements. GPU only."""
-    return tl.inline_asm_elementwise(
-        _STORE_WHERE_PTX,
-        "=r,l,l,r",
-        [p.to(tl.int64, bitcast=True), v, write.to(tl.int32)],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
 @triton.jit
 def wait_ll(pa, pb, live, epoch, limit_ns, TWO: tl.constexpr, INTERPRET: tl.constexpr,
             SPIN: tl.constexpr = False, LAMPORT: tl.constexpr = False):

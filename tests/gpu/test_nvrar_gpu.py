@@ -81,9 +81,6 @@ def _plans(be: Any, nbytes: int, dtype: torch.dtype) -> list[dict[str, Any] | No
                           "warps": 4})
             cands.append({"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 32,
                           "warps": 4})
-            # two words per thread (Plan.wpt; opt-in, not in the tune's search space)
-            cands.append({"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 32,
-                          "warps": 4, "wpt": 2})
     else:
         inters = ("nvshmem", "p2p") if dtype == torch.bfloat16 else ("p2p",)
         cands = [
@@ -398,7 +395,6 @@ _SKEW_SEQ: list[tuple[int, dict[str, Any]]] = [
     (8192, {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 4}),
     (262144, {"algo": "twoshot", "proto": "lamport", "block": 1024, "ctas": 16}),
     (2048, {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 1}),
-    (32768, {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 16, "wpt": 2}),
 ]
 
 
