@@ -1289,6 +1289,48 @@ def test_close_frees_on_every_rank_or_on_none(failed: tuple[int, ...]) -> None:
     assert results == ([[], [], []] if failed else [["freed"]] * 3)
 
 
+_SM90_PROBE = r"""
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@triton.jit
+def copy(x, y):
+    tl.store(y + tl.arange(0, 128), tl.load(x + tl.arange(0, 128)))
+
+
+c = triton.compile(ASTSource(fn=copy, signature={"x": "*bf16", "y": "*bf16"}),
+                   target=GPUTarget("cuda", 90, 32))
+assert c.asm["cubin"]
+"""
+
+
+def _sm90_script(script: str) -> dict[str, Any]:
+    """Run ``script`` (it prints a JSON object last) in a fresh process that compiles for an
+    H100 (sm_90: PTX and ptxas's cubin) on this CPU machine. The test is skipped only where a
+    trivial kernel cannot be compiled so; any failure of the script itself fails it (a PTX
+    typo also makes ptxas fail, and must not read as "cannot compile here")."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:  # Triton reads a kernel's source from its file
+        path = os.path.join(tmp, "sm90_probe.py")
+        with open(path, "w") as f:
+            f.write(_SM90_PROBE)
+        probe = subprocess.run([sys.executable, path], capture_output=True, text=True,
+                               env=env, timeout=300)
+    if probe.returncode:
+        pytest.skip(f"Triton cannot compile for sm_90 here: {probe.stderr.strip()[-300:]}")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 _PTX_SCRIPT = r"""
 import json, sys
 import triton
@@ -1342,19 +1384,9 @@ def test_linear_kernel_prefetches_its_weight_before_the_pdl_wait_in_sm90_code() 
     (2); none without. Its K loop pipelines ``stages`` deep (shared memory and copies in
     flight grow with it). ``prefetch_mode`` picks bulk only where every quarter row is 16-byte
     aligned."""
-    import json
-    import subprocess
-    import sys
-
     from artune.kernels.nvrar import linear_smem, prefetch_mode
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=600)
-    if run.returncode and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
-        pytest.skip(f"Triton cannot compile for sm_90 here: {run.stderr.strip()[-300:]}")
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    got = _sm90_script(_PTX_SCRIPT)
     off, lines, bulk = got["0"], got["1"], got["2"]
     for g in (off, lines, bulk):
         assert g["cubin"] > 0 and len(g["wait"]) == 1
@@ -1402,8 +1434,11 @@ for block in (256, 512, 1024):
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": _lamport_warps(block)})
     ptx = c.asm["ptx"]
+    ttgir = c.asm["ttgir"]
     out[block] = {"bar": len(re.findall(r"\bbar\.sync\b", ptx)),
-                  "convert": c.asm["ttgir"].count("ttg.convert_layout"),
+                  "convert": ttgir.count("ttg.convert_layout"),
+                  "layouts": sum(ln.startswith("#blocked") for ln in ttgir.splitlines()),
+                  "polls": ptx.count("ARTUNE_L4_POLL:"),
                   "shared": c.metadata.shared, "cubin": len(c.asm.get("cubin", b""))}
 print(json.dumps(out))
 """
@@ -1416,19 +1451,13 @@ def test_lamport_oneshot_keeps_one_barrier_per_call_in_sm90_code() -> None:
     ``_lamport_warps``), compiled for an H100 on this CPU machine: no layout conversion, no
     shared memory, one ``bar.sync`` per call (the epoch counters'), at every chunk size the
     plans use: the per-thread gather's point (docs/nvrar.md). Two words per thread would add
-    conversions through shared memory (3 in Triton 3.6: "16-byte words" there)."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _LAMPORT_PTX_SCRIPT], capture_output=True,
-                         text=True, env=env, timeout=600)
-    if run.returncode and ("ptxas" in run.stderr or "backend" in run.stderr.lower()):
-        pytest.skip(f"Triton cannot compile for sm_90 here: {run.stderr.strip()[-300:]}")
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    conversions through shared memory, and its poll twice, in two layouts: "16-byte words"
+    there). Every [Q] tensor has one layout, and the four sources' words are polled by one
+    loop per thread (one ``spin_lamport4``): a poll copied into a second layout would have
+    other threads poll words whose owners clear them, a race (seen at two words per thread)."""
+    got = _sm90_script(_LAMPORT_PTX_SCRIPT)
     assert set(got) == {"256", "512", "1024"}
     for block, g in got.items():
         assert g["cubin"] > 0, block
         assert (g["bar"], g["convert"], g["shared"]) == (1, 0, 0), (block, g)
+        assert (g["layouts"], g["polls"]) == (1, 1), (block, g)
