@@ -22,11 +22,14 @@
 #   - every engine times its decode graphs on the GPU (ARTUNE_GRAPH_TIMES, set by
 #     sglang_e2e.py): the summary gives each pair's GPU-time comparison beside the wall clock's;
 #   - TAG=NAME: the results file and log named ..._NAME, for two pairs in one call (e.g.
-#     TAG=nccl ORDER=nccl,artune_nccl LIMIT_S=285 ...; TAG=default ORDER=default,artune ...);
+#     TAG=nccl ORDER=nccl,artune_nccl LIMIT_S=290 ...; TAG=default ORDER=default,artune ...,
+#     on a warm machine: a fresh one's wheel install leaves the first pair below the budget
+#     guard below, so give that one more or set MIN_PAIR_S);
 #   - LIMIT_S (default 580): the seconds the whole script may take (the pair's budget is what
 #     is left of it), for a call with less device time left; a budget below what the engines
 #     and a few rounds need (95 s per engine + 75 s; MIN_PAIR_S overrides) skips the pair
-#     (status 4) before any engine starts; NEED_PROFILE=1: stop (status 3)
+#     (status 4) before any engine starts (the estimate leaves out the quick tune that
+#     gpu_session_sglang.sh runs first where no profile of the machine exists); NEED_PROFILE=1: stop (status 3)
 #     where no committed profile is of this card and GPU count, instead of tuning the machine;
 #   - the load average, CPU count and GPU clocks before and after (a loaded host shows as steps
 #     that vary from rep to rep; this says whether the host was busy).
