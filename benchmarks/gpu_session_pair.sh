@@ -29,8 +29,9 @@
 #     is left of it), for a call with less device time left; a budget below what the engines
 #     and a few rounds need (95 s per engine + 75 s; MIN_PAIR_S overrides) skips the pair
 #     (status 4) before any engine starts (the estimate leaves out the quick tune that
-#     gpu_session_sglang.sh runs first where no profile of the machine exists); NEED_PROFILE=1: stop (status 3)
-#     where no committed profile is of this card and GPU count, instead of tuning the machine;
+#     gpu_session_sglang.sh runs first where no profile of the machine exists);
+#   - NEED_PROFILE=1: stop (status 3) where no committed profile is of this card and GPU
+#     count, instead of tuning the machine;
 #   - the load average, CPU count and GPU clocks before and after (a loaded host shows as steps
 #     that vary from rep to rep; this says whether the host was busy).
 # Eighteenth session (as gpu_session_pair4.sh, 4x H100): 491 s fresh with the tests, 343 s warm

@@ -14,6 +14,7 @@ bf16 by truncation (the GPU rounds to nearest), so bf16 is compared within one u
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import multiprocessing as mp
 import os
@@ -1307,12 +1308,10 @@ assert c.asm["cubin"]
 """
 
 
-def _sm90_script(script: str) -> dict[str, Any]:
-    """Run ``script`` (it prints a JSON object last) in a fresh process that compiles for an
-    H100 (sm_90: PTX and ptxas's cubin) on this CPU machine. The test is skipped only where a
-    trivial kernel cannot be compiled so; any failure of the script itself fails it (a PTX
-    typo also makes ptxas fail, and must not read as "cannot compile here")."""
-    import json
+@functools.cache
+def _sm90_unavailable() -> str | None:
+    """Why Triton cannot compile a trivial kernel for an H100 (sm_90) here, or None (probed
+    once per session, in a fresh process without the interpreter)."""
     import subprocess
     import sys
 
@@ -1323,8 +1322,22 @@ def _sm90_script(script: str) -> dict[str, Any]:
             f.write(_SM90_PROBE)
         probe = subprocess.run([sys.executable, path], capture_output=True, text=True,
                                env=env, timeout=300)
-    if probe.returncode:
-        pytest.skip(f"Triton cannot compile for sm_90 here: {probe.stderr.strip()[-300:]}")
+    return probe.stderr.strip()[-300:] if probe.returncode else None
+
+
+def _sm90_script(script: str) -> dict[str, Any]:
+    """Run ``script`` (it prints a JSON object last) in a fresh process that compiles for an
+    H100 (sm_90: PTX and ptxas's cubin) on this CPU machine. The test is skipped only where a
+    trivial kernel cannot be compiled so; any failure of the script itself fails it (a PTX
+    typo also makes ptxas fail, and must not read as "cannot compile here")."""
+    import json
+    import subprocess
+    import sys
+
+    why = _sm90_unavailable()
+    if why is not None:
+        pytest.skip(f"Triton cannot compile for sm_90 here: {why}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -1450,11 +1463,11 @@ def test_lamport_oneshot_keeps_one_barrier_per_call_in_sm90_code() -> None:
     """The lamport one-shot as the launcher runs it (one thread per 8-byte word,
     ``_lamport_warps``), compiled for an H100 on this CPU machine: no layout conversion, no
     shared memory, one ``bar.sync`` per call (the epoch counters'), at every chunk size the
-    plans use: the per-thread gather's point (docs/nvrar.md). Two words per thread would add
-    conversions through shared memory, and its poll twice, in two layouts: "16-byte words"
-    there). Every [Q] tensor has one layout, and the four sources' words are polled by one
-    loop per thread (one ``spin_lamport4``): a poll copied into a second layout would have
-    other threads poll words whose owners clear them, a race (seen at two words per thread)."""
+    plans use: the per-thread gather's point (docs/nvrar.md). Every [Q] tensor has one layout,
+    and the four sources' words are polled by one loop per thread (one ``spin_lamport4``): a
+    poll copied into a second layout would have other threads poll words whose owners clear
+    them, a race. Both happen when a thread is given two words (docs/nvrar.md, "16-byte
+    words"): conversions through shared memory, and the poll in two layouts."""
     got = _sm90_script(_LAMPORT_PTX_SCRIPT)
     assert set(got) == {"256", "512", "1024"}
     for block, g in got.items():

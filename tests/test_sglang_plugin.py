@@ -1383,7 +1383,6 @@ def test_compiled_one_row_layers_stay_with_inductor_where_it_fuses_them(monkeypa
     f, graphs = _compiled(lambda x: layer(x)[0])
     assert f(_bf16(1, 4)).float()[0, 0] == 104.0 and not _has_fused_op(graphs) and not logged
     monkeypatch.delenv("ARTUNE_FUSED_LINEAR")
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
     for config_on in (False, True):
         monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", config_on)
         f, graphs = _compiled(lambda x: layer(x)[0])
