@@ -134,7 +134,9 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _flag,
         "Launch NVRAR's peer-address kernels with programmatic dependent launch (sm_90+; each "
         "kernel first waits for the previous grid, only the launch overlaps); 0 turns it off. "
-        "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both).",
+        "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both). "
+        "The two-shot lamport kernel never takes it: in a served model the kernel after it "
+        "then ran 1.1 us longer (docs/nvrar.md, 'PDL and the kernel after the two-shot').",
     ),
     "ARTUNE_FUSED_LINEAR": (
         "auto",

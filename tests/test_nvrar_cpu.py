@@ -1074,6 +1074,29 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
         assert s.key != before.key, p
 
 
+def test_the_two_shot_lamport_kernel_never_takes_pdl() -> None:
+    """The two-shot lamport kernel launches without PDL even where every other peer-address
+    kernel takes it (in a served model, the kernel after it ran longer with it: docs/nvrar.md),
+    under one compiled-variant key either way; the one-shot lamport keeps it."""
+    from artune.kernels.nvrar import Plan
+
+    nd = Nodes(1, 4)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18, 3)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [1 << 20, 2 << 20, 3 << 20, 4 << 20], torch.device("cpu"), timeout_s=1.0)
+    x = torch.zeros(4096, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    two = Plan(algo="twoshot", proto="lamport", block=256, ctas=2)
+    one = Plan(algo="oneshot", proto="lamport", block=256, ctas=2)
+    off_two, off_one = comm.spec(x, y, two), comm.spec(x, y, one)
+    comm.pdl = True
+    on_two, on_one = comm.spec(x, y, two), comm.spec(x, y, one)
+    assert on_two.kernel.__name__ == "twoshot_lamport_kernel"
+    assert "PDL" not in on_two.kwargs and "launch_pdl" not in on_two.kwargs
+    assert on_two.key == off_two.key
+    assert on_one.kwargs["PDL"] is True and on_one.key != off_one.key
+
+
 def test_clear_ahead_reaches_the_lamport_kernels_only() -> None:
     """Three parities: both lamport kernels get AHEAD, the pending-clear table and their own
     epoch counters (lamport calls only), under another compiled-variant key; every other kernel

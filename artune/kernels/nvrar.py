@@ -659,8 +659,13 @@ class NvrarComm:
         kwargs: dict[str, Any] = dict(W=w, BLOCK=plan.block, MAXC=MAX_CTAS,
                                       INTERPRET=self.interpret, num_warps=warps, VEC=vec,
                                       AHEAD=self.ahead)
-        kwargs.update(self._pdl())
-        key = ("lamport2", x.dtype, plan.block, warps, self.pdl, self.ahead, vec)
+        # No PDL here: launched with it, the two-shot lets the kernel after it (a served
+        # model's fused add + RMSNorm) launch at its start, and that norm then ended 3.6 µs after
+        # the two-shot instead of 2.5 (the 512 KiB all-reduces of bs 64, TP=4, 4x H200, kernel
+        # traces `sglang_kernels_tp4_h200_bs64{,_nopdl}_2026-11-28d.md`): the two-shot's gain
+        # over SGLang's own all-reduce was lost in place. The one-shot and the fused linear
+        # kernels keep it (the same model's bs 1 / 16 read 2.1-2.6 points faster with it).
+        key = ("lamport2", x.dtype, plan.block, warps, self.ahead, vec)
         return _Spec(twoshot_lamport_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
