@@ -85,11 +85,13 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
     - one node, above that up to 2 MiB: the lamport two-shot. More than 2 GPUs: 512-element
       chunks up to 512 KiB, 1024 up to 1 MiB, then 2048: 4.2 / 4.6 / 5.1 / 6.9 / 11.8 us at
       256K / 384K / 512K / 1M / 2M (the one-shot: 5.2 / 6.5 / 7.4 / 12.4 / -; SGLang's custom
-      all-reduce 4.8 / 5.9 / 9.0 / 12.2 / 17.1). 2 GPUs (eighth session,
-      benchmarks/results/allreduce_2gpu_h100.md): 1024-element chunks, 4.2 / 5.8 us at 512K /
-      1M against 10.1 / 11.7 for the LL/signal two-shot (the one-shot: 4.6 / 6.9; SGLang 3.7
-      / 5.2); 2 MiB does not fit its slots there. Its capacity comes from the one-shot's slots
-      (``default_params`` falls back where it does not fit). fp32 takes "lamport" as LL;
+      all-reduce 4.8 / 5.9 / 9.0 / 12.2 / 17.1), then under PDL, which the two-shot no longer
+      takes (0.4-0.7 us slower back to back, faster in a served model: docs/nvrar.md).
+      2 GPUs (eighth session, benchmarks/results/allreduce_2gpu_h100.md): 1024-element
+      chunks, 4.2 / 5.8 us at 512K / 1M against 10.1 / 11.7 for the LL/signal two-shot (the
+      one-shot: 4.6 / 6.9; SGLang 3.7 / 5.2); 2 MiB does not fit its slots there. Its
+      capacity comes from the one-shot's slots (``default_params`` falls back where it does
+      not fit). fp32 takes "lamport" as LL;
     - otherwise, and between nodes: ``_twoshot_plan``.
     Lamport kernels run one thread per 8-byte word of a chunk whatever ``warps`` says (block /
     128 warps; ``artune.kernels.nvrar._lamport_warps``); the plans keep 4, the others' default.
