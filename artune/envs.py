@@ -56,6 +56,14 @@ def _auto_flag(value: str) -> str:
         raise ValueError("expected auto, 1 or 0 (or true / false, yes / no, on / off)") from None
 
 
+def _twoshot_pdl(value: str) -> str:
+    """How NVRAR's two-shot lamport kernel takes PDL: off, wait or on."""
+    v = value.strip().lower()
+    if v not in ("off", "wait", "on"):
+        raise ValueError("expected off, wait or on")
+    return v
+
+
 def _rows(value: str) -> int:
     """A whole number of rows from 1 to the fused linear layer's limit (64,
     ``artune.kernels.nvrar.LINEAR_MAX_ROWS``; tests/test_sglang_plugin.py checks they agree)."""
@@ -135,8 +143,18 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "Launch NVRAR's peer-address kernels with programmatic dependent launch (sm_90+; each "
         "kernel first waits for the previous grid, only the launch overlaps); 0 turns it off. "
         "On 4x H100 it took 0.3-0.9 us off every best plan (benchmarks/nvrar_dev.py --pdl both). "
-        "The two-shot lamport kernel never takes it: in a served model the kernel after it "
-        "then ran 1.1 us longer (docs/nvrar.md, 'PDL and the kernel after the two-shot').",
+        "The two-shot lamport kernel follows ARTUNE_NVRAR_TWOSHOT_PDL instead.",
+    ),
+    "ARTUNE_NVRAR_TWOSHOT_PDL": (
+        "off",
+        _twoshot_pdl,
+        "PDL for NVRAR's two-shot lamport kernel, where ARTUNE_NVRAR_PDL is on. off (default): "
+        "none; in a served model (TP=4, bs 64, 4x H200) the fused add + RMSNorm after it ended "
+        "1.5 us later with PDL, which cost 1.3 % of the decode step (docs/nvrar.md, 'PDL and "
+        "the kernel after the two-shot'). on: as the other kernels (it waits for the previous "
+        "grid, then lets the next one launch at once; 0.4-0.7 us faster back to back in "
+        "benchmarks/allreduce.py). wait: it waits for the previous grid under PDL but lets the "
+        "next one launch only when it ends (not yet measured on a GPU).",
     ),
     "ARTUNE_FUSED_LINEAR": (
         "auto",

@@ -1074,27 +1074,49 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
         assert s.key != before.key, p
 
 
-def test_the_two_shot_lamport_kernel_never_takes_pdl() -> None:
-    """The two-shot lamport kernel launches without PDL even where every other peer-address
-    kernel takes it (in a served model, the kernel after it ran longer with it: docs/nvrar.md),
-    under one compiled-variant key either way; the one-shot lamport keeps it."""
+def test_the_two_shot_lamport_kernel_takes_pdl_as_its_own_variable_says(monkeypatch) -> None:
+    """The two-shot lamport kernel launches without PDL by default even where every other
+    peer-address kernel takes it (in a served model the kernel after it ran longer with it:
+    docs/nvrar.md); ARTUNE_NVRAR_TWOSHOT_PDL=wait launches it with PDL but without the early
+    launch of the next grid, =on as the others; each mode its own compiled variant, and none
+    without ARTUNE_NVRAR_PDL. The one-shot lamport keeps the global switch."""
+    from artune import envs
     from artune.kernels.nvrar import Plan
 
     nd = Nodes(1, 4)
     lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18, 3)
     comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
                      [1 << 20, 2 << 20, 3 << 20, 4 << 20], torch.device("cpu"), timeout_s=1.0)
+    assert comm.twoshot_pdl == "off"
     x = torch.zeros(4096, dtype=torch.bfloat16)
     y = torch.empty_like(x)
     two = Plan(algo="twoshot", proto="lamport", block=256, ctas=2)
     one = Plan(algo="oneshot", proto="lamport", block=256, ctas=2)
-    off_two, off_one = comm.spec(x, y, two), comm.spec(x, y, one)
+    no_pdl = comm.spec(x, y, two)
+    off_one = comm.spec(x, y, one)
     comm.pdl = True
-    on_two, on_one = comm.spec(x, y, two), comm.spec(x, y, one)
-    assert on_two.kernel.__name__ == "twoshot_lamport_kernel"
-    assert "PDL" not in on_two.kwargs and "launch_pdl" not in on_two.kwargs
-    assert on_two.key == off_two.key
-    assert on_one.kwargs["PDL"] is True and on_one.key != off_one.key
+    specs = {}
+    for mode in ("off", "wait", "on"):
+        comm.twoshot_pdl = mode
+        specs[mode] = comm.spec(x, y, two)
+    assert specs["off"].kernel.__name__ == "twoshot_lamport_kernel"
+    assert "PDL" not in specs["off"].kwargs and "launch_pdl" not in specs["off"].kwargs
+    assert specs["off"].key == no_pdl.key
+    assert specs["wait"].kwargs["launch_pdl"] is True and specs["wait"].kwargs["PDL"] is True
+    assert specs["wait"].kwargs["PDL_NEXT"] is False
+    assert specs["on"].kwargs["PDL_NEXT"] is True and specs["on"].kwargs["launch_pdl"] is True
+    assert len({s.key for s in specs.values()}) == 3
+    comm.pdl = False  # the global switch off: no mode adds PDL
+    assert "PDL" not in comm.spec(x, y, two).kwargs
+    comm.pdl = True
+    on_one = comm.spec(x, y, one)
+    assert on_one.kwargs["PDL"] is True and "PDL_NEXT" not in on_one.kwargs
+    assert on_one.key != off_one.key
+    monkeypatch.setenv("ARTUNE_NVRAR_TWOSHOT_PDL", "Wait")
+    assert envs.get("ARTUNE_NVRAR_TWOSHOT_PDL") == "wait"
+    monkeypatch.setenv("ARTUNE_NVRAR_TWOSHOT_PDL", "1")
+    with pytest.raises(ValueError, match="expected off, wait or on"):
+        envs.get("ARTUNE_NVRAR_TWOSHOT_PDL")
 
 
 def test_clear_ahead_reaches_the_lamport_kernels_only() -> None:
@@ -1497,3 +1519,45 @@ def test_lamport_oneshot_keeps_one_barrier_per_call_in_sm90_code() -> None:
         assert g["cubin"] > 0, block
         assert (g["bar"], g["convert"], g["shared"]) == (1, 0, 0), (block, g)
         assert (g["layouts"], g["polls"]) == (1, 1), (block, g)
+
+
+_TWOSHOT_PDL_PTX_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from artune.kernels.nvrar import _lamport_warps
+from artune.kernels.nvrar_lamport import twoshot_lamport_kernel as kernel
+
+names = list(kernel.arg_names)
+types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "pend_ptr": "*i32", "ctr_ptr": "*i32",
+         "err_dev": "*i64", "n": "i32", "shard": "i32", "rank": "i32"}
+aligned = ["x_ptr", "y_ptr", "ctr_ptr", "err_dev"]
+out = {}
+for mode, pdl, nxt in (("off", False, True), ("wait", True, False), ("on", True, True)):
+    const = {"W": 4, "BLOCK": 512, "MAXC": 1024, "INTERPRET": False, "PDL": pdl, "VEC": True,
+             "AHEAD": False, "PDL_NEXT": nxt}
+    sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
+    src = ASTSource(fn=kernel, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": _lamport_warps(512)})
+    ptx = c.asm["ptx"]
+    out[mode] = {"wait": ptx.count("griddepcontrol.wait"),
+                 "next": ptx.count("griddepcontrol.launch_dependents"),
+                 "cubin": len(c.asm.get("cubin", b""))}
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+@pytest.mark.slow
+def test_two_shot_pdl_modes_in_sm90_code() -> None:
+    """The two-shot lamport kernel compiled for an H100 in each ARTUNE_NVRAR_TWOSHOT_PDL mode:
+    off has no grid-dependency instruction, wait only the wait for the previous grid (the next
+    one launches when this one ends), on the wait and the early launch of the next grid."""
+    got = _sm90_script(_TWOSHOT_PDL_PTX_SCRIPT)
+    assert all(g["cubin"] > 0 for g in got.values()), got
+    assert {m: (g["wait"], g["next"]) for m, g in got.items()} == {
+        "off": (0, 0), "wait": (1, 0), "on": (1, 1)}, got

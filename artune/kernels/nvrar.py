@@ -283,6 +283,9 @@ class NvrarComm:
         #: Programmatic dependent launch for the peer-address kernels (``nvrar_prims.pdl_begin``;
         #: ARTUNE_NVRAR_PDL): needs sm_90+, never under the interpreter.
         self.pdl = bool(envs.get("ARTUNE_NVRAR_PDL")) and not interpret and _pdl_capable(device)
+        #: How the two-shot lamport kernel takes PDL where ``pdl`` is on: "off", "wait" or "on"
+        #: (ARTUNE_NVRAR_TWOSHOT_PDL; ``_lamport2``).
+        self.twoshot_pdl: str = envs.get("ARTUNE_NVRAR_TWOSHOT_PDL")
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -659,13 +662,19 @@ class NvrarComm:
         kwargs: dict[str, Any] = dict(W=w, BLOCK=plan.block, MAXC=MAX_CTAS,
                                       INTERPRET=self.interpret, num_warps=warps, VEC=vec,
                                       AHEAD=self.ahead)
-        # No PDL here: launched with it, the two-shot lets the kernel after it (a served
+        # No PDL by default: launched with it, the two-shot lets the kernel after it (a served
         # model's fused add + RMSNorm) launch at its start, and that norm then ended 3.6 µs after
         # the two-shot instead of 2.5 (the 512 KiB all-reduces of bs 64, TP=4, 4x H200, kernel
         # traces `sglang_kernels_tp4_h200_bs64{,_nopdl}_2026-11-28d.md`): the two-shot's gain
         # over SGLang's own all-reduce was lost in place. The one-shot and the fused linear
         # kernels keep it (the same model's bs 1 / 16 read 2.1-2.6 points faster with it).
-        key = ("lamport2", x.dtype, plan.block, warps, self.ahead, vec)
+        # "wait" keeps PDL's early start after the kernel before it (0.3 µs in that trace)
+        # without the early launch of the one after it.
+        mode = self.twoshot_pdl if self.pdl else "off"
+        if mode != "off":
+            kwargs.update(self._pdl())
+            kwargs["PDL_NEXT"] = mode == "on"
+        key = ("lamport2", x.dtype, plan.block, warps, mode, self.ahead, vec)
         return _Spec(twoshot_lamport_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:

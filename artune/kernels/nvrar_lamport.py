@@ -528,6 +528,7 @@ def twoshot_lamport_kernel(
     PDL: tl.constexpr = False,
     VEC: tl.constexpr = False,  # words of 4 consecutive elements (n % 4 == 0, x, y 8-aligned)
     AHEAD: tl.constexpr = False,  # three parities; clear the previous call's slots (_ahead)
+    PDL_NEXT: tl.constexpr = True,  # under PDL, let the next grid launch at the start (pdl_begin)
 ):
     """Two-shot all-reduce on one node with the lamport protocol (the data its own flag):
 
@@ -545,7 +546,7 @@ def twoshot_lamport_kernel(
     calls k and k + 2 only, and it starts call k + 2 only after it has this rank's all-gather
     data of call k + 1, which this rank sends after its call k (clearing included) finished.
     """
-    pdl_begin(PDL, INTERPRET)
+    pdl_begin(PDL, INTERPRET, PDL_NEXT)
     DT: tl.constexpr = y_ptr.dtype.element_ty
     Q: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0)

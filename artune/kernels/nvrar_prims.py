@@ -285,16 +285,18 @@ def wait_signal(addr, expect, limit_ns, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def pdl_begin(PDL: tl.constexpr, INTERPRET: tl.constexpr):
+def pdl_begin(PDL: tl.constexpr, INTERPRET: tl.constexpr, NEXT: tl.constexpr = True):
     """The first step of a kernel launched with programmatic dependent launch (``PDL``, sm_90+):
     wait until the grid before it in the stream has finished and its writes are visible
     (nothing before this touches memory: not the input, not the epoch counters the previous
-    call left), then let the next grid launch; it waits here the same way. Only the launch
-    overlaps, never the work. A no-op without ``PDL`` and under the interpreter."""
+    call left), then (``NEXT``) let the next grid launch; it waits here the same way. Only the
+    launch overlaps, never the work. Without ``NEXT`` the next grid launches when this one
+    ends, as without PDL. A no-op without ``PDL`` and under the interpreter."""
     if PDL:
         if not INTERPRET:
             gdc_wait()
-            gdc_launch_dependents()
+            if NEXT:
+                gdc_launch_dependents()
 
 
 @triton.jit
