@@ -150,11 +150,11 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         _twoshot_pdl,
         "PDL for NVRAR's two-shot lamport kernel, where ARTUNE_NVRAR_PDL is on. off (default): "
         "none; in a served model (TP=4, bs 64, 4x H200) the fused add + RMSNorm after it ended "
-        "1.5 us later with PDL, which cost 1.3 % of the decode step (docs/nvrar.md, 'PDL and "
-        "the kernel after the two-shot'). on: as the other kernels (it waits for the previous "
-        "grid, then lets the next one launch at once; 0.4-0.7 us faster back to back in "
-        "benchmarks/allreduce.py). wait: it waits for the previous grid under PDL but lets the "
-        "next one launch only when it ends (not yet measured on a GPU).",
+        "3.6 us after it with PDL, 2.7 without, which cost 1.3 % of the decode step "
+        "(docs/nvrar.md, 'PDL and the kernel after the two-shot'). on: as the other kernels "
+        "(it waits for the previous grid, then lets the next one launch at once; 0.4-0.7 us "
+        "faster back to back in benchmarks/allreduce.py). wait: it waits for the previous grid "
+        "under PDL but lets the next one launch only when it ends (not yet measured on a GPU).",
     ),
     "ARTUNE_FUSED_LINEAR": (
         "auto",

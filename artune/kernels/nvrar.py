@@ -664,7 +664,7 @@ class NvrarComm:
                                       AHEAD=self.ahead)
         # No PDL by default: launched with it, the two-shot lets the kernel after it (a served
         # model's fused add + RMSNorm) launch at its start, and that norm then ended 3.6 µs after
-        # the two-shot instead of 2.5 (the 512 KiB all-reduces of bs 64, TP=4, 4x H200, kernel
+        # the two-shot instead of 2.7 (the 512 KiB all-reduces of bs 64, TP=4, 4x H200, kernel
         # traces `sglang_kernels_tp4_h200_bs64{,_nopdl}_2026-11-28d.md`): the two-shot's gain
         # over SGLang's own all-reduce was lost in place. The one-shot and the fused linear
         # kernels keep it (the same model's bs 1 / 16 read 2.1-2.6 points faster with it).
