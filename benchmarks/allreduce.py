@@ -21,6 +21,15 @@ GEMMs alone, measured the same way. On 4x H100 NVRAR cost about 3 µs more per a
 this is the setting that should show it. It did not (4x H100, seventh session:
 `allreduce_context_4gpu_h100.md`, docs/nvrar.md "Between GEMMs").
 
+``--context-norm HIDDEN`` follows every call with what follows a decode all-reduce in SGLang:
+its fused residual add + RMSNorm (``sgl_kernel.fused_add_rmsnorm``, launched with PDL on Hopper
+as SGLang launches it) over the output as [size / HIDDEN, HIDDEN] rows (e.g. 4096), and reports
+the graph's time per call minus that of the norms alone (and of the GEMMs, with both). Sizes
+that are not whole rows are left out. In the 29th session's served model (4x H200, TP=4, bs 64)
+that norm ended 1.5 µs later after NVRAR's two-shot under PDL than after SGLang's all-reduce,
+which the bare benchmark cannot show (docs/nvrar.md, "PDL and the kernel after the two-shot").
+Not yet run on a GPU.
+
 ``--variant BACKEND:K=V[,K=V]`` (repeatable) adds a column: the backend with those parameters
 over its defaults, e.g. ``nvrar:algo=twoshot,proto=lamport,block=1024,ctas=128``.
 """
@@ -149,6 +158,39 @@ def _gemm(kn: tuple[int, int], nbytes: int, dtype: torch.dtype,
     return lambda: torch.mm(a, w, out=c)
 
 
+def _norm(hidden: int, numel: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """SGLang's fused residual add + RMSNorm over ``numel`` elements as [numel / hidden, hidden]
+    rows, with a residual and weight of its own: a callable on the all-reduce's output (which it
+    overwrites, as in the model). None where ``numel`` is not a whole number of rows."""
+    if numel % hidden:
+        return None
+    from sgl_kernel import fused_add_rmsnorm
+
+    m = numel // hidden
+    res = torch.zeros(m, hidden, device=device, dtype=dtype)
+    w = torch.ones(hidden, device=device, dtype=dtype)
+    return lambda t: fused_add_rmsnorm(t.view(m, hidden), res, w, 1e-6)
+
+
+def context_args(gemm: str | None, norm: str | None) -> tuple[tuple[int, int] | None, int | None]:
+    """``--context-gemm K,N`` and ``--context-norm HIDDEN`` parsed (None where not given); a
+    clear exit on anything else."""
+    kn = None
+    if gemm is not None:
+        try:
+            kn = tuple(int(v) for v in gemm.split(","))
+        except ValueError:
+            kn = ()
+        if len(kn) != 2 or min(kn) < 1:
+            raise SystemExit("--context-gemm takes K,N: two positive integers, e.g. 3584,4096")
+    hidden = None
+    if norm is not None:
+        if not norm.isdigit() or int(norm) < 1:
+            raise SystemExit("--context-norm takes HIDDEN: a positive integer, e.g. 4096")
+        hidden = int(norm)
+    return kn, hidden  # type: ignore[return-value]
+
+
 def _variant(text: str) -> tuple[str, dict[str, Any]]:
     """``BACKEND:K=V[,K=V]`` -> (backend, params); integer values become ints."""
     name, _, rest = text.partition(":")
@@ -209,15 +251,21 @@ def main() -> None:
     ap.add_argument("--context-gemm", default=None, metavar="K,N",
                     help="precede every call with an [M,K]x[K,N] GEMM, M = size / (N * elsize), "
                     "and report the all-reduce's share (see the module docstring)")
+    ap.add_argument("--context-norm", default=None, metavar="HIDDEN",
+                    help="follow every call with SGLang's fused add + RMSNorm over HIDDEN-wide "
+                    "rows and report the all-reduce's share (see the module docstring)")
     ap.add_argument("--variant", action="append", default=[], metavar="BACKEND:K=V[,K=V]",
                     help="also time BACKEND with these parameters over its defaults (a column "
                     "of its own; repeatable), e.g. nvrar:ctas=8")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     variants = {v: _variant(v) for v in args.variant}
-    gemm_kn = tuple(int(v) for v in args.context_gemm.split(",")) if args.context_gemm else None
-    if gemm_kn is not None and (len(gemm_kn) != 2 or min(gemm_kn) < 1):
-        raise SystemExit("--context-gemm takes K,N: two positive integers, e.g. 3584,4096")
+    gemm_kn, hidden = context_args(args.context_gemm, args.context_norm)
+    if hidden is not None:
+        try:
+            import sgl_kernel  # noqa: F401
+        except ImportError as exc:
+            raise SystemExit(f"--context-norm needs sgl_kernel (SGLang's kernels): {exc}") from None
     sizes = parse_sizes(args.sizes)
     ctx = start_ranks(max(sizes), args.ranks_per_node)
     rank, world, rpn, cpu_group = ctx.rank, ctx.world_size, ctx.ranks_per_node, ctx.cpu_group
@@ -254,6 +302,17 @@ def main() -> None:
             x = random_input(numel, dtype, ctx.device, seed=nbytes + rank)
             ref = x.float().clone()
             dist.all_reduce(ref)
+            norm, norm_us = None, 0.0
+            if hidden is not None:
+                norm = _norm(hidden, numel, dtype, ctx.device)
+                if norm is None:
+                    notes.append(f"{_h(nbytes)}: not a whole number of {hidden}-wide rows, "
+                                 "left out (--context-norm)")
+                    continue
+                xn = x.clone()
+                norm_us = _time(lambda nr=norm, xn=xn: nr(xn), contextlib.nullcontext, x, mode,
+                                args.reps, cpu_group)
+                results[(mode, "norm alone", nbytes)] = norm_us
             gemm, gemm_us = None, 0.0
             if gemm_kn is not None:
                 gemm = _gemm(gemm_kn, nbytes, dtype, ctx.device)
@@ -281,15 +340,20 @@ def main() -> None:
                     results[(mode, col, nbytes)] = "WRONG"
                     notes.append(f"{col} {mode} {_h(nbytes)}: {err}")
                     continue
-                if gemm is None:
+                if gemm is None and norm is None:
                     results[(mode, col, nbytes)] = _time(
                         lambda f=fn_x, xc=xc: f(xc), capture, xc, mode, args.reps, cpu_group
                     )
                 else:
+                    def step(f=fn_x, xc=xc, g=gemm, nr=norm) -> None:
+                        if g is not None:
+                            g()
+                        out = f(xc)
+                        if nr is not None:
+                            nr(out)
+
                     results[(mode, col, nbytes)] = _time(
-                        lambda f=fn_x, xc=xc, g=gemm: (g(), f(xc)), capture, xc, mode,
-                        args.reps, cpu_group,
-                    ) - gemm_us
+                        step, capture, xc, mode, args.reps, cpu_group) - gemm_us - norm_us
                 if not torch.equal(xc, x):
                     notes.append(f"{col} {mode} {_h(nbytes)}: wrote into its input while timed")
             if rank == 0:
@@ -309,13 +373,17 @@ def main() -> None:
             "number of calls for every backend (64 up to 8 MiB, then 512 MiB / size).",
             "",
         ]
+        columns_shown = list(columns)
+        if hidden is not None:
+            lines += [f"In context: every call followed by SGLang's fused add + RMSNorm over "
+                      f"{hidden}-wide rows (sgl_kernel, PDL as SGLang launches it); each column "
+                      "is the time per call minus 'norm alone'.", ""]
+            columns_shown = ["norm alone", *columns_shown]
         if gemm_kn is not None:
             lines += [f"In context: every call after a [M, {gemm_kn[0]}] x [{gemm_kn[0]}, "
                       f"{gemm_kn[1]}] GEMM (M = size / {gemm_kn[1]} elements); each column is "
                       "the time per call minus 'gemm alone'.", ""]
-            columns_shown = ["gemm alone", *columns]
-        else:
-            columns_shown = list(columns)
+            columns_shown = ["gemm alone", *columns_shown]
         for mode in modes:
             hdr = ["size", *columns_shown, "best", "best vs NCCL"]
             lines += [f"## {mode}", "", "| " + " | ".join(hdr) + " |",
@@ -325,7 +393,7 @@ def main() -> None:
                 vals = {c: results.get((mode, c, nbytes), "n/a") for c in columns_shown}
                 row += [cell(vals[c]) for c in columns_shown]
                 nums = {c: v for c, v in vals.items()
-                        if isinstance(v, float) and c not in ("routed", "gemm alone")}
+                        if isinstance(v, float) and c not in ("routed", "gemm alone", "norm alone")}
                 best = min(nums, key=lambda c: nums[c]) if nums else "-"
                 nccl = nums.get("nccl")
                 row.append(best)

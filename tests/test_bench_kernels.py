@@ -263,3 +263,21 @@ def test_linear_benchmark_variants_name_the_kernel_parameters() -> None:
     for bad in ("32x", "32x256q", "s4x256", "32x256ps4"):
         with pytest.raises(SystemExit, match="BNxBK"):
             la.parse_variant(bad)
+
+
+def test_allreduce_context_options_parse_or_exit_clearly() -> None:
+    """allreduce.py's --context-gemm K,N and --context-norm HIDDEN: parsed when well formed,
+    a clear exit naming the option otherwise; a norm over sizes that are not whole rows is
+    refused before any GPU work (None)."""
+    import torch
+
+    ar = load_benchmark("allreduce")
+    assert ar.context_args(None, None) == (None, None)
+    assert ar.context_args("3584,4096", "4096") == ((3584, 4096), 4096)
+    for bad in ("3584", "0,4096", "a,b", "1,2,3"):
+        with pytest.raises(SystemExit, match="--context-gemm takes K,N"):
+            ar.context_args(bad, None)
+    for bad in ("0", "-1", "4k", ""):
+        with pytest.raises(SystemExit, match="--context-norm takes HIDDEN"):
+            ar.context_args(None, bad)
+    assert ar._norm(4096, 2048, torch.bfloat16, torch.device("cpu")) is None  # 4K: half a row
