@@ -177,18 +177,16 @@ def context_args(gemm: str | None, norm: str | None) -> tuple[tuple[int, int] | 
     clear exit on anything else."""
     kn = None
     if gemm is not None:
-        try:
-            kn = tuple(int(v) for v in gemm.split(","))
-        except ValueError:
-            kn = ()
-        if len(kn) != 2 or min(kn) < 1:
+        parts = gemm.split(",")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise SystemExit("--context-gemm takes K,N: two positive integers, e.g. 3584,4096")
+        kn = (int(parts[0]), int(parts[1]))
     hidden = None
     if norm is not None:
         if not norm.isdigit() or int(norm) < 1:
             raise SystemExit("--context-norm takes HIDDEN: a positive integer, e.g. 4096")
         hidden = int(norm)
-    return kn, hidden  # type: ignore[return-value]
+    return kn, hidden
 
 
 def _variant(text: str) -> tuple[str, dict[str, Any]]:

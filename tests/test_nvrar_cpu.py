@@ -1074,7 +1074,8 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
         assert s.key != before.key, p
 
 
-def test_the_two_shot_lamport_kernel_takes_pdl_as_its_own_variable_says(monkeypatch) -> None:
+def test_the_two_shot_lamport_kernel_takes_pdl_as_its_own_variable_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The two-shot lamport kernel launches without PDL by default even where every other
     peer-address kernel takes it (in a served model the kernel after it ran longer with it:
     docs/nvrar.md); ARTUNE_NVRAR_TWOSHOT_PDL=wait launches it with PDL but without the early
