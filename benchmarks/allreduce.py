@@ -28,7 +28,8 @@ the graph's time per call minus that of the norms alone (and of the GEMMs, with 
 that are not whole rows are left out. In the 29th session's served model (4x H200, TP=4, bs 64)
 that norm ended 1.5 µs later after NVRAR's two-shot under PDL than after SGLang's all-reduce,
 which the bare benchmark cannot show (docs/nvrar.md, "PDL and the kernel after the two-shot").
-Not yet run on a GPU.
+On 2x H200 (30th session, `benchmarks/gpu_session_twoshot_pdl.sh`) this setting did not
+reproduce that: there PDL made the two-shot faster at 512K, not slower.
 
 ``--variant BACKEND:K=V[,K=V]`` (repeatable) adds a column: the backend with those parameters
 over its defaults, e.g. ``nvrar:algo=twoshot,proto=lamport,block=1024,ctas=128``.

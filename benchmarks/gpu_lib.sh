@@ -10,7 +10,10 @@
 # try/except import to pick a kernel (norm, comm, fused_moe, gemm, ...); every use raises.
 # The Engine runs (tunes, allreduce.py, the pairs) need only the wheel set's own stub and none
 # of the HTTP server's wheels; since the 28th session the full set no longer fits a call's
-# 64 MiB beside the tree, so carry the HTTP server's wheels for a launch call only.
+# 64 MiB beside the tree, so carry the HTTP server's wheels for a launch call only; since the
+# 30th session (tree ~10.5 MB) the optuna set (optuna, alembic, sqlalchemy, colorlog, mako: 5.5
+# MB) does not fit beside the rest either: carry it for a call that tunes, not for the pairs,
+# allreduce.py or the GPU tests, which do not import optuna.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
 OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W
