@@ -41,6 +41,10 @@ exactly the measured batch sizes. Configs:
   plugin routes when SGLang's custom all-reduce is off, ``artune_nccl``), with that custom
   all-reduce left on: every config setting as in ``default``, so against it the only
   difference is whose kernels run the routed all-reduces;
+- ``artune_unfused_without_sglang``: ``artune_without_sglang`` with no fused layer
+  (ARTUNE_FUSED_LINEAR=0): against ``artune_unfused`` (the profile's routes, SGLang's own at
+  the decode sizes where it measured fastest back to back) it shows what the other backends'
+  kernels cost in place of SGLang's own in a served step;
 - ``artune_inert_again`` ``artune_inert`` in another engine;
 - ``artune_inert_nocheck`` ``artune_inert`` with ``ARTUNE_FORWARD_CHECK=0``: the hooks on the
   all-reduce path stay, the per-forward fault check goes.
@@ -190,6 +194,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                "env": {"ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED": "1"}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
+    "artune_unfused_without_sglang": {"artune": True, "kw": {}, "drop": "sglang",
+                                      "env": {"ARTUNE_FUSED_LINEAR": "0"}},
     "artune_inert_again": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_inert_nocheck": {"artune": True, "kw": {}, "only": "sglang",
                              "env": {"ARTUNE_FORWARD_CHECK": "0"}},
