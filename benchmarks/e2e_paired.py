@@ -624,6 +624,17 @@ def balanced_interval(by_order: dict[bool, list[dict[str, Any]]],
     return (lo_t + lo_f) / 2, (hi_t + hi_f) / 2, level
 
 
+def short_stems(paths: list[str]) -> dict[str, str]:
+    """Each results file's name for a plot's labels: without ``.json``, ``sglang_e2e_`` and
+    the part before an underscore that every file's name shares (``tp2_h200_paired_graph_``);
+    a name left empty keeps its whole stem."""
+    stems = {p: os.path.basename(p).removesuffix(".json").removeprefix("sglang_e2e_")
+             for p in paths}
+    common = os.path.commonprefix(list(stems.values())) if len(set(stems.values())) > 1 else ""
+    common = common[:common.rfind("_") + 1]
+    return {p: s.removeprefix(common) or s for p, s in stems.items()}
+
+
 def plot_intervals(paths: list[str], out: str, band: float = 1.0) -> int:
     """A forest plot of ``across_lines``'s rows: one panel per pair of configs, batch sizes
     down the side, each engine pair's median and interval as a point and a bar (filled where
@@ -635,15 +646,19 @@ def plot_intervals(paths: list[str], out: str, band: float = 1.0) -> int:
     import matplotlib.pyplot as plt
 
     rows: dict[tuple[str, str], list[tuple[int, str, bool, dict[str, Any]]]] = {}
+    stems = short_stems(paths)
     for path in paths:
         with open(path) as f:
             st = file_stats(json.load(f), band)
         for pair in (st or {}).get("pairs", []):
             key = (config_of(pair["test"]), config_of(pair["base"]))
             for bs, s in pair["by_batch"].items():
-                stem = os.path.basename(path).removesuffix(".json").removeprefix("sglang_e2e_")
-                label = f"{stem}: {pair['test']} vs {pair['base']}"
-                rows.setdefault(key, []).append((int(bs), label, pair["first"] == pair["test"], s))
+                # the panel's title names the configs; an engine of another name (an A/A
+                # pair's "_again") is named here
+                names = ("" if (pair["test"], pair["base"]) == key
+                         else f": {pair['test']} vs {pair['base']}")
+                rows.setdefault(key, []).append(
+                    (int(bs), stems[path] + names, pair["first"] == pair["test"], s))
     if not rows:
         raise ValueError("no side-by-side results in the files given")
     heights = [len(v) for _, v in sorted(rows.items())]
@@ -670,11 +685,11 @@ def plot_intervals(paths: list[str], out: str, band: float = 1.0) -> int:
         ax.set_yticks(range(len(items)), ticks, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{test} vs {base}", fontsize=9)
-        ax.set_xlabel(f"step time %: median, 95 % interval (±{band:g} % shaded; filled: test "
-                      "engine started first)\nblack, with a diamond, below: the decode graphs' "
-                      "GPU time of the same rounds", fontsize=8)
+    fig.supxlabel(f"step time %: median, 95 % interval (±{band:g} % shaded; filled: test engine "
+                  "started first)\nblack, with a diamond, below: the decode graphs' GPU time of "
+                  "the same rounds", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
+    fig.savefig(out, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return drawn
 

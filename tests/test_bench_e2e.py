@@ -729,6 +729,26 @@ def test_across_files_orients_old_files_and_balances_the_start_order(tmp_path: P
         pm.plot_intervals([str(one)], str(tmp_path / "none.png"))
 
 
+def test_plot_labels_drop_what_every_file_name_shares() -> None:
+    """The plot's row labels: the results files' names without the part all of them share
+    (up to an underscore), so the panels keep their width for the intervals."""
+    pm = _paired()
+    paths = ["r/sglang_e2e_tp2_h200_paired_graph_bs64_2026-11-28e.json",
+             "r/sglang_e2e_tp2_h200_paired_graph_compile_rule_2026-11-28e.json",
+             "r/sglang_e2e_tp2_h200_paired_graph_compile_aa_2026-11-28e.json"]
+    assert pm.short_stems(paths) == {paths[0]: "bs64_2026-11-28e",
+                                     paths[1]: "compile_rule_2026-11-28e",
+                                     paths[2]: "compile_aa_2026-11-28e"}
+    # one file, or the same file twice: its whole stem (nothing to tell apart)
+    assert pm.short_stems(paths[:1]) == {paths[0]: "tp2_h200_paired_graph_bs64_2026-11-28e"}
+    # a name that is all prefix keeps its whole stem rather than an empty label
+    two = ["a/sglang_e2e_x_.json", "a/sglang_e2e_x_z.json"]
+    assert pm.short_stems(two) == {two[0]: "x_", two[1]: "z"}
+    # the shared part is cut at an underscore, never inside a word
+    two = ["a/sglang_e2e_tp2_bs64.json", "a/sglang_e2e_tp2_bs16.json"]
+    assert pm.short_stems(two) == {two[0]: "bs64", two[1]: "bs16"}
+
+
 def test_across_files_balanced_verdict_where_the_start_orders_agree(tmp_path: Path) -> None:
     """Two engine pairs whose intervals overlap (per-round effects of artune spread evenly
     over 0 to +0.6 % with the default started first, -0.2 to +0.4 % with artune first): the
