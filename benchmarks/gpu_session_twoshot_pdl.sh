@@ -3,12 +3,14 @@
 # wait; on), timed the way a decode step runs it: Llama-3.1-8B's down-projection GEMM before
 # every all-reduce and SGLang's fused add + RMSNorm after it (`allreduce.py --context-gemm
 # --context-norm 4096`), against SGLang's own all-reduce in the same run; first, the 2-rank (or
-# 4-rank) NVRAR sweep with the wait mode (every plan, eager and in a graph, against the fp32
-# reference), since no GPU ran that mode before the 30th session.
+# 4-rank) NVRAR sweep with the wait mode (every plan eagerly, the two-shot lamport among them,
+# against the fp32 reference; its graph shapes take other plans on 2 ranks), since no GPU ran
+# that mode before the 30th session.
 #
 #   device run, carry [".devwhl"], kind nvidia-h200-x2 or -x4:  bash benchmarks/gpu_session_twoshot_pdl.sh
 #   SIZES (default 8K,32K,128K,512K,1M,2M: NVRAR's default plan takes the two-shot lamport at
-#   512K-2M on one node); MODES (default off,wait,on); NO_SWEEP=1 leaves out the sweep.
+#   512K-1M on 2 ranks (2M: the signal two-shot, which the mode does not touch) and at 256K-2M
+#   on 4); MODES (default off,wait,on); NO_SWEEP=1 leaves out the sweep.
 set -uo pipefail
 W=/tmp/artune-gpu-twoshot-pdl
 source benchmarks/gpu_lib.sh
