@@ -193,10 +193,12 @@ def _sweep(ctx: Any, per_node: int, dtypes: tuple[str, ...], sizes: tuple[tuple[
 
 
 def _graph_check(be: Any, dtypes: tuple[str, ...]) -> list[str]:
-    """Several sizes/dtypes captured in one graph (defaults), replayed 3x with new inputs."""
+    """Several sizes/dtypes captured in one graph (defaults), replayed 3x with new inputs.
+    3 << 17 elements (768 KiB in 16-bit) takes the two-shot lamport on one node of 2 or 4 ranks,
+    whose launch ARTUNE_NVRAR_TWOSHOT_PDL sets; 1 << 20 (2 MiB) takes it on 4 ranks only."""
     failures: list[str] = []
     dev = be.ctx.device
-    shapes = [(n, getattr(torch, d)) for d in dtypes for n in (1, 2049, 65537, 1 << 20)]
+    shapes = [(n, getattr(torch, d)) for d in dtypes for n in (1, 2049, 65537, 3 << 17, 1 << 20)]
     xs = [torch.randn(n, device=dev).to(dt) for n, dt in shapes]
     for x in xs:  # warm up (compile) every plan eagerly, as real callers do
         be.all_reduce(x)
