@@ -154,8 +154,8 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "(docs/nvrar.md, 'PDL and the kernel after the two-shot'). on: as the other kernels "
         "(it waits for the previous grid, then lets the next one launch at once; 0.4-0.7 us "
         "faster back to back in benchmarks/allreduce.py). wait: it waits for the previous grid "
-        "under PDL but lets the next one launch only when it ends (checked eagerly on 2x H200; "
-        "not measured in a served model).",
+        "under PDL but lets the next one launch only when it ends (correct on 2x H200, eager "
+        "and in graphs; not measured in a served model).",
     ),
     "ARTUNE_FUSED_LINEAR": (
         "auto",
