@@ -5,7 +5,9 @@
 # --context-norm 4096`), against SGLang's own all-reduce in the same run; first, the 2-rank (or
 # 4-rank) NVRAR sweep with the wait mode (every plan eagerly, the two-shot lamport among them,
 # against the fp32 reference; its graph shapes take other plans on 2 ranks), since no GPU ran
-# that mode before the 30th session.
+# that mode before the 30th session. (gpu_session_context.sh is the older relative: the GEMM
+# context alone, with and without it, and NVRAR's CTA counts; this one adds the norm after the
+# all-reduce and loops over the two-shot's PDL modes.)
 #
 #   device run, carry [".devwhl"], kind nvidia-h200-x2 or -x4:  bash benchmarks/gpu_session_twoshot_pdl.sh
 #   SIZES (default 8K,32K,128K,512K,1M,2M: NVRAR's default plan takes the two-shot lamport at
