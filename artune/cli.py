@@ -224,7 +224,7 @@ def tune_config(args: argparse.Namespace, command: str) -> TuneConfig:
 
 def _linear_args(args: argparse.Namespace) -> dict[str, Any]:
     """TuneConfig's fused-linear fields from --linear-model / --linear-shapes / --linear-rows."""
-    from artune.autotune.linear import model_dims, parse_shapes
+    from artune.autotune.shapes import model_dims, parse_shapes
     from artune.profile import LINEAR_MAX_ROWS
 
     out: dict[str, Any] = {

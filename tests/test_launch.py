@@ -60,6 +60,7 @@ def _run(tmp: Path, profile: Path | None, server_args: list[str], **kw: object
     report.unlink(missing_ok=True)
     code = textwrap.dedent(f"""
         import argparse, sys
+        {kw.get("prelude") or ""}
         from artune.integration import launch
         args = argparse.Namespace(profile={str(profile) if profile else None!r},
                                   force={bool(kw.get("force"))!r}, sglang_args={server_args!r})
@@ -120,6 +121,21 @@ def test_a_local_model_the_linear_section_lacks_gets_a_note(tmp_path: Path) -> N
     prof.write_text(json.dumps(doc))
     _, err, started = _run(tmp_path, prof, args)
     assert started is not None and "linear section" not in err, err
+
+
+def test_launch_needs_none_of_the_tuners_dependencies(tmp_path: Path) -> None:
+    """Serving machines need not have Optuna (or anything else only the tuner imports): the
+    whole launch path, the linear-section note included, runs with it unimportable. (The 31st
+    session's launch on 2x H200 died importing optuna in that note.)"""
+    model = tmp_path / "llama"
+    model.mkdir()
+    model.joinpath("config.json").write_text(json.dumps(
+        {"hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 14336}))
+    prof = _profile(tmp_path / "p.json")
+    code, err, started = _run(tmp_path, prof, ["--model-path", str(model), "--tp-size", "2"],
+                              prelude='sys.modules["optuna"] = None  # unimportable')
+    assert started is not None and code == 0, err
+    assert "has no entry for this model's row-parallel layers" in err, err
 
 
 def test_signals_reach_the_server(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Modules (each imported where used; nothing here needs CUDA):
 
-- ``config``   what a tune measures (``TuneConfig``, ``parse_sizes``);
+- ``config``   what a tune measures (``TuneConfig``, ``parse_sizes``); ``shapes`` a model's
+  row-parallel layer shapes (no dependency: `artune launch` reads it);
 - ``launcher`` starts one rank per GPU from a shell and stops them all when one dies;
 - ``runner``   one rank: joins the group, then drives (rank 0, ``driver``) or follows (``crew``);
 - ``crew``     what every rank executes: setup, trial (gate + timing), validation;

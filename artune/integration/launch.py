@@ -150,7 +150,7 @@ def _linear_hint(prof: Profile, args: Sequence[str], tp: int) -> str | None:
     """A note when the served model (a local folder) has row-parallel layers the profile's
     linear section did not measure: they stay unfused, and the tune command that would measure
     them. None otherwise (a hub name, an unreadable config, ARTUNE_FUSED_LINEAR 0 or 1)."""
-    from artune.autotune.linear import layer_shapes, model_dims
+    from artune.autotune.shapes import layer_shapes, model_dims
 
     models = _flag_values(args, "--model-path")  # (--model is its abbreviation)
     if not models or envs.get("ARTUNE_FUSED_LINEAR") != "auto":
