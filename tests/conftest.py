@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -79,9 +78,10 @@ def requires_nvshmem(n: int = 2) -> pytest.MarkDecorator:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port outside the ephemeral range (``artune.autotune.launcher.free_port``)."""
+    from artune.autotune.launcher import free_port as _artune_free_port
+
+    return _artune_free_port()
 
 
 def _gloo_entry(

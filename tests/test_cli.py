@@ -351,3 +351,22 @@ def test_include_sglang_by_name_that_cannot_run_is_an_error(tmp_path: Path) -> N
                    "--out", str(tmp_path / "p.json"))
     assert r.returncode == 2 and "--include-sglang" in r.stderr and "GPUs only" in r.stderr
     assert not (tmp_path / "p.json.optuna.db").exists()
+
+
+def test_free_port_is_outside_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendezvous port of a shell-launched tune is not one the kernel may give an outgoing
+    connection meanwhile (rank 0 then fails with EADDRINUSE): below or above the ephemeral
+    range, and free; with no room outside it, a free port all the same."""
+    import socket
+
+    from artune.autotune import launcher
+
+    lo, hi = launcher._ephemeral_range()
+    for _ in range(20):
+        port = launcher.free_port()
+        assert not lo <= port <= hi, (port, lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))  # free right after
+    monkeypatch.setattr(launcher, "_ephemeral_range", lambda: (1024, 65535))
+    port = launcher.free_port()
+    assert 1024 <= port <= 65535

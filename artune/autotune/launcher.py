@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,8 +32,44 @@ _POLL_S = 0.1
 _RANK0_GRACE_S = 3.0
 
 
+#: Where free_port looks first: below Linux's default ephemeral range (32768-60999), like the
+#: ports srun steps derive (``slurm.port_for``).
+_PORT_LOW, _PORT_HIGH = 20000, 32768
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; its default
+    elsewhere)."""
+    try:
+        lo, hi = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port free on this host right now (for MASTER_PORT)."""
+    """A TCP port free on this host right now (for MASTER_PORT), outside the ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is an ephemeral one: between this check and
+    rank 0's listen, any outgoing connection on the host may get it as its local port, e.g. a
+    rank already retrying to reach the store (a connection to a local port nobody listens on
+    can connect to itself). Rank 0 then fails with EADDRINUSE (seen once in the 31st session, on
+    2x H200, the tune after a killed one). So: a random free port below the ephemeral range,
+    and bind(0) only if none is found."""
+    lo, hi = _ephemeral_range()
+    spans = [(a, b) for a, b in ((_PORT_LOW, min(_PORT_HIGH, lo)), (hi + 1, 65536)) if b - a > 64]
+    rng = random.SystemRandom()
+    for _ in range(64):
+        if not spans:
+            break
+        a, b = rng.choice(spans)
+        port = rng.randrange(a, b)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,9 +30,10 @@ def gpu_count() -> int:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port outside the ephemeral range (``artune.autotune.launcher.free_port``)."""
+    from artune.autotune.launcher import free_port as _artune_free_port
+
+    return _artune_free_port()
 
 
 def _entry(
