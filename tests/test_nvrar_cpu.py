@@ -164,9 +164,10 @@ def test_defaults_are_valid_plans_inside_the_search_space(world: int, per_node: 
 
 def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch) -> None:
     """One node of 4: the lamport one-shot up to 128 KiB, the lamport two-shot above it up to
-    2 MiB (blocks 512 / 1024 / 2048), the signal two-shot beyond; 2 GPUs keep the one-shot up
-    to 256 KiB, then the two-shot lamport (1024-element chunks) while it fits; virtual nodes
-    never use lamport.
+    2 MiB (blocks 512 / 1024 / 2048), the signal two-shot beyond; virtual nodes never use
+    lamport. 2 GPUs (31st session, 2x H200): the one-shot up to 1 MiB, with chunks of 512 /
+    1024 / 2048 elements up to 128 KiB / 256 KiB / 1 MiB, then the signal two-shot (2 MiB is
+    beyond the two-shot lamport's slot halves there).
     With a one-shot capacity too small for the two-shot lamport's slot halves, the LL/signal
     two-shot takes its sizes (docs/nvrar.md, "Two-shot lamport")."""
     ctx = _ctx(4, 4, 256 << 20)
@@ -177,8 +178,9 @@ def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch
     for nbytes, (algo, proto, block) in want.items():
         d = NvrarBackend.default_params(nbytes, ctx)
         assert (d["algo"], d["proto"], d["block"]) == (algo, proto, block), (nbytes, d)
-    want2 = {4 << 10: ("oneshot", "lamport", 512), 256 << 10: ("oneshot", "lamport", 512),
-             512 << 10: ("twoshot", "lamport", 1024), 1 << 20: ("twoshot", "lamport", 1024),
+    want2 = {4 << 10: ("oneshot", "lamport", 512), 128 << 10: ("oneshot", "lamport", 512),
+             256 << 10: ("oneshot", "lamport", 1024), 384 << 10: ("oneshot", "lamport", 2048),
+             1 << 20: ("oneshot", "lamport", 2048),
              2 << 20: ("twoshot", "signal", 4096)}  # 2 MiB: beyond the slot halves on 2 GPUs
     for nbytes, (algo, proto, block) in want2.items():
         d2 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20))

@@ -78,20 +78,27 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
 
     The fastest plans measured, CUDA graph, bf16 (docs/nvrar.md, seventh session, 4x H100,
     benchmarks/results/allreduce_lamport*_4gpu_h100.md):
-    - one node, up to 128 KiB (256 KiB on 2 GPUs): the lamport one-shot with its per-thread
+    - one node, up to 128 KiB (1 MiB on 2 GPUs): the lamport one-shot with its per-thread
       gather and 512-element chunks: 2.4 / 2.5 / 2.9 / 3.5 us at 4K / 16K / 64K / 128K on 4
-      GPUs (the two-shot lamport: 3.9 / 4.0 at 64K / 128K); 2 GPUs: 2.2 / 2.3 / 2.5 / 3.4 us
-      at 4K / 16K / 64K / 256K;
+      GPUs (the two-shot lamport: 3.9 / 4.0 at 64K / 128K); 2 GPUs: 2.2 / 2.3 / 2.5 us at 4K
+      / 16K / 64K; above 128 KiB on 2 GPUs, larger chunks (31st session, 2x H200,
+      benchmarks/results/allreduce_2gpu_oneshot_blocks_h200_2026-11-28f.md, two runs alike):
+      1024 elements to 256 KiB, 3.0 us there (512: 3.4), then 2048: 3.4 / 3.8 / 5.1 / 5.7 us
+      at 384K / 512K / 768K / 1M, where the two-shot lamport (this default before) took 4.4 /
+      4.6 / 6.0 / 6.5, and 4.4 / 5.7 / 7.2 / 8.4 against 7.0 / 7.8 / 9.1 / 8.7 between the
+      down projection's GEMM and SGLang's add + RMSNorm (SGLang's own all-reduce: 3.2 / 3.6 /
+      4.4 / 5.1 back to back);
     - one node, above that up to 2 MiB: the lamport two-shot. More than 2 GPUs: 512-element
       chunks up to 512 KiB, 1024 up to 1 MiB, then 2048: 4.2 / 4.6 / 5.1 / 6.9 / 11.8 us at
       256K / 384K / 512K / 1M / 2M (the one-shot: 5.2 / 6.5 / 7.4 / 12.4 / -; SGLang's custom
       all-reduce 4.8 / 5.9 / 9.0 / 12.2 / 17.1), then under PDL, which the two-shot no longer
       takes (0.4-0.7 us slower back to back, faster in a served model: docs/nvrar.md).
-      2 GPUs (eighth session, benchmarks/results/allreduce_2gpu_h100.md): 1024-element
-      chunks, 4.2 / 5.8 us at 512K / 1M against 10.1 / 11.7 for the LL/signal two-shot (the
-      one-shot: 4.6 / 6.9; SGLang 3.7 / 5.2); 2 MiB does not fit its slots there. Its
-      capacity comes from the one-shot's slots (``default_params`` falls back where it does
-      not fit). fp32 takes "lamport" as LL;
+      2 GPUs, above 1 MiB (eighth session, benchmarks/results/allreduce_2gpu_h100.md, at
+      512K / 1M: 1024-element chunks 4.2 / 5.8 us against 10.1 / 11.7 for the LL/signal
+      two-shot and 4.6 / 6.9 for the one-shot with 512-element chunks, on 2x H100): 2 MiB
+      does not fit its slots there, so in effect the signal two-shot. Its capacity comes from
+      the one-shot's slots (``default_params`` falls back where it does not fit). fp32 takes
+      "lamport" as LL;
     - otherwise, and between nodes: ``_twoshot_plan``.
     Lamport kernels run one thread per 8-byte word of a chunk whatever ``warps`` says (block /
     128 warps; ``artune.kernels.nvrar._lamport_warps``); the plans keep 4, the others' default.
@@ -99,8 +106,9 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
     elems = max(1, nbytes // 2)
     world = ranks_per_node * nodes
     shard = -(-elems // ranks_per_node)
-    if nodes == 1 and nbytes <= ((256 << 10) if world <= 2 else (128 << 10)):
-        block = _fit(512, elems)
+    if nodes == 1 and nbytes <= ((1 << 20) if world <= 2 else (128 << 10)):
+        block = _fit(512 if nbytes <= 128 << 10 else 1024 if nbytes <= 256 << 10 else 2048,
+                     elems)
         return {"algo": "oneshot", "proto": "lamport", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
     if nodes == 1 and nbytes <= 2 << 20:
