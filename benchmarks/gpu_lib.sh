@@ -13,18 +13,24 @@
 # 64 MiB beside the tree, so carry the HTTP server's wheels for a launch call only; since the
 # 30th session (tree ~10.5 MB) the optuna set (optuna, alembic, sqlalchemy, colorlog, mako: 5.5
 # MB) does not fit beside the rest either: carry it for a call that tunes, not for the pairs,
-# allreduce.py or the GPU tests, which do not import optuna.
+# allreduce.py or the GPU tests, which do not import optuna. The SGLang candidate of a tune
+# needs openai (sglang imports it): a tune call that leaves it out to fit measures no SGLang.
+# The HTTP server's flashinfer stub: `python benchmarks/make_flashinfer_stub.py .devwhl`.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
 OUT=${OUT:-/tmp/artune-out}   # gets at most 8 files back: the work happens in $W
 rm -rf "$W"; mkdir -p "$OUT" "$W"
 T0=$(date +%s)
-if [ ! -f /tmp/site/.artune-installed ]; then  # a warm machine keeps it from an earlier script
+# A warm machine keeps /tmp/site from an earlier script; the marker names the wheels installed
+# there, so that a call carrying another set (the optuna set for a tune, the HTTP server's for
+# a launch) installs it (31st session: a tune after a launch call found no optuna).
+WHEELS=$(cd .devwhl && ls *.whl | sort | tr '\n' ' ')
+if [ "$(cat /tmp/site/.artune-installed 2>/dev/null)" != "$WHEELS" ]; then
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .devwhl/*.whl || exit 1
 # Byte-compile as a normal pip install does (otherwise the first, timed tune pays for it).
 python3 -m compileall -q -j 16 /tmp/site > /dev/null 2>&1
-touch /tmp/site/.artune-installed
+echo "$WHEELS" > /tmp/site/.artune-installed
 fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
