@@ -166,8 +166,9 @@ def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch
     """One node of 4: the lamport one-shot up to 128 KiB, the lamport two-shot above it up to
     2 MiB (blocks 512 / 1024 / 2048), the signal two-shot beyond; virtual nodes never use
     lamport. 2 GPUs (31st session, 2x H200): the one-shot up to 1 MiB, with chunks of 512 /
-    1024 / 2048 elements up to 128 KiB / 256 KiB / 1 MiB, then the signal two-shot (2 MiB is
-    beyond the two-shot lamport's slot halves there).
+    1024 / 2048 elements up to 128 KiB / 256 KiB / 1 MiB (fp32, which runs it as LL: 512
+    throughout), then the signal two-shot (2 MiB is beyond the two-shot lamport's slot halves
+    there).
     With a one-shot capacity too small for the two-shot lamport's slot halves, the LL/signal
     two-shot takes its sizes (docs/nvrar.md, "Two-shot lamport")."""
     ctx = _ctx(4, 4, 256 << 20)
@@ -185,6 +186,9 @@ def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch
     for nbytes, (algo, proto, block) in want2.items():
         d2 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20))
         assert (d2["algo"], d2["proto"], d2["block"]) == (algo, proto, block), (nbytes, d2)
+    for nbytes in (4 << 10, 256 << 10, 512 << 10, 1 << 20):  # fp32 (LL): 512-element chunks
+        d4 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20), 4)
+        assert (d4["algo"], d4["proto"], d4["block"]) == ("oneshot", "lamport", 512), (nbytes, d4)
     for nbytes in (4 << 10, 256 << 10, 1 << 20):
         d22 = NvrarBackend.default_params(nbytes, _ctx(4, 2, 256 << 20))
         assert d22["proto"] != "lamport", (nbytes, d22)
@@ -1564,3 +1568,16 @@ def test_two_shot_pdl_modes_in_sm90_code() -> None:
     assert all(g["cubin"] > 0 for g in got.values()), got
     assert {m: (g["wait"], g["next"]) for m, g in got.items()} == {
         "off": (0, 0), "wait": (1, 0), "on": (1, 1)}, got
+
+
+def test_a_call_plans_with_its_element_size() -> None:
+    """``NvrarBackend.plan`` takes the defaults of the call's element size: on 2 GPUs a 512 KiB
+    fp32 message runs the one-shot with 512-element chunks, a 16-bit one with 2048, and the
+    two are cached apart (a cache keyed by bytes alone would hand one the other's plan)."""
+    be = object.__new__(NvrarBackend)
+    be.ctx = _ctx(2, 2, 256 << 20)
+    be._plans = {}
+    assert be.plan(512 << 10, None, 4).block == 512
+    assert be.plan(512 << 10, None, 2).block == 2048
+    assert be.plan(512 << 10, None, 4).block == 512
+    assert be.plan(512 << 10, {"block": 1024}, 4).block == 1024

@@ -73,8 +73,10 @@ def _fit(block: int, elems: int) -> int:
     return block
 
 
-def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]:
-    """NVRAR's untuned parameters for a message of ``nbytes`` (bf16 element counts).
+def default_plan(nbytes: int, nodes: int, ranks_per_node: int, elem_size: int = 2
+                 ) -> dict[str, Any]:
+    """NVRAR's untuned parameters for a message of ``nbytes`` of ``elem_size``-byte elements
+    (the sizes below are bf16's).
 
     The fastest plans measured, CUDA graph, bf16 (docs/nvrar.md, seventh session, 4x H100,
     benchmarks/results/allreduce_lamport*_4gpu_h100.md):
@@ -107,8 +109,11 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int) -> dict[str, Any]
     world = ranks_per_node * nodes
     shard = -(-elems // ranks_per_node)
     if nodes == 1 and nbytes <= ((1 << 20) if world <= 2 else (128 << 10)):
-        block = _fit(512 if nbytes <= 128 << 10 else 1024 if nbytes <= 256 << 10 else 2048,
-                     elems)
+        # fp32 runs "lamport" as LL, whose one-shot is fastest with 512-element chunks (2x H200,
+        # 31st session: 4.7 / 6.7 / 10.2 us at 256K / 512K / 1M; with 1024 / 2048: 5.3 / 8.8 /
+        # 11.5; the two-shot before: 6.9 / 8.5 / 10.8)
+        big = nbytes > 128 << 10 and elem_size < 4
+        block = _fit(1024 if big and nbytes <= 256 << 10 else 2048 if big else 512, elems)
         return {"algo": "oneshot", "proto": "lamport", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
     if nodes == 1 and nbytes <= 2 << 20:
@@ -231,8 +236,9 @@ class NvrarBackend(Backend):
                     or (algo == "twoshot" and proto == "ll" and nbytes > ll))
 
     @classmethod
-    def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
-        params = default_plan(nbytes, ctx.nodes, ctx.ranks_per_node)
+    def default_params(cls, nbytes: int, ctx: GroupContext, elem_size: int = 2
+                       ) -> dict[str, Any]:
+        params = default_plan(nbytes, ctx.nodes, ctx.ranks_per_node, elem_size)
         one, ll = _caps(ctx)
         elems = max(1, nbytes // 2)
         shard = -(-elems // ctx.ranks_per_node)
@@ -288,16 +294,17 @@ class NvrarBackend(Backend):
         except ValueError as exc:
             _nvshmem.free(self.buf)
             raise BackendUnavailable(f"{self.name}: {exc}") from exc
-        self._plans: dict[tuple[int, tuple[tuple[str, Any], ...]], Plan] = {}
+        self._plans: dict[tuple[int, int, tuple[tuple[str, Any], ...]], Plan] = {}
 
-    def plan(self, nbytes: int, params: Params | None = None) -> Plan:
-        """The full plan for a message of ``nbytes``: the defaults, overridden by ``params``."""
-        key = (nbytes, tuple(sorted(params.items())) if params else ())
+    def plan(self, nbytes: int, params: Params | None = None, elem_size: int = 2) -> Plan:
+        """The full plan for a message of ``nbytes`` (``elem_size``-byte elements): the
+        defaults, overridden by ``params``."""
+        key = (nbytes, elem_size, tuple(sorted(params.items())) if params else ())
         plan = self._plans.get(key)
         if plan is None:
             from artune.kernels.nvrar import Plan
 
-            merged = {**self.default_params(nbytes, self.ctx), **(params or {})}
+            merged = {**self.default_params(nbytes, self.ctx, elem_size), **(params or {})}
             unknown = set(merged) - set(Plan.__dataclass_fields__)
             if unknown:
                 raise ValueError(
@@ -318,7 +325,7 @@ class NvrarBackend(Backend):
             return False
         nbytes = x.numel() * x.element_size()
         try:
-            plan = self.plan(nbytes, params)
+            plan = self.plan(nbytes, params, x.element_size())
         except (TypeError, ValueError):
             return False
         return self.comm.reason(nbytes, plan) is None
@@ -328,7 +335,8 @@ class NvrarBackend(Backend):
         if comm is None:
             raise RuntimeError(f"{self.name}: all_reduce after close(); build a new backend")
         comm.check()
-        return comm.all_reduce(x, self.plan(x.numel() * x.element_size(), params))
+        return comm.all_reduce(x, self.plan(x.numel() * x.element_size(), params,
+                                            x.element_size()))
 
     def prepare(self, messages: Sequence[tuple[str, int, Params]]) -> int:
         """Compile every kernel variant these messages would use, each once per node: the
@@ -352,7 +360,7 @@ class NvrarBackend(Backend):
                     dummies[dtype] = (t, torch.empty_like(t))
                 x, y = dummies[dtype]
                 try:
-                    plan = self.plan(nbytes, params)
+                    plan = self.plan(nbytes, params, x.element_size())
                 except (TypeError, ValueError):
                     continue
                 if comm.reason(nbytes, plan) is None:
