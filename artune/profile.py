@@ -164,6 +164,18 @@ class Profile:
         """(dtype, K, N) of every layer shape the linear section measured."""
         return {(e["dtype"], e["k"], e["n"]) for e in self.data.get("linear") or []}
 
+    def sglang_unmeasured(self) -> str | None:
+        """Why the tune did not measure SGLang's own all-reduce (the candidate that keeps a
+        served model from being slower than SGLang's default), or None when it did, or for a
+        CPU dry run (which never can)."""
+        if self.dry_run or "sglang" in self.backends_used() or any(
+                m.get("backend") == "sglang" for m in self.data.get("measurements") or []):
+            return None
+        for s in self.data.get("skipped") or []:
+            if s.get("backend") == "sglang" and s.get("nbytes") is None:
+                return f"the tune skipped it: {s.get('reason') or 'no reason recorded'}"
+        return "it was not among the tune's candidates"
+
 
 _DTYPE_NAMES: dict[Any, str] = {}
 

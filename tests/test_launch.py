@@ -123,6 +123,30 @@ def test_a_local_model_the_linear_section_lacks_gets_a_note(tmp_path: Path) -> N
     assert started is not None and "linear section" not in err, err
 
 
+def test_a_profile_that_never_measured_sglangs_own_gets_a_note(tmp_path: Path) -> None:
+    """A GPU profile whose tune skipped SGLang's own all-reduce (sglang did not import there):
+    a note says so and why before the server starts (where SGLang's own is the fastest, the
+    server can then be slower than SGLang's default); one that measured it: no note."""
+    prof = _profile(tmp_path / "p.json")
+    doc = json.loads(prof.read_text())
+    doc["dry_run"] = False
+    doc["skipped"] = [{"backend": "sglang", "params": {}, "dtype": None, "mode": None,
+                       "nbytes": None, "reason": "rank 0: create() failed: "
+                       "ModuleNotFoundError: No module named 'openai'"}]
+    prof.write_text(json.dumps(doc))
+    args = ["--model-path", "m", "--tp-size", "2"]
+    code, err, started = _run(tmp_path, prof, args)
+    assert started is not None, err
+    assert ("has no measurement of SGLang's own all-reduce (the tune skipped it: rank 0: "
+            "create() failed: ModuleNotFoundError: No module named 'openai')") in err, err
+    doc["measurements"] = [*doc.get("measurements", []), {
+        "backend": "sglang", "params": {}, "dtype": "float32", "mode": "eager", "nbytes": 4096,
+        "rank_medians_us": [20.0, 20.0], "latency_us": 20.0, "spread_us": 0.1, "reps": 10}]
+    prof.write_text(json.dumps(doc))
+    _, err, started = _run(tmp_path, prof, args)
+    assert started is not None and "SGLang's own all-reduce" not in err, err
+
+
 def test_launch_needs_none_of_the_tuners_dependencies(tmp_path: Path) -> None:
     """Serving machines need not have Optuna (or anything else only the tuner imports): the
     whole launch path, the linear-section note included, runs with it unimportable. (The 31st

@@ -206,3 +206,30 @@ def test_hand_edited_evidence_of_the_wrong_shape_is_refused(tmp_path: Path) -> N
     next(iter(next(iter(doc["tables"].values())).values()))[0]["points"] = "x"
     with pytest.raises(ProfileError, match=r"\[0\]: points must be a list of objects"):
         load(_write(tmp_path, doc))
+
+
+def test_sglang_unmeasured_says_why_the_tune_has_no_sglang_candidate() -> None:
+    """Whether the tune measured SGLang's own all-reduce (what keeps a served model no slower
+    than SGLang's default) and, if not, why: skipped with a reason, or never a candidate.
+    A profile that routes to it, or only measured it, did; a CPU dry run is not asked."""
+    from _profiles import rec
+
+    from artune.autotune.table import build_profile
+    from artune.profile import Profile
+
+    doc = profile_doc()
+    assert Profile(doc).sglang_unmeasured() == "it was not among the tune's candidates"
+    doc["skipped"] = [*doc.get("skipped", []),
+                      {"backend": "sglang", "params": {}, "dtype": None, "mode": None,
+                       "nbytes": None, "reason": "rank 0: create() failed: ImportError: x"}]
+    assert Profile(doc).sglang_unmeasured() == (
+        "the tune skipped it: rank 0: create() failed: ImportError: x")
+    doc["measurements"] = [*doc.get("measurements", []), rec("sglang", 4096, 99.0)]
+    assert Profile(doc).sglang_unmeasured() is None  # measured, slower everywhere: not routed
+    routed = build_profile([rec("nccl", 4096, 14.0), rec("sglang", 4096, 2.0)], [],
+                           fingerprint=profile_doc()["fingerprint"], command="t", dry_run=False)
+    assert "sglang" in Profile(routed).backends_used()
+    assert Profile(routed).sglang_unmeasured() is None
+    dry = profile_doc()
+    dry["dry_run"] = True
+    assert Profile(dry).sglang_unmeasured() is None

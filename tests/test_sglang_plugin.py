@@ -1695,3 +1695,52 @@ def test_attention_tp_group_gets_its_own_route_when_it_differs_from_tp(version: 
     for r in res:
         assert "error" not in r, r["error"] + r.get("traceback", "") + r["stderr"][-3000:]
         assert [n.split(":")[0] for n in r["routes"]] == ["attention_tp"], r["routes"]
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_setup_warns_when_the_profile_never_measured_sglangs_own(
+        live: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group's rank 0 warns, after its routing line, when the profile has no measurement of
+    SGLang's own all-reduce while that all-reduce is live in this server (its sizes may then
+    run slower than SGLang's default); with SGLang's custom all-reduce off, nothing to say."""
+    import logging
+
+    from _profiles import profile_doc
+
+    from artune.integration import sglang_setup
+
+    doc = profile_doc()
+    doc["skipped"] = [{"backend": "sglang", "params": {}, "dtype": None, "mode": None,
+                       "nbytes": None, "reason": "rank 0: create() failed: ImportError: x"}]
+    prof = profile_mod.Profile(doc)
+
+    class _Router:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setenv("ARTUNE_PROFILE", "/p/profile.json")
+    monkeypatch.setattr(sglang_setup, "build_router", lambda *a, **k: (prof, _Router()))
+    monkeypatch.setattr(sglang_setup, "_start_trace", lambda: None)
+    gc = types.SimpleNamespace(unique_name="tp:test", world_size=4, rank_in_group=0,
+                               device_group=None, cpu_group=None, device="cpu",
+                               ca_comm=types.SimpleNamespace(disabled=not live))
+    seen: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler = _Keep()
+    logging.getLogger("artune").addHandler(handler)
+    try:
+        assert sglang_setup.setup_group(gc) is not None
+    finally:
+        logging.getLogger("artune").removeHandler(handler)
+        plugin._ROUTES.pop("tp:test", None)
+    warned = [r.getMessage() for r in seen if r.levelno == logging.WARNING]
+    if live:
+        assert len(warned) == 1, warned
+        assert ("/p/profile.json has no measurement of SGLang's own all-reduce (the tune "
+                "skipped it: rank 0: create() failed: ImportError: x)") in warned[0]
+    else:
+        assert warned == []

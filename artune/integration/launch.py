@@ -270,6 +270,12 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
     hint = _linear_hint(prof, sargs, tp)
     if hint:
         print(f"artune launch: note: {hint}", file=sys.stderr)
+    unmeasured = prof.sglang_unmeasured()
+    if unmeasured:
+        print(f"artune launch: note: {path} has no measurement of SGLang's own all-reduce "
+              f"({unmeasured}), so at sizes where SGLang's own is the fastest this server can "
+              "be slower than SGLang's default; `artune tune` on this machine, where sglang "
+              "imports, measures it", file=sys.stderr)
     if prof.data.get("dry_run"):
         print(f"artune launch: note: {path} is a DRY RUN profile (`artune tune --device cpu`, "
               "gloo on CPU processes): its routes say nothing about GPU all-reduces; tune on "

@@ -65,4 +65,9 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
     if gc.rank_in_group == 0:
         logger.info("artune %s: routing with %s (fingerprint %s): %s", name, path,
                     served.fingerprint_id or "?", summary(served))
+        unmeasured = served.sglang_unmeasured()
+        if unmeasured and _sglang_fast_path(gc):
+            logger.warning("artune %s: %s has no measurement of SGLang's own all-reduce (%s): "
+                           "where it is the fastest, this server can be slower than SGLang's "
+                           "default; tune again where sglang imports", name, path, unmeasured)
     return route
