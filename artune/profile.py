@@ -67,6 +67,11 @@ DTYPES = ("bfloat16", "float16", "float32")
 ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
+#: What a profile without SGLang's own all-reduce needs (``Profile.sglang_unmeasured``).
+SGLANG_REMEDY = ("`artune tune --include-sglang` on this machine, where sglang imports on every "
+                 "rank, measures it")
+
+
 class ProfileError(ValueError):
     """A profile that cannot be used; the message names the file, the field and the fix."""
 
@@ -171,9 +176,11 @@ class Profile:
         if self.dry_run or "sglang" in self.backends_used() or any(
                 m.get("backend") == "sglang" for m in self.data.get("measurements") or []):
             return None
-        for s in self.data.get("skipped") or []:
-            if s.get("backend") == "sglang" and s.get("nbytes") is None:
-                return f"the tune skipped it: {s.get('reason') or 'no reason recorded'}"
+        reasons = [s.get("reason") or "no reason recorded"
+                   for s in self.data.get("skipped") or [] if s.get("backend") == "sglang"]
+        if reasons:
+            more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+            return f"the tune skipped it: {reasons[0]}{more}"
         return "it was not among the tune's candidates"
 
 

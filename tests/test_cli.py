@@ -355,8 +355,8 @@ def test_include_sglang_by_name_that_cannot_run_is_an_error(tmp_path: Path) -> N
 
 def test_free_port_is_outside_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rendezvous port of a shell-launched tune is not one the kernel may give an outgoing
-    connection meanwhile (rank 0 then fails with EADDRINUSE): below or above the ephemeral
-    range, and free; with no room outside it, a free port all the same."""
+    connection meanwhile (rank 0 then fails with EADDRINUSE): outside the ephemeral range, and
+    free; with no room outside it, a free port all the same."""
     import socket
 
     from artune.autotune import launcher
@@ -367,6 +367,12 @@ def test_free_port_is_outside_the_ephemeral_range(monkeypatch: pytest.MonkeyPatc
         assert not lo <= port <= hi, (port, lo, hi)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", port))  # free right after
+    # the spans drawn from: below the range from 20000, above it to 65535; none where the
+    # range leaves no room (then bind(0): a free port all the same)
+    assert launcher._spans(32768, 60999) == [(20000, 32768), (61000, 65536)]
+    assert launcher._spans(25000, 65535) == [(20000, 25000)]
+    assert launcher._spans(10000, 65535) == []
     monkeypatch.setattr(launcher, "_ephemeral_range", lambda: (1024, 65535))
     port = launcher.free_port()
-    assert 1024 <= port <= 65535
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))

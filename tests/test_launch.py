@@ -139,6 +139,10 @@ def test_a_profile_that_never_measured_sglangs_own_gets_a_note(tmp_path: Path) -
     assert started is not None, err
     assert ("has no measurement of SGLang's own all-reduce (the tune skipped it: rank 0: "
             "create() failed: ModuleNotFoundError: No module named 'openai')") in err, err
+    assert "`artune tune --include-sglang` on this machine" in err
+    # SGLang's custom all-reduce off in this server (abbreviated as argparse allows): no note
+    _, err, started = _run(tmp_path, prof, [*args, "--disable-custom-all"])
+    assert started is not None and "SGLang's own all-reduce" not in err, err
     doc["measurements"] = [*doc.get("measurements", []), {
         "backend": "sglang", "params": {}, "dtype": "float32", "mode": "eager", "nbytes": 4096,
         "rank_medians_us": [20.0, 20.0], "latency_us": 20.0, "spread_us": 0.1, "reps": 10}]

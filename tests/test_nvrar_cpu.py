@@ -166,9 +166,9 @@ def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch
     """One node of 4: the lamport one-shot up to 128 KiB, the lamport two-shot above it up to
     2 MiB (blocks 512 / 1024 / 2048), the signal two-shot beyond; virtual nodes never use
     lamport. 2 GPUs (31st session, 2x H200): the one-shot up to 1 MiB, with chunks of 512 /
-    1024 / 2048 elements up to 128 KiB / 256 KiB / 1 MiB (fp32, which runs it as LL: 512
-    throughout), then the signal two-shot (2 MiB is beyond the two-shot lamport's slot halves
-    there).
+    1024 / 2048 elements up to 128 KiB / 256 KiB / 1 MiB (fp32, which runs it as LL: 512-element
+    chunks up to 512 KiB, the signal two-shot above), then the signal two-shot (2 MiB is beyond
+    the two-shot lamport's slot halves there).
     With a one-shot capacity too small for the two-shot lamport's slot halves, the LL/signal
     two-shot takes its sizes (docs/nvrar.md, "Two-shot lamport")."""
     ctx = _ctx(4, 4, 256 << 20)
@@ -186,9 +186,13 @@ def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch
     for nbytes, (algo, proto, block) in want2.items():
         d2 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20))
         assert (d2["algo"], d2["proto"], d2["block"]) == (algo, proto, block), (nbytes, d2)
-    for nbytes in (4 << 10, 256 << 10, 512 << 10, 1 << 20):  # fp32 (LL): 512-element chunks
+    for nbytes in (4 << 10, 256 << 10, 512 << 10):  # fp32 (LL): 512-element chunks
         d4 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20), 4)
         assert (d4["algo"], d4["proto"], d4["block"]) == ("oneshot", "lamport", 512), (nbytes, d4)
+    for nbytes in (768 << 10, 1 << 20, 2 << 20):  # fp32 above 512K: the signal two-shot
+        d4 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20), 4)
+        assert (d4["algo"], d4["proto"]) == ("twoshot", "signal"), (nbytes, d4)
+    assert NvrarBackend.default_params(1 << 20, _ctx(2, 2, 256 << 20), 4)["block"] == 2048
     for nbytes in (4 << 10, 256 << 10, 1 << 20):
         d22 = NvrarBackend.default_params(nbytes, _ctx(4, 2, 256 << 20))
         assert d22["proto"] != "lamport", (nbytes, d22)
@@ -1042,7 +1046,7 @@ def test_quick_tunes_only_the_cta_count(quick: bool) -> None:
     drv.crew = SimpleNamespace(ctx=ctx, built={"nvrar": be})  # type: ignore[assignment]
     for nbytes in (4096, 65536, 1 << 20, 64 << 20):
         full = NvrarBackend.search_space(nbytes, ctx)
-        space = drv._space("nvrar", nbytes)
+        space = drv._space("nvrar", nbytes, "bfloat16")
         default = NvrarBackend.default_params(nbytes, ctx)
         if not quick:
             assert space == full
@@ -1581,3 +1585,47 @@ def test_a_call_plans_with_its_element_size() -> None:
     assert be.plan(512 << 10, None, 2).block == 2048
     assert be.plan(512 << 10, None, 4).block == 512
     assert be.plan(512 << 10, {"block": 1024}, 4).block == 1024
+
+    class _Comm:  # what all_reduce hands the kernels
+        def __init__(self) -> None:
+            self.plans: list[Any] = []
+
+        def check(self) -> None:
+            pass
+
+        def all_reduce(self, x: torch.Tensor, plan: Any, out: Any = None) -> torch.Tensor:
+            self.plans.append(plan)
+            return x
+
+    comm = _Comm()
+    be.comm = comm
+    be.all_reduce(torch.zeros(128 << 10, dtype=torch.float32))  # 512 KiB each
+    be.all_reduce(torch.zeros(256 << 10, dtype=torch.bfloat16))
+    assert [p.block for p in comm.plans] == [512, 2048]
+
+
+def test_the_tuner_starts_from_the_defaults_of_the_dtype_it_tunes() -> None:
+    """The tuner asks for the search space and defaults of the element size it measures
+    (``search_space_for`` / ``default_params_for``): on 2 GPUs a 512 KiB fp32 study starts from
+    (and, with ``--quick``, keeps) the one-shot's 512-element chunks, a bf16 one from 2048."""
+    from types import SimpleNamespace
+
+    from artune.autotune.driver import Driver
+
+    ctx = _ctx(2, 2, 256 << 20)
+    be = NvrarBackend.__new__(NvrarBackend)
+    drv = Driver.__new__(Driver)
+    drv.crew = SimpleNamespace(ctx=ctx, built={"nvrar": be})  # type: ignore[assignment]
+    for quick in (False, True):
+        drv.cfg = SimpleNamespace(quick=quick)  # type: ignore[assignment]
+        fp32 = drv._space("nvrar", 512 << 10, "float32")
+        bf16 = drv._space("nvrar", 512 << 10, "bfloat16")
+        assert fp32["block"][0] == 512 and bf16["block"][0] == 2048, (quick, fp32, bf16)
+        if quick:
+            assert fp32["block"] == [512] and bf16["block"] == [2048]
+    assert NvrarBackend.default_params_for(512 << 10, ctx, 4)["block"] == 512
+    # a backend without its own (gloo): the element-size-free methods
+    from artune.backends.gloo import GlooBackend
+
+    assert GlooBackend.search_space_for(4096, ctx, 4) == GlooBackend.search_space(4096, ctx)
+    assert GlooBackend.default_params_for(4096, ctx, 4) == GlooBackend.default_params(4096, ctx)

@@ -224,6 +224,11 @@ def test_sglang_unmeasured_says_why_the_tune_has_no_sglang_candidate() -> None:
                        "nbytes": None, "reason": "rank 0: create() failed: ImportError: x"}]
     assert Profile(doc).sglang_unmeasured() == (
         "the tune skipped it: rank 0: create() failed: ImportError: x")
+    sized = dict(doc, skipped=[*doc["skipped"], {  # skipped at one size too
+        "backend": "sglang", "params": {}, "dtype": "bfloat16", "mode": "graph",
+        "nbytes": 4096, "reason": "gate failed"}])
+    assert Profile(sized).sglang_unmeasured() == (
+        "the tune skipped it: rank 0: create() failed: ImportError: x (and 1 more)")
     doc["measurements"] = [*doc.get("measurements", []), rec("sglang", 4096, 99.0)]
     assert Profile(doc).sglang_unmeasured() is None  # measured, slower everywhere: not routed
     routed = build_profile([rec("nccl", 4096, 14.0), rec("sglang", 4096, 2.0)], [],

@@ -1707,8 +1707,10 @@ def test_setup_warns_when_the_profile_never_measured_sglangs_own(
 
     from _profiles import profile_doc
 
+    from artune import log as artune_log
     from artune.integration import sglang_setup
 
+    monkeypatch.setattr(artune_log, "_seen", set())  # once per process: start afresh
     doc = profile_doc()
     doc["skipped"] = [{"backend": "sglang", "params": {}, "dtype": None, "mode": None,
                        "nbytes": None, "reason": "rank 0: create() failed: ImportError: x"}]
@@ -1742,5 +1744,6 @@ def test_setup_warns_when_the_profile_never_measured_sglangs_own(
         assert len(warned) == 1, warned
         assert ("/p/profile.json has no measurement of SGLang's own all-reduce (the tune "
                 "skipped it: rank 0: create() failed: ImportError: x)") in warned[0]
+        assert "artune tune --include-sglang" in warned[0]
     else:
         assert warned == []

@@ -250,7 +250,8 @@ class Crew:
                 # of the search space ahead cost more than building on first use (4x H100,
                 # 2026-11-26: 28 s ahead for NVRAR's whole space, ~11 s lazily in a full tune).
                 msgs = [
-                    (dtype, nbytes, type(backend).default_params(nbytes, ctx))
+                    (dtype, nbytes,
+                     type(backend).default_params_for(nbytes, ctx, element_size(dtype)))
                     for dtype in cfg.dtypes
                     for nbytes in sorted({actual_nbytes(s, dtype) for s in cfg.sizes})
                 ]

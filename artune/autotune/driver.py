@@ -13,7 +13,7 @@ from typing import Any
 from artune import envs
 from artune.autotune import ui
 from artune.autotune.config import TuneConfig
-from artune.autotune.crew import Crew, actual_nbytes, record_from
+from artune.autotune.crew import Crew, actual_nbytes, element_size, record_from
 from artune.autotune.linear import LinearPhase, is_linear
 from artune.autotune.runner import RankEnv, candidates, out_and_storage
 from artune.autotune.search import (
@@ -269,7 +269,7 @@ class Driver(ValidationPass, LinearPhase):
         for dtype in cfg.dtypes:
             for nbytes in sorted({actual_nbytes(s, dtype) for s in cfg.sizes}):
                 for name in names:
-                    space = self._space(name, nbytes)
+                    space = self._space(name, nbytes, dtype)
                     budget = min(self._count(name, space, nbytes), cfg.n_trials) if space else 1
                     for mode in cfg.modes:
                         plan.append((dtype, nbytes, name, mode,
@@ -284,16 +284,17 @@ class Driver(ValidationPass, LinearPhase):
         built = self.crew.built.get(name)
         return type(built) if built is not None else _backends.load(name)
 
-    def _space(self, name: str, nbytes: int) -> dict[str, list[Any]]:
-        """Backend ``name``'s search space at ``nbytes``; with ``--quick``, only its launch
-        parameters vary, the others stay at the defaults (built ahead by ``prepare``): no
+    def _space(self, name: str, nbytes: int, dtype: str) -> dict[str, list[Any]]:
+        """Backend ``name``'s search space at ``nbytes`` of ``dtype``; with ``--quick``, only its
+        launch parameters vary, the others stay at the defaults (built ahead by ``prepare``): no
         trial waits for a build (an NVRAR kernel not built ahead compiles at its first call,
         inside the trial's correctness gate)."""
         cls = self._cls(name)
-        space = cls.search_space(nbytes, self.crew.ctx)
+        size = element_size(dtype)
+        space = cls.search_space_for(nbytes, self.crew.ctx, size)
         if not self.cfg.quick or not space:
             return space
-        default = cls.default_params(nbytes, self.crew.ctx)
+        default = cls.default_params_for(nbytes, self.crew.ctx, size)
         return {k: (list(v) if k in cls.launch_params or k not in default else [default[k]])
                 for k, v in space.items()}
 
@@ -370,7 +371,7 @@ class Driver(ValidationPass, LinearPhase):
         cls = type(self.crew.built[name])
         sname = study_name(name, dtype, mode, nbytes)
         done = resumed.done.get(sname, set())
-        space = self._space(name, nbytes)
+        space = self._space(name, nbytes, dtype)
         if not space:
             if params_key({}) in done:
                 progress.advance()
@@ -384,7 +385,7 @@ class Driver(ValidationPass, LinearPhase):
                 self._add_skip(rec)
             progress.advance()
             return
-        default = cls.default_params(nbytes, ctx)
+        default = cls.default_params_for(nbytes, ctx, element_size(dtype))
         first = [default]
         if self._follows_graph(mode):
             graph = [m for m in self.measurements if m["backend"] == name and m["mode"] == "graph"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from artune import envs
 
@@ -32,19 +33,29 @@ _POLL_S = 0.1
 _RANK0_GRACE_S = 3.0
 
 
-#: Where free_port looks first: below Linux's default ephemeral range (32768-60999), like the
-#: ports srun steps derive (``slurm.port_for``).
+#: Where free_port looks first, below the ephemeral range: from 20000 (clear of the
+#: registered ports most services use below it, and where ``slurm.port_for`` maps srun steps)
+#: up to Linux's default ephemeral range, 32768-60999; above that range up to 65535 too.
 _PORT_LOW, _PORT_HIGH = 20000, 32768
+#: A span of fewer free-port candidates than this is not worth drawing from.
+_MIN_SPAN = 64
 
 
 def _ephemeral_range() -> tuple[int, int]:
     """The kernel's range for the local ports of outgoing connections (Linux; its default
     elsewhere)."""
     try:
-        lo, hi = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        lo, hi = (int(v) for v in
+                  Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
         return lo, hi
     except (OSError, ValueError):
         return 32768, 60999
+
+
+def _spans(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The [a, b) port spans outside the ephemeral range [lo, hi] that free_port draws from."""
+    spans = ((_PORT_LOW, min(_PORT_HIGH, lo)), (hi + 1, 65536))
+    return [(a, b) for a, b in spans if b - a >= _MIN_SPAN]
 
 
 def free_port() -> int:
@@ -54,10 +65,9 @@ def free_port() -> int:
     rank 0's listen, any outgoing connection on the host may get it as its local port, e.g. a
     rank already retrying to reach the store (a connection to a local port nobody listens on
     can connect to itself). Rank 0 then fails with EADDRINUSE (seen once in the 31st session, on
-    2x H200, the tune after a killed one). So: a random free port below the ephemeral range,
-    and bind(0) only if none is found."""
-    lo, hi = _ephemeral_range()
-    spans = [(a, b) for a, b in ((_PORT_LOW, min(_PORT_HIGH, lo)), (hi + 1, 65536)) if b - a > 64]
+    2x H200, the tune after a killed one). So: a random free port outside the ephemeral range
+    (``_spans``), and bind(0) only if none is found."""
+    spans = _spans(*_ephemeral_range())
     rng = random.SystemRandom()
     for _ in range(64):
         if not spans:

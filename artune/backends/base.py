@@ -14,6 +14,9 @@ will see, and then answers the same few questions as every other backend:
 - ``slow_imports``                  (class attribute, optional) modules its set-up imports that
                                     take seconds; a tune imports them in the background while
                                     the ranks start;
+- ``search_space_for(nbytes, ctx, elem_size)``, ``default_params_for(...)`` (class methods,
+                                    optional) the same for messages of ``elem_size``-byte
+                                    elements, which the tuner calls; by default the two above;
 - ``admits(params, nbytes, ctx)``   (class method, optional) whether one combination of those
                                     choices is a distinct, valid parameter set (the tuner never
                                     spends a trial on one it rejects);
@@ -145,6 +148,20 @@ class Backend(ABC):
     def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
         """Parameters used when the profile gives none (good without tuning)."""
         return {k: v[0] for k, v in cls.search_space(nbytes, ctx).items()}
+
+    @classmethod
+    def search_space_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
+                         ) -> dict[str, list[Any]]:
+        """``search_space`` for messages of ``elem_size``-byte elements (what the tuner asks); a
+        backend whose choices depend on the element size overrides it."""
+        return cls.search_space(nbytes, ctx)
+
+    @classmethod
+    def default_params_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
+                           ) -> dict[str, Any]:
+        """``default_params`` for messages of ``elem_size``-byte elements (what the tuner
+        asks); a backend whose defaults depend on the element size overrides it."""
+        return cls.default_params(nbytes, ctx)
 
     @classmethod
     def create(cls, ctx: GroupContext) -> Backend:

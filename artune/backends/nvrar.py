@@ -108,11 +108,15 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int, elem_size: int = 
     elems = max(1, nbytes // 2)
     world = ranks_per_node * nodes
     shard = -(-elems // ranks_per_node)
+    # fp32 runs "lamport" as LL. On 2 GPUs (2x H200, 31st session, µs at 256K / 512K / 1M) its
+    # one-shot was fastest with 512-element chunks up to 512K: 4.7 / 6.7 / 10.2 (with the
+    # 16-bit chunk sizes 5.3 / 8.8 / 11.5; the two-shot LL with 1024, the default at 512K-1M
+    # before, - / 8.5 / 10.8), and the signal two-shot at 1M: 8.7.
+    fp32 = elem_size >= 4
+    if nodes == 1 and world <= 2 and fp32 and nbytes > 512 << 10:
+        return _twoshot_plan(nbytes, nodes, world, elems, shard)
     if nodes == 1 and nbytes <= ((1 << 20) if world <= 2 else (128 << 10)):
-        # fp32 runs "lamport" as LL, whose one-shot is fastest with 512-element chunks (2x H200,
-        # 31st session: 4.7 / 6.7 / 10.2 us at 256K / 512K / 1M; with 1024 / 2048: 5.3 / 8.8 /
-        # 11.5; the two-shot before: 6.9 / 8.5 / 10.8)
-        big = nbytes > 128 << 10 and elem_size < 4
+        big = nbytes > 128 << 10 and not fp32
         block = _fit(1024 if big and nbytes <= 256 << 10 else 2048 if big else 512, elems)
         return {"algo": "oneshot", "proto": "lamport", "block": block,
                 "ctas": _ctas_for(-(-elems // block), 128), "warps": 4, "inter": "auto"}
@@ -179,23 +183,24 @@ class NvrarBackend(Backend):
         return _nvshmem.group_reason(ctx)
 
     @classmethod
-    def search_space(cls, nbytes: int, ctx: GroupContext) -> dict[str, list[Any]]:
-        """A few neighbours of ``default_params``: the other algorithm and protocols where they
-        take the size, the block halved and doubled, the CTA cap halved and doubled; warps and
-        ``inter`` as in the defaults. ``admits`` drops the combinations that are not plans (a
-        one-shot signal, a lamport plan beyond its capacity). Every distinct (algorithm,
-        protocol, block, warps) is a Triton compile (the CTA count is not), so the space stays
-        small on purpose: over
-        the 37 sizes of a full tune, 1 KiB..256 MiB, it holds 27-29 distinct bf16 kernels on
-        one node of 2, 4 or 8 ranks and 28 on 2x2 virtual nodes (tests/test_nvrar_cpu.py
-        counts them), at most 45 admitted combinations per size, against 90 and 120 kernels
-        for the full product of choices it replaced (6 blocks x 5 warps x
+    def search_space(cls, nbytes: int, ctx: GroupContext, elem_size: int = 2
+                     ) -> dict[str, list[Any]]:
+        """A few neighbours of ``default_params`` (for ``elem_size``-byte elements): the
+        other algorithm and protocols where they take the size, the block halved and
+        doubled, the CTA cap halved and doubled; warps and ``inter`` as in the defaults.
+        ``admits`` drops the combinations that are not plans (a one-shot signal, a lamport
+        plan beyond its capacity). Every distinct (algorithm, protocol, block, warps) is a
+        Triton compile (the CTA count is not), so the space stays small on purpose: over the
+        37 sizes of a full tune, 1 KiB..256 MiB, it holds 27-29 distinct bf16 kernels on one
+        node of 2, 4 or 8 ranks and 28 on 2x2 virtual nodes (tests/test_nvrar_cpu.py counts
+        them), at most 45 admitted combinations per size, against 90 and 120 kernels for the
+        full product of choices it replaced (6 blocks x 5 warps x
         algorithm/protocol/transport).
         """
         from artune.kernels.nvrar_layout import BLOCKS
 
         one, ll = _caps(ctx)
-        d = cls.default_params(nbytes, ctx)
+        d = cls.default_params(nbytes, ctx, elem_size)
         elems = max(1, nbytes // 2)  # bf16/fp16 have the most elements per byte
         algos = [d["algo"]] + [a for a in ("oneshot", "twoshot")
                                if a != d["algo"] and (a == "twoshot" or 0 < nbytes <= one)]
@@ -217,6 +222,16 @@ class NvrarBackend(Backend):
         if ctx.nodes > 1:
             space["inter"] = ["auto", "nvshmem"]  # auto: p2p where every rank is reachable
         return space
+
+    @classmethod
+    def search_space_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
+                         ) -> dict[str, list[Any]]:
+        return cls.search_space(nbytes, ctx, elem_size)
+
+    @classmethod
+    def default_params_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
+                           ) -> dict[str, Any]:
+        return cls.default_params(nbytes, ctx, elem_size)
 
     @classmethod
     def admits(cls, params: Params, nbytes: int, ctx: GroupContext) -> bool:

@@ -271,11 +271,10 @@ def main(args: argparse.Namespace, *, server: Sequence[str] | None = None) -> in
     if hint:
         print(f"artune launch: note: {hint}", file=sys.stderr)
     unmeasured = prof.sglang_unmeasured()
-    if unmeasured:
+    if unmeasured and not any(_names(a, "--disable-custom-all-reduce") for a in sargs):
         print(f"artune launch: note: {path} has no measurement of SGLang's own all-reduce "
               f"({unmeasured}), so at sizes where SGLang's own is the fastest this server can "
-              "be slower than SGLang's default; `artune tune` on this machine, where sglang "
-              "imports, measures it", file=sys.stderr)
+              f"be slower than SGLang's default; {profile_mod.SGLANG_REMEDY}", file=sys.stderr)
     if prof.data.get("dry_run"):
         print(f"artune launch: note: {path} is a DRY RUN profile (`artune tune --device cpu`, "
               "gloo on CPU processes): its routes say nothing about GPU all-reduces; tune on "

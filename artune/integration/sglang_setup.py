@@ -8,13 +8,15 @@ and group size, the backends it routes to are checked and built on the group), t
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from artune import envs
 from artune.integration.group_setup import GroupSpec, build_router, summary, unavailable_reason
 from artune.integration.group_setup import without as _without  # noqa: F401 - benchmarks use it
 from artune.integration.sglang import _ROUTES, PluginError, Route, _start_trace
-from artune.log import logger
+from artune.log import log_once, logger
+from artune.profile import SGLANG_REMEDY
 
 if TYPE_CHECKING:
     from artune.backends.base import GroupContext
@@ -67,7 +69,8 @@ def setup_group(gc: Any, role: str = "TP", optional: bool = False) -> Route | No
                     served.fingerprint_id or "?", summary(served))
         unmeasured = served.sglang_unmeasured()
         if unmeasured and _sglang_fast_path(gc):
-            logger.warning("artune %s: %s has no measurement of SGLang's own all-reduce (%s): "
-                           "where it is the fastest, this server can be slower than SGLang's "
-                           "default; tune again where sglang imports", name, path, unmeasured)
+            log_once(f"sglang-unmeasured:{path}",
+                     f"artune {name}: {path} has no measurement of SGLang's own all-reduce "
+                     f"({unmeasured}): where it is the fastest, this server can be slower than "
+                     f"SGLang's default; {SGLANG_REMEDY}", logging.WARNING)
     return route
