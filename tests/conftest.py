@@ -26,6 +26,9 @@ from typing import Any
 
 import pytest
 
+# the tests' rendezvous ports: free ones outside the ephemeral range, as a tune's
+from artune.autotune.launcher import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
@@ -75,13 +78,6 @@ def requires_nvshmem(n: int = 2) -> pytest.MarkDecorator:
         else "needs nvshmem4py (pip install 'artune[nvshmem]')"
     )
     return pytest.mark.skipif(have < n or not nvshmem, reason=reason)
-
-
-def free_port() -> int:
-    """A free port outside the ephemeral range (``artune.autotune.launcher.free_port``)."""
-    from artune.autotune.launcher import free_port as _artune_free_port
-
-    return _artune_free_port()
 
 
 def _gloo_entry(

@@ -187,12 +187,12 @@ def test_defaults_follow_the_measured_crossovers(monkeypatch: pytest.MonkeyPatch
         d2 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20))
         assert (d2["algo"], d2["proto"], d2["block"]) == (algo, proto, block), (nbytes, d2)
     for nbytes in (4 << 10, 256 << 10, 512 << 10):  # fp32 (LL): 512-element chunks
-        d4 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20), 4)
+        d4 = NvrarBackend.default_params_for(nbytes, _ctx(2, 2, 256 << 20), 4)
         assert (d4["algo"], d4["proto"], d4["block"]) == ("oneshot", "lamport", 512), (nbytes, d4)
     for nbytes in (768 << 10, 1 << 20, 2 << 20):  # fp32 above 512K: the signal two-shot
-        d4 = NvrarBackend.default_params(nbytes, _ctx(2, 2, 256 << 20), 4)
+        d4 = NvrarBackend.default_params_for(nbytes, _ctx(2, 2, 256 << 20), 4)
         assert (d4["algo"], d4["proto"]) == ("twoshot", "signal"), (nbytes, d4)
-    assert NvrarBackend.default_params(1 << 20, _ctx(2, 2, 256 << 20), 4)["block"] == 2048
+    assert NvrarBackend.default_params_for(1 << 20, _ctx(2, 2, 256 << 20), 4)["block"] == 2048
     for nbytes in (4 << 10, 256 << 10, 1 << 20):
         d22 = NvrarBackend.default_params(nbytes, _ctx(4, 2, 256 << 20))
         assert d22["proto"] != "lamport", (nbytes, d22)

@@ -183,8 +183,13 @@ class NvrarBackend(Backend):
         return _nvshmem.group_reason(ctx)
 
     @classmethod
-    def search_space(cls, nbytes: int, ctx: GroupContext, elem_size: int = 2
-                     ) -> dict[str, list[Any]]:
+    def search_space(cls, nbytes: int, ctx: GroupContext) -> dict[str, list[Any]]:
+        """``search_space_for`` bf16/fp16 messages."""
+        return cls.search_space_for(nbytes, ctx, 2)
+
+    @classmethod
+    def search_space_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
+                         ) -> dict[str, list[Any]]:
         """A few neighbours of ``default_params`` (for ``elem_size``-byte elements): the
         other algorithm and protocols where they take the size, the block halved and
         doubled, the CTA cap halved and doubled; warps and ``inter`` as in the defaults.
@@ -200,7 +205,7 @@ class NvrarBackend(Backend):
         from artune.kernels.nvrar_layout import BLOCKS
 
         one, ll = _caps(ctx)
-        d = cls.default_params(nbytes, ctx, elem_size)
+        d = cls.default_params_for(nbytes, ctx, elem_size)
         elems = max(1, nbytes // 2)  # bf16/fp16 have the most elements per byte
         algos = [d["algo"]] + [a for a in ("oneshot", "twoshot")
                                if a != d["algo"] and (a == "twoshot" or 0 < nbytes <= one)]
@@ -224,16 +229,6 @@ class NvrarBackend(Backend):
         return space
 
     @classmethod
-    def search_space_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
-                         ) -> dict[str, list[Any]]:
-        return cls.search_space(nbytes, ctx, elem_size)
-
-    @classmethod
-    def default_params_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
-                           ) -> dict[str, Any]:
-        return cls.default_params(nbytes, ctx, elem_size)
-
-    @classmethod
     def admits(cls, params: Params, nbytes: int, ctx: GroupContext) -> bool:
         """The one-shot has no signal protocol (it would run as LL), each lamport algorithm
         stops at its capacity (the two-shot one runs on one node only, and only above
@@ -251,8 +246,13 @@ class NvrarBackend(Backend):
                     or (algo == "twoshot" and proto == "ll" and nbytes > ll))
 
     @classmethod
-    def default_params(cls, nbytes: int, ctx: GroupContext, elem_size: int = 2
-                       ) -> dict[str, Any]:
+    def default_params(cls, nbytes: int, ctx: GroupContext) -> dict[str, Any]:
+        """``default_params_for`` bf16/fp16 messages."""
+        return cls.default_params_for(nbytes, ctx, 2)
+
+    @classmethod
+    def default_params_for(cls, nbytes: int, ctx: GroupContext, elem_size: int
+                           ) -> dict[str, Any]:
         params = default_plan(nbytes, ctx.nodes, ctx.ranks_per_node, elem_size)
         one, ll = _caps(ctx)
         elems = max(1, nbytes // 2)
@@ -319,7 +319,8 @@ class NvrarBackend(Backend):
         if plan is None:
             from artune.kernels.nvrar import Plan
 
-            merged = {**self.default_params(nbytes, self.ctx, elem_size), **(params or {})}
+            merged = {**self.default_params_for(nbytes, self.ctx, elem_size),
+                      **(params or {})}
             unknown = set(merged) - set(Plan.__dataclass_fields__)
             if unknown:
                 raise ValueError(
@@ -350,8 +351,8 @@ class NvrarBackend(Backend):
         if comm is None:
             raise RuntimeError(f"{self.name}: all_reduce after close(); build a new backend")
         comm.check()
-        return comm.all_reduce(x, self.plan(x.numel() * x.element_size(), params,
-                                            x.element_size()))
+        size = x.element_size()
+        return comm.all_reduce(x, self.plan(x.numel() * size, params, size))
 
     def prepare(self, messages: Sequence[tuple[str, int, Params]]) -> int:
         """Compile every kernel variant these messages would use, each once per node: the

@@ -20,6 +20,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+# free ones outside the ephemeral range, as a tune's rendezvous port
+from artune.autotune.launcher import free_port as _free_port
+
 __all__ = ["gpu_count", "run_on_gpus"]
 
 
@@ -27,13 +30,6 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _free_port() -> int:
-    """A free port outside the ephemeral range (``artune.autotune.launcher.free_port``)."""
-    from artune.autotune.launcher import free_port as _artune_free_port
-
-    return _artune_free_port()
 
 
 def _entry(
