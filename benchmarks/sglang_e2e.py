@@ -192,6 +192,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
                             "linear_params": {"stages": 5}},
     "artune_compile_one_row": {"artune": True, "kw": {"enable_torch_compile": True},
                                "env": {"ARTUNE_FUSED_LINEAR_ONE_ROW_COMPILED": "1"}},
+    # the two-shot lamport under PDL's early start, without its early launch of the next kernel
+    "artune_twoshot_wait": {"artune": True, "kw": {},
+                            "env": {"ARTUNE_NVRAR_TWOSHOT_PDL": "wait"}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_unfused_without_sglang": {"artune": True, "kw": {}, "drop": "sglang",
