@@ -1086,11 +1086,11 @@ def test_pdl_reaches_the_launch_and_the_kernel_key() -> None:
 
 def test_the_two_shot_lamport_kernel_takes_pdl_as_its_own_variable_says(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The two-shot lamport kernel launches without PDL by default even where every other
-    peer-address kernel takes it (in a served model the kernel after it ran longer with it:
-    docs/nvrar.md); ARTUNE_NVRAR_TWOSHOT_PDL=wait launches it with PDL but without the early
-    launch of the next grid, =on as the others; each mode its own compiled variant, and none
-    without ARTUNE_NVRAR_PDL. The one-shot lamport keeps the global switch."""
+    """The two-shot lamport kernel takes PDL its own way: by default (wait) it waits under PDL
+    but does not launch the next grid early (in a served model the kernel after it ran longer
+    with that early launch: docs/nvrar.md); =off launches it without PDL, =on as the other
+    peer-address kernels; each mode its own compiled variant, and none adds PDL without
+    ARTUNE_NVRAR_PDL. The one-shot lamport keeps the global switch."""
     from artune import envs
     from artune.kernels.nvrar import Plan
 
@@ -1098,7 +1098,7 @@ def test_the_two_shot_lamport_kernel_takes_pdl_as_its_own_variable_says(
     lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18, 3)
     comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
                      [1 << 20, 2 << 20, 3 << 20, 4 << 20], torch.device("cpu"), timeout_s=1.0)
-    assert comm.twoshot_pdl == "off"
+    assert comm.twoshot_pdl == "wait"
     x = torch.zeros(4096, dtype=torch.bfloat16)
     y = torch.empty_like(x)
     two = Plan(algo="twoshot", proto="lamport", block=256, ctas=2)
@@ -1123,8 +1123,8 @@ def test_the_two_shot_lamport_kernel_takes_pdl_as_its_own_variable_says(
     on_one = comm.spec(x, y, one)
     assert on_one.kwargs["PDL"] is True and "PDL_NEXT" not in on_one.kwargs
     assert on_one.key != off_one.key
-    monkeypatch.setenv("ARTUNE_NVRAR_TWOSHOT_PDL", "Wait")
-    assert envs.get("ARTUNE_NVRAR_TWOSHOT_PDL") == "wait"
+    monkeypatch.setenv("ARTUNE_NVRAR_TWOSHOT_PDL", "Off")
+    assert envs.get("ARTUNE_NVRAR_TWOSHOT_PDL") == "off"
     monkeypatch.setenv("ARTUNE_NVRAR_TWOSHOT_PDL", "1")
     with pytest.raises(ValueError, match="expected off, wait or on"):
         envs.get("ARTUNE_NVRAR_TWOSHOT_PDL")

@@ -662,14 +662,15 @@ class NvrarComm:
         kwargs: dict[str, Any] = dict(W=w, BLOCK=plan.block, MAXC=MAX_CTAS,
                                       INTERPRET=self.interpret, num_warps=warps, VEC=vec,
                                       AHEAD=self.ahead)
-        # No PDL by default: launched with it, the two-shot lets the kernel after it (a served
-        # model's fused add + RMSNorm) launch at its start, and that norm then ended 3.6 µs after
-        # the two-shot instead of 2.7 (the 512 KiB all-reduces of bs 64, TP=4, 4x H200, kernel
-        # traces `sglang_kernels_tp4_h200_bs64{,_nopdl}_2026-11-28d.md`): the two-shot's gain
-        # over SGLang's own all-reduce was lost in place. The one-shot and the fused linear
-        # kernels keep it (the same model's bs 1 / 16 read 2.1-2.6 points faster with it).
-        # "wait" keeps PDL's early start after the kernel before it (0.3 µs in that trace)
-        # without the early launch of the one after it.
+        # By default ("wait") the two-shot waits for the kernel before it under PDL but does not
+        # let the next one launch early: with that early launch ("on") the kernel after it (a
+        # served model's fused add + RMSNorm) ended 3.6 µs after the two-shot instead of 2.7
+        # (the 512 KiB all-reduces of bs 64, TP=4, 4x H200, kernel traces
+        # `sglang_kernels_tp4_h200_bs64{,_nopdl}_2026-11-28d.md`), and the two-shot's gain over
+        # SGLang's own all-reduce was lost in place; without PDL at all ("off") its launch
+        # after the GEMM cost 0.3 µs more, and that model's decode graphs took 0.63 % more GPU
+        # time than with "wait" (32nd session, docs/nvrar.md). The one-shot and the fused
+        # linear kernels keep the early launch (bs 1 / 16 read 2.1-2.6 points faster with it).
         mode = self.twoshot_pdl if self.pdl else "off"
         if mode != "off":
             kwargs.update(self._pdl())

@@ -194,8 +194,8 @@ def _sweep(ctx: Any, per_node: int, dtypes: tuple[str, ...], sizes: tuple[tuple[
 
 def _graph_check(be: Any, dtypes: tuple[str, ...]) -> list[str]:
     """Several sizes/dtypes captured in one graph (defaults), replayed 3x with new inputs.
-    1 << 20 elements (2 MiB in 16-bit) takes the two-shot lamport by default on 4 ranks and
-    3 << 17 (768 KiB) on 4; on 2 ranks 768 KiB takes the one-shot (31st session) and 2 MiB
+    1 << 20 elements (2 MiB in 16-bit) takes the two-shot lamport by default on 4 ranks, and
+    so does 3 << 17 (768 KiB); on 2 ranks 768 KiB takes the one-shot (31st session) and 2 MiB
     the signal two-shot, so the 768 KiB shapes are also captured with the two-shot lamport
     asked for (wherever it runs): its launch is what ARTUNE_NVRAR_TWOSHOT_PDL sets."""
     failures: list[str] = []
