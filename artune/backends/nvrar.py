@@ -95,7 +95,7 @@ def default_plan(nbytes: int, nodes: int, ranks_per_node: int, elem_size: int = 
       256K / 384K / 512K / 1M / 2M (the one-shot: 5.2 / 6.5 / 7.4 / 12.4 / -; SGLang's custom
       all-reduce 4.8 / 5.9 / 9.0 / 12.2 / 17.1), then under PDL with the early launch of the
       next kernel, which the two-shot no longer does (ARTUNE_NVRAR_TWOSHOT_PDL=wait: on 4x
-      H200 4.4 / 5.4 / 7.3 / 12.7 us at 256K / 512K / 1M / 2M, 0.2-0.4 us slower back to back,
+      H200 4.4 / 5.4 / 7.3 / 12.7 us at 256K / 512K / 1M / 2M, 0.2-0.5 us slower back to back,
       faster in a served model: docs/nvrar.md).
       2 GPUs, above 1 MiB (eighth session, benchmarks/results/allreduce_2gpu_h100.md, at
       512K / 1M: 1024-element chunks 4.2 / 5.8 us against 10.1 / 11.7 for the LL/signal
