@@ -34,6 +34,11 @@ echo "$WHEELS" > /tmp/site/.artune-installed
 fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$W/card.txt"
+card_slug() {  # the card's model for file names: h100, h200, ... (gpu where none is found)
+    local m
+    m=$(grep -o 'H[0-9][0-9][0-9]' "$W/card.txt" | head -1 | tr 'A-Z' 'a-z')
+    echo "${m:-gpu}"
+}
 
 reference_profile() {  # the profile of this machine: a committed one of this card and GPU
     # count, else one tuned by an earlier call on this warm machine (/tmp/artune-tuned-<N>gpu.json),

@@ -18,7 +18,7 @@ set -uo pipefail
 W=/tmp/artune-gpu-card
 source benchmarks/gpu_lib.sh
 N=$(nvidia-smi -L | wc -l)
-CARD=$(grep -q H200 "$W/card.txt" && echo h200 || echo h100)
+CARD=$(card_slug)
 step tests 240 python3 -m pytest -q -s -rs tests/gpu/test_ops_gpu.py tests/gpu/test_nvrar_gpu.py \
     -k "setup_serves or fused"
 grep -h "passed\|failed\|error" "$W/tests.log" | tail -3

@@ -16,12 +16,12 @@ N=$(nvidia-smi -L | wc -l)
 step tests "${SUITE_S:-430}" python3 -m pytest -v -rs --durations=12 tests/gpu ${K:+-k "$K"}
 grep -h "passed\|failed\|error" "$W/tests.log" | tail -3
 PROF=$(reference_profile) || PROF=""
-CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd 'A-Za-z0-9' | tail -c 5)
+CARD=$(card_slug)
 D=$(date +%F)
 step allreduce 90 torchrun --nproc-per-node "$N" benchmarks/allreduce.py ${PROF:+--profile "$PROF"} \
-    --sizes 4K,8K,16K,32K,64K,128K,256K,512K,1M,2M,16M --out "$W/allreduce_${N}gpu_${CARD,,}_${D}.md"
+    --sizes 4K,8K,16K,32K,64K,128K,256K,512K,1M,2M,16M --out "$W/allreduce_${N}gpu_${CARD}_${D}.md"
 ARTUNE_NVRAR_TWOSHOT_PDL=off step allreduce_off 60 torchrun --nproc-per-node "$N" \
     benchmarks/allreduce.py --backends nccl,sglang,nvrar --sizes 256K,512K,1M,2M \
-    --out "$W/allreduce_${N}gpu_${CARD,,}_twoshot_pdl_off_${D}.md"
+    --out "$W/allreduce_${N}gpu_${CARD}_twoshot_pdl_off_${D}.md"
 cat "$W/steps.txt"
 for f in "$W"/allreduce_*.md; do echo "== $f"; grep "^|" "$f" | head -16; done
