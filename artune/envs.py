@@ -158,6 +158,14 @@ ENV: dict[str, tuple[Any, Callable[[str], Any], str]] = {
         "after it then ended 3.6 us after it instead of 2.7, 1.3 % of the step). off: no PDL "
         "(docs/nvrar.md, 'PDL and the kernel after the two-shot').",
     ),
+    "ARTUNE_NVRAR_WIDE": (
+        False,
+        _flag,
+        "1: NVRAR's 16-bit lamport one-shot and two-shot move 16 bytes per thread (one 16-byte "
+        "load or store where the 8-byte kernels issue two; artune/kernels/nvrar_wide.py) where "
+        "a call allows it (n a multiple of 8, x and y 16-byte aligned, no fused norm, "
+        "ARTUNE_NVRAR_CLEAR_AHEAD off). A local choice: ranks may differ.",
+    ),
     "ARTUNE_FUSED_LINEAR": (
         "auto",
         _auto_flag,

@@ -1,7 +1,7 @@
 """NVRAR development benchmark: every NVRAR variant against NCCL, per size, on this machine.
 
     torchrun --nproc-per-node 4 benchmarks/nvrar_dev.py --out OUT.json [--ranks-per-node 2]
-        [--sizes 4K,64K,...] [--quick]
+        [--sizes 4K,64K,...] [--quick] [--lamport] [--wide both]
 
 CUDA-graph replay, bf16. For each size: NCCL (``dist.all_reduce`` in place on a static buffer)
 and a grid of NVRAR plans (algorithm, protocol, block, warps; CTAs cover the chunks, at most
@@ -47,10 +47,20 @@ def _h(n: int) -> str:
     return str(n)
 
 
-def plans_for(nbytes: int, nodes: int, quick: bool) -> list[dict[str, Any]]:
-    """The NVRAR plans timed at ``nbytes`` (bf16)."""
+def plans_for(nbytes: int, nodes: int, quick: bool, lamport: bool = False
+              ) -> list[dict[str, Any]]:
+    """The NVRAR plans timed at ``nbytes`` (bf16); ``lamport``: the lamport one-shot (up to
+    1 MiB) and two-shot (from 128 KiB) at chunks of 512-2048 elements only."""
     elems = nbytes // 2
     out: list[dict[str, Any]] = []
+    if lamport and nodes == 1:
+        for algo, lo, hi in (("oneshot", 0, 1 << 20), ("twoshot", 128 << 10, 4 << 20)):
+            if lo <= nbytes <= hi:
+                out += [{"algo": algo, "proto": "lamport", "block": b, "warps": 4}
+                        for b in (512, 1024, 2048)]
+        for p in out:
+            p["ctas"] = min(128, max(1, -(-elems // p["block"])))
+        return out
     if nodes > 1:  # virtual nodes: both inter-node transports, one block size
         for proto in ("ll", "signal") if nbytes <= 4 << 20 else ("signal",):
             for inter in ("nvshmem", "p2p"):
@@ -236,6 +246,22 @@ def _compare(rows: list[dict[str, Any]], title: str, groups: dict[str, Any]) -> 
         print(f"{_h(row['bytes']):>6}  " + "  ".join(cells))
 
 
+def _wide_table(rows: list[dict[str, Any]]) -> None:
+    """Per size and plan: the 8-byte lamport kernels against the 16-byte ones (``--wide
+    both``), and the difference."""
+    print("\n16-byte lamport kernels (ARTUNE_NVRAR_WIDE), µs per call: plan, 8-byte, 16-byte, "
+          "difference")
+    for row in rows:
+        pairs: dict[str, dict[bool, float]] = {}
+        for e in row["plans"]:
+            if "us" in e and e["plan"]["proto"] == "lamport":
+                pairs.setdefault(e["label"].rsplit(" wide=", 1)[0], {})[e["wide"]] = e["us"]
+        for label, t in pairs.items():
+            if len(t) == 2:
+                print(f"{_h(row['bytes']):>6}  {t[False]:6.2f} {t[True]:6.2f} "
+                      f"{t[True] - t[False]:+6.2f}  {label}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -251,6 +277,12 @@ def main() -> None:
                     help="programmatic dependent launch of the peer-address kernels (sm_90+): "
                          "the library's setting (ARTUNE_NVRAR_PDL), off, on, or each plan timed "
                          "both ways")
+    ap.add_argument("--wide", choices=("default", "off", "on", "both"), default="default",
+                    help="the 16-byte lamport kernels (ARTUNE_NVRAR_WIDE): the library's "
+                         "setting, off, on, or each plan timed both ways (off first)")
+    ap.add_argument("--lamport", action="store_true",
+                    help="time only the lamport one-shot and two-shot plans (chunks of 512-2048 "
+                         "elements) besides the defaults")
     ap.add_argument("--diag", action="store_true",
                     help="instead of the plan sweep: where one-shot's time goes at each size "
                          "(the default plan whole, without its waits, without pushes and waits; "
@@ -277,6 +309,8 @@ def main() -> None:
              "both": (False, True)}[args.spin]
     pdls = {"default": (None,), "off": (False,), "on": (True,),
             "both": (False, True)}[args.pdl]
+    wides = {"default": (None,), "off": (False,), "on": (True,),
+             "both": (False, True)}[args.wide]
     if any(pdls) and torch.cuda.get_device_capability(device) < (9, 0):
         raise SystemExit("--pdl on/both needs compute capability 9.0 or newer")
     for nbytes in sizes:
@@ -290,20 +324,25 @@ def main() -> None:
         buf = x.clone()
         nccl = _slowest(_time_graph(lambda buf=buf: dist.all_reduce(buf), calls, args.reps), None)
         row: dict[str, Any] = {"bytes": nbytes, "nccl_us": nccl, "plans": []}
-        plans = plans_for(nbytes, ctx.nodes, args.quick) + [{"default": True}]
-        variants = [(p, spin, pdl) for p in plans for spin in spins for pdl in pdls]
-        for p, spin, pdl in variants:
+        plans = plans_for(nbytes, ctx.nodes, args.quick, args.lamport) + [{"default": True}]
+        variants = [(p, spin, pdl, wide) for p in plans for spin in spins for pdl in pdls
+                    for wide in wides]
+        for p, spin, pdl, wide in variants:
             params = None if p.get("default") else dict(p)
             label = "default" if params is None else json.dumps(params, sort_keys=True)
             if len(spins) > 1:
                 label += " spin=" + ("on" if spin else "off")
             if len(pdls) > 1:
                 label += " pdl=" + ("on" if pdl else "off")
+            if len(wides) > 1:
+                label += " wide=" + ("on" if wide else "off")
             be.comm.spin = spin
             if pdl is not None:
                 be.comm.pdl = pdl
+            if wide is not None:
+                be.comm.wide = wide
             entry: dict[str, Any] = {"plan": be.plan(nbytes, params).__dict__, "label": label,
-                                     "spin": spin, "pdl": pdl}
+                                     "spin": spin, "pdl": pdl, "wide": wide}
             row["plans"].append(entry)
             if not be.supports(x, params):  # the same answer on every rank
                 entry["skip"] = "supports() is False"
@@ -348,7 +387,8 @@ def main() -> None:
         for row in rows:
             ok = [e for e in row["plans"] if "us" in e]
             d = next((e["us"] for e in ok if e["label"].startswith("default")
-                      and e["spin"] == spins[-1] and e["pdl"] == pdls[-1]), float("nan"))
+                      and e["spin"] == spins[-1] and e["pdl"] == pdls[-1]
+                      and e["wide"] == wides[-1]), float("nan"))
             best = min(ok, key=lambda e: e["us"]) if ok else None
             bad = sum(1 for e in row["plans"] if "error" in e)
             b = best["us"] if best else float("nan")
@@ -367,6 +407,8 @@ def main() -> None:
         if len(pdls) > 1:
             _compare(rows, "programmatic dependent launch, best plan per size: off vs on",
                      {("on" if v else "off"): (lambda e, v=v: e["pdl"] == v) for v in pdls})
+        if len(wides) > 1:
+            _wide_table(rows)
     dist.barrier(cpu)
     from artune.backends import _nvshmem
 

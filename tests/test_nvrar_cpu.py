@@ -453,7 +453,7 @@ def _start_together(folder: Path, rank: int, world: int, limit_s: float = 300.0)
 def _rank_main(
     rank: int, nodes: int, local: int, max_bytes: int, folder: str, cases: list[Case],
     skip: int, timeout_s: float, stall: tuple[int, float, int], parities: int,
-    lamport_epoch: int, q: Any,
+    lamport_epoch: int, wide: tuple[int, ...], q: Any,
 ) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -467,6 +467,7 @@ def _rank_main(
         comm = NvrarComm(rank, nd, lay, bufs[rank], [b.data_ptr() for b in bufs],
                          torch.device("cpu"), timeout_s=timeout_s, interpret=True)
         comm.lctr.fill_(lamport_epoch)  # where the lamport epoch counters start (three parities)
+        comm.wide = rank in wide  # the 16-byte lamport kernels on these ranks only
         _start_together(Path(folder), rank, nd.world)
         out: list[Any] = []
         for call, (numel, dtype, fields) in enumerate(cases):
@@ -520,7 +521,7 @@ def _spawn_ranks(world: int, target: Any, args_of: Any) -> list[Any]:
 def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16,
              skip: int = -1, timeout_s: float = 60.0,
              stall: tuple[int, float, int] = (-1, 0.0, 0), parities: int = 2,
-             lamport_epoch: int = 0) -> list[list[Any]]:
+             lamport_epoch: int = 0, wide: tuple[int, ...] = ()) -> list[list[Any]]:
     world = nodes * local
     lay = Layout(Nodes(nodes, local), max_bytes, max_bytes if nodes == 1 else 0, max_bytes,
                  parities)
@@ -532,7 +533,7 @@ def _emulate(nodes: int, local: int, cases: list[Case], max_bytes: int = 1 << 16
         return _spawn_ranks(
             world, _rank_main,
             lambda r: (r, nodes, local, max_bytes, folder, cases, skip, timeout_s, stall,
-                       parities, lamport_epoch),
+                       parities, lamport_epoch, wide),
         )
 
 
@@ -624,6 +625,56 @@ ONE_NODE_CASES: list[Case] = [
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_one_node_emulated(world: int) -> None:
     _check(_emulate(1, world, ONE_NODE_CASES), ONE_NODE_CASES)
+
+
+#: The 16-byte lamport kernels (ARTUNE_NVRAR_WIDE) where n % 8 == 0, the 8-byte ones elsewhere
+#: (4099, 7): tails within a chunk and past the last pair, chunk sizes 256-1024, every CTA
+#: taking several chunks, both 16-bit dtypes, and a parity reused.
+WIDE_CASES: list[Case] = [
+    (4104, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 512, "ctas": 3}),
+    (8, "float16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (3000, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (4099, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 256, "ctas": 2}),
+    (2000, "float16", {"algo": "twoshot", "proto": "lamport", "block": 256, "ctas": 1}),
+    (2504, "bfloat16", {"algo": "oneshot", "proto": "lamport", "block": 1024, "ctas": 2}),
+    (7, "bfloat16", {"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 4}),
+    (6144, "float16", {"algo": "twoshot", "proto": "lamport", "block": 512, "ctas": 3}),
+]
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("world,wide", [(2, (0, 1)), (3, (0, 2)), (4, (1,))],
+                         ids=["2-all", "3-mixed", "4-one"])
+def test_wide_lamport_emulated(world: int, wide: tuple[int, ...]) -> None:
+    """The 16-byte kernels on some ranks, the 8-byte ones on the others: the same wire layout,
+    so every call is right and every rank holds the same bits."""
+    _check(_emulate(1, world, WIDE_CASES, wide=wide), WIDE_CASES)
+
+
+def test_wide_is_a_local_choice() -> None:
+    """``NvrarComm._wide``: only where n % 8 == 0, both tensors 16-byte aligned and two slot
+    parities; the launch then runs the 16-byte kernel with one thread per 16 bytes."""
+    from artune.kernels.nvrar import Plan
+
+    nd = Nodes(1, 2)
+    lay = Layout(nd, 1 << 20, 1 << 16, 1 << 18)
+    comm = NvrarComm(0, nd, lay, torch.zeros(lay.total_bytes, dtype=torch.uint8),
+                     [1 << 20, 2 << 20], torch.device("cpu"), timeout_s=1.0)
+    assert comm.wide is False  # ARTUNE_NVRAR_WIDE's default
+    comm.wide = True
+    x = torch.zeros(4104, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    assert comm._wide(x, y, 4104)
+    assert not comm._wide(x, y, 4100)  # n % 8 != 0
+    assert not comm._wide(x[4:], y[4:], 4096)  # 8-byte aligned only
+    spec = comm._lamport(x, y, 4104, Plan(algo="oneshot", proto="lamport", block=1024, ctas=4))
+    assert spec.key[0] == "wide" and spec.kwargs["num_warps"] == 4
+    spec = comm._lamport2(x, y, 4104, Plan(algo="twoshot", proto="lamport", block=512, ctas=4))
+    assert spec.key[0] == "wide2" and spec.kwargs["num_warps"] == 2
+    comm.wide = False
+    assert not comm._wide(x, y, 4104)
+    assert comm._lamport(x, y, 4104, Plan(algo="oneshot", proto="lamport")).key[0] == "lamport"
 
 
 SIX_CASES: list[Case] = [
@@ -1530,6 +1581,66 @@ def test_lamport_oneshot_keeps_one_barrier_per_call_in_sm90_code() -> None:
         assert g["cubin"] > 0, block
         assert (g["bar"], g["convert"], g["shared"]) == (1, 0, 0), (block, g)
         assert (g["layouts"], g["polls"]) == (1, 1), (block, g)
+
+
+_WIDE_PTX_SCRIPT = r"""
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from artune.kernels.nvrar import _lamport_warps
+from artune.kernels.nvrar_wide import oneshot_wide_kernel, twoshot_wide_kernel
+
+types = {"x_ptr": "*bf16", "y_ptr": "*bf16", "ctr_ptr": "*i32", "err_dev": "*i64",
+         "n": "i32", "shard": "i32", "rank": "i32"}
+aligned = ["x_ptr", "y_ptr", "ctr_ptr", "err_dev"]
+out = {}
+for name, kernel in (("one", oneshot_wide_kernel), ("two", twoshot_wide_kernel)):
+    names = list(kernel.arg_names)
+    for block in (256, 512, 1024, 2048):
+        const = {"W": 4, "BLOCK": block, "MAXC": 1024, "INTERPRET": False, "PDL": True}
+        sig = {n: "constexpr" if n in const else types.get(n, "i64") for n in names}
+        src = ASTSource(fn=kernel, signature=sig,
+                        constexprs={(names.index(n),): v for n, v in const.items()},
+                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": _lamport_warps(block, wide=True)})
+        ptx = c.asm["ptx"]
+        ttgir = c.asm["ttgir"]
+        out[f"{name}{block}"] = {
+            "bar": len(re.findall(r"\bbar\.sync\b", ptx)),
+            "convert": ttgir.count("ttg.convert_layout"),
+            "layouts": sum(ln.startswith("#blocked") for ln in ttgir.splitlines()),
+            "polls": ptx.count("ARTUNE_W4_POLL:"),
+            "narrow": ptx.count("ARTUNE_L4_POLL:"),
+            "st16": len(re.findall(r"st\.global\.v2\.u64", ptx)),
+            "ld16": len(re.findall(r"ld\.global\.v2\.u64", ptx)),
+            "st8": len(re.findall(r"st\.global\.(?:b64|u64) ", ptx)),
+            "shared": c.metadata.shared, "cubin": len(c.asm.get("cubin", b""))}
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+@pytest.mark.slow
+def test_wide_lamport_kernels_move_16_bytes_per_thread_in_sm90_code() -> None:
+    """The 16-byte lamport kernels (``nvrar_wide``) as the launcher runs them, compiled for an
+    H100 on this CPU machine: every tensor in one layout (one element per thread: no layout
+    conversion, no shared memory, one ``bar.sync`` per call), one 16-byte poll loop per wait
+    (one-shot: one wait; two-shot: reduce-scatter and all-gather) and no 8-byte one, and every
+    data store a 16-byte one: the input loads, pushes, outputs and clears each one
+    instruction per 16 bytes."""
+    got = _sm90_script(_WIDE_PTX_SCRIPT)
+    for key, g in got.items():
+        assert g["cubin"] > 0, key
+        assert (g["bar"], g["convert"], g["shared"], g["layouts"]) == (1, 0, 0, 1), (key, g)
+        assert (g["polls"], g["narrow"]) == ((1 if key.startswith("one") else 2), 0), (key, g)
+        # W = 4. one-shot: 3 pushes, y, 4 clears (own slot masked off), the input loaded once
+        # to push and once to sum; two-shot: 3 pushes (3 shards loaded), 4 clears, 3
+        # all-gather pushes, y (own shard loaded), then 4 shards to y and 4 clears. The only
+        # 8-byte stores: the timeout record's two words, once per wait.
+        want = (8, 2, 2) if key.startswith("one") else (19, 4, 4)
+        assert (g["st16"], g["ld16"], g["st8"]) == want, (key, g)
 
 
 _TWOSHOT_PDL_PTX_SCRIPT = r"""

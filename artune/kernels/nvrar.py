@@ -286,6 +286,9 @@ class NvrarComm:
         #: How the two-shot lamport kernel takes PDL where ``pdl`` is on: "off", "wait" or "on"
         #: (ARTUNE_NVRAR_TWOSHOT_PDL; ``_lamport2``).
         self.twoshot_pdl: str = envs.get("ARTUNE_NVRAR_TWOSHOT_PDL")
+        #: The lamport kernels with 16 bytes per thread where a call allows them
+        #: (ARTUNE_NVRAR_WIDE; ``_wide``).
+        self.wide = bool(envs.get("ARTUNE_NVRAR_WIDE"))
 
     # ---- errors -------------------------------------------------------------------------
     def error_code(self) -> int:
@@ -629,6 +632,8 @@ class NvrarComm:
 
         assert self.world_bases is not None
         grid = min(plan.ctas, cdiv(n, plan.block), self.max_grid)
+        if norm is None and self._wide(x, y, n):
+            return self._lamport_wide(x, y, n, plan, grid, None)
         res, weight, eps = norm if norm is not None else (x, x, 0.0)
         # NORM: the slices of a row (one CTA each, all in one round: fused_plan)
         split = weight.numel() // plan.block if norm is not None else 1
@@ -655,6 +660,8 @@ class NvrarComm:
         w = self.nodes.world
         shard = round_up(cdiv(n, w), plan.block)
         grid = min(plan.ctas, shard // plan.block, self.max_grid)
+        if self._wide(x, y, n):
+            return self._lamport_wide(x, y, n, plan, grid, shard)
         args = (x, y, n, shard, *self.world_bases, self.offsets["lamport"],
                 self.layout.lamport_slot, self.layout.lamport_ag, *self._lamport_common())
         warps = _lamport_warps(plan.block)
@@ -671,12 +678,49 @@ class NvrarComm:
         # after the GEMM cost 0.3 µs more, and that model's decode graphs took 0.63 % more GPU
         # time than with "wait" (32nd session, docs/nvrar.md). The one-shot and the fused
         # linear kernels keep the early launch (bs 1 / 16 read 2.1-2.6 points faster with it).
+        mode = self._twoshot_pdl(kwargs)
+        key = ("lamport2", x.dtype, plan.block, warps, mode, self.ahead, vec)
+        return _Spec(twoshot_lamport_kernel, key, grid, args, kwargs)
+
+    def _twoshot_pdl(self, kwargs: dict[str, Any]) -> str:
+        """The two-shot lamport kernels' PDL mode (``twoshot_pdl`` where ``pdl`` is on, else
+        "off"), added to a launch's ``kwargs``."""
         mode = self.twoshot_pdl if self.pdl else "off"
         if mode != "off":
             kwargs.update(self._pdl())
             kwargs["PDL_NEXT"] = mode == "on"
-        key = ("lamport2", x.dtype, plan.block, warps, mode, self.ahead, vec)
-        return _Spec(twoshot_lamport_kernel, key, grid, args, kwargs)
+        return mode
+
+    def _wide(self, x: torch.Tensor, y: torch.Tensor, n: int) -> bool:
+        """Whether a 16-bit lamport call runs the 16-byte kernels (``nvrar_wide``): where
+        ``wide`` is on, n is a multiple of 8, x and y are 16-byte aligned and the slots have
+        two parities. A choice each rank makes alone: those kernels' wire layout, chunks and
+        grid are the 8-byte kernels' (with n % 4 == 0, which n % 8 == 0 implies), so peers
+        that do not take them interoperate, and the sums are the same bits."""
+        return (self.wide and not self.ahead and n % 8 == 0 and x.data_ptr() % 16 == 0
+                and y.data_ptr() % 16 == 0)
+
+    def _lamport_wide(self, x: torch.Tensor, y: torch.Tensor, n: int, plan: Plan, grid: int,
+                      shard: int | None) -> _Spec:
+        """The 16-byte lamport one-shot (``shard`` None) or two-shot, one thread per 16 bytes
+        of a chunk (block / 256 warps)."""
+        from artune.kernels.nvrar_wide import oneshot_wide_kernel, twoshot_wide_kernel
+
+        assert self.world_bases is not None
+        warps = _lamport_warps(plan.block, wide=True)
+        kwargs: dict[str, Any] = dict(W=self.nodes.world, BLOCK=plan.block, MAXC=MAX_CTAS,
+                                      INTERPRET=self.interpret, num_warps=warps)
+        slots = (self.offsets["lamport"], self.layout.lamport_slot)
+        if shard is None:
+            args = (x, y, n, *self.world_bases, *slots, *self._common())
+            kwargs.update(self._pdl())
+            return _Spec(oneshot_wide_kernel, ("wide", x.dtype, plan.block, warps, self.pdl),
+                         grid, args, kwargs)
+        args = (x, y, n, shard, *self.world_bases, *slots, self.layout.lamport_ag,
+                *self._common())
+        mode = self._twoshot_pdl(kwargs)
+        key = ("wide2", x.dtype, plan.block, warps, mode)
+        return _Spec(twoshot_wide_kernel, key, grid, args, kwargs)
 
     def _twoshot(self, x: torch.Tensor, y: torch.Tensor, n: int, pack: int, plan: Plan) -> _Spec:
         nodes, off = self.nodes, self.offsets
@@ -748,15 +792,15 @@ FUSED_SPLIT_ROWS = 8
 FUSED_SLICES_MAX = 32
 
 
-def _lamport_warps(block: int) -> int:
+def _lamport_warps(block: int, wide: bool = False) -> int:
     """Warps of a lamport kernel with the per-thread gather: one thread per 8-byte word of a
     chunk (block / 4 threads), whatever the plan's ``warps``. More threads than words would give
     a word to several threads, and one could clear it before another has polled it (seen on
     4x H100: 256-element chunks with 4 warps, a wait that ran out); fewer would give a thread
     several words, which Triton 3.6 moves between layouts through shared memory (offline sm_90
     builds: 9-11 bar.sync per call at 1024-2048-element chunks with 4 warps, 1 with one word
-    per thread)."""
-    return max(1, min(32, block // 128))
+    per thread). ``wide`` (``nvrar_wide``): one thread per 16 bytes, block / 256 warps."""
+    return max(1, min(32, block // (256 if wide else 128)))
 
 
 def prefetch_mode(weight: torch.Tensor) -> int:

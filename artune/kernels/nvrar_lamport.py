@@ -415,6 +415,14 @@ def _gather_sum(base, STRIDE, own, me, W: tl.constexpr, rank, limit, deadline,
         w4, w5, w6, w7 = _poll4(base, STRIDE, 4, W, rank, limit, deadline, INTERPRET)
     else:
         w4, w5, w6, w7 = w0, w0, w0, w0
+    return _sum_sources(w0, w1, w2, w3, w4, w5, w6, w7, own, me, W, DT)
+
+
+@triton.jit
+def _sum_sources(w0, w1, w2, w3, w4, w5, w6, w7, own, me, W: tl.constexpr, DT: tl.constexpr):
+    """The polled words ``w0``-``w7`` of sources 0..W-1 (those beyond W unused) summed in rank
+    order, this rank's ``own`` words in its place, lane by lane in fp32. Returns the four lane
+    sums and ``bad`` (the first source whose word never arrived, + 1; 0 where all did)."""
     bad = tl.zeros(own.shape, tl.int32)
     a0 = tl.zeros(own.shape, tl.float32)
     a1 = tl.zeros(own.shape, tl.float32)

@@ -29,6 +29,9 @@ __all__ = [
     "wait_ll",
     "spin_ll",
     "spin_lamport4",
+    "spin_lamport4_wide",
+    "load_pair16",
+    "store_pair16",
     "empty_lanes",
     "LANES_SENTINEL",
     "wait_signal",
@@ -144,35 +147,53 @@ def spin_ll(p, live, epoch, deadline):
     )
 
 
-def _spin4_ptx() -> str:
+def _spin4_ptx(wide: bool = False) -> str:
     """One thread's poll of four lamport words at once, as inline PTX: $0-$3 = the words at
     addresses $4-$7. Bit i of $8 marks word i live (a word not live is 0 and never loaded). Each
     round loads every live word that has not arrived (the loads are issued back to back, so one
     round costs one memory latency, not four), then drops the ones that arrived (no 16-bit lane
     is the sentinel 0x8000); done when none is left, or when %globaltimer reaches the deadline $9
-    (the stale words are returned as last read). Labels and registers are local to the braces."""
-    lines = ["{", ".reg .pred %arw<4>;", ".reg .pred %arq;", ".reg .b64 %arv<3>;",
+    (the stale words are returned as last read). Labels and registers are local to the braces.
+
+    ``wide``: four pairs of words, each pair one 16-byte load: $0-$7 = words (2i, 2i + 1) of
+    pair i at the 16-byte aligned addresses $8-$11, live bits $12, deadline $13; a pair has
+    arrived when neither word holds a sentinel lane."""
+    out = 8 if wide else 4
+    live, deadline = (f"${out + 4}", f"${out + 5}")
+    tag = "ARTUNE_W4" if wide else "ARTUNE_L4"
+    lines = ["{", ".reg .pred %arw<4>;", ".reg .pred %arq;", ".reg .b64 %arv<4>;",
              ".reg .b32 %arb;"]
+    for i in range(out):
+        lines.append(f"mov.u64 ${i}, 0;")
     for i in range(4):
-        lines += [f"mov.u64 ${i}, 0;", f"and.b32 %arb, $8, {1 << i};",
-                  f"setp.ne.u32 %arw{i}, %arb, 0;"]
-    lines.append("ARTUNE_L4_POLL:")
-    lines += [f"@%arw{i} ld.volatile.global.u64 ${i}, [${4 + i}];" for i in range(4)]
+        lines += [f"and.b32 %arb, {live}, {1 << i};", f"setp.ne.u32 %arw{i}, %arb, 0;"]
+    lines.append(f"{tag}_POLL:")
     for i in range(4):
-        lines += [f"xor.b64 %arv0, ${i}, 0x8000800080008000;",
-                  "sub.u64 %arv1, %arv0, 0x0001000100010001;",
-                  "not.b64 %arv0, %arv0;", "and.b64 %arv1, %arv1, %arv0;",
-                  "and.b64 %arv1, %arv1, 0x8000800080008000;",
-                  "setp.eq.u64 %arq, %arv1, 0;",
-                  f"@%arq setp.ne.u32 %arw{i}, 0, 0;"]
+        if wide:
+            lines.append(f"@%arw{i} ld.volatile.global.v2.u64 {{${2 * i}, ${2 * i + 1}}}, "
+                         f"[${out + i}];")
+        else:
+            lines.append(f"@%arw{i} ld.volatile.global.u64 ${i}, [${out + i}];")
+    for i in range(4):
+        words = [2 * i, 2 * i + 1] if wide else [i]
+        for k, w in enumerate(words):  # %arv1 (| %arv3): the sentinel lanes of the words
+            acc = "%arv1" if k == 0 else "%arv3"
+            lines += [f"xor.b64 %arv0, ${w}, 0x8000800080008000;",
+                      f"sub.u64 {acc}, %arv0, 0x0001000100010001;",
+                      "not.b64 %arv0, %arv0;", f"and.b64 {acc}, {acc}, %arv0;",
+                      f"and.b64 {acc}, {acc}, 0x8000800080008000;"]
+        if wide:
+            lines.append("or.b64 %arv1, %arv1, %arv3;")
+        lines += ["setp.eq.u64 %arq, %arv1, 0;", f"@%arq setp.ne.u32 %arw{i}, 0, 0;"]
     lines += ["or.pred %arq, %arw0, %arw1;", "or.pred %arq, %arq, %arw2;",
-              "or.pred %arq, %arq, %arw3;", "@!%arq bra ARTUNE_L4_DONE;",
-              "mov.u64 %arv2, %globaltimer;", "setp.lt.s64 %arq, %arv2, $9;",
-              "@%arq bra ARTUNE_L4_POLL;", "ARTUNE_L4_DONE:", "}"]
+              "or.pred %arq, %arq, %arw3;", f"@!%arq bra {tag}_DONE;",
+              "mov.u64 %arv2, %globaltimer;", f"setp.lt.s64 %arq, %arv2, {deadline};",
+              f"@%arq bra {tag}_POLL;", f"{tag}_DONE:", "}"]
     return "\n".join(lines)
 
 
 _SPIN_LAMPORT4_PTX = tl.constexpr(_spin4_ptx())
+_SPIN_LAMPORT4_WIDE_PTX = tl.constexpr(_spin4_ptx(wide=True))
 
 
 @triton.jit
@@ -192,6 +213,70 @@ def spin_lamport4(p0, p1, p2, p3, live_bits, deadline):
         is_pure=False,
         pack=1,
     )
+
+
+@triton.jit
+def spin_lamport4_wide(p0, p1, p2, p3, live_bits, deadline):
+    """``spin_lamport4`` over pairs of words: each thread polls the 16-byte pairs at ``p0``-``p3``
+    (uint64 pointers to the first word of a pair, 16-byte aligned) with one 16-byte load each
+    per round. Returns (lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3). GPU only (inline PTX)."""
+    zi = tl.zeros(p0.shape, tl.int32)
+    return tl.inline_asm_elementwise(
+        _SPIN_LAMPORT4_WIDE_PTX,
+        "=l,=l,=l,=l,=l,=l,=l,=l,l,l,l,l,r,l",
+        [p0.to(tl.int64, bitcast=True), p1.to(tl.int64, bitcast=True),
+         p2.to(tl.int64, bitcast=True), p3.to(tl.int64, bitcast=True), zi + live_bits,
+         zi.to(tl.int64) + deadline],
+        dtype=(tl.uint64,) * 8,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def load_pair16(p, mask, INTERPRET: tl.constexpr):
+    """The two 8-byte words at ``p`` and ``p + 1`` (a uint64 pointer tensor, 16-byte aligned)
+    as (lo, hi), one 16-byte load per element; 0 where ``mask`` is false. Each element is its
+    own thread's on the GPU (inline PTX: Triton keeps a tensor of one word per thread in one
+    layout, where its own vectorized loads would give a thread two elements)."""
+    if INTERPRET:
+        lo = tl.load(p, mask=mask, other=0)
+        hi = tl.load(p + 1, mask=mask, other=0)
+    else:
+        zi = tl.zeros(p.shape, tl.int32)
+        lo, hi = tl.inline_asm_elementwise(
+            "{\n.reg .pred %arm;\nmov.u64 $0, 0;\nmov.u64 $1, 0;\nsetp.ne.u32 %arm, $3, 0;\n"
+            "@%arm ld.global.v2.u64 {$0, $1}, [$2];\n}",
+            "=l,=l,l,r",
+            [p.to(tl.int64, bitcast=True), zi + mask.to(tl.int32)],
+            dtype=(tl.uint64, tl.uint64),
+            is_pure=False,
+            pack=1,
+        )
+    return lo, hi
+
+
+@triton.jit
+def store_pair16(p, lo, hi, mask, INTERPRET: tl.constexpr):
+    """``lo`` and ``hi`` (uint64) to ``p`` and ``p + 1`` (16-byte aligned) where ``mask``: one
+    16-byte store per element (inline PTX on the GPU, as ``load_pair16``; ``p`` may be a
+    peer's memory). Returns an int32 zero per element (the asm's only output)."""
+    if INTERPRET:
+        tl.store(p, lo, mask=mask)
+        tl.store(p + 1, hi, mask=mask)
+        done = tl.zeros(p.shape, tl.int32)
+    else:
+        zi = tl.zeros(p.shape, tl.int32)
+        done = tl.inline_asm_elementwise(
+            "{\n.reg .pred %arm;\nsetp.ne.u32 %arm, $4, 0;\n"
+            "@%arm st.global.v2.u64 [$1], {$2, $3};\nmov.u32 $0, 0;\n}",
+            "=r,l,l,l,r",
+            [p.to(tl.int64, bitcast=True), lo, hi, zi + mask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    return done
 
 
 @triton.jit

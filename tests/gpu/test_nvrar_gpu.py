@@ -21,6 +21,8 @@ inputs in fp32 (NCCL), with identical bits on every rank:
 - a row-parallel linear layer and its all-reduce in one kernel (``linear_all_reduce``),
   eagerly and in a skewed graph between plain lamport calls; and as the SGLang plugin runs it
   under torch.compile (``torch.ops.artune.sglang_row_linear``), eagerly and captured;
+- the 16-byte lamport kernels (ARTUNE_NVRAR_WIDE) on every other rank, the 8-byte ones on the
+  rest, eagerly, in a graph and in a skewed graph;
 - a forced timeout: one rank skips the call, the others raise NvrarTimeoutError naming the rank,
   the peer and the step within the configured bound, and every process still shuts down.
 Without the GPUs (or nvshmem4py) every test skips with the reason.
@@ -356,7 +358,10 @@ def test_compile_and_soak() -> None:
 def _timeout(ctx: Any, bound_s: float, dtype: str) -> dict[str, Any]:
     from artune.kernels.nvrar import NvrarTimeoutError
 
+    dtype, _, wide = dtype.partition("-")  # "bfloat16-wide": the 16-byte lamport one-shot
+    os.environ["ARTUNE_NVRAR_WIDE"] = "1" if wide else "0"
     be = _make(ctx, ctx.world_size, timeout_s=bound_s)
+    assert be.comm.wide == bool(wide)
     x = torch.randn(4096, device=ctx.device).to(getattr(torch, dtype))
     be.all_reduce(x)  # one good call first (compiles; all ranks in step)
     torch.cuda.synchronize()
@@ -382,7 +387,8 @@ def _timeout(ctx: Any, bound_s: float, dtype: str) -> dict[str, Any]:
 
 @requires_nvshmem(2)
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # LL one-shot, lamport one-shot
+# LL one-shot, lamport one-shot, its 16-byte kernel (ARTUNE_NVRAR_WIDE)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-wide"])
 def test_skipped_call_times_out_with_a_named_error(dtype: str) -> None:
     bound = 1.0
     world = min(3, torch.cuda.device_count())
@@ -447,6 +453,37 @@ def _skewed(ctx: Any, ahead: str) -> list[str]:
 @pytest.mark.parametrize("ahead", ["0", "1"])
 def test_skewed_lamport_sequence_in_a_graph(ahead: str) -> None:
     _expect_clean(min(4, torch.cuda.device_count()), _skewed, ahead, timeout_s=150.0)
+
+
+#: Whole 16-byte pairs of 16-bit elements (the 16-byte lamport kernels take them), and one
+#: count that is not (the 8-byte kernels then, on every rank).
+WIDE_SIZES = ((16, 0), (2_000, 0), (8_192, 0), (8_194, 0), (65_536, 0), (131_088, 0),
+              (262_144, 0), (524_288, 0), (1 << 20, 0), (2 << 20, 0))
+
+
+def _wide_mixed(ctx: Any) -> list[str]:
+    """ARTUNE_NVRAR_WIDE=1 on the even ranks only: the 16-byte lamport kernels there, the
+    8-byte ones elsewhere (one wire layout, so the choice is each rank's own). Every plan at
+    WIDE_SIZES in bf16 and fp16, eagerly, several sizes in a graph, then the skewed lamport
+    sequence in a graph: right sums, identical bits on every rank."""
+    wide = ctx.rank % 2 == 0
+    os.environ["ARTUNE_NVRAR_WIDE"] = "1" if wide else "0"
+    try:
+        probe = _make(ctx, ctx.world_size)
+        taken = probe.comm.wide
+        probe.close()
+        failures = [] if taken == wide else [f"rank {ctx.rank}: ARTUNE_NVRAR_WIDE not taken"]
+        failures += _sweep(ctx, ctx.world_size, ("bfloat16", "float16"), WIDE_SIZES,
+                           graph=True)
+        return failures + _skewed(ctx, "0")
+    finally:
+        os.environ.pop("ARTUNE_NVRAR_WIDE", None)
+
+
+@requires_nvshmem(2)
+@pytest.mark.gpu
+def test_wide_lamport_kernels_beside_the_8_byte_ones() -> None:
+    _expect_clean(min(4, torch.cuda.device_count()), _wide_mixed)
 
 
 def _first_use_in_capture(ctx: Any) -> list[str]:
