@@ -39,11 +39,17 @@ def _seconds(value: str) -> float:
 
 
 def _bytes(value: str) -> int:
-    """A number of bytes, 0 included (0 turns the algorithm it caps off)."""
-    v = int(value)
-    if v < 0:
-        raise ValueError("expected a number of bytes (0 or more)")
-    return v
+    """A number of bytes, 0 included (0 turns the algorithm it caps off), with an optional
+    binary unit as ``artune env`` prints it: 4194304, 4M, 512K."""
+    from artune.autotune.config import parse_size
+
+    if value.strip() == "0":
+        return 0
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError("expected a number of bytes (0 or more), e.g. 4194304, 4M or "
+                         "512K") from None
 
 
 def _auto_flag(value: str) -> str:

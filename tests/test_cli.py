@@ -264,6 +264,23 @@ def test_env_lists_every_variable_with_its_value_here(
     assert "ARTUNE_NVRAR_ONESHOT_MAX_BYTES = 1M (default)" in out
 
 
+@pytest.mark.parametrize("raw,want", [("4M", 4 << 20), ("512K", 512 << 10), ("4194304", 4 << 20),
+                                      ("0", 0), (" 2MiB ", 2 << 20)])
+def test_byte_variables_take_the_units_env_prints(raw: str, want: int) -> None:
+    """``artune env`` shows byte caps as 1M; the same spelling sets them."""
+    from artune.envs import get
+
+    assert get("ARTUNE_NVRAR_ONESHOT_MAX_BYTES", {"ARTUNE_NVRAR_ONESHOT_MAX_BYTES": raw}) == want
+
+
+@pytest.mark.parametrize("raw", ["-1", "4Q", "lots", "1.5.2M"])
+def test_a_bad_byte_variable_says_what_it_takes(raw: str) -> None:
+    from artune.envs import get
+
+    with pytest.raises(ValueError, match="expected a number of bytes .* 4M or 512K"):
+        get("ARTUNE_NVRAR_LL_MAX_BYTES", {"ARTUNE_NVRAR_LL_MAX_BYTES": raw})
+
+
 def test_env_says_which_values_are_not_valid_and_exits_2(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("ARTUNE_STRICT", "maybe")
