@@ -811,11 +811,13 @@ LINEAR_CASES: list[Case] = [
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_linear_all_reduce_emulated(world: int) -> None:
+@pytest.mark.parametrize("world,parities", [(2, 2), (3, 2), (2, 3), (3, 3)])
+def test_linear_all_reduce_emulated(world: int, parities: int) -> None:
     """NvrarComm.linear_all_reduce: the sum over the ranks of x @ weight.T in one kernel,
-    identical bits on every rank, between plain lamport calls that reuse its slots."""
-    _check(_emulate(1, world, LINEAR_CASES), LINEAR_CASES)
+    identical bits on every rank, between plain lamport calls that reuse its slots; with three
+    parities (ARTUNE_NVRAR_CLEAR_AHEAD) each call empties what the call before it read, a
+    linear one or not, and leaves its own words to the next."""
+    _check(_emulate(1, world, LINEAR_CASES, parities=parities), LINEAR_CASES)
 
 
 def test_linear_all_reduce_refuses_what_does_not_fit() -> None:
@@ -1460,6 +1462,7 @@ from artune.kernels.nvrar_linear import linear_lamport_kernel as kernel
 
 names = list(kernel.arg_names)
 types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "K": "i32",
+         "pend_ptr": "*i32",
          "ctr_ptr": "*i32", "err_dev": "*i64", "rank": "i32"}
 # what the launch specializes on a GPU: 16-byte aligned pointers, K a multiple of 16
 aligned = ["x_ptr", "w_ptr", "y_ptr", "K", "ctr_ptr", "err_dev"]

@@ -520,8 +520,6 @@ class NvrarComm:
             return f"out must be {x.dtype} ({rows}, {n}), 16-byte aligned"
         if self.nodes.nodes > 1:
             return "one node only (the lamport one-shot)"
-        if self.ahead:
-            return "not with three lamport parities (ARTUNE_NVRAR_CLEAR_AHEAD)"
         return self.layout.check_message(rows * n * x.element_size(), "oneshot", "lamport")
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_n: int,
@@ -533,12 +531,14 @@ class NvrarComm:
         n = weight.shape[0]
         bm = tile_rows(rows)
         args = (x, weight, y, rows, k, n, *self.world_bases, self.offsets["lamport"],
-                self.layout.lamport_slot, *self._common())
+                self.layout.lamport_slot, *self._lamport_common())
         kwargs: dict[str, Any] = dict(W=self.nodes.world, BM=bm, BN=block_n, BK=block_k,
                                       MAXC=MAX_CTAS, INTERPRET=self.interpret, num_warps=warps,
-                                      num_stages=stages, PREFETCH=prefetch, STAGES=stages)
+                                      num_stages=stages, PREFETCH=prefetch, STAGES=stages,
+                                      AHEAD=self.ahead)
         kwargs.update(self._pdl())
-        key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl, prefetch)
+        key = ("linear", x.dtype, n, bm, block_n, block_k, warps, stages, self.pdl, prefetch,
+               self.ahead)
         return _Spec(linear_lamport_kernel, key, n // block_n, args, kwargs)
 
     def _common(self, ctr: Any = None) -> tuple[Any, ...]:

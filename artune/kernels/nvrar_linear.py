@@ -37,7 +37,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from artune.kernels.nvrar_lamport import _gather_sum, _pack, _record_bad
+from artune.kernels.nvrar_lamport import (
+    _ahead,
+    _gather_sum,
+    _next_epoch,
+    _pack,
+    _parity,
+    _record_bad,
+)
 from artune.kernels.nvrar_prims import (
     LANES_SENTINEL,
     call_state,
@@ -89,6 +96,7 @@ def linear_lamport_kernel(
     b0, b1, b2, b3, b4, b5, b6, b7,  # symmetric buffer base of rank i, as this GPU addresses it
     region,  # byte offset of the lamport region
     slot_bytes,  # bytes of one [parity][src] slot
+    pend_ptr,  # *int32 [3][4] AHEAD: the words each lamport parity's call left to clear
     ctr_ptr,  # *int32 [MAX_CTAS] epoch counters (all equal between calls)
     err_dev,  # *int64 device error word (non-zero: poisoned, waits are skipped)
     err_host,  # int64 address of the host-mapped error word
@@ -103,6 +111,7 @@ def linear_lamport_kernel(
     PDL: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0,  # the weight slab into L2 before the PDL wait: 1 lines, 2 bulk
     STAGES: tl.constexpr = 5,  # the K loop's pipelining depth (tiles loaded ahead + 1)
+    AHEAD: tl.constexpr = False,  # three parities; clear the previous call's slots (_ahead)
 ):
     if not INTERPRET:  # (the interpreter has no PTX)
         if PREFETCH == 1:
@@ -115,6 +124,7 @@ def linear_lamport_kernel(
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     epoch, limit, par, _ = call_state(ctr_ptr, err_dev, limit_ns, pid)
+    par = _parity(epoch, par, AHEAD)
 
     # this rank's tile: acc[m, c] = sum_k x[m, k] * w[pid * BN + c, k], in fp32
     rows = tl.arange(0, BM)
@@ -148,6 +158,11 @@ def linear_lamport_kernel(
         slot = pick(dst, b0, b1, b2, b3, b4, b5, b6, b7) + region + (par * W + rank) * slot_bytes
         tl.store(ptr_as(slot, tl.uint64) + at, own, mask=go)
 
+    tail = True
+    if AHEAD:  # while the tiles travel: empty what the previous lamport call read (the words
+        # of this call: [0, M * N / 4) of every source slot, all tiles together)
+        tail = _ahead(pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region, slot_bytes, pend_ptr,
+                      epoch, par, M * (N // 4), 0, 0, rank, pid, G, W, 256)
     mine = pick(rank, b0, b1, b2, b3, b4, b5, b6, b7) + region + par * W * slot_bytes
     STRIDE = slot_bytes // 8
     base = ptr_as(mine, tl.uint64) + tl.where(real, at, pid * M * Q4 + j)  # padding: row 0's
@@ -162,6 +177,7 @@ def linear_lamport_kernel(
     _record_bad(err_dev, err_host, tl.where(real, bad, 0), 0, pid, failed)  # STEP_ONESHOT
     tl.debug_barrier()  # every thread has read its words before any is emptied
     empty = tl.full([BM, Q4], LANES_SENTINEL, tl.int64).to(tl.uint64, bitcast=True)
-    for i in tl.static_range(W):
-        tl.store(base + i * STRIDE, empty, mask=real & (me != i))
-    end_call(ctr_ptr, epoch, pid, G, MAXC)
+    for i in tl.static_range(W):  # (AHEAD: the next lamport call empties them, unless _ahead
+        # found too many)
+        tl.store(base + i * STRIDE, empty, mask=real & (me != i) & tail)
+    end_call(ctr_ptr, _next_epoch(epoch, AHEAD), pid, G, MAXC)
