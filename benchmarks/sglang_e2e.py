@@ -195,6 +195,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # the two-shot lamport under PDL's early start, without its early launch of the next kernel
     "artune_twoshot_wait": {"artune": True, "kw": {},
                             "env": {"ARTUNE_NVRAR_TWOSHOT_PDL": "wait"}},
+    # NVRAR's lamport slots in three parities, each call emptying its predecessor's
+    "artune_ahead": {"artune": True, "kw": {}, "env": {"ARTUNE_NVRAR_CLEAR_AHEAD": "1"}},
     "artune_inert": {"artune": True, "kw": {}, "only": "sglang"},
     "artune_without_sglang": {"artune": True, "kw": {}, "drop": "sglang"},
     "artune_unfused_without_sglang": {"artune": True, "kw": {}, "drop": "sglang",
