@@ -644,11 +644,12 @@ WIDE_CASES: list[Case] = [
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("world,wide", [(2, (0, 1)), (3, (0, 2)), (4, (1,))],
-                         ids=["2-all", "3-mixed", "4-one"])
+@pytest.mark.parametrize("world,wide", [(2, (0, 1)), (3, (0, 2)), (4, (1,)), (6, (0, 3, 5))],
+                         ids=["2-all", "3-mixed", "4-one", "6-mixed"])
 def test_wide_lamport_emulated(world: int, wide: tuple[int, ...]) -> None:
     """The 16-byte kernels on some ranks, the 8-byte ones on the others: the same wire layout,
-    so every call is right and every rank holds the same bits."""
+    so every call is right and every rank holds the same bits; at 6 ranks the second poll of
+    four sources and the shards past the fourth as well."""
     _check(_emulate(1, world, WIDE_CASES, wide=wide), WIDE_CASES)
 
 

@@ -463,29 +463,38 @@ def _poll4(base, STRIDE, FIRST: tl.constexpr, W: tl.constexpr, rank, limit, dead
            INTERPRET: tl.constexpr):
     """The words of sources FIRST..FIRST+3 (0 for sources beyond W and for this rank), each
     once it arrived or the wait ran out (then as last read)."""
-    p0 = base + FIRST * STRIDE
-    p1 = base + (FIRST + 1) * STRIDE
-    p2 = base + (FIRST + 2) * STRIDE
-    p3 = base + (FIRST + 3) * STRIDE
+    p0, p1, p2, p3, bits = _sources4(base, STRIDE, FIRST, W, rank)
     if INTERPRET:
         w0 = _poll1(p0, FIRST, W, rank, limit, INTERPRET)
         w1 = _poll1(p1, FIRST + 1, W, rank, limit, INTERPRET)
         w2 = _poll1(p2, FIRST + 2, W, rank, limit, INTERPRET)
         w3 = _poll1(p3, FIRST + 3, W, rank, limit, INTERPRET)
     else:
-        bits = 0
-        for i in tl.static_range(4):
-            if FIRST + i < W:
-                bits = bits | tl.where(FIRST + i == rank, 0, 1 << i)
-        # sources beyond W: this rank's own slot, never loaded (its bit is clear)
-        if FIRST + 1 >= W:
-            p1 = base
-        if FIRST + 2 >= W:
-            p2 = base
-        if FIRST + 3 >= W:
-            p3 = base
         w0, w1, w2, w3 = spin_lamport4(p0, p1, p2, p3, bits, deadline)
     return w0, w1, w2, w3
+
+
+@triton.jit
+def _sources4(base, STRIDE, FIRST: tl.constexpr, W: tl.constexpr, rank):
+    """What a four-source poll takes: the pointers to sources FIRST..FIRST+3 at ``base`` (source
+    i at ``base + i * STRIDE``; a source beyond W gets this rank's own slot, never loaded) and
+    their live bits for ``spin_lamport4`` / ``spin_lamport4_wide`` (bit i: source FIRST + i is
+    below W and not this rank)."""
+    p0 = base + FIRST * STRIDE
+    p1 = base + (FIRST + 1) * STRIDE
+    p2 = base + (FIRST + 2) * STRIDE
+    p3 = base + (FIRST + 3) * STRIDE
+    bits = 0
+    for i in tl.static_range(4):
+        if FIRST + i < W:
+            bits = bits | tl.where(FIRST + i == rank, 0, 1 << i)
+    if FIRST + 1 >= W:
+        p1 = base
+    if FIRST + 2 >= W:
+        p2 = base
+    if FIRST + 3 >= W:
+        p3 = base
+    return p0, p1, p2, p3, bits
 
 
 @triton.jit

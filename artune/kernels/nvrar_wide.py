@@ -25,7 +25,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from artune.kernels.nvrar_lamport import _pack, _plus_zero, _record_bad, _sum_sources
+from artune.kernels.nvrar_lamport import (
+    _pack,
+    _plus_zero,
+    _record_bad,
+    _sources4,
+    _sum_sources,
+)
 from artune.kernels.nvrar_prims import (
     LANES_SENTINEL,
     call_state,
@@ -79,26 +85,13 @@ def _poll_pairs(base, STRIDE, FIRST: tl.constexpr, W: tl.constexpr, rank, limit,
     """The pairs of sources FIRST..FIRST+3 at ``base`` (uint64 pointers to each thread's pair of
     source FIRST; source i at ``base + i * STRIDE``): (lo0, hi0, ..., lo3, hi3), zeros for
     sources beyond W and for this rank, each pair once it arrived or the wait ran out."""
-    p0 = base + FIRST * STRIDE
-    p1 = base + (FIRST + 1) * STRIDE
-    p2 = base + (FIRST + 2) * STRIDE
-    p3 = base + (FIRST + 3) * STRIDE
+    p0, p1, p2, p3, bits = _sources4(base, STRIDE, FIRST, W, rank)
     if INTERPRET:
         l0, h0 = _poll_pair1(p0, FIRST, W, rank, limit, INTERPRET)
         l1, h1 = _poll_pair1(p1, FIRST + 1, W, rank, limit, INTERPRET)
         l2, h2 = _poll_pair1(p2, FIRST + 2, W, rank, limit, INTERPRET)
         l3, h3 = _poll_pair1(p3, FIRST + 3, W, rank, limit, INTERPRET)
     else:
-        bits = 0
-        for i in tl.static_range(4):
-            if FIRST + i < W:
-                bits = bits | tl.where(FIRST + i == rank, 0, 1 << i)
-        if FIRST + 1 >= W:  # beyond W: this rank's own slot, never loaded (its bit is clear)
-            p1 = base
-        if FIRST + 2 >= W:
-            p2 = base
-        if FIRST + 3 >= W:
-            p3 = base
         l0, h0, l1, h1, l2, h2, l3, h3 = spin_lamport4_wide(p0, p1, p2, p3, bits, deadline)
     return l0, h0, l1, h1, l2, h2, l3, h3
 
